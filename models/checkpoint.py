@@ -1,0 +1,112 @@
+"""Loading state dicts safely and strictly, and our own checkpoint format.
+
+Foreign files (`.ckpt`, `.pt`, `.bin`, `.th`) load through `torch.load(weights_only=True)`,
+which refuses pickled code; safetensors files load through `safetensors`. Our own format is a
+folder with `config.json` (the `UnCLIPConfig`) and `model.safetensors`, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models import configs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model, with the reason."""
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """Load a state-dict-like object from safetensors or a weights-only torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle payloads, corrupt files, TorchScript archives
+        raise CheckpointError(
+            f"cannot load {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}). "
+            "Only plain tensors are accepted; convert the file to safetensors if it holds code."
+        ) from exc
+
+
+def load_strict(module: nn.Module, state: dict, what: str, ignore_missing: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module` (assigning tensors), failing with every missing/unexpected key.
+
+    :param ignore_missing: key prefixes that may be absent (e.g. a vision tower not shipped).
+    """
+    expected = set(module.state_dict().keys())
+    missing = sorted(k for k in expected - state.keys() if not k.startswith(ignore_missing))
+    unexpected = sorted(state.keys() - expected)
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(module.state_dict()[k].shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(module.state_dict()[k].shape)
+    ]
+    if missing or unexpected or shape_errors:
+        lines = [f"{what} does not match the model architecture:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape_errors)):
+            if items:
+                shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+                lines.append(f"  {title} keys ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=not ignore_missing, assign=True)
+
+
+def config_to_dict(cfg: configs.UnCLIPConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> configs.UnCLIPConfig:
+    """Inverse of `config_to_dict` (tuples restored from JSON lists)."""
+
+    def build(cls, values: dict):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            sub = {
+                "clip": configs.ClipConfig, "prior": configs.PriorConfig, "text_proj": configs.TextProjConfig,
+                "decoder": configs.UNetConfig, "super_res": configs.UNetConfig, "diffusion": configs.DiffusionConfig,
+            }.get(f.name)
+            if sub is not None and isinstance(v, dict):
+                v = build(sub, v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(configs.UnCLIPConfig, data)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename onto `path`, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, cfg: configs.UnCLIPConfig, folder: str | os.PathLike) -> None:
+    """Write `config.json` and `model.safetensors` (contiguous CPU tensors) into `folder`."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+    text = json.dumps(config_to_dict(cfg), indent=2)
+    atomic_write(folder / "config.json", lambda p: p.write_text(text))

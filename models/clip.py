@@ -1,0 +1,104 @@
+"""CLIP for unCLIP: open_clip's OpenAI-layout `CLIP`, with Karlo's tokenisation and outputs.
+
+Text → `(text_embed [B, D], text_tokens [B, 77, W], mask [B, 77])` where `text_tokens` is the
+final LayerNorm's output for every position (before projection) and `text_embed` the projected
+EOT feature. No L2 normalisation anywhere (Karlo feeds raw features to every stage).
+Tokenisation follows Karlo's `padded_tokens_and_mask`: `[SOT] + bpe + [EOT]`, cut to 77 with the
+last kept token forced to EOT, padded with id 0, mask True from SOT through EOT.
+The tokenizer is open_clip's `SimpleTokenizer` (its BPE vocabulary ships inside the package,
+so nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from models.configs import ClipConfig
+
+# Keys of OpenAI/open_clip CLIP state dicts that unCLIP inference does not use.
+UNUSED_CLIP_KEYS = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """Token ids, the mask of real tokens, and which prompts were cut to fit the context."""
+
+    tokens: torch.Tensor  # [B, L] int64
+    mask: torch.Tensor  # [B, L] bool
+    truncated: tuple[bool, ...]
+
+
+class KarloTokenizer:
+    """CLIP BPE tokenisation with Karlo's padding and mask."""
+
+    def __init__(self, context_length: int = 77) -> None:
+        self.context_length = context_length
+        self.bpe = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.sot = self.bpe.sot_token_id
+        self.eot = self.bpe.eot_token_id
+
+    def __call__(self, texts: list[str]) -> TokenizedText:
+        n = self.context_length
+        tokens = torch.zeros(len(texts), n, dtype=torch.long)
+        mask = torch.zeros(len(texts), n, dtype=torch.bool)
+        truncated = []
+        for i, text in enumerate(texts):
+            ids = [self.sot, *self.bpe.encode(text), self.eot]
+            truncated.append(len(ids) > n)
+            if len(ids) > n:
+                ids = ids[:n]
+                ids[-1] = self.eot
+            tokens[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = True
+        return TokenizedText(tokens, mask, tuple(truncated))
+
+
+class ClipEncoder(nn.Module):
+    """open_clip `CLIP` (text tower always, vision tower optional) with unCLIP's outputs."""
+
+    def __init__(self, cfg: ClipConfig, with_vision: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = open_clip.model.CLIP(**cfg.open_clip_model_cfg())
+        for key in ("logit_scale", "logit_bias"):
+            setattr(self.model, key, None)
+        if not with_vision:
+            self.model.visual = None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.model.visual is not None
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] → (text_embed [B, D], text_tokens [B, L, W] after `ln_final`).
+
+        The text transformer runs causally without the padding mask, as in CLIP and Karlo.
+        """
+        m = self.model
+        x = m.token_embedding(tokens) + m.positional_embedding
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        pooled = text_global_pool(x, tokens, "argmax")
+        return pooled @ m.text_projection, x
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] RGB in [0, 1] → normalised encoder input (Karlo: resize, no crop)."""
+        size = self.cfg.image_size
+        x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor(self.cfg.image_mean, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.cfg.image_std, device=x.device)[None, :, None, None]
+        return (x - mean) / std
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B, 3, S, S] (see `preprocess`) → image_embed [B, D]."""
+        if not self.has_vision:
+            raise RuntimeError(
+                "this model has no CLIP image encoder (diffusers' karlo-v1-alpha folder ships "
+                "none); load one that has it, e.g. UnCLIP.from_karlo(dir) with ViT-L-14.pt"
+            )
+        return self.model.visual(pixels)

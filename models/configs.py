@@ -1,0 +1,240 @@
+"""Named model configurations, as frozen dataclasses.
+
+A configuration is data: every shape of every stage of an unCLIP model, and each stage's
+diffusion settings. `karlo` reproduces Kakao Brain's Karlo-v1.0.alpha (see
+`shared/KARLO_SPEC.md`); `tiny` keeps the same topology at small widths for tests.
+Look a preset up with `get_config(name)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+# OpenAI CLIP's image normalisation (used by Karlo's i2i preprocessing).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Prediction = Literal["epsilon", "sample"]
+Variance = Literal["fixed_small_log", "learned_range"]
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """An OpenAI-style CLIP (open_clip `CLIP` layout): text tower and vision tower."""
+
+    embed_dim: int = 768
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 768
+    text_heads: int = 12
+    text_layers: int = 12
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_head_width: int = 64
+    quick_gelu: bool = True
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def open_clip_model_cfg(self) -> dict:
+        """The model config dict in open_clip's format (as in its `model_configs/*.json`)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.vision_layers,
+                "width": self.vision_width,
+                "head_width": self.vision_head_width,
+                "patch_size": self.patch_size,
+            },
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": self.vocab_size,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.text_layers,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """How a stage was trained to denoise, and how its samples are clamped."""
+
+    prediction: Prediction
+    variance: Variance
+    clip_range: float | None  # clamp x0 to ±clip_range; None: no clamp
+    num_train_timesteps: int = 1000
+    schedule: str = "squaredcos_cap_v2"
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The diffusion prior: a causal transformer over [text tokens, text, time, x_t, prd]."""
+
+    text_ctx: int = 77
+    width: int = 2048
+    layers: int = 20
+    heads: int = 32
+    clip_dim: int = 768  # CLIP embedding size (input x_t and output x0)
+    text_width: int = 768  # width of the CLIP text tokens fed in
+    final_ln: bool = True
+    # diffusers clamps x0 to +-5 standardised units, Karlo to +-10; the default follows diffusers.
+    diffusion: DiffusionConfig = DiffusionConfig("sample", "fixed_small_log", 5.0)
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_ctx + 4
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """A guided-diffusion UNet, as used by the decoder and the super-res stages."""
+
+    image_size: int
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_ds: tuple[int, ...] = ()  # downsample rates with attention (1 = full size)
+    num_head_channels: int = 64
+    use_scale_shift_norm: bool = False
+    middle_attention: bool = False
+    context_width: int | None = None  # width of the cross-attention context (decoder)
+    diffusion: DiffusionConfig = DiffusionConfig("epsilon", "fixed_small_log", 1.0)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+@dataclass(frozen=True)
+class TextProjConfig:
+    """Decoder conditioning: extra CLIP context tokens and the time-embedding addition."""
+
+    clip_dim: int = 768
+    clip_tokens: int = 4
+    text_width: int = 768
+    context_width: int = 1536
+    time_embed_dim: int = 1280
+
+
+@dataclass(frozen=True)
+class UnCLIPConfig:
+    """Every stage of one unCLIP model."""
+
+    name: str
+    clip: ClipConfig
+    prior: PriorConfig
+    text_proj: TextProjConfig
+    decoder: UNetConfig
+    super_res: UNetConfig
+
+    def __post_init__(self) -> None:
+        check_consistent(self)
+
+
+def check_consistent(cfg: UnCLIPConfig) -> None:
+    """Raise ValueError if the stages of `cfg` cannot be wired together."""
+    problems = []
+    if cfg.prior.clip_dim != cfg.clip.embed_dim:
+        problems.append("prior.clip_dim must equal clip.embed_dim")
+    if cfg.prior.text_width != cfg.clip.text_width:
+        problems.append("prior.text_width must equal clip.text_width")
+    if cfg.prior.text_ctx != cfg.clip.context_length:
+        problems.append("prior.text_ctx must equal clip.context_length")
+    if cfg.text_proj.clip_dim != cfg.clip.embed_dim:
+        problems.append("text_proj.clip_dim must equal clip.embed_dim")
+    if cfg.text_proj.text_width != cfg.clip.text_width:
+        problems.append("text_proj.text_width must equal clip.text_width")
+    if cfg.text_proj.context_width != cfg.decoder.context_width:
+        problems.append("text_proj.context_width must equal decoder.context_width")
+    if cfg.text_proj.time_embed_dim != cfg.decoder.time_embed_dim:
+        problems.append("text_proj.time_embed_dim must equal 4 * decoder.model_channels")
+    if cfg.super_res.in_channels != 2 * cfg.decoder.in_channels:
+        problems.append("super_res.in_channels must be twice the image channels")
+    if cfg.super_res.image_size <= cfg.decoder.image_size:
+        problems.append("super_res.image_size must exceed decoder.image_size")
+    for name, unet in (("decoder", cfg.decoder), ("super_res", cfg.super_res)):
+        levels = len(unet.channel_mult)
+        if unet.image_size % 2 ** (levels - 1):
+            problems.append(f"{name}.image_size must be divisible by 2**(levels-1)")
+        for mult in unet.channel_mult:
+            if (unet.model_channels * mult) % 32:
+                problems.append(f"{name} channels must be multiples of 32 (GroupNorm32)")
+                break
+    if problems:
+        raise ValueError(f"inconsistent unCLIP config {cfg.name!r}: " + "; ".join(problems))
+
+
+KARLO = UnCLIPConfig(
+    name="karlo",
+    clip=ClipConfig(),
+    prior=PriorConfig(),
+    text_proj=TextProjConfig(),
+    decoder=UNetConfig(
+        image_size=64,
+        in_channels=3,
+        out_channels=6,
+        model_channels=320,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_ds=(2, 4, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        middle_attention=True,
+        context_width=1536,
+        diffusion=DiffusionConfig("epsilon", "learned_range", 1.0),
+    ),
+    super_res=UNetConfig(
+        image_size=256,
+        in_channels=6,
+        out_channels=3,
+        model_channels=320,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        diffusion=DiffusionConfig("epsilon", "fixed_small_log", 1.0),
+    ),
+)
+
+TINY = UnCLIPConfig(
+    name="tiny",
+    clip=ClipConfig(
+        embed_dim=32,
+        text_width=32,
+        text_heads=2,
+        text_layers=2,
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=2,
+        vision_head_width=16,
+    ),
+    prior=PriorConfig(width=64, layers=2, heads=2, clip_dim=32, text_width=32),
+    text_proj=TextProjConfig(clip_dim=32, text_width=32, context_width=48, time_embed_dim=128),
+    decoder=replace(
+        KARLO.decoder, image_size=16, model_channels=32, num_res_blocks=1, num_head_channels=16,
+        context_width=48,
+    ),
+    super_res=replace(KARLO.super_res, image_size=64, model_channels=32, num_res_blocks=1),
+)
+
+def with_prior_clip_range(cfg: UnCLIPConfig, clip_range: float | None) -> UnCLIPConfig:
+    """The same config with another prior x0 clamp (diffusers ±5, Karlo ±10)."""
+    diffusion = replace(cfg.prior.diffusion, clip_range=clip_range)
+    return replace(cfg, prior=replace(cfg.prior, diffusion=diffusion))
+
+
+PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY)}
+
+
+def get_config(name: str) -> UnCLIPConfig:
+    """Return the named preset; raise KeyError listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown config {name!r}; known: {sorted(PRESETS)}") from None

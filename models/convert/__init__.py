@@ -1,0 +1,1 @@
+"""Converters from foreign checkpoint formats (Karlo originals, diffusers folders, HF CLIP)."""

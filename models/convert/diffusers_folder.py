@@ -1,0 +1,141 @@
+"""Load a diffusers unCLIP folder (`kakaobrain/karlo-v1-alpha` layout) into `UnCLIPModel`.
+
+Reads each component's `config.json` to derive our `UnCLIPConfig` (so any unCLIP trained with
+diffusers' classes loads, not only Karlo's shapes), its weights (safetensors preferred, else
+`.bin` through `torch.load(weights_only=True)`), and the schedulers' clip ranges. The folder's
+tokenizer is not used: it is CLIP's BPE vocabulary, which open_clip ships too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.checkpoint import load_strict, load_tensors
+from models.configs import DiffusionConfig, PriorConfig, TextProjConfig, UnCLIPConfig, UNetConfig
+from models.convert.diffusers_unet import prior_from_diffusers, text_proj_from_diffusers, unet_from_diffusers
+from models.convert.hf_clip import text_config_from_hf, text_from_hf, vision_from_hf
+from models.unclip import UnCLIPModel
+
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
+)
+ATTN_DOWN = "SimpleCrossAttnDownBlock2D"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path} (is this a diffusers unCLIP folder?)")
+    return json.loads(path.read_text())
+
+
+def _weights(folder: Path) -> dict:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return load_tensors(folder / name)
+    raise FileNotFoundError(f"no weights in {folder} (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _scheduler(root: Path, name: str, default: DiffusionConfig) -> DiffusionConfig:
+    path = root / name / "scheduler_config.json"
+    if not path.is_file():
+        return default
+    s = json.loads(path.read_text())
+    if s.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
+        raise ValueError(f"{path}: only the squaredcos_cap_v2 schedule is supported")
+    return DiffusionConfig(
+        prediction=s.get("prediction_type", default.prediction),
+        variance=s.get("variance_type", default.variance),
+        clip_range=float(s.get("clip_sample_range", default.clip_range)) if s.get("clip_sample", True) else None,
+        num_train_timesteps=int(s.get("num_train_timesteps", default.num_train_timesteps)),
+    )
+
+
+def _unet_config(c: dict, diffusion: DiffusionConfig, context: bool) -> UNetConfig:
+    boc = c["block_out_channels"]
+    if any(ch % boc[0] for ch in boc):
+        raise ValueError(f"block_out_channels {boc} are not multiples of the first")
+    down = c["down_block_types"]
+    head = c.get("attention_head_dim") or 64
+    return UNetConfig(
+        image_size=c["sample_size"],
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        model_channels=boc[0],
+        channel_mult=tuple(ch // boc[0] for ch in boc),
+        num_res_blocks=c["layers_per_block"],
+        attention_ds=tuple(2**i for i, t in enumerate(down) if t == ATTN_DOWN),
+        num_head_channels=head if isinstance(head, int) else head[0],
+        use_scale_shift_norm=c.get("resnet_time_scale_shift") == "scale_shift",
+        middle_attention=context and c.get("mid_block_type") == "UNetMidBlock2DSimpleCrossAttn",
+        context_width=c.get("cross_attention_dim") if context else None,
+        diffusion=diffusion,
+    )
+
+
+def config_from_diffusers(root: str | Path) -> UnCLIPConfig:
+    """Derive our config from the component configs of a diffusers unCLIP folder."""
+    root = Path(root)
+    pc = _read_json(root / "prior" / "config.json")
+    for key, want in (("additional_embeddings", 4), ("norm_in_type", None), ("embedding_proj_norm_type", None),
+                      ("added_emb_type", "prd"), ("encoder_hid_proj_type", "linear")):
+        if pc.get(key, want) != want:
+            raise ValueError(f"unsupported prior config {key}={pc[key]!r} (Karlo's prior uses {want!r})")
+    text = _read_json(root / "text_encoder" / "config.json")
+    vision_path = root / "image_encoder" / "config.json"
+    vision = _read_json(vision_path) if vision_path.is_file() else None
+    tp = _read_json(root / "text_proj" / "config.json")
+    clip = text_config_from_hf(text, vision)
+    base = PriorConfig()
+    prior = PriorConfig(
+        text_ctx=pc.get("num_embeddings", 77),
+        width=pc["num_attention_heads"] * pc["attention_head_dim"],
+        layers=pc["num_layers"],
+        heads=pc["num_attention_heads"],
+        clip_dim=pc["embedding_dim"],
+        text_width=pc["embedding_dim"],
+        diffusion=_scheduler(root, "prior_scheduler", base.diffusion),
+    )
+    decoder = _unet_config(
+        _read_json(root / "decoder" / "config.json"),
+        _scheduler(root, "decoder_scheduler", DiffusionConfig("epsilon", "learned_range", 1.0)),
+        context=True,
+    )
+    super_res = _unet_config(
+        _read_json(root / "super_res_first" / "config.json"),
+        _scheduler(root, "super_res_scheduler", DiffusionConfig("epsilon", "fixed_small_log", 1.0)),
+        context=False,
+    )
+    text_proj = TextProjConfig(
+        clip_dim=tp.get("clip_embeddings_dim", 768),
+        clip_tokens=tp.get("clip_extra_context_tokens", 4),
+        text_width=tp.get("clip_embeddings_dim", 768),
+        context_width=tp["cross_attention_dim"],
+        time_embed_dim=tp["time_embed_dim"],
+    )
+    return UnCLIPConfig(f"diffusers:{root.name}", clip, prior, text_proj, decoder, super_res)
+
+
+def load_diffusers(root: str | Path) -> UnCLIPModel:
+    """Build an `UnCLIPModel` with the weights of a diffusers unCLIP folder."""
+    root = Path(root)
+    cfg = config_from_diffusers(root)
+    has_vision = (root / "image_encoder").is_dir()
+    state = {f"clip.model.{k}": v for k, v in text_from_hf(_weights(root / "text_encoder"), cfg.clip).items()}
+    if has_vision:
+        vision = vision_from_hf(_weights(root / "image_encoder"), cfg.clip)
+        state.update({f"clip.model.{k}": v for k, v in vision.items()})
+    parts = {
+        "prior.": prior_from_diffusers(_weights(root / "prior"), cfg.prior),
+        "decoder.unet.": unet_from_diffusers(_weights(root / "decoder"), cfg.decoder),
+        "decoder.text_proj.": text_proj_from_diffusers(_weights(root / "text_proj")),
+        "super_res.first_steps.": unet_from_diffusers(_weights(root / "super_res_first"), cfg.super_res),
+        "super_res.last_step.": unet_from_diffusers(_weights(root / "super_res_last"), cfg.super_res),
+    }
+    for prefix, part in parts.items():
+        state.update({prefix + k: v for k, v in part.items()})
+    model = UnCLIPModel.empty(cfg, with_vision=has_vision)
+    load_strict(model, state, f"diffusers folder {root}")
+    model.materialize_buffers()
+    return model
+

@@ -1,0 +1,146 @@
+"""The diffusion prior: a causal transformer that predicts a CLIP image embedding from text.
+
+Architecture of Karlo's `karlo/modules/xf.py: PriorTransformer` (itself after DALL-E 2 §2.2):
+the sequence is [77 projected text tokens, text embedding, time embedding, x_t, learned `prd`],
+81 tokens with a learned positional embedding, a causal mask plus the text padding mask, 20
+pre-LN blocks, a final LayerNorm, and the `prd` position's output projected to a CLIP embedding.
+It predicts x0 in *standardised* CLIP space; `clip_mean`/`clip_std` (persistent buffers here,
+Karlo's `ViT-L-14_stats.th`) map it back to a raw CLIP image embedding.
+Parameter names follow Karlo's checkpoint (without its `model.` prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.configs import PriorConfig
+from models.layers import LayerNorm32, additive_mask, timestep_embedding
+
+
+class PriorAttention(nn.Module):
+    """Multi-head self-attention with Karlo's per-head interleaved [q|k|v] projection."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_qkv = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = self.c_qkv(x).view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, N, 3*ch]
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.c_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class PriorMLP(nn.Module):
+    """Width → 4·width → width with exact GELU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class PriorBlock(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm32(width)
+        self.attn = PriorAttention(width, heads)
+        self.ln_2 = LayerNorm32(width)
+        self.mlp = PriorMLP(width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+class PriorTransformerStack(nn.Module):
+    """The block stack (own module so checkpoint keys read `transformer.resblocks.{i}`)."""
+
+    def __init__(self, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(PriorBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, bias)
+        return x
+
+
+class Prior(nn.Module):
+    """Diffusion prior network; `forward` predicts standardised x0 from standardised x_t."""
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.text_enc_proj = nn.Linear(cfg.text_width, w)
+        self.text_emb_proj = nn.Linear(cfg.clip_dim, w)
+        self.clip_img_proj = nn.Linear(cfg.clip_dim, w)
+        self.out_proj = nn.Linear(w, cfg.clip_dim)
+        self.transformer = PriorTransformerStack(w, cfg.layers, cfg.heads)
+        self.final_ln = LayerNorm32(w) if cfg.final_ln else None
+        self.positional_embedding = nn.Parameter(torch.randn(1, cfg.seq_len, w) * 0.01)
+        self.prd_emb = nn.Parameter(torch.randn(1, 1, w) * 0.01)
+        self.register_buffer("clip_mean", torch.zeros(1, cfg.clip_dim))
+        self.register_buffer("clip_std", torch.ones(1, cfg.clip_dim))
+        causal = torch.full((cfg.seq_len, cfg.seq_len), float("-inf")).triu_(1)
+        self.register_buffer("causal_bias", causal, persistent=False)
+
+    def attention_bias(self, text_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1, N, N] additive bias: text padding keys and future positions masked."""
+        keep = F.pad(text_mask.bool(), (0, 4), value=True)
+        return additive_mask(keep)[:, None, None, :] + self.causal_bias
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict x0.
+
+        :param x_t: [B, clip_dim] noisy standardised image embedding.
+        :param timesteps: [B] original-schedule timesteps (0..T-1).
+        :param text_embed: [B, clip_dim] CLIP text embedding.
+        :param text_tokens: [B, text_ctx, text_width] CLIP text tokens after `ln_final`.
+        :param text_mask: [B, text_ctx] bool, True for real tokens (SOT..EOT).
+        :return: [B, clip_dim] predicted standardised x0.
+        """
+        b = x_t.shape[0]
+        dtype = self.positional_embedding.dtype
+        t_emb = self.time_embed(timestep_embedding(timesteps, self.cfg.width).to(dtype))
+        seq = torch.cat(
+            [
+                self.text_enc_proj(text_tokens),
+                self.text_emb_proj(text_embed)[:, None],
+                t_emb[:, None],
+                self.clip_img_proj(x_t)[:, None],
+                self.prd_emb.expand(b, -1, -1),
+            ],
+            dim=1,
+        )
+        h = self.transformer(seq + self.positional_embedding, self.attention_bias(text_mask))
+        if self.final_ln is not None:
+            h = self.final_ln(h)
+        return self.out_proj(h[:, -1])
+
+    def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardised embedding → raw CLIP image embedding (`z·std + mean`), in float32."""
+        return z.float() * self.clip_std.float() + self.clip_mean.float()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw CLIP image embedding → standardised (`(z − mean)/std`), in float32."""
+        return (z.float() - self.clip_mean.float()) / self.clip_std.float()

@@ -1,0 +1,170 @@
+"""The three denoising loops (prior, decoder, super-res), each a few lines around
+`sampling.denoise_step`, and the noise they consume.
+
+All noise of a run is drawn before the loops start (`SamplingNoise`), so the loops hold no
+RNG state, a run is reproducible from its noise alone, and a caller (a test, DDIM inversion)
+can inject its own. Networks run in their own dtype; samples and updates stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from models.decoder import Decoder
+from models.prior import Prior
+from models.super_res import SuperRes, upsample_low_res
+from runtime.sampling import StepTable, classifier_free_guidance, denoise_step
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """CLIP text outputs for a batch: embed [B, D], tokens [B, L, W], mask [B, L] (bool)."""
+
+    embed: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Iterable[TextConditioning]) -> TextConditioning:
+        parts = list(parts)
+        return TextConditioning(*(torch.cat([getattr(p, f) for p in parts]) for f in ("embed", "tokens", "mask")))
+
+
+@dataclass(frozen=True)
+class StageNoise:
+    """Initial sample x_T and one noise tensor per step ([steps, *x_T.shape]), float32."""
+
+    init: torch.Tensor
+    steps: torch.Tensor
+
+    @staticmethod
+    def draw(shape: tuple[int, ...], num_steps: int, generator: torch.Generator | None) -> StageNoise:
+        init = torch.randn(shape, generator=generator, dtype=torch.float32)
+        steps = torch.randn((num_steps, *shape), generator=generator, dtype=torch.float32)
+        return StageNoise(init, steps)
+
+    def to(self, device: torch.device | str) -> StageNoise:
+        return StageNoise(self.init.to(device), self.steps.to(device))
+
+
+@dataclass(frozen=True)
+class SamplingNoise:
+    """The noise of one text→image run, per stage (a stage may be None when it does not run)."""
+
+    prior: StageNoise | None
+    decoder: StageNoise | None
+    super_res: StageNoise | None
+
+
+def _progress(steps: int, desc: str, enabled: bool):
+    return tqdm(range(steps), desc=desc, disable=not enabled, leave=False)
+
+
+def _check_noise(noise: StageNoise, table: StepTable, shape: tuple[int, ...], stage: str) -> None:
+    want = (len(table), *shape)
+    if tuple(noise.init.shape) != shape or tuple(noise.steps.shape) != want:
+        raise ValueError(
+            f"{stage} noise has shapes {tuple(noise.init.shape)}/{tuple(noise.steps.shape)}, "
+            f"expected {shape}/{want}"
+        )
+
+
+def _timesteps(table: StepTable, i: int, batch: int, device: torch.device) -> torch.Tensor:
+    return table.timesteps[i].expand(batch).to(device)
+
+
+@torch.no_grad()
+def sample_prior(
+    prior: Prior,
+    text: TextConditioning,
+    uncond: TextConditioning | None,
+    table: StepTable,
+    noise: StageNoise,
+    guidance_scale: float,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] in float32.
+
+    :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
+    """
+    b = text.embed.shape[0]
+    _check_noise(noise, table, (b, prior.cfg.clip_dim), "prior")
+    dtype = prior.positional_embedding.dtype
+    cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
+    embed, tokens, mask = cond.embed.to(dtype), cond.tokens.to(dtype), cond.mask
+    diff = prior.cfg.diffusion
+    x = noise.init
+    for i in _progress(len(table), "prior", progress):
+        x_in = torch.cat([x, x]) if uncond is not None else x
+        out = prior(x_in.to(dtype), _timesteps(table, i, x_in.shape[0], x.device), embed, tokens, mask).float()
+        if uncond is not None:
+            out = classifier_free_guidance(out[:b], out[b:], guidance_scale)
+        x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
+    return prior.unnormalize(x)
+
+
+@torch.no_grad()
+def sample_decoder(
+    decoder: Decoder,
+    image_embed: torch.Tensor,
+    text: TextConditioning,
+    uncond: TextConditioning | None,
+    table: StepTable,
+    noise: StageNoise,
+    guidance_scale: float,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1], float32.
+
+    The unconditional branch uses the learned `cf_param` image embedding and the empty prompt;
+    guidance applies to ε, the variance comes from the conditional half.
+    """
+    unet, cfg = decoder.unet, decoder.unet.cfg
+    b = image_embed.shape[0]
+    _check_noise(noise, table, (b, 3, cfg.image_size, cfg.image_size), "decoder")
+    dtype = unet.time_embed[0].weight.dtype
+    if uncond is not None:
+        image_embed = torch.cat([image_embed.to(dtype), decoder.text_proj.unconditional_image_embed(b)])
+        text = TextConditioning.cat([text, uncond])
+    context, context_bias, emb_add = decoder.text_proj(
+        image_embed.to(dtype), text.embed.to(dtype), text.tokens.to(dtype), text.mask
+    )
+    diff = cfg.diffusion
+    learned = diff.variance == "learned_range"
+    x = noise.init
+    for i in _progress(len(table), "decoder", progress):
+        x_in = torch.cat([x, x]) if uncond is not None else x
+        t = _timesteps(table, i, x_in.shape[0], x.device)
+        out = unet(x_in.to(dtype), t, emb_add, context, context_bias).float()
+        eps, var = (out[:, :3], out[:, 3:]) if learned else (out, None)
+        if uncond is not None:
+            eps, var = classifier_free_guidance(eps[:b], eps[b:], guidance_scale), (var[:b] if learned else None)
+        x = denoise_step(table, i, x, eps, noise.steps[i], diff.prediction, diff.clip_range, var)
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_super_res(
+    super_res: SuperRes,
+    low_res: torch.Tensor,
+    table: StepTable,
+    noise: StageNoise,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Upsample [B, 3, s, s] images in [−1, 1] to [B, 3, S, S]; `last_step` runs the final step."""
+    cfg = super_res.cfg
+    b = low_res.shape[0]
+    _check_noise(noise, table, (b, 3, cfg.image_size, cfg.image_size), "super_res")
+    dtype = super_res.first_steps.time_embed[0].weight.dtype
+    low_res_up = upsample_low_res(low_res.float(), cfg.image_size).to(dtype)
+    diff = cfg.diffusion
+    x = noise.init
+    for i in _progress(len(table), "super-res", progress):
+        last = i == len(table) - 1
+        out = super_res(x.to(dtype), _timesteps(table, i, b, x.device), low_res_up, last).float()
+        x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
+    return x.clamp(-1, 1)

@@ -1,0 +1,252 @@
+"""`UnCLIP`: the public text→image API (load a model, validate inputs, run the stages).
+
+    pipe = UnCLIP.from_karlo("/weights/karlo")          # or from_diffusers / UnCLIP("our-folder")
+    images = pipe.generate("a red circle", seed=0).images
+
+Every argument is checked here, at the boundary, so bad input fails with a clear message
+before any network runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.checkpoint import config_from_dict, load_strict, load_tensors
+from models.clip import KarloTokenizer
+from models.configs import UnCLIPConfig, with_prior_clip_range
+from models.unclip import UnCLIPModel
+from runtime import loops
+from runtime.loops import SamplingNoise, StageNoise, TextConditioning
+from runtime.sampling import make_step_table
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+NO_DEFAULT_MODEL = (
+    "unclip-rt ships no default model yet: load weights explicitly with "
+    "UnCLIP.from_karlo(DIR) (Kakao Brain's original files), UnCLIP.from_diffusers(DIR) "
+    "(a kakaobrain/karlo-v1-alpha folder) or UnCLIP(DIR) (a folder written by models.checkpoint.save_model)"
+)
+
+
+@dataclass
+class UnCLIPOutput:
+    """Generated images (PIL list, numpy [B, H, W, 3] or torch [B, 3, H, W], in [0, 1])."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    image_embeds: torch.Tensor | None = None
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    return list(prompts)
+
+
+def to_output(images: torch.Tensor, output_type: str):
+    """[B, 3, H, W] in [−1, 1] → the requested output type, in [0, 1]."""
+    images = (images.float() * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images.cpu()
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+class UnCLIP:
+    """A loaded unCLIP model on one device, ready to generate."""
+
+    def __init__(
+        self,
+        model: UnCLIPModel | str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> None:
+        """
+        :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`.
+        :param device: where to run (default: CUDA if available, else CPU).
+        :param dtype: network dtype (float32, float16 or bfloat16); sampling math stays float32.
+        :param progress: show tqdm progress bars.
+        """
+        if model is None:
+            raise FileNotFoundError(NO_DEFAULT_MODEL)
+        if isinstance(model, (str, Path)):
+            model = load_folder(model)
+        if not isinstance(model, UnCLIPModel):
+            raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.cfg: UnCLIPConfig = model.cfg
+        self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
+        self.progress = progress
+
+    @classmethod
+    def from_karlo(
+        cls, folder: str | Path, *, prior_clip_range: float | None = None, trust_pickle: bool = False, **kwargs
+    ) -> UnCLIP:
+        """Load Kakao Brain's original Karlo files (see `models.convert.karlo`).
+
+        :param prior_clip_range: prior x0 clamp; default ±5 as diffusers (Karlo itself uses 10).
+        :param trust_pickle: allow files that need full unpickling (runs code: trusted files only).
+        """
+        from models.configs import KARLO
+        from models.convert.karlo import load_karlo
+
+        cfg = KARLO if prior_clip_range is None else with_prior_clip_range(KARLO, prior_clip_range)
+        return cls(load_karlo(folder, cfg, trust_pickle=trust_pickle), **kwargs)
+
+    @classmethod
+    def from_diffusers(cls, folder: str | Path, **kwargs) -> UnCLIP:
+        """Load a diffusers unCLIP folder such as `kakaobrain/karlo-v1-alpha`."""
+        from models.convert.diffusers_folder import load_diffusers
+
+        return cls(load_diffusers(folder), **kwargs)
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """diffusers-style switch for the progress bars."""
+        self.progress = not disable
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
+        """Tokenise (Karlo's way) and run the CLIP text encoder."""
+        tok = self.tokenizer(prompts)
+        for prompt, cut in zip(prompts, tok.truncated):
+            if cut:
+                kept = self.tokenizer.bpe.decode(tok.tokens[prompts.index(prompt), 1:-1].tolist())
+                log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
+        tokens = tok.tokens.to(self.device)
+        embed, seq = self.model.clip.encode_text(tokens)
+        return TextConditioning(embed.float(), seq.float(), tok.mask.to(self.device))
+
+    def draw_noise(
+        self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
+    ) -> SamplingNoise:
+        """All noise of one run, drawn on the CPU (so a seed gives the same images on any device)."""
+        d, s = self.cfg.decoder.image_size, self.cfg.super_res.image_size
+        return SamplingNoise(
+            prior=StageNoise.draw((batch, self.cfg.prior.clip_dim), prior_steps, generator),
+            decoder=StageNoise.draw((batch, 3, d, d), decoder_steps, generator),
+            super_res=StageNoise.draw((batch, 3, s, s), super_res_steps, generator),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        prior_steps: int = 25,
+        decoder_steps: int = 25,
+        super_res_steps: int = 7,
+        prior_guidance_scale: float = 4.0,
+        decoder_guidance_scale: float = 8.0,
+        output_type: str = "pil",
+        return_image_embeds: bool = False,
+        noise: SamplingNoise | None = None,
+    ) -> UnCLIPOutput:
+        """Text → images.
+
+        :param prompt: a prompt or a list of prompts; "" asks for an unconditional image.
+        :param num_images_per_prompt: images per prompt.
+        :param seed: seed of a CPU generator for all the noise (ignored if `generator` or `noise`).
+        :param generator: a `torch.Generator` (CPU) to draw the noise from.
+        :param prior_steps: prior denoising steps (1..1000).
+        :param decoder_steps: decoder denoising steps (1..1000).
+        :param super_res_steps: super-res steps (2..1000; the last runs the last-step model).
+        :param prior_guidance_scale: classifier-free guidance on the prior's x0 (1 = none).
+        :param decoder_guidance_scale: classifier-free guidance on the decoder's ε (1 = none).
+        :param output_type: "pil" (list of PIL images), "np" ([B, H, W, 3]) or "pt" ([B, 3, H, W]).
+        :param return_image_embeds: also return the prior's CLIP image embeddings [B, D].
+        :param noise: all noise of the run, pre-drawn (see `draw_noise`); overrides seeds.
+        :return: `UnCLIPOutput`.
+        """
+        prompts = _check_prompts(prompt)
+        n = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
+        steps = {
+            "prior_steps": _check_int("prior_steps", prior_steps, 1, 1000),
+            "decoder_steps": _check_int("decoder_steps", decoder_steps, 1, 1000),
+            "super_res_steps": _check_int("super_res_steps", super_res_steps, 2, 1000),
+        }
+        prior_scale = _check_scale("prior_guidance_scale", prior_guidance_scale)
+        decoder_scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if noise is None:
+            if generator is None and seed is not None:
+                generator = torch.Generator().manual_seed(_check_int("seed", seed, 0, 2**63 - 1))
+            noise = self.draw_noise(len(prompts) * n, *steps.values(), generator)
+
+        text = self.encode_prompts(prompts)
+        text = TextConditioning(*(t.repeat_interleave(n, dim=0) for t in (text.embed, text.tokens, text.mask)))
+        b = text.embed.shape[0]
+        need_uncond = prior_scale != 1.0 or decoder_scale != 1.0
+        uncond = None
+        if need_uncond:
+            empty = self.encode_prompts([""])
+            uncond = TextConditioning(*(t.expand(b, *t.shape[1:]) for t in (empty.embed, empty.tokens, empty.mask)))
+
+        m, cfg = self.model, self.cfg
+        image_embeds = loops.sample_prior(
+            m.prior, text, uncond if prior_scale != 1.0 else None,
+            make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
+            noise.prior.to(self.device), prior_scale, self.progress,
+        )
+        small = loops.sample_decoder(
+            m.decoder, image_embeds, text, uncond if decoder_scale != 1.0 else None,
+            make_step_table(cfg.decoder.diffusion, steps["decoder_steps"]).to(self.device),
+            noise.decoder.to(self.device), decoder_scale, self.progress,
+        )
+        images = loops.sample_super_res(
+            m.super_res, small,
+            make_step_table(cfg.super_res.diffusion, steps["super_res_steps"]).to(self.device),
+            noise.super_res.to(self.device), self.progress,
+        )
+        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
+
+
+def load_folder(folder: str | Path) -> UnCLIPModel:
+    """Load our own format: `config.json` + `model.safetensors` (see `models.checkpoint.save_model`)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an unclip-rt model folder (needs config.json and model.safetensors)")
+    cfg = config_from_dict(json.loads(config_path.read_text()))
+    state = load_tensors(weights_path)
+    has_vision = any(k.startswith("clip.model.visual.") for k in state)
+    model = UnCLIPModel.empty(cfg, with_vision=has_vision)
+    load_strict(model, state, f"model folder {folder}")
+    model.materialize_buffers()
+    return model
