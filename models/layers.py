@@ -1,7 +1,7 @@
 """Small building blocks shared by the prior and the UNets.
 
 Norms compute in float32 whatever the input dtype (as Karlo's `GroupNorm32`/`LayerNorm` do),
-so fp16 inference keeps float32 statistics.
+so fp16 inference keeps float32 statistics (float64 inputs stay float64, for reference runs).
 """
 
 from __future__ import annotations
@@ -13,45 +13,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Sinusoidal embedding `[cos | sin]` of (possibly fractional) timesteps.
 
     :param timesteps: [N] tensor of timesteps (the original 0..T-1 index).
     :param dim: embedding size (even).
-    :return: [N, dim] float32 tensor; frequency i is exp(-ln(max_period) * i / (dim/2)).
+    :param dtype: dtype of the computation and result (float32 as Karlo and diffusers; float64
+        for float64 reference runs).
+    :return: [N, dim] tensor; frequency i is exp(-ln(max_period) * i / (dim/2)).
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
-    args = timesteps.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=timesteps.device) / half)
+    args = timesteps.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm over 32 groups computed in float32, optionally followed by SiLU."""
+    """GroupNorm over 32 groups computed in (at least) float32, optionally followed by SiLU."""
 
     def __init__(self, channels: int, silu: bool) -> None:
         super().__init__(32, channels, eps=1e-5)
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        w = work_dtype(x.dtype)
+        y = F.group_norm(x.to(w), self.num_groups, self.weight.to(w), self.bias.to(w), self.eps)
         if self.silu:
             y = F.silu(y)
         return y.to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype."""
+    """LayerNorm computed in (at least) float32 whatever the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        work = work_dtype(x.dtype)
+        w = None if self.weight is None else self.weight.to(work)
+        b = None if self.bias is None else self.bias.to(work)
+        return F.layer_norm(x.to(work), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

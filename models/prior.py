@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import PriorConfig
-from models.layers import LayerNorm32, additive_mask, timestep_embedding
+from models.layers import LayerNorm32, work_dtype, additive_mask, timestep_embedding
 
 
 class PriorAttention(nn.Module):
@@ -121,7 +121,7 @@ class Prior(nn.Module):
         """
         b = x_t.shape[0]
         dtype = self.positional_embedding.dtype
-        t_emb = self.time_embed(timestep_embedding(timesteps, self.cfg.width).to(dtype))
+        t_emb = self.time_embed(timestep_embedding(timesteps, self.cfg.width, dtype=work_dtype(dtype)).to(dtype))
         seq = torch.cat(
             [
                 self.text_enc_proj(text_tokens),
@@ -138,9 +138,11 @@ class Prior(nn.Module):
         return self.out_proj(h[:, -1])
 
     def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Standardised embedding → raw CLIP image embedding (`z·std + mean`), in float32."""
-        return z.float() * self.clip_std.float() + self.clip_mean.float()
+        """Standardised embedding → raw CLIP image embedding (`z·std + mean`), in ≥ float32."""
+        work = work_dtype(z.dtype)
+        return z.to(work) * self.clip_std.to(work) + self.clip_mean.to(work)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw CLIP image embedding → standardised (`(z − mean)/std`), in float32."""
-        return (z.float() - self.clip_mean.float()) / self.clip_std.float()
+        """Raw CLIP image embedding → standardised (`(z − mean)/std`), in ≥ float32."""
+        work = work_dtype(z.dtype)
+        return (z.to(work) - self.clip_mean.to(work)) / self.clip_std.to(work)

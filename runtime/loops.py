@@ -3,7 +3,8 @@
 
 All noise of a run is drawn before the loops start (`SamplingNoise`), so the loops hold no
 RNG state, a run is reproducible from its noise alone, and a caller (a test, DDIM inversion)
-can inject its own. Networks run in their own dtype; samples and updates stay float32.
+can inject its own. Networks run in their own dtype; samples and updates stay float32 (float64
+when the networks are float64, for reference checks).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.decoder import Decoder
+from models.layers import work_dtype
 from models.prior import Prior
 from models.super_res import SuperRes, upsample_low_res
 from runtime.sampling import StepTable, classifier_free_guidance, denoise_step
@@ -87,7 +89,7 @@ def sample_prior(
     guidance_scale: float,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] in float32.
+    """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] (float32 or float64).
 
     :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
     """
@@ -97,10 +99,10 @@ def sample_prior(
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
     embed, tokens, mask = cond.embed.to(dtype), cond.tokens.to(dtype), cond.mask
     diff = prior.cfg.diffusion
-    x = noise.init
+    x = noise.init.to(work_dtype(dtype))
     for i in _progress(len(table), "prior", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
-        out = prior(x_in.to(dtype), _timesteps(table, i, x_in.shape[0], x.device), embed, tokens, mask).float()
+        out = prior(x_in.to(dtype), _timesteps(table, i, x_in.shape[0], x.device), embed, tokens, mask).to(x.dtype)
         if uncond is not None:
             out = classifier_free_guidance(out[:b], out[b:], guidance_scale)
         x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
@@ -118,7 +120,7 @@ def sample_decoder(
     guidance_scale: float,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1], float32.
+    """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1] (float32 or float64).
 
     The unconditional branch uses the learned `cf_param` image embedding and the empty prompt;
     guidance applies to ε, the variance comes from the conditional half.
@@ -135,11 +137,11 @@ def sample_decoder(
     )
     diff = cfg.diffusion
     learned = diff.variance == "learned_range"
-    x = noise.init
+    x = noise.init.to(work_dtype(dtype))
     for i in _progress(len(table), "decoder", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = _timesteps(table, i, x_in.shape[0], x.device)
-        out = unet(x_in.to(dtype), t, emb_add, context, context_bias).float()
+        out = unet(x_in.to(dtype), t, emb_add, context, context_bias).to(x.dtype)
         eps, var = (out[:, :3], out[:, 3:]) if learned else (out, None)
         if uncond is not None:
             eps, var = classifier_free_guidance(eps[:b], eps[b:], guidance_scale), (var[:b] if learned else None)
@@ -160,11 +162,12 @@ def sample_super_res(
     b = low_res.shape[0]
     _check_noise(noise, table, (b, 3, cfg.image_size, cfg.image_size), "super_res")
     dtype = super_res.first_steps.time_embed[0].weight.dtype
-    low_res_up = upsample_low_res(low_res.float(), cfg.image_size).to(dtype)
+    work = work_dtype(dtype)
+    low_res_up = upsample_low_res(low_res.to(work), cfg.image_size).to(dtype)
     diff = cfg.diffusion
-    x = noise.init
+    x = noise.init.to(work)
     for i in _progress(len(table), "super-res", progress):
         last = i == len(table) - 1
-        out = super_res(x.to(dtype), _timesteps(table, i, b, x.device), low_res_up, last).float()
+        out = super_res(x.to(dtype), _timesteps(table, i, b, x.device), low_res_up, last).to(x.dtype)
         x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
     return x.clamp(-1, 1)

@@ -23,6 +23,7 @@ from PIL import Image
 from models.checkpoint import config_from_dict, load_strict, load_tensors
 from models.clip import KarloTokenizer
 from models.configs import UnCLIPConfig, with_prior_clip_range
+from models.layers import work_dtype
 from models.unclip import UnCLIPModel
 from runtime import loops
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
@@ -71,7 +72,7 @@ def _check_prompts(prompt) -> list[str]:
 
 def to_output(images: torch.Tensor, output_type: str):
     """[B, 3, H, W] in [−1, 1] → the requested output type, in [0, 1]."""
-    images = (images.float() * 0.5 + 0.5).clamp(0, 1)
+    images = (images * 0.5 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return images.cpu()
     array = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -94,7 +95,8 @@ class UnCLIP:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`.
         :param device: where to run (default: CUDA if available, else CPU).
-        :param dtype: network dtype (float32, float16 or bfloat16); sampling math stays float32.
+        :param dtype: network dtype (float32, float16 or bfloat16; float64 for reference checks);
+            sampling math runs in float32 (float64 with float64 networks).
         :param progress: show tqdm progress bars.
         """
         if model is None:
@@ -103,8 +105,8 @@ class UnCLIP:
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
@@ -148,7 +150,8 @@ class UnCLIP:
                 log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
         tokens = tok.tokens.to(self.device)
         embed, seq = self.model.clip.encode_text(tokens)
-        return TextConditioning(embed.float(), seq.float(), tok.mask.to(self.device))
+        work = work_dtype(self.dtype)
+        return TextConditioning(embed.to(work), seq.to(work), tok.mask.to(self.device))
 
     def draw_noise(
         self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None

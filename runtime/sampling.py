@@ -60,7 +60,8 @@ def respaced_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch
 class StepTable:
     """Per-step coefficients of one sampling run (index i = i-th step, timestep `timesteps[i]`).
 
-    All tensors are 1-D of length `num_steps`, float32 (timesteps int64).
+    All tensors are 1-D of length `num_steps`, float64 (timesteps int64); a 0-d float64 factor
+    times a float32 tensor stays float32, so one table serves float32 and float64 sampling.
     """
 
     timesteps: torch.Tensor
@@ -123,13 +124,13 @@ def make_step_table(
         coef_x0 = a_prev.sqrt() - c_dir * eps_from_x0
         coef_eps = zeros
 
-    f32 = {
+    coefs = {
         "x0_from_xt": x0_from_xt, "x0_from_eps": x0_from_eps, "eps_from_xt": eps_from_xt,
         "eps_from_x0": eps_from_x0, "coef_xt": coef_xt, "coef_x0": coef_x0, "coef_eps": coef_eps,
         "sigma": sigma, "log_var_min": post_var.clamp(min=1e-20).log(), "log_var_max": beta.log(),
         "noise_scale": noise_scale,
     }
-    return StepTable(timesteps=ts, **{k: v.float() for k, v in f32.items()})
+    return StepTable(timesteps=ts, **coefs)
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ def denoise_step(
     clip_range: float | None,
     var_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One reverse step `x_t → x_prev` (reference implementation, computed in float32).
+    """One reverse step `x_t → x_prev` (reference implementation, in float32, or float64 for float64 input).
 
     :param table: coefficients from `make_step_table`.
     :param i: step index into `table`.
@@ -157,10 +158,11 @@ def denoise_step(
     :param prediction: "epsilon" or "sample".
     :param clip_range: clamp x̂0 to ±clip_range (None: no clamp).
     :param var_values: v ∈ [−1, 1] for a learned-range variance; None for fixed variance.
-    :return: x_prev, float32.
+    :return: x_prev (float32, or float64 if `x_t` is float64).
     """
-    x_t = x_t.float()
-    out = model_out.float()
+    work = torch.promote_types(x_t.dtype, torch.float32)
+    x_t = x_t.to(work)
+    out = model_out.to(work)
     if prediction == "epsilon":
         x0 = table.x0_from_xt[i] * x_t - table.x0_from_eps[i] * out
     elif prediction == "sample":
@@ -174,7 +176,7 @@ def denoise_step(
     if var_values is None:
         sigma = table.sigma[i]
     else:
-        frac = (var_values.float() + 1) / 2
+        frac = (var_values.to(work) + 1) / 2
         log_var = frac * table.log_var_max[i] + (1 - frac) * table.log_var_min[i]
         sigma = torch.exp(0.5 * log_var) * table.noise_scale[i]
-    return x_prev + sigma * noise.float()
+    return x_prev + sigma * noise.to(work)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny diffusers unCLIP pipeline (the reference) saved as a diffusers
+folder, and our `UnCLIPModel` converted from that folder. Built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.configs import TINY
+from models.convert.diffusers_folder import load_diffusers
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def diffusers_folder(tmp_path_factory):
+    """(pipeline, folder): a tiny random diffusers UnCLIPPipeline and where it was saved."""
+    from tests.diffusers_reference import build_pipeline
+
+    root = tmp_path_factory.mktemp("diffusers")
+    pipe = build_pipeline(TINY, root / "tok")
+    pipe.save_pretrained(root / "pipe", safe_serialization=True)
+    return pipe, root / "pipe"
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(diffusers_folder):
+    return diffusers_folder[0]
+
+
+@pytest.fixture(scope="session")
+def ours(diffusers_folder):
+    """Our UnCLIPModel converted from the saved diffusers folder (float32, CPU, eval)."""
+    return load_diffusers(diffusers_folder[1]).eval()
