@@ -1,0 +1,78 @@
+"""Command line: `python -m runtime "a prompt" -o out.png [options]`.
+
+Loads a model (`--model DIR` in our format, `--karlo DIR`, or `--diffusers DIR`), generates,
+and writes PNGs: `out.png` for one image, `out-0.png`, `out-1.png`, … for several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime", description="unCLIP text-to-image")
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG path (indexed when several images)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="folder with config.json + model.safetensors")
+    src.add_argument("--karlo", help="folder with Kakao Brain's original Karlo files")
+    src.add_argument("--diffusers", help="diffusers unCLIP folder (e.g. kakaobrain/karlo-v1-alpha)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prior-steps", type=int, default=25)
+    p.add_argument("--decoder-steps", type=int, default=25)
+    p.add_argument("--super-res-steps", type=int, default=7)
+    p.add_argument("--prior-guidance-scale", type=float, default=4.0)
+    p.add_argument("--decoder-guidance-scale", type=float, default=8.0)
+    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p.parse_args(argv)
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.checkpoint import atomic_write
+    from runtime.pipeline import UnCLIP
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common = {"device": args.device, "dtype": DTYPES[args.dtype], "progress": not args.no_progress}
+    try:
+        if args.karlo:
+            pipe = UnCLIP.from_karlo(args.karlo, **common)
+        elif args.diffusers:
+            pipe = UnCLIP.from_diffusers(args.diffusers, **common)
+        else:
+            pipe = UnCLIP(args.model, **common)
+        result = pipe.generate(
+            args.prompt if len(args.prompt) > 1 else args.prompt[0],
+            num_images_per_prompt=args.num_images, seed=args.seed,
+            prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, super_res_steps=args.super_res_steps,
+            prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
+        )
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = output_paths(args.output, len(result.images))
+    for image, path in zip(result.images, paths):
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
