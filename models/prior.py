@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import PriorConfig
-from models.layers import LayerNorm32, work_dtype, additive_mask, timestep_embedding
+from models.layers import LayerNorm32, additive_mask, timestep_embedding, work_dtype
 
 
 class PriorAttention(nn.Module):

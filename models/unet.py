@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import UNetConfig
-from models.layers import GroupNorm32, work_dtype, timestep_embedding, zero_init
+from models.layers import GroupNorm32, timestep_embedding, work_dtype, zero_init
 
 
 class ResBlock(nn.Module):
@@ -181,7 +181,8 @@ class UNet(nn.Module):
     def time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
         """[B] timesteps → [B, time_embed_dim] embedding."""
         dtype = self.time_embed[0].weight.dtype
-        return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels, dtype=work_dtype(dtype)).to(dtype))
+        sinusoid = timestep_embedding(timesteps, self.cfg.model_channels, dtype=work_dtype(dtype))
+        return self.time_embed(sinusoid.to(dtype))
 
     def forward(
         self,

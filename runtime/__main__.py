@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = output_paths(args.output, len(result.images))
-    for image, path in zip(result.images, paths):
+    for image, path in zip(result.images, paths, strict=True):
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         print(path)
     return 0

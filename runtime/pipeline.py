@@ -144,9 +144,9 @@ class UnCLIP:
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         """Tokenise (Karlo's way) and run the CLIP text encoder."""
         tok = self.tokenizer(prompts)
-        for prompt, cut in zip(prompts, tok.truncated):
+        for i, cut in enumerate(tok.truncated):
             if cut:
-                kept = self.tokenizer.bpe.decode(tok.tokens[prompts.index(prompt), 1:-1].tolist())
+                kept = self.tokenizer.bpe.decode(tok.tokens[i, 1:-1].tolist())
                 log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
         tokens = tok.tokens.to(self.device)
         embed, seq = self.model.clip.encode_text(tokens)

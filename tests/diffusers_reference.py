@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPPipeline, UnCLIPScheduler
+from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
@@ -93,8 +93,9 @@ def _block_out(unet_cfg) -> tuple[int, ...]:
 def build_decoder(cfg: UnCLIPConfig, seed: int) -> UNet2DConditionModel:
     d = cfg.decoder
     levels = len(d.channel_mult)
-    down = tuple("SimpleCrossAttnDownBlock2D" if 2**i in d.attention_ds else "ResnetDownsampleBlock2D" for i in range(levels))
-    up = tuple("SimpleCrossAttnUpBlock2D" if 2**i in d.attention_ds else "ResnetUpsampleBlock2D" for i in reversed(range(levels)))
+    attn = [2**i in d.attention_ds for i in range(levels)]
+    down = tuple("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn)
+    up = tuple("SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn))
     unet = UNet2DConditionModel(
         sample_size=d.image_size, layers_per_block=d.num_res_blocks, down_block_types=down, up_block_types=up,
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=_block_out(d),

@@ -7,13 +7,14 @@ a whole text→image run with the same injected noise ≤ 1e-3 max absolute pixe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from diffusers.schedulers import scheduling_unclip
+
 from models.clip import KarloTokenizer
 from runtime import UnCLIP
 from runtime.loops import SamplingNoise, StageNoise
@@ -189,3 +190,36 @@ def test_noise_shapes_are_checked(ours):
         assert "prior noise" in str(e)
     else:
         raise AssertionError("mismatched noise was accepted")
+
+
+def test_config_derived_from_the_diffusers_folder_is_tiny(diffusers_folder):
+    from models.configs import TINY
+    from models.convert.diffusers_folder import config_from_diffusers
+
+    derived = config_from_diffusers(diffusers_folder[1])
+    # The folder has no image encoder, so only the text tower's shape is known.
+    assert dataclasses.replace(derived, name="tiny", clip=TINY.clip) == TINY
+    text_fields = ("embed_dim", "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
+    assert all(getattr(derived.clip, f) == getattr(TINY.clip, f) for f in text_fields)
+
+
+def test_hf_clip_vision_tower_converts_to_open_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from models.clip import ClipEncoder
+    from models.configs import TINY
+    from models.convert.hf_clip import vision_from_hf
+    from tests.diffusers_reference import randomize
+
+    c = TINY.clip
+    hf = randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=c.vision_width, intermediate_size=4 * c.vision_width, num_attention_heads=c.vision_width // 16,
+        num_hidden_layers=c.vision_layers, image_size=c.image_size, patch_size=c.patch_size,
+        projection_dim=c.embed_dim, hidden_act="quick_gelu")), seed=5)
+    enc = ClipEncoder(c)
+    state = {k: v for k, v in enc.model.state_dict().items() if not k.startswith("visual.")}
+    state.update(vision_from_hf(hf.state_dict(), c))
+    enc.model.load_state_dict(state, strict=True)
+    pixels = torch.randn(2, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert max_rel_err(enc.eval().encode_image(pixels), hf(pixel_values=pixels).image_embeds) <= 1e-4

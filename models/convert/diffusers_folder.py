@@ -56,7 +56,11 @@ def _unet_config(c: dict, diffusion: DiffusionConfig, context: bool) -> UNetConf
     if any(ch % boc[0] for ch in boc):
         raise ValueError(f"block_out_channels {boc} are not multiples of the first")
     down = c["down_block_types"]
+    attention_ds = tuple(2**i for i, t in enumerate(down) if t == ATTN_DOWN)
+    middle_attention = context and c.get("mid_block_type") == "UNetMidBlock2DSimpleCrossAttn"
     head = c.get("attention_head_dim") or 64
+    if not (attention_ds or middle_attention):
+        head = UNetConfig.num_head_channels  # unused without attention; keep the default
     return UNetConfig(
         image_size=c["sample_size"],
         in_channels=c["in_channels"],
@@ -64,10 +68,10 @@ def _unet_config(c: dict, diffusion: DiffusionConfig, context: bool) -> UNetConf
         model_channels=boc[0],
         channel_mult=tuple(ch // boc[0] for ch in boc),
         num_res_blocks=c["layers_per_block"],
-        attention_ds=tuple(2**i for i, t in enumerate(down) if t == ATTN_DOWN),
+        attention_ds=attention_ds,
         num_head_channels=head if isinstance(head, int) else head[0],
         use_scale_shift_norm=c.get("resnet_time_scale_shift") == "scale_shift",
-        middle_attention=context and c.get("mid_block_type") == "UNetMidBlock2DSimpleCrossAttn",
+        middle_attention=middle_attention,
         context_width=c.get("cross_attention_dim") if context else None,
         diffusion=diffusion,
     )

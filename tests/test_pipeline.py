@@ -1,0 +1,118 @@
+"""runtime/pipeline.py and the CLI: input validation at the public API, outputs, determinism,
+our own checkpoint folder, and the no-default-model message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.checkpoint import save_model
+from runtime import UnCLIP
+from runtime.__main__ import main
+
+FAST = {"prior_steps": 2, "decoder_steps": 2, "super_res_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def pipe(ours):
+    return UnCLIP(ours, device="cpu", progress=False)
+
+
+def test_no_default_model_yet_says_how_to_load_weights():
+    with pytest.raises(FileNotFoundError, match="from_karlo"):
+        UnCLIP()
+
+
+def test_output_types_and_shapes(pipe):
+    pil = pipe.generate("a cat", seed=0, **FAST).images
+    assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
+    arr = pipe.generate(["a", "b"], num_images_per_prompt=2, seed=0, output_type="np", **FAST).images
+    assert arr.shape == (4, 64, 64, 3) and arr.min() >= 0 and arr.max() <= 1
+    pt = pipe.generate("a", seed=0, output_type="pt", return_image_embeds=True, **FAST)
+    assert pt.images.shape == (1, 3, 64, 64) and pt.image_embeds.shape == (1, 32)
+    assert np.allclose(np.asarray(pil[0]) / 255.0, pipe.generate("a cat", seed=0, output_type="np", **FAST).images[0],
+                       atol=1 / 255)
+
+
+def test_same_seed_same_image_bitwise_and_different_seed_differs(pipe):
+    a = pipe.generate("a red circle", seed=11, output_type="np", **FAST).images
+    b = pipe.generate("a red circle", seed=11, output_type="np", **FAST).images
+    c = pipe.generate("a red circle", seed=12, output_type="np", **FAST).images
+    assert np.array_equal(a, b)
+    assert abs(a - c).max() > 0.05
+
+
+def test_guidance_scale_one_skips_the_unconditional_branch(pipe, monkeypatch):
+    calls = []
+    original = pipe.encode_prompts
+    monkeypatch.setattr(pipe, "encode_prompts", lambda prompts: calls.append(list(prompts)) or original(prompts))
+    pipe.generate("x", seed=0, prior_guidance_scale=1.0, decoder_guidance_scale=1.0, **FAST)
+    assert calls == [["x"]]
+    calls.clear()
+    pipe.generate("x", seed=0, **FAST)
+    assert calls == [["x"], [""]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"prompt": 3}, TypeError),
+        ({"prompt": []}, TypeError),
+        ({"prompt": ["ok", None]}, TypeError),
+        ({"prompt": "x", "prior_steps": 0}, ValueError),
+        ({"prompt": "x", "decoder_steps": 2.5}, ValueError),
+        ({"prompt": "x", "super_res_steps": 1}, ValueError),
+        ({"prompt": "x", "prior_guidance_scale": float("nan")}, ValueError),
+        ({"prompt": "x", "decoder_guidance_scale": -1}, ValueError),
+        ({"prompt": "x", "num_images_per_prompt": 0}, ValueError),
+        ({"prompt": "x", "output_type": "jpeg"}, ValueError),
+        ({"prompt": "x", "seed": -1}, ValueError),
+    ],
+)
+def test_bad_arguments_fail_clearly_before_any_work(pipe, kwargs, error, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_prompts", lambda *_: pytest.fail("ran despite bad input"))
+    with pytest.raises(error):
+        pipe.generate(**kwargs)
+
+
+def test_long_prompt_is_cut_with_a_warning(pipe, caplog):
+    pipe.generate("word " * 100, seed=0, **FAST)
+    assert any("prompt cut to 77 tokens" in r.message for r in caplog.records)
+
+
+def test_saved_folder_round_trips(ours, tmp_path, pipe):
+    save_model(ours, ours.cfg, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    again = UnCLIP(tmp_path / "m", device="cpu", progress=False)
+    a = again.generate("a", seed=0, output_type="np", **FAST).images
+    b = pipe.generate("a", seed=0, output_type="np", **FAST).images
+    assert abs(a - b).max() <= 1e-3
+    with pytest.raises(FileNotFoundError, match="not an unclip-rt model folder"):
+        UnCLIP(tmp_path)
+
+
+def test_bad_dtype_and_model_type_are_refused(ours):
+    with pytest.raises(ValueError, match="dtype"):
+        UnCLIP(ours, dtype=torch.int8)
+    with pytest.raises(TypeError):
+        UnCLIP(42)
+
+
+def test_cli_writes_one_png_per_image(ours, tmp_path, capsys):
+    save_model(ours, ours.cfg, tmp_path / "m")
+    out = tmp_path / "img" / "out.png"
+    code = main(["a red circle", "--model", str(tmp_path / "m"), "-o", str(out), "--num-images", "2", "--seed", "1",
+                 "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2", "--no-progress"])
+    assert code == 0
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["out-0.png", "out-1.png"]
+    assert Image.open(out.parent / "out-0.png").size == (64, 64)
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["x", "--model", str(tmp_path)]) == 2
+    assert "not an unclip-rt model folder" in capsys.readouterr().err
+    assert main(["x"]) == 2
+    assert "from_karlo" in capsys.readouterr().err
