@@ -1,0 +1,106 @@
+"""The reference path on CUDA: same images as on the CPU for the same seed (fp32, TF32 off),
+and fp16/bf16 networks run end to end with finite outputs. Skipped without a CUDA GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import UnCLIP
+
+pytestmark = pytest.mark.gpu
+STEPS = {"prior_steps": 6, "decoder_steps": 5, "super_res_steps": 3}
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cuda_fp32_matches_cpu_for_the_same_seed(ours, no_tf32):
+    prompts = ["a red circle on a blue background", "a green square"]
+    kw = {"num_images_per_prompt": 2, "seed": 5, "output_type": "np", **STEPS}
+    cpu = UnCLIP(copy.deepcopy(ours), device="cpu", progress=False).generate(prompts, **kw).images
+    gpu = UnCLIP(copy.deepcopy(ours), device="cuda", progress=False).generate(prompts, **kw).images
+    err = np.abs(cpu - gpu)
+    # Different kernels round differently; see test_parity_diffusers for why a few pixels may not.
+    assert (err <= 1e-3).mean() >= 0.999 and float(np.median(err)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_networks_run_end_to_end(ours, dtype):
+    pipe = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False)
+    out = pipe.generate("a red circle", seed=0, output_type="pt", return_image_embeds=True, **STEPS)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    assert torch.isfinite(out.image_embeds).all()
+
+
+@pytest.mark.slow
+def test_karlo_sized_stages_match_diffusers(no_tf32):
+    """At Karlo's real shapes (random weights), each converted stage matches diffusers' forward."""
+    import torch.nn.functional as F
+
+    from models.checkpoint import load_strict
+    from models.configs import KARLO
+    from models.convert.diffusers_unet import prior_from_diffusers, text_proj_from_diffusers, unet_from_diffusers
+    from models.decoder import Decoder
+    from models.prior import Prior
+    from models.super_res import SuperRes
+    from tests.diffusers_reference import (
+        build_decoder,
+        build_prior,
+        build_super_res,
+        build_text_proj,
+        max_rel_err,
+    )
+
+    dev, g = "cuda", torch.Generator().manual_seed(0)
+    b, d = 2, KARLO.clip.embed_dim
+    embed, tokens = torch.randn(b, d, generator=g).to(dev), torch.randn(b, 77, 768, generator=g).to(dev)
+    mask = torch.zeros(b, 77, dtype=torch.bool, device=dev)
+    mask[0, :9], mask[1, :77] = True, True
+    ts = torch.tensor([999, 420], device=dev)
+
+    def ours_from(module_cls, args, state):
+        with torch.device("meta"):
+            m = module_cls(*args)
+        load_strict(m, state, module_cls.__name__)
+        if isinstance(m, Prior):
+            m.causal_bias = torch.full((81, 81), float("-inf")).triu_(1)
+        return m.to(dev).eval()
+
+    with torch.no_grad():
+        ref = build_prior(KARLO, 1).to(dev)
+        prior = ours_from(Prior, (KARLO.prior,), prior_from_diffusers(ref.state_dict(), KARLO.prior))
+        x = torch.randn(b, d, generator=g).to(dev)
+        want = ref(x, timestep=ts, proj_embedding=embed, encoder_hidden_states=tokens,
+                   attention_mask=mask).predicted_image_embedding
+        assert max_rel_err(prior(x, ts, embed, tokens, mask), want) <= 1e-4
+        del ref, prior
+
+        ref_unet, ref_proj = build_decoder(KARLO, 2).to(dev), build_text_proj(KARLO, 3).to(dev)
+        state = {f"unet.{k}": v for k, v in unet_from_diffusers(ref_unet.state_dict(), KARLO.decoder).items()}
+        state.update({f"text_proj.{k}": v for k, v in text_proj_from_diffusers(ref_proj.state_dict()).items()})
+        decoder = ours_from(Decoder, (KARLO.decoder, KARLO.text_proj), state)
+        img = torch.randn(b, d, generator=g).to(dev)
+        xs = torch.randn(b, 3, 64, 64, generator=g).to(dev)
+        hidden, add = ref_proj(image_embeddings=img, prompt_embeds=embed, text_encoder_hidden_states=tokens,
+                               do_classifier_free_guidance=False)
+        want = ref_unet(sample=xs, timestep=ts, encoder_hidden_states=hidden, class_labels=add,
+                        attention_mask=F.pad(mask, (4, 0), value=True)).sample
+        assert max_rel_err(decoder(xs, ts, img, embed, tokens, mask), want) <= 1e-4
+        del ref_unet, ref_proj, decoder
+
+        ref_sr = build_super_res(KARLO, 4).to(dev)
+        sr_state = unet_from_diffusers(ref_sr.state_dict(), KARLO.super_res)
+        state = {f"{p}.{k}": v for p in ("first_steps", "last_step") for k, v in sr_state.items()}
+        sr = ours_from(SuperRes, (KARLO.super_res,), state)
+        xl, low = torch.randn(1, 3, 256, 256, generator=g).to(dev), torch.randn(1, 3, 256, 256, generator=g).to(dev)
+        want = ref_sr(sample=torch.cat([xl, low], 1), timestep=ts[:1]).sample
+        assert max_rel_err(sr(xl, ts[:1], low, last=False), want) <= 1e-4
