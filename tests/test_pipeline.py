@@ -109,6 +109,7 @@ def test_cli_writes_one_png_per_image(ours, tmp_path, capsys):
     files = sorted(p.name for p in out.parent.iterdir())
     assert files == ["out-0.png", "out-1.png"]
     assert Image.open(out.parent / "out-0.png").size == (64, 64)
+    assert (out.parent / "out-0.png").stat().st_mode & 0o044 == 0o044  # readable by others, as a plain save
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
