@@ -12,6 +12,7 @@ so nothing is downloaded).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import open_clip
 import torch
@@ -42,6 +43,7 @@ class KarloTokenizer:
         self.bpe = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         self.sot = self.bpe.sot_token_id
         self.eot = self.bpe.eot_token_id
+        self._encode = lru_cache(maxsize=65536)(lambda text: tuple(self.bpe.encode(text)))
 
     def __call__(self, texts: list[str]) -> TokenizedText:
         n = self.context_length
@@ -49,7 +51,7 @@ class KarloTokenizer:
         mask = torch.zeros(len(texts), n, dtype=torch.bool)
         truncated = []
         for i, text in enumerate(texts):
-            ids = [self.sot, *self.bpe.encode(text), self.eot]
+            ids = [self.sot, *self._encode(text), self.eot]
             truncated.append(len(ids) > n)
             if len(ids) > n:
                 ids = ids[:n]

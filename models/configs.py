@@ -229,7 +229,28 @@ def with_prior_clip_range(cfg: UnCLIPConfig, clip_range: float | None) -> UnCLIP
     return replace(cfg, prior=replace(cfg.prior, diffusion=diffusion))
 
 
-PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY)}
+# The small model trained on generated shapes that ships with the repo (train/, weights/default).
+# Same topology as Karlo; the decoder uses a fixed (not learned) variance, so it has 3 outputs.
+DEFAULT = UnCLIPConfig(
+    name="default",
+    clip=ClipConfig(
+        embed_dim=128, text_width=128, text_heads=4, text_layers=4,
+        image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_head_width=32,
+    ),
+    prior=PriorConfig(width=256, layers=4, heads=4, clip_dim=128, text_width=128),
+    text_proj=TextProjConfig(clip_dim=128, text_width=128, context_width=128, time_embed_dim=128),
+    decoder=UNetConfig(
+        image_size=64, in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
+        num_res_blocks=1, attention_ds=(4, 8), num_head_channels=32, use_scale_shift_norm=True,
+        middle_attention=True, context_width=128, diffusion=DiffusionConfig("epsilon", "fixed_small_log", 1.0),
+    ),
+    super_res=UNetConfig(
+        image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
+        num_res_blocks=1, diffusion=DiffusionConfig("epsilon", "fixed_small_log", 1.0),
+    ),
+)
+
+PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT)}
 
 
 def get_config(name: str) -> UnCLIPConfig:

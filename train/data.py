@@ -83,6 +83,12 @@ def training_combos() -> list[tuple[str, str, str]]:
     return [(f, s, b) for f in COLOURS for s in SHAPES for b in COLOURS if f != b and (f, s, b) not in held]
 
 
+def combo_index(combo: tuple[str, str, str]) -> int:
+    """A unique integer for a (fg, shape, bg) combination."""
+    fg, shape, bg = combo
+    return (COLOURS.index(fg) * len(SHAPES) + SHAPES.index(shape)) * len(COLOURS) + COLOURS.index(bg)
+
+
 def sample_scene(rng: random.Random, combo: tuple[str, str, str]) -> Scene:
     """A random layout for the combination."""
     fg, shape, bg = combo

@@ -1,0 +1,124 @@
+"""`python -m train STAGE [STAGE …] --out weights/default`: train the default model.
+
+Stages: `clip`, `prior`, `decoder`, `super_res`, or `all` (in that order). Each stage writes
+`stage-<name>.safetensors` into `--out` (matrices in fp16, vectors in fp32, to keep the shipped
+weights small); later stages read the CLIP they need from there. When all four exist the folder
+gets `model.safetensors` + `config.json` (loadable by `UnCLIP(folder)`) and `manifest.json`
+(config, data version, seeds, settings, losses, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.checkpoint import atomic_write, config_to_dict, load_strict
+from models.clip import ClipEncoder
+from models.configs import get_config
+from models.unclip import UnCLIPModel
+from train import stages
+from train.data import DATA_VERSION, HELD_OUT
+
+STAGES = ("clip", "prior", "decoder", "super_res")
+log = logging.getLogger("train")
+
+
+def compact(state: dict) -> dict:
+    """Matrices to fp16, vectors and scalars kept fp32, all contiguous on the CPU."""
+    return {k: (v.half() if v.ndim >= 2 else v.float()).detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_stage(out: Path, name: str, module: torch.nn.Module) -> None:
+    state = compact(module.state_dict())
+    atomic_write(out / f"stage-{name}.safetensors", lambda p: save_file(state, str(p)))
+
+
+def load_clip(out: Path, cfg, device) -> ClipEncoder:
+    path = out / "stage-clip.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: train the clip stage first (python -m train clip --out {out})")
+    with torch.device("meta"):
+        clip = ClipEncoder(cfg.clip)
+    load_strict(clip, {k: v.float() for k, v in load_file(str(path)).items()}, str(path))
+    n = cfg.clip.context_length
+    clip.model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    return clip.to(device)
+
+
+def assemble(out: Path, cfg, manifest: dict) -> bool:
+    """Write model.safetensors + config.json once every stage file exists."""
+    if not all((out / f"stage-{s}.safetensors").is_file() for s in STAGES):
+        return False
+    state = {}
+    for s in STAGES:
+        state.update({f"{s}.{k}": v for k, v in load_file(str(out / f"stage-{s}.safetensors")).items()})
+    model = UnCLIPModel.empty(cfg)
+    load_strict(model, state, "assembled default model")  # checks every key before writing
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_to_dict(cfg), indent=2)))
+    atomic_write(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    p.add_argument("stages", nargs="+", choices=STAGES + ("all",))
+    p.add_argument("--out", default="weights/default")
+    p.add_argument("--config", default="default")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
+    p.add_argument("--batch", type=int, default=None, help="override every stage's batch size (smoke tests)")
+    p.add_argument("--max-minutes", type=float, default=None, help="per-stage time budget (stops early)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    cfg, device, out = get_config(args.config), torch.device(args.device), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
+    settings = {
+        k: dataclasses.replace(v, steps=max(1, round(v.steps * args.scale)), batch=args.batch or v.batch,
+                               warmup=min(v.warmup, max(1, round(v.steps * args.scale) // 4)),
+                               max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+        for k, v in stages.SETTINGS.items()
+    }
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.update({"config": config_to_dict(cfg), "data_version": DATA_VERSION, "held_out": HELD_OUT})
+    manifest.setdefault("stages", {})
+    for i, name in enumerate(todo):
+        seed = args.seed * 100 + STAGES.index(name)
+        start = time.time()
+        if name == "clip":
+            module = stages.train_clip(cfg, settings["clip"], device, seed)
+        elif name == "prior":
+            module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed)
+        elif name == "decoder":
+            module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed)
+        else:
+            module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed)
+        save_stage(out, name, module)
+        used = [settings[k] for k in settings if k == name or k.startswith(name + "_")]
+        manifest["stages"][name] = {
+            "seed": seed, "seconds": round(time.time() - start, 1), "settings": [dataclasses.asdict(s) for s in used],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+        }
+        log.info("stage %s done in %.0f s (%d/%d)", name, time.time() - start, i + 1, len(todo))
+        atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    if assemble(out, cfg, manifest):
+        log.info("wrote %s (model.safetensors, config.json, manifest.json)", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
