@@ -1,6 +1,7 @@
 """Command line: `python -m runtime "a prompt" -o out.png [options]`.
 
-Loads a model (`--model DIR` in our format, `--karlo DIR`, or `--diffusers DIR`), generates,
+Loads a model (the shipped default, `--model DIR` in our format, `--karlo DIR`, or
+`--diffusers DIR`), generates,
 and writes PNGs: `out.png` for one image, `out-0.png`, `out-1.png`, … for several.
 """
 
@@ -21,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("-o", "--output", default="out.png", help="output PNG path (indexed when several images)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="folder with config.json + model.safetensors")
+    src.add_argument("--model", help="folder with config.json + model.safetensors (default: the shipped model)")
     src.add_argument("--karlo", help="folder with Kakao Brain's original Karlo files")
     src.add_argument("--diffusers", help="diffusers unCLIP folder (e.g. kakaobrain/karlo-v1-alpha)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")

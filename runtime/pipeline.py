@@ -32,9 +32,11 @@ from runtime.sampling import make_step_table
 log = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# The small model trained on generated shapes that ships in the repository (see train/).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
 NO_DEFAULT_MODEL = (
-    "unclip-rt ships no default model yet: load weights explicitly with "
-    "UnCLIP.from_karlo(DIR) (Kakao Brain's original files), UnCLIP.from_diffusers(DIR) "
+    f"the shipped default model is missing ({DEFAULT_MODEL}); run from a checkout of unclip-rt, or load "
+    "weights explicitly with UnCLIP.from_karlo(DIR) (Kakao Brain's original files), UnCLIP.from_diffusers(DIR) "
     "(a kakaobrain/karlo-v1-alpha folder) or UnCLIP(DIR) (a folder written by models.checkpoint.save_model)"
 )
 
@@ -93,14 +95,17 @@ class UnCLIP:
         progress: bool = True,
     ) -> None:
         """
-        :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`.
+        :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
+            None loads the shipped default model (`weights/default`, trained on generated shapes).
         :param device: where to run (default: CUDA if available, else CPU).
         :param dtype: network dtype (float32, float16 or bfloat16; float64 for reference checks);
             sampling math runs in float32 (float64 with float64 networks).
         :param progress: show tqdm progress bars.
         """
         if model is None:
-            raise FileNotFoundError(NO_DEFAULT_MODEL)
+            if not (DEFAULT_MODEL / "model.safetensors").is_file():
+                raise FileNotFoundError(NO_DEFAULT_MODEL)
+            model = DEFAULT_MODEL
         if isinstance(model, (str, Path)):
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):

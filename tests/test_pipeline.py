@@ -20,7 +20,14 @@ def pipe(ours):
     return UnCLIP(ours, device="cpu", progress=False)
 
 
-def test_no_default_model_yet_says_how_to_load_weights():
+def test_default_model_loads_and_a_missing_one_says_how_to_load_weights(monkeypatch, tmp_path):
+    pipe = UnCLIP(device="cpu", progress=False)
+    assert pipe.cfg.name == "default"
+    image = pipe.generate("a red circle on a blue background", seed=0, output_type="np", **FAST).images
+    assert image.shape == (1, 256, 256, 3)
+    import runtime.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="from_karlo"):
         UnCLIP()
 
@@ -115,5 +122,5 @@ def test_cli_writes_one_png_per_image(ours, tmp_path, capsys):
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert main(["x", "--model", str(tmp_path)]) == 2
     assert "not an unclip-rt model folder" in capsys.readouterr().err
-    assert main(["x"]) == 2
-    assert "from_karlo" in capsys.readouterr().err
+    assert main(["x", "--prior-steps", "0"]) == 2
+    assert "prior_steps" in capsys.readouterr().err

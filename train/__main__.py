@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
     p.add_argument("--batch", type=int, default=None, help="override every stage's batch size (smoke tests)")
     p.add_argument("--max-minutes", type=float, default=None, help="per-stage time budget (stops early)")
+    p.add_argument("--resume", action="store_true", help="decoder: continue from its stage file in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -103,12 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "prior":
             module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed)
         elif name == "decoder":
-            module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed)
+            path = out / "stage-decoder.safetensors"
+            init = load_file(str(path)) if args.resume and path.is_file() else None
+            seed += 10 * (manifest["stages"].get("decoder", {}).get("rounds", 0) if init is not None else 0)
+            module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed, init)
         else:
             module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed)
         save_stage(out, name, module)
         used = [settings[k] for k in settings if k == name or k.startswith(name + "_")]
+        previous = manifest["stages"].get(name, {}) if args.resume else {}
         manifest["stages"][name] = {
+            "rounds": previous.get("rounds", 1) + (1 if previous else 0),
+            "previous": previous or None,
             "seed": seed, "seconds": round(time.time() - start, 1), "settings": [dataclasses.asdict(s) for s in used],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,

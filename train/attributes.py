@@ -1,7 +1,7 @@
 """Read foreground colour, background colour and shape back from pixels (no model involved).
 
 Background: the palette colour nearest the median of the border pixels. Foreground: pixels far
-from that background colour, their median, nearest palette colour. Shape: from the foreground
+from that median border colour, their median, nearest palette colour. Shape: from the foreground
 mask's fill ratio A / (π·r_max²), with r_max the largest centroid-to-pixel distance — rotation
 invariant: 1 for a circle, 2/π ≈ 0.64 for a square, 3√3/(4π) ≈ 0.41 for an equilateral triangle.
 """
@@ -39,8 +39,9 @@ def read_image(image: torch.Tensor) -> Reading:
     rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0)  # [H, W, 3]
     h, w, _ = rgb.shape
     border = torch.cat([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    bg = _nearest(border.median(dim=0).values)
-    dist = ((rgb - _PALETTE[COLOURS.index(bg)]) ** 2).sum(-1).sqrt()
+    bg_rgb = border.median(dim=0).values
+    bg = _nearest(bg_rgb)
+    dist = ((rgb - bg_rgb) ** 2).sum(-1).sqrt()
     mask = dist > 60
     if mask.sum() < 0.005 * h * w:
         return Reading(None, None, bg)

@@ -52,24 +52,28 @@ class TrainSettings:
 SETTINGS = {
     "clip": TrainSettings(steps=4000, batch=512, lr=5e-4),
     "prior": TrainSettings(steps=6000, batch=512, lr=3e-4),
-    "decoder": TrainSettings(steps=8000, batch=128, lr=3e-4),
-    "super_res": TrainSettings(steps=3000, batch=32, lr=3e-4),
-    "super_res_last": TrainSettings(steps=1000, batch=32, lr=1e-4, warmup=50),
+    "decoder": TrainSettings(steps=3000, batch=256, lr=5e-4),
+    "super_res": TrainSettings(steps=2000, batch=48, lr=5e-4),
+    "super_res_last": TrainSettings(steps=600, batch=48, lr=1e-4, warmup=50),
 }
 LAST_STEP_MAX_T = 166  # the last-step model sees t ≤ the step before the final one (7-step schedule)
 
 
 class EMA:
-    """Exponential moving average of a module's parameters and buffers."""
+    """Exponential moving average of a module's parameters and buffers, with the usual warm-up
+    (decay (1+n)/(10+n) until it reaches `decay`) so short runs are not dominated by the init."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for ema_p, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            ema_p.lerp_(p, 1 - self.decay)
+            ema_p.lerp_(p, 1 - decay)
         for ema_b, b in zip(self.shadow.buffers(), module.buffers(), strict=True):
             ema_b.copy_(b)
 
@@ -218,13 +222,17 @@ def train_prior(
 
 
 def train_decoder(
-    cfg: UnCLIPConfig, clip: ClipEncoder, settings: TrainSettings, device: torch.device, seed: int
+    cfg: UnCLIPConfig, clip: ClipEncoder, settings: TrainSettings, device: torch.device, seed: int,
+    init_state: dict | None = None,
 ) -> Decoder:
+    """:param init_state: weights to continue from (a previous run's decoder) instead of an init."""
     torch.manual_seed(seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     cond = Conditioner(clip, device)
     decoder = Decoder(cfg.decoder, cfg.text_proj).to(device)
     nn.init.normal_(decoder.text_proj.cf_param, std=0.02)
+    if init_state is not None:
+        decoder.load_state_dict({k: v.float() for k, v in init_state.items()})
     ac = alphas_cumprod(cfg.decoder.diffusion.schedule, cfg.decoder.diffusion.num_train_timesteps).float().to(device)
 
     def loss_fn(step: int) -> torch.Tensor:
