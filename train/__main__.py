@@ -53,6 +53,19 @@ def load_clip(out: Path, cfg, device) -> ClipEncoder:
     return clip.to(device)
 
 
+def split_model(out: Path) -> None:
+    """Recreate missing stage files from `model.safetensors` (only the assembled model is committed)."""
+    path = out / "model.safetensors"
+    if not path.is_file():
+        return
+    state = None
+    for s in STAGES:
+        if not (out / f"stage-{s}.safetensors").is_file():
+            state = state if state is not None else load_file(str(path))
+            part = {k[len(s) + 1 :]: v for k, v in state.items() if k.startswith(s + ".")}
+            atomic_write(out / f"stage-{s}.safetensors", lambda p, part=part: save_file(part, str(p)))
+
+
 def assemble(out: Path, cfg, manifest: dict) -> bool:
     """Write model.safetensors + config.json once every stage file exists."""
     if not all((out / f"stage-{s}.safetensors").is_file() for s in STAGES):
@@ -68,6 +81,11 @@ def assemble(out: Path, cfg, manifest: dict) -> bool:
     return True
 
 
+def _resume_state(out: Path, name: str, resume: bool) -> dict | None:
+    path = out / f"stage-{name}.safetensors"
+    return load_file(str(path)) if resume and path.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
     p.add_argument("stages", nargs="+", choices=STAGES + ("all",))
@@ -78,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
     p.add_argument("--batch", type=int, default=None, help="override every stage's batch size (smoke tests)")
     p.add_argument("--max-minutes", type=float, default=None, help="per-stage time budget (stops early)")
-    p.add_argument("--resume", action="store_true", help="decoder: continue from its stage file in --out")
+    p.add_argument("--resume", action="store_true", help="decoder/super_res: continue from the weights in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     cfg, device, out = get_config(args.config), torch.device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    split_model(out)
     todo = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
     settings = {
         k: dataclasses.replace(v, steps=max(1, round(v.steps * args.scale)), batch=args.batch or v.batch,
@@ -104,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "prior":
             module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed)
         elif name == "decoder":
-            path = out / "stage-decoder.safetensors"
-            init = load_file(str(path)) if args.resume and path.is_file() else None
-            seed += 10 * (manifest["stages"].get("decoder", {}).get("rounds", 0) if init is not None else 0)
+            init = _resume_state(out, name, args.resume)
+            seed += 10 * (manifest["stages"].get(name, {}).get("rounds", 0) if init is not None else 0)
             module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed, init)
         else:
-            module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed)
+            init = _resume_state(out, name, args.resume)
+            seed += 10 * (manifest["stages"].get(name, {}).get("rounds", 0) if init is not None else 0)
+            module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed,
+                                            init)
         save_stage(out, name, module)
         used = [settings[k] for k in settings if k == name or k.startswith(name + "_")]
         previous = manifest["stages"].get(name, {}) if args.resume else {}

@@ -271,11 +271,15 @@ def degrade(low_res: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_super_res(
-    cfg: UnCLIPConfig, settings: TrainSettings, last_settings: TrainSettings, device: torch.device, seed: int
+    cfg: UnCLIPConfig, settings: TrainSettings, last_settings: TrainSettings, device: torch.device, seed: int,
+    init_state: dict | None = None,
 ) -> SuperRes:
+    """:param init_state: weights to continue from (a previous run's super-res) instead of an init."""
     torch.manual_seed(seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     sr = SuperRes(cfg.super_res).to(device)
+    if init_state is not None:
+        sr.load_state_dict({k: v.float() for k, v in init_state.items()})
     ac = alphas_cumprod(cfg.super_res.diffusion.schedule, cfg.super_res.diffusion.num_train_timesteps)
     ac = ac.float().to(device)
     size, small = cfg.super_res.image_size, cfg.decoder.image_size
