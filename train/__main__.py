@@ -81,9 +81,12 @@ def assemble(out: Path, cfg, manifest: dict) -> bool:
     return True
 
 
-def _resume_state(out: Path, name: str, resume: bool) -> dict | None:
+def _resume(out: Path, name: str, resume: bool, manifest: dict, seed: int) -> tuple[dict | None, int]:
+    """(weights to continue from or None, the seed of this round: a new one per resumed round)."""
     path = out / f"stage-{name}.safetensors"
-    return load_file(str(path)) if resume and path.is_file() else None
+    if not (resume and path.is_file()):
+        return None, seed
+    return load_file(str(path)), seed + 10 * manifest["stages"].get(name, {}).get("rounds", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "prior":
             module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed)
         elif name == "decoder":
-            init = _resume_state(out, name, args.resume)
-            seed += 10 * (manifest["stages"].get(name, {}).get("rounds", 0) if init is not None else 0)
+            init, seed = _resume(out, name, args.resume, manifest, seed)
             module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed, init)
         else:
-            init = _resume_state(out, name, args.resume)
-            seed += 10 * (manifest["stages"].get(name, {}).get("rounds", 0) if init is not None else 0)
+            init, seed = _resume(out, name, args.resume, manifest, seed)
             module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed,
                                             init)
         save_stage(out, name, module)
