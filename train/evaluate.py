@@ -47,12 +47,12 @@ def retrieval_top1(pipe: UnCLIP, per_combo: int = 4, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16) -> dict:
+def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -> dict:
     prompts = [canonical_caption(c) for c in HELD_OUT for _ in range(seeds)]
     targets = [c for c in HELD_OUT for _ in range(seeds)]
     images, start = [], time.time()
     for i in range(0, len(prompts), batch):
-        out = pipe.generate(prompts[i : i + batch], seed=1000 + i, output_type="pt")
+        out = pipe.generate(prompts[i : i + batch], seed=1000 + i, output_type="pt", **generate_kwargs)
         images.append(out.images)
     seconds = (time.time() - start) / len(prompts)
     images = torch.cat(images)
@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--grid", default=None, help="write a prompts × seeds PNG grid here")
     p.add_argument("--oracle", action="store_true", help="also decode true CLIP image embeddings (diagnostic)")
+    p.add_argument("--prior-guidance-scale", type=float, default=4.0)
+    p.add_argument("--decoder-guidance-scale", type=float, default=8.0)
     args = p.parse_args(argv)
     pipe = UnCLIP(args.model, device=args.device, progress=False)
-    result = evaluate(pipe, seeds=args.seeds)
+    result = evaluate(pipe, seeds=args.seeds, prior_guidance_scale=args.prior_guidance_scale,
+                      decoder_guidance_scale=args.decoder_guidance_scale)
+    result.update(prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale)
     images = result.pop("_images")
     if args.oracle:
         result.update(oracle_accuracy(pipe, args.seeds))
