@@ -21,6 +21,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from models.configs import ClipConfig
+from models.layers import causal_bias
 
 # Keys of OpenAI/open_clip CLIP state dicts that unCLIP inference does not use.
 UNUSED_CLIP_KEYS = ("logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size")
@@ -72,6 +73,10 @@ class ClipEncoder(nn.Module):
             setattr(self.model, key, None)
         if not with_vision:
             self.model.visual = None
+
+    def reset_causal_mask(self) -> None:
+        """Recreate the text tower's causal mask (a non-persistent buffer) after a meta-device load."""
+        self.model.attn_mask = causal_bias(self.cfg.context_length)
 
     @property
     def has_vision(self) -> bool:

@@ -70,6 +70,11 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def causal_bias(n: int) -> torch.Tensor:
+    """[n, n] additive bias that hides future positions (-inf above the diagonal)."""
+    return torch.full((n, n), float("-inf")).triu_(1)
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Boolean keep-mask → additive attention bias (0 where kept, -inf where masked)."""
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)

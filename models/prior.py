@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import PriorConfig
-from models.layers import LayerNorm32, additive_mask, timestep_embedding, work_dtype
+from models.layers import LayerNorm32, additive_mask, causal_bias, timestep_embedding, work_dtype
 
 
 class PriorAttention(nn.Module):
@@ -94,8 +94,7 @@ class Prior(nn.Module):
         self.prd_emb = nn.Parameter(torch.randn(1, 1, w) * 0.01)
         self.register_buffer("clip_mean", torch.zeros(1, cfg.clip_dim))
         self.register_buffer("clip_std", torch.ones(1, cfg.clip_dim))
-        causal = torch.full((cfg.seq_len, cfg.seq_len), float("-inf")).triu_(1)
-        self.register_buffer("causal_bias", causal, persistent=False)
+        self.register_buffer("causal_bias", causal_bias(cfg.seq_len), persistent=False)
 
     def attention_bias(self, text_mask: torch.Tensor) -> torch.Tensor:
         """[B, 1, N, N] additive bias: text padding keys and future positions masked."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.checkpoint import load_strict
 from models.clip import ClipEncoder
 from models.configs import UnCLIPConfig
 from models.decoder import Decoder
+from models.layers import causal_bias
 from models.prior import Prior
 from models.super_res import SuperRes
 
@@ -35,10 +37,17 @@ class UnCLIPModel(nn.Module):
 
     def materialize_buffers(self) -> None:
         """Recreate the non-persistent buffers (causal masks) after loading into `empty()`."""
-        n = self.cfg.prior.seq_len
-        self.prior.causal_bias = torch.full((n, n), float("-inf")).triu_(1)
-        n = self.cfg.clip.context_length
-        self.clip.model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+        self.prior.causal_bias = causal_bias(self.cfg.prior.seq_len)
+        self.clip.reset_causal_mask()
+
+    @classmethod
+    def from_state(cls, cfg: UnCLIPConfig, state: dict, what: str) -> UnCLIPModel:
+        """Strictly load a full state dict (the CLIP vision tower may be absent) into a new model."""
+        has_vision = any(k.startswith("clip.model.visual.") for k in state)
+        model = cls.empty(cfg, with_vision=has_vision)
+        load_strict(model, state, what)
+        model.materialize_buffers()
+        return model
 
 
 def count_parameters(module: nn.Module) -> int:

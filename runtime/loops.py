@@ -30,6 +30,10 @@ class TextConditioning:
     tokens: torch.Tensor
     mask: torch.Tensor
 
+    def expand(self, batch: int) -> TextConditioning:
+        """Broadcast a batch-1 conditioning (e.g. the empty prompt's) to `batch` rows, without copies."""
+        return TextConditioning(*(t.expand(batch, *t.shape[1:]) for t in (self.embed, self.tokens, self.mask)))
+
     @staticmethod
     def cat(parts: Iterable[TextConditioning]) -> TextConditioning:
         parts = list(parts)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.checkpoint import config_from_dict, load_strict, load_tensors
+from models.checkpoint import config_from_dict, load_tensors
 from models.clip import KarloTokenizer
 from models.configs import UnCLIPConfig, with_prior_clip_range
 from models.layers import work_dtype
@@ -223,8 +223,7 @@ class UnCLIP:
         need_uncond = prior_scale != 1.0 or decoder_scale != 1.0
         uncond = None
         if need_uncond:
-            empty = self.encode_prompts([""])
-            uncond = TextConditioning(*(t.expand(b, *t.shape[1:]) for t in (empty.embed, empty.tokens, empty.mask)))
+            uncond = self.encode_prompts([""]).expand(b)
 
         m, cfg = self.model, self.cfg
         image_embeds = loops.sample_prior(
@@ -253,8 +252,4 @@ def load_folder(folder: str | Path) -> UnCLIPModel:
         raise FileNotFoundError(f"{folder} is not an unclip-rt model folder (needs config.json and model.safetensors)")
     cfg = config_from_dict(json.loads(config_path.read_text()))
     state = load_tensors(weights_path)
-    has_vision = any(k.startswith("clip.model.visual.") for k in state)
-    model = UnCLIPModel.empty(cfg, with_vision=has_vision)
-    load_strict(model, state, f"model folder {folder}")
-    model.materialize_buffers()
-    return model
+    return UnCLIPModel.from_state(cfg, state, f"model folder {folder}")

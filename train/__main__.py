@@ -48,8 +48,7 @@ def load_clip(out: Path, cfg, device) -> ClipEncoder:
     with torch.device("meta"):
         clip = ClipEncoder(cfg.clip)
     load_strict(clip, {k: v.float() for k, v in load_file(str(path)).items()}, str(path))
-    n = cfg.clip.context_length
-    clip.model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    clip.reset_causal_mask()
     return clip.to(device)
 
 

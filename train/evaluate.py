@@ -81,7 +81,7 @@ def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -
 def oracle_accuracy(pipe: UnCLIP, seeds: int = 4) -> dict:
     """Diagnostic: decoder + super-res from the CLIP image embeddings of rendered held-out scenes
     (the prior bypassed), read from pixels; separates prior errors from decoder errors."""
-    from runtime.loops import TextConditioning, sample_decoder, sample_super_res
+    from runtime.loops import sample_decoder, sample_super_res
     from runtime.sampling import make_step_table
 
     rng = random.Random(3)
@@ -90,9 +90,8 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4) -> dict:
     pixels = clip.preprocess((render(scenes, cfg.clip.image_size, dev) + 1) / 2).to(pipe.dtype)
     image_embed = clip.encode_image(pixels).float()
     text = pipe.encode_prompts([canonical_caption(s.combo) for s in scenes])
-    empty = pipe.encode_prompts([""])
+    uncond = pipe.encode_prompts([""]).expand(len(scenes))
     b = len(scenes)
-    uncond = TextConditioning(*(t.expand(b, *t.shape[1:]) for t in (empty.embed, empty.tokens, empty.mask)))
     noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
     small = sample_decoder(pipe.model.decoder, image_embed, text, uncond,
                            make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev), 8.0)

@@ -32,6 +32,7 @@ from models.configs import UnCLIPConfig
 from models.decoder import Decoder
 from models.prior import Prior
 from models.super_res import SuperRes, upsample_low_res
+from runtime.loops import TextConditioning
 from runtime.sampling import alphas_cumprod
 from train.data import combo_index, render, sample_batch
 
@@ -131,7 +132,7 @@ class Conditioner:
         self.clip = clip.eval().requires_grad_(False)
         self.tokenizer = KarloTokenizer(clip.cfg.context_length)
         self.device = device
-        self.empty = self.text([""])
+        self.empty = TextConditioning(*self.text([""]))
 
     @torch.no_grad()
     def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,11 +149,11 @@ class Conditioner:
         embed, seq, mask = text
         b = embed.shape[0]
         drop = torch.rand(b, generator=gen, device="cpu").to(self.device) < p
-        e_embed, e_seq, e_mask = (t.expand(b, *t.shape[1:]) for t in self.empty)
+        empty = self.empty.expand(b)
         return (
-            torch.where(drop[:, None], e_embed, embed),
-            torch.where(drop[:, None, None], e_seq, seq),
-            torch.where(drop[:, None], e_mask, mask),
+            torch.where(drop[:, None], empty.embed, embed),
+            torch.where(drop[:, None, None], empty.tokens, seq),
+            torch.where(drop[:, None], empty.mask, mask),
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.checkpoint import load_strict, load_tensors
+from models.checkpoint import load_tensors
 from models.configs import DiffusionConfig, PriorConfig, TextProjConfig, UnCLIPConfig, UNetConfig
 from models.convert.diffusers_unet import prior_from_diffusers, text_proj_from_diffusers, unet_from_diffusers
 from models.convert.hf_clip import text_config_from_hf, text_from_hf, vision_from_hf
@@ -138,8 +138,5 @@ def load_diffusers(root: str | Path) -> UnCLIPModel:
     }
     for prefix, part in parts.items():
         state.update({prefix + k: v for k, v in part.items()})
-    model = UnCLIPModel.empty(cfg, with_vision=has_vision)
-    load_strict(model, state, f"diffusers folder {root}")
-    model.materialize_buffers()
-    return model
+    return UnCLIPModel.from_state(cfg, state, f"diffusers folder {root}")
 

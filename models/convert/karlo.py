@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, load_strict, load_tensors
+from models.checkpoint import CheckpointError, load_tensors
 from models.clip import UNUSED_CLIP_KEYS
 from models.configs import KARLO, UnCLIPConfig
 from models.unclip import UnCLIPModel
@@ -121,8 +121,4 @@ def load_karlo(root: str | Path, cfg: UnCLIPConfig = KARLO, trust_pickle: bool =
     if not (isinstance(stats, (tuple, list)) and len(stats) == 2):
         raise CheckpointError(f"{files['stats']} should hold (clip_mean, clip_std)")
     state = karlo_to_ours(parts["clip"], stats, parts["prior"], parts["decoder"], parts["super_res"])
-    has_vision = any(k.startswith("clip.model.visual.") for k in state)
-    model = UnCLIPModel.empty(cfg, with_vision=has_vision)
-    load_strict(model, state, f"Karlo checkpoints in {root}")
-    model.materialize_buffers()
-    return model
+    return UnCLIPModel.from_state(cfg, state, f"Karlo checkpoints in {root}")
