@@ -9,11 +9,26 @@ import random
 import pytest
 import torch
 
+from models.clip import ClipEncoder
+from models.configs import TINY
 from runtime import UnCLIP
 from train.__main__ import main as train_main
 from train.attributes import read_batch
-from train.data import COLOURS, HELD_OUT, SHAPES, caption, render, sample_batch, sample_scene, training_combos
-from train.stages import degrade
+from train.batches import CaptionBank, SceneSampler
+from train.data import (
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    SIZE_NAMES,
+    SIZES,
+    SceneBatch,
+    caption,
+    render,
+    sample_batch,
+    sample_scene,
+    training_combos,
+)
+from train.stages import _random_crops, degrade
 
 
 def test_held_out_combinations_never_reach_training():
@@ -44,10 +59,70 @@ def test_captions_name_the_foreground_and_shape():
         assert any(w in text for w in ("circle", "disc", "round", "square", "box", "triangle", "three-sided"))
 
 
+def test_batched_sampler_draws_the_domain_of_sample_scene():
+    sampler = SceneSampler("cpu", seed=0)
+    scenes, caption_ids = sampler.scenes(4000)
+    captions = sampler.captions()
+    combos = {(COLOURS[f], SHAPES[s], COLOURS[b]) for f, s, b in zip(scenes.fg, scenes.shape, scenes.bg, strict=True)}
+    assert combos <= set(training_combos()) and len(combos) == len(training_combos())  # all, none held out
+    for i in range(len(scenes)):
+        lo, hi = SIZES[SIZE_NAMES[int(scenes.size[i])]]
+        r = float(scenes.radius[i])
+        assert lo <= r <= hi and r + 0.02 <= float(scenes.cx[i]) <= 1 - r - 0.02
+        assert (float(scenes.angle[i]) == 0) == (SHAPES[int(scenes.shape[i])] == "circle")
+        text = captions[int(caption_ids[i])]
+        assert COLOURS[int(scenes.fg[i])] in text.split()  # the caption describes this very scene
+        named_sizes = set(text.split()) & set(SIZES)
+        assert named_sizes <= {SIZE_NAMES[int(scenes.size[i])]}
+    # every template occurs, and the same seed draws the same batch
+    assert len({int(c) for c in caption_ids}) > 1000
+    again, _ = SceneSampler("cpu", seed=0).scenes(4000)
+    assert torch.equal(again.cx, scenes.cx) and torch.equal(again.fg, scenes.fg)
+
+
+def test_scene_batch_renders_like_the_scenes_it_holds():
+    rng = random.Random(4)
+    scenes = [sample_scene(rng, c) for c in HELD_OUT]
+    batch = SceneBatch.from_scenes(scenes)
+    assert torch.equal(render(batch, 64), render(scenes, 64))
+    assert batch.combo_keys().tolist() == [
+        (COLOURS.index(s.fg) * len(SHAPES) + SHAPES.index(s.shape)) * len(COLOURS) + COLOURS.index(s.bg)
+        for s in scenes
+    ]
+
+
+def test_caption_bank_lazy_and_eager_features_agree():
+    torch.manual_seed(0)
+    clip = ClipEncoder(TINY.clip).eval()
+    sampler = SceneSampler("cpu", seed=1, combos=training_combos()[:2])
+    eager = CaptionBank(sampler, TINY.clip.context_length).encode(clip)
+    lazy = CaptionBank(sampler, TINY.clip.context_length).encode(clip, lazy=True)
+    index = torch.tensor([5, 0, 5, len(eager) - 1])
+    for a, b in zip(eager.text(index), lazy.text(index), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert int(lazy._filled.sum()) == 3  # only what was drawn got encoded
+
+
+def test_random_crops_take_the_same_window_from_each_tensor():
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    a, b = _random_crops([x, -x], 5, torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 5, 5) and torch.equal(a, -b)
+    for i in range(2):  # each crop is a contiguous window of its own image
+        top, left = divmod(int(a[i, 0, 0, 0]) - i * 768, 16)
+        assert torch.equal(a[i], x[i, :, top : top + 5, left : left + 5])
+
+
 def test_degrade_blurs_and_stays_in_range():
     x = render([sample_scene(random.Random(2), ("red", "square", "blue"))], 64)
     y = degrade(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.abs().max() <= 1 and 0 < (y - x).abs().mean() < 0.2
+    # per-image σ: in a batch, each image is blurred like that image alone with the same draws
+    xs = torch.cat([x, x.flip(-1)])
+    ys = degrade(xs, torch.Generator().manual_seed(3))
+    assert not torch.allclose(ys[0], ys[1].flip(-1), atol=1e-3)  # different σ and noise per image
+    flat = torch.full((3, 3, 8, 8), 0.5)
+    torch.testing.assert_close(degrade(flat, torch.Generator().manual_seed(0)).mean(), torch.tensor(0.5), atol=0.01,
+                               rtol=0)
 
 
 def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):

@@ -2,9 +2,11 @@
 
 Stages: `clip`, `prior`, `decoder`, `super_res`, or `all` (in that order). Each stage writes
 `stage-<name>.safetensors` into `--out` (matrices in fp16, vectors in fp32, to keep the shipped
-weights small); later stages read the CLIP they need from there. When all four exist the folder
-gets `model.safetensors` + `config.json` (loadable by `UnCLIP(folder)`) and `manifest.json`
-(config, data version, seeds, settings, losses, versions).
+weights small) and its record (seed, settings, device, versions, earlier rounds) as
+`stage-<name>.json`; later stages read the CLIP they need from there. Stages may train at the same
+time in separate processes. When all four exist the folder gets `model.safetensors` +
+`config.json` (loadable by `UnCLIP(folder)`) and `manifest.json` (config, data version, held-out
+combinations, every stage's record).
 """
 
 from __future__ import annotations
@@ -65,10 +67,21 @@ def split_model(out: Path) -> None:
             atomic_write(out / f"stage-{s}.safetensors", lambda p, part=part: save_file(part, str(p)))
 
 
-def assemble(out: Path, cfg, manifest: dict) -> bool:
-    """Write model.safetensors + config.json once every stage file exists."""
+def stage_record(out: Path, name: str) -> dict:
+    """The training record of a stage: its `stage-<name>.json`, else the one in manifest.json."""
+    path = out / f"stage-{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    manifest = out / "manifest.json"
+    return json.loads(manifest.read_text()).get("stages", {}).get(name, {}) if manifest.is_file() else {}
+
+
+def assemble(out: Path, cfg) -> bool:
+    """Write model.safetensors + config.json + manifest.json once every stage file exists."""
     if not all((out / f"stage-{s}.safetensors").is_file() for s in STAGES):
         return False
+    manifest = {"config": config_to_dict(cfg), "data_version": DATA_VERSION, "held_out": HELD_OUT,
+                "stages": {s: stage_record(out, s) for s in STAGES}}
     state = {}
     for s in STAGES:
         state.update({f"{s}.{k}": v for k, v in load_file(str(out / f"stage-{s}.safetensors")).items()})
@@ -80,12 +93,12 @@ def assemble(out: Path, cfg, manifest: dict) -> bool:
     return True
 
 
-def _resume(out: Path, name: str, resume: bool, manifest: dict, seed: int) -> tuple[dict | None, int]:
+def _resume(out: Path, name: str, resume: bool, previous: dict, seed: int) -> tuple[dict | None, int]:
     """(weights to continue from or None, the seed of this round: a new one per resumed round)."""
     path = out / f"stage-{name}.safetensors"
     if not (resume and path.is_file()):
         return None, seed
-    return load_file(str(path)), seed + 10 * manifest["stages"].get(name, {}).get("rounds", 1)
+    return load_file(str(path)), seed + 10 * previous.get("rounds", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
     p.add_argument("--batch", type=int, default=None, help="override every stage's batch size (smoke tests)")
     p.add_argument("--max-minutes", type=float, default=None, help="per-stage time budget (stops early)")
-    p.add_argument("--resume", action="store_true", help="decoder/super_res: continue from the weights in --out")
+    p.add_argument("--resume", action="store_true", help="prior/decoder/super_res: continue from the weights in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -107,43 +120,40 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     split_model(out)
     todo = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
+    budget_share = {"super_res": 0.75, "super_res_last": 0.25}  # one budget per stage, split over its models
     settings = {
         k: dataclasses.replace(v, steps=max(1, round(v.steps * args.scale)), batch=args.batch or v.batch,
                                warmup=min(v.warmup, max(1, round(v.steps * args.scale) // 4)),
-                               max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+                               max_seconds=None if args.max_minutes is None
+                               else 60 * args.max_minutes * budget_share.get(k, 1.0))
         for k, v in stages.SETTINGS.items()
     }
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest.update({"config": config_to_dict(cfg), "data_version": DATA_VERSION, "held_out": HELD_OUT})
-    manifest.setdefault("stages", {})
     for i, name in enumerate(todo):
         seed = args.seed * 100 + STAGES.index(name)
+        previous = stage_record(out, name) if args.resume else {}
+        init, seed = (None, seed) if name == "clip" else _resume(out, name, args.resume, previous, seed)
         start = time.time()
         if name == "clip":
             module = stages.train_clip(cfg, settings["clip"], device, seed)
         elif name == "prior":
-            module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed)
+            module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed, init)
         elif name == "decoder":
-            init, seed = _resume(out, name, args.resume, manifest, seed)
             module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed, init)
         else:
-            init, seed = _resume(out, name, args.resume, manifest, seed)
             module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed,
                                             init)
         save_stage(out, name, module)
         used = [settings[k] for k in settings if k == name or k.startswith(name + "_")]
-        previous = manifest["stages"].get(name, {}) if args.resume else {}
-        manifest["stages"][name] = {
-            "rounds": previous.get("rounds", 1) + (1 if previous else 0),
-            "previous": previous or None,
+        record = {
+            "rounds": previous.get("rounds", 1) + (1 if previous and init is not None else 0),
+            "previous": previous if init is not None else None,
             "seed": seed, "seconds": round(time.time() - start, 1), "settings": [dataclasses.asdict(s) for s in used],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
         }
+        atomic_write(out / f"stage-{name}.json", lambda p, r=record: p.write_text(json.dumps(r, indent=2)))
         log.info("stage %s done in %.0f s (%d/%d)", name, time.time() - start, i + 1, len(todo))
-        atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-    if assemble(out, cfg, manifest):
+    if assemble(out, cfg):
         log.info("wrote %s (model.safetensors, config.json, manifest.json)", out)
     return 0
 

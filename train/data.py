@@ -33,6 +33,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (0.16, 0.22), "medium": (0.24, 0.30), "large": (0.32, 0.40)}  # radius / image side
+SIZE_NAMES = tuple(SIZES)
 
 # Fixed held-out (foreground, shape, background) combinations: each colour appears held out as a
 # foreground twice and a background twice, each shape five or six times.
@@ -77,6 +78,46 @@ class Scene:
         return (self.fg, self.shape, self.bg)
 
 
+@dataclass(frozen=True)
+class SceneBatch:
+    """B scenes as tensors: colour/shape/size indices ([B] long) and layout ([B] float32)."""
+
+    fg: torch.Tensor
+    shape: torch.Tensor
+    bg: torch.Tensor
+    size: torch.Tensor
+    cx: torch.Tensor
+    cy: torch.Tensor
+    radius: torch.Tensor
+    angle: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.fg.shape[0]
+
+    @classmethod
+    def from_scenes(cls, scenes: list[Scene], device: str | torch.device = "cpu") -> SceneBatch:
+        def longs(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        def floats(values):
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return cls(
+            fg=longs([COLOURS.index(s.fg) for s in scenes]),
+            shape=longs([SHAPES.index(s.shape) for s in scenes]),
+            bg=longs([COLOURS.index(s.bg) for s in scenes]),
+            size=longs([SIZE_NAMES.index(s.size) for s in scenes]),
+            cx=floats([s.cx for s in scenes]),
+            cy=floats([s.cy for s in scenes]),
+            radius=floats([s.radius for s in scenes]),
+            angle=floats([s.angle for s in scenes]),
+        )
+
+    def combo_keys(self) -> torch.Tensor:
+        """`train.data.combo_index` of each scene, [B] long."""
+        return (self.fg * len(SHAPES) + self.shape) * len(COLOURS) + self.bg
+
+
 def training_combos() -> list[tuple[str, str, str]]:
     """Every (fg, shape, bg) with fg ≠ bg, minus `HELD_OUT`."""
     held = set(HELD_OUT)
@@ -112,13 +153,9 @@ def canonical_caption(combo: tuple[str, str, str]) -> str:
     return f"a {fg} {shape} on a {bg} background"
 
 
-def _inside(scenes: list[Scene], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+def _inside(scenes: SceneBatch, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """[B, N] bool: which sample points lie inside each scene's shape."""
-    dev = xs.device
-    cx = torch.tensor([s.cx for s in scenes], device=dev)[:, None]
-    cy = torch.tensor([s.cy for s in scenes], device=dev)[:, None]
-    r = torch.tensor([s.radius for s in scenes], device=dev)[:, None]
-    a = torch.tensor([s.angle for s in scenes], device=dev)[:, None]
+    cx, cy, r, a = (v[:, None] for v in (scenes.cx, scenes.cy, scenes.radius, scenes.angle))
     dx, dy = xs[None] - cx, ys[None] - cy
     u = torch.cos(a) * dx + torch.sin(a) * dy  # rotate into the shape's frame
     v = -torch.sin(a) * dx + torch.cos(a) * dy
@@ -128,26 +165,32 @@ def _inside(scenes: list[Scene], xs: torch.Tensor, ys: torch.Tensor) -> torch.Te
     # Equilateral triangle with centroid at 0 and vertices at distance r: three half-planes.
     tri = torch.ones_like(circle)
     for k in range(3):
-        theta = a.new_tensor(math.pi / 2 + 2 * math.pi * k / 3 + math.pi / 3)
-        nx, ny = torch.cos(theta), torch.sin(theta)
-        tri &= u * nx + v * ny <= r / 2
-    kind = torch.tensor([SHAPES.index(s.shape) for s in scenes], device=dev)[:, None]
+        theta = math.pi / 2 + 2 * math.pi * k / 3 + math.pi / 3
+        tri &= u * math.cos(theta) + v * math.sin(theta) <= r / 2
+    kind = scenes.shape[:, None]
     return torch.where(kind == 0, circle, torch.where(kind == 1, square, tri))
 
 
+_PALETTE_RGB = torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32)
+
+
 def render(
-    scenes: list[Scene], size: int, device: str | torch.device = "cpu", supersample: int | None = None
+    scenes: list[Scene] | SceneBatch, size: int, device: str | torch.device | None = None,
+    supersample: int | None = None,
 ) -> torch.Tensor:
     """Render scenes to [B, 3, size, size] float32 in [−1, 1], anti-aliased by supersampling
-    (4×4 samples a pixel up to 64×64, 2×2 above)."""
+    (4×4 samples a pixel up to 64×64, 2×2 above). A `SceneBatch` renders on its own device."""
+    if not isinstance(scenes, SceneBatch):
+        scenes = SceneBatch.from_scenes(scenes, device or "cpu")
+    device = scenes.fg.device
     supersample = supersample or (4 if size <= 64 else 2)
     n = size * supersample
     coords = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     cover = _inside(scenes, xs.reshape(-1), ys.reshape(-1)).float().view(len(scenes), 1, n, n)
     cover = torch.nn.functional.avg_pool2d(cover, supersample)  # [B, 1, size, size]
-    fg = torch.tensor([PALETTE[s.fg] for s in scenes], device=device, dtype=torch.float32)[:, :, None, None]
-    bg = torch.tensor([PALETTE[s.bg] for s in scenes], device=device, dtype=torch.float32)[:, :, None, None]
+    palette = _PALETTE_RGB.to(device)
+    fg, bg = palette[scenes.fg][:, :, None, None], palette[scenes.bg][:, :, None, None]
     rgb = cover * fg + (1 - cover) * bg
     return rgb / 127.5 - 1
 

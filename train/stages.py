@@ -1,15 +1,18 @@
 """Training of each stage of the default model on the generated shapes domain.
 
-One function per stage, each a plain loop: draw a batch of scenes (`train.data`), render it on
-the device, compute the stage's loss, step AdamW, keep an EMA of the weights (the EMA weights are
-what ships). Diffusion stages use the same schedule as sampling (`runtime.sampling`).
+One function per stage, each a plain loop: draw a batch of scenes and caption indices on the
+device (`train.batches`), render it there, compute the stage's loss (bf16 autocast on CUDA),
+step AdamW, keep an fp32 EMA of the weights (the EMA weights are what ships). Captions are
+tokenised once, and for the stages that condition on a frozen CLIP, encoded once. Diffusion
+stages use the same schedule as sampling (`runtime.sampling`).
 
 - CLIP: open_clip's `CLIP` trained contrastively (symmetric cross-entropy, learned temperature).
 - Prior: x0-prediction MSE in standardised CLIP-image space; text dropped 20% for guidance.
 - Decoder (+ text projection): ε-prediction MSE; image embedding replaced by the learned
   `cf_param` 10% of the time and the caption by "" 50% of the time (paper §2.1).
-- Super-res: ε-prediction MSE at 256² given the 64² render, blurred and noised (the paper's
-  corruption of the low-resolution input); the last-step model is the first-steps model
+- Super-res: ε-prediction MSE given the 64² render, blurred and noised (the paper's corruption
+  of the low-resolution input), on random crops of the 256² target (the UNet has no attention,
+  so, as in the paper, it trains on crops and runs on whole images); the last-step model is the first-steps model
   fine-tuned on the final timesteps only (Karlo fine-tunes its last step with GAN losses instead).
 """
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,8 @@ from models.prior import Prior
 from models.super_res import SuperRes, upsample_low_res
 from runtime.loops import TextConditioning
 from runtime.sampling import alphas_cumprod
-from train.data import combo_index, render, sample_batch
+from train.batches import CaptionBank, SceneSampler
+from train.data import render
 
 log = logging.getLogger("train")
 
@@ -48,14 +51,15 @@ class TrainSettings:
     ema: float = 0.999
     log_every: int = 200
     max_seconds: float | None = None  # stop early past this (the manifest records the steps run)
+    crop: int | None = None  # super-res: train on random crops of this side
 
 
 SETTINGS = {
     "clip": TrainSettings(steps=4000, batch=512, lr=5e-4),
-    "prior": TrainSettings(steps=6000, batch=512, lr=3e-4),
-    "decoder": TrainSettings(steps=3000, batch=256, lr=5e-4),
-    "super_res": TrainSettings(steps=2000, batch=48, lr=5e-4),
-    "super_res_last": TrainSettings(steps=600, batch=48, lr=1e-4, warmup=50),
+    "prior": TrainSettings(steps=30000, batch=512, lr=3e-4),
+    "decoder": TrainSettings(steps=30000, batch=256, lr=5e-4),
+    "super_res": TrainSettings(steps=15000, batch=128, lr=5e-4, crop=128),
+    "super_res_last": TrainSettings(steps=5000, batch=128, lr=1e-4, warmup=50, crop=128),
 }
 LAST_STEP_MAX_T = 166  # the last-step model sees t ≤ the step before the final one (7-step schedule)
 
@@ -73,8 +77,7 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ema_p, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            ema_p.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(self.shadow.parameters()), list(module.parameters()), 1 - decay)
         for ema_b, b in zip(self.shadow.buffers(), module.buffers(), strict=True):
             ema_b.copy_(b)
 
@@ -86,37 +89,45 @@ def _fit(
     name: str,
     extra_params: list[nn.Parameter] | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """AdamW with linear warm-up then cosine decay; returns (EMA module, logged losses)."""
+    """AdamW with linear warm-up then cosine decay to 0.1·lr; returns (EMA module, logged losses).
+    Under a time budget the decay follows whichever is further along, steps or seconds, so a run cut
+    short by time still ends annealed."""
     params = list(module.parameters()) + (extra_params or [])
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.99))
 
-    def lr_at(step: int) -> float:
+    def lr_factor(step: int, elapsed: float) -> float:
         if step < settings.warmup:
             return (step + 1) / settings.warmup
         progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if settings.max_seconds:
+            progress = max(progress, elapsed / settings.max_seconds)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = EMA(module, settings.ema)
     history, running = [], 0.0
     module.train()
+    device = next(module.parameters()).device
     start = time.monotonic()
     for step in range(settings.steps):
-        if settings.max_seconds is not None and time.monotonic() - start > settings.max_seconds:
+        elapsed = time.monotonic() - start
+        if settings.max_seconds is not None and elapsed > settings.max_seconds:
             log.warning("%s: time budget reached after %d of %d steps", name, step, settings.steps)
             break
-        loss = loss_fn(step)
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, elapsed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(step).float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         ema.update(module)
-        running += float(loss.detach())
+        running = running + loss.detach()  # summed on the device: no host sync per step
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             n = (step % settings.log_every) + 1
-            history.append(running / n)
-            log.info("%s step %d/%d loss %.5f", name, step + 1, settings.steps, running / n)
+            history.append(float(running) / n)
+            log.info("%s step %d/%d loss %.5f (%.1f steps/s)", name, step + 1, settings.steps, history[-1],
+                     (step + 1) / (time.monotonic() - start))
             running = 0.0
     return ema.shadow, history
 
@@ -126,53 +137,52 @@ def _clip_pixels(clip: ClipEncoder, images: torch.Tensor) -> torch.Tensor:
 
 
 class Conditioner:
-    """Frozen CLIP features of captions and images, and the empty prompt's features."""
+    """Frozen CLIP features: of captions (through a `CaptionBank`), of images, of the empty prompt."""
 
-    def __init__(self, clip: ClipEncoder, device: torch.device) -> None:
+    def __init__(self, clip: ClipEncoder, sampler: SceneSampler) -> None:
         self.clip = clip.eval().requires_grad_(False)
-        self.tokenizer = KarloTokenizer(clip.cfg.context_length)
-        self.device = device
-        self.empty = TextConditioning(*self.text([""]))
-
-    @torch.no_grad()
-    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(captions)
-        embed, seq = self.clip.encode_text(tok.tokens.to(self.device))
-        return embed, seq, tok.mask.to(self.device)
+        self.sampler = sampler
+        lazy = sampler.device.type == "cpu"
+        self.bank = CaptionBank(sampler, clip.cfg.context_length).encode(self.clip, lazy=lazy)
+        tok = KarloTokenizer(clip.cfg.context_length)([""])
+        with torch.no_grad():
+            embed, seq = self.clip.encode_text(tok.tokens.to(sampler.device))
+        self.empty = TextConditioning(embed.float(), seq.float(), tok.mask.to(sampler.device))
 
     @torch.no_grad()
     def image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(_clip_pixels(self.clip, images))
+        return self.clip.encode_image(_clip_pixels(self.clip, images)).float()
 
-    def drop_text(self, text, p: float, gen: torch.Generator):
-        """Replace each row's text by the empty prompt's with probability p."""
-        embed, seq, mask = text
+    def text(self, index: torch.Tensor, drop: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embed, seq, mask) of the captions at `index`, each replaced by the empty prompt's with
+        probability `drop` (classifier-free guidance training)."""
+        embed, seq, mask = self.bank.text(index)
         b = embed.shape[0]
-        drop = torch.rand(b, generator=gen, device="cpu").to(self.device) < p
+        dropped = self.sampler.uniform(b) < drop
         empty = self.empty.expand(b)
         return (
-            torch.where(drop[:, None], empty.embed, embed),
-            torch.where(drop[:, None, None], empty.tokens, seq),
-            torch.where(drop[:, None], empty.mask, mask),
+            torch.where(dropped[:, None], empty.embed, embed),
+            torch.where(dropped[:, None, None], empty.tokens, seq),
+            torch.where(dropped[:, None], empty.mask, mask),
         )
 
 
 def train_clip(cfg: UnCLIPConfig, settings: TrainSettings, device: torch.device, seed: int) -> ClipEncoder:
     torch.manual_seed(seed)
-    rng = random.Random(seed)
+    sampler = SceneSampler(device, seed)
+    bank = CaptionBank(sampler, cfg.clip.context_length)
     clip = ClipEncoder(cfg.clip).to(device)
-    tokenizer = KarloTokenizer(cfg.clip.context_length)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
 
     def loss_fn(step: int) -> torch.Tensor:
-        scenes, captions = sample_batch(rng, settings.batch)
-        images = render(scenes, cfg.clip.image_size, device)
-        img = F.normalize(clip.encode_image(_clip_pixels(clip, images)), dim=-1)
-        txt = F.normalize(clip.encode_text(tokenizer(captions).tokens.to(device))[0], dim=-1)
+        scenes, captions = sampler.scenes(settings.batch)
+        images = render(scenes, cfg.clip.image_size)
+        img = F.normalize(clip.encode_image(_clip_pixels(clip, images)).float(), dim=-1)
+        txt = F.normalize(clip.encode_text(bank.tokens[captions])[0].float(), dim=-1)
         logits = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
         # Captions of the same combination are true matches too: soft targets over them. (A caption
         # that leaves out the background also matches other backgrounds; ignored, as rare.)
-        keys = torch.tensor([combo_index(s.combo) for s in scenes], device=device)
+        keys = scenes.combo_keys()
         same = (keys[:, None] == keys[None, :]).float()
         targets = same / same.sum(1, keepdim=True)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
@@ -187,36 +197,47 @@ def _noised(x0: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> tuple[torch.
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
-def clip_statistics(cond: Conditioner, device: torch.device, seed: int, n: int = 8192) -> tuple[torch.Tensor, ...]:
+def clip_statistics(cond: Conditioner, n: int = 8192) -> tuple[torch.Tensor, ...]:
     """Mean and std of CLIP image embeddings over `n` training images."""
-    rng = random.Random(seed)
     feats, batch = [], min(n, 512)
     for _ in range(max(1, n // batch)):
-        scenes, _ = sample_batch(rng, batch)
-        feats.append(cond.image(render(scenes, cond.clip.cfg.image_size, device)))
+        scenes, _ = cond.sampler.scenes(batch)
+        feats.append(cond.image(render(scenes, cond.clip.cfg.image_size)))
     f = torch.cat(feats)
     return f.mean(0), f.std(0)
 
 
+def _schedule(diffusion, device: torch.device) -> torch.Tensor:
+    return alphas_cumprod(diffusion.schedule, diffusion.num_train_timesteps).float().to(device)
+
+
+def _load(module: nn.Module, init_state: dict | None) -> None:
+    if init_state is not None:
+        module.load_state_dict({k: v.float() for k, v in init_state.items()})
+
+
 def train_prior(
-    cfg: UnCLIPConfig, clip: ClipEncoder, settings: TrainSettings, device: torch.device, seed: int
+    cfg: UnCLIPConfig, clip: ClipEncoder, settings: TrainSettings, device: torch.device, seed: int,
+    init_state: dict | None = None,
 ) -> Prior:
+    """:param init_state: weights to continue from (a previous run's prior, its CLIP statistics
+    kept) instead of an init."""
     torch.manual_seed(seed)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    cond = Conditioner(clip, device)
+    cond = Conditioner(clip, SceneSampler(device, seed))
     prior = Prior(cfg.prior).to(device)
-    mean, std = clip_statistics(cond, device, seed + 1, n=16 * settings.batch)
+    mean, std = clip_statistics(cond, n=16 * settings.batch)
     prior.clip_mean.copy_(mean[None])
     prior.clip_std.copy_(std[None])
-    ac = alphas_cumprod(cfg.prior.diffusion.schedule, cfg.prior.diffusion.num_train_timesteps).float().to(device)
+    _load(prior, init_state)
+    ac = _schedule(cfg.prior.diffusion, device)
 
     def loss_fn(step: int) -> torch.Tensor:
-        scenes, captions = sample_batch(rng, settings.batch)
-        z0 = prior.normalize(cond.image(render(scenes, cfg.clip.image_size, device)))
-        embed, seq, mask = cond.drop_text(cond.text(captions), 0.2, gen)
+        scenes, captions = cond.sampler.scenes(settings.batch)
+        z0 = prior.normalize(cond.image(render(scenes, cfg.clip.image_size)))
+        embed, seq, mask = cond.text(captions, 0.2)
         t = torch.randint(0, len(ac), (settings.batch,), device=device)
         x_t, _ = _noised(z0, t, ac)
-        return F.mse_loss(prior(x_t, t, embed, seq, mask), z0)
+        return F.mse_loss(prior(x_t, t, embed, seq, mask).float(), z0)
 
     ema, _ = _fit(prior, settings, loss_fn, "prior")
     return ema
@@ -228,47 +249,58 @@ def train_decoder(
 ) -> Decoder:
     """:param init_state: weights to continue from (a previous run's decoder) instead of an init."""
     torch.manual_seed(seed)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    cond = Conditioner(clip, device)
+    cond = Conditioner(clip, SceneSampler(device, seed))
     decoder = Decoder(cfg.decoder, cfg.text_proj).to(device)
     nn.init.normal_(decoder.text_proj.cf_param, std=0.02)
-    if init_state is not None:
-        decoder.load_state_dict({k: v.float() for k, v in init_state.items()})
-    ac = alphas_cumprod(cfg.decoder.diffusion.schedule, cfg.decoder.diffusion.num_train_timesteps).float().to(device)
+    _load(decoder, init_state)
+    ac = _schedule(cfg.decoder.diffusion, device)
 
     def loss_fn(step: int) -> torch.Tensor:
-        scenes, captions = sample_batch(rng, settings.batch)
-        x0 = render(scenes, cfg.decoder.image_size, device)
-        image_embed = cond.image(render(scenes, cfg.clip.image_size, device))
-        drop_img = (torch.rand(settings.batch, generator=gen) < 0.1).to(device)
+        scenes, captions = cond.sampler.scenes(settings.batch)
+        x0 = render(scenes, cfg.decoder.image_size)
+        image_embed = cond.image(render(scenes, cfg.clip.image_size))
+        drop_img = cond.sampler.uniform(settings.batch) < 0.1
         image_embed = torch.where(drop_img[:, None], decoder.text_proj.unconditional_image_embed(settings.batch),
                                   image_embed)
-        embed, seq, mask = cond.drop_text(cond.text(captions), 0.5, gen)
+        embed, seq, mask = cond.text(captions, 0.5)
         t = torch.randint(0, len(ac), (settings.batch,), device=device)
         x_t, eps = _noised(x0, t, ac)
-        return F.mse_loss(decoder(x_t, t, image_embed, embed, seq, mask), eps)
+        return F.mse_loss(decoder(x_t, t, image_embed, embed, seq, mask).float(), eps)
 
     ema, _ = _fit(decoder, settings, loss_fn, "decoder")
     return ema
 
 
-def degrade(low_res: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The paper's corruption of the low-res conditioning: Gaussian blur and a little noise."""
-    b = low_res.shape[0]
-    sigma = torch.rand(b, generator=gen) * 0.8 + 0.2  # pixels at 64²
-    radius = 2
-    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+def degrade(low_res: torch.Tensor, gen: torch.Generator, radius: int = 2) -> torch.Tensor:
+    """The paper's corruption of the low-res conditioning: Gaussian blur (σ uniform in
+    [0.2, 1] pixels at 64², per image) and a little noise (std uniform in [0, 0.04])."""
+    b, c, h, w = low_res.shape
+    dev = low_res.device
+    sigma = torch.rand(b, generator=gen, device=dev) * 0.8 + 0.2
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=dev)
     kernels = torch.exp(-(xs[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernels = (kernels / kernels.sum(1, keepdim=True)).to(low_res.device)  # [B, K]
-    x = F.pad(low_res, (radius,) * 4, mode="replicate")
-    c = x.shape[1]
-    out = torch.empty_like(low_res)
-    for i in range(b):  # separable blur, per-sample sigma
-        k = kernels[i]
-        row = F.conv2d(x[i : i + 1], k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        out[i : i + 1] = F.conv2d(row, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    noise_std = (torch.rand(b, generator=gen) * 0.04).to(low_res.device).view(-1, 1, 1, 1)
-    return (out + noise_std * torch.randn(out.shape, generator=gen).to(low_res.device)).clamp(-1, 1)
+    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B·C, K]
+    x = F.pad(low_res.float(), (radius,) * 4, mode="replicate").reshape(1, b * c, h + 2 * radius, w + 2 * radius)
+    x = F.conv2d(x, kernels[:, None, None, :], groups=b * c)  # separable blur: one grouped conv per axis
+    x = F.conv2d(x, kernels[:, None, :, None], groups=b * c).view(b, c, h, w)
+    noise_std = (torch.rand(b, generator=gen, device=dev) * 0.04).view(-1, 1, 1, 1)
+    return (x + noise_std * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
+
+
+def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The same random crop window of each image of the batch, applied to every tensor given."""
+    b, _, h, w = images[0].shape
+    dev = images[0].device
+    top = torch.randint(0, h - crop + 1, (b,), generator=gen, device=dev)
+    left = torch.randint(0, w - crop + 1, (b,), generator=gen, device=dev)
+    rows = (top[:, None] + torch.arange(crop, device=dev)[None])[:, None, :, None]  # [B, 1, crop, 1]
+    cols = (left[:, None] + torch.arange(crop, device=dev)[None])[:, None, None, :]  # [B, 1, 1, crop]
+    batch = torch.arange(b, device=dev)[:, None, None, None]
+    out = []
+    for x in images:
+        chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        out.append(x[batch, chans, rows, cols])
+    return out
 
 
 def train_super_res(
@@ -277,29 +309,32 @@ def train_super_res(
 ) -> SuperRes:
     """:param init_state: weights to continue from (a previous run's super-res) instead of an init."""
     torch.manual_seed(seed)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    sampler = SceneSampler(device, seed)
     sr = SuperRes(cfg.super_res).to(device)
-    if init_state is not None:
-        sr.load_state_dict({k: v.float() for k, v in init_state.items()})
-    ac = alphas_cumprod(cfg.super_res.diffusion.schedule, cfg.super_res.diffusion.num_train_timesteps)
-    ac = ac.float().to(device)
+    _load(sr, init_state)
+    ac = _schedule(cfg.super_res.diffusion, device)
     size, small = cfg.super_res.image_size, cfg.decoder.image_size
 
-    def make_loss(unet: nn.Module, t_max: int, batch: int) -> Callable[[int], torch.Tensor]:
+    def make_loss(unet: nn.Module, t_max: int, s: TrainSettings) -> Callable[[int], torch.Tensor]:
         def loss_fn(step: int) -> torch.Tensor:
-            scenes, _ = sample_batch(rng, batch)
-            x0 = render(scenes, size, device)
-            low = upsample_low_res(degrade(render(scenes, small, device), gen), size)
-            t = torch.randint(0, t_max, (batch,), device=device)
+            scenes, _ = sampler.scenes(s.batch)
+            x0 = render(scenes, size)
+            low = upsample_low_res(degrade(render(scenes, small), sampler.gen), size)
+            if s.crop is not None and s.crop < size:
+                x0, low = _random_crops([x0, low], s.crop, sampler.gen)
+            t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
-            return F.mse_loss(unet(torch.cat([x_t, low], 1), t), eps)
+            return F.mse_loss(unet(torch.cat([x_t, low], 1), t).float(), eps)
 
         return loss_fn
 
-    first, _ = _fit(sr.first_steps, settings, make_loss(sr.first_steps, len(ac), settings.batch), "super_res")
+    first, _ = _fit(sr.first_steps, settings, make_loss(sr.first_steps, len(ac), settings), "super_res")
     sr.first_steps = first
     last_start = copy.deepcopy(first).train().requires_grad_(True)
-    last, _ = _fit(last_start, last_settings, make_loss(last_start, LAST_STEP_MAX_T + 1, last_settings.batch),
+    if init_state is not None:  # continue the last-step model from its own previous weights
+        last_start.load_state_dict({k[len("last_step.") :]: v.float() for k, v in init_state.items()
+                                    if k.startswith("last_step.")})
+    last, _ = _fit(last_start, last_settings, make_loss(last_start, LAST_STEP_MAX_T + 1, last_settings),
                    "super_res_last")
     sr.last_step = last
     return sr
