@@ -250,15 +250,16 @@ def train_decoder(
     """:param init_state: weights to continue from (a previous run's decoder) instead of an init."""
     torch.manual_seed(seed)
     cond = Conditioner(clip, SceneSampler(device, seed))
-    decoder = Decoder(cfg.decoder, cfg.text_proj).to(device)
+    decoder = Decoder(cfg.decoder, cfg.text_proj).to(device, memory_format=torch.channels_last)  # faster convs
     nn.init.normal_(decoder.text_proj.cf_param, std=0.02)
     _load(decoder, init_state)
     ac = _schedule(cfg.decoder.diffusion, device)
 
     def loss_fn(step: int) -> torch.Tensor:
         scenes, captions = cond.sampler.scenes(settings.batch)
-        x0 = render(scenes, cfg.decoder.image_size)
-        image_embed = cond.image(render(scenes, cfg.clip.image_size))
+        x0 = render(scenes, cfg.decoder.image_size).contiguous(memory_format=torch.channels_last)
+        same_size = cfg.clip.image_size == cfg.decoder.image_size
+        image_embed = cond.image(x0 if same_size else render(scenes, cfg.clip.image_size))
         drop_img = cond.sampler.uniform(settings.batch) < 0.1
         image_embed = torch.where(drop_img[:, None], decoder.text_proj.unconditional_image_embed(settings.batch),
                                   image_embed)
@@ -310,7 +311,7 @@ def train_super_res(
     """:param init_state: weights to continue from (a previous run's super-res) instead of an init."""
     torch.manual_seed(seed)
     sampler = SceneSampler(device, seed)
-    sr = SuperRes(cfg.super_res).to(device)
+    sr = SuperRes(cfg.super_res).to(device, memory_format=torch.channels_last)  # faster convs
     _load(sr, init_state)
     ac = _schedule(cfg.super_res.diffusion, device)
     size, small = cfg.super_res.image_size, cfg.decoder.image_size
@@ -324,7 +325,8 @@ def train_super_res(
                 x0, low = _random_crops([x0, low], s.crop, sampler.gen)
             t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
-            return F.mse_loss(unet(torch.cat([x_t, low], 1), t).float(), eps)
+            x_in = torch.cat([x_t, low], 1).contiguous(memory_format=torch.channels_last)
+            return F.mse_loss(unet(x_in, t).float(), eps)
 
         return loss_fn
 
