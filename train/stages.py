@@ -8,12 +8,14 @@ stages use the same schedule as sampling (`runtime.sampling`).
 
 - CLIP: open_clip's `CLIP` trained contrastively (symmetric cross-entropy, learned temperature).
 - Prior: x0-prediction MSE in standardised CLIP-image space; text dropped 20% for guidance.
-- Decoder (+ text projection): ε-prediction MSE; image embedding replaced by the learned
-  `cf_param` 10% of the time and the caption by "" 50% of the time (paper §2.1).
-- Super-res: ε-prediction MSE given the 64² render, blurred and noised (the paper's corruption
-  of the low-resolution input), on random crops of the 256² target (the UNet has no attention,
-  so, as in the paper, it trains on crops and runs on whole images); the last-step model is the first-steps model
-  fine-tuned on the final timesteps only (Karlo fine-tunes its last step with GAN losses instead).
+- Decoder (+ text projection): MSE on the config's prediction (ε for Karlo, x0 for default);
+  image embedding replaced by the learned `cf_param` 10% of the time and the caption by "" 50% of
+  the time (paper §2.1).
+- Super-res: MSE on the config's prediction given the 64² render, blurred and noised (the paper's
+  corruption of the low-resolution input), on random crops of the 256² target (the UNet has no
+  attention, so, as in the paper, it trains on crops and runs on whole images); the last-step
+  model is the first-steps model fine-tuned on the final timesteps only (Karlo fine-tunes its last
+  step with GAN losses instead).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ class TrainSettings:
 SETTINGS = {
     "clip": TrainSettings(steps=4000, batch=512, lr=5e-4),
     "prior": TrainSettings(steps=30000, batch=512, lr=3e-4),
-    "decoder": TrainSettings(steps=30000, batch=256, lr=5e-4),
-    "super_res": TrainSettings(steps=15000, batch=128, lr=5e-4, crop=128),
-    "super_res_last": TrainSettings(steps=5000, batch=128, lr=1e-4, warmup=50, crop=128),
+    "decoder": TrainSettings(steps=30000, batch=128, lr=5e-4),
+    "super_res": TrainSettings(steps=15000, batch=64, lr=5e-4, crop=128),
+    "super_res_last": TrainSettings(steps=5000, batch=64, lr=1e-4, warmup=50, crop=128),
 }
 LAST_STEP_MAX_T = 166  # the last-step model sees t ≤ the step before the final one (7-step schedule)
 
@@ -197,6 +199,11 @@ def _noised(x0: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> tuple[torch.
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
+def _target(diffusion, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """What the network predicts under the stage's config: ε or x0."""
+    return eps if diffusion.prediction == "epsilon" else x0
+
+
 def clip_statistics(cond: Conditioner, n: int = 8192) -> tuple[torch.Tensor, ...]:
     """Mean and std of CLIP image embeddings over `n` training images."""
     feats, batch = [], min(n, 512)
@@ -266,7 +273,8 @@ def train_decoder(
         embed, seq, mask = cond.text(captions, 0.5)
         t = torch.randint(0, len(ac), (settings.batch,), device=device)
         x_t, eps = _noised(x0, t, ac)
-        return F.mse_loss(decoder(x_t, t, image_embed, embed, seq, mask).float(), eps)
+        target = _target(cfg.decoder.diffusion, x0, eps)
+        return F.mse_loss(decoder(x_t, t, image_embed, embed, seq, mask).float(), target)
 
     ema, _ = _fit(decoder, settings, loss_fn, "decoder")
     return ema
@@ -326,7 +334,7 @@ def train_super_res(
             t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
             x_in = torch.cat([x_t, low], 1).contiguous(memory_format=torch.channels_last)
-            return F.mse_loss(unet(x_in, t).float(), eps)
+            return F.mse_loss(unet(x_in, t).float(), _target(cfg.super_res.diffusion, x0, eps))
 
         return loss_fn
 
