@@ -8,7 +8,8 @@ stages use the same schedule as sampling (`runtime.sampling`).
 
 - CLIP: open_clip's `CLIP` trained contrastively (symmetric cross-entropy, learned temperature).
 - Prior: x0-prediction MSE in standardised CLIP-image space; text dropped 20% for guidance.
-- Decoder (+ text projection): MSE on the config's prediction (ε for Karlo, x0 for default);
+- Decoder (+ text projection): MSE on the config's prediction (ε for Karlo, x0 for default,
+  SNR-weighted: `_diffusion_loss`);
   image embedding replaced by the learned `cf_param` 10% of the time and the caption by "" 50% of
   the time (paper §2.1).
 - Super-res: MSE on the config's prediction given the 64² render, blurred and noised (the paper's
@@ -199,9 +200,18 @@ def _noised(x0: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> tuple[torch.
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
-def _target(diffusion, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """What the network predicts under the stage's config: ε or x0."""
-    return eps if diffusion.prediction == "epsilon" else x0
+def _diffusion_loss(
+    diffusion, out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ac: torch.Tensor
+) -> torch.Tensor:
+    """MSE on what the stage predicts. ε: plain (the DDPM loss). x0: weighted per timestep by
+    clamp(SNR, 1, 5) — at least the x0 loss (Salimans & Ho's truncated-SNR weighting, so the
+    high-noise steps that fix colours and layout still count) and at most 5× it (Hang et al.'s
+    min-SNR-5, so nearly clean steps don't dominate)."""
+    if diffusion.prediction == "epsilon":
+        return F.mse_loss(out.float(), eps)
+    snr = ac[t] / (1 - ac[t])
+    per_sample = (out.float() - x0).pow(2).flatten(1).mean(1)
+    return (snr.clamp(1, 5) * per_sample).mean()
 
 
 def clip_statistics(cond: Conditioner, n: int = 8192) -> tuple[torch.Tensor, ...]:
@@ -273,8 +283,8 @@ def train_decoder(
         embed, seq, mask = cond.text(captions, 0.5)
         t = torch.randint(0, len(ac), (settings.batch,), device=device)
         x_t, eps = _noised(x0, t, ac)
-        target = _target(cfg.decoder.diffusion, x0, eps)
-        return F.mse_loss(decoder(x_t, t, image_embed, embed, seq, mask).float(), target)
+        out = decoder(x_t, t, image_embed, embed, seq, mask)
+        return _diffusion_loss(cfg.decoder.diffusion, out, x0, eps, t, ac)
 
     ema, _ = _fit(decoder, settings, loss_fn, "decoder")
     return ema
@@ -334,7 +344,7 @@ def train_super_res(
             t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
             x_in = torch.cat([x_t, low], 1).contiguous(memory_format=torch.channels_last)
-            return F.mse_loss(unet(x_in, t).float(), _target(cfg.super_res.diffusion, x0, eps))
+            return _diffusion_loss(cfg.super_res.diffusion, unet(x_in, t), x0, eps, t, ac)
 
         return loss_fn
 
