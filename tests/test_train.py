@@ -107,9 +107,10 @@ def test_random_crops_take_the_same_window_from_each_tensor():
     x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
     a, b = _random_crops([x, -x], 5, torch.Generator().manual_seed(0))
     assert a.shape == (2, 3, 5, 5) and torch.equal(a, -b)
-    for i in range(2):  # each crop is a contiguous window of its own image
+    for i in range(2):  # each crop is a contiguous window of its own image, on the offset grid
         top, left = divmod(int(a[i, 0, 0, 0]) - i * 768, 16)
         assert torch.equal(a[i], x[i, :, top : top + 5, left : left + 5])
+        assert top in (0, 5, 10) and left in (0, 5, 10)
 
 
 def test_degrade_blurs_and_stays_in_range():

@@ -306,12 +306,15 @@ def degrade(low_res: torch.Tensor, gen: torch.Generator, radius: int = 2) -> tor
     return (x + noise_std * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
 
 
-def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """The same random crop window of each image of the batch, applied to every tensor given."""
+def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator, cells: int = 3) -> list[torch.Tensor]:
+    """A random crop window per image of the batch (the same for every tensor given), placed on a
+    `cells`×`cells` grid of offsets from one edge to the other: every window touches an image edge
+    unless it is the centre one, so the model learns the borders it meets on whole images, and
+    offsets stay multiples of (side − crop)/(cells − 1), aligned with the UNet's downsampling."""
     b, _, h, w = images[0].shape
     dev = images[0].device
-    top = torch.randint(0, h - crop + 1, (b,), generator=gen, device=dev)
-    left = torch.randint(0, w - crop + 1, (b,), generator=gen, device=dev)
+    top = torch.randint(0, cells, (b,), generator=gen, device=dev) * ((h - crop) // (cells - 1))
+    left = torch.randint(0, cells, (b,), generator=gen, device=dev) * ((w - crop) // (cells - 1))
     rows = (top[:, None] + torch.arange(crop, device=dev)[None])[:, None, :, None]  # [B, 1, crop, 1]
     cols = (left[:, None] + torch.arange(crop, device=dev)[None])[:, None, None, :]  # [B, 1, 1, crop]
     batch = torch.arange(b, device=dev)[:, None, None, None]
