@@ -79,6 +79,7 @@ def config_from_dict(data: dict) -> configs.UnCLIPConfig:
             sub = {
                 "clip": configs.ClipConfig, "prior": configs.PriorConfig, "text_proj": configs.TextProjConfig,
                 "decoder": configs.UNetConfig, "super_res": configs.UNetConfig, "diffusion": configs.DiffusionConfig,
+                "sampling": configs.SamplingDefaults,
             }.get(f.name)
             if sub is not None and isinstance(v, dict):
                 v = build(sub, v)

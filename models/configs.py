@@ -124,6 +124,18 @@ class TextProjConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Steps and guidance scales `generate` uses when the caller names none (Karlo's by default;
+    a model trained with other settings ships its own in config.json)."""
+
+    prior_steps: int = 25
+    decoder_steps: int = 25
+    super_res_steps: int = 7
+    prior_guidance_scale: float = 4.0
+    decoder_guidance_scale: float = 8.0
+
+
+@dataclass(frozen=True)
 class UnCLIPConfig:
     """Every stage of one unCLIP model."""
 
@@ -133,6 +145,7 @@ class UnCLIPConfig:
     text_proj: TextProjConfig
     decoder: UNetConfig
     super_res: UNetConfig
+    sampling: SamplingDefaults = SamplingDefaults()
 
     def __post_init__(self) -> None:
         check_consistent(self)
@@ -253,6 +266,9 @@ DEFAULT = UnCLIPConfig(
         image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
         num_res_blocks=1, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
     ),
+    # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
+    # misreads (README, default model section, has both figures).
+    sampling=SamplingDefaults(decoder_guidance_scale=3.0),
 )
 
 PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT)}

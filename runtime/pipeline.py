@@ -176,11 +176,11 @@ class UnCLIP:
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        prior_steps: int = 25,
-        decoder_steps: int = 25,
-        super_res_steps: int = 7,
-        prior_guidance_scale: float = 4.0,
-        decoder_guidance_scale: float = 8.0,
+        prior_steps: int | None = None,
+        decoder_steps: int | None = None,
+        super_res_steps: int | None = None,
+        prior_guidance_scale: float | None = None,
+        decoder_guidance_scale: float | None = None,
         output_type: str = "pil",
         return_image_embeds: bool = False,
         noise: SamplingNoise | None = None,
@@ -191,11 +191,14 @@ class UnCLIP:
         :param num_images_per_prompt: images per prompt.
         :param seed: seed of a CPU generator for all the noise (ignored if `generator` or `noise`).
         :param generator: a `torch.Generator` (CPU) to draw the noise from.
+        Steps and guidance scales left as None take the model's `cfg.sampling` (Karlo's 25/25/7
+        steps and guidance 4/8 unless the model's config.json says otherwise).
+
         :param prior_steps: prior denoising steps (1..1000).
         :param decoder_steps: decoder denoising steps (1..1000).
         :param super_res_steps: super-res steps (2..1000; the last runs the last-step model).
         :param prior_guidance_scale: classifier-free guidance on the prior's x0 (1 = none).
-        :param decoder_guidance_scale: classifier-free guidance on the decoder's ε (1 = none).
+        :param decoder_guidance_scale: classifier-free guidance on the decoder's output (1 = none).
         :param output_type: "pil" (list of PIL images), "np" ([B, H, W, 3]) or "pt" ([B, 3, H, W]).
         :param return_image_embeds: also return the prior's CLIP image embeddings [B, D].
         :param noise: all noise of the run, pre-drawn (see `draw_noise`); overrides seeds.
@@ -203,6 +206,12 @@ class UnCLIP:
         """
         prompts = _check_prompts(prompt)
         n = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
+        d = self.cfg.sampling
+        prior_steps = d.prior_steps if prior_steps is None else prior_steps
+        decoder_steps = d.decoder_steps if decoder_steps is None else decoder_steps
+        super_res_steps = d.super_res_steps if super_res_steps is None else super_res_steps
+        prior_guidance_scale = d.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
+        decoder_guidance_scale = d.decoder_guidance_scale if decoder_guidance_scale is None else decoder_guidance_scale
         steps = {
             "prior_steps": _check_int("prior_steps", prior_steps, 1, 1000),
             "decoder_steps": _check_int("decoder_steps", decoder_steps, 1, 1000),

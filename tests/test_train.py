@@ -13,7 +13,7 @@ from models.clip import ClipEncoder
 from models.configs import TINY
 from runtime import UnCLIP
 from train.__main__ import main as train_main
-from train.attributes import read_batch
+from train.attributes import largest_component, read_batch
 from train.batches import CaptionBank, SceneSampler
 from train.data import (
     COLOURS,
@@ -48,6 +48,20 @@ def test_reader_recovers_every_attribute_of_true_renders(size):
     scenes = [sample_scene(rng, c) for c in HELD_OUT for _ in range(2)]
     readings = read_batch(render(scenes, size))
     assert [r.combo for r in readings] == [s.combo for s in scenes]
+
+
+def test_reader_ignores_specks_away_from_the_shape():
+    rng = random.Random(9)
+    scenes = [sample_scene(rng, c) for c in HELD_OUT]
+    images = render(scenes, 256)
+    images[:, :, 3:7, 3:7] = 1.0  # a white speck in a corner (or a background-coloured one)
+    images[:, :, 240:246, 120:126] = -1.0
+    assert [r.combo for r in read_batch(images)] == [s.combo for s in scenes]
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[1:5, 1:5] = True
+    mask[8, 8] = mask[7, 9] = True  # a separate, smaller region (8-connected to itself)
+    kept = largest_component(mask)
+    assert int(kept.sum()) == 16 and not kept[8, 8]
 
 
 def test_captions_name_the_foreground_and_shape():

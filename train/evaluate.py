@@ -78,7 +78,7 @@ def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -
 
 
 @torch.no_grad()
-def oracle_accuracy(pipe: UnCLIP, seeds: int = 4) -> dict:
+def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float | None = None) -> dict:
     """Diagnostic: decoder + super-res from the CLIP image embeddings of rendered held-out scenes
     (the prior bypassed), read from pixels; separates prior errors from decoder errors."""
     from runtime.loops import sample_decoder, sample_super_res
@@ -94,7 +94,8 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4) -> dict:
     b = len(scenes)
     noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
     small = sample_decoder(pipe.model.decoder, image_embed, text, uncond,
-                           make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev), 8.0)
+                           make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev),
+                           decoder_guidance_scale or cfg.sampling.decoder_guidance_scale)
     big = sample_super_res(pipe.model.super_res, small, make_step_table(cfg.super_res.diffusion, 7).to(dev),
                            noise.super_res.to(dev))
     result = {}
@@ -124,16 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--grid", default=None, help="write a prompts × seeds PNG grid here")
     p.add_argument("--oracle", action="store_true", help="also decode true CLIP image embeddings (diagnostic)")
-    p.add_argument("--prior-guidance-scale", type=float, default=4.0)
-    p.add_argument("--decoder-guidance-scale", type=float, default=8.0)
+    p.add_argument("--prior-guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--decoder-guidance-scale", type=float, default=None, help="default: the model's")
     args = p.parse_args(argv)
     pipe = UnCLIP(args.model, device=args.device, progress=False)
-    result = evaluate(pipe, seeds=args.seeds, prior_guidance_scale=args.prior_guidance_scale,
-                      decoder_guidance_scale=args.decoder_guidance_scale)
-    result.update(prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale)
+    scales = {
+        "prior_guidance_scale": pipe.cfg.sampling.prior_guidance_scale if args.prior_guidance_scale is None
+        else args.prior_guidance_scale,
+        "decoder_guidance_scale": pipe.cfg.sampling.decoder_guidance_scale if args.decoder_guidance_scale is None
+        else args.decoder_guidance_scale,
+    }
+    result = evaluate(pipe, seeds=args.seeds, **scales)
+    result.update(scales)
     images = result.pop("_images")
     if args.oracle:
-        result.update(oracle_accuracy(pipe, args.seeds))
+        result.update(oracle_accuracy(pipe, args.seeds, scales["decoder_guidance_scale"]))
     for key, value in result.items():
         print(f"{key:24s} {value}")
     if args.json:
