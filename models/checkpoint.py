@@ -45,13 +45,14 @@ def load_strict(module: nn.Module, state: dict, what: str, ignore_missing: tuple
 
     :param ignore_missing: key prefixes that may be absent (e.g. a vision tower not shipped).
     """
-    expected = set(module.state_dict().keys())
+    own = module.state_dict()  # once: it walks every submodule
+    expected = set(own.keys())
     missing = sorted(k for k in expected - state.keys() if not k.startswith(ignore_missing))
     unexpected = sorted(state.keys() - expected)
     shape_errors = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(module.state_dict()[k].shape)}"
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
-        if k in expected and tuple(v.shape) != tuple(module.state_dict()[k].shape)
+        if k in expected and tuple(v.shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shape_errors:
         lines = [f"{what} does not match the model architecture:"]

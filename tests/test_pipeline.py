@@ -32,6 +32,22 @@ def test_default_model_loads_and_a_missing_one_says_how_to_load_weights(monkeypa
         UnCLIP()
 
 
+def test_unset_steps_and_scales_come_from_the_model_config(ours):
+    import dataclasses
+
+    from models.configs import SamplingDefaults
+
+    defaults = SamplingDefaults(prior_steps=2, decoder_steps=3, super_res_steps=2, prior_guidance_scale=2.0,
+                                decoder_guidance_scale=1.5)
+    model = ours.__class__.from_state(dataclasses.replace(ours.cfg, sampling=defaults), ours.state_dict(), "test")
+    pipe = UnCLIP(model, device="cpu", progress=False)
+    implicit = pipe.generate("a cat", seed=3, output_type="pt").images
+    explicit = pipe.generate("a cat", seed=3, output_type="pt", **dataclasses.asdict(defaults)).images
+    karlo_defaults = pipe.generate("a cat", seed=3, output_type="pt", **dataclasses.asdict(SamplingDefaults(
+        prior_steps=2, decoder_steps=3, super_res_steps=2))).images
+    assert torch.equal(implicit, explicit) and not torch.allclose(implicit, karlo_defaults)
+
+
 def test_output_types_and_shapes(pipe):
     pil = pipe.generate("a cat", seed=0, **FAST).images
     assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
