@@ -1,0 +1,46 @@
+"""Checks of an exported graph: `onnx.checker`, then ONNX Runtime against the torch module on
+fresh random inputs at several batch sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from models.unclip import UnCLIPModel
+from runtime.signatures import StageSignature, stage_module
+
+
+def max_relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max|got − ref| / max|ref| (the project's tolerance measure)."""
+    scale = float(np.abs(ref).max()) or 1.0
+    return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) / scale
+
+
+def check_graph(
+    model: UnCLIPModel, sig: StageSignature, path: Path, dtype: torch.dtype = torch.float32,
+    batches: tuple[int, ...] = (1, 3), providers: tuple[str, ...] = ("CPUExecutionProvider",), seed: int = 1,
+) -> float:
+    """Largest relative error of the graph's outputs against the float32 torch module, over
+    `batches`. Raises `onnx.checker.ValidationError` for an invalid graph."""
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    module = stage_module(model, sig.name)
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in batches:
+        inputs = sig.sample_inputs(batch, torch.float32, "cpu", gen, model.cfg.prior.diffusion.num_train_timesteps,
+                                   model.cfg.clip.vocab_size)
+        feed = {k: (v.to(dtype) if v.is_floating_point() else v).numpy() for k, v in inputs.items()}
+        got = session.run(sig.output_names, feed)
+        with torch.no_grad():
+            ref = module(*(v.to(next(module.parameters()).device) for v in inputs.values()))
+        for g, r in zip(got, ref, strict=True):
+            if g.shape != tuple(r.shape):
+                raise AssertionError(f"{sig.name}: output shape {g.shape} != torch {tuple(r.shape)} at batch {batch}")
+            worst = max(worst, max_relative_error(g, r.float().cpu().numpy()))
+    return worst

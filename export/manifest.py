@@ -1,0 +1,77 @@
+"""The manifest of an engine folder: what was built from what, so that an unchanged model is not
+rebuilt and the runtime can refuse a stale or foreign engine.
+
+`manifest.json` holds the model config, the SHA-256 of the weights the graphs came from, the
+precision, opset, library versions, GPU compute capability (for plans), every stage's I/O
+signature, and per stage its files, their sizes, build seconds and measured error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import atomic_write, config_to_dict
+from models.unclip import UnCLIPModel
+from runtime.signatures import StageSignature
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def weights_sha256(model: UnCLIPModel) -> str:
+    """SHA-256 over every tensor of the model's state dict (names, dtypes, shapes and bytes), so
+    the same weights hash the same whichever file they were loaded from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def signature_dict(sig: StageSignature) -> dict:
+    return dataclasses.asdict(sig)
+
+
+def build_key(model: UnCLIPModel, precision: str, max_images: int, backends: list[str]) -> dict:
+    """What decides whether an existing build can be reused."""
+    return {"format": FORMAT, "config": config_to_dict(model.cfg), "weights_sha256": weights_sha256(model),
+            "precision": precision, "max_images": max_images, "backends": sorted(backends)}
+
+
+def read(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(folder: Path, manifest: dict) -> None:
+    atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+
+
+def is_current(folder: Path, key: dict, stages: list[str]) -> bool:
+    """True when the folder's manifest was built with `key` and every stage file it lists exists."""
+    old = read(folder)
+    as_json = json.loads(json.dumps(key))  # tuples in the config read back as lists
+    if old is None or {k: old.get(k) for k in as_json} != as_json:
+        return False
+    built = old.get("stages", {})
+    return all(s in built and all((folder / f).is_file() for f in built[s]["files"]) for s in stages)

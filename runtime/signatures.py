@@ -1,0 +1,183 @@
+"""Each stage's I/O signature, declared once as data: tensor names, shapes (with a symbolic batch
+axis), dtypes, and the module that computes it. ONNX export, every engine backend and graph
+capture read their names, shapes and sample inputs from here.
+
+Stages: `clip_text`, `clip_image`, `prior`, `decoder` (UNet + text projection), `super_res_first`
+and `super_res_last` (the two super-res UNets). Each stage module takes its inputs positionally
+in the declared order and returns its outputs as a tuple in the declared order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.configs import UnCLIPConfig
+from models.unclip import UnCLIPModel
+
+BATCH = "batch"  # the one dynamic axis; every other size is fixed by the model's config
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: shape (ints, or BATCH) and dtype kind: "float" (the stage's precision),
+    "int64" or "bool"."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    kind: str = "float"
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+    def dtype(self, float_dtype: torch.dtype) -> torch.dtype:
+        return {"float": float_dtype, "int64": torch.int64, "bool": torch.bool}[self.kind]
+
+
+@dataclass(frozen=True)
+class StageSignature:
+    """A stage's inputs and outputs, and what the batch axis means (`cfg_doubled`: the sampling
+    loop runs conditional and unconditional rows together, so it sees twice the image count)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    cfg_doubled: bool = False
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor name: {axis: "batch"}} for every input and output (ONNX export's form)."""
+        return {s.name: {i: BATCH for i, d in enumerate(s.shape) if d == BATCH} for s in self.inputs + self.outputs}
+
+    def max_batch(self, images: int) -> int:
+        """Largest batch the stage sees when `images` images are generated at once."""
+        return 2 * images if self.cfg_doubled else images
+
+    def sample_inputs(
+        self, batch: int, float_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        generator: torch.Generator | None = None, num_timesteps: int = 1000, vocab_size: int = 49408,
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs of the right names, shapes and dtypes (valid token ids, timesteps and masks)."""
+        out = {}
+        for spec in self.inputs:
+            shape = spec.concrete(batch)
+            if spec.name == "tokens":
+                length = shape[1]
+                t = torch.randint(1, vocab_size - 1, shape, generator=generator)
+                ends = torch.randint(2, length, (shape[0],), generator=generator)
+                t[torch.arange(length)[None] > ends[:, None]] = 0
+                t[torch.arange(shape[0]), ends] = vocab_size - 1  # EOT: the argmax the pooling takes
+                out[spec.name] = t
+            elif spec.kind == "int64":
+                out[spec.name] = torch.randint(0, num_timesteps, shape, generator=generator)
+            elif spec.kind == "bool":
+                lengths = torch.randint(2, shape[1] + 1, (shape[0],), generator=generator)
+                out[spec.name] = torch.arange(shape[1])[None] < lengths[:, None]
+            else:
+                out[spec.name] = torch.randn(shape, generator=generator).to(float_dtype)
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
+    """Every stage's signature for a model config."""
+    c, p, d, s = cfg.clip, cfg.prior, cfg.decoder, cfg.super_res
+    length, width = c.context_length, c.text_width
+    text = (
+        TensorSpec("text_embed", (BATCH, c.embed_dim)),
+        TensorSpec("text_tokens", (BATCH, length, width)),
+        TensorSpec("text_mask", (BATCH, length), "bool"),
+    )
+    t = TensorSpec("timesteps", (BATCH,), "int64")
+    sr_inputs = (TensorSpec("x_t", (BATCH, 3, s.image_size, s.image_size)), t,
+                 TensorSpec("low_res_up", (BATCH, 3, s.image_size, s.image_size)))
+    sr_out = (TensorSpec("model_out", (BATCH, s.out_channels, s.image_size, s.image_size)),)
+    stages = [
+        StageSignature("clip_text", (TensorSpec("tokens", (BATCH, length), "int64"),), text[:2]),
+        StageSignature("clip_image", (TensorSpec("pixels", (BATCH, 3, c.image_size, c.image_size)),),
+                       (TensorSpec("image_embed", (BATCH, c.embed_dim)),)),
+        StageSignature("prior", (TensorSpec("x_t", (BATCH, p.clip_dim)), t, *text),
+                       (TensorSpec("model_out", (BATCH, p.clip_dim)),), cfg_doubled=True),
+        StageSignature("decoder", (TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size)), t,
+                                   TensorSpec("image_embed", (BATCH, c.embed_dim)), *text),
+                       (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),),
+                       cfg_doubled=True),
+        StageSignature("super_res_first", sr_inputs, sr_out),
+        StageSignature("super_res_last", sr_inputs, sr_out),
+    ]
+    return {sig.name: sig for sig in stages}
+
+
+class _ClipText(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.clip = model.clip
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clip.encode_text(tokens)
+
+
+class _ClipImage(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.clip = model.clip
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.clip.encode_image(pixels),)
+
+
+class _Prior(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.prior = model.prior
+
+    def forward(self, x_t, timesteps, text_embed, text_tokens, text_mask) -> tuple[torch.Tensor]:
+        return (self.prior(x_t, timesteps, text_embed, text_tokens, text_mask),)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, x_t, timesteps, image_embed, text_embed, text_tokens, text_mask) -> tuple[torch.Tensor]:
+        return (self.decoder(x_t, timesteps, image_embed, text_embed, text_tokens, text_mask),)
+
+
+class _SuperRes(nn.Module):
+    def __init__(self, model: UnCLIPModel, last: bool) -> None:
+        super().__init__()
+        self.unet = model.super_res.last_step if last else model.super_res.first_steps
+
+    def forward(self, x_t, timesteps, low_res_up) -> tuple[torch.Tensor]:
+        return (self.unet(torch.cat([x_t, low_res_up], dim=1), timesteps),)
+
+
+def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
+    """The module computing stage `name` of `model` with the signature's positional I/O."""
+    builders = {
+        "clip_text": lambda: _ClipText(model),
+        "clip_image": lambda: _ClipImage(model),
+        "prior": lambda: _Prior(model),
+        "decoder": lambda: _Decoder(model),
+        "super_res_first": lambda: _SuperRes(model, last=False),
+        "super_res_last": lambda: _SuperRes(model, last=True),
+    }
+    if name not in builders:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(builders)}")
+    return builders[name]().eval()
+
+
+def available_stages(model: UnCLIPModel) -> list[str]:
+    """Stage names this model can run (clip_image only with a CLIP vision tower)."""
+    return [n for n in signatures(model.cfg) if n != "clip_image" or model.clip.has_vision]

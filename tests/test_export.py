@@ -1,0 +1,108 @@
+"""export/: stage signatures, ONNX export of every stage, the ONNX Runtime check against torch,
+external data, the manifest and rebuild rules, and the build command's errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from export import onnx_export  # noqa: E402
+from export.build_engines import TOLERANCE, BuildError, build, main  # noqa: E402
+from export.check import check_graph  # noqa: E402
+from export.manifest import weights_sha256  # noqa: E402
+from runtime.signatures import BATCH, available_stages, signatures, stage_module  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def random_model(ours):
+    """The tiny converted model with its zero-initialised layers made non-zero (so every output
+    depends on every weight and relative errors are meaningful)."""
+    model = copy.deepcopy(ours)  # not from_state: that assigns, and would share tensors with `ours`
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def test_every_stage_module_matches_its_declared_signature(random_model):
+    for name in available_stages(random_model):
+        sig = signatures(random_model.cfg)[name]
+        for batch in (1, 3):
+            inputs = sig.sample_inputs(batch, generator=torch.Generator().manual_seed(batch))
+            assert list(inputs) == sig.input_names
+            with torch.no_grad():
+                outputs = stage_module(random_model, name)(*inputs.values())
+            assert [tuple(o.shape) for o in outputs] == [s.concrete(batch) for s in sig.outputs], name
+    # the batch axis is the only dynamic one, and CFG-doubled stages say so
+    sigs = signatures(random_model.cfg)
+    assert all(d == BATCH or isinstance(d, int) for s in sigs.values() for t in s.inputs for d in t.shape)
+    assert sigs["decoder"].max_batch(4) == 8 and sigs["super_res_first"].max_batch(4) == 4
+
+
+def test_build_exports_and_checks_every_stage_then_skips_an_unchanged_model(random_model, tmp_path, caplog):
+    out = tmp_path / "engines"
+    manifest = build(random_model, out, ["onnxruntime"])
+    assert set(manifest["stages"]) == set(available_stages(random_model)) >= {"clip_text", "prior", "decoder",
+                                                                               "super_res_first", "super_res_last"}
+    for name, entry in manifest["stages"].items():
+        assert entry["max_relative_error"] <= TOLERANCE["fp32"], name
+        assert all((out / f).is_file() for f in entry["files"])
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["weights_sha256"] == weights_sha256(random_model) and on_disk["opset"] == 17
+    assert on_disk["signatures"]["decoder"]["inputs"][0]["name"] == "x_t"
+    assert "onnxruntime" in on_disk["versions"] and on_disk["compute_capability"] is None
+
+    stamp = (out / "decoder.onnx").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="export"):
+        build(random_model, out, ["onnxruntime"])
+    assert "up to date" in caplog.text and (out / "decoder.onnx").stat().st_mtime_ns == stamp
+    build(random_model, out, ["onnxruntime"], force=True, stages=["decoder"])
+    assert (out / "decoder.onnx").stat().st_mtime_ns != stamp
+
+    changed = copy.deepcopy(random_model)
+    with torch.no_grad():
+        changed.prior.clip_std.mul_(1.01)
+    assert weights_sha256(changed) != weights_sha256(random_model)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="export"):
+        build(changed, out, ["onnxruntime"], stages=["prior"])
+    assert "up to date" not in caplog.text
+
+
+def test_large_graphs_keep_weights_in_external_data(random_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    sig = signatures(random_model.cfg)["prior"]
+    path = onnx_export.export_stage(random_model, sig, tmp_path)
+    assert (tmp_path / "prior.onnx.data").stat().st_size > path.stat().st_size
+    assert check_graph(random_model, sig, path) <= TOLERANCE["fp32"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.onnx", "prior.onnx.data"]  # no temporaries left
+
+
+def test_fp16_graphs_stay_within_the_stated_tolerance(random_model, tmp_path):
+    manifest = build(random_model, tmp_path, ["onnxruntime"], fp16=True, stages=["prior", "decoder"])
+    assert manifest["precision"] == "fp16"
+    for entry in manifest["stages"].values():
+        assert 0 < entry["max_relative_error"] <= TOLERANCE["fp16"]
+
+
+def test_build_command_errors_are_clear(tmp_path, capsys):
+    assert main(["--model", "random:tiny", "--out", str(tmp_path), "--backends", "tensorrt"]) == 2 or \
+        __import__("export.tensorrt_build").tensorrt_build.available()
+    assert "TensorRT" in capsys.readouterr().err
+    assert main(["--model", "nonsense:", "--out", str(tmp_path)]) == 2
+    assert main(["--model", "random:tiny", "--out", str(tmp_path), "--stages", "nope"]) == 2
+    with pytest.raises(BuildError, match="unknown backend"):
+        build(None, tmp_path, ["openvino"])
+
+
+def test_build_command_writes_a_summary(tmp_path, capsys):
+    assert main(["--model", "random:tiny", "--out", str(tmp_path), "--stages", "prior,decoder"]) == 0
+    table = capsys.readouterr().out
+    assert "prior" in table and "decoder" in table and "tolerance 1e-04" in table
