@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Fast unCLIP (DALL-E 2 architecture, Karlo-compatible) inference runtime",
     python_requires=">=3.10",
-    packages=find_packages(include=["models", "models.*", "runtime", "runtime.*"]),
+    packages=find_packages(include=["models", "models.*", "runtime", "runtime.*", "export", "export.*", "train",
+                                    "train.*"]),
     install_requires=[
         "torch>=2.4",
         "open_clip_torch>=2.24",
@@ -25,7 +26,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "onnx-gpu": ["onnx", "onnxruntime-gpu"],
         "tensorrt": ["tensorrt", "polygraphy", "cuda-python"],
-        "test": ["pytest", "ruff", "diffusers==0.42.1", "transformers>=4.40"],
+        "test": ["pytest", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime"],
         "bench": ["diffusers==0.42.1", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["unclip-rt=runtime.__main__:main"]},

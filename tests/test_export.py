@@ -9,13 +9,11 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-
-from export import onnx_export  # noqa: E402
-from export.build_engines import TOLERANCE, BuildError, build, main  # noqa: E402
-from export.check import check_graph  # noqa: E402
-from export.manifest import weights_sha256  # noqa: E402
-from runtime.signatures import BATCH, available_stages, signatures, stage_module  # noqa: E402
+from export import onnx_export
+from export.build_engines import TOLERANCE, BuildError, build, main
+from export.check import check_graph
+from export.manifest import weights_sha256
+from runtime.signatures import BATCH, available_stages, signatures, stage_module
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +100,11 @@ def test_build_command_errors_are_clear(tmp_path, capsys):
         build(None, tmp_path, ["openvino"])
 
 
-def test_build_command_writes_a_summary(tmp_path, capsys):
-    assert main(["--model", "random:tiny", "--out", str(tmp_path), "--stages", "prior,decoder"]) == 0
+def test_the_shipped_default_model_exports_and_every_graph_checks(tmp_path, capsys):
+    assert main(["--model", "default", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "prior" in table and "decoder" in table and "tolerance 1e-04" in table
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior", "decoder", "super_res_first",
+                                       "super_res_last"}
+    assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
+    assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
