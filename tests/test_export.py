@@ -108,3 +108,28 @@ def test_the_shipped_default_model_exports_and_every_graph_checks(tmp_path, caps
                                        "super_res_last"}
     assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
     assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
+
+
+def test_onnxruntime_engines_match_torch_engines_and_refuse_other_weights(random_model, tmp_path):
+    from runtime.engines import EngineError, TorchEngine, load_onnxruntime_engines
+
+    stages = ["prior", "decoder", "super_res_last"]
+    build(random_model, tmp_path, ["onnxruntime"], stages=stages)
+    engines = load_onnxruntime_engines(tmp_path, random_model)
+    assert sorted(engines) == sorted(stages)
+    for name in stages:
+        sig = signatures(random_model.cfg)[name]
+        inputs = sig.sample_inputs(2, generator=torch.Generator().manual_seed(7))
+        got, ref = engines[name](*inputs.values()), TorchEngine(random_model, name)(*inputs.values())
+        for g, r in zip(got, ref, strict=True):
+            assert g.shape == r.shape and (g - r).abs().max() <= 1e-4 * r.abs().max()
+    other = copy.deepcopy(random_model)
+    with torch.no_grad():
+        other.decoder.text_proj.cf_param.add_(1.0)
+    with pytest.raises(EngineError, match="other weights.*build_engines"):
+        load_onnxruntime_engines(tmp_path, other)
+    (tmp_path / "decoder.onnx").write_bytes(b"truncated")
+    with pytest.raises(EngineError, match="decoder.onnx"):
+        load_onnxruntime_engines(tmp_path, random_model)
+    with pytest.raises(EngineError, match="no manifest"):
+        load_onnxruntime_engines(tmp_path / "absent", random_model)
