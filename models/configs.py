@@ -134,6 +134,10 @@ class SamplingDefaults:
     prior_guidance_scale: float = 4.0
     decoder_guidance_scale: float = 8.0
 
+    def with_overrides(self, **given: float | int | None) -> SamplingDefaults:
+        """These defaults with every value the caller gave (not None) put in their place."""
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
+
 
 @dataclass(frozen=True)
 class UnCLIPConfig:

@@ -206,19 +206,17 @@ class UnCLIP:
         """
         prompts = _check_prompts(prompt)
         n = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
-        d = self.cfg.sampling
-        prior_steps = d.prior_steps if prior_steps is None else prior_steps
-        decoder_steps = d.decoder_steps if decoder_steps is None else decoder_steps
-        super_res_steps = d.super_res_steps if super_res_steps is None else super_res_steps
-        prior_guidance_scale = d.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
-        decoder_guidance_scale = d.decoder_guidance_scale if decoder_guidance_scale is None else decoder_guidance_scale
+        s = self.cfg.sampling.with_overrides(
+            prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
+            prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
+        )
         steps = {
-            "prior_steps": _check_int("prior_steps", prior_steps, 1, 1000),
-            "decoder_steps": _check_int("decoder_steps", decoder_steps, 1, 1000),
-            "super_res_steps": _check_int("super_res_steps", super_res_steps, 2, 1000),
+            "prior_steps": _check_int("prior_steps", s.prior_steps, 1, 1000),
+            "decoder_steps": _check_int("decoder_steps", s.decoder_steps, 1, 1000),
+            "super_res_steps": _check_int("super_res_steps", s.super_res_steps, 2, 1000),
         }
-        prior_scale = _check_scale("prior_guidance_scale", prior_guidance_scale)
-        decoder_scale = _check_scale("decoder_guidance_scale", decoder_guidance_scale)
+        prior_scale = _check_scale("prior_guidance_scale", s.prior_guidance_scale)
+        decoder_scale = _check_scale("decoder_guidance_scale", s.decoder_guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if noise is None:

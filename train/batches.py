@@ -39,7 +39,6 @@ class SceneSampler:
             [(COLOURS.index(f), SHAPES.index(s), COLOURS.index(b)) for f, s, b in self.combos], device=self.device
         )
         self._size_ranges = torch.tensor([SIZES[n] for n in SIZE_NAMES], device=self.device)
-        self._per_combo = len(SIZE_NAMES) * len(TEMPLATES) * _SYNONYMS
 
     def captions(self) -> list[str]:
         """The caption bank: index ((combo·sizes + size)·templates + template)·synonyms + synonym."""

@@ -84,6 +84,9 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     from runtime.loops import sample_decoder, sample_super_res
     from runtime.sampling import make_step_table
 
+    decoder_guidance_scale = pipe.cfg.sampling.with_overrides(
+        decoder_guidance_scale=decoder_guidance_scale).decoder_guidance_scale
+
     rng = random.Random(3)
     scenes = [sample_scene(rng, c) for c in HELD_OUT for _ in range(seeds)]
     clip, cfg, dev = pipe.model.clip, pipe.cfg, pipe.device
@@ -95,7 +98,7 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
     small = sample_decoder(pipe.model.decoder, image_embed, text, uncond,
                            make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev),
-                           decoder_guidance_scale or cfg.sampling.decoder_guidance_scale)
+                           decoder_guidance_scale)
     big = sample_super_res(pipe.model.super_res, small, make_step_table(cfg.super_res.diffusion, 7).to(dev),
                            noise.super_res.to(dev))
     result = {}
@@ -129,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-guidance-scale", type=float, default=None, help="default: the model's")
     args = p.parse_args(argv)
     pipe = UnCLIP(args.model, device=args.device, progress=False)
-    scales = {
-        "prior_guidance_scale": pipe.cfg.sampling.prior_guidance_scale if args.prior_guidance_scale is None
-        else args.prior_guidance_scale,
-        "decoder_guidance_scale": pipe.cfg.sampling.decoder_guidance_scale if args.decoder_guidance_scale is None
-        else args.decoder_guidance_scale,
-    }
+    sampling = pipe.cfg.sampling.with_overrides(prior_guidance_scale=args.prior_guidance_scale,
+                                                decoder_guidance_scale=args.decoder_guidance_scale)
+    scales = {"prior_guidance_scale": sampling.prior_guidance_scale,
+              "decoder_guidance_scale": sampling.decoder_guidance_scale}
     result = evaluate(pipe, seeds=args.seeds, **scales)
     result.update(scales)
     images = result.pop("_images")

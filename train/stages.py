@@ -8,10 +8,9 @@ stages use the same schedule as sampling (`runtime.sampling`).
 
 - CLIP: open_clip's `CLIP` trained contrastively (symmetric cross-entropy, learned temperature).
 - Prior: x0-prediction MSE in standardised CLIP-image space; text dropped 20% for guidance.
-- Decoder (+ text projection): MSE on the config's prediction (ε for Karlo, x0 for default,
-  SNR-weighted: `_diffusion_loss`);
-  image embedding replaced by the learned `cf_param` 10% of the time and the caption by "" 50% of
-  the time (paper §2.1).
+- Decoder (+ text projection): MSE on the config's prediction (ε for Karlo; x0, SNR-weighted, for
+  default: `_diffusion_loss`); image embedding replaced by the learned `cf_param` 10% of the time
+  and the caption by "" 50% of the time (paper §2.1).
 - Super-res: MSE on the config's prediction given the 64² render, blurred and noised (the paper's
   corruption of the low-resolution input), on random crops of the 256² target (the UNet has no
   attention, so, as in the paper, it trains on crops and runs on whole images); the last-step
