@@ -9,30 +9,19 @@ signature, and per stage its files, their sizes, build seconds and measured erro
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import atomic_write, config_to_dict
+from models.checkpoint import atomic_write, config_to_dict, weights_sha256
 from models.unclip import UnCLIPModel
+from runtime.engines import MANIFEST
 from runtime.signatures import StageSignature
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "weights_sha256"]  # re-exported: the build side names them from here
 FORMAT = 1
-
-
-def weights_sha256(model: UnCLIPModel) -> str:
-    """SHA-256 over every tensor of the model's state dict (names, dtypes, shapes and bytes), so
-    the same weights hash the same whichever file they were loaded from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

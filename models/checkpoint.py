@@ -8,6 +8,7 @@ folder with `config.json` (the `UnCLIPConfig`) and `model.safetensors`, written 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -90,6 +91,17 @@ def config_from_dict(data: dict) -> configs.UnCLIPConfig:
         return cls(**kwargs)
 
     return build(configs.UnCLIPConfig, data)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over every tensor of the module's state dict (names, dtypes, shapes and bytes), so
+    the same weights hash the same whichever file they were loaded from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:

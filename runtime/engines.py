@@ -15,9 +15,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from models.checkpoint import config_to_dict, weights_sha256
 from models.unclip import UnCLIPModel
 from runtime.signatures import StageSignature, signatures, stage_module
 
+MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 
 
@@ -98,8 +100,6 @@ def load_onnxruntime_engines(
 ) -> dict[str, OnnxRuntimeEngine]:
     """Every stage of an engine folder, after checking its manifest against `model`: the same
     config and the same weights (SHA-256), or an `EngineError` naming the command that rebuilds."""
-    from export.manifest import MANIFEST, weights_sha256  # export depends on runtime, so import late
-
     folder = Path(folder)
     path = folder / MANIFEST
     rebuild = f"python -m export.build_engines --model <this model> --out {folder} --force"
@@ -109,8 +109,6 @@ def load_onnxruntime_engines(
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise EngineError(f"{path}: unreadable ({exc}); rebuild with {rebuild}") from exc
-    from models.checkpoint import config_to_dict
-
     if manifest.get("config") != json.loads(json.dumps(config_to_dict(model.cfg))):
         raise EngineError(f"{folder}: built for another model config; rebuild with {rebuild}")
     if manifest.get("weights_sha256") != weights_sha256(model):
