@@ -28,6 +28,7 @@ from export.check import check_graph
 from export.onnx_export import OPSET, export_stage
 from models.configs import get_config
 from models.unclip import UnCLIPModel
+from runtime.constants import ModelConstants
 from runtime.signatures import available_stages, signatures
 
 log = logging.getLogger("export")
@@ -47,8 +48,7 @@ def load_model(spec: str) -> UnCLIPModel:
     if spec == "default":
         return UnCLIP(device="cpu", progress=False).model
     if kind == "random" and arg:
-        torch.manual_seed(0)
-        return UnCLIPModel(get_config(arg)).eval()
+        return random_model(arg)
     if kind == "karlo" and arg:
         return UnCLIP.from_karlo(arg, device="cpu", progress=False).model
     if kind == "diffusers" and arg:
@@ -58,11 +58,37 @@ def load_model(spec: str) -> UnCLIPModel:
     raise BuildError(f"--model {spec!r}: expected default, a model folder, karlo:DIR, diffusers:DIR or random:CONFIG")
 
 
+def random_model(config: str, seed: int = 0) -> UnCLIPModel:
+    """A model of a named config with random weights. The layers a fresh model initialises to
+    zero (each UNet's and block's output projection) get small random values too, so every output
+    depends on every weight and the graph checks compare something (a zero UNet output would
+    match any graph)."""
+    torch.manual_seed(seed)
+    model = UnCLIPModel(get_config(config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def source_spec(spec: str) -> str:
+    """A `--model` value with its folder made absolute, for rebuild commands run from elsewhere."""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in ("karlo", "diffusers"):
+        return f"{kind}:{Path(arg).resolve()}"
+    return str(Path(spec).resolve()) if Path(spec).is_dir() and spec != "default" else spec
+
+
 def build(
     model: UnCLIPModel, out: Path, backends: list[str], fp16: bool = False, max_images: int = 4, force: bool = False,
-    stages: list[str] | None = None,
+    stages: list[str] | None = None, source: str | None = None,
 ) -> dict:
-    """Build (or keep) every engine of `model` in `out`; returns the manifest."""
+    """Build (or keep) every engine of `model` in `out`; returns the manifest.
+
+    :param source: the `--model` value that names the model, recorded so that a stale folder's
+        error message can give the exact rebuild command.
+    """
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise BuildError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
@@ -78,11 +104,14 @@ def build(
 
     sigs = signatures(model.cfg)
     export_model = copy.deepcopy(model).half() if fp16 else model
-    manifest = {**key, "opset": OPSET, "versions": library_versions_with_trt(backends),
+    manifest = {**key, "source": source, "opset": OPSET, "versions": library_versions_with_trt(backends),
                 "compute_capability": tensorrt_build.compute_capability() if "tensorrt" in backends else None,
                 "tolerance": TOLERANCE[precision], "signatures": {s: mf.signature_dict(sigs[s]) for s in stages},
                 "stages": {}}
     out.mkdir(parents=True, exist_ok=True)
+    # A rebuild first drops the old manifest: a build killed midway leaves a folder the runtime refuses.
+    (out / mf.MANIFEST).unlink(missing_ok=True)
+    ModelConstants.from_model(export_model).save(out)
     for name in stages:
         sig = sigs[name]
         start = time.perf_counter()
@@ -150,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             bad = sorted(set(stages) - set(available_stages(model)))
             if bad:
                 raise BuildError(f"unknown or unavailable stage(s) {bad}; this model has {available_stages(model)}")
-        manifest = build(model, args.out, backends, args.fp16, args.max_batch, args.force, stages)
+        manifest = build(model, args.out, backends, args.fp16, args.max_batch, args.force, stages,
+                         source_spec(args.model))
     except (BuildError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,11 +17,11 @@ import torch
 
 from models.checkpoint import atomic_write, config_to_dict, weights_sha256
 from models.unclip import UnCLIPModel
-from runtime.engines import MANIFEST
+from runtime.constants import FILE as CONSTANTS
+from runtime.engines import MANIFEST, MANIFEST_FORMAT, normalise_config
 from runtime.signatures import StageSignature
 
 __all__ = ["MANIFEST", "weights_sha256"]  # re-exported: the build side names them from here
-FORMAT = 1
 
 
 def library_versions() -> dict[str, str]:
@@ -43,7 +43,7 @@ def signature_dict(sig: StageSignature) -> dict:
 
 def build_key(model: UnCLIPModel, precision: str, max_images: int, backends: list[str]) -> dict:
     """What decides whether an existing build can be reused."""
-    return {"format": FORMAT, "config": config_to_dict(model.cfg), "weights_sha256": weights_sha256(model),
+    return {"format": MANIFEST_FORMAT, "config": config_to_dict(model.cfg), "weights_sha256": weights_sha256(model),
             "precision": precision, "max_images": max_images, "backends": sorted(backends)}
 
 
@@ -57,10 +57,15 @@ def write(folder: Path, manifest: dict) -> None:
 
 
 def is_current(folder: Path, key: dict, stages: list[str]) -> bool:
-    """True when the folder's manifest was built with `key` and every stage file it lists exists."""
-    old = read(folder)
-    as_json = json.loads(json.dumps(key))  # tuples in the config read back as lists
-    if old is None or {k: old.get(k) for k in as_json} != as_json:
+    """True when the folder's manifest was built with `key` and every file it lists exists."""
+    try:
+        old = read(folder)
+    except (OSError, ValueError):
+        return False
+    as_json = normalise_config(key)  # tuples in the config read back as lists
+    if not isinstance(old, dict) or {k: old.get(k) for k in as_json} != as_json:
+        return False
+    if not (folder / CONSTANTS).is_file():
         return False
     built = old.get("stages", {})
     return all(s in built and all((folder / f).is_file() for f in built[s]["files"]) for s in stages)

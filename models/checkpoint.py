@@ -94,12 +94,14 @@ def config_from_dict(data: dict) -> configs.UnCLIPConfig:
 
 
 def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 over every tensor of the module's state dict (names, dtypes, shapes and bytes), so
-    the same weights hash the same whichever file they were loaded from."""
+    """SHA-256 over every tensor of the module's state dict (names, shapes and values; floating
+    tensors as float32), so the same weights hash the same whichever file or storage dtype they
+    came from (a float16 file and its float32 cast in memory agree)."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = tensor.detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

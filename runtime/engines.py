@@ -1,26 +1,39 @@
-"""One `Engine` interface over the backends that can run a stage: `torch` (the modules) and
+"""One `Engine` interface over the backends that can run a stage: `torch` (the modules),
 `onnxruntime` (the graphs of `python -m export.build_engines`; CPU provider, or the CUDA
-provider with I/O binding on device tensors when onnxruntime-gpu is installed).
+provider with I/O binding on device tensors when onnxruntime-gpu is installed) and `tensorrt`
+(the plans, see `runtime.tensorrt_engine`).
 
 An engine takes the stage's inputs positionally, in the order of its `StageSignature`, as torch
-tensors, and returns its outputs as a tuple of torch tensors on the inputs' device.
+tensors (float inputs in any float dtype: the engine casts them to its own `float_dtype`), and
+returns its outputs as a tuple of torch tensors in `float_dtype` on the inputs' device.
+
+`EngineFolder` reads an engine folder's manifest and refuses one that cannot serve: missing or
+unreadable, of another manifest format, built for another model config or other weights, or
+(for TensorRT plans) for another TensorRT version or GPU; every refusal names the command that
+rebuilds.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from models.checkpoint import config_to_dict, weights_sha256
+from models.checkpoint import config_from_dict, config_to_dict, weights_sha256
+from models.configs import UnCLIPConfig
 from models.unclip import UnCLIPModel
+from runtime.constants import ModelConstants
 from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
+MANIFEST_FORMAT = 1  # bumped when the folder layout changes; older folders are refused
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+_PRECISION = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class EngineError(RuntimeError):
@@ -29,20 +42,35 @@ class EngineError(RuntimeError):
 
 class Engine(Protocol):
     signature: StageSignature
+    float_dtype: torch.dtype
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
 
+def cast_inputs(signature: StageSignature, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Float inputs to `dtype`; integer and bool inputs as they are."""
+    if len(inputs) != len(signature.inputs):
+        raise TypeError(f"{signature.name} takes {len(signature.inputs)} inputs {signature.input_names}, "
+                        f"got {len(inputs)}")
+    return [x.to(dtype) if spec.kind == "float" else x for spec, x in zip(signature.inputs, inputs, strict=True)]
+
+
+def normalise_config(cfg_dict: dict) -> dict:
+    """A config dict as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(cfg_dict))
+
+
 class TorchEngine:
-    """The stage's torch module."""
+    """The stage's torch module (in the model's dtype and device)."""
 
     def __init__(self, model: UnCLIPModel, name: str) -> None:
         self.signature = signatures(model.cfg)[name]
         self.module = stage_module(model, name)
+        self.float_dtype = next(self.module.parameters()).dtype
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.module(*inputs))
+        return tuple(self.module(*cast_inputs(self.signature, inputs, self.float_dtype)))
 
 
 class OnnxRuntimeEngine:
@@ -53,6 +81,8 @@ class OnnxRuntimeEngine:
 
         self.signature = signature
         self.providers = providers or ["CPUExecutionProvider"]
+        if not Path(path).is_file():
+            raise EngineError(f"{path}: missing; rebuild with python -m export.build_engines --force")
         try:
             self.session = ort.InferenceSession(str(path), providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
@@ -61,33 +91,31 @@ class OnnxRuntimeEngine:
         names = [i.name for i in self.session.get_inputs()]
         if names != signature.input_names:
             raise EngineError(f"{path}: inputs {names} != the {signature.name} signature {signature.input_names}")
-        self._float = torch.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else torch.float32
-
-    def _cast(self, spec_kind: str, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self._float) if spec_kind == "float" else x
+        out_type = self.session.get_outputs()[0].type  # every stage has a float first output
+        self.float_dtype = torch.float16 if out_type == "tensor(float16)" else torch.float32
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sig = self.signature
+        inputs = cast_inputs(sig, inputs, self.float_dtype)
         device = inputs[0].device
-        batch = inputs[0].shape[0]
         if device.type == "cuda" and "CUDAExecutionProvider" in self.providers:
-            return self._run_bound(inputs, batch, device)
-        feed = {s.name: self._cast(s.kind, x).detach().cpu().numpy() for s, x in zip(sig.inputs, inputs, strict=True)}
+            return self._run_bound(inputs, inputs[0].shape[0], device)
+        feed = {s.name: x.detach().cpu().numpy() for s, x in zip(sig.inputs, inputs, strict=True)}
         outs = self.session.run(sig.output_names, feed)
         return tuple(torch.from_numpy(o).to(device) for o in outs)
 
-    def _run_bound(self, inputs, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _run_bound(self, inputs: list[torch.Tensor], batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """CUDA provider: bind torch device buffers as inputs and outputs (no host copies)."""
         sig = self.signature
         binding = self.session.io_binding()
         kept = []
         for spec, x in zip(sig.inputs, inputs, strict=True):
-            x = self._cast(spec.kind, x).contiguous()
+            x = x.contiguous()
             kept.append(x)
             binding.bind_input(spec.name, "cuda", device.index or 0, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
         outs = []
         for spec in sig.outputs:
-            y = torch.empty(spec.concrete(batch), dtype=self._float, device=device)
+            y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=device)
             outs.append(y)
             binding.bind_output(spec.name, "cuda", device.index or 0, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
         torch.cuda.current_stream(device).synchronize()  # ORT runs on its own stream
@@ -95,24 +123,114 @@ class OnnxRuntimeEngine:
         return tuple(outs)
 
 
+def onnxruntime_providers() -> list[str]:
+    """ONNX Runtime's execution providers on this machine ([] when onnxruntime is not installed)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+@dataclass(frozen=True)
+class EngineFolder:
+    """A checked engine folder: its path and manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def rebuild_command(self) -> str:
+        return rebuild_command(self.path, self.manifest.get("source"))
+
+    @staticmethod
+    def open(folder: str | Path) -> EngineFolder:
+        """Read and check the manifest (present, readable, of this format)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise EngineError(f"{folder}: no {MANIFEST}; build the engines with {rebuild_command(folder, None)}")
+        try:
+            manifest = json.loads(path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{path}: unreadable ({exc}); rebuild with {rebuild_command(folder, None)}") from exc
+        engines = EngineFolder(folder, manifest)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise EngineError(f"{folder}: manifest format {manifest.get('format')!r}, this runtime reads "
+                              f"{MANIFEST_FORMAT}; rebuild with {engines.rebuild_command}")
+        if manifest.get("precision") not in _PRECISION or not isinstance(manifest.get("stages"), dict):
+            raise EngineError(f"{path}: incomplete manifest; rebuild with {engines.rebuild_command}")
+        return engines
+
+    @property
+    def cfg(self) -> UnCLIPConfig:
+        try:
+            return config_from_dict(self.manifest["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{self.path}: the manifest's model config is unreadable ({exc}); rebuild with "
+                              f"{self.rebuild_command}") from exc
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return _PRECISION[self.manifest["precision"]]
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.manifest["stages"])
+
+    def check_model(self, model: UnCLIPModel) -> None:
+        """Refuse a folder built for another config or other weights than `model`'s."""
+        if self.manifest.get("config") != normalise_config(config_to_dict(model.cfg)):
+            raise EngineError(f"{self.path}: built for another model config; rebuild with {self.rebuild_command}")
+        if self.manifest.get("weights_sha256") != weights_sha256(model):
+            raise EngineError(f"{self.path}: built from other weights than this model's (stale engines); rebuild "
+                              f"with {self.rebuild_command}")
+
+    def constants(self) -> ModelConstants:
+        try:
+            return ModelConstants.load(self.path)
+        except ValueError as exc:
+            raise EngineError(f"{exc}; rebuild with {self.rebuild_command}") from exc
+
+    def files(self, stage: str) -> list[Path]:
+        return [self.path / f for f in self.manifest["stages"][stage]["files"]]
+
+    def has_plans(self) -> bool:
+        return "tensorrt" in self.manifest.get("backends", [])
+
+    def onnxruntime_engines(self, providers: list[str] | None = None) -> dict[str, OnnxRuntimeEngine]:
+        sigs = signatures(self.cfg)
+        return {name: OnnxRuntimeEngine(next(f for f in self.files(name) if f.suffix == ".onnx"), sigs[name], providers)
+                for name in self.stages}
+
+    def tensorrt_engines(self, device: torch.device) -> dict[str, Engine]:
+        from runtime import tensorrt_engine
+
+        if not self.has_plans():
+            raise EngineError(f"{self.path}: has no TensorRT plans; build them with {self.rebuild_command} "
+                              "--backends onnxruntime,tensorrt on a machine with TensorRT")
+        tensorrt_engine.check_compatible(self.manifest, device, self.rebuild_command)
+        sigs = signatures(self.cfg)
+        return {name: tensorrt_engine.TensorRTEngine(next(f for f in self.files(name) if f.suffix == ".plan"),
+                                                     sigs[name], device)
+                for name in self.stages}
+
+
+def rebuild_command(folder: Path, source: str | None) -> str:
+    return f"python -m export.build_engines --model {source or '<the model>'} --out {folder} --force"
+
+
+def torch_engines(model: UnCLIPModel, stages: list[str]) -> dict[str, TorchEngine]:
+    return {name: TorchEngine(model, name) for name in stages}
+
+
 def load_onnxruntime_engines(
     folder: Path, model: UnCLIPModel, providers: list[str] | None = None
 ) -> dict[str, OnnxRuntimeEngine]:
     """Every stage of an engine folder, after checking its manifest against `model`: the same
     config and the same weights (SHA-256), or an `EngineError` naming the command that rebuilds."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    rebuild = f"python -m export.build_engines --model <this model> --out {folder} --force"
-    if not path.is_file():
-        raise EngineError(f"{folder}: no {MANIFEST}; build the engines with {rebuild}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{path}: unreadable ({exc}); rebuild with {rebuild}") from exc
-    if manifest.get("config") != json.loads(json.dumps(config_to_dict(model.cfg))):
-        raise EngineError(f"{folder}: built for another model config; rebuild with {rebuild}")
-    if manifest.get("weights_sha256") != weights_sha256(model):
-        raise EngineError(f"{folder}: built from other weights; rebuild with {rebuild}")
-    sigs = signatures(model.cfg)
-    return {name: OnnxRuntimeEngine(folder / entry["files"][0], sigs[name], providers)
-            for name, entry in manifest.get("stages", {}).items()}
+    engines = EngineFolder.open(folder)
+    engines.check_model(model)
+    return engines.onnxruntime_engines(providers)

@@ -1,10 +1,14 @@
 """The three denoising loops (prior, decoder, super-res), each a few lines around
 `sampling.denoise_step`, and the noise they consume.
 
+The loops call stage engines (`runtime.engines.Engine`: torch modules, ONNX Runtime sessions or
+TensorRT plans, all with the positional I/O of `runtime.signatures`) and never know which
+backend runs; what they need besides the networks comes from `ModelConstants`.
+
 All noise of a run is drawn before the loops start (`SamplingNoise`), so the loops hold no
 RNG state, a run is reproducible from its noise alone, and a caller (a test, DDIM inversion)
-can inject its own. Networks run in their own dtype; samples and updates stay float32 (float64
-when the networks are float64, for reference checks).
+can inject its own. Engines run in their own dtype (they cast float inputs); samples and updates
+stay float32 (float64 when the engines are float64, for reference checks).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from models.decoder import Decoder
+from models.configs import DiffusionConfig
 from models.layers import work_dtype
-from models.prior import Prior
-from models.super_res import SuperRes, upsample_low_res
+from models.super_res import upsample_low_res
+from runtime.constants import ModelConstants
+from runtime.engines import Engine
 from runtime.sampling import StepTable, classifier_free_guidance, denoise_step
 
 
@@ -85,7 +90,9 @@ def _timesteps(table: StepTable, i: int, batch: int, device: torch.device) -> to
 
 @torch.no_grad()
 def sample_prior(
-    prior: Prior,
+    prior: Engine,
+    diffusion: DiffusionConfig,
+    constants: ModelConstants,
     text: TextConditioning,
     uncond: TextConditioning | None,
     table: StepTable,
@@ -98,24 +105,25 @@ def sample_prior(
     :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
     """
     b = text.embed.shape[0]
-    _check_noise(noise, table, (b, prior.cfg.clip_dim), "prior")
-    dtype = prior.positional_embedding.dtype
+    _check_noise(noise, table, (b, constants.prior_clip_mean.shape[-1]), "prior")
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
-    embed, tokens, mask = cond.embed.to(dtype), cond.tokens.to(dtype), cond.mask
-    diff = prior.cfg.diffusion
-    x = noise.init.to(work_dtype(dtype))
+    x = noise.init.to(work_dtype(prior.float_dtype))
     for i in _progress(len(table), "prior", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
-        out = prior(x_in.to(dtype), _timesteps(table, i, x_in.shape[0], x.device), embed, tokens, mask).to(x.dtype)
+        t = _timesteps(table, i, x_in.shape[0], x.device)
+        (out,) = prior(x_in, t, cond.embed, cond.tokens, cond.mask)
+        out = out.to(x.dtype)
         if uncond is not None:
             out = classifier_free_guidance(out[:b], out[b:], guidance_scale)
-        x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
-    return prior.unnormalize(x)
+        x = denoise_step(table, i, x, out, noise.steps[i], diffusion.prediction, diffusion.clip_range)
+    return constants.unnormalize(x)
 
 
 @torch.no_grad()
 def sample_decoder(
-    decoder: Decoder,
+    decoder: Engine,
+    diffusion: DiffusionConfig,
+    constants: ModelConstants,
     image_embed: torch.Tensor,
     text: TextConditioning,
     uncond: TextConditioning | None,
@@ -126,52 +134,49 @@ def sample_decoder(
 ) -> torch.Tensor:
     """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1] (float32 or float64).
 
-    The unconditional branch uses the learned `cf_param` image embedding and the empty prompt;
-    guidance applies to ε, the variance comes from the conditional half.
+    The unconditional branch uses the learned unconditional image embedding and the empty
+    prompt; guidance applies to the prediction, the variance comes from the conditional half.
     """
-    unet, cfg = decoder.unet, decoder.unet.cfg
     b = image_embed.shape[0]
-    _check_noise(noise, table, (b, 3, cfg.image_size, cfg.image_size), "decoder")
-    dtype = unet.time_embed[0].weight.dtype
+    size = decoder.signature.outputs[0].shape[-1]
+    _check_noise(noise, table, (b, 3, size, size), "decoder")
+    x = noise.init.to(work_dtype(decoder.float_dtype))
+    image_embed = image_embed.to(x.dtype)
     if uncond is not None:
-        image_embed = torch.cat([image_embed.to(dtype), decoder.text_proj.unconditional_image_embed(b)])
+        image_embed = torch.cat([image_embed, constants.uncond_image_embed(b, x.dtype).to(x.device)])
         text = TextConditioning.cat([text, uncond])
-    context, context_bias, emb_add = decoder.text_proj(
-        image_embed.to(dtype), text.embed.to(dtype), text.tokens.to(dtype), text.mask
-    )
-    diff = cfg.diffusion
-    learned = diff.variance == "learned_range"
-    x = noise.init.to(work_dtype(dtype))
+    learned = diffusion.variance == "learned_range"
     for i in _progress(len(table), "decoder", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = _timesteps(table, i, x_in.shape[0], x.device)
-        out = unet(x_in.to(dtype), t, emb_add, context, context_bias).to(x.dtype)
-        eps, var = (out[:, :3], out[:, 3:]) if learned else (out, None)
+        (out,) = decoder(x_in, t, image_embed, text.embed, text.tokens, text.mask)
+        out = out.to(x.dtype)
+        pred, var = (out[:, :3], out[:, 3:]) if learned else (out, None)
         if uncond is not None:
-            eps, var = classifier_free_guidance(eps[:b], eps[b:], guidance_scale), (var[:b] if learned else None)
-        x = denoise_step(table, i, x, eps, noise.steps[i], diff.prediction, diff.clip_range, var)
+            pred, var = classifier_free_guidance(pred[:b], pred[b:], guidance_scale), (var[:b] if learned else None)
+        x = denoise_step(table, i, x, pred, noise.steps[i], diffusion.prediction, diffusion.clip_range, var)
     return x.clamp(-1, 1)
 
 
 @torch.no_grad()
 def sample_super_res(
-    super_res: SuperRes,
+    first_steps: Engine,
+    last_step: Engine,
+    diffusion: DiffusionConfig,
     low_res: torch.Tensor,
     table: StepTable,
     noise: StageNoise,
     progress: bool = False,
 ) -> torch.Tensor:
     """Upsample [B, 3, s, s] images in [−1, 1] to [B, 3, S, S]; `last_step` runs the final step."""
-    cfg = super_res.cfg
     b = low_res.shape[0]
-    _check_noise(noise, table, (b, 3, cfg.image_size, cfg.image_size), "super_res")
-    dtype = super_res.first_steps.time_embed[0].weight.dtype
-    work = work_dtype(dtype)
-    low_res_up = upsample_low_res(low_res.to(work), cfg.image_size).to(dtype)
-    diff = cfg.diffusion
+    size = first_steps.signature.outputs[0].shape[-1]
+    _check_noise(noise, table, (b, 3, size, size), "super_res")
+    work = work_dtype(first_steps.float_dtype)
+    low_res_up = upsample_low_res(low_res.to(work), size)
     x = noise.init.to(work)
     for i in _progress(len(table), "super-res", progress):
-        last = i == len(table) - 1
-        out = super_res(x.to(dtype), _timesteps(table, i, b, x.device), low_res_up, last).to(x.dtype)
-        x = denoise_step(table, i, x, out, noise.steps[i], diff.prediction, diff.clip_range)
+        engine = last_step if i == len(table) - 1 else first_steps
+        (out,) = engine(x, _timesteps(table, i, b, x.device), low_res_up)
+        x = denoise_step(table, i, x, out.to(x.dtype), noise.steps[i], diffusion.prediction, diffusion.clip_range)
     return x.clamp(-1, 1)

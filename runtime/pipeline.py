@@ -2,6 +2,10 @@
 
     pipe = UnCLIP.from_karlo("/weights/karlo")          # or from_diffusers / UnCLIP("our-folder")
     images = pipe.generate("a red circle", seed=0).images
+    pipe = UnCLIP(engine_dir="engines/default", backend="onnxruntime")   # the exported engines
+
+Every stage runs through an `Engine` (`runtime.engines`): the torch modules, or the engines of
+a folder built by `python -m export.build_engines`; the sampling loops do not know which.
 
 Every argument is checked here, at the boundary, so bad input fails with a clear message
 before any network runs.
@@ -26,6 +30,9 @@ from models.configs import UnCLIPConfig, with_prior_clip_range
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
 from runtime import loops
+from runtime.backends import choose_backend, open_engines
+from runtime.constants import ModelConstants
+from runtime.engines import Engine
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
 
@@ -90,16 +97,24 @@ class UnCLIP:
         self,
         model: UnCLIPModel | str | Path | None = None,
         *,
+        engine_dir: str | Path | None = None,
+        backend: str = "auto",
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         progress: bool = True,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
             None loads the shipped default model (`weights/default`, trained on generated shapes).
+        :param engine_dir: a folder built by `python -m export.build_engines` from this model; its
+            manifest must match the model's config and weights, or it is refused as stale.
+        :param backend: "torch" (the modules), "onnxruntime" or "tensorrt" (the engines of
+            `engine_dir`), or "auto": the fastest this machine can run (see README, "Backends").
         :param device: where to run (default: CUDA if available, else CPU).
-        :param dtype: network dtype (float32, float16 or bfloat16; float64 for reference checks);
-            sampling math runs in float32 (float64 with float64 networks).
+        :param dtype: network dtype for the torch backend (float32 default, float16, bfloat16;
+            float64 for reference checks). Engines run in the precision they were built in; a
+            dtype that differs from it is an error. Sampling math runs in float32 (float64 with
+            float64 networks).
         :param progress: show tqdm progress bars.
         """
         if model is None:
@@ -110,14 +125,21 @@ class UnCLIP:
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         self.device = torch.device(device) if device is not None else _default_device()
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
         self.progress = progress
+        self.backend = choose_backend(backend, engine_dir, self.device)
+        if self.backend == "torch":
+            self.dtype = dtype or torch.float32
+            self.model: UnCLIPModel | None = model.to(device=self.device, dtype=self.dtype).eval()
+            self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device)
+            self.constants = ModelConstants.from_model(self.model).to(self.device)
+        else:
+            self.engines, self.constants, self.dtype = _engines_for(model, engine_dir, self.backend, self.device, dtype)
+            self.model = None  # the engines run every stage; the torch modules are not kept
 
     @classmethod
     def from_karlo(
@@ -154,7 +176,7 @@ class UnCLIP:
                 kept = self.tokenizer.bpe.decode(tok.tokens[i, 1:-1].tolist())
                 log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
         tokens = tok.tokens.to(self.device)
-        embed, seq = self.model.clip.encode_text(tokens)
+        embed, seq = self.engines["clip_text"](tokens)
         work = work_dtype(self.dtype)
         return TextConditioning(embed.to(work), seq.to(work), tok.mask.to(self.device))
 
@@ -232,23 +254,48 @@ class UnCLIP:
         if need_uncond:
             uncond = self.encode_prompts([""]).expand(b)
 
-        m, cfg = self.model, self.cfg
+        cfg, e = self.cfg, self.engines
         image_embeds = loops.sample_prior(
-            m.prior, text, uncond if prior_scale != 1.0 else None,
+            e["prior"], cfg.prior.diffusion, self.constants, text, uncond if prior_scale != 1.0 else None,
             make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
             noise.prior.to(self.device), prior_scale, self.progress,
         )
+        images = self._decode(image_embeds, text, uncond if decoder_scale != 1.0 else None, decoder_scale,
+                              steps["decoder_steps"], steps["super_res_steps"], noise)
+        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
+
+
+    def _decode(
+        self, image_embeds: torch.Tensor, text: TextConditioning, uncond: TextConditioning | None, scale: float,
+        decoder_steps: int, super_res_steps: int, noise: SamplingNoise,
+    ) -> torch.Tensor:
+        """CLIP image embeddings → 64² decoder images → super-resolved images, [B, 3, S, S] in [−1, 1]."""
+        cfg, e = self.cfg, self.engines
         small = loops.sample_decoder(
-            m.decoder, image_embeds, text, uncond if decoder_scale != 1.0 else None,
-            make_step_table(cfg.decoder.diffusion, steps["decoder_steps"]).to(self.device),
-            noise.decoder.to(self.device), decoder_scale, self.progress,
+            e["decoder"], cfg.decoder.diffusion, self.constants, image_embeds, text, uncond,
+            make_step_table(cfg.decoder.diffusion, decoder_steps).to(self.device),
+            noise.decoder.to(self.device), scale, self.progress,
         )
-        images = loops.sample_super_res(
-            m.super_res, small,
-            make_step_table(cfg.super_res.diffusion, steps["super_res_steps"]).to(self.device),
+        return loops.sample_super_res(
+            e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
+            make_step_table(cfg.super_res.diffusion, super_res_steps).to(self.device),
             noise.super_res.to(self.device), self.progress,
         )
-        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
+
+
+def _engines_for(
+    model: UnCLIPModel, engine_dir: str | Path, backend: str, device: torch.device, dtype: torch.dtype | None
+) -> tuple[dict[str, Engine], ModelConstants, torch.dtype]:
+    """The engines of a folder checked against `model`, its constants and its precision."""
+    from runtime.engines import EngineFolder
+
+    folder = EngineFolder.open(engine_dir)
+    folder.check_model(model)
+    if dtype is not None and dtype != folder.float_dtype:
+        raise ValueError(f"{engine_dir} holds {folder.manifest['precision']} engines; leave dtype unset or pass "
+                         f"{folder.float_dtype}, or build the other precision with {folder.rebuild_command}")
+    engines = open_engines(backend, None, folder, device)
+    return engines, folder.constants().to(device), folder.float_dtype
 
 
 def load_folder(folder: str | Path) -> UnCLIPModel:

@@ -39,3 +39,18 @@ def diffusers_pipe(diffusers_folder):
 def ours(diffusers_folder):
     """Our UnCLIPModel converted from the saved diffusers folder (float32, CPU, eval)."""
     return load_diffusers(diffusers_folder[1]).eval()
+
+
+@pytest.fixture(scope="session")
+def default_engine_dir(tmp_path_factory):
+    """(folder, printed summary): the shipped default model exported by `python -m export.build_engines`."""
+    import contextlib
+    import io
+
+    from export.build_engines import main
+
+    out = tmp_path_factory.mktemp("engines") / "default"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--model", "default", "--out", str(out)]) == 0
+    return out, printed.getvalue()

@@ -100,14 +100,14 @@ def test_build_command_errors_are_clear(tmp_path, capsys):
         build(None, tmp_path, ["openvino"])
 
 
-def test_the_shipped_default_model_exports_and_every_graph_checks(tmp_path, capsys):
-    assert main(["--model", "default", "--out", str(tmp_path)]) == 0
-    table = capsys.readouterr().out
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+def test_the_shipped_default_model_exports_and_every_graph_checks(default_engine_dir):
+    folder, table = default_engine_dir
+    manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior", "decoder", "super_res_first",
                                        "super_res_last"}
     assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
     assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
+    assert manifest["source"] == "default" and (folder / "constants.safetensors").is_file()
 
 
 def test_onnxruntime_engines_match_torch_engines_and_refuse_other_weights(random_model, tmp_path):

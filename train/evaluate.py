@@ -96,11 +96,12 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     uncond = pipe.encode_prompts([""]).expand(len(scenes))
     b = len(scenes)
     noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
-    small = sample_decoder(pipe.model.decoder, image_embed, text, uncond,
+    e = pipe.engines
+    small = sample_decoder(e["decoder"], cfg.decoder.diffusion, pipe.constants, image_embed, text, uncond,
                            make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev),
                            decoder_guidance_scale)
-    big = sample_super_res(pipe.model.super_res, small, make_step_table(cfg.super_res.diffusion, 7).to(dev),
-                           noise.super_res.to(dev))
+    big = sample_super_res(e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
+                           make_step_table(cfg.super_res.diffusion, 7).to(dev), noise.super_res.to(dev))
     result = {}
     for name, images in (("decoder_64", small), ("super_res_256", big)):
         readings = read_batch(images)

@@ -1,0 +1,60 @@
+"""Which backend runs the stages, and opening its engines.
+
+`auto` picks, by what this machine has (measured choices, see README "Backends"):
+- no engine folder → `torch`;
+- a CUDA device → `tensorrt` when the folder holds plans and TensorRT imports, else `torch`
+  (ONNX Runtime's CUDA provider is slower than eager torch with CUDA graphs, and the CPU
+  provider would copy every step through the host);
+- the CPU → `onnxruntime` when it imports (it beat eager torch on the default model), else `torch`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from models.unclip import UnCLIPModel
+from runtime.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
+
+# Stages text→image needs; clip_image is optional (image tools only).
+GENERATE_STAGES = ("clip_text", "prior", "decoder", "super_res_first", "super_res_last")
+
+
+def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.device) -> str:
+    """The backend to run: `requested` checked, or `auto` resolved (see module docstring)."""
+    if requested not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {', '.join((*BACKENDS, 'auto'))}, got {requested!r}")
+    if requested != "auto":
+        if requested != "torch" and engine_dir is None:
+            raise ValueError(f"backend {requested!r} runs the engines of a folder: pass engine_dir= (build one with "
+                             "python -m export.build_engines)")
+        return requested
+    if engine_dir is None:
+        return "torch"
+    if device.type == "cuda":
+        has_plans = EngineFolder.open(engine_dir).has_plans()
+        return "tensorrt" if has_plans and importlib.util.find_spec("tensorrt") else "torch"
+    return "onnxruntime" if onnxruntime_providers() else "torch"
+
+
+def open_engines(
+    backend: str, model: UnCLIPModel | None, folder: EngineFolder | None, device: torch.device
+) -> dict[str, Engine]:
+    """Every stage's engine: the torch modules of `model`, or the engines of a checked `folder`."""
+    if backend == "torch":
+        if model is None:
+            raise ValueError("the torch backend needs the model")
+        stages = [*GENERATE_STAGES, *(["clip_image"] if model.clip.has_vision else [])]
+        return torch_engines(model, stages)
+    if folder is None:
+        raise ValueError(f"the {backend} backend needs an engine folder")
+    missing = [s for s in GENERATE_STAGES if s not in folder.stages]
+    if missing:
+        raise EngineError(f"{folder.path}: no engine for stage(s) {missing}; rebuild with {folder.rebuild_command}")
+    if backend == "onnxruntime":
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        providers = [p for p in providers if p in onnxruntime_providers()] + ["CPUExecutionProvider"]
+        return folder.onnxruntime_engines(providers)
+    return folder.tensorrt_engines(device)
