@@ -63,6 +63,7 @@ def export_stage(
                         location=data_name, size_threshold=1024)
         # Rename into place: the data file first, so a graph never names data that is not there.
         if external:
+            os.chmod(Path(tmp) / data_name, 0o644)  # onnx writes it owner-only; readers need it like the graph
             os.replace(Path(tmp) / data_name, folder / data_name)
         elif (folder / data_name).exists():
             (folder / data_name).unlink()

@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-guidance-scale", type=float, default=None, help="prior guidance" + defaults)
     p.add_argument("--decoder-guidance-scale", type=float, default=None, help="decoder guidance" + defaults)
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="network dtype of the torch backend (default float32; engines keep their own)")
+    p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                   help="what runs the stages (default auto: see README, Backends)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    common = {"device": args.device, "dtype": DTYPES[args.dtype], "progress": not args.no_progress}
+    common = {"device": args.device, "dtype": DTYPES.get(args.dtype), "progress": not args.no_progress,
+              "engine_dir": args.engine_dir, "backend": args.backend}
     try:
         if args.karlo:
             pipe = UnCLIP.from_karlo(args.karlo, **common)

@@ -3,9 +3,10 @@
 `auto` picks, by what this machine has (measured choices, see README "Backends"):
 - no engine folder → `torch`;
 - a CUDA device → `tensorrt` when the folder holds plans and TensorRT imports, else `torch`
-  (ONNX Runtime's CUDA provider is slower than eager torch with CUDA graphs, and the CPU
-  provider would copy every step through the host);
-- the CPU → `onnxruntime` when it imports (it beat eager torch on the default model), else `torch`.
+  (the CPU provider would copy every step through the host; ONNX Runtime's CUDA provider was
+  not on the GPU machine, so it is never picked unasked);
+- the CPU → `onnxruntime` when it imports (faster than eager torch on the default model on a
+  2-core CPU), else `torch`.
 """
 
 from __future__ import annotations

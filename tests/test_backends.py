@@ -147,3 +147,14 @@ def test_a_folder_without_plans_refuses_the_tensorrt_backend(default_engine_dir)
     assert not folder.has_plans()
     with pytest.raises(EngineError, match="no TensorRT plans.*--backends onnxruntime,tensorrt"):
         folder.tensorrt_engines(torch.device("cpu"))
+
+
+def test_the_cli_runs_engines_and_reports_a_refused_folder(default_engine_dir, tmp_path, capsys):
+    from runtime.__main__ import main
+
+    folder = default_engine_dir[0]
+    out = tmp_path / "x.png"
+    args = ["a red circle", "-o", str(out), "--device", "cpu", "--no-progress", "--seed", "0", "--super-res-steps", "2"]
+    assert main([*args, "--engine-dir", str(folder), "--backend", "onnxruntime"]) == 0 and out.is_file()
+    assert main([*args, "--engine-dir", str(tmp_path / "none"), "--backend", "onnxruntime"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
