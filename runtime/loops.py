@@ -71,7 +71,7 @@ class SamplingNoise:
     super_res: StageNoise | None
 
 
-def _progress(steps: int, desc: str, enabled: bool):
+def progress_bar(steps: int, desc: str, enabled: bool):
     return tqdm(range(steps), desc=desc, disable=not enabled, leave=False)
 
 
@@ -84,7 +84,7 @@ def _check_noise(noise: StageNoise, table: StepTable, shape: tuple[int, ...], st
         )
 
 
-def _timesteps(table: StepTable, i: int, batch: int, device: torch.device) -> torch.Tensor:
+def timesteps_at(table: StepTable, i: int, batch: int, device: torch.device) -> torch.Tensor:
     return table.timesteps[i].expand(batch).to(device)
 
 
@@ -108,9 +108,9 @@ def sample_prior(
     _check_noise(noise, table, (b, constants.prior_clip_mean.shape[-1]), "prior")
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
     x = noise.init.to(work_dtype(prior.float_dtype))
-    for i in _progress(len(table), "prior", progress):
+    for i in progress_bar(len(table), "prior", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
-        t = _timesteps(table, i, x_in.shape[0], x.device)
+        t = timesteps_at(table, i, x_in.shape[0], x.device)
         (out,) = prior(x_in, t, cond.embed, cond.tokens, cond.mask)
         out = out.to(x.dtype)
         if uncond is not None:
@@ -131,11 +131,13 @@ def sample_decoder(
     noise: StageNoise,
     guidance_scale: float,
     progress: bool = False,
+    learned_variance: bool = True,
 ) -> torch.Tensor:
     """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1] (float32 or float64).
 
     The unconditional branch uses the learned unconditional image embedding and the empty
     prompt; guidance applies to the prediction, the variance comes from the conditional half.
+    `learned_variance=False` ignores a learned-range variance (DDIM tables carry their own σ).
     """
     b = image_embed.shape[0]
     size = decoder.signature.outputs[0].shape[-1]
@@ -145,13 +147,14 @@ def sample_decoder(
     if uncond is not None:
         image_embed = torch.cat([image_embed, constants.uncond_image_embed(b, x.dtype).to(x.device)])
         text = TextConditioning.cat([text, uncond])
-    learned = diffusion.variance == "learned_range"
-    for i in _progress(len(table), "decoder", progress):
+    has_var = diffusion.variance == "learned_range"
+    learned = has_var and learned_variance
+    for i in progress_bar(len(table), "decoder", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
-        t = _timesteps(table, i, x_in.shape[0], x.device)
+        t = timesteps_at(table, i, x_in.shape[0], x.device)
         (out,) = decoder(x_in, t, image_embed, text.embed, text.tokens, text.mask)
         out = out.to(x.dtype)
-        pred, var = (out[:, :3], out[:, 3:]) if learned else (out, None)
+        pred, var = (out[:, :3], out[:, 3:]) if learned else (out[:, :3] if has_var else out, None)
         if uncond is not None:
             pred, var = classifier_free_guidance(pred[:b], pred[b:], guidance_scale), (var[:b] if learned else None)
         x = denoise_step(table, i, x, pred, noise.steps[i], diffusion.prediction, diffusion.clip_range, var)
@@ -175,8 +178,8 @@ def sample_super_res(
     work = work_dtype(first_steps.float_dtype)
     low_res_up = upsample_low_res(low_res.to(work), size)
     x = noise.init.to(work)
-    for i in _progress(len(table), "super-res", progress):
+    for i in progress_bar(len(table), "super-res", progress):
         engine = last_step if i == len(table) - 1 else first_steps
-        (out,) = engine(x, _timesteps(table, i, b, x.device), low_res_up)
+        (out,) = engine(x, timesteps_at(table, i, b, x.device), low_res_up)
         x = denoise_step(table, i, x, out.to(x.dtype), noise.steps[i], diffusion.prediction, diffusion.clip_range)
     return x.clamp(-1, 1)

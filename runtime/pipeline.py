@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +31,10 @@ from runtime import loops
 from runtime.backends import choose_backend, open_engines
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
+from runtime.image_tools import ImageTools
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
+from runtime.validate import check_int, check_scale, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,6 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return int(value)
-
-
-def _check_scale(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def _check_prompts(prompt) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -90,8 +78,9 @@ def to_output(images: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-class UnCLIP:
-    """A loaded unCLIP model on one device, ready to generate."""
+class UnCLIP(ImageTools):
+    """A loaded unCLIP model on one device, ready to generate; the image tools (`encode_image`,
+    `invert`, `decode`, `variations`, `interpolate`, `text_diff`) come from `ImageTools`."""
 
     def __init__(
         self,
@@ -227,23 +216,23 @@ class UnCLIP:
         :return: `UnCLIPOutput`.
         """
         prompts = _check_prompts(prompt)
-        n = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
+        n = check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         s = self.cfg.sampling.with_overrides(
             prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
             prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
         )
         steps = {
-            "prior_steps": _check_int("prior_steps", s.prior_steps, 1, 1000),
-            "decoder_steps": _check_int("decoder_steps", s.decoder_steps, 1, 1000),
-            "super_res_steps": _check_int("super_res_steps", s.super_res_steps, 2, 1000),
+            "prior_steps": check_int("prior_steps", s.prior_steps, 1, 1000),
+            "decoder_steps": check_int("decoder_steps", s.decoder_steps, 1, 1000),
+            "super_res_steps": check_int("super_res_steps", s.super_res_steps, 2, 1000),
         }
-        prior_scale = _check_scale("prior_guidance_scale", s.prior_guidance_scale)
-        decoder_scale = _check_scale("decoder_guidance_scale", s.decoder_guidance_scale)
+        prior_scale = check_scale("prior_guidance_scale", s.prior_guidance_scale)
+        decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if noise is None:
             if generator is None and seed is not None:
-                generator = torch.Generator().manual_seed(_check_int("seed", seed, 0, 2**63 - 1))
+                generator = torch.Generator().manual_seed(check_seed(seed))
             noise = self.draw_noise(len(prompts) * n, *steps.values(), generator)
 
         text = self.encode_prompts(prompts)

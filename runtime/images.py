@@ -1,0 +1,92 @@
+"""Image inputs of the public API → float tensors in [0, 1].
+
+Accepted: a PIL image (any mode), a path to an image file, a numpy array (H×W, H×W×C with C in
+1/3/4; uint8 0…255 or float 0…1), a torch tensor ([3, H, W], [B, 3, H, W] or [H, W]; uint8 or
+float 0…1), or a list of these. Anything else, an unreadable file, an empty image or non-finite
+values fail with a `ValueError`/`TypeError` that says which input and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def _from_array(array: np.ndarray, what: str) -> torch.Tensor:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected an H×W or H×W×C array with C in 1, 3, 4, got shape {array.shape}")
+    return _from_tensor(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1), what)
+
+
+def _from_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected [C, H, W] with C in 1, 3, 4, got shape {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        t = t.float() / 255
+    elif t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{what}: unsupported dtype {t.dtype}")
+    else:
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what}: contains NaN or infinite values")
+        if t.min() < -1e-3 or t.max() > 1 + 1e-3:
+            raise ValueError(f"{what}: float pixel values must lie in [0, 1], got [{t.min():.3g}, {t.max():.3g}]")
+    t = t.clamp(0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t[:3].contiguous()
+
+
+def _one(image, what: str) -> torch.Tensor:
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                return _from_pil(opened)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise ValueError(f"{what}: cannot read image file {image} ({exc})") from exc
+    if isinstance(image, Image.Image):
+        return _from_pil(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, what)
+    if isinstance(image, torch.Tensor):
+        return _from_tensor(image.detach().cpu(), what)
+    raise TypeError(f"{what}: expected a PIL image, a path, a numpy array or a torch tensor, "
+                    f"got {type(image).__name__}")
+
+
+def load_images(images, name: str = "image") -> list[torch.Tensor]:
+    """Every input image as a float [3, H, W] tensor in [0, 1] (CPU)."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = list(images)
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError(f"{name}: no images given")
+    out = []
+    for i, image in enumerate(items):
+        what = name if len(items) == 1 else f"{name}[{i}]"
+        t = _one(image, what)
+        if t.shape[1] < 1 or t.shape[2] < 1:
+            raise ValueError(f"{what}: empty image")
+        out.append(t)
+    return out
+
+
+def resize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """[B, 3, size, size] in [0, 1]: each image resized (bicubic, antialiased, no crop)."""
+    return torch.cat([
+        F.interpolate(t[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        for t in images
+    ]).clamp(0, 1)
