@@ -1,4 +1,5 @@
-"""Command line: `python -m runtime "a prompt" -o out.png [options]`.
+"""Command line: `python -m runtime "a prompt" -o out.png [options]`, and the image tools
+`python -m runtime variations|interpolate|text-diff|invert …` (see `runtime.tools_cli`).
 
 Loads a model (the shipped default, `--model DIR` in our format, `--karlo DIR`, or
 `--diffusers DIR`), generates,
@@ -53,7 +54,18 @@ def output_paths(output: str, count: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     from models.checkpoint import atomic_write
     from runtime.pipeline import UnCLIP
+    from runtime.tools_cli import TOOLS, run
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:  # `python -m runtime variations IMAGE …` and the other image tools
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            for path in run(argv):
+                print(path)
+        except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype), "progress": not args.no_progress,

@@ -172,3 +172,22 @@ def test_eta_zero_variations_reconstruct_and_bad_arguments_fail_before_any_netwo
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_the_tool_commands_write_their_outputs(scenes, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from runtime.__main__ import main
+
+    image = tmp_path / "in.png"
+    Image.fromarray((scenes[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
+    common = ["--device", "cpu", "--no-progress"]
+    assert main(["invert", str(image), "--steps", "4", "-o", str(tmp_path / "z.safetensors"), *common]) == 0
+    saved = load_file(str(tmp_path / "z.safetensors"))
+    assert saved["latents"].shape == (1, 3, 64, 64) and saved["image_embeds"].shape[0] == 1
+    assert main(["variations", str(image), "-n", "2", "--low-res", "--seed", "1", "-o", str(tmp_path / "v.png"),
+                 *common]) == 0
+    assert (tmp_path / "v-0.png").is_file() and (tmp_path / "v-1.png").is_file()
+    assert main(["text-diff", str(image), "--from", "a", "--to", "b", "--amounts", "0,x", "-o",
+                 str(tmp_path / "d.png"), *common]) == 2
+    assert "--amounts" in capsys.readouterr().err
