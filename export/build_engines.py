@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model)
         stages = args.stages.split(",") if args.stages else None
         if stages:
-            bad = sorted(set(stages) - set(available_stages(model)))
+            buildable = [*available_stages(model), "prior"]
+            bad = sorted(set(stages) - set(buildable))
             if bad:
-                raise BuildError(f"unknown or unavailable stage(s) {bad}; this model has {available_stages(model)}")
+                raise BuildError(f"unknown or unavailable stage(s) {bad}; this model has {buildable}")
         manifest = build(model, args.out, backends, args.fp16, args.max_batch, args.force, stages,
                          source_spec(args.model))
     except (BuildError, FileNotFoundError, ValueError) as exc:

@@ -18,9 +18,7 @@ import torch
 
 from models.unclip import UnCLIPModel
 from runtime.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
-
-# Stages text→image needs; clip_image is optional (image tools only).
-GENERATE_STAGES = ("clip_text", "prior", "decoder", "super_res_first", "super_res_last")
+from runtime.signatures import GENERATE_STAGES, available_stages
 
 
 def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.device) -> str:
@@ -47,8 +45,7 @@ def open_engines(
     if backend == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model")
-        stages = [*GENERATE_STAGES, *(["clip_image"] if model.clip.has_vision else [])]
-        return torch_engines(model, stages)
+        return torch_engines(model, available_stages(model))
     if folder is None:
         raise ValueError(f"the {backend} backend needs an engine folder")
     missing = [s for s in GENERATE_STAGES if s not in folder.stages]
@@ -59,3 +56,6 @@ def open_engines(
         providers = [p for p in providers if p in onnxruntime_providers()] + ["CPUExecutionProvider"]
         return folder.onnxruntime_engines(providers)
     return folder.tensorrt_engines(device)
+
+
+__all__ = ["GENERATE_STAGES", "choose_backend", "open_engines"]

@@ -30,7 +30,7 @@ from runtime.constants import ModelConstants
 from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
-MANIFEST_FORMAT = 1  # bumped when the folder layout changes; older folders are refused
+MANIFEST_FORMAT = 2  # bumped when the folder layout changes; older folders are refused (2: split prior)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _PRECISION = {"fp32": torch.float32, "fp16": torch.float16}

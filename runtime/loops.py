@@ -90,7 +90,8 @@ def timesteps_at(table: StepTable, i: int, batch: int, device: torch.device) -> 
 
 @torch.no_grad()
 def sample_prior(
-    prior: Engine,
+    prior_context: Engine,
+    prior_step: Engine,
     diffusion: DiffusionConfig,
     constants: ModelConstants,
     text: TextConditioning,
@@ -102,16 +103,20 @@ def sample_prior(
 ) -> torch.Tensor:
     """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] (float32 or float64).
 
+    The step-independent tokens go through `prior_context` once; each step runs `prior_step`
+    against their cached keys and values.
+
     :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
     """
     b = text.embed.shape[0]
     _check_noise(noise, table, (b, constants.prior_clip_mean.shape[-1]), "prior")
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
-    x = noise.init.to(work_dtype(prior.float_dtype))
+    x = noise.init.to(work_dtype(prior_step.float_dtype))
+    (context_kv,) = prior_context(cond.embed, cond.tokens, cond.mask)
     for i in progress_bar(len(table), "prior", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = timesteps_at(table, i, x_in.shape[0], x.device)
-        (out,) = prior(x_in, t, cond.embed, cond.tokens, cond.mask)
+        (out,) = prior_step(x_in, t, context_kv, cond.mask)
         out = out.to(x.dtype)
         if uncond is not None:
             out = classifier_free_guidance(out[:b], out[b:], guidance_scale)

@@ -245,7 +245,8 @@ class UnCLIP(ImageTools):
 
         cfg, e = self.cfg, self.engines
         image_embeds = loops.sample_prior(
-            e["prior"], cfg.prior.diffusion, self.constants, text, uncond if prior_scale != 1.0 else None,
+            e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
+            uncond if prior_scale != 1.0 else None,
             make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
             noise.prior.to(self.device), prior_scale, self.progress,
         )

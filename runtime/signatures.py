@@ -2,8 +2,11 @@
 axis), dtypes, and the module that computes it. ONNX export, every engine backend and graph
 capture read their names, shapes and sample inputs from here.
 
-Stages: `clip_text`, `clip_image`, `prior`, `decoder` (UNet + text projection), `super_res_first`
-and `super_res_last` (the two super-res UNets). Each stage module takes its inputs positionally
+Stages: `clip_text`, `clip_image`, `prior_context` (the prior's step-independent tokens → their
+per-layer keys and values, once per prompt), `prior_step` (one prior step against that cache),
+`decoder` (UNet + text projection), `super_res_first` and `super_res_last` (the two super-res
+UNets); and `prior`, the whole prior in one graph (the reference the split pair is checked
+against; not needed to generate, so not built unless asked for). Each stage module takes its inputs positionally
 in the declared order and returns its outputs as a tuple in the declared order.
 """
 
@@ -99,6 +102,7 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
         TensorSpec("text_mask", (BATCH, length), "bool"),
     )
     t = TensorSpec("timesteps", (BATCH,), "int64")
+    kv = TensorSpec("context_kv", (BATCH, p.layers, 2, p.heads, p.text_ctx + 1, p.width // p.heads))
     sr_inputs = (TensorSpec("x_t", (BATCH, 3, s.image_size, s.image_size)), t,
                  TensorSpec("low_res_up", (BATCH, 3, s.image_size, s.image_size)))
     sr_out = (TensorSpec("model_out", (BATCH, s.out_channels, s.image_size, s.image_size)),)
@@ -107,6 +111,9 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
         StageSignature("clip_image", (TensorSpec("pixels", (BATCH, 3, c.image_size, c.image_size)),),
                        (TensorSpec("image_embed", (BATCH, c.embed_dim)),)),
         StageSignature("prior", (TensorSpec("x_t", (BATCH, p.clip_dim)), t, *text),
+                       (TensorSpec("model_out", (BATCH, p.clip_dim)),), cfg_doubled=True),
+        StageSignature("prior_context", text, (kv,), cfg_doubled=True),
+        StageSignature("prior_step", (TensorSpec("x_t", (BATCH, p.clip_dim)), t, kv, text[2]),
                        (TensorSpec("model_out", (BATCH, p.clip_dim)),), cfg_doubled=True),
         StageSignature("decoder", (TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size)), t,
                                    TensorSpec("image_embed", (BATCH, c.embed_dim)), *text),
@@ -145,6 +152,24 @@ class _Prior(nn.Module):
         return (self.prior(x_t, timesteps, text_embed, text_tokens, text_mask),)
 
 
+class _PriorContext(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.prior = model.prior
+
+    def forward(self, text_embed, text_tokens, text_mask) -> tuple[torch.Tensor]:
+        return (self.prior.context_kv(text_embed, text_tokens, text_mask),)
+
+
+class _PriorStep(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.prior = model.prior
+
+    def forward(self, x_t, timesteps, context_kv, text_mask) -> tuple[torch.Tensor]:
+        return (self.prior.step(x_t, timesteps, context_kv, text_mask),)
+
+
 class _Decoder(nn.Module):
     def __init__(self, model: UnCLIPModel) -> None:
         super().__init__()
@@ -169,6 +194,8 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
         "clip_text": lambda: _ClipText(model),
         "clip_image": lambda: _ClipImage(model),
         "prior": lambda: _Prior(model),
+        "prior_context": lambda: _PriorContext(model),
+        "prior_step": lambda: _PriorStep(model),
         "decoder": lambda: _Decoder(model),
         "super_res_first": lambda: _SuperRes(model, last=False),
         "super_res_last": lambda: _SuperRes(model, last=True),
@@ -178,6 +205,10 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
     return builders[name]().eval()
 
 
+GENERATE_STAGES = ("clip_text", "prior_context", "prior_step", "decoder", "super_res_first", "super_res_last")
+
+
 def available_stages(model: UnCLIPModel) -> list[str]:
-    """Stage names this model can run (clip_image only with a CLIP vision tower)."""
-    return [n for n in signatures(model.cfg) if n != "clip_image" or model.clip.has_vision]
+    """The stages to build for this model: what text→image needs, and clip_image (the image
+    tools) when the model has a CLIP vision tower. (`prior` is built only when asked for.)"""
+    return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *GENERATE_STAGES[1:]]

@@ -99,12 +99,12 @@ def test_a_stale_manifest_format_or_damaged_files_are_refused(default_engine_dir
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
     shutil.copy(default_engine_dir[0] / "constants.safetensors", folder)
 
-    data = (folder / "prior.onnx").read_bytes()
-    (folder / "prior.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(EngineError, match="prior.onnx"):
+    data = (folder / "prior_step.onnx").read_bytes()
+    (folder / "prior_step.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="prior_step.onnx"):
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
-    (folder / "prior.onnx").unlink()
-    with pytest.raises(EngineError, match="prior.onnx.*missing"):
+    (folder / "prior_step.onnx").unlink()
+    with pytest.raises(EngineError, match="prior_step.onnx.*missing"):
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
 
     del manifest["stages"]["decoder"]

@@ -47,8 +47,8 @@ def test_every_stage_module_matches_its_declared_signature(random_model):
 def test_build_exports_and_checks_every_stage_then_skips_an_unchanged_model(random_model, tmp_path, caplog):
     out = tmp_path / "engines"
     manifest = build(random_model, out, ["onnxruntime"])
-    assert set(manifest["stages"]) == set(available_stages(random_model)) >= {"clip_text", "prior", "decoder",
-                                                                               "super_res_first", "super_res_last"}
+    assert set(manifest["stages"]) == set(available_stages(random_model)) >= {
+        "clip_text", "prior_context", "prior_step", "decoder", "super_res_first", "super_res_last"}
     for name, entry in manifest["stages"].items():
         assert entry["max_relative_error"] <= TOLERANCE["fp32"], name
         assert all((out / f).is_file() for f in entry["files"])
@@ -103,8 +103,8 @@ def test_build_command_errors_are_clear(tmp_path, capsys):
 def test_the_shipped_default_model_exports_and_every_graph_checks(default_engine_dir):
     folder, table = default_engine_dir
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior", "decoder", "super_res_first",
-                                       "super_res_last"}
+    assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior_context", "prior_step", "decoder",
+                                       "super_res_first", "super_res_last"}
     assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
     assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
     assert manifest["source"] == "default" and (folder / "constants.safetensors").is_file()
