@@ -26,7 +26,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "onnx-gpu": ["onnx", "onnxruntime-gpu"],
         "tensorrt": ["tensorrt", "polygraphy", "cuda-python"],
-        "test": ["pytest", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime"],
         "bench": ["diffusers==0.42.1", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["unclip-rt=runtime.__main__:main"]},

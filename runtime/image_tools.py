@@ -19,6 +19,7 @@ from runtime import edits, loops
 from runtime.images import load_images, resize_batch
 from runtime.loops import StageNoise, TextConditioning
 from runtime.sampling import make_step_table
+from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
 
 PATHS = ("inverted", "fixed_noise")
@@ -41,6 +42,7 @@ class ImageTools:
     """Mixin: expects `cfg`, `engines`, `constants`, `device`, `dtype`, `progress`,
     `encode_prompts` and `_decode` from `UnCLIP`."""
 
+    @serialised
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
         """Image(s) → CLIP image embeddings z_i [B, D] (float32, CPU). Karlo's preprocessing:
@@ -63,6 +65,7 @@ class ImageTools:
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         return self.encode_prompts([prompt]).expand(batch)
 
+    @serialised
     @torch.no_grad()
     def invert(self, image, steps: int = 100, decoder_guidance_scale: float = 1.0, prompt: str = "") -> Inversion:
         """DDIM inversion (eta = 0) of the decoder: z_i from the CLIP image encoder, then the x_T
@@ -86,6 +89,7 @@ class ImageTools:
         )
         return Inversion(embeds.cpu(), latents.float().cpu(), steps, scale, prompt)
 
+    @serialised
     @torch.no_grad()
     def decode(
         self,
@@ -154,6 +158,7 @@ class ImageTools:
             )
         return UnCLIPOutput(to_output(images, output_type), embeds.float().cpu())
 
+    @serialised
     @torch.no_grad()
     def variations(
         self, image, n: int = 4, *, eta: float | None = None, seed: int | None = None, steps: int | None = None,
@@ -176,6 +181,7 @@ class ImageTools:
                            steps=inv.steps, decoder_guidance_scale=inv.guidance_scale, prompt=prompt, seed=seed,
                            super_res=super_res, output_type=output_type)
 
+    @serialised
     @torch.no_grad()
     def interpolate(
         self, image_a, image_b, steps: int = 5, *, path: str = "inverted", seed: int | None = None,
@@ -205,6 +211,7 @@ class ImageTools:
         return self.decode(z, x, eta=0.0, steps=ddim_steps, decoder_guidance_scale=1.0, seed=seed,
                            super_res=super_res, output_type=output_type)
 
+    @serialised
     @torch.no_grad()
     def text_diff(
         self, image, from_caption: str, to_caption: str, amounts=(0.0, 0.15, 0.3, 0.45, 0.6), *,

@@ -34,6 +34,8 @@ def _from_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
         t = t[None]
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
         raise ValueError(f"{what}: expected [C, H, W] with C in 1, 3, 4, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{what}: empty image (shape {tuple(t.shape)})")
     if t.dtype == torch.uint8:
         t = t.float() / 255
     elif t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int16, torch.int32, torch.int64)):
@@ -77,10 +79,7 @@ def load_images(images, name: str = "image") -> list[torch.Tensor]:
     out = []
     for i, image in enumerate(items):
         what = name if len(items) == 1 else f"{name}[{i}]"
-        t = _one(image, what)
-        if t.shape[1] < 1 or t.shape[2] < 1:
-            raise ValueError(f"{what}: empty image")
-        out.append(t)
+        out.append(_one(image, what))
     return out
 
 

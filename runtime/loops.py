@@ -71,6 +71,29 @@ class SamplingNoise:
     super_res: StageNoise | None
 
 
+class NumericalError(FloatingPointError):
+    """A stage produced NaN or infinite values; names the stage and the first bad step."""
+
+
+class FiniteGuard:
+    """Records, on the device, the first step at which a stage's sample stops being finite, and
+    raises once at the end of the loop: no host sync inside the loop, and no black image."""
+
+    def __init__(self, stage: str, steps: int, device: torch.device) -> None:
+        self.stage, self.steps = stage, steps
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, i: int, x: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
+
+    def check(self) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NumericalError(f"the {self.stage} produced NaN or infinite values at step {step + 1} of "
+                                 f"{self.steps}; no image was returned (check the inputs, or run in float32)")
+
+
 def progress_bar(steps: int, desc: str, enabled: bool):
     return tqdm(range(steps), desc=desc, disable=not enabled, leave=False)
 
@@ -113,6 +136,7 @@ def sample_prior(
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
     x = noise.init.to(work_dtype(prior_step.float_dtype))
     (context_kv,) = prior_context(cond.embed, cond.tokens, cond.mask)
+    guard = FiniteGuard("prior", len(table), x.device)
     for i in progress_bar(len(table), "prior", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = timesteps_at(table, i, x_in.shape[0], x.device)
@@ -121,6 +145,8 @@ def sample_prior(
         if uncond is not None:
             out = classifier_free_guidance(out[:b], out[b:], guidance_scale)
         x = denoise_step(table, i, x, out, noise.steps[i], diffusion.prediction, diffusion.clip_range)
+        guard.update(i, x)
+    guard.check()
     return constants.unnormalize(x)
 
 
@@ -154,6 +180,7 @@ def sample_decoder(
         text = TextConditioning.cat([text, uncond])
     has_var = diffusion.variance == "learned_range"
     learned = has_var and learned_variance
+    guard = FiniteGuard("decoder", len(table), x.device)
     for i in progress_bar(len(table), "decoder", progress):
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = timesteps_at(table, i, x_in.shape[0], x.device)
@@ -163,6 +190,8 @@ def sample_decoder(
         if uncond is not None:
             pred, var = classifier_free_guidance(pred[:b], pred[b:], guidance_scale), (var[:b] if learned else None)
         x = denoise_step(table, i, x, pred, noise.steps[i], diffusion.prediction, diffusion.clip_range, var)
+        guard.update(i, x)
+    guard.check()
     return x.clamp(-1, 1)
 
 
@@ -183,8 +212,11 @@ def sample_super_res(
     work = work_dtype(first_steps.float_dtype)
     low_res_up = upsample_low_res(low_res.to(work), size)
     x = noise.init.to(work)
+    guard = FiniteGuard("super-res", len(table), x.device)
     for i in progress_bar(len(table), "super-res", progress):
         engine = last_step if i == len(table) - 1 else first_steps
         (out,) = engine(x, timesteps_at(table, i, b, x.device), low_res_up)
         x = denoise_step(table, i, x, out.to(x.dtype), noise.steps[i], diffusion.prediction, diffusion.clip_range)
+        guard.update(i, x)
+    guard.check()
     return x.clamp(-1, 1)

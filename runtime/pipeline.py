@@ -34,6 +34,7 @@ from runtime.engines import Engine
 from runtime.image_tools import ImageTools
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
+from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ def to_output(images: torch.Tensor, output_type: str):
 
 class UnCLIP(ImageTools):
     """A loaded unCLIP model on one device, ready to generate; the image tools (`encode_image`,
-    `invert`, `decode`, `variations`, `interpolate`, `text_diff`) come from `ImageTools`."""
+    `invert`, `decode`, `variations`, `interpolate`, `text_diff`) come from `ImageTools`.
+
+    Thread-safe by serialisation: calls from several threads run one at a time (see
+    `runtime.serial`) and each returns what it would have returned alone."""
 
     def __init__(
         self,
@@ -156,6 +160,7 @@ class UnCLIP(ImageTools):
         """diffusers-style switch for the progress bars."""
         self.progress = not disable
 
+    @serialised
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         """Tokenise (Karlo's way) and run the CLIP text encoder."""
@@ -180,6 +185,7 @@ class UnCLIP(ImageTools):
             super_res=StageNoise.draw((batch, 3, s, s), super_res_steps, generator),
         )
 
+    @serialised
     @torch.no_grad()
     def generate(
         self,
