@@ -266,9 +266,12 @@ DEFAULT = UnCLIPConfig(
         num_res_blocks=1, attention_ds=(4, 8), num_head_channels=32, use_scale_shift_norm=True,
         middle_attention=True, context_width=128, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
     ),
+    # Super-res with no res block on the way down (one on the way up): its 256² level, 32 channels
+    # (the floor with 32-group norms), is most of a CPU image's time; v0.2's one block per level
+    # cost 2× as much.
     super_res=UNetConfig(
         image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
-        num_res_blocks=1, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
+        num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
     ),
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
     # misreads (README, default model section, has both figures).
