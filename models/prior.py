@@ -72,8 +72,19 @@ class PriorBlock(nn.Module):
         self.mlp = PriorMLP(width)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), bias)
-        return x + self.mlp(self.ln_2(x))
+        return self.forward_with_kv(x, bias)[0]
+
+    def forward_with_kv(
+        self, x: torch.Tensor, bias: torch.Tensor, past: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block on tokens `x` that also attend to cached keys/values `past` ([B, 2, H, Np, ch],
+        placed before them); returns (output, this call's own keys, its own values [B, H, N, ch])."""
+        q, k, v = self.attn.project(self.ln_1(x))
+        keys, values = k, v
+        if past is not None:
+            keys, values = torch.cat([past[:, 0], k], dim=2), torch.cat([past[:, 1], v], dim=2)
+        x = x + self.attn.attend(q, keys, values, bias)
+        return x + self.mlp(self.ln_2(x)), k, v
 
 
 class PriorTransformerStack(nn.Module):
@@ -131,20 +142,23 @@ class Prior(nn.Module):
         :param text_mask: [B, text_ctx] bool, True for real tokens (SOT..EOT).
         :return: [B, clip_dim] predicted standardised x0.
         """
-        b = x_t.shape[0]
+        seq = torch.cat([self._context_tokens(text_embed, text_tokens), self._step_tokens(x_t, timesteps)], dim=1)
+        h = self.transformer(seq + self.positional_embedding, self.attention_bias(text_mask))
+        return self._predict(h)
+
+    def _context_tokens(self, text_embed: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """The step-independent tokens [B, 78, W]: projected text tokens, then the text embedding."""
+        return torch.cat([self.text_enc_proj(text_tokens), self.text_emb_proj(text_embed)[:, None]], dim=1)
+
+    def _step_tokens(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The step-dependent tokens [B, 3, W]: time embedding, x_t, the learned `prd` query."""
         dtype = self.positional_embedding.dtype
         t_emb = self.time_embed(timestep_embedding(timesteps, self.cfg.width, dtype=work_dtype(dtype)).to(dtype))
-        seq = torch.cat(
-            [
-                self.text_enc_proj(text_tokens),
-                self.text_emb_proj(text_embed)[:, None],
-                t_emb[:, None],
-                self.clip_img_proj(x_t)[:, None],
-                self.prd_emb.expand(b, -1, -1),
-            ],
-            dim=1,
-        )
-        h = self.transformer(seq + self.positional_embedding, self.attention_bias(text_mask))
+        return torch.cat([t_emb[:, None], self.clip_img_proj(x_t)[:, None], self.prd_emb.expand(x_t.shape[0], -1, -1)],
+                         dim=1)
+
+    def _predict(self, h: torch.Tensor) -> torch.Tensor:
+        """The `prd` position's output → standardised x0."""
         if self.final_ln is not None:
             h = self.final_ln(h)
         return self.out_proj(h[:, -1])
@@ -160,36 +174,24 @@ class Prior(nn.Module):
         :return: [B, layers, 2, heads, context_len, head_dim] (k at index 0, v at 1).
         """
         n = self.context_len
-        x = torch.cat([self.text_enc_proj(text_tokens), self.text_emb_proj(text_embed)[:, None]], dim=1)
-        x = x + self.positional_embedding[:, :n]
+        x = self._context_tokens(text_embed, text_tokens) + self.positional_embedding[:, :n]
         bias = self.attention_bias(text_mask)[:, :, :n, :n]
         cache = []
         for block in self.transformer.resblocks:
-            q, k, v = block.attn.project(block.ln_1(x))
+            x, k, v = block.forward_with_kv(x, bias)
             cache.append(torch.stack([k, v], dim=1))
-            x = x + block.attn.attend(q, k, v, bias)
-            x = x + block.mlp(block.ln_2(x))
         return torch.stack(cache, dim=1)
 
     def step(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, context_kv: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
         """`forward` given the cache of `context_kv`: predict standardised x0 [B, clip_dim]."""
-        b, n = x_t.shape[0], self.context_len
-        dtype = self.positional_embedding.dtype
-        t_emb = self.time_embed(timestep_embedding(timesteps, self.cfg.width, dtype=work_dtype(dtype)).to(dtype))
-        x = torch.cat([t_emb[:, None], self.clip_img_proj(x_t)[:, None], self.prd_emb.expand(b, -1, -1)], dim=1)
-        x = x + self.positional_embedding[:, n:]
+        n = self.context_len
+        x = self._step_tokens(x_t, timesteps) + self.positional_embedding[:, n:]
         bias = self.attention_bias(text_mask)[:, :, n:, :]
         for i, block in enumerate(self.transformer.resblocks):
-            q, k, v = block.attn.project(block.ln_1(x))
-            k = torch.cat([context_kv[:, i, 0], k], dim=2)
-            v = torch.cat([context_kv[:, i, 1], v], dim=2)
-            x = x + block.attn.attend(q, k, v, bias)
-            x = x + block.mlp(block.ln_2(x))
-        if self.final_ln is not None:
-            x = self.final_ln(x)
-        return self.out_proj(x[:, -1])
+            x, _, _ = block.forward_with_kv(x, bias, context_kv[:, i])
+        return self._predict(x)
 
     def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Standardised embedding → raw CLIP image embedding (`z·std + mean`), in ≥ float32."""
