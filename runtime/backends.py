@@ -56,6 +56,3 @@ def open_engines(
         providers = [p for p in providers if p in onnxruntime_providers()] + ["CPUExecutionProvider"]
         return folder.onnxruntime_engines(providers)
     return folder.tensorrt_engines(device)
-
-
-__all__ = ["GENERATE_STAGES", "choose_backend", "open_engines"]

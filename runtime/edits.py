@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from models.configs import DiffusionConfig
+from models.layers import work_dtype
 from runtime.engines import Engine
 from runtime.loops import TextConditioning, progress_bar, timesteps_at
 from runtime.sampling import StepTable, classifier_free_guidance
@@ -102,8 +103,6 @@ def ddim_invert(
     :param table: the DDIM table (`make_step_table(..., kind="ddim")`) that will decode the result.
     :return: x_T [B, 3, S, S] (float32, float64 with float64 engines).
     """
-    from models.layers import work_dtype
-
     b = image.shape[0]
     x = image.to(work_dtype(decoder.float_dtype))
     image_embed = image_embed.to(x.dtype)

@@ -78,13 +78,14 @@ class ImageTools:
         """
         steps = check_int("steps", steps, 2, 1000)
         scale = check_scale("decoder_guidance_scale", decoder_guidance_scale)
-        embeds = self.encode_image(image).to(self.device)
+        images = load_images(image)  # read and checked once, used by both encoders
+        embeds = self.encode_image(images).to(self.device)
         b = embeds.shape[0]
         uncond = self._text("", b) if scale != 1.0 else None
         latents = edits.ddim_invert(
             self.engines["decoder"], self.cfg.decoder.diffusion,
             self.constants.uncond_image_embed(b, torch.float32).to(self.device) if uncond is not None else None,
-            self._decoder_images(image), embeds, self._text(prompt, b), uncond,
+            self._decoder_images(images), embeds, self._text(prompt, b), uncond,
             make_step_table(self.cfg.decoder.diffusion, steps, "ddim").to(self.device), scale, self.progress,
         )
         return Inversion(embeds.cpu(), latents.float().cpu(), steps, scale, prompt)
@@ -169,8 +170,7 @@ class ImageTools:
         diffusers' behaviour), or DDIM with `eta` from its inverted x_T (the paper's; eta = 0
         reconstructs the image n times)."""
         n = check_int("n", n, 1, 1024)
-        if len(load_images(image)) != 1:
-            raise ValueError("variations takes one image")
+        image = _single(image, "variations takes one image")
         if eta is None:
             embeds = self.encode_image(image).expand(n, -1)
             return self.decode(embeds, steps=steps, decoder_guidance_scale=decoder_guidance_scale, prompt=prompt,
@@ -195,16 +195,14 @@ class ImageTools:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         t = torch.linspace(0, 1, steps, dtype=torch.float64)
         size = self.cfg.decoder.image_size
+        pair = [_single(image_a, "interpolate takes one image on each side", "image_a"),
+                _single(image_b, "interpolate takes one image on each side", "image_b")]
         if path == "inverted":
-            inv = self.invert([*load_images(image_a, "image_a"), *load_images(image_b, "image_b")], ddim_steps)
-            if inv.image_embeds.shape[0] != 2:
-                raise ValueError("interpolate takes one image on each side")
+            inv = self.invert(pair, ddim_steps)
             z = edits.slerp(inv.image_embeds[0], inv.image_embeds[1], t)
             x = edits.slerp(inv.latents[0].flatten(), inv.latents[1].flatten(), t).view(steps, 3, size, size)
         else:
-            embeds = self.encode_image([*load_images(image_a, "image_a"), *load_images(image_b, "image_b")])
-            if embeds.shape[0] != 2:
-                raise ValueError("interpolate takes one image on each side")
+            embeds = self.encode_image(pair)
             z = edits.slerp(embeds[0], embeds[1], t)
             gen = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
             x = torch.randn((1, 3, size, size), generator=gen).expand(steps, -1, -1, -1)
@@ -228,9 +226,7 @@ class ImageTools:
         theta = torch.as_tensor(amounts, dtype=torch.float64).flatten()
         if theta.numel() == 0 or not torch.isfinite(theta).all() or (theta < 0).any() or (theta > 1).any():
             raise ValueError(f"amounts must be numbers in [0, 1], got {amounts!r}")
-        inv = self.invert(image, ddim_steps)
-        if inv.image_embeds.shape[0] != 1:
-            raise ValueError("text_diff takes one image")
+        inv = self.invert(_single(image, "text_diff takes one image"), ddim_steps)
         captions = self.encode_prompts([from_caption, to_caption]).embed.float().cpu()
         z_d = edits.text_diff_direction(captions[0], captions[1])
         z_i = inv.image_embeds[0]
@@ -240,6 +236,14 @@ class ImageTools:
         return self.decode(z, inv.latents.expand(k, -1, -1, -1), eta=0.0, steps=inv.steps,
                            decoder_guidance_scale=inv.guidance_scale, seed=seed, super_res=super_res,
                            output_type=output_type)
+
+
+def _single(image, message: str, name: str = "image") -> torch.Tensor:
+    """The one image of an input that must hold exactly one, as a [3, H, W] tensor."""
+    images = load_images(image, name)
+    if len(images) != 1:
+        raise ValueError(f"{message}, got {len(images)}")
+    return images[0]
 
 
 def _check_embeds(embeds, dim: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import sys
 import types
@@ -18,14 +17,9 @@ from export import build_engines
 from runtime import UnCLIP
 from runtime.engines import EngineError, EngineFolder
 from runtime.pipeline import DEFAULT_MODEL, load_folder
+from tests.metrics import psnr
 
 PROMPTS = ["a red circle on a blue background", "a small green square"]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1]."""
-    mse = ((a - b) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 @pytest.fixture(scope="module")

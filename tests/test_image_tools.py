@@ -3,7 +3,6 @@ model, and variations / interpolation / text diffs through the torch and onnxrun
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -15,12 +14,8 @@ from runtime import UnCLIP
 from runtime.edits import slerp, text_diff_direction
 from runtime.images import load_images
 from runtime.pipeline import DEFAULT_MODEL, load_folder
+from tests.metrics import psnr
 from train.data import HELD_OUT, render, sample_scene
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 10 * math.log10(1 / ((a - b) ** 2).mean().item())
-
 
 # --- slerp -----------------------------------------------------------------------------------
 
