@@ -5,7 +5,31 @@ Extras: `[onnx]` ONNX export + ONNX Runtime (CPU), `[onnx-gpu]` ONNX Runtime CUD
 `[bench]` the peer pipelines used by `benchmarks/latency.py`.
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def cuda_extensions() -> tuple[list, dict]:
+    """The fused CUDA kernels (cpp_ext/), when torch with CUDA and nvcc are importable/present at build
+    time: `pip install --no-build-isolation .` or `python setup.py build_ext --inplace`. Under pip's
+    default build isolation torch is absent, so a plain install stays pure Python and the runtime
+    uses its torch reference (runtime.update says which runs). UNCLIP_RT_NO_CUDA_EXT=1 skips it."""
+    if os.environ.get("UNCLIP_RT_NO_CUDA_EXT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/guided_update.cu"],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXTENSIONS, COMMANDS = cuda_extensions()
 
 setup(
     name="unclip-rt",
@@ -13,7 +37,7 @@ setup(
     description="Fast unCLIP (DALL-E 2 architecture, Karlo-compatible) inference runtime",
     python_requires=">=3.10",
     packages=find_packages(include=["models", "models.*", "runtime", "runtime.*", "export", "export.*", "train",
-                                    "train.*"]),
+                                    "train.*", "cpp_ext"]),
     install_requires=[
         "torch>=2.4",
         "open_clip_torch>=2.24",
@@ -29,5 +53,7 @@ setup(
         "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime"],
         "bench": ["diffusers==0.42.1", "transformers>=4.40"],
     },
+    ext_modules=EXTENSIONS,
+    cmdclass=COMMANDS,
     entry_points={"console_scripts": ["unclip-rt=runtime.__main__:main"]},
 )

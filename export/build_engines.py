@@ -58,13 +58,14 @@ def load_model(spec: str) -> UnCLIPModel:
     raise BuildError(f"--model {spec!r}: expected default, a model folder, karlo:DIR, diffusers:DIR or random:CONFIG")
 
 
-def random_model(config: str, seed: int = 0) -> UnCLIPModel:
+def random_model(config: str, seed: int = 0, device: str | torch.device = "cpu") -> UnCLIPModel:
     """A model of a named config with random weights. The layers a fresh model initialises to
     zero (each UNet's and block's output projection) get small random values too, so every output
     depends on every weight and the graph checks compare something (a zero UNet output would
     match any graph)."""
     torch.manual_seed(seed)
-    model = UnCLIPModel(get_config(config)).eval()
+    with torch.device(device):  # initialised where it will run (a Karlo-size model inits in seconds on a GPU)
+        model = UnCLIPModel(get_config(config)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():

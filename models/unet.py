@@ -82,6 +82,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(context_width, 2 * channels, 1) if context_width else None
         self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
+        self.kv_heads = slice(0, self.heads)  # this block's heads in the UNet's packed context K/V
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project context [B, N, W] to per-head keys and values, each [B, heads, N, ch]."""
@@ -95,15 +96,25 @@ class AttentionBlock(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         context_bias: torch.Tensor | None = None,
+        context_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attend over the image positions and the context tokens.
+
+        :param context_kv: the UNet's packed context keys/values (`UNet.context_kv`), used instead
+            of projecting `context` again (this block reads its own heads, `kv_heads`).
+        """
         b, c, hgt, wid = x.shape
         h = self.norm(x).view(b, c, -1)
         qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, HW, 3C]
         qkv = qkv.view(b, hgt * wid, self.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
         q, k, v = qkv.chunk(3, dim=-1)
         bias = None
-        if context is not None and self.encoder_kv is not None:
+        ek = ev = None
+        if context_kv is not None and self.encoder_kv is not None:
+            ek, ev = context_kv[:, 0, self.kv_heads].to(q.dtype), context_kv[:, 1, self.kv_heads].to(q.dtype)
+        elif context is not None and self.encoder_kv is not None:
             ek, ev = self.context_kv(context)
+        if ek is not None:
             k = torch.cat([ek, k], dim=2)
             v = torch.cat([ev, v], dim=2)
             if context_bias is not None:
@@ -117,12 +128,12 @@ class AttentionBlock(nn.Module):
 class TimestepSequential(nn.Sequential):
     """Runs its layers, giving each the inputs it takes (keys read `blocks.N.M`)."""
 
-    def forward(self, x, emb, context=None, context_bias=None):  # noqa: D102
+    def forward(self, x, emb, context=None, context_bias=None, context_kv=None):  # noqa: D102
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, AttentionBlock):
-                x = layer(x, context, context_bias)
+                x = layer(x, context, context_bias, context_kv)
             else:
                 x = layer(x)
         return x
@@ -177,6 +188,24 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(ch, silu=True), nn.Identity(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         )
+        heads = 0
+        for block in self.context_blocks():
+            block.kv_heads = slice(heads, heads + block.heads)
+            heads += block.heads
+        if heads != context_heads(cfg):
+            raise AssertionError(f"context_heads({cfg}) = {context_heads(cfg)}, the UNet has {heads}")
+
+    def context_blocks(self) -> list[AttentionBlock]:
+        """The attention blocks that attend to context tokens, in the order of the packed K/V."""
+        return [m for m in self.modules() if isinstance(m, AttentionBlock) and m.encoder_kv is not None]
+
+    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """Every attention block's context keys and values, packed: [B, 2, context_heads, N, head_channels].
+
+        They depend on the conditioning only, so a sampling loop computes them once per call
+        instead of once per step (`forward(..., context_kv=...)`)."""
+        parts = [torch.stack(block.context_kv(context), dim=1) for block in self.context_blocks()]
+        return torch.cat(parts, dim=2)
 
     def time_embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
         """[B] timesteps → [B, time_embed_dim] embedding."""
@@ -191,6 +220,7 @@ class UNet(nn.Module):
         emb_add: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_bias: torch.Tensor | None = None,
+        context_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the UNet.
 
@@ -199,6 +229,7 @@ class UNet(nn.Module):
         :param emb_add: optional [B, time_embed_dim] added to the time embedding.
         :param context: optional [B, N, context_width] cross-attention tokens.
         :param context_bias: optional [B, N] additive bias for the context keys (0 / -inf).
+        :param context_kv: optional `context_kv(context)`, computed once, used instead of `context`.
         :return: [B, out_channels, H, W].
         """
         emb = self.time_embedding(timesteps)
@@ -207,9 +238,24 @@ class UNet(nn.Module):
         hs = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context, context_bias)
+            h = block(h, emb, context, context_bias, context_kv)
             hs.append(h)
-        h = self.middle_block(h, emb, context, context_bias)
+        h = self.middle_block(h, emb, context, context_bias, context_kv)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_bias)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_bias, context_kv)
         return self.out(h)
+
+
+def context_heads(cfg: UNetConfig) -> int:
+    """Attention heads that read context tokens, over the whole UNet (the packed K/V's head axis)."""
+    if not cfg.context_width:
+        return 0
+    heads, ds = 0, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        if ds in cfg.attention_ds:
+            heads += (2 * cfg.num_res_blocks + 1) * (cfg.model_channels * mult // cfg.num_head_channels)
+        if level != len(cfg.channel_mult) - 1:
+            ds *= 2
+    if cfg.middle_attention:
+        heads += cfg.model_channels * cfg.channel_mult[-1] // cfg.num_head_channels
+    return heads

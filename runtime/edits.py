@@ -81,7 +81,8 @@ def text_diff_direction(from_embed: torch.Tensor, to_embed: torch.Tensor) -> tor
 
 @torch.no_grad()
 def ddim_invert(
-    decoder: Engine,
+    decoder_context: Engine,
+    decoder_step: Engine,
     diffusion: DiffusionConfig,
     uncond_image_embed: torch.Tensor | None,
     image: torch.Tensor,
@@ -104,11 +105,12 @@ def ddim_invert(
     :return: x_T [B, 3, S, S] (float32, float64 with float64 engines).
     """
     b = image.shape[0]
-    x = image.to(work_dtype(decoder.float_dtype))
+    x = image.to(work_dtype(decoder_step.float_dtype))
     image_embed = image_embed.to(x.dtype)
     if uncond is not None:
         image_embed = torch.cat([image_embed, uncond_image_embed.to(x.dtype)])
         text = TextConditioning.cat([text, uncond])
+    emb_add, context_kv, context_bias = decoder_context(image_embed, text.embed, text.tokens, text.mask)
     alphas = _alphas_cumprod_at(table)
     n = len(table)
     for k in progress_bar(n - 1, "invert", progress):
@@ -116,7 +118,7 @@ def ddim_invert(
         j = i + 1
         x_in = torch.cat([x, x]) if uncond is not None else x
         t = timesteps_at(table, j, x_in.shape[0], x.device)
-        (out,) = decoder(x_in, t, image_embed, text.embed, text.tokens, text.mask)
+        (out,) = decoder_step(x_in, t, emb_add, context_kv, context_bias)
         out = out.to(x.dtype)[:, :3]
         if uncond is not None:
             out = classifier_free_guidance(out[:b], out[b:], guidance_scale)

@@ -30,7 +30,8 @@ from runtime.constants import ModelConstants
 from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
-MANIFEST_FORMAT = 2  # bumped when the folder layout changes; older folders are refused (2: split prior)
+# Bumped when the folder layout changes; older folders are refused (2: split prior, 3: split decoder).
+MANIFEST_FORMAT = 3
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _PRECISION = {"fp32": torch.float32, "fp16": torch.float16}
@@ -43,6 +44,7 @@ class EngineError(RuntimeError):
 class Engine(Protocol):
     signature: StageSignature
     float_dtype: torch.dtype
+    capturable: bool  # runs inside CUDA graph capture (no host sync, works on the current stream)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
@@ -63,6 +65,8 @@ def normalise_config(cfg_dict: dict) -> dict:
 class TorchEngine:
     """The stage's torch module (in the model's dtype and device)."""
 
+    capturable = True
+
     def __init__(self, model: UnCLIPModel, name: str) -> None:
         self.signature = signatures(model.cfg)[name]
         self.module = stage_module(model, name)
@@ -75,6 +79,8 @@ class TorchEngine:
 
 class OnnxRuntimeEngine:
     """An exported graph in an ONNX Runtime session."""
+
+    capturable = False  # ORT copies through the host (CPU provider) or syncs its own stream (CUDA)
 
     def __init__(self, path: Path, signature: StageSignature, providers: list[str] | None = None) -> None:
         import onnxruntime as ort

@@ -83,7 +83,7 @@ class ImageTools:
         b = embeds.shape[0]
         uncond = self._text("", b) if scale != 1.0 else None
         latents = edits.ddim_invert(
-            self.engines["decoder"], self.cfg.decoder.diffusion,
+            self.engines["decoder_context"], self.engines["decoder_step"], self.cfg.decoder.diffusion,
             self.constants.uncond_image_embed(b, torch.float32).to(self.device) if uncond is not None else None,
             self._decoder_images(images), embeds, self._text(prompt, b), uncond,
             make_step_table(self.cfg.decoder.diffusion, steps, "ddim").to(self.device), scale, self.progress,
@@ -147,15 +147,16 @@ class ImageTools:
             table = make_step_table(diff, steps, "ddim", float(eta)).to(self.device)
             dec_noise = StageNoise(latents, noise.decoder.steps)
         small = loops.sample_decoder(
-            self.engines["decoder"], diff, self.constants, embeds, text, uncond, table, dec_noise.to(self.device),
-            scale, self.progress, learned_variance=latents is None,
+            self.engines["decoder_context"], self.engines["decoder_step"], diff, self.constants, embeds, text, uncond,
+            table, dec_noise.to(self.device), scale, self.progress, learned_variance=latents is None,
+            graphs=self.graphs,
         )
         images = small
         if super_res:
             images = loops.sample_super_res(
                 self.engines["super_res_first"], self.engines["super_res_last"], self.cfg.super_res.diffusion, small,
                 make_step_table(self.cfg.super_res.diffusion, sr_steps).to(self.device),
-                noise.super_res.to(self.device), self.progress,
+                noise.super_res.to(self.device), self.progress, graphs=self.graphs,
             )
         return UnCLIPOutput(to_output(images, output_type), embeds.float().cpu())
 

@@ -1,5 +1,5 @@
 """The three denoising loops (prior, decoder, super-res), each a few lines around
-`sampling.denoise_step`, and the noise they consume.
+`update.guided_update`, and the noise they consume.
 
 The loops call stage engines (`runtime.engines.Engine`: torch modules, ONNX Runtime sessions or
 TensorRT plans, all with the positional I/O of `runtime.signatures`) and never know which
@@ -9,6 +9,11 @@ All noise of a run is drawn before the loops start (`SamplingNoise`), so the loo
 RNG state, a run is reproducible from its noise alone, and a caller (a test, DDIM inversion)
 can inject its own. Engines run in their own dtype (they cast float inputs); samples and updates
 stay float32 (float64 when the engines are float64, for reference checks).
+
+Each loop is a function of tensors only (conditioning, noise, step coefficients, guidance scale)
+with no host sync, so on CUDA `runtime.graphs.GraphCache` captures the whole loop (context stage
+and every step) once per shape and replays it; without a cache the same function runs eagerly.
+The non-finite check runs on the device and is read once, after the loop.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from models.layers import work_dtype
 from models.super_res import upsample_low_res
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
-from runtime.sampling import StepTable, classifier_free_guidance, denoise_step
+from runtime.graphs import GraphCache
+from runtime.sampling import StepTable
+from runtime.update import UpdateSpec, guided_update, packed_coefficients
 
 
 @dataclass(frozen=True)
@@ -75,23 +82,12 @@ class NumericalError(FloatingPointError):
     """A stage produced NaN or infinite values; names the stage and the first bad step."""
 
 
-class FiniteGuard:
-    """Records, on the device, the first step at which a stage's sample stops being finite, and
-    raises once at the end of the loop: no host sync inside the loop, and no black image."""
-
-    def __init__(self, stage: str, steps: int, device: torch.device) -> None:
-        self.stage, self.steps = stage, steps
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def update(self, i: int, x: torch.Tensor) -> None:
-        bad = ~torch.isfinite(x).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, i), self.first_bad)
-
-    def check(self) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            raise NumericalError(f"the {self.stage} produced NaN or infinite values at step {step + 1} of "
-                                 f"{self.steps}; no image was returned (check the inputs, or run in float32)")
+def check_finite(first_bad: torch.Tensor, stage: str, steps: int) -> None:
+    """Raise `NumericalError` if the loop recorded a non-finite sample (one host read per loop)."""
+    step = int(first_bad.reshape(-1)[0])
+    if step >= 0:
+        raise NumericalError(f"the {stage} produced NaN or infinite values at step {step + 1} of "
+                             f"{steps}; no image was returned (check the inputs, or run in float32)")
 
 
 def progress_bar(steps: int, desc: str, enabled: bool):
@@ -111,6 +107,26 @@ def timesteps_at(table: StepTable, i: int, batch: int, device: torch.device) -> 
     return table.timesteps[i].expand(batch).to(device)
 
 
+def _network_input(x: torch.Tensor, copies: int, dtype: torch.dtype) -> torch.Tensor:
+    x_in = x.to(dtype)
+    return torch.cat([x_in] * copies) if copies > 1 else x_in
+
+
+def _loop_tensors(table: StepTable, noise: StageNoise, scale: float, work: torch.dtype, device: torch.device):
+    """The tensors every loop reads: x_T, per-step noise, coefficients, timesteps, guidance scale."""
+    return (noise.init.to(device, work), noise.steps.to(device, work), packed_coefficients(table, work, device),
+            table.timesteps.to(device), torch.full((1,), float(scale), dtype=work, device=device))
+
+
+def _run(graphs: GraphCache | None, tag: tuple, loop, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Run `loop(*args)` eagerly, or as a CUDA graph replay from `graphs`."""
+    return loop(*args) if graphs is None else graphs.run(tag, loop, args)
+
+
+def _steps(n: int, desc: str, progress: bool, graphs: GraphCache | None):
+    return progress_bar(n, desc, progress and graphs is None)  # a captured loop has no host-side steps
+
+
 @torch.no_grad()
 def sample_prior(
     prior_context: Engine,
@@ -123,6 +139,7 @@ def sample_prior(
     noise: StageNoise,
     guidance_scale: float,
     progress: bool = False,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] (float32 or float64).
 
@@ -130,29 +147,34 @@ def sample_prior(
     against their cached keys and values.
 
     :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
+    :param graphs: capture/replay the loop as a CUDA graph (None: run eagerly).
     """
     b = text.embed.shape[0]
     _check_noise(noise, table, (b, constants.prior_clip_mean.shape[-1]), "prior")
     cond = TextConditioning.cat([text, uncond]) if uncond is not None else text
-    x = noise.init.to(work_dtype(prior_step.float_dtype))
-    (context_kv,) = prior_context(cond.embed, cond.tokens, cond.mask)
-    guard = FiniteGuard("prior", len(table), x.device)
-    for i in progress_bar(len(table), "prior", progress):
-        x_in = torch.cat([x, x]) if uncond is not None else x
-        t = timesteps_at(table, i, x_in.shape[0], x.device)
-        (out,) = prior_step(x_in, t, context_kv, cond.mask)
-        out = out.to(x.dtype)
-        if uncond is not None:
-            out = classifier_free_guidance(out[:b], out[b:], guidance_scale)
-        x = denoise_step(table, i, x, out, noise.steps[i], diffusion.prediction, diffusion.clip_range)
-        guard.update(i, x)
-    guard.check()
-    return constants.unnormalize(x)
+    spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, False, uncond is not None)
+    work, net = work_dtype(prior_step.float_dtype), prior_step.float_dtype
+    n = len(table)
+
+    def loop(embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):
+        (context_kv,) = prior_context(embed, tokens, mask)
+        x, x_in = init, _network_input(init, spec.copies, net)
+        first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
+        for i in _steps(n, "prior", progress, graphs):
+            (out,) = prior_step(x_in, timesteps[i].expand(x_in.shape[0]), context_kv, mask)
+            x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
+        return constants.unnormalize(x), first_bad
+
+    args = (cond.embed, cond.tokens, cond.mask, *_loop_tensors(table, noise, guidance_scale, work, cond.embed.device))
+    x, first_bad = _run(graphs, ("prior", spec), loop, args)
+    check_finite(first_bad, "prior", n)
+    return x
 
 
 @torch.no_grad()
 def sample_decoder(
-    decoder: Engine,
+    decoder_context: Engine,
+    decoder_step: Engine,
     diffusion: DiffusionConfig,
     constants: ModelConstants,
     image_embed: torch.Tensor,
@@ -163,36 +185,43 @@ def sample_decoder(
     guidance_scale: float,
     progress: bool = False,
     learned_variance: bool = True,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1] (float32 or float64).
 
-    The unconditional branch uses the learned unconditional image embedding and the empty
-    prompt; guidance applies to the prediction, the variance comes from the conditional half.
-    `learned_variance=False` ignores a learned-range variance (DDIM tables carry their own σ).
+    `decoder_context` computes the conditioning (text projection, every attention block's context
+    keys and values) once; `decoder_step` runs each step against it. The unconditional branch uses
+    the learned unconditional image embedding and the empty prompt; guidance applies to the
+    prediction, the variance comes from the conditional half. `learned_variance=False` ignores a
+    learned-range variance (DDIM tables carry their own σ).
     """
     b = image_embed.shape[0]
-    size = decoder.signature.outputs[0].shape[-1]
+    size = decoder_step.signature.outputs[0].shape[-1]
     _check_noise(noise, table, (b, 3, size, size), "decoder")
-    x = noise.init.to(work_dtype(decoder.float_dtype))
-    image_embed = image_embed.to(x.dtype)
+    net = decoder_step.float_dtype
+    work = work_dtype(net)
+    image_embed = image_embed.to(work)
     if uncond is not None:
-        image_embed = torch.cat([image_embed, constants.uncond_image_embed(b, x.dtype).to(x.device)])
+        image_embed = torch.cat([image_embed, constants.uncond_image_embed(b, work).to(image_embed.device)])
         text = TextConditioning.cat([text, uncond])
-    has_var = diffusion.variance == "learned_range"
-    learned = has_var and learned_variance
-    guard = FiniteGuard("decoder", len(table), x.device)
-    for i in progress_bar(len(table), "decoder", progress):
-        x_in = torch.cat([x, x]) if uncond is not None else x
-        t = timesteps_at(table, i, x_in.shape[0], x.device)
-        (out,) = decoder(x_in, t, image_embed, text.embed, text.tokens, text.mask)
-        out = out.to(x.dtype)
-        pred, var = (out[:, :3], out[:, 3:]) if learned else (out[:, :3] if has_var else out, None)
-        if uncond is not None:
-            pred, var = classifier_free_guidance(pred[:b], pred[b:], guidance_scale), (var[:b] if learned else None)
-        x = denoise_step(table, i, x, pred, noise.steps[i], diffusion.prediction, diffusion.clip_range, var)
-        guard.update(i, x)
-    guard.check()
-    return x.clamp(-1, 1)
+    learned = diffusion.variance == "learned_range" and learned_variance
+    spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, learned, uncond is not None)
+    n = len(table)
+
+    def loop(embed_in, embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):
+        emb_add, context_kv, context_bias = decoder_context(embed_in, embed, tokens, mask)
+        x, x_in = init, _network_input(init, spec.copies, net)
+        first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
+        for i in _steps(n, "decoder", progress, graphs):
+            (out,) = decoder_step(x_in, timesteps[i].expand(x_in.shape[0]), emb_add, context_kv, context_bias)
+            x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
+        return x.clamp(-1, 1), first_bad
+
+    args = (image_embed, text.embed, text.tokens, text.mask,
+            *_loop_tensors(table, noise, guidance_scale, work, image_embed.device))
+    x, first_bad = _run(graphs, ("decoder", spec), loop, args)
+    check_finite(first_bad, "decoder", n)
+    return x
 
 
 @torch.no_grad()
@@ -204,19 +233,28 @@ def sample_super_res(
     table: StepTable,
     noise: StageNoise,
     progress: bool = False,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """Upsample [B, 3, s, s] images in [−1, 1] to [B, 3, S, S]; `last_step` runs the final step."""
     b = low_res.shape[0]
     size = first_steps.signature.outputs[0].shape[-1]
     _check_noise(noise, table, (b, 3, size, size), "super_res")
-    work = work_dtype(first_steps.float_dtype)
-    low_res_up = upsample_low_res(low_res.to(work), size)
-    x = noise.init.to(work)
-    guard = FiniteGuard("super-res", len(table), x.device)
-    for i in progress_bar(len(table), "super-res", progress):
-        engine = last_step if i == len(table) - 1 else first_steps
-        (out,) = engine(x, timesteps_at(table, i, b, x.device), low_res_up)
-        x = denoise_step(table, i, x, out.to(x.dtype), noise.steps[i], diffusion.prediction, diffusion.clip_range)
-        guard.update(i, x)
-    guard.check()
-    return x.clamp(-1, 1)
+    net = first_steps.float_dtype
+    work = work_dtype(net)
+    spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, False, False)
+    n = len(table)
+
+    def loop(small, init, steps_noise, coefs, timesteps, scale):
+        low_res_up = upsample_low_res(small.to(work), size).to(net)
+        x, x_in = init, _network_input(init, 1, net)
+        first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
+        for i in _steps(n, "super-res", progress, graphs):
+            engine = last_step if i == n - 1 else first_steps
+            (out,) = engine(x_in, timesteps[i].expand(b), low_res_up)
+            x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
+        return x.clamp(-1, 1), first_bad
+
+    args = (low_res.to(work), *_loop_tensors(table, noise, 1.0, work, low_res.device))
+    x, first_bad = _run(graphs, ("super_res", spec), loop, args)
+    check_finite(first_bad, "super-res", n)
+    return x

@@ -31,6 +31,7 @@ from runtime import loops
 from runtime.backends import choose_backend, open_engines
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
+from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
@@ -95,6 +96,7 @@ class UnCLIP(ImageTools):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -108,7 +110,11 @@ class UnCLIP(ImageTools):
             float64 for reference checks). Engines run in the precision they were built in; a
             dtype that differs from it is an error. Sampling math runs in float32 (float64 with
             float64 networks).
-        :param progress: show tqdm progress bars.
+        :param progress: show tqdm progress bars (not with CUDA graphs: a captured loop has no host-side steps).
+        :param cuda_graphs: capture each sampling loop as a CUDA graph on first use and replay it
+            (None: on when the device is CUDA and the backend's engines can be captured — torch
+            and tensorrt; ONNX Runtime cannot). The first call per batch size and step count
+            captures (about three eager runs); later calls replay.
         """
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
@@ -133,6 +139,7 @@ class UnCLIP(ImageTools):
         else:
             self.engines, self.constants, self.dtype = _engines_for(model, engine_dir, self.backend, self.device, dtype)
             self.model = None  # the engines run every stage; the torch modules are not kept
+        self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
 
     @classmethod
     def from_karlo(
@@ -254,7 +261,7 @@ class UnCLIP(ImageTools):
             e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
             uncond if prior_scale != 1.0 else None,
             make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
-            noise.prior.to(self.device), prior_scale, self.progress,
+            noise.prior.to(self.device), prior_scale, self.progress, self.graphs,
         )
         images = self._decode(image_embeds, text, uncond if decoder_scale != 1.0 else None, decoder_scale,
                               steps["decoder_steps"], steps["super_res_steps"], noise)
@@ -268,14 +275,14 @@ class UnCLIP(ImageTools):
         """CLIP image embeddings → 64² decoder images → super-resolved images, [B, 3, S, S] in [−1, 1]."""
         cfg, e = self.cfg, self.engines
         small = loops.sample_decoder(
-            e["decoder"], cfg.decoder.diffusion, self.constants, image_embeds, text, uncond,
+            e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, self.constants, image_embeds, text, uncond,
             make_step_table(cfg.decoder.diffusion, decoder_steps).to(self.device),
-            noise.decoder.to(self.device), scale, self.progress,
+            noise.decoder.to(self.device), scale, self.progress, graphs=self.graphs,
         )
         return loops.sample_super_res(
             e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
             make_step_table(cfg.super_res.diffusion, super_res_steps).to(self.device),
-            noise.super_res.to(self.device), self.progress,
+            noise.super_res.to(self.device), self.progress, graphs=self.graphs,
         )
 
 
@@ -292,6 +299,21 @@ def _engines_for(
                          f"{folder.float_dtype}, or build the other precision with {folder.rebuild_command}")
     engines = open_engines(backend, None, folder, device)
     return engines, folder.constants().to(device), folder.float_dtype
+
+
+def _graph_cache(requested: bool | None, device: torch.device, engines: dict[str, Engine]) -> GraphCache | None:
+    """A CUDA graph cache when asked for (or by default where it works), else None (eager loops)."""
+    capturable = all(getattr(e, "capturable", False) for e in engines.values())
+    if requested is None:
+        requested = device.type == "cuda" and capturable
+    if not requested:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
+    if not capturable:
+        raise ValueError("cuda_graphs=True: this backend's engines cannot be captured in a CUDA graph "
+                         "(ONNX Runtime synchronises inside a run); use backend='torch' or 'tensorrt'")
+    return GraphCache(device)
 
 
 def load_folder(folder: str | Path) -> UnCLIPModel:

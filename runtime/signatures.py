@@ -4,10 +4,12 @@ capture read their names, shapes and sample inputs from here.
 
 Stages: `clip_text`, `clip_image`, `prior_context` (the prior's step-independent tokens → their
 per-layer keys and values, once per prompt), `prior_step` (one prior step against that cache),
-`decoder` (UNet + text projection), `super_res_first` and `super_res_last` (the two super-res
-UNets); and `prior`, the whole prior in one graph (the reference the split pair is checked
-against; not needed to generate, so not built unless asked for). Each stage module takes its inputs positionally
-in the declared order and returns its outputs as a tuple in the declared order.
+`decoder_context` (the decoder's text projection and every attention block's context keys and
+values, once per call), `decoder_step` (one UNet step against them), `super_res_first` and
+`super_res_last` (the two super-res UNets); and `prior` and `decoder`, each whole network in one
+graph (the references the split pairs are checked against; not needed to generate, so not built
+unless asked for). Each stage module takes its inputs positionally in the declared order and
+returns its outputs as a tuple in the declared order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from models.configs import UnCLIPConfig
 from models.unclip import UnCLIPModel
+from models.unet import context_heads
 
 BATCH = "batch"  # the one dynamic axis; every other size is fixed by the model's config
 
@@ -103,6 +106,14 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
     )
     t = TensorSpec("timesteps", (BATCH,), "int64")
     kv = TensorSpec("context_kv", (BATCH, p.layers, 2, p.heads, p.text_ctx + 1, p.width // p.heads))
+    n_ctx = cfg.text_proj.clip_tokens + length
+    dec_cond = (
+        TensorSpec("emb_add", (BATCH, d.time_embed_dim)),
+        TensorSpec("context_kv", (BATCH, 2, context_heads(d), n_ctx, d.num_head_channels)),
+        TensorSpec("context_bias", (BATCH, n_ctx)),
+    )
+    dec_x = TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size))
+    dec_out = (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),)
     sr_inputs = (TensorSpec("x_t", (BATCH, 3, s.image_size, s.image_size)), t,
                  TensorSpec("low_res_up", (BATCH, 3, s.image_size, s.image_size)))
     sr_out = (TensorSpec("model_out", (BATCH, s.out_channels, s.image_size, s.image_size)),)
@@ -115,10 +126,11 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
         StageSignature("prior_context", text, (kv,), cfg_doubled=True),
         StageSignature("prior_step", (TensorSpec("x_t", (BATCH, p.clip_dim)), t, kv, text[2]),
                        (TensorSpec("model_out", (BATCH, p.clip_dim)),), cfg_doubled=True),
-        StageSignature("decoder", (TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size)), t,
-                                   TensorSpec("image_embed", (BATCH, c.embed_dim)), *text),
-                       (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),),
+        StageSignature("decoder", (dec_x, t, TensorSpec("image_embed", (BATCH, c.embed_dim)), *text), dec_out,
                        cfg_doubled=True),
+        StageSignature("decoder_context", (TensorSpec("image_embed", (BATCH, c.embed_dim)), *text), dec_cond,
+                       cfg_doubled=True),
+        StageSignature("decoder_step", (dec_x, t, *dec_cond), dec_out, cfg_doubled=True),
         StageSignature("super_res_first", sr_inputs, sr_out),
         StageSignature("super_res_last", sr_inputs, sr_out),
     ]
@@ -179,6 +191,24 @@ class _Decoder(nn.Module):
         return (self.decoder(x_t, timesteps, image_embed, text_embed, text_tokens, text_mask),)
 
 
+class _DecoderContext(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, image_embed, text_embed, text_tokens, text_mask) -> tuple[torch.Tensor, ...]:
+        return self.decoder.context(image_embed, text_embed, text_tokens, text_mask)
+
+
+class _DecoderStep(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, x_t, timesteps, emb_add, context_kv, context_bias) -> tuple[torch.Tensor]:
+        return (self.decoder.step(x_t, timesteps, emb_add, context_kv, context_bias),)
+
+
 class _SuperRes(nn.Module):
     def __init__(self, model: UnCLIPModel, last: bool) -> None:
         super().__init__()
@@ -197,6 +227,8 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
         "prior_context": lambda: _PriorContext(model),
         "prior_step": lambda: _PriorStep(model),
         "decoder": lambda: _Decoder(model),
+        "decoder_context": lambda: _DecoderContext(model),
+        "decoder_step": lambda: _DecoderStep(model),
         "super_res_first": lambda: _SuperRes(model, last=False),
         "super_res_last": lambda: _SuperRes(model, last=True),
     }
@@ -205,10 +237,12 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
     return builders[name]().eval()
 
 
-GENERATE_STAGES = ("clip_text", "prior_context", "prior_step", "decoder", "super_res_first", "super_res_last")
+GENERATE_STAGES = ("clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", "super_res_first",
+                   "super_res_last")
 
 
 def available_stages(model: UnCLIPModel) -> list[str]:
     """The stages to build for this model: what text→image needs, and clip_image (the image
-    tools) when the model has a CLIP vision tower. (`prior` is built only when asked for.)"""
+    tools) when the model has a CLIP vision tower. (`prior` and `decoder`, the whole networks the
+    split stages are checked against, are built only when asked for.)"""
     return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *GENERATE_STAGES[1:]]

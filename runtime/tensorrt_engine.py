@@ -46,7 +46,10 @@ def check_compatible(manifest: dict, device: torch.device, rebuild: str) -> None
 
 
 class TensorRTEngine:
-    """One stage's plan."""
+    """One stage's plan. Enqueue is asynchronous on torch's current stream and capturable in a
+    CUDA graph; one execution context serves every call (`UnCLIP` serialises calls)."""
+
+    capturable = True
 
     def __init__(self, path: Path, signature: StageSignature, device: torch.device) -> None:
         trt = _tensorrt()
@@ -66,21 +69,14 @@ class TensorRTEngine:
             raise EngineError(f"{path}: tensors {names} do not match the {signature.name} signature")
         out_dtype = self.engine.get_tensor_dtype(signature.output_names[0])
         self.float_dtype = torch.float16 if out_dtype == trt.DataType.HALF else torch.float32
-        self._contexts: dict[int, object] = {}
-
-    def _context(self, stream: int):
-        context = self._contexts.get(stream)
-        if context is None:
-            context = self.engine.create_execution_context()
-            self._contexts[stream] = context
-        return context
+        self._context = self.engine.create_execution_context()  # allocates here, never during graph capture
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sig = self.signature
         inputs = [x.contiguous() for x in cast_inputs(sig, inputs, self.float_dtype)]
         batch = inputs[0].shape[0]
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        context = self._context(stream)
+        context = self._context
         for spec, x in zip(sig.inputs, inputs, strict=True):
             context.set_input_shape(spec.name, tuple(x.shape))
             context.set_tensor_address(spec.name, x.data_ptr())

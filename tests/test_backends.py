@@ -101,9 +101,9 @@ def test_a_stale_manifest_format_or_damaged_files_are_refused(default_engine_dir
     with pytest.raises(EngineError, match="prior_step.onnx.*missing"):
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
 
-    del manifest["stages"]["decoder"]
+    del manifest["stages"]["decoder_step"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match=r"no engine for stage\(s\) \['decoder'\]"):
+    with pytest.raises(EngineError, match=r"no engine for stage\(s\) \['decoder_step'\]"):
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
 
 

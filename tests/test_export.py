@@ -48,21 +48,22 @@ def test_build_exports_and_checks_every_stage_then_skips_an_unchanged_model(rand
     out = tmp_path / "engines"
     manifest = build(random_model, out, ["onnxruntime"])
     assert set(manifest["stages"]) == set(available_stages(random_model)) >= {
-        "clip_text", "prior_context", "prior_step", "decoder", "super_res_first", "super_res_last"}
+        "clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", "super_res_first",
+        "super_res_last"}
     for name, entry in manifest["stages"].items():
         assert entry["max_relative_error"] <= TOLERANCE["fp32"], name
         assert all((out / f).is_file() for f in entry["files"])
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["weights_sha256"] == weights_sha256(random_model) and on_disk["opset"] == 17
-    assert on_disk["signatures"]["decoder"]["inputs"][0]["name"] == "x_t"
+    assert on_disk["signatures"]["decoder_step"]["inputs"][0]["name"] == "x_t"
     assert "onnxruntime" in on_disk["versions"] and on_disk["compute_capability"] is None
 
-    stamp = (out / "decoder.onnx").stat().st_mtime_ns
+    stamp = (out / "decoder_step.onnx").stat().st_mtime_ns
     with caplog.at_level("INFO", logger="export"):
         build(random_model, out, ["onnxruntime"])
-    assert "up to date" in caplog.text and (out / "decoder.onnx").stat().st_mtime_ns == stamp
-    build(random_model, out, ["onnxruntime"], force=True, stages=["decoder"])
-    assert (out / "decoder.onnx").stat().st_mtime_ns != stamp
+    assert "up to date" in caplog.text and (out / "decoder_step.onnx").stat().st_mtime_ns == stamp
+    build(random_model, out, ["onnxruntime"], force=True, stages=["decoder_step"])
+    assert (out / "decoder_step.onnx").stat().st_mtime_ns != stamp
 
     changed = copy.deepcopy(random_model)
     with torch.no_grad():
@@ -103,8 +104,8 @@ def test_build_command_errors_are_clear(tmp_path, capsys):
 def test_the_shipped_default_model_exports_and_every_graph_checks(default_engine_dir):
     folder, table = default_engine_dir
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior_context", "prior_step", "decoder",
-                                       "super_res_first", "super_res_last"}
+    assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior_context", "prior_step", "decoder_context",
+                                       "decoder_step", "super_res_first", "super_res_last"}
     assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
     assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
     assert manifest["source"] == "default" and (folder / "constants.safetensors").is_file()

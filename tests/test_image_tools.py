@@ -149,7 +149,7 @@ def test_eta_zero_variations_reconstruct_and_bad_arguments_fail_before_any_netwo
     pipe = pipes["torch"]
     same = pipe.variations(scenes[0], n=2, eta=0.0, steps=8, super_res=False, output_type="pt").images
     assert torch.equal(same[0], same[1])
-    monkeypatch.setitem(pipe.engines, "decoder", lambda *a: pytest.fail("a network ran despite bad input"))
+    monkeypatch.setitem(pipe.engines, "decoder_step", lambda *a: pytest.fail("a network ran despite bad input"))
     embeds = torch.zeros(1, pipe.cfg.clip.embed_dim)
     cases = [
         (lambda: pipe.text_diff(scenes[0], "a", "b", amounts=(0.0, 1.5)), ValueError, "amounts"),

@@ -26,7 +26,7 @@ def pipe(ours):
 
 
 def test_a_nan_inside_a_loop_raises_naming_the_stage_and_step(pipe, monkeypatch):
-    real = pipe.engines["decoder"]
+    real = pipe.engines["decoder_step"]
     calls = []
 
     def poisoned(*inputs):
@@ -35,7 +35,7 @@ def test_a_nan_inside_a_loop_raises_naming_the_stage_and_step(pipe, monkeypatch)
         return (out.fill_(float("nan")),) if len(calls) == 3 else (out,)
 
     poisoned.signature, poisoned.float_dtype = real.signature, real.float_dtype
-    monkeypatch.setitem(pipe.engines, "decoder", poisoned)
+    monkeypatch.setitem(pipe.engines, "decoder_step", poisoned)
     with pytest.raises(NumericalError, match="decoder produced NaN or infinite values at step 3 of 4"):
         pipe.generate("a cat", seed=0, prior_steps=2, decoder_steps=4, super_res_steps=2)
 

@@ -97,9 +97,9 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     b = len(scenes)
     noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
     e = pipe.engines
-    small = sample_decoder(e["decoder"], cfg.decoder.diffusion, pipe.constants, image_embed, text, uncond,
-                           make_step_table(cfg.decoder.diffusion, 25).to(dev), noise.decoder.to(dev),
-                           decoder_guidance_scale)
+    small = sample_decoder(e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, pipe.constants,
+                           image_embed, text, uncond, make_step_table(cfg.decoder.diffusion, 25).to(dev),
+                           noise.decoder.to(dev), decoder_guidance_scale)
     big = sample_super_res(e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
                            make_step_table(cfg.super_res.diffusion, 7).to(dev), noise.super_res.to(dev))
     result = {}

@@ -120,23 +120,33 @@ def config_from_diffusers(root: str | Path) -> UnCLIPConfig:
     return UnCLIPConfig(f"diffusers:{root.name}", clip, prior, text_proj, decoder, super_res)
 
 
+COMPONENTS = ("text_encoder", "prior", "decoder", "text_proj", "super_res_first", "super_res_last")
+
+
 def load_diffusers(root: str | Path) -> UnCLIPModel:
     """Build an `UnCLIPModel` with the weights of a diffusers unCLIP folder."""
     root = Path(root)
-    cfg = config_from_diffusers(root)
-    has_vision = (root / "image_encoder").is_dir()
-    state = {f"clip.model.{k}": v for k, v in text_from_hf(_weights(root / "text_encoder"), cfg.clip).items()}
-    if has_vision:
-        vision = vision_from_hf(_weights(root / "image_encoder"), cfg.clip)
+    states = {name: _weights(root / name) for name in COMPONENTS}
+    if (root / "image_encoder").is_dir():
+        states["image_encoder"] = _weights(root / "image_encoder")
+    return model_from_states(config_from_diffusers(root), states, f"diffusers folder {root}")
+
+
+def model_from_states(cfg: UnCLIPConfig, states: dict[str, dict], what: str = "diffusers components") -> UnCLIPModel:
+    """An `UnCLIPModel` from the state dicts of diffusers' components (keyed as the folder's
+    sub-folders: `COMPONENTS`, and optionally `image_encoder`)."""
+    state = {f"clip.model.{k}": v for k, v in text_from_hf(states["text_encoder"], cfg.clip).items()}
+    if "image_encoder" in states:
+        vision = vision_from_hf(states["image_encoder"], cfg.clip)
         state.update({f"clip.model.{k}": v for k, v in vision.items()})
     parts = {
-        "prior.": prior_from_diffusers(_weights(root / "prior"), cfg.prior),
-        "decoder.unet.": unet_from_diffusers(_weights(root / "decoder"), cfg.decoder),
-        "decoder.text_proj.": text_proj_from_diffusers(_weights(root / "text_proj")),
-        "super_res.first_steps.": unet_from_diffusers(_weights(root / "super_res_first"), cfg.super_res),
-        "super_res.last_step.": unet_from_diffusers(_weights(root / "super_res_last"), cfg.super_res),
+        "prior.": prior_from_diffusers(states["prior"], cfg.prior),
+        "decoder.unet.": unet_from_diffusers(states["decoder"], cfg.decoder),
+        "decoder.text_proj.": text_proj_from_diffusers(states["text_proj"]),
+        "super_res.first_steps.": unet_from_diffusers(states["super_res_first"], cfg.super_res),
+        "super_res.last_step.": unet_from_diffusers(states["super_res_last"], cfg.super_res),
     }
     for prefix, part in parts.items():
         state.update({prefix + k: v for k, v in part.items()})
-    return UnCLIPModel.from_state(cfg, state, f"diffusers folder {root}")
+    return UnCLIPModel.from_state(cfg, state, what)
 

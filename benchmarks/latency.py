@@ -1,0 +1,307 @@
+"""Latency of unclip-rt against the peer, in one process on one GPU, on the same weights and steps.
+
+    python benchmarks/latency.py --config karlo --random-weights --batch 1 4 --out docs/latency.json
+    python benchmarks/latency.py --diffusers /weights/karlo-v1-alpha        # a real model, both sides
+
+Ours: `UnCLIP` on the torch backend in fp16 with CUDA graphs over each sampling loop and the
+fused update kernel (when `cpp_ext` is built), and optionally the same without graphs
+(`--ours-eager`). The peer: diffusers' `UnCLIPPipeline` in fp16 with SDPA attention, eager, and
+optionally under `torch.compile(mode="reduce-overhead")` (`--peer-compile`; minutes of compiling).
+
+Reported per system and batch (default steps 25/25/7, guidance 4/8): end-to-end ms (median of
+`--runs` after warm-up, with the spread), images/s, the first call (ours: graph capture),
+per-forward ms of each stage, peak GPU memory (its weights + its working memory), and for
+ours the time from a new process to the first image with the model on disk (`--first-image`).
+The FLOP floor comes from torch's FLOP counter over one forward of each stage times the steps,
+at the dense fp16 matmul throughput measured in the same run; "share of peak" = floor / time.
+Prints a table and writes JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.timing import ForwardTimer, forward_flops, graph_ms, matmul_peak_tflops, wall_ms  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
+from models.configs import get_config  # noqa: E402
+from models.unclip import UnCLIPModel  # noqa: E402
+
+PROMPT = "a high-resolution photograph of a red fox sitting in fresh snow"
+STAGE_BATCH = {"prior_step": 2, "decoder_step": 2, "super_res_first": 1, "clip_text": 2}  # rows per image
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="karlo", help="model config for --random-weights (default karlo)")
+    p.add_argument("--random-weights", action="store_true", help="random weights of --config (latency does not "
+                   "depend on the values)")
+    p.add_argument("--diffusers", type=Path, help="a diffusers unCLIP folder: both sides load its weights")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="images per call (default 1 4)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per system and batch (median reported)")
+    p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
+    p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
+    p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
+    p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if not (args.random_weights or args.diffusers):
+        p.error("give --random-weights (with --config) or --diffusers DIR")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    return args
+
+
+def build(args: argparse.Namespace):
+    """(peer pipeline in fp16 or None, our model with the same weights)."""
+    from benchmarks.diffusers_peer import build_pipeline, ours_from_pipeline
+
+    if args.diffusers:
+        from diffusers import UnCLIPPipeline
+
+        from models.convert.diffusers_folder import load_diffusers
+
+        pipe = UnCLIPPipeline.from_pretrained(args.diffusers, torch_dtype=torch.float16, local_files_only=True)
+        return pipe.to("cuda"), load_diffusers(args.diffusers)
+    cfg = get_config(args.config)
+    with torch.device("cuda"):
+        pipe = build_pipeline(cfg, Path(tempfile.mkdtemp()) / "tokenizer")
+    pipe = pipe.to(torch.float16)
+    return pipe, ours_from_pipeline(pipe, cfg)
+
+
+def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
+    sig = pipe.engines[name].signature
+    return list(sig.sample_inputs(batch, torch.float16, "cuda", torch.Generator().manual_seed(0)).values())
+
+
+def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> dict:
+    from runtime import UnCLIP
+    from runtime.update import implementation
+
+    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs)
+    weights = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
+    result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {}}
+    for n in args.batch:
+        def run(n=n):
+            return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - start) * 1e3
+        times = wall_ms(run, args.runs)
+        peak = torch.cuda.max_memory_allocated() - base + weights
+        entry = {"first_call_ms": first, **_summary(times, n), "peak_gib": peak / 2**30}
+        if graphs:
+            entry["forward_ms"] = {}
+            for name, rows in STAGE_BATCH.items():
+                x = stage_inputs(pipe, name, rows * n)
+                entry["forward_ms"][name] = graph_ms(lambda name=name, x=x: pipe.engines[name](*x))
+            entry["forward_ms"]["super_res_last"] = entry["forward_ms"]["super_res_first"]
+            entry["loop_ms"] = _loop_ms(pipe, n)
+        result["batches"][n] = entry
+    if graphs:
+        result["cache_savings"] = _cache_savings(pipe, model)
+    return result
+
+
+def _loop_ms(pipe, n: int) -> dict[str, float]:
+    """Each captured stage loop's replay time (CUDA events around one generate call)."""
+    events = []
+    real_run = pipe.graphs.run
+
+    def timed(tag, loop, args):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = real_run(tag, loop, args)
+        end.record()
+        events.append((tag[0], start, end))
+        return out
+
+    pipe.graphs.run = timed
+    try:
+        pipe.generate(PROMPT, num_images_per_prompt=n, seed=1, output_type="np")
+    finally:
+        pipe.graphs.run = real_run
+    torch.cuda.synchronize()
+    return {name: start.elapsed_time(end) for name, start, end in events}
+
+
+def _cache_savings(pipe, model: UnCLIPModel) -> dict[str, float]:
+    """Per-forward ms of the whole prior/decoder networks against their cached-context steps (batch 2)."""
+    from runtime.engines import TorchEngine
+
+    out = {}
+    for whole, step in (("prior", "prior_step"), ("decoder", "decoder_step")):
+        engine = TorchEngine(pipe.model, whole)
+        x = list(engine.signature.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(0)).values())
+        out[f"{whole}_whole_ms"] = graph_ms(lambda engine=engine, x=x: engine(*x))
+        y = stage_inputs(pipe, step, 2)
+        out[f"{step}_ms"] = graph_ms(lambda step=step, y=y: pipe.engines[step](*y))
+    return out
+
+
+def bench_peer(pipe, args: argparse.Namespace, compiled: bool) -> dict:
+    if compiled:
+        for name in ("prior", "decoder", "super_res_first", "super_res_last", "text_encoder"):
+            setattr(pipe, name, torch.compile(getattr(pipe, name), mode="reduce-overhead"))
+    pipe.set_progress_bar_config(disable=True)
+    s = _steps()
+    modules = {"prior": pipe.prior, "decoder": pipe.decoder, "super_res_first": pipe.super_res_first,
+               "super_res_last": pipe.super_res_last, "text_encoder": pipe.text_encoder}
+    weights = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
+    weights += sum(p.numel() * p.element_size() for p in pipe.text_proj.parameters())
+    result = {"compiled": compiled, "weights_gib": weights / 2**30, "batches": {}}
+    for n in args.batch:
+        def run(n=n):
+            return pipe(PROMPT, num_images_per_prompt=n, generator=torch.Generator("cuda").manual_seed(0),
+                        output_type="np", **s)
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - start) * 1e3
+        times = wall_ms(run, args.runs)
+        peak = torch.cuda.max_memory_allocated() - base + weights
+        timer = ForwardTimer(modules)
+        run()
+        forward = timer.median_ms()
+        timer.remove()
+        result["batches"][n] = {"first_call_ms": first, **_summary(times, n), "peak_gib": peak / 2**30,
+                                "forward_ms": forward}
+    return result
+
+
+def _steps() -> dict:
+    return {"prior_num_inference_steps": 25, "decoder_num_inference_steps": 25, "super_res_num_inference_steps": 7}
+
+
+def _summary(times: list[float], n: int) -> dict:
+    median = statistics.median(times)
+    return {"ms": median, "ms_min": min(times), "ms_max": max(times), "runs": len(times),
+            "images_per_s": n * 1e3 / median}
+
+
+def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float) -> dict:
+    """FLOPs per forward of each stage (ours, fp16) at each batch, the run's total and its floor."""
+    from runtime import UnCLIP
+
+    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=False)
+    s = pipe.cfg.sampling
+    steps = {"clip_text": 1, "prior_context": 1, "prior_step": s.prior_steps, "decoder_context": 1,
+             "decoder_step": s.decoder_steps, "super_res_first": s.super_res_steps - 1, "super_res_last": 1}
+    rows = {"clip_text": 2, "prior_context": 2, "prior_step": 2, "decoder_context": 2, "decoder_step": 2,
+            "super_res_first": 1, "super_res_last": 1}
+    out = {"peak_tflops": peak_tflops, "batches": {}}
+    for n in batches:
+        per_forward = {}
+        for name in steps:
+            x = stage_inputs(pipe, name, rows[name] * n)
+            per_forward[name] = forward_flops(lambda name=name, x=x: pipe.engines[name](*x))
+        total = sum(per_forward[k] * steps[k] for k in steps)
+        out["batches"][n] = {"gflop_per_forward": {k: v / 1e9 for k, v in per_forward.items()},
+                             "tflop_per_call": total / 1e12, "floor_ms": total / (peak_tflops * 1e12) * 1e3}
+    return out
+
+
+def first_image(model: UnCLIPModel) -> dict:
+    """A new Python process: import, load the model folder (fp16 safetensors), first image."""
+    from models.checkpoint import save_model
+
+    folder = Path(tempfile.mkdtemp(prefix="unclip-bench-"))
+    save_model(model.half(), model.cfg, folder)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "first_image.py"), str(folder)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"first-image process failed:\n{done.stderr[-3000:]}")
+    return {"new_process_to_first_image_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def table(results: dict) -> str:
+    """The results as a text table."""
+    floor = results["flops"]
+    lines = [f"GPU: {results['gpu']}; fp16; steps 25/25/7; matmul peak {floor['peak_tflops']:.0f} TFLOP/s"]
+    for n in results["batch"]:
+        f = floor["batches"][n]
+        lines.append(f"\n{n} image(s): {f['tflop_per_call']:.1f} TFLOP, FLOP floor {f['floor_ms']:.0f} ms")
+        lines.append(f"{'system':34} {'ms (min-max)':>22} {'img/s':>6} {'x eager peer':>12} {'share':>6} "
+                     f"{'peak GiB':>8}  forward ms (prior b2 / decoder b2 / super-res b1)")
+        peer_ms = results.get("peer_eager", {}).get("batches", {}).get(n, {}).get("ms")
+        for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
+                           ("peer_eager", "diffusers UnCLIPPipeline eager"),
+                           ("peer_compiled", "diffusers + torch.compile")):
+            entry = results.get(key, {}).get("batches", {}).get(n)
+            if not entry:
+                continue
+            fw = entry.get("forward_ms", {})
+            fwd = " / ".join(f"{fw[k]:.2f}" if k in fw else "-" for k in (
+                ("prior_step", "decoder_step", "super_res_first") if key.startswith("ours") else
+                ("prior", "decoder", "super_res_first")))
+            ratio = f"{peer_ms / entry['ms']:.2f}x" if peer_ms else "-"
+            spread = f"{entry['ms']:.0f} ({entry['ms_min']:.0f}-{entry['ms_max']:.0f})"
+            lines.append(f"{label:34} {spread:>22} {entry['images_per_s']:6.2f} {ratio:>12} "
+                         f"{f['floor_ms'] / entry['ms']:6.0%} {entry['peak_gib']:8.1f}  {fwd}")
+    if "first_image" in results:
+        fi = results["first_image"]
+        lines.append(f"\nnew process → first image (model on disk, fp16): {fi['new_process_to_first_image_s']:.1f} s "
+                     f"(import {fi['import_s']:.1f}, load {fi['load_s']:.1f}, first image {fi['first_image_s']:.1f})")
+    if "cache_savings" in results.get("ours", {}):
+        c = results["ours"]["cache_savings"]
+        lines.append(f"K/V caches (batch 2): prior whole {c['prior_whole_ms']:.2f} → step {c['prior_step_ms']:.2f} ms; "
+                     f"decoder whole {c['decoder_whole_ms']:.2f} → step {c['decoder_step_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+                     "source": str(args.diffusers) if args.diffusers else f"random:{args.config}", "prompt": PROMPT}
+    peer, model = build(args)
+    results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops())
+    results["ours"] = bench_ours(model, args, graphs=True)
+    results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
+    if args.ours_eager:
+        results["ours_eager"] = bench_ours(model, args, graphs=False)
+    if args.peer == "eager":
+        results["peer_eager"] = bench_peer(peer, args, compiled=False)
+        if args.peer_compile:
+            results["peer_compiled"] = bench_peer(peer, args, compiled=True)
+    del peer
+    torch.cuda.empty_cache()
+    if args.first_image:
+        results["first_image"] = first_image(model)
+    text = table(results)
+    print(text)
+    if args.out:
+        results["table"] = text
+        atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1, default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Fused CUDA kernels of unclip-rt, compiled by `setup.py` when CUDA torch and nvcc are present
+(`python setup.py build_ext --inplace`, or `pip install --no-build-isolation -e .`).
+
+`kernels` is the compiled module, or None when it was not built (a CPU-only install, or no nvcc):
+then `runtime.update` runs its torch reference instead, and `runtime.update.implementation()` says
+which one runs.
+"""
+
+from __future__ import annotations
+
+try:
+    from cpp_ext import _C as kernels
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # not built here: the torch reference runs instead
+    kernels = None
+    IMPORT_ERROR = str(exc)

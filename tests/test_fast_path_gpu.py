@@ -1,0 +1,134 @@
+"""The GPU fast path: the fused update kernel against its torch reference, CUDA-graph replay
+against eager loops, fp16 against fp32 (Karlo-size stages and the trained default model).
+Skipped without a CUDA GPU; the kernel tests also need `cpp_ext` built (python setup.py build_ext --inplace)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cpp_ext
+from models.configs import DiffusionConfig
+from runtime import UnCLIP
+from runtime.sampling import make_step_table
+from runtime.update import UpdateSpec, guided_update, implementation, packed_coefficients
+from tests.metrics import psnr
+
+pytestmark = pytest.mark.gpu
+needs_kernel = pytest.mark.skipif(cpp_ext.kernels is None, reason=f"cpp_ext not built: {cpp_ext.IMPORT_ERROR}")
+CASES = {
+    "prior": (DiffusionConfig("sample", "fixed_small_log", 5.0), (2, 768), 768),
+    "decoder": (DiffusionConfig("epsilon", "learned_range", 1.0), (2, 3, 64, 64), 6),
+    "super_res": (DiffusionConfig("epsilon", "fixed_small_log", 1.0), (1, 3, 256, 256), 3),
+    "unaligned": (DiffusionConfig("epsilon", "learned_range", 1.0), (3, 3, 5, 5), 6),  # the scalar path
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("guided", [False, True])
+def test_fused_kernel_matches_the_reference_and_repeats_exactly(case, out_dtype, guided):
+    config, shape, out_channels = CASES[case]
+    learned = config.variance == "learned_range"
+    spec = UpdateSpec(config.prediction, config.clip_range, learned, guided)
+    coefs = packed_coefficients(make_step_table(config, 25), torch.float32, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(hash((case, guided)) % 2**31)
+    b = shape[0]
+    for i in (0, 12, 24):
+        x = torch.randn(shape, generator=g, device="cuda")
+        noise = torch.randn(shape, generator=g, device="cuda")
+        out = torch.randn((spec.copies * b, out_channels, *shape[2:]), generator=g, device="cuda")
+        if learned:
+            out[:, shape[1]:] = out[:, shape[1]:].tanh()
+        out = out.to(out_dtype)
+        scale = torch.full((1,), 4.0, device="cuda")
+        results = []
+        for use_kernel in (False, True, True):
+            first_bad = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+            x_new, x_in = guided_update(out, x, noise, coefs[i], scale, first_bad, i, spec, torch.float16,
+                                        use_kernel=use_kernel)
+            results.append((x_new, x_in, int(first_bad)))
+        (ref, ref_in, _), (got, got_in, bad), (again, again_in, _) = results
+        assert _rel(got, ref) <= 1e-3 and _rel(got_in, ref_in) <= 1e-3, (case, i)
+        assert torch.equal(got, again) and torch.equal(got_in, again_in)  # deterministic
+        assert bad == -1 and got_in.shape == (spec.copies * b, *shape[1:])
+
+
+@needs_kernel
+def test_fused_kernel_records_the_first_non_finite_step():
+    config, shape, _ = CASES["decoder"]
+    spec = UpdateSpec("epsilon", 1.0, True, True)
+    coefs = packed_coefficients(make_step_table(config, 25), torch.float32, "cuda")
+    x, noise = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+    out = torch.zeros((4, 6, 64, 64), device="cuda", dtype=torch.float16)
+    first_bad = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+    scale = torch.ones(1, device="cuda")
+    guided_update(out, x, noise, coefs[3], scale, first_bad, 3, spec, torch.float16, use_kernel=True)
+    assert int(first_bad) == -1
+    out[1, 0, 5, 5] = float("nan")
+    guided_update(out, x, noise, coefs[4], scale, first_bad, 4, spec, torch.float16, use_kernel=True)
+    out[0, 0, 0, 0] = float("inf")
+    guided_update(out, x, noise, coefs[9], scale, first_bad, 9, spec, torch.float16, use_kernel=True)
+    assert int(first_bad) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_replay_gives_the_eager_images(ours, dtype):
+    steps = {"prior_steps": 5, "decoder_steps": 4, "super_res_steps": 3}
+    eager = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False, cuda_graphs=False)
+    graphed = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False)
+    assert eager.graphs is None and graphed.graphs is not None
+    calls = (("a red circle", 1, 0), ("a green square", 1, 1), (["a", "b"], 2, 2), ("a red circle", 1, 0))
+    for prompt, n, seed in calls:
+        kw = {"num_images_per_prompt": n, "seed": seed, "output_type": "pt", "return_image_embeds": True, **steps}
+        want, got = eager.generate(prompt, **kw), graphed.generate(prompt, **kw)
+        assert torch.allclose(got.images, want.images, atol=1e-6), prompt
+        assert torch.allclose(got.image_embeds, want.image_embeds, atol=1e-6)
+    assert len(graphed.graphs) == 6  # prior, decoder, super-res at batch 1 and at batch 4
+
+
+def test_fp16_default_model_matches_fp32_on_the_same_noise():
+    prompts = ["a red circle on a blue background", "a yellow triangle on a white background",
+               "a green square on a black background", "a blue star on a red background"]
+    fp32 = UnCLIP(device="cuda", progress=False).generate(prompts, seed=3, output_type="pt").images
+    fp16 = UnCLIP(device="cuda", dtype=torch.float16, progress=False).generate(prompts, seed=3, output_type="pt").images
+    values = [psnr(a, b) for a, b in zip(fp16, fp32, strict=True)]
+    print("fp16 vs fp32 PSNR per image (dB):", [round(v, 1) for v in values])
+    assert min(values) >= 35.0
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_karlo_size_stages_in_fp16_stay_within_1e2_of_fp32():
+    from export.build_engines import random_model
+    from runtime.engines import TorchEngine
+    from runtime.signatures import signatures
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model = random_model("karlo", device="cuda")
+        half = copy.deepcopy(model).half()
+        sigs = signatures(model.cfg)
+        errors = {}
+        for name in ("clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", "super_res_first",
+                     "super_res_last"):
+            inputs = sigs[name].sample_inputs(2, device="cuda", generator=torch.Generator().manual_seed(0))
+            ref = TorchEngine(model, name)(*inputs.values())
+            got = TorchEngine(half, name)(*inputs.values())
+            errors[name] = max(_rel(g.float(), r) for g, r in zip(got, ref, strict=True) if r.is_floating_point())
+        print("Karlo-size fp16 vs fp32 max relative error per stage:", {k: f"{v:.1e}" for k, v in errors.items()})
+        assert all(e <= 1e-2 for e in errors.values()), errors
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_runtime_says_which_update_runs():
+    assert implementation("cuda") == ("cpp_ext" if cpp_ext.kernels is not None else "torch")
