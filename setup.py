@@ -24,7 +24,7 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/guided_update.cu"],
+    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

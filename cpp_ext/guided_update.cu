@@ -194,8 +194,3 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
     default: TORCH_CHECK(false, "out must be float32, float16 or bfloat16, got ", out.scalar_type());
   }
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "unclip-rt fused CUDA kernels";
-  m.def("guided_update", &guided_update, "guidance + x0 + clamp + update + finite check in one launch");
-}

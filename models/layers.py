@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpp_ext
+
 
 def timestep_embedding(
     timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
@@ -39,22 +41,47 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def fused_group_norm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `cpp_ext`'s group norm serves `x` (built, CUDA, half precision, eager or graph capture)."""
+    return (cpp_ext.kernels is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype == x.dtype and not _tracing())
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm over 32 groups computed in (at least) float32, optionally followed by SiLU."""
+    """GroupNorm over 32 groups with float32 statistics, optionally followed by SiLU.
+
+    On CUDA in half precision it runs `cpp_ext`'s kernel when built (NCHW or channels-last; the
+    affine, an optional scale/shift and SiLU fused into the normalising pass), else torch's."""
 
     def __init__(self, channels: int, silu: bool) -> None:
         super().__init__(32, channels, eps=1e-5)
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_film(x, None, None, self.silu)
+
+    def forward_film(
+        self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool
+    ) -> torch.Tensor:
+        """`act(norm(x) * (1 + scale) + shift)` with per-sample [B, C] `scale`/`shift` (None: plain norm)."""
+        if fused_group_norm_available(x, self.weight):
+            if scale is not None:
+                scale, shift = scale.reshape(x.shape[:2]).contiguous(), shift.reshape(x.shape[:2]).contiguous()
+            return cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, self.eps, silu)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype:
-            # CUDA's half-precision group norm accumulates its statistics in float32 already; calling
-            # it directly saves two casts and a float32 copy of the activation per norm.
+            # CUDA's half-precision group norm accumulates its statistics in float32 already.
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-            return F.silu(y) if self.silu else y
-        w = work_dtype(x.dtype)
-        y = F.group_norm(x.to(w), self.num_groups, self.weight.to(w), self.bias.to(w), self.eps)
-        if self.silu:
+        else:
+            w = work_dtype(x.dtype)
+            y = F.group_norm(x.to(w), self.num_groups, self.weight.to(w), self.bias.to(w), self.eps)
+        if scale is not None:
+            shape = (*x.shape[:2], *([1] * (x.dim() - 2)))
+            y = y * (1 + scale.reshape(shape).to(y.dtype)) + shift.reshape(shape).to(y.dtype)
+        if silu:
             y = F.silu(y)
         return y.to(x.dtype)
 

@@ -63,8 +63,7 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb)[:, :, None, None].to(h.dtype)
         if self.scale_shift:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[3](self.out_layers[1](h))
+            h = self.out_layers[3](self.out_layers[0].forward_film(h, scale, shift, silu=True))
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h

@@ -39,13 +39,15 @@ def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.
 
 
 def open_engines(
-    backend: str, model: UnCLIPModel | None, folder: EngineFolder | None, device: torch.device
+    backend: str, model: UnCLIPModel | None, folder: EngineFolder | None, device: torch.device,
+    channels_last: bool = False,
 ) -> dict[str, Engine]:
-    """Every stage's engine: the torch modules of `model`, or the engines of a checked `folder`."""
+    """Every stage's engine: the torch modules of `model` (UNets channels-last if asked), or the
+    engines of a checked `folder`."""
     if backend == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model")
-        return torch_engines(model, available_stages(model))
+        return torch_engines(model, available_stages(model), channels_last)
     if folder is None:
         raise ValueError(f"the {backend} backend needs an engine folder")
     missing = [s for s in GENERATE_STAGES if s not in folder.stages]

@@ -63,18 +63,24 @@ def normalise_config(cfg_dict: dict) -> dict:
 
 
 class TorchEngine:
-    """The stage's torch module (in the model's dtype and device)."""
+    """The stage's torch module (in the model's dtype and device). With `channels_last`, image
+    inputs are passed in channels-last memory (the module's weights must be converted too, see
+    `UnCLIP(channels_last=...)`); outputs come back in whatever layout the module produces."""
 
     capturable = True
 
-    def __init__(self, model: UnCLIPModel, name: str) -> None:
+    def __init__(self, model: UnCLIPModel, name: str, channels_last: bool = False) -> None:
         self.signature = signatures(model.cfg)[name]
         self.module = stage_module(model, name)
         self.float_dtype = next(self.module.parameters()).dtype
+        self.channels_last = channels_last
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.module(*cast_inputs(self.signature, inputs, self.float_dtype)))
+        inputs = cast_inputs(self.signature, inputs, self.float_dtype)
+        if self.channels_last:
+            inputs = [x.to(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
+        return tuple(self.module(*inputs))
 
 
 class OnnxRuntimeEngine:
@@ -228,8 +234,17 @@ def rebuild_command(folder: Path, source: str | None) -> str:
     return f"python -m export.build_engines --model {source or '<the model>'} --out {folder} --force"
 
 
-def torch_engines(model: UnCLIPModel, stages: list[str]) -> dict[str, TorchEngine]:
-    return {name: TorchEngine(model, name) for name in stages}
+# The stages whose networks are convolutional UNets (where a channels-last layout can pay).
+UNET_STAGES = ("decoder", "decoder_step", "super_res_first", "super_res_last")
+
+
+def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = False) -> dict[str, TorchEngine]:
+    """The torch engines of `stages`; with `channels_last`, the UNet stages run channels-last
+    (converts the decoder's and super-res UNets' weights in place)."""
+    if channels_last:
+        model.decoder.unet.to(memory_format=torch.channels_last)
+        model.super_res.to(memory_format=torch.channels_last)
+    return {name: TorchEngine(model, name, channels_last and name in UNET_STAGES) for name in stages}
 
 
 def load_onnxruntime_engines(

@@ -132,3 +132,63 @@ def test_karlo_size_stages_in_fp16_stay_within_1e2_of_fp32():
 
 def test_the_runtime_says_which_update_runs():
     assert implementation("cuda") == ("cpp_ext" if cpp_ext.kernels is not None else "torch")
+
+
+GN_SHAPES = [(1, 320, 256, 256), (2, 1280, 8, 8), (4, 960, 16, 16), (2, 2240, 32, 32), (3, 64, 5, 7), (2, 32, 16, 16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", GN_SHAPES)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_group_norm_matches_float32_torch(shape, layout, dtype):
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    b, c = shape[:2]
+    x = (torch.randn(shape, generator=g, device="cuda") * 3 + 2).to(dtype)  # a mean far from 0
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    weight = (1 + 0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
+    bias = (0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
+    scale = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
+    shift = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    for film, silu in ((False, False), (False, True), (True, True)):
+        ref = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-5)
+        if film:
+            ref = ref * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
+        if silu:
+            ref = F.silu(ref)
+        args = (x, 32, weight, bias, scale if film else None, shift if film else None, 1e-5, silu)
+        got, again = cpp_ext.kernels.group_norm(*args), cpp_ext.kernels.group_norm(*args)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+        assert _rel(got.float(), ref) <= tol, (shape, layout, film, silu, _rel(got.float(), ref))
+        assert torch.equal(got, again)  # deterministic: no float atomics
+
+
+@needs_kernel
+def test_unet_with_the_fused_norm_matches_torch_norms(ours):
+    """The decoder and super-res UNets in fp16 give the same outputs with cpp_ext's group norm as
+    with torch's (both against the fp32 forward), NCHW and channels-last."""
+    import models.layers as layers
+
+    model = copy.deepcopy(ours).cuda()
+    half = copy.deepcopy(model).half()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 64, 64, generator=g).cuda()
+    t = torch.tensor([900, 10]).cuda()
+    with torch.no_grad():
+        ref = model.super_res.first_steps(x, t)
+        fused = half.super_res.first_steps(x.half(), t).float()
+        half.to(memory_format=torch.channels_last)
+        fused_cl = half.super_res.first_steps(x.half().to(memory_format=torch.channels_last), t).float()
+        saved = layers.cpp_ext.kernels
+        layers.cpp_ext.kernels = None
+        try:
+            plain = half.super_res.first_steps(x.half(), t).float()
+        finally:
+            layers.cpp_ext.kernels = saved
+    assert _rel(fused, ref) <= 1e-2 and _rel(fused_cl, ref) <= 1e-2 and _rel(plain, ref) <= 1e-2
+    assert _rel(fused, plain) <= 1e-2
