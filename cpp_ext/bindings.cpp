@@ -8,14 +8,14 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
                    double clip);
 
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, double eps,
-                      bool silu);
+                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                      const c10::optional<at::Tensor>& add, double eps, bool silu);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
   m.def("guided_update", &guided_update,
         "guidance + x0 + clamp + update + finite check + next network input, in one launch");
-  m.def("group_norm", &group_norm, "group norm (+ scale/shift, + SiLU) for NCHW or NHWC, float32 statistics",
+  m.def("group_norm", &group_norm, "group norm (+ add before, + scale/shift, + SiLU) for NCHW or NHWC, float32 statistics",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
-        py::arg("shift") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false);
+        py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false);
 }

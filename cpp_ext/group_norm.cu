@@ -63,20 +63,25 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
 
 // Pass 1, NCHW: grid (chunks, batch*groups); each block sums one chunk of one contiguous group row.
 template <typename T, int VEC>
-__global__ void partial_nchw(const T* __restrict__ x, float2* __restrict__ partial, Shape s) {
+__global__ void partial_nchw(const T* __restrict__ x, const T* __restrict__ add, float2* __restrict__ partial,
+                             Shape s) {
   __shared__ float2 smem[kThreads / 32];
   const int64_t row = blockIdx.y;
-  const int64_t row_len = s.channels / s.groups * s.hw;
+  const int64_t cg = s.channels / s.groups;
+  const int64_t row_len = cg * s.hw;
   const T* base = x + row * row_len;
-  const float pivot = to_float(base[0]);
+  // add[b, c] of this row's channels: row = b * groups + g covers channels g*cg .. g*cg+cg-1.
+  const T* row_add = add != nullptr ? add + (row / s.groups) * s.channels + (row % s.groups) * cg : nullptr;
+  const float pivot = to_float(base[0]) + (row_add != nullptr ? to_float(row_add[0]) : 0.f);
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(row_len, begin + s.chunk_len);
   float2 acc = make_float2(0.f, 0.f);
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end; i += static_cast<int64_t>(blockDim.x) * VEC) {
     const auto p = *reinterpret_cast<const Pack<T, VEC>*>(base + i);
+    const float a = row_add != nullptr ? to_float(row_add[i / s.hw]) : 0.f;  // VEC | hw: one channel
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float d = to_float(p.v[k]) - pivot;
+      const float d = to_float(p.v[k]) + a - pivot;
       acc.x += d;
       acc.y += d * d;
     }
@@ -89,7 +94,8 @@ __global__ void partial_nchw(const T* __restrict__ x, float2* __restrict__ parti
 // [l*VEC, l*VEC+VEC) (all in one group) of pixels p = rows-strided through the chunk; blockIdx.z
 // selects which `groups_per_block` groups the block's lanes cover.
 template <typename T, int VEC>
-__global__ void partial_nhwc(const T* __restrict__ x, float2* __restrict__ partial, Shape s) {
+__global__ void partial_nhwc(const T* __restrict__ x, const T* __restrict__ add, float2* __restrict__ partial,
+                             Shape s) {
   extern __shared__ float2 sums[];  // [rows][lanes]
   const int lanes = blockDim.x, rows = blockDim.y;
   const int lane = threadIdx.x, r = threadIdx.y;
@@ -100,7 +106,11 @@ __global__ void partial_nhwc(const T* __restrict__ x, float2* __restrict__ parti
   const bool valid = c0 < s.channels;
   const int g = valid ? c0 / cg : first_group;
   const T* sample = x + b * s.hw * s.channels;
-  const float pivot = to_float(sample[g * cg]);
+  const T* sample_add = add != nullptr ? add + b * s.channels : nullptr;
+  const float pivot = to_float(sample[g * cg]) + (sample_add != nullptr ? to_float(sample_add[g * cg]) : 0.f);
+  float a[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) a[k] = (sample_add != nullptr && valid) ? to_float(sample_add[c0 + k]) : 0.f;
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(s.hw, begin + s.chunk_len);
   float2 acc = make_float2(0.f, 0.f);
@@ -109,7 +119,7 @@ __global__ void partial_nhwc(const T* __restrict__ x, float2* __restrict__ parti
       const auto v = *reinterpret_cast<const Pack<T, VEC>*>(sample + p * s.channels + c0);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const float d = to_float(v.v[k]) - pivot;
+        const float d = to_float(v.v[k]) + a[k] - pivot;
         acc.x += d;
         acc.y += d * d;
       }
@@ -139,20 +149,28 @@ __global__ void partial_nhwc(const T* __restrict__ x, float2* __restrict__ parti
   }
 }
 
-// Pass 2: fold the chunks of each (sample, group) into mean and 1/std.
+// Pass 2: fold the chunks of each (sample, group) into mean and 1/std; one warp per row, each
+// lane summing a fixed stride of chunks, then a fixed shuffle tree (deterministic).
 template <typename T, bool NHWC>
-__global__ void finalize(const T* __restrict__ x, const float2* __restrict__ partial, float2* __restrict__ stats,
-                         Shape s, float eps) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= s.batch * s.groups) return;
-  const int64_t b = row / s.groups, g = row % s.groups;
-  const int64_t cg = s.channels / s.groups;
-  const float pivot = NHWC ? to_float(x[b * s.hw * s.channels + g * cg]) : to_float(x[row * cg * s.hw]);
+__global__ void finalize(const T* __restrict__ x, const T* __restrict__ add, const float2* __restrict__ partial,
+                         float2* __restrict__ stats, Shape s, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= s.batch * s.groups) return;  // uniform across the warp
   float sum = 0.f, sq = 0.f;
-  for (int c = 0; c < s.chunks; ++c) {
+  for (int c = lane; c < s.chunks; c += 32) {
     sum += partial[row * s.chunks + c].x;
     sq += partial[row * s.chunks + c].y;
   }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    sum += __shfl_down_sync(0xffffffff, sum, offset);
+    sq += __shfl_down_sync(0xffffffff, sq, offset);
+  }
+  if (lane != 0) return;
+  const int64_t b = row / s.groups, g = row % s.groups;
+  const int64_t cg = s.channels / s.groups;
+  float pivot = NHWC ? to_float(x[b * s.hw * s.channels + g * cg]) : to_float(x[row * cg * s.hw]);
+  if (add != nullptr) pivot += to_float(add[b * s.channels + g * cg]);
   const float n = static_cast<float>(cg * s.hw);
   const float mean_shift = sum / n;
   const float var = fmaxf(sq / n - mean_shift * mean_shift, 0.f);
@@ -161,7 +179,8 @@ __global__ void finalize(const T* __restrict__ x, const float2* __restrict__ par
 
 // Pass 3: normalise, affine, optional scale/shift ([B, C] each: y * (1 + scale) + shift), optional SiLU.
 template <typename T, int VEC, bool NHWC>
-__global__ void normalize(const T* __restrict__ x, const float2* __restrict__ stats, const T* __restrict__ weight,
+__global__ void normalize(const T* __restrict__ x, const T* __restrict__ add, const float2* __restrict__ stats,
+                          const T* __restrict__ weight,
                           const T* __restrict__ bias, const T* __restrict__ scale, const T* __restrict__ shift,
                           T* __restrict__ y, Shape s, bool silu) {
   const int64_t n = s.batch * s.channels * s.hw;
@@ -178,7 +197,8 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ st
     // NCHW: VEC divides hw, so a pack is one channel; NHWC: VEC consecutive channels.
     const int64_t c = NHWC ? (within % s.channels) + k : within / s.hw;
     const float2 st = stats[b * s.groups + c / cg];
-    float v = (to_float(in.v[k]) - st.x) * st.y * to_float(weight[c]) + to_float(bias[c]);
+    const float xv = to_float(in.v[k]) + (add != nullptr ? to_float(add[b * s.channels + c]) : 0.f);
+    float v = (xv - st.x) * st.y * to_float(weight[c]) + to_float(bias[c]);
     if (scale != nullptr) v = v * (1.f + to_float(scale[b * s.channels + c])) + to_float(shift[b * s.channels + c]);
     if (silu) v = v / (1.f + __expf(-v));
     out.v[k] = from_float<T>(v);
@@ -196,7 +216,7 @@ int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
 }
 
 template <typename T, int VEC>
-void launch_normalize(const at::Tensor& x, const at::Tensor& stats, const at::Tensor& weight, const at::Tensor& bias,
+void launch_normalize(const at::Tensor& x, const T* add, const at::Tensor& stats, const at::Tensor& weight, const at::Tensor& bias,
                       const T* scale, const T* shift, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
                       cudaStream_t stream) {
   const int64_t n = x.numel();
@@ -207,15 +227,16 @@ void launch_normalize(const at::Tensor& x, const at::Tensor& stats, const at::Te
   const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
   if (nhwc) {
-    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, st, wp, bp, scale, shift, yp, s, silu);
+    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, scale, shift, yp, s, silu);
   } else {
-    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, st, wp, bp, scale, shift, yp, s, silu);
+    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, scale, shift, yp, s, silu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
-void launch_partial(const at::Tensor& x, at::Tensor& partial, Shape& s, bool nhwc, cudaStream_t stream) {
+void launch_partial(const at::Tensor& x, const T* add, at::Tensor& partial, Shape& s, bool nhwc,
+                    cudaStream_t stream) {
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   auto* pp = reinterpret_cast<float2*>(partial.data_ptr<float>());
   if (nhwc) {
@@ -223,10 +244,10 @@ void launch_partial(const at::Tensor& x, at::Tensor& partial, Shape& s, bool nhw
     const int rows = std::max(1, kThreads / lanes);
     const dim3 block(lanes, rows);
     const dim3 grid(s.chunks, static_cast<unsigned>(s.batch), (s.groups + s.groups_per_block - 1) / s.groups_per_block);
-    partial_nhwc<T, VEC><<<grid, block, sizeof(float2) * lanes * rows, stream>>>(xp, pp, s);
+    partial_nhwc<T, VEC><<<grid, block, sizeof(float2) * lanes * rows, stream>>>(xp, add, pp, s);
   } else {
     const dim3 grid(s.chunks, static_cast<unsigned>(s.batch * s.groups));
-    partial_nchw<T, VEC><<<grid, kThreads, 0, stream>>>(xp, pp, s);
+    partial_nchw<T, VEC><<<grid, kThreads, 0, stream>>>(xp, add, pp, s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -234,7 +255,8 @@ void launch_partial(const at::Tensor& x, at::Tensor& partial, Shape& s, bool nhw
 template <typename T>
 at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                            double eps, bool silu, bool nhwc) {
+                            const c10::optional<at::Tensor>& add, double eps, bool silu, bool nhwc) {
+  const T* add_ptr = add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr;
   Shape s{};
   s.batch = x.size(0);
   s.channels = x.size(1);
@@ -267,20 +289,20 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   auto partial = at::empty({s.batch * groups * s.chunks, 2}, x.options().dtype(at::kFloat));
   auto stats = at::empty({s.batch * groups, 2}, x.options().dtype(at::kFloat));
   switch (vec) {
-    case 8: launch_partial<T, 8>(x, partial, s, nhwc, stream); break;
-    case 4: launch_partial<T, 4>(x, partial, s, nhwc, stream); break;
-    case 2: launch_partial<T, 2>(x, partial, s, nhwc, stream); break;
-    default: launch_partial<T, 1>(x, partial, s, nhwc, stream); break;
+    case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
+    case 4: launch_partial<T, 4>(x, add_ptr, partial, s, nhwc, stream); break;
+    case 2: launch_partial<T, 2>(x, add_ptr, partial, s, nhwc, stream); break;
+    default: launch_partial<T, 1>(x, add_ptr, partial, s, nhwc, stream); break;
   }
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   const int64_t rows = s.batch * groups;
-  const int fin_blocks = static_cast<int>((rows + 127) / 128);
+  const int fin_blocks = static_cast<int>((rows + 7) / 8);  // 8 warps of 32 per block, one warp per row
+  const auto* pp = reinterpret_cast<const float2*>(partial.data_ptr<float>());
+  auto* sp = reinterpret_cast<float2*>(stats.data_ptr<float>());
   if (nhwc) {
-    finalize<T, true><<<fin_blocks, 128, 0, stream>>>(xp, reinterpret_cast<const float2*>(partial.data_ptr<float>()),
-                                                     reinterpret_cast<float2*>(stats.data_ptr<float>()), s, eps);
+    finalize<T, true><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, sp, s, eps);
   } else {
-    finalize<T, false><<<fin_blocks, 128, 0, stream>>>(xp, reinterpret_cast<const float2*>(partial.data_ptr<float>()),
-                                                      reinterpret_cast<float2*>(stats.data_ptr<float>()), s, eps);
+    finalize<T, false><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, sp, s, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -290,21 +312,22 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   // NCHW packs along pixels of one channel (VEC | hw).
   const int nvec = pick_vec(nhwc ? s.channels : s.hw, x.data_ptr(), y.data_ptr(), elem);
   switch (nvec) {
-    case 8: launch_normalize<T, 8>(x, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    case 4: launch_normalize<T, 4>(x, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    case 2: launch_normalize<T, 2>(x, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    default: launch_normalize<T, 1>(x, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
+    case 8: launch_normalize<T, 8>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
+    case 4: launch_normalize<T, 4>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
+    case 2: launch_normalize<T, 2>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
+    default: launch_normalize<T, 1>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
   }
   return y;
 }
 
 }  // namespace
 
-// y = GroupNorm(x) * weight + bias [* (1 + scale) + shift] [-> SiLU], x [B, C, *spatial] in NCHW
-// (contiguous) or NHWC (channels_last) memory; weight/bias [C] and scale/shift [B, C] in x's dtype.
+// y = GroupNorm(x [+ add]) * weight + bias [* (1 + scale) + shift] [-> SiLU], x [B, C, *spatial] in
+// NCHW (contiguous) or NHWC (channels_last) memory; weight/bias [C], scale/shift/add [B, C], all in
+// x's dtype (`add`: the ResBlock's time embedding, added before the norm without a separate pass).
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, double eps,
-                      bool silu) {
+                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                      const c10::optional<at::Tensor>& add, double eps, bool silu) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", x.size(1), " not divisible by ", groups, " groups");
   const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -320,11 +343,16 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                     shift->scalar_type() == x.scalar_type(),
                 "group_norm: scale and shift must be [B, C] in x's dtype");
   }
+  if (add) {
+    TORCH_CHECK(add->is_contiguous() && add->numel() == x.size(0) * x.size(1) && add->scalar_type() == x.scalar_type(),
+                "group_norm: add must be [B, C] in x's dtype");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   switch (x.scalar_type()) {
-    case at::kFloat: return group_norm_typed<float>(x, groups, weight, bias, scale, shift, eps, silu, nhwc);
-    case at::kHalf: return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, eps, silu, nhwc);
-    case at::kBFloat16: return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, eps, silu, nhwc);
+    case at::kFloat: return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
+    case at::kHalf: return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
+    case at::kBFloat16:
+      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
 }

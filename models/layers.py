@@ -65,13 +65,21 @@ class GroupNorm32(nn.GroupNorm):
         return self.forward_film(x, None, None, self.silu)
 
     def forward_film(
-        self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool
+        self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool,
+        add: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`act(norm(x) * (1 + scale) + shift)` with per-sample [B, C] `scale`/`shift` (None: plain norm)."""
+        """`act(norm(x + add) * (1 + scale) + shift)` with per-sample [B, C] `add`, `scale` and `shift`
+        (each None: left out)."""
         if fused_group_norm_available(x, self.weight):
+            per_sample = x.shape[:2]
             if scale is not None:
-                scale, shift = scale.reshape(x.shape[:2]).contiguous(), shift.reshape(x.shape[:2]).contiguous()
-            return cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, self.eps, silu)
+                scale, shift = scale.reshape(per_sample).contiguous(), shift.reshape(per_sample).contiguous()
+            if add is not None:
+                add = add.reshape(per_sample).to(x.dtype).contiguous()
+            return cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
+                                              silu)
+        if add is not None:
+            x = x + add.reshape(*x.shape[:2], *([1] * (x.dim() - 2))).to(x.dtype)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype:
             # CUDA's half-precision group norm accumulates its statistics in float32 already.
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

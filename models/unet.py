@@ -65,7 +65,7 @@ class ResBlock(nn.Module):
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[3](self.out_layers[0].forward_film(h, scale, shift, silu=True))
         else:
-            h = self.out_layers(h + emb_out)
+            h = self.out_layers[3](self.out_layers[0].forward_film(h, None, None, self.out_layers[0].silu, add=emb_out))
         return self.skip_connection(x) + h
 
 

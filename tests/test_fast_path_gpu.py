@@ -153,15 +153,19 @@ def test_fused_group_norm_matches_float32_torch(shape, layout, dtype):
     bias = (0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
     scale = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
     shift = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
+    add = torch.randn(b, c, generator=g, device="cuda").to(dtype)
     tol = 4e-3 if dtype == torch.float16 else 3e-2
-    for film, silu in ((False, False), (False, True), (True, True)):
-        ref = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-5)
+    for film, silu, with_add in ((False, False, False), (False, True, False), (True, True, False), (False, True, True)):
+        x_in = x.float() + add.float()[:, :, None, None] if with_add else x.float()
+        ref = F.group_norm(x_in, 32, weight.float(), bias.float(), 1e-5)
         if film:
             ref = ref * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
         if silu:
             ref = F.silu(ref)
-        args = (x, 32, weight, bias, scale if film else None, shift if film else None, 1e-5, silu)
-        got, again = cpp_ext.kernels.group_norm(*args), cpp_ext.kernels.group_norm(*args)
+        kw = {"scale": scale if film else None, "shift": shift if film else None, "add": add if with_add else None,
+              "eps": 1e-5, "silu": silu}
+        got = cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw)
+        again = cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw)
         assert got.dtype == dtype and got.shape == x.shape
         assert got.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
         assert _rel(got.float(), ref) <= tol, (shape, layout, film, silu, _rel(got.float(), ref))
