@@ -150,6 +150,7 @@ class UnCLIP(ImageTools):
             self.model = None  # the engines run every stage; the torch modules are not kept
             self.channels_last = False
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
+        self._empty_prompt: TextConditioning | None = None  # computed once, on first use
 
     @classmethod
     def from_karlo(
@@ -180,16 +181,23 @@ class UnCLIP(ImageTools):
     @serialised
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
-        """Tokenise (Karlo's way) and run the CLIP text encoder."""
+        """Tokenise (Karlo's way) and run the CLIP text encoder (replayed from a CUDA graph when
+        graphs are on; the empty prompt, which every guided call needs, is encoded once)."""
         tok = self.tokenizer(prompts)
         for i, cut in enumerate(tok.truncated):
             if cut:
                 kept = self.tokenizer.bpe.decode(tok.tokens[i, 1:-1].tolist())
                 log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
         tokens = tok.tokens.to(self.device)
-        embed, seq = self.engines["clip_text"](tokens)
+        if prompts == [""] and self._empty_prompt is not None:
+            return self._empty_prompt  # the unconditional branch's text, the same on every call
+        engine = self.engines["clip_text"]
+        embed, seq = engine(tokens) if self.graphs is None else self.graphs.run(("clip_text",), engine, (tokens,))
         work = work_dtype(self.dtype)
-        return TextConditioning(embed.to(work), seq.to(work), tok.mask.to(self.device))
+        text = TextConditioning(embed.to(work), seq.to(work), tok.mask.to(self.device))
+        if prompts == [""]:
+            self._empty_prompt = text
+        return text
 
     def draw_noise(
         self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
