@@ -46,6 +46,10 @@ class TextConditioning:
         """Broadcast a batch-1 conditioning (e.g. the empty prompt's) to `batch` rows, without copies."""
         return TextConditioning(*(t.expand(batch, *t.shape[1:]) for t in (self.embed, self.tokens, self.mask)))
 
+    def rows(self, start: int, stop: int) -> TextConditioning:
+        """Rows `start:stop` (one chunk of a split batch)."""
+        return TextConditioning(*(t[start:stop] for t in (self.embed, self.tokens, self.mask)))
+
     @staticmethod
     def cat(parts: Iterable[TextConditioning]) -> TextConditioning:
         parts = list(parts)
@@ -68,6 +72,10 @@ class StageNoise:
     def to(self, device: torch.device | str) -> StageNoise:
         return StageNoise(self.init.to(device), self.steps.to(device))
 
+    def rows(self, start: int, stop: int) -> StageNoise:
+        """The noise of images `start:stop` (contiguous copies)."""
+        return StageNoise(self.init[start:stop].contiguous(), self.steps[:, start:stop].contiguous())
+
 
 @dataclass(frozen=True)
 class SamplingNoise:
@@ -76,6 +84,11 @@ class SamplingNoise:
     prior: StageNoise | None
     decoder: StageNoise | None
     super_res: StageNoise | None
+
+    def rows(self, start: int, stop: int) -> SamplingNoise:
+        """The noise of images `start:stop`: a chunk of a split batch gets exactly its own noise."""
+        return SamplingNoise(*(n.rows(start, stop) if n is not None else None
+                               for n in (self.prior, self.decoder, self.super_res)))
 
 
 class NumericalError(FloatingPointError):

@@ -99,6 +99,7 @@ class UnCLIP(ImageTools):
         progress: bool = True,
         cuda_graphs: bool | None = None,
         channels_last: bool | None = None,
+        max_batch: int | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -120,6 +121,9 @@ class UnCLIP(ImageTools):
         :param channels_last: run the decoder and super-res UNets in channels-last memory (torch
             backend). None: on for CUDA in half precision when `cpp_ext` is built (its group norm
             reads channels-last natively; measured faster, see README "Speed"), else off.
+        :param max_batch: most images per network call; `generate` runs larger requests in chunks
+            of this many, each with its own slice of the noise (the same images as one call). None:
+            no limit, or the engine folder's `--max-batch` for TensorRT plans (their profiles end there).
         """
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
@@ -129,6 +133,8 @@ class UnCLIP(ImageTools):
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
+        if max_batch is not None:
+            check_int("max_batch", max_batch, 1, 1 << 20)
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         self.device = torch.device(device) if device is not None else _default_device()
@@ -146,9 +152,14 @@ class UnCLIP(ImageTools):
             self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device, self.channels_last)
             self.constants = ModelConstants.from_model(self.model).to(self.device)
         else:
-            self.engines, self.constants, self.dtype = _engines_for(model, engine_dir, self.backend, self.device, dtype)
+            self.engines, self.constants, self.dtype, engine_limit = _engines_for(
+                model, engine_dir, self.backend, self.device, dtype)
             self.model = None  # the engines run every stage; the torch modules are not kept
             self.channels_last = False
+        if self.backend == "torch":
+            engine_limit = None
+        limits = [v for v in (max_batch, engine_limit) if v is not None]
+        self.max_batch: int | None = min(limits) if limits else None
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
         self._empty_prompt: TextConditioning | None = None  # computed once, on first use
 
@@ -275,14 +286,22 @@ class UnCLIP(ImageTools):
             uncond = self.encode_prompts([""]).expand(b)
 
         cfg, e = self.cfg, self.engines
-        image_embeds = loops.sample_prior(
-            e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
-            uncond if prior_scale != 1.0 else None,
-            make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
-            noise.prior.to(self.device), prior_scale, self.progress, self.graphs,
-        )
-        images = self._decode(image_embeds, text, uncond if decoder_scale != 1.0 else None, decoder_scale,
-                              steps["decoder_steps"], steps["super_res_steps"], noise)
+        chunk = self.max_batch or b
+        all_images, all_embeds = [], []
+        for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
+            stop = min(b, start + chunk)
+            part, part_noise = text.rows(start, stop), noise.rows(start, stop)
+            part_uncond = uncond.rows(start, stop) if uncond is not None else None
+            image_embeds = loops.sample_prior(
+                e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, part,
+                part_uncond if prior_scale != 1.0 else None,
+                make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
+                part_noise.prior.to(self.device), prior_scale, self.progress, self.graphs,
+            )
+            all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
+                                           decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise))
+            all_embeds.append(image_embeds)
+        images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
 
 
@@ -306,8 +325,9 @@ class UnCLIP(ImageTools):
 
 def _engines_for(
     model: UnCLIPModel, engine_dir: str | Path, backend: str, device: torch.device, dtype: torch.dtype | None
-) -> tuple[dict[str, Engine], ModelConstants, torch.dtype]:
-    """The engines of a folder checked against `model`, its constants and its precision."""
+) -> tuple[dict[str, Engine], ModelConstants, torch.dtype, int | None]:
+    """The engines of a folder checked against `model`, its constants, its precision and the most
+    images per call its engines take (TensorRT plans: the `--max-batch` they were built for)."""
     from runtime.engines import EngineFolder
 
     folder = EngineFolder.open(engine_dir)
@@ -316,7 +336,8 @@ def _engines_for(
         raise ValueError(f"{engine_dir} holds {folder.manifest['precision']} engines; leave dtype unset or pass "
                          f"{folder.float_dtype}, or build the other precision with {folder.rebuild_command}")
     engines = open_engines(backend, None, folder, device)
-    return engines, folder.constants().to(device), folder.float_dtype
+    limit = folder.manifest.get("max_images") if backend == "tensorrt" else None
+    return engines, folder.constants().to(device), folder.float_dtype, limit
 
 
 def _graph_cache(requested: bool | None, device: torch.device, engines: dict[str, Engine]) -> GraphCache | None:

@@ -70,11 +70,17 @@ class TensorRTEngine:
         out_dtype = self.engine.get_tensor_dtype(signature.output_names[0])
         self.float_dtype = torch.float16 if out_dtype == trt.DataType.HALF else torch.float32
         self._context = self.engine.create_execution_context()  # allocates here, never during graph capture
+        # The optimisation profile's (min, opt, max) shapes; the batch axis may not exceed max.
+        first = signature.inputs[0].name
+        self.max_rows = int(self.engine.get_tensor_profile_shape(first, 0)[2][0])
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sig = self.signature
         inputs = [x.contiguous() for x in cast_inputs(sig, inputs, self.float_dtype)]
         batch = inputs[0].shape[0]
+        if batch > self.max_rows:
+            raise ValueError(f"{sig.name}: batch {batch} exceeds the plan's profile (at most {self.max_rows} rows); "
+                             "pass fewer images per call, or rebuild the engines with a larger --max-batch")
         stream = torch.cuda.current_stream(self.device).cuda_stream
         context = self._context
         for spec, x in zip(sig.inputs, inputs, strict=True):

@@ -135,3 +135,19 @@ def test_fuzz_image_inputs_convert_or_fail_clearly(image):
     batch = resize_batch(images, 8)
     assert batch.shape == (len(images), 3, 8, 8) and torch.isfinite(batch).all()
     assert batch.min() >= 0 and batch.max() <= 1
+
+
+def test_a_request_over_max_batch_runs_in_chunks_and_gives_the_same_images(ours):
+    # the trained default model: random-weight models amplify the last-bit differences that
+    # another batch size gives CPU matmuls (see test_parity_diffusers)
+    whole = UnCLIP(device="cpu", progress=False)
+    chunked = UnCLIP(device="cpu", progress=False, max_batch=3)
+    kw = {"num_images_per_prompt": 2, "seed": 4, "output_type": "pt", "return_image_embeds": True, **FAST}
+    want = whole.generate(["a red circle", "a blue square"], **kw)
+    got = chunked.generate(["a red circle", "a blue square"], **kw)  # chunks of 3 and 1
+    assert got.images.shape == want.images.shape == (4, 3, 256, 256)
+    assert float((got.images - want.images).abs().max()) <= 1e-3  # each chunk got its own slice of the noise
+    assert torch.allclose(got.image_embeds, want.image_embeds, atol=1e-4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises((ValueError, TypeError), match="max_batch"):
+            UnCLIP(ours, device="cpu", progress=False, max_batch=bad)

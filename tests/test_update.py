@@ -92,3 +92,22 @@ def test_packed_columns_and_implementation_on_the_cpu():
     assert implementation("cpu") == "torch" and implementation("cuda", torch.float64) == "torch"
     with pytest.raises(ValueError, match="prediction"):
         UpdateSpec("v", None, False, False)
+
+
+def test_fp16_network_output_is_turned_into_x0_in_float32():
+    """At t = 999 x̂0 = (x − √(1−ᾱ)·ε)/√ᾱ multiplies rounding by ~2e4: the update must do it in
+    float32 (from the fp16 ε), not in the network's fp16 — which would be wrong by far more."""
+    config = DiffusionConfig("epsilon", "fixed_small_log", None)
+    table = make_step_table(config, 25)
+    coefs = packed_coefficients(table, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    eps = torch.randn(2, 3, 8, 8, generator=g).half()
+    first_bad = torch.full((1,), -1, dtype=torch.int32)
+    got, _ = guided_update(eps, x, torch.zeros_like(x), coefs[0], torch.ones(1), first_bad, 0,
+                           UpdateSpec("epsilon", None, False, False), torch.float16)
+    want = denoise_step(table, 0, x.double(), eps.double(), torch.zeros_like(x).double(), "epsilon", None)
+    in_half = denoise_step(table, 0, x.half().float(), eps.float(), torch.zeros_like(x), "epsilon", None)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).abs().max() / want.abs().max()) <= 1e-5
+    assert float((in_half.double() - want).abs().max() / want.abs().max()) > 1e-4  # what fp16 x_t would cost
