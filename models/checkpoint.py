@@ -31,7 +31,11 @@ def load_tensors(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({exc}); the file is "
+                                  "truncated or damaged, copy or export it again") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads, corrupt files, TorchScript archives

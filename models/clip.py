@@ -46,6 +46,10 @@ class KarloTokenizer:
         self.eot = self.bpe.eot_token_id
         self._encode = lru_cache(maxsize=65536)(lambda text: tuple(self.bpe.encode(text)))
 
+    def ids(self, text: str) -> tuple[int, ...]:
+        """The BPE ids of `text` (without SOT/EOT, not cut)."""
+        return self._encode(text)
+
     def __call__(self, texts: list[str]) -> TokenizedText:
         n = self.context_length
         tokens = torch.zeros(len(texts), n, dtype=torch.long)

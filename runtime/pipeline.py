@@ -195,10 +195,13 @@ class UnCLIP(ImageTools):
         """Tokenise (Karlo's way) and run the CLIP text encoder (replayed from a CUDA graph when
         graphs are on; the empty prompt, which every guided call needs, is encoded once)."""
         tok = self.tokenizer(prompts)
+        keep = self.cfg.clip.context_length - 2  # SOT and EOT take two of the context's places
         for i, cut in enumerate(tok.truncated):
             if cut:
-                kept = self.tokenizer.bpe.decode(tok.tokens[i, 1:-1].tolist())
-                log.warning("prompt cut to %d tokens; kept: %r", self.cfg.clip.context_length, kept)
+                ids = self.tokenizer.ids(prompts[i])
+                decode = self.tokenizer.bpe.decode
+                log.warning("prompt cut to %d tokens; dropped: %r (kept: %r)", self.cfg.clip.context_length,
+                            decode(list(ids[keep:])).strip(), decode(list(ids[:keep])).strip())
         tokens = tok.tokens.to(self.device)
         if prompts == [""] and self._empty_prompt is not None:
             return self._empty_prompt  # the unconditional branch's text, the same on every call

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import save_model
+from models.checkpoint import CheckpointError, save_model
 from runtime import UnCLIP
 from runtime.__main__ import main
 
@@ -140,3 +140,25 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "not an unclip-rt model folder" in capsys.readouterr().err
     assert main(["x", "--prior-steps", "0"]) == 2
     assert "prior_steps" in capsys.readouterr().err
+
+
+def test_a_truncated_weights_file_is_refused_naming_it(ours, tmp_path, capsys):
+    save_model(ours, ours.cfg, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or damaged"):
+        UnCLIP(tmp_path / "m", device="cpu")
+    assert main(["x", "--model", str(tmp_path / "m")]) == 2
+    assert "truncated or damaged" in capsys.readouterr().err
+
+
+def test_cli_warns_when_a_prompt_is_cut_to_77_tokens(ours, tmp_path, caplog):
+    save_model(ours, ours.cfg, tmp_path / "m")
+    words = " ".join(f"word{i}" for i in range(120))
+    with caplog.at_level("WARNING", logger="runtime"):
+        code = main([words, "--model", str(tmp_path / "m"), "-o", str(tmp_path / "o.png"), "--prior-steps", "1",
+                     "--decoder-steps", "1", "--super-res-steps", "2", "--no-progress"])
+    assert code == 0
+    assert "prompt cut to 77 tokens; dropped:" in caplog.text
+    dropped = caplog.text.split("dropped:")[1].split("(kept:")[0]
+    assert "1 1 9" in dropped and "word 0 " not in dropped  # BPE reads word119 as "word 1 1 9"
