@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,38 @@ def test_the_cli_runs_engines_and_reports_a_refused_folder(default_engine_dir, t
     assert main([*args, "--engine-dir", str(folder), "--backend", "onnxruntime"]) == 0 and out.is_file()
     assert main([*args, "--engine-dir", str(tmp_path / "none"), "--backend", "onnxruntime"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_rebuild_killed_with_sigkill_leaves_a_folder_the_runtime_refuses(default_engine_dir, default_model,
+                                                                          tmp_path):
+    """A real `kill -9` of `python -m export.build_engines --force` while it writes graphs."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    folder = _copy(default_engine_dir[0], tmp_path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "export.build_engines", "--model", "default", "--out", str(folder),
+                             "--force"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # wait until the old manifest is gone and at least one graph has been rewritten
+        while time.monotonic() < deadline and proc.poll() is None:
+            rewritten = [p for p in folder.iterdir()
+                         if p.suffix == ".onnx" and p.stat().st_mtime_ns != stamps.get(p.name)]
+            if not (folder / "manifest.json").exists() and rewritten:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "manifest.json").exists()
+    with pytest.raises(EngineError, match="no manifest.json"):
+        UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
