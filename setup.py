@@ -25,6 +25,7 @@ def cuda_extensions() -> tuple[list, dict]:
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu"],
+                        depends=["cpp_ext/elementwise.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

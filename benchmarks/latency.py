@@ -99,16 +99,7 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> di
         def run(n=n):
             return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
 
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        first = (time.perf_counter() - start) * 1e3
-        times = wall_ms(run, args.runs)
-        peak = torch.cuda.max_memory_allocated() - base + weights
-        entry = {"first_call_ms": first, **_summary(times, n), "peak_gib": peak / 2**30}
+        entry = _time_calls(run, args.runs, n, weights)
         if graphs:
             entry["forward_ms"] = {}
             for name, rows in STAGE_BATCH.items():
@@ -174,22 +165,28 @@ def bench_peer(pipe, args: argparse.Namespace, compiled: bool) -> dict:
             return pipe(PROMPT, num_images_per_prompt=n, generator=torch.Generator("cuda").manual_seed(0),
                         output_type="np", **s)
 
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        first = (time.perf_counter() - start) * 1e3
-        times = wall_ms(run, args.runs)
-        peak = torch.cuda.max_memory_allocated() - base + weights
+        entry = _time_calls(run, args.runs, n, weights)
         timer = ForwardTimer(modules)
         run()
-        forward = timer.median_ms()
+        entry["forward_ms"] = timer.median_ms()
         timer.remove()
-        result["batches"][n] = {"first_call_ms": first, **_summary(times, n), "peak_gib": peak / 2**30,
-                                "forward_ms": forward}
+        result["batches"][n] = entry
     return result
+
+
+def _time_calls(run, runs: int, images: int, weights: int) -> dict:
+    """The first call (ours: graph capture), then `runs` timed calls; peak memory = weights + the
+    working memory above what was allocated before."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - start) * 1e3
+    times = wall_ms(run, runs)
+    peak = torch.cuda.max_memory_allocated() - base + weights
+    return {"first_call_ms": first, **_summary(times, images), "peak_gib": peak / 2**30}
 
 
 def _steps() -> dict:
