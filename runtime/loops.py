@@ -31,7 +31,7 @@ from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
 from runtime.sampling import StepTable
-from runtime.update import UpdateSpec, guided_update, packed_coefficients
+from runtime.update import UpdateSpec, guided_update, network_input, packed_coefficients
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,6 @@ def timesteps_at(table: StepTable, i: int, batch: int, device: torch.device) -> 
     return table.timesteps[i].expand(batch).to(device)
 
 
-def _network_input(x: torch.Tensor, copies: int, dtype: torch.dtype) -> torch.Tensor:
-    x_in = x.to(dtype)
-    return torch.cat([x_in] * copies) if copies > 1 else x_in
-
-
 def _loop_tensors(table: StepTable, noise: StageNoise, scale: float, work: torch.dtype, device: torch.device):
     """The tensors every loop reads: x_T, per-step noise, coefficients, timesteps, guidance scale."""
     return (noise.init.to(device, work), noise.steps.to(device, work), packed_coefficients(table, work, device),
@@ -171,7 +166,7 @@ def sample_prior(
 
     def loop(embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):
         (context_kv,) = prior_context(embed, tokens, mask)
-        x, x_in = init, _network_input(init, spec.copies, net)
+        x, x_in = init, network_input(init, spec.copies, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         for i in _steps(n, "prior", progress, graphs):
             (out,) = prior_step(x_in, timesteps[i].expand(x_in.shape[0]), context_kv, mask)
@@ -223,7 +218,7 @@ def sample_decoder(
 
     def loop(embed_in, embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):
         emb_add, context_kv, context_bias = decoder_context(embed_in, embed, tokens, mask)
-        x, x_in = init, _network_input(init, spec.copies, net)
+        x, x_in = init, network_input(init, spec.copies, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         for i in _steps(n, "decoder", progress, graphs):
             (out,) = decoder_step(x_in, timesteps[i].expand(x_in.shape[0]), emb_add, context_kv, context_bias)
@@ -259,7 +254,7 @@ def sample_super_res(
 
     def loop(small, init, steps_noise, coefs, timesteps, scale):
         low_res_up = upsample_low_res(small.to(work), size).to(net)
-        x, x_in = init, _network_input(init, 1, net)
+        x, x_in = init, network_input(init, 1, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         for i in _steps(n, "super-res", progress, graphs):
             engine = last_step if i == n - 1 else first_steps

@@ -15,6 +15,7 @@ f = (v+1)/2 from the model's variance channels).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,23 +161,39 @@ def denoise_step(
     :param var_values: v ∈ [−1, 1] for a learned-range variance; None for fixed variance.
     :return: x_prev (float32, or float64 if `x_t` is float64).
     """
+    return update_step(lambda name: getattr(table, name)[i], x_t, model_out, noise, prediction, clip_range,
+                       var_values)
+
+
+def update_step(
+    coef: Callable[[str], torch.Tensor],
+    x_t: torch.Tensor,
+    model_out: torch.Tensor,
+    noise: torch.Tensor,
+    prediction: str,
+    clip_range: float | None,
+    var_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`denoise_step` given the step's coefficients by name (`coef("x0_from_eps")` → a 0-d tensor, one of
+    the `StepTable` fields): the one place the update's math is written, shared by `denoise_step`
+    and `runtime.update.reference_update` (which reads a packed row)."""
     work = torch.promote_types(x_t.dtype, torch.float32)
     x_t = x_t.to(work)
     out = model_out.to(work)
     if prediction == "epsilon":
-        x0 = table.x0_from_xt[i] * x_t - table.x0_from_eps[i] * out
+        x0 = coef("x0_from_xt") * x_t - coef("x0_from_eps") * out
     elif prediction == "sample":
         x0 = out
     else:
         raise ValueError(f"prediction must be 'epsilon' or 'sample', got {prediction!r}")
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
-    eps = out if prediction == "epsilon" else table.eps_from_xt[i] * x_t - table.eps_from_x0[i] * x0
-    x_prev = table.coef_xt[i] * x_t + table.coef_x0[i] * x0 + table.coef_eps[i] * eps
+    eps = out if prediction == "epsilon" else coef("eps_from_xt") * x_t - coef("eps_from_x0") * x0
+    x_prev = coef("coef_xt") * x_t + coef("coef_x0") * x0 + coef("coef_eps") * eps
     if var_values is None:
-        sigma = table.sigma[i]
+        sigma = coef("sigma")
     else:
         frac = (var_values.to(work) + 1) / 2
-        log_var = frac * table.log_var_max[i] + (1 - frac) * table.log_var_min[i]
-        sigma = torch.exp(0.5 * log_var) * table.noise_scale[i]
+        log_var = frac * coef("log_var_max") + (1 - frac) * coef("log_var_min")
+        sigma = torch.exp(0.5 * log_var) * coef("noise_scale")
     return x_prev + sigma * noise.to(work)

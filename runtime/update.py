@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import cpp_ext
-from runtime.sampling import StepTable
+from runtime.sampling import StepTable, classifier_free_guidance, update_step
 
 # Columns of `packed_coefficients` (the order the CUDA kernel reads them in).
 COLUMNS = ("x0_from_xt", "x0_from_eps", "eps_from_xt", "eps_from_x0", "coef_xt", "coef_x0", "coef_eps", "sigma",
@@ -115,38 +115,22 @@ def reference_update(
     spec: UpdateSpec,
     in_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`guided_update` in torch ops (same arguments), the reference the kernel is checked against.
-
-    Equals `classifier_free_guidance` followed by `sampling.denoise_step`, operation for operation."""
+    """`guided_update` in torch ops (same arguments), the reference the kernel is checked against:
+    `sampling.classifier_free_guidance`, then `sampling.update_step` on this step's packed row."""
     b, c = x.shape[0], x.shape[1]
-    work = x.dtype
-    out = out.to(work)
+    out = out.to(x.dtype)
     pred = out[:b, :c]
     if spec.guided:
-        uncond = out[b:2 * b, :c]
-        pred = uncond + scale * (pred - uncond)
-
-    def col(name: str) -> torch.Tensor:
-        return coefs[_COL[name]]
-
-    if spec.prediction == "epsilon":
-        x0 = col("x0_from_xt") * x - col("x0_from_eps") * pred
-    else:
-        x0 = pred
-    if spec.clip_range is not None:
-        x0 = x0.clamp(-spec.clip_range, spec.clip_range)
-    eps = pred if spec.prediction == "epsilon" else col("eps_from_xt") * x - col("eps_from_x0") * x0
-    x_prev = col("coef_xt") * x + col("coef_x0") * x0 + col("coef_eps") * eps
-    if spec.learned_variance:
-        frac = (out[:b, c:2 * c] + 1) / 2
-        log_var = frac * col("log_var_max") + (1 - frac) * col("log_var_min")
-        sigma = torch.exp(0.5 * log_var) * col("noise_scale")
-    else:
-        sigma = col("sigma")
-    x_new = x_prev + sigma * noise.to(work)
+        pred = classifier_free_guidance(pred, out[b:2 * b, :c], scale)
+    var = out[:b, c:2 * c] if spec.learned_variance else None
+    x_new = update_step(lambda name: coefs[_COL[name]], x, pred, noise, spec.prediction, spec.clip_range, var)
     bad = ~torch.isfinite(x_new).all()
     first_bad.copy_(torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad))
-    x_in = x_new.to(in_dtype)
-    if spec.copies > 1:
-        x_in = torch.cat([x_in] * spec.copies)
-    return x_new, x_in
+    return x_new, network_input(x_new, spec.copies, in_dtype)
+
+
+def network_input(x: torch.Tensor, copies: int, dtype: torch.dtype) -> torch.Tensor:
+    """The network's input for sample `x`: cast to its dtype, `copies` times along the batch (the
+    guided halves); the fused kernel writes the same."""
+    x_in = x.to(dtype)
+    return torch.cat([x_in] * copies) if copies > 1 else x_in
