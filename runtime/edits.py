@@ -13,8 +13,9 @@ import torch
 
 from models.configs import DiffusionConfig
 from models.layers import work_dtype
+from runtime.constants import ModelConstants
 from runtime.engines import Engine
-from runtime.loops import TextConditioning, progress_bar, timesteps_at
+from runtime.loops import TextConditioning, decoder_conditioning, progress_bar, timesteps_at
 from runtime.sampling import StepTable, classifier_free_guidance
 
 _EPS = 1e-7
@@ -84,7 +85,7 @@ def ddim_invert(
     decoder_context: Engine,
     decoder_step: Engine,
     diffusion: DiffusionConfig,
-    uncond_image_embed: torch.Tensor | None,
+    constants: ModelConstants,
     image: torch.Tensor,
     image_embed: torch.Tensor,
     text: TextConditioning,
@@ -100,16 +101,13 @@ def ddim_invert(
     the usual approximation. No x̂0 clamp (clamping is not invertible).
 
     :param image: [B, 3, S, S] in [−1, 1], the decoder's resolution.
-    :param uncond_image_embed: [B, D] learned unconditional embedding (needed when `uncond` is given).
+    :param constants: the model's constants (its learned unconditional image embedding serves guidance).
     :param table: the DDIM table (`make_step_table(..., kind="ddim")`) that will decode the result.
     :return: x_T [B, 3, S, S] (float32, float64 with float64 engines).
     """
     b = image.shape[0]
     x = image.to(work_dtype(decoder_step.float_dtype))
-    image_embed = image_embed.to(x.dtype)
-    if uncond is not None:
-        image_embed = torch.cat([image_embed, uncond_image_embed.to(x.dtype)])
-        text = TextConditioning.cat([text, uncond])
+    image_embed, text = decoder_conditioning(constants, image_embed, text, uncond, x.dtype)
     emb_add, context_kv, context_bias = decoder_context(image_embed, text.embed, text.tokens, text.mask)
     alphas = _alphas_cumprod_at(table)
     n = len(table)

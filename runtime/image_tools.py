@@ -84,8 +84,7 @@ class ImageTools:
         uncond = self._text("", b) if scale != 1.0 else None
         latents = edits.ddim_invert(
             self.engines["decoder_context"], self.engines["decoder_step"], self.cfg.decoder.diffusion,
-            self.constants.uncond_image_embed(b, torch.float32).to(self.device) if uncond is not None else None,
-            self._decoder_images(images), embeds, self._text(prompt, b), uncond,
+            self.constants, self._decoder_images(images), embeds, self._text(prompt, b), uncond,
             make_step_table(self.cfg.decoder.diffusion, steps, "ddim").to(self.device), scale, self.progress,
         )
         return Inversion(embeds.cpu(), latents.float().cpu(), steps, scale, prompt)

@@ -179,6 +179,19 @@ def sample_prior(
     return x
 
 
+def decoder_conditioning(
+    constants: ModelConstants, image_embed: torch.Tensor, text: TextConditioning, uncond: TextConditioning | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, TextConditioning]:
+    """The decoder's conditioning rows in `dtype`: the given ones, then (with guidance, `uncond` the
+    empty prompt's text) the learned unconditional image embedding with the empty prompt."""
+    image_embed = image_embed.to(dtype)
+    if uncond is None:
+        return image_embed, text
+    uncond_embed = constants.uncond_image_embed(image_embed.shape[0], dtype).to(image_embed.device)
+    return torch.cat([image_embed, uncond_embed]), TextConditioning.cat([text, uncond])
+
+
 @torch.no_grad()
 def sample_decoder(
     decoder_context: Engine,
@@ -208,10 +221,7 @@ def sample_decoder(
     _check_noise(noise, table, (b, 3, size, size), "decoder")
     net = decoder_step.float_dtype
     work = work_dtype(net)
-    image_embed = image_embed.to(work)
-    if uncond is not None:
-        image_embed = torch.cat([image_embed, constants.uncond_image_embed(b, work).to(image_embed.device)])
-        text = TextConditioning.cat([text, uncond])
+    image_embed, text = decoder_conditioning(constants, image_embed, text, uncond, work)
     learned = diffusion.variance == "learned_range" and learned_variance
     spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, learned, uncond is not None)
     n = len(table)
