@@ -78,8 +78,9 @@ class GroupNorm32(nn.GroupNorm):
                 add = add.reshape(per_sample).to(x.dtype).contiguous()
             return cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
                                               silu)
+        broadcast = (*x.shape[:2], *([1] * (x.dim() - 2)))  # [B, C] → [B, C, 1, ...]
         if add is not None:
-            x = x + add.reshape(*x.shape[:2], *([1] * (x.dim() - 2))).to(x.dtype)
+            x = x + add.reshape(broadcast).to(x.dtype)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype:
             # CUDA's half-precision group norm accumulates its statistics in float32 already.
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -87,8 +88,7 @@ class GroupNorm32(nn.GroupNorm):
             w = work_dtype(x.dtype)
             y = F.group_norm(x.to(w), self.num_groups, self.weight.to(w), self.bias.to(w), self.eps)
         if scale is not None:
-            shape = (*x.shape[:2], *([1] * (x.dim() - 2)))
-            y = y * (1 + scale.reshape(shape).to(y.dtype)) + shift.reshape(shape).to(y.dtype)
+            y = y * (1 + scale.reshape(broadcast).to(y.dtype)) + shift.reshape(broadcast).to(y.dtype)
         if silu:
             y = F.silu(y)
         return y.to(x.dtype)

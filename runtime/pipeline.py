@@ -151,13 +151,12 @@ class UnCLIP(ImageTools):
             self.channels_last = bool(channels_last)
             self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device, self.channels_last)
             self.constants = ModelConstants.from_model(self.model).to(self.device)
+            engine_limit = None
         else:
             self.engines, self.constants, self.dtype, engine_limit = _engines_for(
                 model, engine_dir, self.backend, self.device, dtype)
             self.model = None  # the engines run every stage; the torch modules are not kept
             self.channels_last = False
-        if self.backend == "torch":
-            engine_limit = None
         limits = [v for v in (max_batch, engine_limit) if v is not None]
         self.max_batch: int | None = min(limits) if limits else None
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
@@ -194,6 +193,8 @@ class UnCLIP(ImageTools):
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         """Tokenise (Karlo's way) and run the CLIP text encoder (replayed from a CUDA graph when
         graphs are on; the empty prompt, which every guided call needs, is encoded once)."""
+        if prompts == [""] and self._empty_prompt is not None:
+            return self._empty_prompt  # the unconditional branch's text, the same on every call
         tok = self.tokenizer(prompts)
         keep = self.cfg.clip.context_length - 2  # SOT and EOT take two of the context's places
         for i, cut in enumerate(tok.truncated):
@@ -203,8 +204,6 @@ class UnCLIP(ImageTools):
                 log.warning("prompt cut to %d tokens; dropped: %r (kept: %r)", self.cfg.clip.context_length,
                             decode(list(ids[keep:])).strip(), decode(list(ids[:keep])).strip())
         tokens = tok.tokens.to(self.device)
-        if prompts == [""] and self._empty_prompt is not None:
-            return self._empty_prompt  # the unconditional branch's text, the same on every call
         engine = self.engines["clip_text"]
         embed, seq = engine(tokens) if self.graphs is None else self.graphs.run(("clip_text",), engine, (tokens,))
         work = work_dtype(self.dtype)
@@ -290,6 +289,7 @@ class UnCLIP(ImageTools):
 
         cfg, e = self.cfg, self.engines
         chunk = self.max_batch or b
+        prior_table = make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device)
         all_images, all_embeds = [], []
         for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
             stop = min(b, start + chunk)
@@ -297,9 +297,8 @@ class UnCLIP(ImageTools):
             part_uncond = uncond.rows(start, stop) if uncond is not None else None
             image_embeds = loops.sample_prior(
                 e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, part,
-                part_uncond if prior_scale != 1.0 else None,
-                make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device),
-                part_noise.prior.to(self.device), prior_scale, self.progress, self.graphs,
+                part_uncond if prior_scale != 1.0 else None, prior_table, part_noise.prior.to(self.device),
+                prior_scale, self.progress, self.graphs,
             )
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
                                            decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise))
