@@ -85,7 +85,7 @@ def config_from_dict(data: dict) -> configs.UnCLIPConfig:
             sub = {
                 "clip": configs.ClipConfig, "prior": configs.PriorConfig, "text_proj": configs.TextProjConfig,
                 "decoder": configs.UNetConfig, "super_res": configs.UNetConfig, "diffusion": configs.DiffusionConfig,
-                "sampling": configs.SamplingDefaults,
+                "sampling": configs.SamplingDefaults, "ar_prior": configs.ARPriorConfig,
             }.get(f.name)
             if sub is not None and isinstance(v, dict):
                 v = build(sub, v)

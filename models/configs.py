@@ -91,6 +91,34 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+class ARPriorConfig:
+    """The paper's autoregressive prior (DALL-E 2 §2.2): a causal transformer over [text tokens,
+    text embedding, quantised text–image similarity, codes], where the codes are the leading
+    `components` PCA coefficients of the CLIP image embedding, each quantised into `buckets`
+    equal-mass buckets."""
+
+    text_ctx: int = 77
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    clip_dim: int = 128  # CLIP embedding size
+    text_width: int = 128  # width of the CLIP text tokens fed in
+    components: int = 48  # PCA components kept (the paper keeps 319 of 1024)
+    buckets: int = 1024  # quantisation buckets per component (as the paper)
+    similarity_buckets: int = 64  # buckets of the text–image cosine similarity token
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens before the codes' part: the text tokens and the text embedding."""
+        return self.text_ctx + 1
+
+    @property
+    def seq_len(self) -> int:
+        """Prefix, similarity token, then one input token per code but the last."""
+        return self.prefix_len + self.components
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     """A guided-diffusion UNet, as used by the decoder and the super-res stages."""
 
@@ -150,6 +178,7 @@ class UnCLIPConfig:
     decoder: UNetConfig
     super_res: UNetConfig
     sampling: SamplingDefaults = SamplingDefaults()
+    ar_prior: ARPriorConfig | None = None  # the autoregressive prior, where the model has one
 
     def __post_init__(self) -> None:
         check_consistent(self)
@@ -184,6 +213,15 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
             if (unet.model_channels * mult) % 32:
                 problems.append(f"{name} channels must be multiples of 32 (GroupNorm32)")
                 break
+    ar = cfg.ar_prior
+    if ar is not None:
+        if (ar.clip_dim, ar.text_width, ar.text_ctx) != (cfg.clip.embed_dim, cfg.clip.text_width,
+                                                         cfg.clip.context_length):
+            problems.append("ar_prior clip_dim/text_width/text_ctx must match the CLIP's")
+        if not 1 <= ar.components <= ar.clip_dim:
+            problems.append("ar_prior.components must be in 1..clip_dim")
+        if ar.width % ar.heads:
+            problems.append("ar_prior.width must be divisible by ar_prior.heads")
     if problems:
         raise ValueError(f"inconsistent unCLIP config {cfg.name!r}: " + "; ".join(problems))
 
@@ -276,6 +314,12 @@ DEFAULT = UnCLIPConfig(
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
     # misreads (README, default model section, has both figures).
     sampling=SamplingDefaults(decoder_guidance_scale=3.0),
+    # The autoregressive prior, the prior's size. 48 PCA components: on 16k training images they
+    # explain 99.70% of the CLIP image embeddings' variance (32: 99.27%, 64: 99.88%), and the
+    # quantised codes decode to cosine 0.9986 on average, ≥ 0.991 for every held-back embedding
+    # (32 components: 0.979 at worst); the paper's 319 of 1024 is a similar share (31% vs 38%).
+    # Each code is one sampling step, so more components cost time for little gain.
+    ar_prior=ARPriorConfig(width=256, layers=4, heads=4, clip_dim=128, text_width=128, components=48),
 )
 
 PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT)}

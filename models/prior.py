@@ -99,6 +99,15 @@ class PriorTransformerStack(nn.Module):
             x = block(x, bias)
         return x
 
+    def keys_values(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Every layer's keys and values of tokens `x` [B, N, W] (a prefix that later tokens attend
+        to): [B, layers, 2, heads, N, head_dim], k at index 0 and v at 1."""
+        cache = []
+        for block in self.resblocks:
+            x, k, v = block.forward_with_kv(x, bias)
+            cache.append(torch.stack([k, v], dim=1))
+        return torch.stack(cache, dim=1)
+
 
 class Prior(nn.Module):
     """Diffusion prior network; `forward` predicts standardised x0 from standardised x_t."""
@@ -175,12 +184,7 @@ class Prior(nn.Module):
         """
         n = self.context_len
         x = self._context_tokens(text_embed, text_tokens) + self.positional_embedding[:, :n]
-        bias = self.attention_bias(text_mask)[:, :, :n, :n]
-        cache = []
-        for block in self.transformer.resblocks:
-            x, k, v = block.forward_with_kv(x, bias)
-            cache.append(torch.stack([k, v], dim=1))
-        return torch.stack(cache, dim=1)
+        return self.transformer.keys_values(x, self.attention_bias(text_mask)[:, :, :n, :n])
 
     def step(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, context_kv: torch.Tensor, text_mask: torch.Tensor

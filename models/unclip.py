@@ -1,7 +1,8 @@
 """`UnCLIPModel`: every network of one unCLIP model, built from an `UnCLIPConfig`.
 
 This is the unit the converters fill and the runtime runs: `clip`, `prior`, `decoder`
-(UNet + text projection) and `super_res` (first-steps and last-step UNets).
+(UNet + text projection) and `super_res` (first-steps and last-step UNets); and `ar_prior`, the
+paper's autoregressive prior, where the config has one and the weights hold it (else None).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.ar_prior import ARPrior
 from models.checkpoint import load_strict
 from models.clip import ClipEncoder
 from models.configs import UnCLIPConfig
@@ -19,32 +21,37 @@ from models.super_res import SuperRes
 
 
 class UnCLIPModel(nn.Module):
-    """Container of the four stages."""
+    """Container of the stages."""
 
-    def __init__(self, cfg: UnCLIPConfig, with_vision: bool = True) -> None:
+    def __init__(self, cfg: UnCLIPConfig, with_vision: bool = True, with_ar_prior: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.clip = ClipEncoder(cfg.clip, with_vision=with_vision)
         self.prior = Prior(cfg.prior)
         self.decoder = Decoder(cfg.decoder, cfg.text_proj)
         self.super_res = SuperRes(cfg.super_res)
+        self.ar_prior = ARPrior(cfg.ar_prior) if cfg.ar_prior is not None and with_ar_prior else None
 
     @classmethod
-    def empty(cls, cfg: UnCLIPConfig, with_vision: bool = True) -> UnCLIPModel:
+    def empty(cls, cfg: UnCLIPConfig, with_vision: bool = True, with_ar_prior: bool = True) -> UnCLIPModel:
         """Build on the meta device (no memory, no init) for `load_state_dict(..., assign=True)`."""
         with torch.device("meta"):
-            return cls(cfg, with_vision=with_vision)
+            return cls(cfg, with_vision=with_vision, with_ar_prior=with_ar_prior)
 
     def materialize_buffers(self) -> None:
         """Recreate the non-persistent buffers (causal masks) after loading into `empty()`."""
         self.prior.causal_bias = causal_bias(self.cfg.prior.seq_len)
+        if self.ar_prior is not None:
+            self.ar_prior.causal_bias = causal_bias(self.cfg.ar_prior.seq_len)
         self.clip.reset_causal_mask()
 
     @classmethod
     def from_state(cls, cfg: UnCLIPConfig, state: dict, what: str) -> UnCLIPModel:
-        """Strictly load a full state dict (the CLIP vision tower may be absent) into a new model."""
+        """Strictly load a full state dict into a new model; the CLIP vision tower and the
+        autoregressive prior may be absent (the model then has none)."""
         has_vision = any(k.startswith("clip.model.visual.") for k in state)
-        model = cls.empty(cfg, with_vision=has_vision)
+        has_ar_prior = any(k.startswith("ar_prior.") for k in state)
+        model = cls.empty(cfg, with_vision=has_vision, with_ar_prior=has_ar_prior)
         load_strict(model, state, what)
         model.materialize_buffers()
         return model

@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--super-res-steps", type=int, default=None, help="super-res denoising steps" + defaults)
     p.add_argument("--prior-guidance-scale", type=float, default=None, help="prior guidance" + defaults)
     p.add_argument("--decoder-guidance-scale", type=float, default=None, help="decoder guidance" + defaults)
+    p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
+                   help="diffusion (default) or ar, the paper's autoregressive prior (models that have one)")
+    p.add_argument("--temperature", type=float, default=None, help="--prior ar: logit temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="--prior ar: draw each code from the k most likely")
+    p.add_argument("--top-p", type=float, default=None, help="--prior ar: nucleus sampling mass")
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="network dtype of the torch backend (default float32; engines keep their own)")
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype), "progress": not args.no_progress,
-              "engine_dir": args.engine_dir, "backend": args.backend}
+              "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior}
     try:
         if args.karlo:
             pipe = UnCLIP.from_karlo(args.karlo, **common)
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             num_images_per_prompt=args.num_images, seed=args.seed,
             prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, super_res_steps=args.super_res_steps,
             prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

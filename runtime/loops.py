@@ -79,7 +79,8 @@ class StageNoise:
 
 @dataclass(frozen=True)
 class SamplingNoise:
-    """The noise of one text→image run, per stage (a stage may be None when it does not run)."""
+    """The noise of one text→image run, per stage (a stage may be None when it does not run); the
+    prior's is an `runtime.ar_sampling.ARNoise` for the autoregressive prior."""
 
     prior: StageNoise | None
     decoder: StageNoise | None

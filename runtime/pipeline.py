@@ -3,6 +3,7 @@
     pipe = UnCLIP.from_karlo("/weights/karlo")          # or from_diffusers / UnCLIP("our-folder")
     images = pipe.generate("a red circle", seed=0).images
     pipe = UnCLIP(engine_dir="engines/default", backend="onnxruntime")   # the exported engines
+    pipe = UnCLIP(prior="ar")                            # the paper's autoregressive prior
 
 Every stage runs through an `Engine` (`runtime.engines`): the torch modules, or the engines of
 a folder built by `python -m export.build_engines`; the sampling loops do not know which.
@@ -29,6 +30,7 @@ from models.configs import UnCLIPConfig, with_prior_clip_range
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
 from runtime import loops
+from runtime.ar_sampling import ARNoise, ARSettings, sample_ar_prior
 from runtime.backends import choose_backend, open_engines
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
@@ -42,6 +44,7 @@ from runtime.validate import check_int, check_scale, check_seed
 log = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+PRIORS = ("diffusion", "ar")
 # The small model trained on generated shapes that ships in the repository (see train/).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
 NO_DEFAULT_MODEL = (
@@ -100,6 +103,7 @@ class UnCLIP(ImageTools):
         cuda_graphs: bool | None = None,
         channels_last: bool | None = None,
         max_batch: int | None = None,
+        prior: str = "diffusion",
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -124,7 +128,11 @@ class UnCLIP(ImageTools):
         :param max_batch: most images per network call; `generate` runs larger requests in chunks
             of this many, each with its own slice of the noise (the same images as one call). None:
             no limit, or the engine folder's `--max-batch` for TensorRT plans (their profiles end there).
+        :param prior: "diffusion" (the diffusion prior, as Karlo) or "ar" (the paper's autoregressive
+            prior, for models that have one, such as the shipped default model; see README).
         """
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
@@ -159,6 +167,9 @@ class UnCLIP(ImageTools):
             self.channels_last = False
         limits = [v for v in (max_batch, engine_limit) if v is not None]
         self.max_batch: int | None = min(limits) if limits else None
+        self.prior = prior
+        if prior == "ar":
+            _check_ar_prior(self.engines, self.constants, engine_dir)
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
         self._empty_prompt: TextConditioning | None = None  # computed once, on first use
 
@@ -215,10 +226,13 @@ class UnCLIP(ImageTools):
     def draw_noise(
         self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
     ) -> SamplingNoise:
-        """All noise of one run, drawn on the CPU (so a seed gives the same images on any device)."""
+        """All noise of one run, drawn on the CPU (so a seed gives the same images on any device).
+        With the autoregressive prior, its noise is an `ARNoise` and `prior_steps` is not used."""
         d, s = self.cfg.decoder.image_size, self.cfg.super_res.image_size
+        prior_noise = (ARNoise.draw(batch, self.cfg.ar_prior.components, generator) if self.prior == "ar"
+                       else StageNoise.draw((batch, self.cfg.prior.clip_dim), prior_steps, generator))
         return SamplingNoise(
-            prior=StageNoise.draw((batch, self.cfg.prior.clip_dim), prior_steps, generator),
+            prior=prior_noise,
             decoder=StageNoise.draw((batch, 3, d, d), decoder_steps, generator),
             super_res=StageNoise.draw((batch, 3, s, s), super_res_steps, generator),
         )
@@ -239,6 +253,9 @@ class UnCLIP(ImageTools):
         output_type: str = "pil",
         return_image_embeds: bool = False,
         noise: SamplingNoise | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> UnCLIPOutput:
         """Text → images.
 
@@ -257,9 +274,16 @@ class UnCLIP(ImageTools):
         :param output_type: "pil" (list of PIL images), "np" ([B, H, W, 3]) or "pt" ([B, 3, H, W]).
         :param return_image_embeds: also return the prior's CLIP image embeddings [B, D].
         :param noise: all noise of the run, pre-drawn (see `draw_noise`); overrides seeds.
+        :param temperature: autoregressive prior only: logits are divided by it (default 1).
+        :param top_k: autoregressive prior only: draw each code from the k most likely (default: all).
+        :param top_p: autoregressive prior only: draw from the smallest set of codes holding this
+            much probability (default: all).
+        The prior steps and guidance scale belong to the diffusion prior; with `prior="ar"` they
+        are an error, as are temperature/top_k/top_p with the diffusion prior.
         :return: `UnCLIPOutput`.
         """
         prompts = _check_prompts(prompt)
+        ar_settings = self._ar_settings(temperature, top_k, top_p, prior_steps, prior_guidance_scale)
         n = check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         s = self.cfg.sampling.with_overrides(
             prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
@@ -278,10 +302,16 @@ class UnCLIP(ImageTools):
             if generator is None and seed is not None:
                 generator = torch.Generator().manual_seed(check_seed(seed))
             noise = self.draw_noise(len(prompts) * n, *steps.values(), generator)
+        want = ARNoise if ar_settings is not None else StageNoise
+        if not isinstance(noise, SamplingNoise) or not isinstance(noise.prior, want):
+            raise TypeError(f"noise must be a SamplingNoise whose prior noise is a {want.__name__} for the "
+                            f"{self.prior} prior (see UnCLIP.draw_noise)")
 
         text = self.encode_prompts(prompts)
         text = TextConditioning(*(t.repeat_interleave(n, dim=0) for t in (text.embed, text.tokens, text.mask)))
         b = text.embed.shape[0]
+        if ar_settings is not None:
+            prior_scale = 1.0  # the AR prior is not guided: its similarity token asks for caption fit
         need_uncond = prior_scale != 1.0 or decoder_scale != 1.0
         uncond = None
         if need_uncond:
@@ -295,17 +325,42 @@ class UnCLIP(ImageTools):
             stop = min(b, start + chunk)
             part, part_noise = text.rows(start, stop), noise.rows(start, stop)
             part_uncond = uncond.rows(start, stop) if uncond is not None else None
-            image_embeds = loops.sample_prior(
-                e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, part,
-                part_uncond if prior_scale != 1.0 else None, prior_table, part_noise.prior.to(self.device),
-                prior_scale, self.progress, self.graphs,
-            )
+            if ar_settings is not None:
+                image_embeds, _ = sample_ar_prior(
+                    e["ar_prior_context"], e["ar_prior_step"], self.constants, part, part_noise.prior, ar_settings,
+                    cfg.ar_prior.similarity_buckets, self.progress, self.graphs,
+                )
+            else:
+                image_embeds = loops.sample_prior(
+                    e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, part,
+                    part_uncond if prior_scale != 1.0 else None, prior_table, part_noise.prior.to(self.device),
+                    prior_scale, self.progress, self.graphs,
+                )
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
                                            decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise))
             all_embeds.append(image_embeds)
         images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
 
+    def _ar_settings(
+        self, temperature: float | None, top_k: int | None, top_p: float | None, prior_steps: int | None,
+        prior_guidance_scale: float | None,
+    ) -> ARSettings | None:
+        """The AR prior's checked sampling settings (None with the diffusion prior); arguments of
+        the other prior are refused rather than silently ignored."""
+        if self.prior == "diffusion":
+            given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to the autoregressive prior; this UnCLIP runs the "
+                                 "diffusion prior (load it with UnCLIP(..., prior='ar'))")
+            return None
+        given = [n for n, v in (("prior_steps", prior_steps), ("prior_guidance_scale", prior_guidance_scale))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to the diffusion prior; this UnCLIP runs the autoregressive "
+                             "prior (its settings: temperature, top_k, top_p)")
+        settings = ARSettings(1.0 if temperature is None else temperature, top_k, top_p)
+        return settings.checked(self.cfg.ar_prior.buckets)
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextConditioning, uncond: TextConditioning | None, scale: float,
@@ -340,6 +395,17 @@ def _engines_for(
     engines = open_engines(backend, None, folder, device)
     limit = folder.manifest.get("max_images") if backend == "tensorrt" else None
     return engines, folder.constants().to(device), folder.float_dtype, limit
+
+
+def _check_ar_prior(engines: dict[str, Engine], constants: ModelConstants, engine_dir: str | Path | None) -> None:
+    """Refuse `prior="ar"` for a model (or engine folder) without an autoregressive prior."""
+    if "ar_prior_step" in engines and constants.has_ar_prior:
+        return
+    if engine_dir is not None:
+        raise ValueError(f"prior='ar': the engine folder {engine_dir} has no autoregressive prior stages; rebuild it "
+                         "with python -m export.build_engines from a model that has one (the default model does)")
+    raise ValueError("prior='ar': this model has no autoregressive prior (Karlo ships only the diffusion prior; the "
+                     "shipped default model has both); use prior='diffusion'")
 
 
 def _graph_cache(requested: bool | None, device: torch.device, engines: dict[str, Engine]) -> GraphCache | None:

@@ -6,7 +6,9 @@ Stages: `clip_text`, `clip_image`, `prior_context` (the prior's step-independent
 per-layer keys and values, once per prompt), `prior_step` (one prior step against that cache),
 `decoder_context` (the decoder's text projection and every attention block's context keys and
 values, once per call), `decoder_step` (one UNet step against them), `super_res_first` and
-`super_res_last` (the two super-res UNets); and `prior` and `decoder`, each whole network in one
+`super_res_last` (the two super-res UNets), `ar_prior_context` and `ar_prior_step` (the
+autoregressive prior's text prefix → its per-layer keys and values; one sampling step against
+them and the codes' cache slots), where the model has one; and `prior` and `decoder`, each whole network in one
 graph (the references the split pairs are checked against; not needed to generate, so not built
 unless asked for). Each stage module takes its inputs positionally in the declared order and
 returns its outputs as a tuple in the declared order.
@@ -36,6 +38,7 @@ class TensorSpec:
     name: str
     shape: tuple[Dim, ...]
     kind: str = "float"
+    high: int | None = None  # int64 inputs: values lie in [0, high) (default: the timestep range)
 
     def concrete(self, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == BATCH else int(d) for d in self.shape)
@@ -86,7 +89,7 @@ class StageSignature:
                 t[torch.arange(shape[0]), ends] = vocab_size - 1  # EOT: the argmax the pooling takes
                 out[spec.name] = t
             elif spec.kind == "int64":
-                out[spec.name] = torch.randint(0, num_timesteps, shape, generator=generator)
+                out[spec.name] = torch.randint(0, spec.high or num_timesteps, shape, generator=generator)
             elif spec.kind == "bool":
                 lengths = torch.randint(2, shape[1] + 1, (shape[0],), generator=generator)
                 out[spec.name] = torch.arange(shape[1])[None] < lengths[:, None]
@@ -133,8 +136,22 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
         StageSignature("decoder_step", (dec_x, t, *dec_cond), dec_out, cfg_doubled=True),
         StageSignature("super_res_first", sr_inputs, sr_out),
         StageSignature("super_res_last", sr_inputs, sr_out),
+        *(_ar_signatures(cfg, text) if cfg.ar_prior is not None else ()),
     ]
     return {sig.name: sig for sig in stages}
+
+
+def _ar_signatures(cfg: UnCLIPConfig, text: tuple[TensorSpec, ...]) -> tuple[StageSignature, ...]:
+    a = cfg.ar_prior
+    head_dim = a.width // a.heads
+    prefix = TensorSpec("prefix_kv", (BATCH, a.layers, 2, a.heads, a.prefix_len, head_dim))
+    codes = TensorSpec("codes_kv", (BATCH, a.layers, 2, a.heads, a.components, head_dim))
+    step_inputs = (TensorSpec("token", (BATCH,), "int64", a.buckets),
+                   TensorSpec("position", (BATCH,), "int64", a.components), prefix, codes, text[2])
+    step_outputs = (TensorSpec("logits", (BATCH, a.buckets)),
+                    TensorSpec("new_kv", (BATCH, a.layers, 2, a.heads, 1, head_dim)))
+    return (StageSignature("ar_prior_context", text, (prefix,)),
+            StageSignature("ar_prior_step", step_inputs, step_outputs))
 
 
 class _ClipText(nn.Module):
@@ -209,6 +226,24 @@ class _DecoderStep(nn.Module):
         return (self.decoder.step(x_t, timesteps, emb_add, context_kv, context_bias),)
 
 
+class _ARPriorContext(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.ar_prior = model.ar_prior
+
+    def forward(self, text_embed, text_tokens, text_mask) -> tuple[torch.Tensor]:
+        return (self.ar_prior.context_kv(text_embed, text_tokens, text_mask),)
+
+
+class _ARPriorStep(nn.Module):
+    def __init__(self, model: UnCLIPModel) -> None:
+        super().__init__()
+        self.ar_prior = model.ar_prior
+
+    def forward(self, token, position, prefix_kv, codes_kv, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ar_prior.step(token, position, prefix_kv, codes_kv, text_mask)
+
+
 class _SuperRes(nn.Module):
     def __init__(self, model: UnCLIPModel, last: bool) -> None:
         super().__init__()
@@ -231,18 +266,25 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
         "decoder_step": lambda: _DecoderStep(model),
         "super_res_first": lambda: _SuperRes(model, last=False),
         "super_res_last": lambda: _SuperRes(model, last=True),
+        "ar_prior_context": lambda: _ARPriorContext(model),
+        "ar_prior_step": lambda: _ARPriorStep(model),
     }
+    if name.startswith("ar_prior") and model.ar_prior is None:
+        raise KeyError(f"stage {name!r}: this model has no autoregressive prior")
     if name not in builders:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(builders)}")
     return builders[name]().eval()
 
 
+AR_PRIOR_STAGES = ("ar_prior_context", "ar_prior_step")
 GENERATE_STAGES = ("clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", "super_res_first",
                    "super_res_last")
 
 
 def available_stages(model: UnCLIPModel) -> list[str]:
-    """The stages to build for this model: what text→image needs, and clip_image (the image
-    tools) when the model has a CLIP vision tower. (`prior` and `decoder`, the whole networks the
-    split stages are checked against, are built only when asked for.)"""
-    return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *GENERATE_STAGES[1:]]
+    """The stages to build for this model: what text→image needs, clip_image (the image tools)
+    when the model has a CLIP vision tower, and the autoregressive prior's when it has one.
+    (`prior` and `decoder`, the whole networks the split stages are checked against, are built
+    only when asked for.)"""
+    return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *GENERATE_STAGES[1:],
+            *(AR_PRIOR_STAGES if model.ar_prior is not None else ())]

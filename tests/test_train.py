@@ -142,10 +142,14 @@ def test_degrade_blurs_and_stays_in_range():
 
 def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
     out = tmp_path / "w"
-    assert train_main(["all", "--out", str(out), "--device", "cpu", "--scale", "0.0003", "--batch", "2"]) == 0
+    assert train_main(["all", "--out", str(out), "--device", "cpu", "--scale", "0.0003", "--batch", "2",
+                       "--codebook-images", "1024"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res"} and manifest["data_version"] == 1
-    pipe = UnCLIP(out, device="cpu", progress=False)
-    images = pipe.generate("a red circle", seed=0, prior_steps=2, decoder_steps=2, super_res_steps=2,
-                           output_type="pt").images
-    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res", "ar_prior"}
+    assert manifest["data_version"] == 1 and manifest["stages"]["ar_prior"]["codebook"]["components"] == 48
+    for prior in ("diffusion", "ar"):
+        pipe = UnCLIP(out, device="cpu", progress=False, prior=prior)
+        steps = {"prior_steps": 2} if prior == "diffusion" else {}
+        images = pipe.generate("a red circle", seed=0, decoder_steps=2, super_res_steps=2, output_type="pt",
+                               **steps).images
+        assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()

@@ -1,10 +1,12 @@
 """`python -m train STAGE [STAGE …] --out weights/default`: train the default model.
 
-Stages: `clip`, `prior`, `decoder`, `super_res`, or `all` (in that order). Each stage writes
+Stages: `clip`, `prior`, `decoder`, `super_res`, `ar_prior` (the paper's autoregressive prior,
+`train.ar_prior`; optional: a model without it generates with the diffusion prior), or `all` (in
+that order). Each stage writes
 `stage-<name>.safetensors` into `--out` (matrices in fp16, vectors in fp32, to keep the shipped
 weights small) and its record (seed, settings, device, versions, earlier rounds) as
 `stage-<name>.json`; later stages read the CLIP they need from there. Stages may train at the same
-time in separate processes. When all four exist the folder gets `model.safetensors` +
+time in separate processes. When the first four exist the folder gets `model.safetensors` +
 `config.json` (loadable by `UnCLIP(folder)`) and `manifest.json` (config, data version, held-out
 combinations, every stage's record).
 """
@@ -27,19 +29,23 @@ from models.clip import ClipEncoder
 from models.configs import get_config
 from models.unclip import UnCLIPModel
 from train import stages
+from train.ar_prior import train_ar_prior
 from train.data import DATA_VERSION, HELD_OUT
 
-STAGES = ("clip", "prior", "decoder", "super_res")
+STAGES = ("clip", "prior", "decoder", "super_res", "ar_prior")
+REQUIRED = STAGES[:4]  # an assembled model needs these; ar_prior joins when trained
 log = logging.getLogger("train")
 
 
-def compact(state: dict) -> dict:
-    """Matrices to fp16, vectors and scalars kept fp32, all contiguous on the CPU."""
-    return {k: (v.half() if v.ndim >= 2 else v.float()).detach().cpu().contiguous() for k, v in state.items()}
+def compact(state: dict, keep_fp32: frozenset[str] = frozenset()) -> dict:
+    """Matrices to fp16, vectors, scalars and the names in `keep_fp32` kept fp32, all contiguous on the CPU."""
+    return {k: (v.half() if v.ndim >= 2 and k not in keep_fp32 else v.float()).detach().cpu().contiguous()
+            for k, v in state.items()}
 
 
 def save_stage(out: Path, name: str, module: torch.nn.Module) -> None:
-    state = compact(module.state_dict())
+    # Buffers (CLIP statistics, the AR prior's codebook: bucket edges finer than fp16 resolves) stay fp32.
+    state = compact(module.state_dict(), frozenset(n for n, _ in module.named_buffers()))
     atomic_write(out / f"stage-{name}.safetensors", lambda p: save_file(state, str(p)))
 
 
@@ -64,6 +70,8 @@ def split_model(out: Path) -> None:
         if not (out / f"stage-{s}.safetensors").is_file():
             state = state if state is not None else load_file(str(path))
             part = {k[len(s) + 1 :]: v for k, v in state.items() if k.startswith(s + ".")}
+            if not part:
+                continue  # a stage the assembled model does not have (ar_prior before it was trained)
             atomic_write(out / f"stage-{s}.safetensors", lambda p, part=part: save_file(part, str(p)))
 
 
@@ -77,15 +85,17 @@ def stage_record(out: Path, name: str) -> dict:
 
 
 def assemble(out: Path, cfg) -> bool:
-    """Write model.safetensors + config.json + manifest.json once every stage file exists."""
-    if not all((out / f"stage-{s}.safetensors").is_file() for s in STAGES):
+    """Write model.safetensors + config.json + manifest.json once every required stage file exists
+    (with the AR prior when its file exists too)."""
+    if not all((out / f"stage-{s}.safetensors").is_file() for s in REQUIRED):
         return False
+    present = [s for s in STAGES if (out / f"stage-{s}.safetensors").is_file()]
     manifest = {"config": config_to_dict(cfg), "data_version": DATA_VERSION, "held_out": HELD_OUT,
-                "stages": {s: stage_record(out, s) for s in STAGES}}
+                "stages": {s: stage_record(out, s) for s in present}}
     state = {}
-    for s in STAGES:
+    for s in present:
         state.update({f"{s}.{k}": v for k, v in load_file(str(out / f"stage-{s}.safetensors")).items()})
-    model = UnCLIPModel.empty(cfg)
+    model = UnCLIPModel.empty(cfg, with_ar_prior="ar_prior" in present)
     load_strict(model, state, "assembled default model")  # checks every key before writing
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_to_dict(cfg), indent=2)))
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke tests)")
     p.add_argument("--batch", type=int, default=None, help="override every stage's batch size (smoke tests)")
     p.add_argument("--max-minutes", type=float, default=None, help="per-stage time budget (stops early)")
+    p.add_argument("--codebook-images", type=int, default=65536,
+                   help="ar_prior: training images whose CLIP embeddings fit its PCA and buckets")
     p.add_argument("--resume", action="store_true", help="prior/decoder/super_res: continue from the weights in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -139,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             module = stages.train_prior(cfg, load_clip(out, cfg, device), settings["prior"], device, seed, init)
         elif name == "decoder":
             module = stages.train_decoder(cfg, load_clip(out, cfg, device), settings["decoder"], device, seed, init)
+        elif name == "ar_prior":
+            module, codebook = train_ar_prior(cfg, load_clip(out, cfg, device), settings["ar_prior"], device, seed,
+                                              init, args.codebook_images)
         else:
             module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed,
                                             init)
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed, "seconds": round(time.time() - start, 1), "settings": [dataclasses.asdict(s) for s in used],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
+            **({"codebook": codebook} if name == "ar_prior" else {}),
         }
         atomic_write(out / f"stage-{name}.json", lambda p, r=record: p.write_text(json.dumps(r, indent=2)))
         log.info("stage %s done in %.0f s (%d/%d)", name, time.time() - start, i + 1, len(todo))

@@ -8,7 +8,10 @@ Reports, as a table and JSON:
   rendered held-out images (correct when the best image shows the caption's combination);
 - diversity: mean pairwise RMS pixel distance between the seeds of one prompt (in [0, 1] units),
   beside the same figure for ground-truth renders of random layouts of the combination;
-- seconds per image on the device used.
+- seconds per image on the device used (after a warm-up call), and of the prior alone.
+
+`--prior both` runs the same prompts and seeds through the diffusion prior and the
+autoregressive prior (`UnCLIP(prior="ar")`) and prints them side by side.
 """
 
 from __future__ import annotations
@@ -46,14 +49,54 @@ def retrieval_top1(pipe: UnCLIP, per_combo: int = 4, seed: int = 0) -> float:
     return sum(scenes[int(b)].combo == c for b, c in zip(best, HELD_OUT, strict=True)) / len(HELD_OUT)
 
 
+def _synchronize(pipe: UnCLIP) -> None:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+
+
+@torch.no_grad()
+def prior_seconds_per_image(pipe: UnCLIP, prompts: list[str], batch: int, **prior_kwargs) -> float:
+    """Seconds per image of the prior alone (text encoding included), after a warm-up batch: the
+    loops `generate` runs, on the same prompts in the same batches."""
+    from runtime.ar_sampling import ARSettings, sample_ar_prior
+    from runtime.loops import sample_prior
+    from runtime.sampling import make_step_table
+
+    cfg, e, dev = pipe.cfg, pipe.engines, pipe.device
+    sampling = cfg.sampling.with_overrides(**{k: v for k, v in prior_kwargs.items() if k.startswith("prior_")})
+    settings = ARSettings(**{k: v for k, v in prior_kwargs.items() if not k.startswith("prior_")})
+
+    def run(part: list[str], seed: int) -> torch.Tensor:
+        text = pipe.encode_prompts(part)
+        noise = pipe.draw_noise(len(part), sampling.prior_steps, 1, 2, torch.Generator().manual_seed(seed)).prior
+        if pipe.prior == "ar":
+            return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], pipe.constants, text, noise, settings,
+                                   cfg.ar_prior.similarity_buckets, graphs=pipe.graphs)[0]
+        uncond = pipe.encode_prompts([""]).expand(len(part)) if sampling.prior_guidance_scale != 1 else None
+        table = make_step_table(cfg.prior.diffusion, sampling.prior_steps).to(dev)
+        return sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, pipe.constants, text, uncond,
+                            table, noise.to(dev), sampling.prior_guidance_scale, graphs=pipe.graphs)
+
+    run(prompts[:batch], 0)
+    _synchronize(pipe)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        run(prompts[i : i + batch], 1000 + i)
+    _synchronize(pipe)
+    return (time.perf_counter() - start) / len(prompts)
+
+
 @torch.no_grad()
 def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -> dict:
     prompts = [canonical_caption(c) for c in HELD_OUT for _ in range(seeds)]
     targets = [c for c in HELD_OUT for _ in range(seeds)]
+    pipe.generate(prompts[:batch], seed=0, output_type="pt", **generate_kwargs)  # warm-up (CUDA graph capture)
+    _synchronize(pipe)
     images, start = [], time.time()
     for i in range(0, len(prompts), batch):
         out = pipe.generate(prompts[i : i + batch], seed=1000 + i, output_type="pt", **generate_kwargs)
         images.append(out.images)
+    _synchronize(pipe)
     seconds = (time.time() - start) / len(prompts)
     images = torch.cat(images)
     readings = read_batch(images * 2 - 1)
@@ -65,8 +108,9 @@ def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -
         "shape_accuracy": sum(r.shape == t[1] for r, t in zip(readings, targets, strict=True)) / n,
         "bg_accuracy": sum(r.bg == t[2] for r, t in zip(readings, targets, strict=True)) / n,
         "clip_retrieval_top1": retrieval_top1(pipe),
-        "seconds_per_image": round(seconds, 3),
+        "seconds_per_image": round(seconds, 4),
         "device": str(pipe.device),
+        "prior": pipe.prior,
     }
     per_prompt = images.view(len(HELD_OUT), seeds, *images.shape[1:])
     result["diversity_generated"] = sum(_diversity(g) for g in per_prompt) / len(HELD_OUT)
@@ -121,33 +165,56 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, cell: int = 128) -> N
     Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy()).save(path)
 
 
+def evaluate_prior(args: argparse.Namespace, prior: str) -> tuple[dict, torch.Tensor]:
+    """The figures of one prior (and its images) for the command line's settings."""
+    pipe = UnCLIP(args.model, device=args.device, progress=False, prior=prior)
+    sampling = pipe.cfg.sampling.with_overrides(prior_guidance_scale=args.prior_guidance_scale,
+                                                decoder_guidance_scale=args.decoder_guidance_scale)
+    if prior == "ar":
+        prior_kwargs = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
+                                          ("top_p", args.top_p)) if v is not None}
+    else:
+        prior_kwargs = {"prior_guidance_scale": sampling.prior_guidance_scale}
+    kwargs = {**prior_kwargs, "decoder_guidance_scale": sampling.decoder_guidance_scale}
+    result = evaluate(pipe, seeds=args.seeds, **kwargs)
+    result.update(kwargs)
+    prompts = [canonical_caption(c) for c in HELD_OUT for _ in range(args.seeds)]
+    result["prior_seconds_per_image"] = round(prior_seconds_per_image(pipe, prompts, 16, **prior_kwargs), 5)
+    images = result.pop("_images")
+    if args.oracle:
+        result.update(oracle_accuracy(pipe, args.seeds, sampling.decoder_guidance_scale))
+    return result, images
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="weights/default")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--device", default=None)
+    p.add_argument("--prior", choices=("diffusion", "ar", "both"), default="diffusion",
+                   help="which prior generates (both: side by side on the same prompts and seeds)")
     p.add_argument("--json", default=None, help="also write the figures here")
-    p.add_argument("--grid", default=None, help="write a prompts × seeds PNG grid here")
+    p.add_argument("--grid", default=None, help="write a prompts × seeds PNG grid here (one per prior: PRIOR-GRID)")
     p.add_argument("--oracle", action="store_true", help="also decode true CLIP image embeddings (diagnostic)")
     p.add_argument("--prior-guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--decoder-guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--temperature", type=float, default=None, help="AR prior (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="AR prior (default: all codes)")
+    p.add_argument("--top-p", type=float, default=None, help="AR prior (default: all codes)")
     args = p.parse_args(argv)
-    pipe = UnCLIP(args.model, device=args.device, progress=False)
-    sampling = pipe.cfg.sampling.with_overrides(prior_guidance_scale=args.prior_guidance_scale,
-                                                decoder_guidance_scale=args.decoder_guidance_scale)
-    scales = {"prior_guidance_scale": sampling.prior_guidance_scale,
-              "decoder_guidance_scale": sampling.decoder_guidance_scale}
-    result = evaluate(pipe, seeds=args.seeds, **scales)
-    result.update(scales)
-    images = result.pop("_images")
-    if args.oracle:
-        result.update(oracle_accuracy(pipe, args.seeds, scales["decoder_guidance_scale"]))
-    for key, value in result.items():
-        print(f"{key:24s} {value}")
+    priors = ("diffusion", "ar") if args.prior == "both" else (args.prior,)
+    results = {}
+    for prior in priors:
+        results[prior], images = evaluate_prior(args, prior)
+        if args.grid:
+            grid = Path(args.grid)
+            save_grid(images, len(HELD_OUT), grid if len(priors) == 1 else grid.with_name(f"{prior}-{grid.name}"))
+    keys = list(dict.fromkeys(k for r in results.values() for k in r))
+    print(f"{'':28s}" + "".join(f"{prior:>22s}" for prior in priors))
+    for key in keys:
+        print(f"{key:28s}" + "".join(f"{str(results[prior].get(key, '-')):>22s}" for prior in priors))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.grid:
-        save_grid(images, len(HELD_OUT), Path(args.grid))
+        Path(args.json).write_text(json.dumps(results if len(priors) > 1 else results[priors[0]], indent=2))
     return 0
 
 

@@ -62,6 +62,7 @@ SETTINGS = {
     "decoder": TrainSettings(steps=30000, batch=128, lr=5e-4),
     "super_res": TrainSettings(steps=15000, batch=64, lr=5e-4, crop=128),
     "super_res_last": TrainSettings(steps=5000, batch=64, lr=1e-4, warmup=50, crop=128),
+    "ar_prior": TrainSettings(steps=30000, batch=512, lr=3e-4),
 }
 LAST_STEP_MAX_T = 166  # the last-step model sees t ≤ the step before the final one (7-step schedule)
 
