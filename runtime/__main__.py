@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None, help="--prior ar: logit temperature (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="--prior ar: draw each code from the k most likely")
     p.add_argument("--top-p", type=float, default=None, help="--prior ar: nucleus sampling mass")
+    p.add_argument("--similarity", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="--prior ar: quantile range of the text-image similarity token (default 0.5 1.0)")
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="network dtype of the torch backend (default float32; engines keep their own)")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, super_res_steps=args.super_res_steps,
             prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            similarity_quantiles=tuple(args.similarity) if args.similarity else None,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -256,6 +256,7 @@ class UnCLIP(ImageTools):
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        similarity_quantiles: tuple[float, float] | None = None,
     ) -> UnCLIPOutput:
         """Text → images.
 
@@ -278,12 +279,16 @@ class UnCLIP(ImageTools):
         :param top_k: autoregressive prior only: draw each code from the k most likely (default: all).
         :param top_p: autoregressive prior only: draw from the smallest set of codes holding this
             much probability (default: all).
+        :param similarity_quantiles: autoregressive prior only: (low, high), the range of quantiles
+            of the training text–image similarity the similarity token is drawn from (default
+            (0.5, 1.0), the top half, as the paper; higher asks for images that fit the caption closer).
         The prior steps and guidance scale belong to the diffusion prior; with `prior="ar"` they
         are an error, as are temperature/top_k/top_p with the diffusion prior.
         :return: `UnCLIPOutput`.
         """
         prompts = _check_prompts(prompt)
-        ar_settings = self._ar_settings(temperature, top_k, top_p, prior_steps, prior_guidance_scale)
+        ar_settings = self._ar_settings(temperature, top_k, top_p, similarity_quantiles, prior_steps,
+                                        prior_guidance_scale)
         n = check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         s = self.cfg.sampling.with_overrides(
             prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
@@ -343,13 +348,14 @@ class UnCLIP(ImageTools):
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
 
     def _ar_settings(
-        self, temperature: float | None, top_k: int | None, top_p: float | None, prior_steps: int | None,
-        prior_guidance_scale: float | None,
+        self, temperature: float | None, top_k: int | None, top_p: float | None,
+        similarity_quantiles: tuple[float, float] | None, prior_steps: int | None, prior_guidance_scale: float | None,
     ) -> ARSettings | None:
         """The AR prior's checked sampling settings (None with the diffusion prior); arguments of
         the other prior are refused rather than silently ignored."""
         if self.prior == "diffusion":
-            given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None]
+            given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                    ("similarity_quantiles", similarity_quantiles)) if v is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to the autoregressive prior; this UnCLIP runs the "
                                  "diffusion prior (load it with UnCLIP(..., prior='ar'))")
@@ -358,8 +364,12 @@ class UnCLIP(ImageTools):
                  if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to the diffusion prior; this UnCLIP runs the autoregressive "
-                             "prior (its settings: temperature, top_k, top_p)")
-        settings = ARSettings(1.0 if temperature is None else temperature, top_k, top_p)
+                             "prior (its settings: temperature, top_k, top_p, similarity_quantiles)")
+        if similarity_quantiles is None:
+            similarity_quantiles = (ARSettings.similarity_low, ARSettings.similarity_high)
+        if not isinstance(similarity_quantiles, (tuple, list)) or len(similarity_quantiles) != 2:
+            raise ValueError(f"similarity_quantiles must be a (low, high) pair, got {similarity_quantiles!r}")
+        settings = ARSettings(1.0 if temperature is None else temperature, top_k, top_p, *similarity_quantiles)
         return settings.checked(self.cfg.ar_prior.buckets)
 
     def _decode(

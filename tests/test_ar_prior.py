@@ -152,15 +152,17 @@ def test_ar_arguments_are_checked_at_the_api(tiny_ar):
     with pytest.raises(ValueError, match="diffusion prior"):
         pipe.generate("x", prior_guidance_scale=2.0)
     for bad in ({"temperature": 0.0}, {"temperature": float("nan")}, {"top_k": 0}, {"top_k": 65}, {"top_p": 1.5},
-                {"top_p": 0.0}, {"top_k": 2.5}):
+                {"top_p": 0.0}, {"top_k": 2.5}, {"similarity_quantiles": (0.8, 0.2)},
+                {"similarity_quantiles": (0.5,)}, {"similarity_quantiles": (-0.1, 0.5)}):
         with pytest.raises((ValueError, TypeError)):
             pipe.generate("x", **bad)
     with pytest.raises(TypeError, match="ARNoise"):
         diffusion_noise = UnCLIP(tiny_ar, device="cpu", progress=False).draw_noise(1, 2, 2, 2, None)
         pipe.generate("x", noise=diffusion_noise)
     diffusion = UnCLIP(tiny_ar, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="autoregressive prior"):
-        diffusion.generate("x", temperature=0.5)
+    for other in ({"temperature": 0.5}, {"similarity_quantiles": (0.9, 1.0)}):
+        with pytest.raises(ValueError, match="autoregressive prior"):
+            diffusion.generate("x", **other)
     with pytest.raises(ValueError, match="prior must be"):
         UnCLIP(tiny_ar, device="cpu", prior="autoregressive")
     without = UnCLIPModel.from_state(TINY_AR, {k: v for k, v in tiny_ar.state_dict().items()

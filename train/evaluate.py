@@ -64,7 +64,9 @@ def prior_seconds_per_image(pipe: UnCLIP, prompts: list[str], batch: int, **prio
 
     cfg, e, dev = pipe.cfg, pipe.engines, pipe.device
     sampling = cfg.sampling.with_overrides(**{k: v for k, v in prior_kwargs.items() if k.startswith("prior_")})
-    settings = ARSettings(**{k: v for k, v in prior_kwargs.items() if not k.startswith("prior_")})
+    ar_kwargs = {k: v for k, v in prior_kwargs.items() if not k.startswith("prior_")}
+    low_high = ar_kwargs.pop("similarity_quantiles", (ARSettings.similarity_low, ARSettings.similarity_high))
+    settings = ARSettings(**ar_kwargs, similarity_low=low_high[0], similarity_high=low_high[1])
 
     def run(part: list[str], seed: int) -> torch.Tensor:
         text = pipe.encode_prompts(part)
@@ -173,6 +175,8 @@ def evaluate_prior(args: argparse.Namespace, prior: str) -> tuple[dict, torch.Te
     if prior == "ar":
         prior_kwargs = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
                                           ("top_p", args.top_p)) if v is not None}
+        if args.similarity:
+            prior_kwargs["similarity_quantiles"] = tuple(args.similarity)
     else:
         prior_kwargs = {"prior_guidance_scale": sampling.prior_guidance_scale}
     kwargs = {**prior_kwargs, "decoder_guidance_scale": sampling.decoder_guidance_scale}
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None, help="AR prior (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="AR prior (default: all codes)")
     p.add_argument("--top-p", type=float, default=None, help="AR prior (default: all codes)")
+    p.add_argument("--similarity", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="AR prior: quantile range of the similarity token (default 0.5 1.0)")
     args = p.parse_args(argv)
     priors = ("diffusion", "ar") if args.prior == "both" else (args.prior,)
     results = {}
