@@ -44,6 +44,24 @@ def test_onnxruntime_backend_gives_the_torch_image_for_the_same_seed(default_eng
     assert psnr(b.images, c.images) < 30
 
 
+def test_the_ar_prior_draws_the_same_codes_on_onnxruntime_as_on_torch(default_engine_dir, default_model):
+    folder, _ = default_engine_dir
+    on_torch = UnCLIP(copy.deepcopy(default_model), backend="torch", device="cpu", progress=False, prior="ar")
+    on_ort = UnCLIP(copy.deepcopy(default_model), engine_dir=folder, backend="onnxruntime", device="cpu",
+                    progress=False, prior="ar")
+    ar = default_model.ar_prior
+    kw = {"decoder_steps": 3, "super_res_steps": 2, "output_type": "pt", "return_image_embeds": True}
+    embeds = []
+    for seed in (0, 1, 2):
+        a = on_torch.generate(PROMPTS + [""], seed=seed, **kw)
+        b = on_ort.generate(PROMPTS + [""], seed=seed, **kw)
+        assert torch.equal(ar.encode(a.image_embeds), ar.encode(b.image_embeds))  # the same 48 codes each
+        torch.testing.assert_close(b.image_embeds, a.image_embeds, atol=1e-5, rtol=0)
+        assert psnr(a.images, b.images) >= 40
+        embeds.append(a.image_embeds)
+    assert not torch.equal(embeds[0], embeds[1])  # seeds differ: the comparison is not vacuous
+
+
 def test_auto_picks_onnxruntime_on_the_cpu_with_engines_and_torch_without(default_engine_dir, default_model):
     folder, _ = default_engine_dir
     assert UnCLIP(default_model, device="cpu", progress=False).backend == "torch"
