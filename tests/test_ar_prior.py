@@ -235,3 +235,5 @@ def test_ar_prior_graph_replay_draws_the_eager_codes_and_fp16_stays_close():
     got = half.engines["ar_prior_step"](*inputs)
     for r, h in zip(ref, got, strict=True):
         assert float((h.float() - r).abs().max() / r.abs().max()) <= 1e-2
+    images = half.generate(prompts, seed=0, **kw).images  # the whole fp16 run, graphed
+    assert torch.isfinite(images).all() and float(images.std()) > 0.05
