@@ -1,12 +1,13 @@
-"""CLIP for unCLIP: open_clip's OpenAI-layout `CLIP`, with Karlo's tokenisation and outputs.
+"""CLIP for unCLIP: the OpenAI-layout CLIP towers (`models.clip_towers`, open_clip's parameter
+names), with Karlo's tokenisation and outputs.
 
 Text → `(text_embed [B, D], text_tokens [B, 77, W], mask [B, 77])` where `text_tokens` is the
 final LayerNorm's output for every position (before projection) and `text_embed` the projected
 EOT feature. No L2 normalisation anywhere (Karlo feeds raw features to every stage).
 Tokenisation follows Karlo's `padded_tokens_and_mask`: `[SOT] + bpe + [EOT]`, cut to 77 with the
 last kept token forced to EOT, padded with id 0, mask True from SOT through EOT.
-The tokenizer is open_clip's `SimpleTokenizer` (its BPE vocabulary ships inside the package,
-so nothing is downloaded).
+The tokenizer is CLIP's BPE (`models.bpe`, equal to open_clip's `SimpleTokenizer`; its
+vocabulary ships inside the open_clip package, so nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
+from models.bpe import ClipBPE
+from models.clip_towers import OpenAIClip
 from models.configs import ClipConfig
 from models.layers import causal_bias
 
@@ -41,7 +42,7 @@ class KarloTokenizer:
 
     def __init__(self, context_length: int = 77) -> None:
         self.context_length = context_length
-        self.bpe = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.bpe = _shared_bpe()
         self.sot = self.bpe.sot_token_id
         self.eot = self.bpe.eot_token_id
         self._encode = lru_cache(maxsize=65536)(lambda text: tuple(self.bpe.encode(text)))
@@ -66,17 +67,19 @@ class KarloTokenizer:
         return TokenizedText(tokens, mask, tuple(truncated))
 
 
+@lru_cache(maxsize=1)
+def _shared_bpe() -> ClipBPE:
+    """One BPE table per process (reading the vocabulary takes ~0.1 s)."""
+    return ClipBPE()
+
+
 class ClipEncoder(nn.Module):
-    """open_clip `CLIP` (text tower always, vision tower optional) with unCLIP's outputs."""
+    """OpenAI-layout CLIP (text tower always, vision tower optional) with unCLIP's outputs."""
 
     def __init__(self, cfg: ClipConfig, with_vision: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = open_clip.model.CLIP(**cfg.open_clip_model_cfg())
-        for key in ("logit_scale", "logit_bias"):
-            setattr(self.model, key, None)
-        if not with_vision:
-            self.model.visual = None
+        self.model = OpenAIClip(cfg, with_vision=with_vision)
 
     def reset_causal_mask(self) -> None:
         """Recreate the text tower's causal mask (a non-persistent buffer) after a meta-device load."""
@@ -94,7 +97,7 @@ class ClipEncoder(nn.Module):
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-        pooled = text_global_pool(x, tokens, "argmax")
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # the EOT token's feature
         return pooled @ m.text_projection, x
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
