@@ -25,20 +25,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model, with the reason."""
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
-    """Load a state-dict-like object from safetensors or a weights-only torch file, its tensors
-    placed on `device` (safetensors copies each tensor from the mapped file straight there)."""
+def load_tensors(path: str | os.PathLike) -> dict:
+    """Load a state-dict-like object from safetensors or a weights-only torch file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device=str(device))
+            return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({exc}); the file is "
                                   "truncated or damaged, copy or export it again") from exc
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads, corrupt files, TorchScript archives
         raise CheckpointError(
             f"cannot load {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}). "

@@ -137,21 +137,19 @@ class UnCLIP(ImageTools):
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
             model = DEFAULT_MODEL
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.backend = choose_backend(backend, engine_dir, self.device)
         if isinstance(model, (str, Path)):
-            # The torch backend runs the weights where they load: straight onto the device (on a
-            # GPU this skips a host copy of every tensor); engines only need them for checks.
-            model = load_folder(model, self.device if self.backend == "torch" else "cpu")
+            model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
         if max_batch is not None:
             check_int("max_batch", max_batch, 1, 1 << 20)
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+        self.device = torch.device(device) if device is not None else _default_device()
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
         self.progress = progress
+        self.backend = choose_backend(backend, engine_dir, self.device)
         if self.backend == "torch":
             self.dtype = dtype or torch.float32
             self.model: UnCLIPModel | None = model.to(device=self.device, dtype=self.dtype).eval()
@@ -435,13 +433,12 @@ def _graph_cache(requested: bool | None, device: torch.device, engines: dict[str
     return GraphCache(device)
 
 
-def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> UnCLIPModel:
-    """Load our own format: `config.json` + `model.safetensors` (see `models.checkpoint.save_model`),
-    the weights placed on `device` (in the file's dtypes)."""
+def load_folder(folder: str | Path) -> UnCLIPModel:
+    """Load our own format: `config.json` + `model.safetensors` (see `models.checkpoint.save_model`)."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{folder} is not an unclip-rt model folder (needs config.json and model.safetensors)")
     cfg = config_from_dict(json.loads(config_path.read_text()))
-    state = load_tensors(weights_path, device)
+    state = load_tensors(weights_path)
     return UnCLIPModel.from_state(cfg, state, f"model folder {folder}")
