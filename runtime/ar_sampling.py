@@ -57,6 +57,19 @@ class ARSettings:
     similarity_low: float = 0.5
     similarity_high: float = 1.0
 
+    @staticmethod
+    def from_arguments(
+        temperature: float | None, top_k: int | None, top_p: float | None,
+        similarity_quantiles: tuple[float, float] | None, buckets: int,
+    ) -> ARSettings:
+        """Checked settings from the public arguments (None: the default of each)."""
+        if similarity_quantiles is None:
+            similarity_quantiles = (ARSettings.similarity_low, ARSettings.similarity_high)
+        if not isinstance(similarity_quantiles, (tuple, list)) or len(similarity_quantiles) != 2:
+            raise ValueError(f"similarity_quantiles must be a (low, high) pair, got {similarity_quantiles!r}")
+        settings = ARSettings(1.0 if temperature is None else temperature, top_k, top_p, *similarity_quantiles)
+        return settings.checked(buckets)
+
     def checked(self, buckets: int) -> ARSettings:
         """These settings, or a ValueError naming the bad one."""
         t = self.temperature

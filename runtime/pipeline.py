@@ -37,7 +37,7 @@ from runtime.engines import Engine
 from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
-from runtime.sampling import make_step_table
+from runtime.sampling import StepTable, make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
 
@@ -322,7 +322,7 @@ class UnCLIP(ImageTools):
         if need_uncond:
             uncond = self.encode_prompts([""]).expand(b)
 
-        cfg, e = self.cfg, self.engines
+        cfg = self.cfg
         chunk = self.max_batch or b
         prior_table = make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device)
         all_images, all_embeds = [], []
@@ -330,22 +330,28 @@ class UnCLIP(ImageTools):
             stop = min(b, start + chunk)
             part, part_noise = text.rows(start, stop), noise.rows(start, stop)
             part_uncond = uncond.rows(start, stop) if uncond is not None else None
-            if ar_settings is not None:
-                image_embeds, _ = sample_ar_prior(
-                    e["ar_prior_context"], e["ar_prior_step"], self.constants, part, part_noise.prior, ar_settings,
-                    cfg.ar_prior.similarity_buckets, self.progress, self.graphs,
-                )
-            else:
-                image_embeds = loops.sample_prior(
-                    e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, part,
-                    part_uncond if prior_scale != 1.0 else None, prior_table, part_noise.prior.to(self.device),
-                    prior_scale, self.progress, self.graphs,
-                )
+            image_embeds = self.sample_image_embeds(part, part_uncond if prior_scale != 1.0 else None,
+                                                    part_noise.prior, prior_scale, prior_table, ar_settings)
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
                                            decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise))
             all_embeds.append(image_embeds)
         images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
+
+    def sample_image_embeds(
+        self, text: TextConditioning, uncond: TextConditioning | None, noise: StageNoise | ARNoise, scale: float,
+        table: StepTable, ar_settings: ARSettings | None,
+    ) -> torch.Tensor:
+        """The prior alone on encoded text, one chunk of a `generate` call: CLIP image embeddings
+        [B, D]. The autoregressive prior with `ar_settings` (and its `ARNoise`), else the diffusion
+        prior with guidance `scale` (`uncond`: the empty prompt's text, None without guidance) over
+        `table`'s steps. `generate` calls it; `train.evaluate` times it alone."""
+        cfg, e = self.cfg, self.engines
+        if ar_settings is not None:
+            return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], self.constants, text, noise, ar_settings,
+                                   cfg.ar_prior.similarity_buckets, self.progress, self.graphs)[0]
+        return loops.sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
+                                  uncond, table, noise.to(self.device), scale, self.progress, self.graphs)
 
     def _ar_settings(
         self, temperature: float | None, top_k: int | None, top_p: float | None,
@@ -365,12 +371,7 @@ class UnCLIP(ImageTools):
         if given:
             raise ValueError(f"{', '.join(given)} apply to the diffusion prior; this UnCLIP runs the autoregressive "
                              "prior (its settings: temperature, top_k, top_p, similarity_quantiles)")
-        if similarity_quantiles is None:
-            similarity_quantiles = (ARSettings.similarity_low, ARSettings.similarity_high)
-        if not isinstance(similarity_quantiles, (tuple, list)) or len(similarity_quantiles) != 2:
-            raise ValueError(f"similarity_quantiles must be a (low, high) pair, got {similarity_quantiles!r}")
-        settings = ARSettings(1.0 if temperature is None else temperature, top_k, top_p, *similarity_quantiles)
-        return settings.checked(self.cfg.ar_prior.buckets)
+        return ARSettings.from_arguments(temperature, top_k, top_p, similarity_quantiles, self.cfg.ar_prior.buckets)
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextConditioning, uncond: TextConditioning | None, scale: float,

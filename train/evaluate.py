@@ -58,26 +58,21 @@ def _synchronize(pipe: UnCLIP) -> None:
 def prior_seconds_per_image(pipe: UnCLIP, prompts: list[str], batch: int, **prior_kwargs) -> float:
     """Seconds per image of the prior alone (text encoding included), after a warm-up batch: the
     loops `generate` runs, on the same prompts in the same batches."""
-    from runtime.ar_sampling import ARSettings, sample_ar_prior
-    from runtime.loops import sample_prior
+    from runtime.ar_sampling import ARSettings
     from runtime.sampling import make_step_table
 
-    cfg, e, dev = pipe.cfg, pipe.engines, pipe.device
+    cfg = pipe.cfg
     sampling = cfg.sampling.with_overrides(**{k: v for k, v in prior_kwargs.items() if k.startswith("prior_")})
-    ar_kwargs = {k: v for k, v in prior_kwargs.items() if not k.startswith("prior_")}
-    low_high = ar_kwargs.pop("similarity_quantiles", (ARSettings.similarity_low, ARSettings.similarity_high))
-    settings = ARSettings(**ar_kwargs, similarity_low=low_high[0], similarity_high=low_high[1])
+    ar_kwargs = {k: prior_kwargs.get(k) for k in ("temperature", "top_k", "top_p", "similarity_quantiles")}
+    settings = ARSettings.from_arguments(**ar_kwargs, buckets=cfg.ar_prior.buckets) if pipe.prior == "ar" else None
+    scale = 1.0 if settings is not None else sampling.prior_guidance_scale
+    table = make_step_table(cfg.prior.diffusion, sampling.prior_steps).to(pipe.device)
 
     def run(part: list[str], seed: int) -> torch.Tensor:
         text = pipe.encode_prompts(part)
         noise = pipe.draw_noise(len(part), sampling.prior_steps, 1, 2, torch.Generator().manual_seed(seed)).prior
-        if pipe.prior == "ar":
-            return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], pipe.constants, text, noise, settings,
-                                   cfg.ar_prior.similarity_buckets, graphs=pipe.graphs)[0]
-        uncond = pipe.encode_prompts([""]).expand(len(part)) if sampling.prior_guidance_scale != 1 else None
-        table = make_step_table(cfg.prior.diffusion, sampling.prior_steps).to(dev)
-        return sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, pipe.constants, text, uncond,
-                            table, noise.to(dev), sampling.prior_guidance_scale, graphs=pipe.graphs)
+        uncond = pipe.encode_prompts([""]).expand(len(part)) if scale != 1 else None
+        return pipe.sample_image_embeds(text, uncond, noise, scale, table, settings)
 
     run(prompts[:batch], 0)
     _synchronize(pipe)
