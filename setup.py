@@ -24,7 +24,8 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu"],
+    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu",
+                                        "cpp_ext/residual.cu", "cpp_ext/prior_step.cu"],
                         depends=["cpp_ext/elementwise.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}

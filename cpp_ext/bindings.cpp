@@ -9,7 +9,14 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
 
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                      const c10::optional<at::Tensor>& add, double eps, bool silu);
+                      const c10::optional<at::Tensor>& add, double eps, bool silu,
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up);
+
+void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
+                    const c10::optional<at::Tensor>& bias2);
+
+at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, const at::Tensor& keep,
+                                int64_t heads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
@@ -17,5 +24,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "guidance + x0 + clamp + update + finite check + next network input, in one launch");
   m.def("group_norm", &group_norm, "group norm (+ add before, + scale/shift, + SiLU) for NCHW or NHWC, float32 statistics",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
-        py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false);
+        py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false,
+        py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false);
+  m.def("bias_residual_", &bias_residual_, "h += skip + bias (+ bias2), in place, NCHW or NHWC", py::arg("h"),
+        py::arg("skip"), py::arg("bias"), py::arg("bias2") = py::none());
+  m.def("prior_step_attention", &prior_step_attention,
+        "the prior step tokens' attention over cached caption keys and their own keys", py::arg("qkv"),
+        py::arg("past"), py::arg("keep"), py::arg("heads"));
 }

@@ -31,12 +31,56 @@ using unclip_rt::Pack;
 using unclip_rt::to_float;
 
 constexpr int kThreads = 256;
+// Groups of at most this many elements take the one-launch kernel (auto mode).
+constexpr int64_t kOnePassMaxElements = 12288;  // tuned on an H100 (one launch wins up to 16x16 maps)
 
 struct Shape {
   int64_t batch, channels, hw;  // x is [batch, channels, hw] (NCHW) or [batch, hw, channels] (NHWC)
   int groups, chunks;
   int64_t chunk_len;  // NCHW: elements of a group row per chunk; NHWC: pixels per chunk
   int groups_per_block;  // NHWC pass 1: groups whose channels one block covers (blockIdx.z picks which)
+  int64_t width;  // NHWC with `up`: the input's width (hw = height * width)
+  bool up;        // NHWC only: write the output nearest-upsampled 2x (the UNets' up ResBlocks)
+};
+
+// Store one NHWC pack of channels [c, c + VEC) of input pixel `pixel` of sample b: at the same
+// place, or (s.up) at the four output pixels it covers after a nearest 2x upsampling.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_nhwc(T* y, const Pack<T, VEC>& out, int64_t in_index, int64_t b, const Shape& s) {
+  if (!s.up) {
+    *reinterpret_cast<Pack<T, VEC>*>(y + in_index) = out;
+    return;
+  }
+  const int64_t within = in_index - b * s.hw * s.channels;
+  const int64_t pixel = within / s.channels, c = within % s.channels;
+  const int64_t py = pixel / s.width, px = pixel % s.width, out_w = 2 * s.width;
+  T* base = y + ((b * 2 * (s.hw / s.width) + 2 * py) * out_w + 2 * px) * s.channels + c;
+  *reinterpret_cast<Pack<T, VEC>*>(base) = out;
+  *reinterpret_cast<Pack<T, VEC>*>(base + s.channels) = out;
+  *reinterpret_cast<Pack<T, VEC>*>(base + out_w * s.channels) = out;
+  *reinterpret_cast<Pack<T, VEC>*>(base + out_w * s.channels + s.channels) = out;
+}
+
+// What is added to x before the norm: rows[b * ld + c] (ld 0: the same row for every sample)
+// plus bias[c]; either may be absent. The ResBlocks pass the time embedding as rows and the
+// preceding convolution's bias as bias, so that convolution runs without its own bias pass.
+template <typename T>
+struct Add {
+  const T* rows;
+  int64_t ld;
+  const T* bias;
+  __device__ __forceinline__ float at(int64_t b, int64_t c) const {
+    return (rows != nullptr ? to_float(rows[b * ld + c]) : 0.f) + (bias != nullptr ? to_float(bias[c]) : 0.f);
+  }
+  __device__ __forceinline__ bool any() const { return rows != nullptr || bias != nullptr; }
+};
+
+// FiLM scale/shift rows: y * (1 + scale[b * ld + c]) + shift[b * ld + c] (absent: scale null).
+template <typename T>
+struct Film {
+  const T* scale;
+  const T* shift;
+  int64_t ld;
 };
 
 // Block-wide sum of two floats (fixed reduction order: deterministic).
@@ -57,22 +101,21 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
 
 // Pass 1, NCHW: grid (chunks, batch*groups); each block sums one chunk of one contiguous group row.
 template <typename T, int VEC>
-__global__ void partial_nchw(const T* __restrict__ x, const T* __restrict__ add, float2* __restrict__ partial,
-                             Shape s) {
+__global__ void partial_nchw(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
   __shared__ float2 smem[kThreads / 32];
   const int64_t row = blockIdx.y;
   const int64_t cg = s.channels / s.groups;
   const int64_t row_len = cg * s.hw;
   const T* base = x + row * row_len;
-  // add[b, c] of this row's channels: row = b * groups + g covers channels g*cg .. g*cg+cg-1.
-  const T* row_add = add != nullptr ? add + (row / s.groups) * s.channels + (row % s.groups) * cg : nullptr;
-  const float pivot = to_float(base[0]) + (row_add != nullptr ? to_float(row_add[0]) : 0.f);
+  // row = b * groups + g covers channels g*cg .. g*cg+cg-1.
+  const int64_t b = row / s.groups, c_first = (row % s.groups) * cg;
+  const float pivot = to_float(base[0]) + add.at(b, c_first);
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(row_len, begin + s.chunk_len);
   float2 acc = make_float2(0.f, 0.f);
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end; i += static_cast<int64_t>(blockDim.x) * VEC) {
     const auto p = *reinterpret_cast<const Pack<T, VEC>*>(base + i);
-    const float a = row_add != nullptr ? to_float(row_add[i / s.hw]) : 0.f;  // VEC | hw: one channel
+    const float a = add.any() ? add.at(b, c_first + i / s.hw) : 0.f;  // VEC | hw: one channel
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float d = to_float(p.v[k]) + a - pivot;
@@ -88,8 +131,7 @@ __global__ void partial_nchw(const T* __restrict__ x, const T* __restrict__ add,
 // [l*VEC, l*VEC+VEC) (all in one group) of pixels p = rows-strided through the chunk; blockIdx.z
 // selects which `groups_per_block` groups the block's lanes cover.
 template <typename T, int VEC>
-__global__ void partial_nhwc(const T* __restrict__ x, const T* __restrict__ add, float2* __restrict__ partial,
-                             Shape s) {
+__global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
   extern __shared__ float2 sums[];  // [rows][lanes]
   const int lanes = blockDim.x, rows = blockDim.y;
   const int lane = threadIdx.x, r = threadIdx.y;
@@ -100,11 +142,10 @@ __global__ void partial_nhwc(const T* __restrict__ x, const T* __restrict__ add,
   const bool valid = c0 < s.channels;
   const int g = valid ? c0 / cg : first_group;
   const T* sample = x + b * s.hw * s.channels;
-  const T* sample_add = add != nullptr ? add + b * s.channels : nullptr;
-  const float pivot = to_float(sample[g * cg]) + (sample_add != nullptr ? to_float(sample_add[g * cg]) : 0.f);
+  const float pivot = to_float(sample[g * cg]) + add.at(b, g * cg);
   float a[VEC];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) a[k] = (sample_add != nullptr && valid) ? to_float(sample_add[c0 + k]) : 0.f;
+  for (int k = 0; k < VEC; ++k) a[k] = valid ? add.at(b, c0 + k) : 0.f;
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(s.hw, begin + s.chunk_len);
   float2 acc = make_float2(0.f, 0.f);
@@ -146,7 +187,7 @@ __global__ void partial_nhwc(const T* __restrict__ x, const T* __restrict__ add,
 // Pass 2: fold the chunks of each (sample, group) into mean and 1/std; one warp per row, each
 // lane summing a fixed stride of chunks, then a fixed shuffle tree (deterministic).
 template <typename T, bool NHWC>
-__global__ void finalize(const T* __restrict__ x, const T* __restrict__ add, const float2* __restrict__ partial,
+__global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __restrict__ partial,
                          float2* __restrict__ stats, Shape s, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -164,7 +205,7 @@ __global__ void finalize(const T* __restrict__ x, const T* __restrict__ add, con
   const int64_t b = row / s.groups, g = row % s.groups;
   const int64_t cg = s.channels / s.groups;
   float pivot = NHWC ? to_float(x[b * s.hw * s.channels + g * cg]) : to_float(x[row * cg * s.hw]);
-  if (add != nullptr) pivot += to_float(add[b * s.channels + g * cg]);
+  pivot += add.at(b, g * cg);
   const float n = static_cast<float>(cg * s.hw);
   const float mean_shift = sum / n;
   const float var = fmaxf(sq / n - mean_shift * mean_shift, 0.f);
@@ -173,9 +214,8 @@ __global__ void finalize(const T* __restrict__ x, const T* __restrict__ add, con
 
 // Pass 3: normalise, affine, optional scale/shift ([B, C] each: y * (1 + scale) + shift), optional SiLU.
 template <typename T, int VEC, bool NHWC>
-__global__ void normalize(const T* __restrict__ x, const T* __restrict__ add, const float2* __restrict__ stats,
-                          const T* __restrict__ weight,
-                          const T* __restrict__ bias, const T* __restrict__ scale, const T* __restrict__ shift,
+__global__ void normalize(const T* __restrict__ x, Add<T> add, const float2* __restrict__ stats,
+                          const T* __restrict__ weight, const T* __restrict__ bias, Film<T> film,
                           T* __restrict__ y, Shape s, bool silu) {
   const int64_t n = s.batch * s.channels * s.hw;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -191,13 +231,102 @@ __global__ void normalize(const T* __restrict__ x, const T* __restrict__ add, co
     // NCHW: VEC divides hw, so a pack is one channel; NHWC: VEC consecutive channels.
     const int64_t c = NHWC ? (within % s.channels) + k : within / s.hw;
     const float2 st = stats[b * s.groups + c / cg];
-    const float xv = to_float(in.v[k]) + (add != nullptr ? to_float(add[b * s.channels + c]) : 0.f);
+    const float xv = to_float(in.v[k]) + add.at(b, c);
     float v = (xv - st.x) * st.y * to_float(weight[c]) + to_float(bias[c]);
-    if (scale != nullptr) v = v * (1.f + to_float(scale[b * s.channels + c])) + to_float(shift[b * s.channels + c]);
+    if (film.scale != nullptr) v = v * (1.f + to_float(film.scale[b * film.ld + c])) + to_float(film.shift[b * film.ld + c]);
     if (silu) v = v / (1.f + __expf(-v));
     out.v[k] = from_float<T>(v);
   }
-  *reinterpret_cast<Pack<T, VEC>*>(y + i) = out;
+  if (NHWC) {
+    store_nhwc<T, VEC>(y, out, i, b, s);
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(y + i) = out;
+  }
+}
+
+// Small tensors (the decoder's 8x8 to 32x32 maps): one launch, one block per (sample, group).
+// The block sums its group (shifted, as pass 1), folds the sums in a fixed order, then
+// normalises the same elements again (an L1/L2 hit: a group is at most tens of kilobytes).
+// Three launches of a few microseconds each cost more than the work at these sizes.
+constexpr int kOnePassThreads = 512;
+
+template <typename T, int VEC, bool NHWC>
+__global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict__ x, Add<T> add,
+                                                            const T* __restrict__ weight, const T* __restrict__ bias,
+                                                            Film<T> film, T* __restrict__ y, Shape s, float eps,
+                                                            bool silu) {
+  __shared__ float2 smem[kOnePassThreads / 32];
+  __shared__ float2 stats;
+  const int64_t b = blockIdx.x / s.groups, g = blockIdx.x % s.groups;
+  const int64_t cg = s.channels / s.groups;
+  const int64_t packs = cg * s.hw / VEC;
+  // Pack e of the group: NHWC pixel e*VEC / cg at channels g*cg + (e*VEC) % cg (VEC | cg); NCHW
+  // the group's contiguous row at e*VEC, channel g*cg + e*VEC / hw (VEC | hw).
+  const auto offset = [&](int64_t e, int64_t& c) -> int64_t {
+    const int64_t i = e * VEC;
+    if (NHWC) {
+      c = g * cg + i % cg;
+      return (b * s.hw + i / cg) * s.channels + c;
+    }
+    c = g * cg + i / s.hw;
+    return (b * s.channels + g * cg) * s.hw + i;
+  };
+  int64_t c_first;
+  const float pivot = to_float(x[offset(0, c_first)]) + add.at(b, c_first);
+  float2 acc = make_float2(0.f, 0.f);
+  for (int64_t e = threadIdx.x; e < packs; e += kOnePassThreads) {
+    int64_t c;
+    const auto in = *reinterpret_cast<const Pack<T, VEC>*>(x + offset(e, c));
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d = to_float(in.v[k]) + add.at(b, NHWC ? c + k : c) - pivot;
+      acc.x += d;
+      acc.y += d * d;
+    }
+  }
+  const float2 total = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    const float n = static_cast<float>(cg * s.hw);
+    const float mean_shift = total.x / n;
+    stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
+  }
+  __syncthreads();
+  const float2 st = stats;
+  for (int64_t e = threadIdx.x; e < packs; e += kOnePassThreads) {
+    int64_t c0;
+    const int64_t at = offset(e, c0);
+    const auto in = *reinterpret_cast<const Pack<T, VEC>*>(x + at);
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t c = NHWC ? c0 + k : c0;
+      float v = (to_float(in.v[k]) + add.at(b, c) - st.x) * st.y * to_float(weight[c]) + to_float(bias[c]);
+      if (film.scale != nullptr) v = v * (1.f + to_float(film.scale[b * film.ld + c])) + to_float(film.shift[b * film.ld + c]);
+      if (silu) v = v / (1.f + __expf(-v));
+      out.v[k] = from_float<T>(v);
+    }
+    if (NHWC) {
+      store_nhwc<T, VEC>(y, out, at, b, s);
+    } else {
+      *reinterpret_cast<Pack<T, VEC>*>(y + at) = out;
+    }
+  }
+}
+
+template <typename T, int VEC>
+void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
+                     at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, cudaStream_t stream) {
+  const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
+  const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
+  auto* yp = reinterpret_cast<T*>(y.data_ptr());
+  const auto blocks = static_cast<unsigned>(s.batch * s.groups);
+  if (nhwc) {
+    one_pass<T, VEC, true><<<blocks, kOnePassThreads, 0, stream>>>(xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
+  } else {
+    one_pass<T, VEC, false><<<blocks, kOnePassThreads, 0, stream>>>(xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
@@ -210,8 +339,8 @@ int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
 }
 
 template <typename T, int VEC>
-void launch_normalize(const at::Tensor& x, const T* add, const at::Tensor& stats, const at::Tensor& weight, const at::Tensor& bias,
-                      const T* scale, const T* shift, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
+void launch_normalize(const at::Tensor& x, Add<T> add, const at::Tensor& stats, const at::Tensor& weight,
+                      const at::Tensor& bias, Film<T> film, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
                       cudaStream_t stream) {
   const int64_t n = x.numel();
   const int64_t blocks = (n / VEC + kThreads - 1) / kThreads;
@@ -221,15 +350,15 @@ void launch_normalize(const at::Tensor& x, const T* add, const at::Tensor& stats
   const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
   if (nhwc) {
-    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, scale, shift, yp, s, silu);
+    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, film, yp, s, silu);
   } else {
-    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, scale, shift, yp, s, silu);
+    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, film, yp, s, silu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
-void launch_partial(const at::Tensor& x, const T* add, at::Tensor& partial, Shape& s, bool nhwc,
+void launch_partial(const at::Tensor& x, Add<T> add, at::Tensor& partial, Shape& s, bool nhwc,
                     cudaStream_t stream) {
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   auto* pp = reinterpret_cast<float2*>(partial.data_ptr<float>());
@@ -249,8 +378,10 @@ void launch_partial(const at::Tensor& x, const T* add, at::Tensor& partial, Shap
 template <typename T>
 at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                            const c10::optional<at::Tensor>& add, double eps, bool silu, bool nhwc) {
-  const T* add_ptr = add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr;
+                            const c10::optional<at::Tensor>& add, const c10::optional<at::Tensor>& add_bias,
+                            double eps, bool silu, bool nhwc, int one_pass_mode, bool up) {
+  const Add<T> add_ptr{add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr, add ? add->stride(0) : 0,
+                       add_bias ? reinterpret_cast<const T*>(add_bias->data_ptr()) : nullptr};
   Shape s{};
   s.batch = x.size(0);
   s.channels = x.size(1);
@@ -259,7 +390,24 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   const int64_t cg = s.channels / groups;
   const int elem = static_cast<int>(x.element_size());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto y = at::empty_like(x);  // keeps x's memory format
+  s.up = up;
+  s.width = x.size(-1);
+  // keeps x's memory format; 2x the height and width with `up`
+  auto y = up ? at::empty({x.size(0), x.size(1), 2 * x.size(2), 2 * x.size(3)},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast))
+              : at::empty_like(x);
+  const Film<T> film{scale ? reinterpret_cast<const T*>(scale->data_ptr()) : nullptr,
+                     shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr, scale ? scale->stride(0) : 0};
+  if (one_pass_mode > 0 || (one_pass_mode < 0 && cg * s.hw <= kOnePassMaxElements)) {
+    const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
+    switch (v) {
+      case 8: launch_one_pass<T, 8>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
+      case 4: launch_one_pass<T, 4>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
+      case 2: launch_one_pass<T, 2>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
+      default: launch_one_pass<T, 1>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
+    }
+    return y;
+  }
 
   // Pass 1 geometry: aim for ~4 blocks per SM over the whole tensor.
   const int64_t target_blocks = 528;
@@ -300,53 +448,67 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const T* scale_ptr = scale ? reinterpret_cast<const T*>(scale->data_ptr()) : nullptr;
-  const T* shift_ptr = shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr;
   // Pass 3 vector width: NHWC packs run along channels (within one sample: VEC | channels);
   // NCHW packs along pixels of one channel (VEC | hw).
   const int nvec = pick_vec(nhwc ? s.channels : s.hw, x.data_ptr(), y.data_ptr(), elem);
   switch (nvec) {
-    case 8: launch_normalize<T, 8>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    case 4: launch_normalize<T, 4>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    case 2: launch_normalize<T, 2>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
-    default: launch_normalize<T, 1>(x, add_ptr, stats, weight, bias, scale_ptr, shift_ptr, y, s, silu, nhwc, stream); break;
+    case 8: launch_normalize<T, 8>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
+    case 4: launch_normalize<T, 4>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
+    case 2: launch_normalize<T, 2>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
+    default: launch_normalize<T, 1>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
   }
   return y;
 }
 
 }  // namespace
 
-// y = GroupNorm(x [+ add]) * weight + bias [* (1 + scale) + shift] [-> SiLU], x [B, C, *spatial] in
-// NCHW (contiguous) or NHWC (channels_last) memory; weight/bias [C], scale/shift/add [B, C], all in
-// x's dtype (`add`: the ResBlock's time embedding, added before the norm without a separate pass).
+// Whether t is a [B, C] matrix (of `dtype`) whose rows may be strided or broadcast (stride 0)
+// but whose channels are contiguous.
+static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
+  return t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.stride(1) == 1 && t.stride(0) >= 0 &&
+         t.scalar_type() == x.scalar_type() && t.device() == x.device();
+}
+
+// y = GroupNorm(x [+ add + add_bias]) * weight + bias [* (1 + scale) + shift] [-> SiLU], x
+// [B, C, *spatial] in NCHW (contiguous) or NHWC (channels_last) memory; weight/bias/add_bias [C],
+// scale/shift/add [B, C] (rows may be strided, e.g. the two halves of one [B, 2C] projection, or
+// broadcast), all in x's dtype. `add` is the ResBlock's time embedding and `add_bias` the bias of
+// the convolution before the norm: both added before the norm without a pass of their own.
+// `up`: write the output nearest-upsampled 2x ([B, C, 2H, 2W], channels_last x only: the up
+// ResBlocks upsample the norm's output before their convolution).
+// `one_pass_mode`: 1 the one-launch kernel, 0 the three passes, -1 (default) by the group's size.
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                      const c10::optional<at::Tensor>& add, double eps, bool silu) {
+                      const c10::optional<at::Tensor>& add, double eps, bool silu,
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", x.size(1), " not divisible by ", groups, " groups");
   const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(nhwc || x.is_contiguous(), "group_norm: x must be contiguous or channels_last");
-  TORCH_CHECK(weight.is_contiguous() && bias.is_contiguous() && weight.numel() == x.size(1) &&
-                  bias.numel() == x.size(1) && weight.scalar_type() == x.scalar_type() &&
-                  bias.scalar_type() == x.scalar_type(),
-              "group_norm: weight and bias must be [C] in x's dtype");
+  TORCH_CHECK(!up || nhwc, "group_norm: up (a fused nearest 2x upsampling) needs channels_last x");
+  auto per_channel = [&](const at::Tensor& t) {
+    return t.is_contiguous() && t.numel() == x.size(1) && t.scalar_type() == x.scalar_type() && t.device() == x.device();
+  };
+  TORCH_CHECK(per_channel(weight) && per_channel(bias), "group_norm: weight and bias must be [C] in x's dtype");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm: give both scale and shift, or neither");
   if (scale) {
-    TORCH_CHECK(scale->is_contiguous() && shift->is_contiguous() && scale->numel() == x.size(0) * x.size(1) &&
-                    shift->numel() == x.size(0) * x.size(1) && scale->scalar_type() == x.scalar_type() &&
-                    shift->scalar_type() == x.scalar_type(),
-                "group_norm: scale and shift must be [B, C] in x's dtype");
+    TORCH_CHECK(per_sample_rows(*scale, x) && per_sample_rows(*shift, x) && scale->stride(0) == shift->stride(0),
+                "group_norm: scale and shift must be [B, C] in x's dtype, channels contiguous, one row stride");
   }
   if (add) {
-    TORCH_CHECK(add->is_contiguous() && add->numel() == x.size(0) * x.size(1) && add->scalar_type() == x.scalar_type(),
-                "group_norm: add must be [B, C] in x's dtype");
+    TORCH_CHECK(per_sample_rows(*add, x), "group_norm: add must be [B, C] in x's dtype, channels contiguous");
+  }
+  if (add_bias) {
+    TORCH_CHECK(per_channel(*add_bias), "group_norm: add_bias must be [C] in x's dtype");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   switch (x.scalar_type()) {
-    case at::kFloat: return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
-    case at::kHalf: return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
+    case at::kFloat:
+      return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
+    case at::kHalf:
+      return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
     case at::kBFloat16:
-      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, eps, silu, nhwc);
+      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
 }

@@ -45,8 +45,9 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
-def fused_group_norm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `cpp_ext`'s group norm serves `x` (built, CUDA, half precision, eager or graph capture)."""
+def fused_kernels_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `cpp_ext`'s half-precision kernels serve `x` with `weight` (built, CUDA, fp16/bf16,
+    one dtype, eager or graph capture; never while exporting or compiling)."""
     return (cpp_ext.kernels is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and not _tracing())
 
@@ -61,26 +62,37 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels, eps=1e-5)
         self.silu = silu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_film(x, None, None, self.silu)
+    def forward(self, x: torch.Tensor, up: bool = False) -> torch.Tensor:
+        """The norm (and SiLU); `up`: then a nearest 2x upsampling (fused into the kernel's writes
+        for channels-last input)."""
+        return self.forward_film(x, None, None, self.silu, up=up)
 
     def forward_film(
         self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool,
-        add: torch.Tensor | None = None,
+        add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, up: bool = False,
     ) -> torch.Tensor:
-        """`act(norm(x + add) * (1 + scale) + shift)` with per-sample [B, C] `add`, `scale` and `shift`
-        (each None: left out)."""
-        if fused_group_norm_available(x, self.weight):
+        """`act(norm(x + add + add_bias) * (1 + scale) + shift)` with per-sample [B, C] `add`, `scale`
+        and `shift` and per-channel [C] `add_bias` (each None: left out), nearest-upsampled 2x if
+        `up`. The fused kernel reads strided rows (e.g. the two halves of one [B, 2C] projection)
+        without copies."""
+        if fused_kernels_available(x, self.weight):
             per_sample = x.shape[:2]
             if scale is not None:
-                scale, shift = scale.reshape(per_sample).contiguous(), shift.reshape(per_sample).contiguous()
+                scale, shift = _rows(scale, per_sample, x.dtype), _rows(shift, per_sample, x.dtype)
             if add is not None:
-                add = add.reshape(per_sample).to(x.dtype).contiguous()
-            return cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
-                                              silu)
+                add = _rows(add, per_sample, x.dtype)
+            fuse_up = up and _layout(x) == "nhwc"
+            y = cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
+                                           silu, add_bias, -1, fuse_up)
+            return F.interpolate(y, scale_factor=2, mode="nearest") if up and not fuse_up else y
+        if up:
+            y = self.forward_film(x, scale, shift, silu, add, add_bias)
+            return F.interpolate(y, scale_factor=2, mode="nearest")
         broadcast = (*x.shape[:2], *([1] * (x.dim() - 2)))  # [B, C] → [B, C, 1, ...]
         if add is not None:
             x = x + add.reshape(broadcast).to(x.dtype)
+        if add_bias is not None:
+            x = x + add_bias.reshape(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype:
             # CUDA's half-precision group norm accumulates its statistics in float32 already.
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -94,10 +106,54 @@ class GroupNorm32(nn.GroupNorm):
         return y.to(x.dtype)
 
 
+def _rows(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as [B, C] rows in `dtype` for the group norm kernel: channels contiguous, rows may be strided."""
+    t = t.to(dtype).reshape(shape)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """`h + skip + bias (+ bias2)` with per-channel biases of [B, C, ...] activations: the residual
+    join of a block whose last convolution ran without its bias. `skip` may have half h's height
+    and width: it is then nearest-upsampled 2x (an up ResBlock's identity skip). On CUDA with
+    `cpp_ext` built, one in-place pass over `h` (it must be a fresh tensor the caller owns; the
+    upsampled skip read in place when both are channels-last); else torch ops."""
+    up = (h.dim() == 4 and skip.shape[:2] == h.shape[:2] and skip.shape[2] * 2 == h.shape[2]
+          and skip.shape[3] * 2 == h.shape[3])
+    same = h.shape == skip.shape and _same_layout(h, skip)
+    if (cpp_ext.kernels is not None and h.is_cuda and not _tracing() and h.dtype == skip.dtype == bias.dtype
+            and (same or (up and _layout(h) == _layout(skip) == "nhwc"))):
+        cpp_ext.kernels.bias_residual_(h, skip, bias, bias2)
+        return h
+    if up:
+        skip = F.interpolate(skip, scale_factor=2, mode="nearest")
+    shape = (1, -1, *([1] * (h.dim() - 2)))
+    out = h + bias.reshape(shape).to(h.dtype)
+    if bias2 is not None:
+        out = out + bias2.reshape(shape).to(h.dtype)
+    return skip + out
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    """"nchw" (contiguous), "nhwc" (channels-last only) or None (neither)."""
+    if t.is_contiguous():
+        return "nchw"
+    return "nhwc" if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both contiguous, or both channels-last (the kernel's two layouts)."""
+    return _layout(a) is not None and _layout(a) == _layout(b)
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in (at least) float32 whatever the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype and not _tracing():
+            # CUDA's half-precision layer norm computes in float32 already: one kernel, not three.
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         work = work_dtype(x.dtype)
         w = None if self.weight is None else self.weight.to(work)
         b = None if self.bias is None else self.bias.to(work)

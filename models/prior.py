@@ -20,8 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpp_ext
 from models.configs import PriorConfig
-from models.layers import LayerNorm32, additive_mask, causal_bias, timestep_embedding, work_dtype
+from models.layers import (
+    LayerNorm32,
+    additive_mask,
+    causal_bias,
+    fused_kernels_available,
+    timestep_embedding,
+    work_dtype,
+)
 
 
 class PriorAttention(nn.Module):
@@ -192,10 +200,29 @@ class Prior(nn.Module):
         """`forward` given the cache of `context_kv`: predict standardised x0 [B, clip_dim]."""
         n = self.context_len
         x = self._step_tokens(x_t, timesteps) + self.positional_embedding[:, n:]
+        if fused_kernels_available(x, self.positional_embedding) and (self.cfg.width // self.cfg.heads) % 8 == 0:
+            return self._predict(self._blocks_fused(x, context_kv, text_mask))
         bias = self.attention_bias(text_mask)[:, :, n:, :]
         for i, block in enumerate(self.transformer.resblocks):
             x, _, _ = block.forward_with_kv(x, bias, context_kv[:, i])
         return self._predict(x)
+
+    def _blocks_fused(self, x: torch.Tensor, context_kv: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The block stack of `step` with `cpp_ext`'s attention over the cache (CUDA, half
+        precision): the step tokens as one [B·3, W] matrix through cuBLAS's GEMMs, the attention
+        reading the cache and the QKV output in place with the masks built in, residuals added in
+        place. About 10 launches per layer where the torch ops of `forward_with_kv` take 25. The
+        same function as the loop in `step`."""
+        b, t, w = x.shape
+        rows = x.reshape(b * t, w)
+        keep = text_mask.bool().contiguous()
+        for i, block in enumerate(self.transformer.resblocks):
+            attn, mlp = block.attn, block.mlp
+            qkv = attn.c_qkv(block.ln_1(rows))
+            mixed = cpp_ext.kernels.prior_step_attention(qkv, context_kv[:, i], keep, attn.heads)
+            rows = rows + attn.c_proj(mixed)
+            rows = rows + mlp(block.ln_2(rows))
+        return rows.view(b, t, w)
 
     def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Standardised embedding → raw CLIP image embedding (`z·std + mean`), in ≥ float32."""

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import UNetConfig
-from models.layers import GroupNorm32, timestep_embedding, work_dtype, zero_init
+from models.layers import (
+    GroupNorm32,
+    bias_residual,
+    fused_kernels_available,
+    timestep_embedding,
+    work_dtype,
+    zero_init,
+)
 
 
 class ResBlock(nn.Module):
@@ -58,15 +65,46 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """`emb`: the time embedding after SiLU (the UNet applies `emb_layers[0]` once for all blocks)."""
+        if fused_kernels_available(x, self.in_layers[0].weight):
+            return self._forward_fused(x, emb)
         h = self.in_layers[2](self._resample(self.in_layers[0](x)))
         x = self._resample(x)
-        emb_out = self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        emb_out = self.emb_layers[1](emb)[:, :, None, None].to(h.dtype)
         if self.scale_shift:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[3](self.out_layers[0].forward_film(h, scale, shift, silu=True))
         else:
             h = self.out_layers[3](self.out_layers[0].forward_film(h, None, None, self.out_layers[0].silu, add=emb_out))
         return self.skip_connection(x) + h
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """`forward` with `cpp_ext`'s kernels (CUDA, half precision): the convolutions run without
+        their biases (torch adds a convolution's bias in a pass of its own); the first one's is
+        added inside the second norm, the last one's (and the skip convolution's) in the residual
+        join; an up block's norm writes its output upsampled and its residual join reads x
+        upsampled (no upsampled copies). The same function, three to five passes over the
+        activations fewer per block."""
+        conv_in, norm_out, conv_out = self.in_layers[2], self.out_layers[0], self.out_layers[3]
+        identity_skip = not isinstance(self.skip_connection, nn.Conv2d)
+        if self.up and identity_skip:
+            # the norm writes its output upsampled and the residual join reads x upsampled:
+            # neither upsampled copy is made
+            h = F.conv2d(self.in_layers[0](x, up=True), conv_in.weight, None, padding=1)
+        else:
+            h = F.conv2d(self._resample(self.in_layers[0](x)), conv_in.weight, None, padding=1)
+            x = self._resample(x)
+        emb_out = self.emb_layers[1](emb)
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = norm_out.forward_film(h, scale, shift, silu=True, add_bias=conv_in.bias)
+        else:
+            h = norm_out.forward_film(h, None, None, norm_out.silu, add=emb_out, add_bias=conv_in.bias)
+        h = F.conv2d(h, conv_out.weight, None, padding=1)
+        if identity_skip:
+            return bias_residual(h, x, conv_out.bias)
+        skip = F.conv2d(x, self.skip_connection.weight, None)
+        return bias_residual(h, skip, conv_out.bias, self.skip_connection.bias)
 
 
 class AttentionBlock(nn.Module):
@@ -94,11 +132,13 @@ class AttentionBlock(nn.Module):
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
-        context_bias: torch.Tensor | None = None,
+        context_bias: torch.Tensor | ContextBias | None = None,
         context_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over the image positions and the context tokens.
 
+        :param context_bias: the context keys' additive bias [B, N] (or a `ContextBias` of it,
+            which pads it once per resolution for every block of a forward).
         :param context_kv: the UNet's packed context keys/values (`UNet.context_kv`), used instead
             of projecting `context` again (this block reads its own heads, `kv_heads`).
         """
@@ -117,11 +157,35 @@ class AttentionBlock(nn.Module):
             k = torch.cat([ek, k], dim=2)
             v = torch.cat([ev, v], dim=2)
             if context_bias is not None:
-                bias = F.pad(context_bias, (0, hgt * wid), value=0.0)[:, None, None, :].to(q.dtype)
+                if isinstance(context_bias, torch.Tensor):
+                    context_bias = ContextBias(context_bias)
+                bias = context_bias.padded(hgt * wid, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
+        if fused_kernels_available(x, self.norm.weight):
+            # Token-major projection without bias (SDPA's output is token-major already), then
+            # the bias and the residual in one pass; `proj` is x's channels-last layout.
+            out = out.transpose(1, 2).reshape(b, hgt * wid, c)
+            proj = F.linear(out, self.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
+            return bias_residual(proj, x, self.proj_out.bias)
         out = out.transpose(2, 3).reshape(b, c, -1)
         out = F.conv1d(out, self.proj_out.weight, self.proj_out.bias)
         return x + out.view(b, c, hgt, wid)
+
+
+class ContextBias:
+    """The context keys' additive bias [B, N] of one UNet forward, padded with zeros for the image
+    keys and cast once per (resolution, dtype) instead of once per attention block."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+        self._padded: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def padded(self, image_keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, 1, N + image_keys] in `dtype` (SDPA's additive mask)."""
+        key = (image_keys, dtype)
+        if key not in self._padded:
+            self._padded[key] = F.pad(self.bias, (0, image_keys), value=0.0)[:, None, None, :].to(dtype)
+        return self._padded[key]
 
 
 class TimestepSequential(nn.Sequential):
@@ -234,6 +298,9 @@ class UNet(nn.Module):
         emb = self.time_embedding(timesteps)
         if emb_add is not None:
             emb = emb + emb_add
+        emb = F.silu(emb)  # every ResBlock's emb_layers starts with SiLU: applied once here
+        if isinstance(context_bias, torch.Tensor):
+            context_bias = ContextBias(context_bias)
         hs = []
         h = x
         for block in self.input_blocks:

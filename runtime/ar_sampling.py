@@ -22,7 +22,7 @@ import torch
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
-from runtime.loops import TextConditioning, check_finite, progress_bar
+from runtime.loops import PendingChecks, TextConditioning, check_finite, progress_bar, to_device
 from runtime.validate import check_int
 
 
@@ -39,7 +39,7 @@ class ARNoise:
         return ARNoise(similarity, torch.rand(batch, components, generator=generator, dtype=torch.float32))
 
     def to(self, device: torch.device | str) -> ARNoise:
-        return ARNoise(self.similarity.to(device), self.codes.to(device))
+        return ARNoise(to_device(self.similarity, device), to_device(self.codes, device))
 
     def rows(self, start: int, stop: int) -> ARNoise:
         return ARNoise(self.similarity[start:stop].contiguous(), self.codes[start:stop].contiguous())
@@ -122,6 +122,7 @@ def sample_ar_prior(
     similarity_buckets: int,
     progress: bool = False,
     graphs: GraphCache | None = None,
+    pending: PendingChecks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the autoregressive prior: (CLIP image embeddings [B, D] float32, codes [B, k] int64).
 
@@ -155,9 +156,10 @@ def sample_ar_prior(
         codes = torch.stack(codes, dim=1)
         return constants.decode_codes(codes), codes, first_bad
 
-    args = (text.embed, text.tokens, text.mask, noise.similarity.to(device), noise.codes.to(device))
+    noise = noise.to(device)
+    args = (text.embed, text.tokens, text.mask, noise.similarity, noise.codes)
     tag = ("ar_prior", settings)
     embeds, codes, first_bad = loop(*args) if graphs is None else graphs.run(tag, loop, args)
-    check_finite(first_bad, "autoregressive prior", components)
+    check_finite(first_bad, "autoregressive prior", components, pending)
     return embeds, codes
 

@@ -53,10 +53,18 @@ class GraphCache:
         inputs = tuple(a.to(self.device).clone() for a in args)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            loop(*inputs)  # warm-up: library handles, cuDNN plans and the allocator settle outside capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = loop(*inputs)
+        # cuDNN times its algorithms for each convolution shape in the warm-up and the capture
+        # records the fastest: a graph is replayed thousands of times, so the choice is worth
+        # the one-off cost. The process-wide flag is restored afterwards.
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            with torch.cuda.stream(side):
+                loop(*inputs)  # warm-up: library handles, cuDNN plans and the allocator settle outside capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = loop(*inputs)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         return _Captured(graph, inputs, tuple(outputs))

@@ -70,7 +70,7 @@ class StageNoise:
         return StageNoise(init, steps)
 
     def to(self, device: torch.device | str) -> StageNoise:
-        return StageNoise(self.init.to(device), self.steps.to(device))
+        return StageNoise(to_device(self.init, device), to_device(self.steps, device))
 
     def rows(self, start: int, stop: int) -> StageNoise:
         """The noise of images `start:stop` (contiguous copies)."""
@@ -91,17 +91,59 @@ class SamplingNoise:
         return SamplingNoise(*(n.rows(start, stop) if n is not None else None
                                for n in (self.prior, self.decoder, self.super_res)))
 
+    def to(self, device: torch.device | str) -> SamplingNoise:
+        """Every stage's noise on `device` (host → GPU without blocking the host)."""
+        stages = (self.prior, self.decoder, self.super_res)
+        return SamplingNoise(*(n.to(device) if n is not None else None for n in stages))
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking,
+    so the host does not wait for the GPU's queue (a pageable copy would sync the stream)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
 
 class NumericalError(FloatingPointError):
     """A stage produced NaN or infinite values; names the stage and the first bad step."""
 
 
-def check_finite(first_bad: torch.Tensor, stage: str, steps: int) -> None:
-    """Raise `NumericalError` if the loop recorded a non-finite sample (one host read per loop)."""
-    step = int(first_bad.reshape(-1)[0])
+def _raise_if_bad(step: int, stage: str, steps: int) -> None:
     if step >= 0:
         raise NumericalError(f"the {stage} produced NaN or infinite values at step {step + 1} of "
                              f"{steps}; no image was returned (check the inputs, or run in float32)")
+
+
+class PendingChecks:
+    """Non-finite records of loops already queued on the device, read together: one host sync for
+    a whole text→image run instead of one after each loop, so the host queues every stage
+    without waiting and the GPU never idles between loops. `check` raises for the first stage
+    (in run order) that went bad."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[torch.Tensor, str, int]] = []
+
+    def add(self, first_bad: torch.Tensor, stage: str, steps: int) -> None:
+        self._items.append((first_bad.reshape(-1)[:1], stage, steps))
+
+    def check(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        flags = torch.cat([f.to(torch.int64) for f, _, _ in items]).tolist()  # the one host read
+        for step, (_, stage, steps) in zip(flags, items, strict=True):
+            _raise_if_bad(int(step), stage, steps)
+
+
+def check_finite(first_bad: torch.Tensor, stage: str, steps: int, pending: PendingChecks | None = None) -> None:
+    """Raise `NumericalError` if the loop recorded a non-finite sample (one host read per loop),
+    or leave the record with `pending` to be read with the run's others."""
+    if pending is not None:
+        pending.add(first_bad, stage, steps)
+        return
+    _raise_if_bad(int(first_bad.reshape(-1)[0]), stage, steps)
 
 
 def progress_bar(steps: int, desc: str, enabled: bool):
@@ -149,6 +191,7 @@ def sample_prior(
     guidance_scale: float,
     progress: bool = False,
     graphs: GraphCache | None = None,
+    pending: PendingChecks | None = None,
 ) -> torch.Tensor:
     """Run the prior; return raw (de-standardised) CLIP image embeddings [B, D] (float32 or float64).
 
@@ -157,6 +200,7 @@ def sample_prior(
 
     :param uncond: text conditioning of the empty prompt, batch B (None: no guidance).
     :param graphs: capture/replay the loop as a CUDA graph (None: run eagerly).
+    :param pending: leave the non-finite check with it (read once per run) instead of reading it now.
     """
     b = text.embed.shape[0]
     _check_noise(noise, table, (b, constants.prior_clip_mean.shape[-1]), "prior")
@@ -176,7 +220,7 @@ def sample_prior(
 
     args = (cond.embed, cond.tokens, cond.mask, *_loop_tensors(table, noise, guidance_scale, work, cond.embed.device))
     x, first_bad = _run(graphs, ("prior", spec), loop, args)
-    check_finite(first_bad, "prior", n)
+    check_finite(first_bad, "prior", n, pending)
     return x
 
 
@@ -208,6 +252,7 @@ def sample_decoder(
     progress: bool = False,
     learned_variance: bool = True,
     graphs: GraphCache | None = None,
+    pending: PendingChecks | None = None,
 ) -> torch.Tensor:
     """Run the 64×64 decoder; return images [B, 3, S, S] in [−1, 1] (float32 or float64).
 
@@ -239,7 +284,7 @@ def sample_decoder(
     args = (image_embed, text.embed, text.tokens, text.mask,
             *_loop_tensors(table, noise, guidance_scale, work, image_embed.device))
     x, first_bad = _run(graphs, ("decoder", spec), loop, args)
-    check_finite(first_bad, "decoder", n)
+    check_finite(first_bad, "decoder", n, pending)
     return x
 
 
@@ -253,6 +298,7 @@ def sample_super_res(
     noise: StageNoise,
     progress: bool = False,
     graphs: GraphCache | None = None,
+    pending: PendingChecks | None = None,
 ) -> torch.Tensor:
     """Upsample [B, 3, s, s] images in [−1, 1] to [B, 3, S, S]; `last_step` runs the final step."""
     b = low_res.shape[0]
@@ -275,5 +321,5 @@ def sample_super_res(
 
     args = (low_res.to(work), *_loop_tensors(table, noise, 1.0, work, low_res.device))
     x, first_bad = _run(graphs, ("super_res", spec), loop, args)
-    check_finite(first_bad, "super-res", n)
+    check_finite(first_bad, "super-res", n, pending)
     return x

@@ -36,7 +36,7 @@ from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
-from runtime.loops import SamplingNoise, StageNoise, TextConditioning
+from runtime.loops import PendingChecks, SamplingNoise, StageNoise, TextConditioning, to_device
 from runtime.sampling import StepTable, make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
@@ -172,6 +172,7 @@ class UnCLIP(ImageTools):
             _check_ar_prior(self.engines, self.constants, engine_dir)
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
         self._empty_prompt: TextConditioning | None = None  # computed once, on first use
+        self._step_tables: dict[tuple[str, int], StepTable] = {}  # on the device, per (stage, steps)
 
     @classmethod
     def from_karlo(
@@ -214,11 +215,11 @@ class UnCLIP(ImageTools):
                 decode = self.tokenizer.bpe.decode
                 log.warning("prompt cut to %d tokens; dropped: %r (kept: %r)", self.cfg.clip.context_length,
                             decode(list(ids[keep:])).strip(), decode(list(ids[:keep])).strip())
-        tokens = tok.tokens.to(self.device)
+        tokens = to_device(tok.tokens, self.device)
         engine = self.engines["clip_text"]
         embed, seq = engine(tokens) if self.graphs is None else self.graphs.run(("clip_text",), engine, (tokens,))
         work = work_dtype(self.dtype)
-        text = TextConditioning(embed.to(work), seq.to(work), tok.mask.to(self.device))
+        text = TextConditioning(embed.to(work), seq.to(work), to_device(tok.mask, self.device))
         if prompts == [""]:
             self._empty_prompt = text
         return text
@@ -322,36 +323,51 @@ class UnCLIP(ImageTools):
         if need_uncond:
             uncond = self.encode_prompts([""]).expand(b)
 
-        cfg = self.cfg
         chunk = self.max_batch or b
-        prior_table = make_step_table(cfg.prior.diffusion, steps["prior_steps"]).to(self.device)
+        prior_table = self._step_table("prior", steps["prior_steps"])
+        # On a GPU every stage is queued without a host wait: inputs go up front without blocking,
+        # and the loops' non-finite records are read once, at the end.
+        pending = PendingChecks() if self.device.type == "cuda" else None
         all_images, all_embeds = [], []
         for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
             stop = min(b, start + chunk)
-            part, part_noise = text.rows(start, stop), noise.rows(start, stop)
+            part, part_noise = text.rows(start, stop), noise.rows(start, stop).to(self.device)
             part_uncond = uncond.rows(start, stop) if uncond is not None else None
             image_embeds = self.sample_image_embeds(part, part_uncond if prior_scale != 1.0 else None,
-                                                    part_noise.prior, prior_scale, prior_table, ar_settings)
+                                                    part_noise.prior, prior_scale, prior_table, ar_settings, pending)
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
-                                           decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise))
+                                           decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise,
+                                           pending))
             all_embeds.append(image_embeds)
+        if pending is not None:
+            pending.check()
         images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
 
+    def _step_table(self, stage: str, steps: int) -> StepTable:
+        """The stage's ancestral step table on the device, built once per step count (a host →
+        device copy per call would wait for the GPU's queue)."""
+        key = (stage, steps)
+        if key not in self._step_tables:
+            diffusion = getattr(self.cfg, stage).diffusion
+            self._step_tables[key] = make_step_table(diffusion, steps).to(self.device)
+        return self._step_tables[key]
+
     def sample_image_embeds(
         self, text: TextConditioning, uncond: TextConditioning | None, noise: StageNoise | ARNoise, scale: float,
-        table: StepTable, ar_settings: ARSettings | None,
+        table: StepTable, ar_settings: ARSettings | None, pending: PendingChecks | None = None,
     ) -> torch.Tensor:
         """The prior alone on encoded text, one chunk of a `generate` call: CLIP image embeddings
         [B, D]. The autoregressive prior with `ar_settings` (and its `ARNoise`), else the diffusion
         prior with guidance `scale` (`uncond`: the empty prompt's text, None without guidance) over
-        `table`'s steps. `generate` calls it; `train.evaluate` times it alone."""
+        `table`'s steps. `generate` calls it; `train.evaluate` times it alone. `pending`: leave the
+        non-finite check with it (read once per run)."""
         cfg, e = self.cfg, self.engines
         if ar_settings is not None:
             return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], self.constants, text, noise, ar_settings,
-                                   cfg.ar_prior.similarity_buckets, self.progress, self.graphs)[0]
+                                   cfg.ar_prior.similarity_buckets, self.progress, self.graphs, pending)[0]
         return loops.sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
-                                  uncond, table, noise.to(self.device), scale, self.progress, self.graphs)
+                                  uncond, table, noise.to(self.device), scale, self.progress, self.graphs, pending)
 
     def _ar_settings(
         self, temperature: float | None, top_k: int | None, top_p: float | None,
@@ -375,19 +391,19 @@ class UnCLIP(ImageTools):
 
     def _decode(
         self, image_embeds: torch.Tensor, text: TextConditioning, uncond: TextConditioning | None, scale: float,
-        decoder_steps: int, super_res_steps: int, noise: SamplingNoise,
+        decoder_steps: int, super_res_steps: int, noise: SamplingNoise, pending: PendingChecks | None = None,
     ) -> torch.Tensor:
         """CLIP image embeddings → 64² decoder images → super-resolved images, [B, 3, S, S] in [−1, 1]."""
         cfg, e = self.cfg, self.engines
         small = loops.sample_decoder(
             e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, self.constants, image_embeds, text, uncond,
-            make_step_table(cfg.decoder.diffusion, decoder_steps).to(self.device),
-            noise.decoder.to(self.device), scale, self.progress, graphs=self.graphs,
+            self._step_table("decoder", decoder_steps),
+            noise.decoder.to(self.device), scale, self.progress, graphs=self.graphs, pending=pending,
         )
         return loops.sample_super_res(
             e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
-            make_step_table(cfg.super_res.diffusion, super_res_steps).to(self.device),
-            noise.super_res.to(self.device), self.progress, graphs=self.graphs,
+            self._step_table("super_res", super_res_steps),
+            noise.super_res.to(self.device), self.progress, graphs=self.graphs, pending=pending,
         )
 
 

@@ -142,7 +142,9 @@ GN_SHAPES = [(1, 320, 256, 256), (2, 1280, 8, 8), (4, 960, 16, 16), (2, 2240, 32
 @pytest.mark.parametrize("shape", GN_SHAPES)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_group_norm_matches_float32_torch(shape, layout, dtype):
+@pytest.mark.parametrize("one_pass_mode", [0, 1])
+def test_fused_group_norm_matches_float32_torch(shape, layout, dtype, one_pass_mode):
+    """Both kernels (three passes for large maps, one launch for small ones) against torch in float32."""
     import torch.nn.functional as F
 
     g = torch.Generator(device="cuda").manual_seed(sum(shape))
@@ -155,16 +157,25 @@ def test_fused_group_norm_matches_float32_torch(shape, layout, dtype):
     scale = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
     shift = (0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype)
     add = torch.randn(b, c, generator=g, device="cuda").to(dtype)
+    add_bias = torch.randn(c, generator=g, device="cuda").to(dtype)
+    # scale/shift as the two halves of one [B, 2C] projection (strided rows, as the ResBlocks pass them)
+    film_rows = torch.cat([scale, shift], dim=1)
+    strided_scale, strided_shift = film_rows.chunk(2, dim=1)
     tol = 4e-3 if dtype == torch.float16 else 3e-2
-    for film, silu, with_add in ((False, False, False), (False, True, False), (True, True, False), (False, True, True)):
+    cases = ((False, False, False, False), (False, True, False, False), (True, True, False, False),
+             (False, True, True, False), (True, True, False, True), (False, True, True, True))
+    for film, silu, with_add, with_bias in cases:
         x_in = x.float() + add.float()[:, :, None, None] if with_add else x.float()
+        if with_bias:
+            x_in = x_in + add_bias.float()[None, :, None, None]
         ref = F.group_norm(x_in, 32, weight.float(), bias.float(), 1e-5)
         if film:
             ref = ref * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
         if silu:
             ref = F.silu(ref)
-        kw = {"scale": scale if film else None, "shift": shift if film else None, "add": add if with_add else None,
-              "eps": 1e-5, "silu": silu}
+        kw = {"scale": strided_scale if film else None, "shift": strided_shift if film else None,
+              "add": add if with_add else None, "eps": 1e-5, "silu": silu, "add_bias": add_bias if with_bias else None,
+              "one_pass_mode": one_pass_mode}
         got = cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw)
         again = cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw)
         assert got.dtype == dtype and got.shape == x.shape
@@ -174,26 +185,133 @@ def test_fused_group_norm_matches_float32_torch(shape, layout, dtype):
 
 
 @needs_kernel
-def test_unet_with_the_fused_norm_matches_torch_norms(ours):
-    """The decoder and super-res UNets in fp16 give the same outputs with cpp_ext's group norm as
-    with torch's (both against the fp32 forward), NCHW and channels-last."""
+@pytest.mark.parametrize("shape", [(1, 320, 32, 32), (2, 1280, 8, 8), (3, 64, 5, 7)])
+@pytest.mark.parametrize("one_pass_mode", [0, 1])
+def test_fused_group_norm_upsampled_output_and_residual(shape, one_pass_mode):
+    """The up ResBlocks' fusions: the norm writing its output nearest-upsampled 2x, and the
+    residual join reading its skip upsampled, against torch's norm/add + F.interpolate."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    b, c, hgt, wid = shape
+    x = torch.randn(shape, generator=g, device="cuda").half().to(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(c, generator=g, device="cuda").half() for _ in range(2))
+    add = torch.randn(b, c, generator=g, device="cuda").half()
+    ref = F.interpolate(F.silu(F.group_norm(x.float() + add.float()[:, :, None, None], 32, weight.float(),
+                                            bias.float(), 1e-5)), scale_factor=2, mode="nearest")
+    got = cpp_ext.kernels.group_norm(x, 32, weight, bias, None, None, add, 1e-5, True, None, one_pass_mode, True)
+    assert got.shape == (b, c, 2 * hgt, 2 * wid) and got.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(got.float(), ref) <= 4e-3
+    h = torch.randn(b, c, 2 * hgt, 2 * wid, generator=g, device="cuda").half().to(memory_format=torch.channels_last)
+    joined = h.clone()
+    cpp_ext.kernels.bias_residual_(joined, x, bias)
+    expect = h.double() + F.interpolate(x.double(), scale_factor=2, mode="nearest") + bias.double()[None, :, None, None]
+    assert _rel(joined, expect) <= 1e-3
+    with pytest.raises(RuntimeError, match="needs channels_last"):
+        cpp_ext.kernels.group_norm(x.contiguous(), 32, weight, bias, up=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 320, 64, 64), (2, 640, 8, 8), (3, 6, 5, 7), (2, 12, 3, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bias_residual_matches_torch(shape, layout, dtype):
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    h, skip = (torch.randn(shape, generator=g, device="cuda").to(dtype).to(memory_format=fmt) for _ in range(2))
+    bias, bias2 = (torch.randn(shape[1], generator=g, device="cuda").to(dtype) for _ in range(2))
+    for second in (None, bias2):
+        ref = h.double() + skip.double() + bias.double()[None, :, None, None]
+        if second is not None:
+            ref = ref + second.double()[None, :, None, None]
+        got, again = h.clone(), h.clone()
+        cpp_ext.kernels.bias_residual_(got, skip, bias, second)
+        cpp_ext.kernels.bias_residual_(again, skip, bias, second)
+        assert got.is_contiguous(memory_format=fmt)
+        assert _rel(got, ref) <= {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        assert torch.equal(got, again)
+    other = torch.contiguous_format if layout == "nhwc" else torch.channels_last
+    with pytest.raises(RuntimeError, match="contiguous or both channels_last"):
+        cpp_ext.kernels.bias_residual_(h.clone(), skip.to(memory_format=other), bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("stage", ["super_res", "decoder"])
+def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
+    """The decoder and super-res UNets in fp16 give the same outputs with cpp_ext's kernels (group
+    norm with the folded convolution bias, the bias + residual join, the attention's token-major
+    projection) as with torch's ops (both against the fp32 forward), NCHW and channels-last."""
     import models.layers as layers
 
     model = copy.deepcopy(ours).cuda()
     half = copy.deepcopy(model).half()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 6, 64, 64, generator=g).cuda()
     t = torch.tensor([900, 10]).cuda()
+    if stage == "super_res":
+        x = torch.randn(2, 6, 64, 64, generator=g).cuda()
+        cond: tuple[torch.Tensor, ...] = ()
+
+        def run(m, x_in, *_):
+            return m.super_res.first_steps(x_in, t)
+    else:
+        size, cfg = ours.cfg.decoder.image_size, ours.cfg
+        x = torch.randn(2, 3, size, size, generator=g).cuda()
+        mask = torch.ones(2, cfg.clip.context_length, dtype=torch.bool)
+        mask[1, 5:] = False  # padded text keys: the context bias matters
+        embeds = [torch.randn(2, cfg.prior.clip_dim, generator=g).cuda() for _ in range(2)]
+        tokens = torch.randn(2, cfg.clip.context_length, cfg.clip.text_width, generator=g).cuda()
+        cond = (*embeds, tokens, mask.cuda())
+
+        def run(m, x_in, *c):
+            dtype = next(m.parameters()).dtype
+            return m.decoder(x_in, t, *(v.to(dtype) if v.is_floating_point() else v for v in c))
     with torch.no_grad():
-        ref = model.super_res.first_steps(x, t)
-        fused = half.super_res.first_steps(x.half(), t).float()
+        ref = run(model, x, *cond)
+        fused = run(half, x.half(), *cond).float()
         half.to(memory_format=torch.channels_last)
-        fused_cl = half.super_res.first_steps(x.half().to(memory_format=torch.channels_last), t).float()
+        fused_cl = run(half, x.half().to(memory_format=torch.channels_last), *cond).float()
         saved = layers.cpp_ext.kernels
         layers.cpp_ext.kernels = None
         try:
-            plain = half.super_res.first_steps(x.half(), t).float()
+            plain = run(half, x.half(), *cond).float()
         finally:
             layers.cpp_ext.kernels = saved
-    assert _rel(fused, ref) <= 1e-2 and _rel(fused_cl, ref) <= 1e-2 and _rel(plain, ref) <= 1e-2
+    errors = {"fused": _rel(fused, ref), "fused_cl": _rel(fused_cl, ref), "plain": _rel(plain, ref)}
+    print(stage, "fp16 vs fp32:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(e <= 1e-2 for e in errors.values()), errors
     assert _rel(fused, plain) <= 1e-2
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_prior_step_matches_the_torch_step(ours, batch):
+    """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
+    ops give, in fp16 against the fp32 step, with captions of different lengths."""
+    import models.layers as layers
+
+    model = copy.deepcopy(ours.prior).cuda()
+    half = copy.deepcopy(model).half()
+    cfg = ours.cfg
+    g = torch.Generator().manual_seed(batch)
+    embed = torch.randn(batch, cfg.prior.clip_dim, generator=g).cuda()
+    tokens = torch.randn(batch, cfg.clip.context_length, cfg.clip.text_width, generator=g).cuda()
+    mask = torch.zeros(batch, cfg.clip.context_length, dtype=torch.bool)
+    for i in range(batch):
+        mask[i, : 4 + 9 * i] = True  # different caption lengths: the padding mask matters
+    mask = mask.cuda()
+    x_t = torch.randn(batch, cfg.prior.clip_dim, generator=g).cuda()
+    t = torch.tensor([999, 400][:batch]).cuda()
+    ref = model.step(x_t, t, model.context_kv(embed, tokens, mask), mask)
+    assert torch.allclose(ref, model(x_t, t, embed, tokens, mask), atol=1e-4)
+    kv = half.context_kv(embed.half(), tokens.half(), mask)
+    fused = half.step(x_t.half(), t, kv, mask).float()
+    saved = layers.cpp_ext.kernels
+    layers.cpp_ext.kernels = None  # the same module object models.prior reads
+    try:
+        plain = half.step(x_t.half(), t, kv, mask).float()
+    finally:
+        layers.cpp_ext.kernels = saved
+    errors = {"fused": _rel(fused, ref), "plain": _rel(plain, ref), "fused_vs_plain": _rel(fused, plain)}
+    print("prior step fp16:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(e <= 1e-2 for e in errors.values()), errors
