@@ -14,6 +14,7 @@ before any network runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -229,14 +230,22 @@ class UnCLIP(ImageTools):
     ) -> SamplingNoise:
         """All noise of one run, drawn on the CPU (so a seed gives the same images on any device).
         With the autoregressive prior, its noise is an `ARNoise` and `prior_steps` is not used."""
+        prior_noise = self._draw_prior_noise(batch, prior_steps, generator)
+        return SamplingNoise(prior_noise, *self._draw_image_noise(batch, decoder_steps, super_res_steps, generator))
+
+    def _draw_prior_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise | ARNoise:
+        """The prior's part of `draw_noise` (drawn first)."""
+        if self.prior == "ar":
+            return ARNoise.draw(batch, self.cfg.ar_prior.components, generator)
+        return StageNoise.draw((batch, self.cfg.prior.clip_dim), steps, generator)
+
+    def _draw_image_noise(
+        self, batch: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
+    ) -> tuple[StageNoise, StageNoise]:
+        """The decoder's and super-res part of `draw_noise` (drawn after the prior's)."""
         d, s = self.cfg.decoder.image_size, self.cfg.super_res.image_size
-        prior_noise = (ARNoise.draw(batch, self.cfg.ar_prior.components, generator) if self.prior == "ar"
-                       else StageNoise.draw((batch, self.cfg.prior.clip_dim), prior_steps, generator))
-        return SamplingNoise(
-            prior=prior_noise,
-            decoder=StageNoise.draw((batch, 3, d, d), decoder_steps, generator),
-            super_res=StageNoise.draw((batch, 3, s, s), super_res_steps, generator),
-        )
+        return (StageNoise.draw((batch, 3, d, d), decoder_steps, generator),
+                StageNoise.draw((batch, 3, s, s), super_res_steps, generator))
 
     @serialised
     @torch.no_grad()
@@ -304,10 +313,14 @@ class UnCLIP(ImageTools):
         decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        image_noise = None  # when drawn here: the decoder's and super-res noise, drawn once the prior is queued
         if noise is None:
             if generator is None and seed is not None:
                 generator = torch.Generator().manual_seed(check_seed(seed))
-            noise = self.draw_noise(len(prompts) * n, *steps.values(), generator)
+            rows = len(prompts) * n
+            noise = SamplingNoise(self._draw_prior_noise(rows, steps["prior_steps"], generator), None, None)
+            image_noise = functools.partial(self._draw_image_noise, rows, steps["decoder_steps"],
+                                            steps["super_res_steps"], generator)
         want = ARNoise if ar_settings is not None else StageNoise
         if not isinstance(noise, SamplingNoise) or not isinstance(noise.prior, want):
             raise TypeError(f"noise must be a SamplingNoise whose prior noise is a {want.__name__} for the "
@@ -331,10 +344,14 @@ class UnCLIP(ImageTools):
         all_images, all_embeds = [], []
         for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
             stop = min(b, start + chunk)
-            part, part_noise = text.rows(start, stop), noise.rows(start, stop).to(self.device)
+            part = text.rows(start, stop)
             part_uncond = uncond.rows(start, stop) if uncond is not None else None
             image_embeds = self.sample_image_embeds(part, part_uncond if prior_scale != 1.0 else None,
-                                                    part_noise.prior, prior_scale, prior_table, ar_settings, pending)
+                                                    noise.prior.rows(start, stop), prior_scale, prior_table,
+                                                    ar_settings, pending)
+            if image_noise is not None:  # the same draws as draw_noise, made on the CPU while the GPU runs the prior
+                noise, image_noise = SamplingNoise(noise.prior, *image_noise()), None
+            part_noise = noise.rows(start, stop).to(self.device)
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
                                            decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise,
                                            pending))

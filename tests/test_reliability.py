@@ -151,3 +151,14 @@ def test_a_request_over_max_batch_runs_in_chunks_and_gives_the_same_images(ours)
     for bad in (0, -1, 2.5, True):
         with pytest.raises((ValueError, TypeError), match="max_batch"):
             UnCLIP(ours, device="cpu", progress=False, max_batch=bad)
+
+
+def test_a_seed_draws_the_noise_draw_noise_draws(ours):
+    """generate(seed=...) draws the decoder's and super-res noise only once the prior is queued (so
+    the CPU draws it while the GPU works), in draw_noise's order: the same images as the noise
+    draw_noise gives for that seed, also when the request runs in chunks."""
+    for pipe in (UnCLIP(ours, device="cpu", progress=False), UnCLIP(ours, device="cpu", progress=False, max_batch=1)):
+        seeded = pipe.generate(["a red circle", "a blue square"], seed=11, output_type="pt", **FAST).images
+        noise = pipe.draw_noise(2, *FAST.values(), torch.Generator().manual_seed(11))
+        given = pipe.generate(["a red circle", "a blue square"], noise=noise, output_type="pt", **FAST).images
+        assert torch.equal(seeded, given)
