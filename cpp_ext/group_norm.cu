@@ -185,10 +185,15 @@ __global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __rest
 }
 
 // Pass 2: fold the chunks of each (sample, group) into mean and 1/std; one warp per row, each
-// lane summing a fixed stride of chunks, then a fixed shuffle tree (deterministic).
+// lane summing a fixed stride of chunks, then a fixed shuffle tree (deterministic). The warp
+// then writes, for each channel c of the group, the coefficients of pass 3's y = x * A + B
+// (before SiLU): A = rstd * w[c] * (1 + scale), B = ((add[c] - mean) * rstd * w[c] + bias[c]) *
+// (1 + scale) + shift — so pass 3 spends two loads and one FMA per element on the affine, the
+// added embedding/bias and the FiLM scale/shift.
 template <typename T, bool NHWC>
 __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __restrict__ partial,
-                         float2* __restrict__ stats, Shape s, float eps) {
+                         const T* __restrict__ weight, const T* __restrict__ bias, Film<T> film,
+                         float2* __restrict__ coef, Shape s, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= s.batch * s.groups) return;  // uniform across the warp
@@ -198,10 +203,9 @@ __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __re
     sq += partial[row * s.chunks + c].y;
   }
   for (int offset = 16; offset > 0; offset /= 2) {
-    sum += __shfl_down_sync(0xffffffff, sum, offset);
-    sq += __shfl_down_sync(0xffffffff, sq, offset);
+    sum += __shfl_xor_sync(0xffffffff, sum, offset);
+    sq += __shfl_xor_sync(0xffffffff, sq, offset);
   }
-  if (lane != 0) return;
   const int64_t b = row / s.groups, g = row % s.groups;
   const int64_t cg = s.channels / s.groups;
   float pivot = NHWC ? to_float(x[b * s.hw * s.channels + g * cg]) : to_float(x[row * cg * s.hw]);
@@ -209,31 +213,36 @@ __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __re
   const float n = static_cast<float>(cg * s.hw);
   const float mean_shift = sum / n;
   const float var = fmaxf(sq / n - mean_shift * mean_shift, 0.f);
-  stats[row] = make_float2(pivot + mean_shift, rsqrtf(var + eps));
+  const float mean = pivot + mean_shift, rstd = rsqrtf(var + eps);
+  for (int64_t c = g * cg + lane; c < (g + 1) * cg; c += 32) {
+    const float a = rstd * to_float(weight[c]);
+    float scale = 1.f, shift = 0.f;
+    if (film.scale != nullptr) {
+      scale += to_float(film.scale[b * film.ld + c]);
+      shift = to_float(film.shift[b * film.ld + c]);
+    }
+    coef[b * s.channels + c] = make_float2(a * scale, ((add.at(b, c) - mean) * a + to_float(bias[c])) * scale + shift);
+  }
 }
 
-// Pass 3: normalise, affine, optional scale/shift ([B, C] each: y * (1 + scale) + shift), optional SiLU.
+// Pass 3: y = x * A + B with pass 2's per-(sample, channel) coefficients, optional SiLU.
 template <typename T, int VEC, bool NHWC>
-__global__ void normalize(const T* __restrict__ x, Add<T> add, const float2* __restrict__ stats,
-                          const T* __restrict__ weight, const T* __restrict__ bias, Film<T> film,
-                          T* __restrict__ y, Shape s, bool silu) {
+__global__ void normalize(const T* __restrict__ x, const float2* __restrict__ coef, T* __restrict__ y, Shape s,
+                          bool silu) {
   const int64_t n = s.batch * s.channels * s.hw;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
   const int64_t per_sample = s.channels * s.hw;
   const int64_t b = i / per_sample;
   const int64_t within = i - b * per_sample;
-  const int64_t cg = s.channels / s.groups;
+  // NCHW: VEC divides hw, so a pack is one channel; NHWC: VEC consecutive channels.
+  const float2* ab = coef + b * s.channels + (NHWC ? within % s.channels : within / s.hw);
   const auto in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
   Pack<T, VEC> out;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    // NCHW: VEC divides hw, so a pack is one channel; NHWC: VEC consecutive channels.
-    const int64_t c = NHWC ? (within % s.channels) + k : within / s.hw;
-    const float2 st = stats[b * s.groups + c / cg];
-    const float xv = to_float(in.v[k]) + add.at(b, c);
-    float v = (xv - st.x) * st.y * to_float(weight[c]) + to_float(bias[c]);
-    if (film.scale != nullptr) v = v * (1.f + to_float(film.scale[b * film.ld + c])) + to_float(film.shift[b * film.ld + c]);
+    const float2 c = NHWC ? ab[k] : ab[0];
+    float v = fmaf(to_float(in.v[k]), c.x, c.y);
     if (silu) v = v / (1.f + __expf(-v));
     out.v[k] = from_float<T>(v);
   }
@@ -339,20 +348,17 @@ int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
 }
 
 template <typename T, int VEC>
-void launch_normalize(const at::Tensor& x, Add<T> add, const at::Tensor& stats, const at::Tensor& weight,
-                      const at::Tensor& bias, Film<T> film, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
+void launch_normalize(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
                       cudaStream_t stream) {
   const int64_t n = x.numel();
   const int64_t blocks = (n / VEC + kThreads - 1) / kThreads;
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
-  const auto* st = reinterpret_cast<const float2*>(stats.data_ptr<float>());
-  const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
-  const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
+  const auto* cp = reinterpret_cast<const float2*>(coef.data_ptr<float>());
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
   if (nhwc) {
-    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, film, yp, s, silu);
+    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
   } else {
-    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, add, st, wp, bp, film, yp, s, silu);
+    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -429,7 +435,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
     s.chunks = static_cast<int>((row_len + s.chunk_len - 1) / s.chunk_len);
   }
   auto partial = at::empty({s.batch * groups * s.chunks, 2}, x.options().dtype(at::kFloat));
-  auto stats = at::empty({s.batch * groups, 2}, x.options().dtype(at::kFloat));
+  auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
   switch (vec) {
     case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
     case 4: launch_partial<T, 4>(x, add_ptr, partial, s, nhwc, stream); break;
@@ -440,11 +446,13 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   const int64_t rows = s.batch * groups;
   const int fin_blocks = static_cast<int>((rows + 7) / 8);  // 8 warps of 32 per block, one warp per row
   const auto* pp = reinterpret_cast<const float2*>(partial.data_ptr<float>());
-  auto* sp = reinterpret_cast<float2*>(stats.data_ptr<float>());
+  auto* cp = reinterpret_cast<float2*>(coef.data_ptr<float>());
+  const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
+  const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
   if (nhwc) {
-    finalize<T, true><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, sp, s, eps);
+    finalize<T, true><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, wp, bp, film, cp, s, eps);
   } else {
-    finalize<T, false><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, sp, s, eps);
+    finalize<T, false><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, wp, bp, film, cp, s, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -452,10 +460,10 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   // NCHW packs along pixels of one channel (VEC | hw).
   const int nvec = pick_vec(nhwc ? s.channels : s.hw, x.data_ptr(), y.data_ptr(), elem);
   switch (nvec) {
-    case 8: launch_normalize<T, 8>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
-    case 4: launch_normalize<T, 4>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
-    case 2: launch_normalize<T, 2>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
-    default: launch_normalize<T, 1>(x, add_ptr, stats, weight, bias, film, y, s, silu, nhwc, stream); break;
+    case 8: launch_normalize<T, 8>(x, coef, y, s, silu, nhwc, stream); break;
+    case 4: launch_normalize<T, 4>(x, coef, y, s, silu, nhwc, stream); break;
+    case 2: launch_normalize<T, 2>(x, coef, y, s, silu, nhwc, stream); break;
+    default: launch_normalize<T, 1>(x, coef, y, s, silu, nhwc, stream); break;
   }
   return y;
 }
