@@ -10,7 +10,7 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                       const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up);
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down);
 
 void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
                     const c10::optional<at::Tensor>& bias2);
@@ -25,7 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm", &group_norm, "group norm (+ add before, + scale/shift, + SiLU) for NCHW or NHWC, float32 statistics",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
         py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false,
-        py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false);
+        py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false, py::arg("down") = false);
   m.def("bias_residual_", &bias_residual_, "h += skip + bias (+ bias2), in place, NCHW or NHWC", py::arg("h"),
         py::arg("skip"), py::arg("bias"), py::arg("bias2") = py::none());
   m.def("prior_step_attention", &prior_step_attention,

@@ -41,6 +41,7 @@ struct Shape {
   int groups_per_block;  // NHWC pass 1: groups whose channels one block covers (blockIdx.z picks which)
   int64_t width;  // NHWC with `up`: the input's width (hw = height * width)
   bool up;        // NHWC only: write the output nearest-upsampled 2x (the UNets' up ResBlocks)
+  bool down;      // NHWC only: write the output 2x2 average-pooled (the UNets' down ResBlocks)
 };
 
 // Store one NHWC pack of channels [c, c + VEC) of input pixel `pixel` of sample b: at the same
@@ -225,6 +226,24 @@ __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __re
   }
 }
 
+// The (A, B) pairs of a pack's channels: NHWC packs hold VEC consecutive channels, read as
+// 16-byte pairs of pairs (the pack's first channel is a multiple of VEC, so they are aligned);
+// an NCHW pack is one channel.
+template <int VEC, bool NHWC>
+__device__ __forceinline__ void load_coefficients(const float2* __restrict__ ab, float2 (&cf)[VEC]) {
+  if constexpr (NHWC && VEC % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k) {
+      const float4 q = reinterpret_cast<const float4*>(ab)[k];
+      cf[2 * k] = make_float2(q.x, q.y);
+      cf[2 * k + 1] = make_float2(q.z, q.w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) cf[k] = NHWC ? ab[k] : ab[0];
+  }
+}
+
 // Pass 3: y = x * A + B with pass 2's per-(sample, channel) coefficients, optional SiLU.
 template <typename T, int VEC, bool NHWC>
 __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ coef, T* __restrict__ y, Shape s,
@@ -238,10 +257,12 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ co
   // NCHW: VEC divides hw, so a pack is one channel; NHWC: VEC consecutive channels.
   const float2* ab = coef + b * s.channels + (NHWC ? within % s.channels : within / s.hw);
   const auto in = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+  float2 cf[VEC];
+  load_coefficients<VEC, NHWC>(ab, cf);
   Pack<T, VEC> out;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const float2 c = NHWC ? ab[k] : ab[0];
+    const float2 c = cf[k];
     float v = fmaf(to_float(in.v[k]), c.x, c.y);
     if (silu) v = v / (1.f + __expf(-v));
     out.v[k] = from_float<T>(v);
@@ -251,6 +272,41 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ co
   } else {
     *reinterpret_cast<Pack<T, VEC>*>(y + i) = out;
   }
+}
+
+// Pass 3 of a down ResBlock's norm (NHWC only): each thread makes one pack of the 2x2
+// average-pooled output from the four input packs it covers (normalised, SiLU'd, then averaged
+// in float32), so the full-size normalised tensor is never written.
+template <typename T, int VEC>
+__global__ void normalize_down(const T* __restrict__ x, const float2* __restrict__ coef, T* __restrict__ y, Shape s,
+                               bool silu) {
+  const int64_t height = s.hw / s.width, out_w = s.width / 2, out_hw = (height / 2) * out_w;
+  const int64_t n = s.batch * s.channels * out_hw;
+  const int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (o >= n) return;
+  const int64_t b = o / (out_hw * s.channels), within = o - b * out_hw * s.channels;
+  const int64_t pixel = within / s.channels, c0 = within % s.channels;
+  const int64_t oy = pixel / out_w, ox = pixel % out_w;
+  float2 cf[VEC];
+  load_coefficients<VEC, true>(coef + b * s.channels + c0, cf);
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+#pragma unroll
+  for (int d = 0; d < 4; ++d) {
+    const int64_t iy = 2 * oy + d / 2, ix = 2 * ox + d % 2;
+    const auto in = *reinterpret_cast<const Pack<T, VEC>*>(x + ((b * height + iy) * s.width + ix) * s.channels + c0);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float v = fmaf(to_float(in.v[k]), cf[k].x, cf[k].y);
+      if (silu) v = v / (1.f + __expf(-v));
+      acc[k] += v;
+    }
+  }
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(0.25f * acc[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(y + o) = out;
 }
 
 // Small tensors (the decoder's 8x8 to 32x32 maps): one launch, one block per (sample, group).
@@ -350,12 +406,14 @@ int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
 template <typename T, int VEC>
 void launch_normalize(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, const Shape& s, bool silu, bool nhwc,
                       cudaStream_t stream) {
-  const int64_t n = x.numel();
+  const int64_t n = s.down ? y.numel() : x.numel();  // one thread per pack of the output (down) or input
   const int64_t blocks = (n / VEC + kThreads - 1) / kThreads;
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   const auto* cp = reinterpret_cast<const float2*>(coef.data_ptr<float>());
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
-  if (nhwc) {
+  if (s.down) {
+    normalize_down<T, VEC><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
+  } else if (nhwc) {
     normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
   } else {
     normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
@@ -385,7 +443,7 @@ template <typename T>
 at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                             const c10::optional<at::Tensor>& add, const c10::optional<at::Tensor>& add_bias,
-                            double eps, bool silu, bool nhwc, int one_pass_mode, bool up) {
+                            double eps, bool silu, bool nhwc, int one_pass_mode, bool up, bool down) {
   const Add<T> add_ptr{add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr, add ? add->stride(0) : 0,
                        add_bias ? reinterpret_cast<const T*>(add_bias->data_ptr()) : nullptr};
   Shape s{};
@@ -397,14 +455,16 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   const int elem = static_cast<int>(x.element_size());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   s.up = up;
+  s.down = down;
   s.width = x.size(-1);
-  // keeps x's memory format; 2x the height and width with `up`
-  auto y = up ? at::empty({x.size(0), x.size(1), 2 * x.size(2), 2 * x.size(3)},
-                          x.options().memory_format(at::MemoryFormat::ChannelsLast))
-              : at::empty_like(x);
+  // keeps x's memory format; 2x the height and width with `up`, half with `down`
+  const auto resized = [&](int64_t h, int64_t w) {
+    return at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  };
+  auto y = up ? resized(2 * x.size(2), 2 * x.size(3)) : down ? resized(x.size(2) / 2, x.size(3) / 2) : at::empty_like(x);
   const Film<T> film{scale ? reinterpret_cast<const T*>(scale->data_ptr()) : nullptr,
                      shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr, scale ? scale->stride(0) : 0};
-  if (one_pass_mode > 0 || (one_pass_mode < 0 && cg * s.hw <= kOnePassMaxElements)) {
+  if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && cg * s.hw <= kOnePassMaxElements))) {
     const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
     switch (v) {
       case 8: launch_one_pass<T, 8>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
@@ -484,16 +544,20 @@ static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
 // the convolution before the norm: both added before the norm without a pass of their own.
 // `up`: write the output nearest-upsampled 2x ([B, C, 2H, 2W], channels_last x only: the up
 // ResBlocks upsample the norm's output before their convolution).
+// `down`: write it 2x2 average-pooled ([B, C, H/2, W/2], channels_last x only: the down ResBlocks).
 // `one_pass_mode`: 1 the one-launch kernel, 0 the three passes, -1 (default) by the group's size.
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                       const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up) {
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", x.size(1), " not divisible by ", groups, " groups");
   const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(nhwc || x.is_contiguous(), "group_norm: x must be contiguous or channels_last");
   TORCH_CHECK(!up || nhwc, "group_norm: up (a fused nearest 2x upsampling) needs channels_last x");
+  TORCH_CHECK(!down || (nhwc && x.size(2) % 2 == 0 && x.size(3) % 2 == 0),
+              "group_norm: down (a fused 2x2 average pooling) needs channels_last x of even height and width");
+  TORCH_CHECK(!(up && down), "group_norm: up or down, not both");
   auto per_channel = [&](const at::Tensor& t) {
     return t.is_contiguous() && t.numel() == x.size(1) && t.scalar_type() == x.scalar_type() && t.device() == x.device();
   };
@@ -512,11 +576,11 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
   const c10::cuda::CUDAGuard guard(x.device());
   switch (x.scalar_type()) {
     case at::kFloat:
-      return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
+      return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
     case at::kHalf:
-      return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
+      return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
     case at::kBFloat16:
-      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up);
+      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
 }

@@ -26,23 +26,43 @@ using unclip_rt::to_float;
 
 constexpr int kThreads = 256;
 
-// UP: NHWC h [B, 2H, 2W, C] joined with skip [B, H, W, C] read nearest-upsampled (an up
-// ResBlock's identity skip) instead of a materialised upsampled copy.
-template <typename T, int VEC, bool NHWC, bool UP>
+// RESIZE 1: NHWC h [B, 2H, 2W, C] joined with skip [B, H, W, C] read nearest-upsampled (an up
+// ResBlock's identity skip); RESIZE 2: h [B, H/2, W/2, C] with skip [B, H, W, C] read 2x2
+// average-pooled (a down ResBlock's) — instead of materialised resized copies.
+template <typename T, int VEC, bool NHWC, int RESIZE>
 __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ skip, const T* __restrict__ bias,
                                      const T* __restrict__ bias2, int64_t n, int64_t channels, int64_t hw,
                                      int64_t width) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
   int64_t from = i;
-  if (UP) {
+  float r[VEC];
+  if (RESIZE == 0) {
+    const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
+  } else {
     const int64_t b = i / (hw * channels), within = i - b * hw * channels;
     const int64_t pixel = within / channels, c = within % channels;
-    const int64_t y = pixel / width, x = pixel % width;
-    from = ((b * (hw / width / 2) + y / 2) * (width / 2) + x / 2) * channels + c;
+    const int64_t y = pixel / width, x = pixel % width, height = hw / width;
+    if (RESIZE == 1) {
+      from = ((b * (height / 2) + y / 2) * (width / 2) + x / 2) * channels + c;
+      const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) r[k] = 0.f;
+#pragma unroll
+      for (int d = 0; d < 4; ++d) {
+        from = ((b * 2 * height + 2 * y + d / 2) * 2 * width + 2 * x + d % 2) * channels + c;
+        const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) r[k] += 0.25f * to_float(p.v[k]);
+      }
+    }
   }
   const auto a = *reinterpret_cast<const Pack<T, VEC>*>(h + i);
-  const auto r = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
   Pack<T, VEC> out;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
@@ -50,14 +70,14 @@ __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ sk
     const int64_t c = NHWC ? (i % channels) + k : (i / hw) % channels;
     float b = to_float(bias[c]);
     if (bias2 != nullptr) b += to_float(bias2[c]);
-    out.v[k] = from_float<T>(to_float(a.v[k]) + to_float(r.v[k]) + b);
+    out.v[k] = from_float<T>(to_float(a.v[k]) + r[k] + b);
   }
   *reinterpret_cast<Pack<T, VEC>*>(h + i) = out;
 }
 
 template <typename T, int VEC>
 void launch(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const c10::optional<at::Tensor>& bias2,
-            bool nhwc, bool up, int64_t hw) {
+            bool nhwc, int resize, int64_t hw) {
   const int64_t n = h.numel();
   const int64_t blocks = (n / VEC + kThreads - 1) / kThreads;
   auto* hp = reinterpret_cast<T*>(h.data_ptr());
@@ -66,19 +86,22 @@ void launch(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const
   const auto* b2 = bias2 ? reinterpret_cast<const T*>(bias2->data_ptr()) : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t width = h.size(-1);
-  if (up) {
-    bias_residual_kernel<T, VEC, true, true><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, h.size(1), hw, width);
+  const int64_t c = h.size(1);
+  if (resize == 1) {
+    bias_residual_kernel<T, VEC, true, 1><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
+  } else if (resize == 2) {
+    bias_residual_kernel<T, VEC, true, 2><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
   } else if (nhwc) {
-    bias_residual_kernel<T, VEC, true, false><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, h.size(1), hw, width);
+    bias_residual_kernel<T, VEC, true, 0><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
   } else {
-    bias_residual_kernel<T, VEC, false, false><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, h.size(1), hw, width);
+    bias_residual_kernel<T, VEC, false, 0><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void typed(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const c10::optional<at::Tensor>& bias2,
-           bool nhwc, bool up) {
+           bool nhwc, int resize) {
   const int64_t hw = h.numel() / (h.size(0) * h.size(1));
   const int64_t divisor = nhwc ? h.size(1) : hw;
   const auto aligned = [&](int vec) {
@@ -86,17 +109,17 @@ void typed(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const 
     return vec * sizeof(T) <= 16 && divisor % vec == 0 && reinterpret_cast<uintptr_t>(h.data_ptr()) % bytes == 0 &&
            reinterpret_cast<uintptr_t>(skip.data_ptr()) % bytes == 0;
   };
-  if (aligned(8)) return launch<T, 8>(h, skip, bias, bias2, nhwc, up, hw);
-  if (aligned(4)) return launch<T, 4>(h, skip, bias, bias2, nhwc, up, hw);
-  if (aligned(2)) return launch<T, 2>(h, skip, bias, bias2, nhwc, up, hw);
-  launch<T, 1>(h, skip, bias, bias2, nhwc, up, hw);
+  if (aligned(8)) return launch<T, 8>(h, skip, bias, bias2, nhwc, resize, hw);
+  if (aligned(4)) return launch<T, 4>(h, skip, bias, bias2, nhwc, resize, hw);
+  if (aligned(2)) return launch<T, 2>(h, skip, bias, bias2, nhwc, resize, hw);
+  launch<T, 1>(h, skip, bias, bias2, nhwc, resize, hw);
 }
 
 }  // namespace
 
 // h += skip + bias (+ bias2), in place; h and skip [B, C, *spatial] of one shape, dtype and memory
 // format (contiguous, or channels_last for 4-D) — or, channels_last, skip [B, C, H/2, W/2] read
-// nearest-upsampled; bias and bias2 [C] in their dtype.
+// nearest-upsampled or skip [B, C, 2H, 2W] read 2x2 average-pooled; bias and bias2 [C] in their dtype.
 void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
                     const c10::optional<at::Tensor>& bias2) {
   TORCH_CHECK(h.is_cuda() && h.dim() >= 2 && skip.dim() == h.dim() && skip.size(0) == h.size(0) &&
@@ -107,8 +130,11 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
   };
   const bool nhwc = channels_last_only(h);
   const bool up = h.dim() == 4 && skip.size(2) * 2 == h.size(2) && skip.size(3) * 2 == h.size(3);
-  TORCH_CHECK(up || skip.sizes() == h.sizes(), "bias_residual_: skip must have h's shape, or half its height and width");
-  TORCH_CHECK(!up || (nhwc && channels_last_only(skip)), "bias_residual_: an upsampled skip needs channels_last tensors");
+  const bool down = h.dim() == 4 && skip.size(2) == h.size(2) * 2 && skip.size(3) == h.size(3) * 2;
+  TORCH_CHECK(up || down || skip.sizes() == h.sizes(),
+              "bias_residual_: skip must have h's shape, half its height and width, or twice them");
+  TORCH_CHECK(!(up || down) || (nhwc && channels_last_only(skip)),
+              "bias_residual_: a resized skip needs channels_last tensors");
   const bool same_format = nhwc ? channels_last_only(skip) : h.is_contiguous() && skip.is_contiguous();
   TORCH_CHECK(same_format, "bias_residual_: h and skip must both be contiguous or both channels_last");
   auto per_channel = [&](const at::Tensor& t) {
@@ -116,11 +142,12 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
   };
   TORCH_CHECK(per_channel(bias) && (!bias2 || per_channel(*bias2)), "bias_residual_: biases must be [C] in h's dtype");
   if (h.numel() == 0) return;
+  const int resize = up ? 1 : down ? 2 : 0;
   const c10::cuda::CUDAGuard guard(h.device());
   switch (h.scalar_type()) {
-    case at::kFloat: return typed<float>(h, skip, bias, bias2, nhwc, up);
-    case at::kHalf: return typed<__half>(h, skip, bias, bias2, nhwc, up);
-    case at::kBFloat16: return typed<__nv_bfloat16>(h, skip, bias, bias2, nhwc, up);
+    case at::kFloat: return typed<float>(h, skip, bias, bias2, nhwc, resize);
+    case at::kHalf: return typed<__half>(h, skip, bias, bias2, nhwc, resize);
+    case at::kBFloat16: return typed<__nv_bfloat16>(h, skip, bias, bias2, nhwc, resize);
     default: TORCH_CHECK(false, "bias_residual_: h must be float32, float16 or bfloat16");
   }
 }

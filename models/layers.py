@@ -62,14 +62,15 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels, eps=1e-5)
         self.silu = silu
 
-    def forward(self, x: torch.Tensor, up: bool = False) -> torch.Tensor:
-        """The norm (and SiLU); `up`: then a nearest 2x upsampling (fused into the kernel's writes
-        for channels-last input)."""
-        return self.forward_film(x, None, None, self.silu, up=up)
+    def forward(self, x: torch.Tensor, up: bool = False, down: bool = False) -> torch.Tensor:
+        """The norm (and SiLU); `up`: then a nearest 2x upsampling, `down`: then a 2x2 average
+        pooling (both fused into the kernel's writes for channels-last input)."""
+        return self.forward_film(x, None, None, self.silu, up=up, down=down)
 
     def forward_film(
         self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool,
         add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, up: bool = False,
+        down: bool = False,
     ) -> torch.Tensor:
         """`act(norm(x + add + add_bias) * (1 + scale) + shift)` with per-sample [B, C] `add`, `scale`
         and `shift` and per-channel [C] `add_bias` (each None: left out), nearest-upsampled 2x if
@@ -81,13 +82,13 @@ class GroupNorm32(nn.GroupNorm):
                 scale, shift = _rows(scale, per_sample, x.dtype), _rows(shift, per_sample, x.dtype)
             if add is not None:
                 add = _rows(add, per_sample, x.dtype)
-            fuse_up = up and _layout(x) == "nhwc"
+            nhwc = _layout(x) == "nhwc"
+            fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             y = cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
-                                           silu, add_bias, -1, fuse_up)
-            return F.interpolate(y, scale_factor=2, mode="nearest") if up and not fuse_up else y
-        if up:
-            y = self.forward_film(x, scale, shift, silu, add, add_bias)
-            return F.interpolate(y, scale_factor=2, mode="nearest")
+                                           silu, add_bias, -1, fuse_up, fuse_down)
+            return _resample(y, up and not fuse_up, down and not fuse_down)
+        if up or down:
+            return _resample(self.forward_film(x, scale, shift, silu, add, add_bias), up, down)
         broadcast = (*x.shape[:2], *([1] * (x.dim() - 2)))  # [B, C] → [B, C, 1, ...]
         if add is not None:
             x = x + add.reshape(broadcast).to(x.dtype)
@@ -106,6 +107,13 @@ class GroupNorm32(nn.GroupNorm):
         return y.to(x.dtype)
 
 
+def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
+    """Nearest 2x upsampling (`up`) or 2x2 average pooling (`down`), the UNets' two resamplings."""
+    if up:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.avg_pool2d(x, kernel_size=2, stride=2) if down else x
+
+
 def _rows(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """`t` as [B, C] rows in `dtype` for the group norm kernel: channels contiguous, rows may be strided."""
     t = t.to(dtype).reshape(shape)
@@ -116,18 +124,19 @@ def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2
                   ) -> torch.Tensor:
     """`h + skip + bias (+ bias2)` with per-channel biases of [B, C, ...] activations: the residual
     join of a block whose last convolution ran without its bias. `skip` may have half h's height
-    and width: it is then nearest-upsampled 2x (an up ResBlock's identity skip). On CUDA with
-    `cpp_ext` built, one in-place pass over `h` (it must be a fresh tensor the caller owns; the
-    upsampled skip read in place when both are channels-last); else torch ops."""
-    up = (h.dim() == 4 and skip.shape[:2] == h.shape[:2] and skip.shape[2] * 2 == h.shape[2]
-          and skip.shape[3] * 2 == h.shape[3])
+    and width (it is then nearest-upsampled 2x: an up ResBlock's identity skip) or twice them (it
+    is then 2x2 average-pooled: a down ResBlock's). On CUDA with `cpp_ext` built, one in-place
+    pass over `h` (it must be a fresh tensor the caller owns; a resized skip is read in place when
+    both are channels-last); else torch ops."""
+    four_d = h.dim() == 4 and skip.dim() == 4 and skip.shape[:2] == h.shape[:2]
+    up = four_d and skip.shape[2] * 2 == h.shape[2] and skip.shape[3] * 2 == h.shape[3]
+    down = four_d and skip.shape[2] == h.shape[2] * 2 and skip.shape[3] == h.shape[3] * 2
     same = h.shape == skip.shape and _same_layout(h, skip)
     if (cpp_ext.kernels is not None and h.is_cuda and not _tracing() and h.dtype == skip.dtype == bias.dtype
-            and (same or (up and _layout(h) == _layout(skip) == "nhwc"))):
+            and (same or ((up or down) and _layout(h) == _layout(skip) == "nhwc"))):
         cpp_ext.kernels.bias_residual_(h, skip, bias, bias2)
         return h
-    if up:
-        skip = F.interpolate(skip, scale_factor=2, mode="nearest")
+    skip = _resample(skip, up, down)
     shape = (1, -1, *([1] * (h.dim() - 2)))
     out = h + bias.reshape(shape).to(h.dtype)
     if bias2 is not None:

@@ -82,15 +82,15 @@ class ResBlock(nn.Module):
         """`forward` with `cpp_ext`'s kernels (CUDA, half precision): the convolutions run without
         their biases (torch adds a convolution's bias in a pass of its own); the first one's is
         added inside the second norm, the last one's (and the skip convolution's) in the residual
-        join; an up block's norm writes its output upsampled and its residual join reads x
-        upsampled (no upsampled copies). The same function, three to five passes over the
+        join; an up (down) block's norm writes its output upsampled (pooled) and its residual join
+        reads x resized the same way (no resized copies). The same function, three to five passes over the
         activations fewer per block."""
         conv_in, norm_out, conv_out = self.in_layers[2], self.out_layers[0], self.out_layers[3]
         identity_skip = not isinstance(self.skip_connection, nn.Conv2d)
-        if self.up and identity_skip:
-            # the norm writes its output upsampled and the residual join reads x upsampled:
-            # neither upsampled copy is made
-            h = F.conv2d(self.in_layers[0](x, up=True), conv_in.weight, None, padding=1)
+        if (self.up or self.down) and identity_skip:
+            # the norm writes its output resized and the residual join reads x resized: neither
+            # resized copy is made
+            h = F.conv2d(self.in_layers[0](x, up=self.up, down=self.down), conv_in.weight, None, padding=1)
         else:
             h = F.conv2d(self._resample(self.in_layers[0](x)), conv_in.weight, None, padding=1)
             x = self._resample(x)

@@ -91,8 +91,9 @@ def test_cuda_graph_replay_gives_the_eager_images(ours, dtype):
         want, got = eager.generate(prompt, **kw), graphed.generate(prompt, **kw)
         assert torch.allclose(got.images, want.images, atol=1e-6), prompt
         assert torch.allclose(got.image_embeds, want.image_embeds, atol=1e-6)
-    # prior, decoder and super-res at batch 1 and at batch 4, and the text encoder at 1 and 2 prompts
-    assert len(graphed.graphs) == 8
+    # the prior (two graphs: its first steps, then the rest), decoder and super-res at batch 1 and
+    # at batch 4, and the text encoder at 1 and 2 prompts
+    assert len(graphed.graphs) == 10
 
 
 def test_fp16_default_model_matches_fp32_on_the_same_noise():
@@ -185,30 +186,37 @@ def test_fused_group_norm_matches_float32_torch(shape, layout, dtype, one_pass_m
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", [(1, 320, 32, 32), (2, 1280, 8, 8), (3, 64, 5, 7)])
+@pytest.mark.parametrize("shape", [(1, 320, 32, 32), (2, 1280, 8, 8), (3, 64, 6, 10)])
 @pytest.mark.parametrize("one_pass_mode", [0, 1])
-def test_fused_group_norm_upsampled_output_and_residual(shape, one_pass_mode):
-    """The up ResBlocks' fusions: the norm writing its output nearest-upsampled 2x, and the
-    residual join reading its skip upsampled, against torch's norm/add + F.interpolate."""
+@pytest.mark.parametrize("resize", ["up", "down"])
+def test_fused_group_norm_resized_output_and_residual(shape, one_pass_mode, resize):
+    """The up/down ResBlocks' fusions: the norm writing its output nearest-upsampled 2x or 2x2
+    average-pooled, and the residual join reading its skip resized the same way, against torch's
+    norm/add + F.interpolate / F.avg_pool2d."""
     import torch.nn.functional as F
+
+    def resized(t):
+        return F.interpolate(t, scale_factor=2, mode="nearest") if resize == "up" else F.avg_pool2d(t, 2, 2)
 
     g = torch.Generator(device="cuda").manual_seed(sum(shape))
     b, c, hgt, wid = shape
     x = torch.randn(shape, generator=g, device="cuda").half().to(memory_format=torch.channels_last)
     weight, bias = (torch.randn(c, generator=g, device="cuda").half() for _ in range(2))
     add = torch.randn(b, c, generator=g, device="cuda").half()
-    ref = F.interpolate(F.silu(F.group_norm(x.float() + add.float()[:, :, None, None], 32, weight.float(),
-                                            bias.float(), 1e-5)), scale_factor=2, mode="nearest")
-    got = cpp_ext.kernels.group_norm(x, 32, weight, bias, None, None, add, 1e-5, True, None, one_pass_mode, True)
-    assert got.shape == (b, c, 2 * hgt, 2 * wid) and got.is_contiguous(memory_format=torch.channels_last)
+    ref = resized(F.silu(F.group_norm(x.float() + add.float()[:, :, None, None], 32, weight.float(), bias.float(),
+                                      1e-5)))
+    flags = {"up": resize == "up", "down": resize == "down"}
+    got = cpp_ext.kernels.group_norm(x, 32, weight, bias, None, None, add, 1e-5, True, None, one_pass_mode, **flags)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert _rel(got.float(), ref) <= 4e-3
-    h = torch.randn(b, c, 2 * hgt, 2 * wid, generator=g, device="cuda").half().to(memory_format=torch.channels_last)
+    out_h, out_w = ref.shape[2:]
+    h = torch.randn(b, c, out_h, out_w, generator=g, device="cuda").half().to(memory_format=torch.channels_last)
     joined = h.clone()
     cpp_ext.kernels.bias_residual_(joined, x, bias)
-    expect = h.double() + F.interpolate(x.double(), scale_factor=2, mode="nearest") + bias.double()[None, :, None, None]
+    expect = h.double() + resized(x.double()) + bias.double()[None, :, None, None]
     assert _rel(joined, expect) <= 1e-3
     with pytest.raises(RuntimeError, match="needs channels_last"):
-        cpp_ext.kernels.group_norm(x.contiguous(), 32, weight, bias, up=True)
+        cpp_ext.kernels.group_norm(x.contiguous(), 32, weight, bias, **flags)
 
 
 @needs_kernel
