@@ -44,11 +44,11 @@ struct Shape {
   bool down;      // NHWC only: write the output 2x2 average-pooled (the UNets' down ResBlocks)
 };
 
-// Store one NHWC pack of channels [c, c + VEC) of input pixel `pixel` of sample b: at the same
-// place, or (s.up) at the four output pixels it covers after a nearest 2x upsampling.
-template <typename T, int VEC>
-__device__ __forceinline__ void store_nhwc(T* y, const Pack<T, VEC>& out, int64_t in_index, int64_t b, const Shape& s) {
-  if (!s.up) {
+// Store the output pack of the input pack at `in_index` (of sample b): at the same place, or
+// (NHWC with s.up) at the four output pixels it covers after a nearest 2x upsampling.
+template <typename T, int VEC, bool NHWC>
+__device__ __forceinline__ void store_pack(T* y, const Pack<T, VEC>& out, int64_t in_index, int64_t b, const Shape& s) {
+  if (!NHWC || !s.up) {
     *reinterpret_cast<Pack<T, VEC>*>(y + in_index) = out;
     return;
   }
@@ -267,11 +267,7 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ co
     if (silu) v = v / (1.f + __expf(-v));
     out.v[k] = from_float<T>(v);
   }
-  if (NHWC) {
-    store_nhwc<T, VEC>(y, out, i, b, s);
-  } else {
-    *reinterpret_cast<Pack<T, VEC>*>(y + i) = out;
-  }
+  store_pack<T, VEC, NHWC>(y, out, i, b, s);
 }
 
 // Pass 3 of a down ResBlock's norm (NHWC only): each thread makes one pack of the 2x2
@@ -370,11 +366,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict_
       if (silu) v = v / (1.f + __expf(-v));
       out.v[k] = from_float<T>(v);
     }
-    if (NHWC) {
-      store_nhwc<T, VEC>(y, out, at, b, s);
-    } else {
-      *reinterpret_cast<Pack<T, VEC>*>(y + at) = out;
-    }
+    store_pack<T, VEC, NHWC>(y, out, at, b, s);
   }
 }
 

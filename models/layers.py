@@ -86,9 +86,9 @@ class GroupNorm32(nn.GroupNorm):
             fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             y = cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
                                            silu, add_bias, -1, fuse_up, fuse_down)
-            return _resample(y, up and not fuse_up, down and not fuse_down)
+            return resample(y, up and not fuse_up, down and not fuse_down)
         if up or down:
-            return _resample(self.forward_film(x, scale, shift, silu, add, add_bias), up, down)
+            return resample(self.forward_film(x, scale, shift, silu, add, add_bias), up, down)
         broadcast = (*x.shape[:2], *([1] * (x.dim() - 2)))  # [B, C] → [B, C, 1, ...]
         if add is not None:
             x = x + add.reshape(broadcast).to(x.dtype)
@@ -107,7 +107,7 @@ class GroupNorm32(nn.GroupNorm):
         return y.to(x.dtype)
 
 
-def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
+def resample(x: torch.Tensor, up: bool = False, down: bool = False) -> torch.Tensor:
     """Nearest 2x upsampling (`up`) or 2x2 average pooling (`down`), the UNets' two resamplings."""
     if up:
         return F.interpolate(x, scale_factor=2, mode="nearest")
@@ -136,7 +136,7 @@ def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2
             and (same or ((up or down) and _layout(h) == _layout(skip) == "nhwc"))):
         cpp_ext.kernels.bias_residual_(h, skip, bias, bias2)
         return h
-    skip = _resample(skip, up, down)
+    skip = resample(skip, up, down)
     shape = (1, -1, *([1] * (h.dim() - 2)))
     out = h + bias.reshape(shape).to(h.dtype)
     if bias2 is not None:
@@ -160,7 +160,8 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in (at least) float32 whatever the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == x.dtype and not _tracing():
+        if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.weight is not None
+                and self.weight.dtype == x.dtype and not _tracing()):
             # CUDA's half-precision layer norm computes in float32 already: one kernel, not three.
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         work = work_dtype(x.dtype)

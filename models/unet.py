@@ -19,6 +19,7 @@ from models.layers import (
     GroupNorm32,
     bias_residual,
     fused_kernels_available,
+    resample,
     timestep_embedding,
     work_dtype,
     zero_init,
@@ -58,11 +59,7 @@ class ResBlock(nn.Module):
         )
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.up:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.down:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return x
+        return resample(x, self.up, self.down)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """`emb`: the time embedding after SiLU (the UNet applies `emb_layers[0]` once for all blocks)."""
