@@ -185,6 +185,73 @@ __global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __rest
   }
 }
 
+// Pass 1, NHWC, when a group's channel count is not a multiple of 8 (Karlo's 320 channels: 10 per
+// group): partial_nhwc's lanes would load 4 bytes each. Here every lane loads 16 bytes (8
+// channels) of a pixel, which span at most two groups (channels per group >= 8), keeps one
+// shifted sum per group, and the block folds them per group in a fixed order. grid (chunks,
+// batch); block (channels / 8 lanes, rows).
+template <typename T>
+__global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
+  extern __shared__ float2 sums[];  // [rows][lanes][2]: the lane's first group, then its second
+  const int lanes = blockDim.x, rows = blockDim.y;
+  const int lane = threadIdx.x, r = threadIdx.y;
+  const int64_t b = blockIdx.y;
+  const int cg = static_cast<int>(s.channels / s.groups);
+  const int c0 = lane * 8, g_lo = c0 / cg, g_hi = (c0 + 7) / cg;
+  const T* sample = x + b * s.hw * s.channels;
+  const float pivot_lo = to_float(sample[g_lo * cg]) + add.at(b, g_lo * cg);
+  const float pivot_hi = to_float(sample[g_hi * cg]) + add.at(b, g_hi * cg);
+  float shift[8];
+  bool second[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    second[k] = (c0 + k) / cg != g_lo;
+    shift[k] = add.at(b, c0 + k) - (second[k] ? pivot_hi : pivot_lo);
+  }
+  const int64_t begin = blockIdx.x * s.chunk_len;
+  const int64_t end = min(s.hw, begin + s.chunk_len);
+  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
+  for (int64_t p = begin + r; p < end; p += rows) {
+    const auto v = *reinterpret_cast<const Pack<T, 8>*>(sample + p * s.channels + c0);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float d = to_float(v.v[k]) + shift[k];
+      if (second[k]) {
+        hi.x += d;
+        hi.y += d * d;
+      } else {
+        lo.x += d;
+        lo.y += d * d;
+      }
+    }
+  }
+  sums[(r * lanes + lane) * 2] = lo;
+  sums[(r * lanes + lane) * 2 + 1] = hi;
+  __syncthreads();
+  if (r == 0) {  // fold the rows, in order
+    for (int rr = 1; rr < rows; ++rr) {
+      const float2 a = sums[(rr * lanes + lane) * 2], c = sums[(rr * lanes + lane) * 2 + 1];
+      lo.x += a.x;
+      lo.y += a.y;
+      hi.x += c.x;
+      hi.y += c.y;
+    }
+    sums[lane * 2] = lo;
+    sums[lane * 2 + 1] = hi;
+  }
+  __syncthreads();
+  const int g = r * lanes + lane;  // one thread per group: the lanes it spans, in order
+  if (g < s.groups) {
+    float2 total = make_float2(0.f, 0.f);
+    for (int l = g * cg / 8; l <= ((g + 1) * cg - 1) / 8; ++l) {
+      const float2 part = sums[l * 2 + ((l * 8) / cg == g ? 0 : 1)];
+      total.x += part.x;
+      total.y += part.y;
+    }
+    partial[(b * s.groups + g) * s.chunks + blockIdx.x] = total;
+  }
+}
+
 // Pass 2: fold the chunks of each (sample, group) into mean and 1/std; one warp per row, each
 // lane summing a fixed stride of chunks, then a fixed shuffle tree (deterministic). The warp
 // then writes, for each channel c of the group, the coefficients of pass 3's y = x * A + B
@@ -488,7 +555,15 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   }
   auto partial = at::empty({s.batch * groups * s.chunks, 2}, x.options().dtype(at::kFloat));
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
-  switch (vec) {
+  const bool wide = nhwc && cg % 8 != 0 && cg >= 8 && s.channels % 8 == 0 && s.channels / 8 >= groups &&
+                    s.channels / 8 <= 1024 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2;
+  if (wide) {
+    const int lanes = static_cast<int>(s.channels / 8), rows = std::max(1, kThreads / lanes);
+    partial_nhwc_wide<T><<<dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
+                           sizeof(float2) * 2 * lanes * rows, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), add_ptr, reinterpret_cast<float2*>(partial.data_ptr<float>()), s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else switch (vec) {
     case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
     case 4: launch_partial<T, 4>(x, add_ptr, partial, s, nhwc, stream); break;
     case 2: launch_partial<T, 2>(x, add_ptr, partial, s, nhwc, stream); break;
