@@ -91,11 +91,6 @@ class SamplingNoise:
         return SamplingNoise(*(n.rows(start, stop) if n is not None else None
                                for n in (self.prior, self.decoder, self.super_res)))
 
-    def to(self, device: torch.device | str) -> SamplingNoise:
-        """Every stage's noise on `device` (host → GPU without blocking the host)."""
-        stages = (self.prior, self.decoder, self.super_res)
-        return SamplingNoise(*(n.to(device) if n is not None else None for n in stages))
-
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking,

@@ -338,8 +338,8 @@ class UnCLIP(ImageTools):
 
         chunk = self.max_batch or b
         prior_table = self._step_table("prior", steps["prior_steps"])
-        # On a GPU every stage is queued without a host wait: inputs go up front without blocking,
-        # and the loops' non-finite records are read once, at the end.
+        # On a GPU every stage is queued without a host wait: each uploads its inputs from pinned
+        # memory without blocking, and the loops' non-finite records are read once, at the end.
         pending = PendingChecks() if self.device.type == "cuda" else None
         all_images, all_embeds = [], []
         for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
@@ -351,7 +351,7 @@ class UnCLIP(ImageTools):
                                                     ar_settings, pending)
             if image_noise is not None:  # the same draws as draw_noise, made on the CPU while the GPU runs the prior
                 noise, image_noise = SamplingNoise(noise.prior, *image_noise()), None
-            part_noise = noise.rows(start, stop).to(self.device)
+            part_noise = noise.rows(start, stop)  # each stage uploads its own (pinned, non-blocking)
             all_images.append(self._decode(image_embeds, part, part_uncond if decoder_scale != 1.0 else None,
                                            decoder_scale, steps["decoder_steps"], steps["super_res_steps"], part_noise,
                                            pending))
