@@ -18,6 +18,12 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
 at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, const at::Tensor& keep,
                                 int64_t heads);
 
+std::vector<at::Tensor> pack_attention_kv(const at::Tensor& qkv, const at::Tensor& context_kv,
+                                          const at::Tensor& keep);
+
+at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& pending, const at::Tensor& weight,
+                               const at::Tensor& beta, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
   m.def("guided_update", &guided_update,
@@ -31,4 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prior_step_attention", &prior_step_attention,
         "the prior step tokens' attention over cached caption keys and their own keys", py::arg("qkv"),
         py::arg("past"), py::arg("keep"), py::arg("heads"));
+  m.def("pack_attention_kv", &pack_attention_kv,
+        "a decoder step's image and cached context keys/values packed for varlen flash attention (kept tokens first)",
+        py::arg("qkv"), py::arg("context_kv"), py::arg("keep"));
+  m.def("residual_layer_norm", &residual_layer_norm,
+        "x += pending bias (in place), then layer norm of x with float32 statistics", py::arg("x"),
+        py::arg("pending"), py::arg("weight"), py::arg("beta"), py::arg("eps") = 1e-5);
 }

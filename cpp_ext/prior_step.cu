@@ -25,70 +25,68 @@ using unclip_rt::to_float;
 
 constexpr int kMaxTokens = 4;  // the most step tokens per sample prior_step_attention takes
 
+constexpr int kStripes = 8;  // threads that split one output pack's keys in the weighted sum
+
 // One block per (sample, head): T step queries over P cached keys and the T step keys. The
-// keys and values are first staged in shared memory by the whole block (coalesced, many loads
-// in flight), then scores, softmax and the weighted sum run from there in float32.
+// keys and values are first staged in shared memory by the whole block (coalesced 16-byte loads,
+// all in flight at once), then scores (a thread per (query, key), 16-byte reads), softmax (a warp
+// per query) and the weighted sum (a thread per (query, 8 channels, key stripe), stripes folded by
+// shuffles) run from there in float32.
 template <typename T>
 __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* __restrict__ past,
                                             const bool* __restrict__ keep, T* __restrict__ out, int tokens,
                                             int heads, int ch, int past_len, int mask_len, int64_t past_b,
                                             int64_t past_kv, float scale) {
   extern __shared__ float smem[];
-  const int keys = past_len + tokens;
+  using P8 = Pack<T, 8>;
+  const int keys = past_len + tokens, slices = ch / 8;
   float* q = smem;                    // [tokens][ch], pre-scaled
   float* scores = q + tokens * ch;    // [tokens][keys]
-  // [keys][ch], 16-byte aligned for the vector stores
+  // [keys][ch], 16-byte aligned for the vector accesses
   T* k_s = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scores + tokens * keys) + 15) & ~uintptr_t{15});
-  T* v_s = k_s + keys * ch;                               // [keys][ch]
+  T* v_s = k_s + keys * ch;  // [keys][ch]
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
   const int64_t row_stride = static_cast<int64_t>(heads) * 3 * ch;  // one token's qkv row
   const T* qkv_b = qkv + static_cast<int64_t>(b) * tokens * row_stride + static_cast<int64_t>(h) * 3 * ch;
   const T* k_past = past + b * past_b + static_cast<int64_t>(h) * past_len * ch;
   const T* v_past = k_past + past_kv;
-  // Stage the cached keys and values with 16-byte loads, all issued before any is used (a loop
-  // of dependent 2-byte loads waits on memory latency at every turn: 15 us instead of 3).
-  const int packs = past_len * ch / 8;
+  // Stage the cached keys/values and the step tokens' q, k, v with 16-byte loads, all issued
+  // before any is used (dependent 2-byte loads waited on memory latency at every turn).
+  const int packs = past_len * slices;
 #pragma unroll 4
   for (int i = threadIdx.x; i < packs; i += blockDim.x) {
     reinterpret_cast<uint4*>(k_s)[i] = __ldg(reinterpret_cast<const uint4*>(k_past) + i);
     reinterpret_cast<uint4*>(v_s)[i] = __ldg(reinterpret_cast<const uint4*>(v_past) + i);
   }
-  for (int i = threadIdx.x; i < tokens * ch; i += blockDim.x) {
-    const int t = i / ch, d = i % ch;
-    q[i] = to_float(qkv_b[t * row_stride + d]) * scale;
-    k_s[(past_len + t) * ch + d] = qkv_b[t * row_stride + ch + d];
-    v_s[(past_len + t) * ch + d] = qkv_b[t * row_stride + 2 * ch + d];
+  for (int i = threadIdx.x; i < tokens * slices; i += blockDim.x) {
+    const int t = i / slices, d8 = i % slices;
+    const T* row = qkv_b + t * row_stride + d8 * 8;
+    const P8 qp = *reinterpret_cast<const P8*>(row);
+    reinterpret_cast<P8*>(k_s)[(past_len + t) * slices + d8] = *reinterpret_cast<const P8*>(row + ch);
+    reinterpret_cast<P8*>(v_s)[(past_len + t) * slices + d8] = *reinterpret_cast<const P8*>(row + 2 * ch);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) q[t * ch + d8 * 8 + e] = to_float(qp.v[e]) * scale;
   }
   __syncthreads();
-  // Scores: one warp per key, its lanes splitting the head dimension, every query at once;
-  // masked keys get -inf (the caption's padding among the cached keys, the causal order among
-  // the step tokens).
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int j = warp; j < keys; j += warps) {
-    float dot[kMaxTokens];
+  // Scores, one thread per (query, key); masked keys get -inf (the caption's padding among the
+  // cached keys, the causal order among the step tokens).
+  for (int i = threadIdx.x; i < tokens * keys; i += blockDim.x) {
+    const int t = i / keys, j = i % keys;
+    const P8* k_row = reinterpret_cast<const P8*>(k_s + j * ch);
+    const float* q_row = q + t * ch;
+    float dot = 0.f;
+    for (int d8 = 0; d8 < slices; ++d8) {
+      const P8 kp = k_row[d8];
 #pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t) dot[t] = 0.f;
-    for (int d = lane; d < ch; d += 32) {
-      const float kd = to_float(k_s[j * ch + d]);
-#pragma unroll
-      for (int t = 0; t < kMaxTokens; ++t)
-        if (t < tokens) dot[t] = fmaf(q[t * ch + d], kd, dot[t]);
+      for (int e = 0; e < 8; ++e) dot = fmaf(q_row[d8 * 8 + e], to_float(kp.v[e]), dot);
     }
-#pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t)
-      for (int o = 16; o > 0; o /= 2) dot[t] += __shfl_xor_sync(0xffffffff, dot[t], o);
-    if (lane == 0) {
-#pragma unroll
-      for (int t = 0; t < kMaxTokens; ++t) {
-        if (t >= tokens) break;
-        const bool visible = j < past_len ? (j >= mask_len || keep[static_cast<int64_t>(b) * mask_len + j])
-                                          : (j - past_len <= t);
-        scores[t * keys + j] = visible ? dot[t] : -INFINITY;
-      }
-    }
+    const bool visible = j < past_len ? (j >= mask_len || keep[static_cast<int64_t>(b) * mask_len + j])
+                                      : (j - past_len <= t);
+    scores[i] = visible ? dot : -INFINITY;
   }
   __syncthreads();
   // Softmax per query: one warp each.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   for (int t = warp; t < tokens; t += warps) {
     float* row = scores + t * keys;
     float mx = -INFINITY;
@@ -105,13 +103,37 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
     for (int j = lane; j < keys; j += 32) row[j] *= inv;
   }
   __syncthreads();
-  // Weighted sum of values, written token-major [b * tokens + t, h * ch + d] for the projection.
-  for (int i = threadIdx.x; i < tokens * ch; i += blockDim.x) {
-    const int t = i / ch, d = i % ch;
-    const float* p = scores + t * keys;
-    float acc = 0.f;
-    for (int j = 0; j < keys; ++j) acc = fmaf(p[j], to_float(v_s[j * ch + d]), acc);
-    out[(static_cast<int64_t>(b) * tokens + t) * heads * ch + static_cast<int64_t>(h) * ch + d] = from_float<T>(acc);
+  // Weighted sum of values: item (t, d8, stripe) sums keys stripe, stripe + kStripes, ... of
+  // channels [8 d8, 8 d8 + 8); the stripes of one pack sit in consecutive lanes (every lane of a
+  // warp takes part in the shuffles, idle ones with zeros). Written token-major
+  // [b * tokens + t, h * ch + d] for the projection.
+  const int items = tokens * slices * kStripes;
+  for (int base = 0; base < items; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const bool active = i < items;
+    const int stripe = i % kStripes, d8 = (i / kStripes) % slices, t = i / (kStripes * slices);
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    if (active) {
+      const float* p = scores + t * keys;
+      for (int j = stripe; j < keys; j += kStripes) {
+        const P8 vp = reinterpret_cast<const P8*>(v_s + j * ch)[d8];
+        const float w = p[j];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, to_float(vp.v[e]), acc[e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      for (int o = kStripes / 2; o > 0; o /= 2) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], o);
+    if (active && stripe == 0) {
+      P8 o;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o.v[e] = from_float<T>(acc[e]);
+      *reinterpret_cast<P8*>(out + (static_cast<int64_t>(b) * tokens + t) * heads * ch + static_cast<int64_t>(h) * ch +
+                             d8 * 8) = o;
+    }
   }
 }
 
@@ -136,8 +158,9 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
   TORCH_CHECK(past.stride(4) == 1 && past.stride(3) == ch && past.stride(2) == past_len * ch,
               "prior_step_attention: each [heads, P, ch] block of past must be contiguous");
   TORCH_CHECK(ch % 8 == 0 && past.stride(0) % 8 == 0 && past.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(past.data_ptr()) % 16 == 0,
-              "prior_step_attention: the head size must be a multiple of 8 and past 16-byte aligned");
+                  reinterpret_cast<uintptr_t>(past.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
+              "prior_step_attention: the head size must be a multiple of 8 and qkv and past 16-byte aligned");
   TORCH_CHECK(qkv.size(1) == heads * 3 * ch && qkv.size(0) % batch == 0,
               "prior_step_attention: qkv must be [B * tokens, heads * 3 * ch]");
   const int64_t tokens = qkv.size(0) / batch;

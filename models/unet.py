@@ -5,15 +5,20 @@ After Karlo's `karlo/modules/unet.py` (itself from openai/guided-diffusion). Cha
 runs through `F.scaled_dot_product_attention` on the same per-head interleaved [q|k|v] layout,
 the context K/V projection works on token-major context [B, N, C], and the decoder's
 conditioning (`emb_add`, context, context bias) comes from outside (`models.text_proj`).
+On CUDA in half precision with `cpp_ext` built, an attention block with context runs flash
+attention's variable-length form instead (`AttentionBlock._attend_varlen`): the same function.
 Parameter names and shapes follow Karlo's checkpoints (1-D convs stay [out, in, 1]).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpp_ext
 from models.configs import UNetConfig
 from models.layers import (
     GroupNorm32,
@@ -134,48 +139,113 @@ class AttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """Attend over the image positions and the context tokens.
 
-        :param context_bias: the context keys' additive bias [B, N] (or a `ContextBias` of it,
-            which pads it once per resolution for every block of a forward).
+        :param context_bias: the context keys' additive bias [B, N], 0 (keep) or -inf (padding)
+            (or a `ContextBias` of it, which pads it once per resolution for every block of a forward).
         :param context_kv: the UNet's packed context keys/values (`UNet.context_kv`), used instead
             of projecting `context` again (this block reads its own heads, `kv_heads`).
         """
         b, c, hgt, wid = x.shape
         h = self.norm(x).view(b, c, -1)
         qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, HW, 3C]
+        if isinstance(context_bias, torch.Tensor):
+            context_bias = ContextBias(context_bias)
+        packed = None  # this block's context keys/values [B, 2, heads, N, ch]
+        if context_kv is not None and self.encoder_kv is not None:
+            packed = context_kv[:, :, self.kv_heads].to(qkv.dtype)
+        elif context is not None and self.encoder_kv is not None:
+            packed = torch.stack(self.context_kv(context), dim=1)
+        fused = fused_kernels_available(x, self.norm.weight)
+        if fused and packed is not None and _flash_varlen_serves(qkv, c // self.heads):
+            return self._project_join(self._attend_varlen(qkv, packed, context_bias), x)
         qkv = qkv.view(b, hgt * wid, self.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
         q, k, v = qkv.chunk(3, dim=-1)
         bias = None
-        ek = ev = None
-        if context_kv is not None and self.encoder_kv is not None:
-            ek, ev = context_kv[:, 0, self.kv_heads].to(q.dtype), context_kv[:, 1, self.kv_heads].to(q.dtype)
-        elif context is not None and self.encoder_kv is not None:
-            ek, ev = self.context_kv(context)
-        if ek is not None:
-            k = torch.cat([ek, k], dim=2)
-            v = torch.cat([ev, v], dim=2)
+        if packed is not None:
+            k = torch.cat([packed[:, 0], k], dim=2)
+            v = torch.cat([packed[:, 1], v], dim=2)
             if context_bias is not None:
-                if isinstance(context_bias, torch.Tensor):
-                    context_bias = ContextBias(context_bias)
                 bias = context_bias.padded(hgt * wid, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
-        if fused_kernels_available(x, self.norm.weight):
-            # Token-major projection without bias (SDPA's output is token-major already), then
-            # the bias and the residual in one pass; `proj` is x's channels-last layout.
-            out = out.transpose(1, 2).reshape(b, hgt * wid, c)
-            proj = F.linear(out, self.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
-            return bias_residual(proj, x, self.proj_out.bias)
+        if fused:  # SDPA's output is token-major already
+            return self._project_join(out.transpose(1, 2).reshape(b, hgt * wid, c), x)
         out = out.transpose(2, 3).reshape(b, c, -1)
         out = F.conv1d(out, self.proj_out.weight, self.proj_out.bias)
         return x + out.view(b, c, hgt, wid)
 
+    def _project_join(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Token-major attention output [B, HW, C] → x + proj_out(out): the projection without
+        bias, then the bias and the residual in one pass (`cpp_ext`); the result has x's layout."""
+        b, c, hgt, wid = x.shape
+        proj = F.linear(out, self.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
+        return bias_residual(proj, x, self.proj_out.bias)
+
+    def _attend_varlen(self, qkv: torch.Tensor, packed: torch.Tensor, context_bias: ContextBias | None) -> torch.Tensor:
+        """Attention over [image keys | context keys] by flash attention's variable-length form:
+        `cpp_ext` packs each sample's image keys/values and its context's with the kept tokens
+        first, and `seqused_k` (image positions + kept tokens) leaves the padding out, so no
+        additive mask is read. Same function as the SDPA path (keys are unordered).
+
+        :param qkv: [B, HW, 3C] projection output (per head [q|k|v]).
+        :param packed: [B, 2, heads, N, ch] context keys (index 0) and values (1).
+        :return: [B, HW, C] token-major.
+        """
+        b, hw, c3 = qkv.shape
+        n, ch = packed.shape[3], packed.shape[4]
+        if context_bias is None:
+            keep = torch.ones(b, n, dtype=torch.bool, device=qkv.device)
+            cu_q, cu_k = _offsets(b, hw, n, qkv.device)
+        else:
+            keep, (cu_q, cu_k) = context_bias.keep(), context_bias.offsets(hw)
+        rows = qkv.reshape(b * hw, c3)
+        kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
+        q = rows.view(b * hw, self.heads, 3, ch)[:, :, 0]
+        out = torch.ops.aten._flash_attention_forward(
+            q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,
+            seqused_k=used)[0]  # [B·HW, heads, ch]
+        return out.view(b, hw, c3 // 3)
+
+
+def _has_flash_varlen() -> bool:
+    """Whether this torch has flash attention's variable-length form with per-sample key counts."""
+    try:
+        return "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FLASH_VARLEN = _has_flash_varlen()
+
+
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    """Flash attention runs on compute capability 8.0 and newer."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _flash_varlen_serves(qkv: torch.Tensor, head_channels: int) -> bool:
+    """Whether `_attend_varlen` can run these inputs (CUDA fp16/bf16 on sm80+, head size a
+    multiple of 8 up to 256, cpp_ext built — the caller checks the last)."""
+    return (_FLASH_VARLEN and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+            and head_channels % 8 == 0 and head_channels <= 256 and _flash_capable(qkv.device))
+
+
+def _offsets(batch: int, queries: int, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's cumulative query and key offsets of `batch` equal-length samples (int32)."""
+    steps = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return steps * queries, steps * keys
+
 
 class ContextBias:
-    """The context keys' additive bias [B, N] of one UNet forward, padded with zeros for the image
-    keys and cast once per (resolution, dtype) instead of once per attention block."""
+    """The context keys' additive bias [B, N] (0 keep, -inf padding) of one UNet forward, with
+    what its attention blocks derive from it made once per forward (per resolution where it
+    depends on one) instead of once per block: SDPA's padded, cast mask; the varlen path's kept
+    tokens and offsets."""
 
     def __init__(self, bias: torch.Tensor) -> None:
         self.bias = bias
         self._padded: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keep: torch.Tensor | None = None
 
     def padded(self, image_keys: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, N + image_keys] in `dtype` (SDPA's additive mask)."""
@@ -183,6 +253,19 @@ class ContextBias:
         if key not in self._padded:
             self._padded[key] = F.pad(self.bias, (0, image_keys), value=0.0)[:, None, None, :].to(dtype)
         return self._padded[key]
+
+    def keep(self) -> torch.Tensor:
+        """[B, N] bool: the tokens the bias keeps (its zeros)."""
+        if self._keep is None:
+            self._keep = (self.bias == 0).contiguous()
+        return self._keep
+
+    def offsets(self, image_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flash attention's cumulative query and key offsets at `image_keys` image positions."""
+        if image_keys not in self._offsets:
+            b, n = self.bias.shape
+            self._offsets[image_keys] = _offsets(b, image_keys, image_keys + n, self.bias.device)
+        return self._offsets[image_keys]
 
 
 class TimestepSequential(nn.Sequential):

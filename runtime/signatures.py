@@ -33,7 +33,8 @@ Dim = int | str
 @dataclass(frozen=True)
 class TensorSpec:
     """One named tensor: shape (ints, or BATCH) and dtype kind: "float" (the stage's precision),
-    "int64" or "bool"."""
+    "int64", "bool", or "mask_bias" (the stage's precision, an additive key mask: 0 keeps a
+    token, -inf drops it — the fast attention paths read it as a mask, not as general scores)."""
 
     name: str
     shape: tuple[Dim, ...]
@@ -44,7 +45,7 @@ class TensorSpec:
         return tuple(batch if d == BATCH else int(d) for d in self.shape)
 
     def dtype(self, float_dtype: torch.dtype) -> torch.dtype:
-        return {"float": float_dtype, "int64": torch.int64, "bool": torch.bool}[self.kind]
+        return {"float": float_dtype, "mask_bias": float_dtype, "int64": torch.int64, "bool": torch.bool}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,13 @@ class StageSignature:
                 out[spec.name] = t
             elif spec.kind == "int64":
                 out[spec.name] = torch.randint(0, spec.high or num_timesteps, shape, generator=generator)
-            elif spec.kind == "bool":
+            elif spec.kind in ("bool", "mask_bias"):
                 lengths = torch.randint(2, shape[1] + 1, (shape[0],), generator=generator)
-                out[spec.name] = torch.arange(shape[1])[None] < lengths[:, None]
+                keep = torch.arange(shape[1])[None] < lengths[:, None]
+                if spec.kind == "bool":
+                    out[spec.name] = keep
+                else:
+                    out[spec.name] = torch.zeros(shape).masked_fill(~keep, float("-inf")).to(float_dtype)
             else:
                 out[spec.name] = torch.randn(shape, generator=generator).to(float_dtype)
         return {k: v.to(device) for k, v in out.items()}
@@ -113,7 +118,7 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
     dec_cond = (
         TensorSpec("emb_add", (BATCH, d.time_embed_dim)),
         TensorSpec("context_kv", (BATCH, 2, context_heads(d), n_ctx, d.num_head_channels)),
-        TensorSpec("context_bias", (BATCH, n_ctx)),
+        TensorSpec("context_bias", (BATCH, n_ctx), "mask_bias"),
     )
     dec_x = TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size))
     dec_out = (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),)

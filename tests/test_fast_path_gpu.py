@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cpp_ext
 from models.configs import DiffusionConfig
@@ -323,3 +324,89 @@ def test_fused_prior_step_matches_the_torch_step(ours, batch):
     errors = {"fused": _rel(fused, ref), "plain": _rel(plain, ref), "fused_vs_plain": _rel(fused, plain)}
     print("prior step fp16:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= 1e-2 for e in errors.values()), errors
+
+
+@needs_kernel
+def test_pack_attention_kv_puts_the_kept_context_tokens_first():
+    """The decoder attention's key/value pack: image keys/values straight from the projection,
+    then the context tokens with the kept ones first (in order), and the used-key counts — exact."""
+    b, hw, heads, ch, n = 3, 20, 4, 16, 9
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b * hw, heads * 3 * ch, generator=g).half().cuda()
+    context = torch.randn(b, 2, heads + 2, n, ch, generator=g).half().cuda()[:, :, 1 : heads + 1]  # strided
+    keep = torch.rand(b, n, generator=g) < 0.5
+    keep[0], keep[2] = True, False
+    keep = keep.cuda()
+    kv, used = cpp_ext.kernels.pack_attention_kv(qkv, context, keep)
+    assert kv.shape == (b, hw + n, heads, 2, ch) and used.dtype == torch.int32
+    for i in range(b):
+        order = torch.cat([keep[i].nonzero()[:, 0], (~keep[i]).nonzero()[:, 0]])
+        assert torch.equal(kv[i, :hw], qkv.view(b, hw, heads, 3, ch)[i, :, :, 1:])
+        assert torch.equal(kv[i, hw:], context[i].permute(2, 1, 0, 3)[order])
+    assert used.tolist() == (hw + keep.sum(1)).tolist()
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7)])
+def test_varlen_flash_attention_block_matches_sdpa(dtype, shape):
+    """An attention block with context through flash attention's varlen form (cpp_ext's pack,
+    padding left out by key counts) against SDPA with the additive mask, both against fp32 — with
+    a mask that is not a prefix, a sample that keeps every context token and one that keeps none,
+    given the context or the packed context keys/values."""
+    import models.layers as layers
+    from models.unet import _FLASH_VARLEN, AttentionBlock
+
+    if not _FLASH_VARLEN:
+        pytest.skip("this torch has no flash attention varlen form with seqused_k")
+    b, c, hgt, wid = shape
+    n, width = 81, 96
+    g = torch.Generator().manual_seed(c)
+    block = AttentionBlock(c, 64, width)
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p is block.norm.weight else 0.0)
+    block = block.cuda()
+    x = torch.randn(shape, generator=g).cuda()
+    context = torch.randn(b, n, width, generator=g).cuda()
+    keep = torch.rand(b, n, generator=g) < 0.6
+    keep[0] = True
+    keep[-1] = False
+    bias = torch.zeros(b, n).masked_fill(~keep, float("-inf")).cuda()
+    ref = block(x, context, bias).double()
+    half = copy.deepcopy(block).to(dtype)
+    xh = x.to(dtype).to(memory_format=torch.channels_last)
+    packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
+    fused = half(xh, context.to(dtype), bias).double()
+    fused_kv = half(xh, None, bias, packed).double()
+    saved = layers.cpp_ext.kernels
+    layers.cpp_ext.kernels = None
+    try:
+        plain = half(xh, context.to(dtype), bias).double()
+    finally:
+        layers.cpp_ext.kernels = saved
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    errors = {"fused": _rel(fused, ref), "fused_kv": _rel(fused_kv, ref), "plain": _rel(plain, ref),
+              "fused_vs_plain": _rel(fused, plain)}
+    print(shape, dtype, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(e <= tol for e in errors.values()), errors
+    assert torch.equal(fused, fused_kv)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [8, 96, 2048, 2056, 8192])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_pending", [False, True])
+def test_residual_layer_norm_matches_torch(width, dtype, with_pending):
+    """The prior's layer norm with the pending bias folded in: x += bias in place (as torch's
+    add rounds it), then the float32 layer norm — against torch in float32."""
+    g = torch.Generator().manual_seed(width)
+    x = (torch.randn(6, width, generator=g) * 3 + 1).to(dtype).cuda()
+    weight, beta, pending = (torch.randn(width, generator=g).to(dtype).cuda() for _ in range(3))
+    expected_x = x + pending if with_pending else x.clone()
+    ref = F.layer_norm(expected_x.float(), (width,), weight.float(), beta.float(), 1e-5)
+    y = cpp_ext.kernels.residual_layer_norm(x, pending if with_pending else None, weight, beta, 1e-5)
+    assert torch.equal(x, expected_x)
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert _rel(y, ref) <= tol, _rel(y, ref)
+    assert torch.equal(y, cpp_ext.kernels.residual_layer_norm(x.clone(), None, weight, beta, 1e-5))
