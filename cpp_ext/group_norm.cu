@@ -437,6 +437,93 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict_
   }
 }
 
+// one_pass for NHWC half-precision maps (channels a multiple of 8, groups of at most
+// kOnePassMaxGroupChannels channels). Each item is one 16-byte pack of the run covering the
+// group's channels in one pixel (when a group's channel count is not a multiple of 8 — the
+// decoder's 16x16 maps: 960 channels, 30 per group — the edge packs hold other groups' channels,
+// which are skipped; one_pass would load 2 channels at a time). The group's per-channel terms are
+// read once into shared memory: the added embedding/bias for the statistics, then the normalising
+// pass's y = x * A + B coefficients (finalize's formula), so an element costs one FMA and no
+// global loads beyond its own. Packs wholly inside the group are stored whole, edge packs
+// element by element (other blocks own their other channels).
+constexpr int kOnePassMaxGroupChannels = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __restrict__ x, Add<T> add,
+                                                                 const T* __restrict__ weight,
+                                                                 const T* __restrict__ bias, Film<T> film,
+                                                                 T* __restrict__ y, Shape s, float eps, bool silu) {
+  __shared__ float2 smem[kOnePassThreads / 32];
+  __shared__ float added[kOnePassMaxGroupChannels];
+  __shared__ float2 coef[kOnePassMaxGroupChannels];
+  __shared__ float2 stats;
+  using P8 = Pack<T, 8>;
+  const int64_t b = blockIdx.x / s.groups, g = blockIdx.x % s.groups;
+  const int cg = static_cast<int>(s.channels / s.groups), c0 = static_cast<int>(g) * cg;
+  const int first_pack = c0 / 8, span = (c0 + cg + 7) / 8 - first_pack;  // packs per pixel
+  const int items = static_cast<int>(s.hw) * span;
+  const int64_t sample = b * s.hw * s.channels;
+  for (int c = threadIdx.x; c < cg; c += kOnePassThreads) added[c] = add.at(b, c0 + c);
+  __syncthreads();
+  const float pivot = to_float(x[sample + c0]) + added[0];
+  float2 acc = make_float2(0.f, 0.f);
+  for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
+    const int pixel = e / span, within = (first_pack + e - pixel * span) * 8 - c0;  // pack's first channel - c0
+    const P8 in = *reinterpret_cast<const P8*>(x + sample + static_cast<int64_t>(pixel) * s.channels + c0 + within);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (static_cast<unsigned>(within + k) >= static_cast<unsigned>(cg)) continue;
+      const float d = to_float(in.v[k]) + added[within + k] - pivot;
+      acc.x += d;
+      acc.y += d * d;
+    }
+  }
+  const float2 total = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    const float n = static_cast<float>(cg * s.hw);
+    const float mean_shift = total.x / n;
+    stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
+  }
+  __syncthreads();
+  const float2 st = stats;
+  for (int c = threadIdx.x; c < cg; c += kOnePassThreads) {
+    const int64_t cc = c0 + c;
+    const float a = st.y * to_float(weight[cc]);
+    float scale_a = a, shift_b = (added[c] - st.x) * a + to_float(bias[cc]);
+    if (film.scale != nullptr) {
+      const float sc = 1.f + to_float(film.scale[b * film.ld + cc]);
+      scale_a *= sc;
+      shift_b = shift_b * sc + to_float(film.shift[b * film.ld + cc]);
+    }
+    coef[c] = make_float2(scale_a, shift_b);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
+    const int pixel = e / span, within = (first_pack + e - pixel * span) * 8 - c0;
+    const int64_t i = sample + static_cast<int64_t>(pixel) * s.channels + c0 + within;
+    const P8 in = *reinterpret_cast<const P8*>(x + i);
+    P8 out;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (static_cast<unsigned>(within + k) >= static_cast<unsigned>(cg)) continue;
+      const float2 ab = coef[within + k];
+      float v = to_float(in.v[k]) * ab.x + ab.y;
+      if (silu) v = v / (1.f + __expf(-v));
+      out.v[k] = from_float<T>(v);
+    }
+    if (within >= 0 && within + 8 <= cg) {
+      store_pack<T, 8, true>(y, out, i, b, s);
+    } else {
+      for (int k = 0; k < 8; ++k) {
+        if (static_cast<unsigned>(within + k) >= static_cast<unsigned>(cg)) continue;
+        Pack<T, 1> one;
+        one.v[0] = out.v[k];
+        store_pack<T, 1, true>(y, one, i + k, b, s);
+      }
+    }
+  }
+}
+
 template <typename T, int VEC>
 void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
                      at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, cudaStream_t stream) {
@@ -525,6 +612,16 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
                      shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr, scale ? scale->stride(0) : 0};
   if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && cg * s.hw <= kOnePassMaxElements))) {
     const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
+    if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
+        s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0) {
+      one_pass_nhwc<T><<<static_cast<unsigned>(s.batch * groups), kOnePassThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr()), add_ptr, reinterpret_cast<const T*>(weight.data_ptr()),
+          reinterpret_cast<const T*>(bias.data_ptr()), film, reinterpret_cast<T*>(y.data_ptr()), s,
+          static_cast<float>(eps), silu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return y;
+    }
     switch (v) {
       case 8: launch_one_pass<T, 8>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
       case 4: launch_one_pass<T, 4>(x, add_ptr, weight, bias, film, y, s, eps, silu, nhwc, stream); break;

@@ -3,8 +3,8 @@
 // cache, with the caption's padding mask and the causal mask among the step tokens built in;
 // scores, softmax and the weighted sum in float32. Per layer it replaces two concatenations of
 // the cache, the mask's cast, SDPA (cuDNN's flash kernel, tuned for long sequences, took 9 us for
-// these 3 x 81 scores) and a transposing copy: 6 launches, on an H100 about 0.5 ms of the
-// 2.4 ms step at one image.
+// these 3 x 81 scores) and a transposing copy. On an H100 at batch 2 it takes 7.3 us per layer
+// (a first version with a warp per key and serial weighted sums took 10.7).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
