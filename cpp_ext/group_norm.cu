@@ -378,6 +378,19 @@ __global__ void normalize_down(const T* __restrict__ x, const float2* __restrict
 // Three launches of a few microseconds each cost more than the work at these sizes.
 constexpr int kOnePassThreads = 512;
 
+// A one-pass block's group statistics (mean, 1/std) from its threads' sums shifted by `pivot`:
+// thread 0 folds them (block_sum's fixed order), every thread gets them through `stats`.
+__device__ __forceinline__ float2 one_pass_stats(float2 acc, float2* smem, float2* stats, float pivot, float n,
+                                                 float eps) {
+  const float2 total = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    const float mean_shift = total.x / n;
+    *stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
+  }
+  __syncthreads();
+  return *stats;
+}
+
 template <typename T, int VEC, bool NHWC>
 __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict__ x, Add<T> add,
                                                             const T* __restrict__ weight, const T* __restrict__ bias,
@@ -412,14 +425,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict_
       acc.y += d * d;
     }
   }
-  const float2 total = block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    const float n = static_cast<float>(cg * s.hw);
-    const float mean_shift = total.x / n;
-    stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
-  }
-  __syncthreads();
-  const float2 st = stats;
+  const float2 st = one_pass_stats(acc, smem, &stats, pivot, static_cast<float>(cg * s.hw), eps);
   for (int64_t e = threadIdx.x; e < packs; e += kOnePassThreads) {
     int64_t c0;
     const int64_t at = offset(e, c0);
@@ -478,14 +484,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
       acc.y += d * d;
     }
   }
-  const float2 total = block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    const float n = static_cast<float>(cg * s.hw);
-    const float mean_shift = total.x / n;
-    stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
-  }
-  __syncthreads();
-  const float2 st = stats;
+  const float2 st = one_pass_stats(acc, smem, &stats, pivot, static_cast<float>(cg * s.hw), eps);
   for (int c = threadIdx.x; c < cg; c += kOnePassThreads) {
     const int64_t cc = c0 + c;
     const float a = st.y * to_float(weight[cc]);
