@@ -156,20 +156,23 @@ class AttentionBlock(nn.Module):
         qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, HW, 3C]
         if isinstance(context_bias, torch.Tensor):
             context_bias = ContextBias(context_bias)
-        packed = None  # this block's context keys/values [B, 2, heads, N, ch]
+        packed = None  # this block's cached context keys/values [B, 2, heads, N, ch]
+        ek = ev = None  # or its context's keys and values, each [B, heads, N, ch]
         if context_kv is not None and self.encoder_kv is not None:
             packed = context_kv[:, :, self.kv_heads].to(qkv.dtype)
+            ek, ev = packed[:, 0], packed[:, 1]
         elif context is not None and self.encoder_kv is not None:
-            packed = torch.stack(self.context_kv(context), dim=1)
+            ek, ev = self.context_kv(context)
         fused = fused_kernels_available(x, self.norm.weight)
-        if fused and packed is not None and _flash_varlen_serves(qkv, c // self.heads):
+        if fused and ek is not None and _flash_varlen_serves(qkv, c // self.heads):
+            packed = torch.stack([ek, ev], dim=1) if packed is None else packed
             return self._project_join(self._attend_varlen(qkv, packed, context_bias), x)
         qkv = qkv.view(b, hgt * wid, self.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
         q, k, v = qkv.chunk(3, dim=-1)
         bias = None
-        if packed is not None:
-            k = torch.cat([packed[:, 0], k], dim=2)
-            v = torch.cat([packed[:, 1], v], dim=2)
+        if ek is not None:
+            k = torch.cat([ek, k], dim=2)
+            v = torch.cat([ev, v], dim=2)
             if context_bias is not None:
                 bias = context_bias.padded(hgt * wid, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
