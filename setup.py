@@ -27,7 +27,7 @@ def cuda_extensions() -> tuple[list, dict]:
     ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu",
                                         "cpp_ext/residual.cu", "cpp_ext/prior_step.cu",
                                         "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu"],
-                        depends=["cpp_ext/elementwise.cuh"],
+                        depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "half_tensors.h"
+
 namespace {
 
 constexpr int kMaxThreads = 1024;
@@ -81,20 +83,10 @@ __global__ void pack_attention_kv_kernel(const uint4* __restrict__ qkv, const ui
 // image keys/values then the context's, kept tokens first; used [B] int32: hw + kept tokens).
 std::vector<at::Tensor> pack_attention_kv(const at::Tensor& qkv, const at::Tensor& context_kv,
                                           const at::Tensor& keep) {
-  TORCH_CHECK(qkv.is_cuda() && qkv.dim() == 2 && qkv.is_contiguous() &&
-                  (qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16),
-              "pack_attention_kv: qkv must be a contiguous half-precision CUDA matrix");
-  TORCH_CHECK(context_kv.dim() == 5 && context_kv.size(1) == 2 && context_kv.scalar_type() == qkv.scalar_type() &&
-                  context_kv.device() == qkv.device(),
-              "pack_attention_kv: context_kv must be [B, 2, heads, N, ch] in qkv's dtype and device");
+  unclip_rt::check_half_matrix(qkv, "pack_attention_kv", "qkv");
+  unclip_rt::check_kv_blocks(context_kv, qkv, "pack_attention_kv", "context_kv");
   const int64_t batch = context_kv.size(0), heads = context_kv.size(2), n_ctx = context_kv.size(3),
                 ch = context_kv.size(4);
-  TORCH_CHECK(context_kv.stride(4) == 1 && context_kv.stride(3) == ch && context_kv.stride(2) == n_ctx * ch,
-              "pack_attention_kv: each [heads, N, ch] block of context_kv must be contiguous");
-  TORCH_CHECK(ch % 8 == 0 && context_kv.stride(0) % 8 == 0 && context_kv.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(context_kv.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
-              "pack_attention_kv: the head size must be a multiple of 8 and the inputs 16-byte aligned");
   TORCH_CHECK(qkv.size(1) == heads * 3 * ch && qkv.size(0) % batch == 0,
               "pack_attention_kv: qkv must be [B * hw, heads * 3 * ch]");
   TORCH_CHECK(n_ctx >= 1, "pack_attention_kv: no context tokens");

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "elementwise.cuh"
+#include "half_tensors.h"
 
 namespace {
 
@@ -92,8 +93,6 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
   }
 }
 
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 }  // namespace
 
 // x [rows, width] contiguous fp16/bf16 (updated in place when `pending` is given: x += pending);
@@ -101,15 +100,13 @@ bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_pt
 // at most 8 * 4 * 256 = 8192.
 at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& pending, const at::Tensor& weight,
                                const at::Tensor& beta, double eps) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() &&
-                  (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16),
-              "residual_layer_norm: x must be a contiguous half-precision CUDA matrix");
+  unclip_rt::check_half_matrix(x, "residual_layer_norm", "x");
   const int64_t width = x.size(1);
-  TORCH_CHECK(width % kVec == 0 && width <= kVec * kMaxPacksPerThread * kMaxThreads && aligned(x),
-              "residual_layer_norm: width must be a multiple of 8, at most 8192, and x 16-byte aligned");
+  TORCH_CHECK(width % kVec == 0 && width <= kVec * kMaxPacksPerThread * kMaxThreads,
+              "residual_layer_norm: width must be a multiple of 8, at most 8192");
   const auto check_vector = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == width && t.is_contiguous() && t.scalar_type() == x.scalar_type() &&
-                    t.device() == x.device() && aligned(t),
+                    t.device() == x.device() && unclip_rt::aligned16(t),
                 "residual_layer_norm: ", name, " must be a contiguous aligned [width] vector in x's dtype");
   };
   check_vector(weight, "weight");
@@ -139,11 +136,7 @@ at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& p
       default: run(residual_layer_norm_kernel<T, 4>); break;
     }
   };
-  if (x.scalar_type() == at::kHalf) {
-    launch(static_cast<__half*>(nullptr));
-  } else {
-    launch(static_cast<__nv_bfloat16*>(nullptr));
-  }
+  unclip_rt::dispatch_half_like(x, launch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "elementwise.cuh"
+#include "half_tensors.h"
 
 namespace {
 
@@ -137,10 +138,6 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
   }
 }
 
-bool is_half_like(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
 }  // namespace
 
 // Attention of `tokens` step tokens per sample: qkv [B * tokens, heads * 3 * ch] (per head
@@ -149,18 +146,10 @@ bool is_half_like(const at::Tensor& t) {
 // padding). Returns [B * tokens, heads * ch].
 at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, const at::Tensor& keep,
                                 int64_t heads) {
-  TORCH_CHECK(qkv.is_cuda() && qkv.dim() == 2 && qkv.is_contiguous() && is_half_like(qkv),
-              "prior_step_attention: qkv must be a contiguous half-precision CUDA matrix");
-  TORCH_CHECK(past.dim() == 5 && past.size(1) == 2 && past.size(2) == heads && past.scalar_type() == qkv.scalar_type() &&
-                  past.device() == qkv.device(),
-              "prior_step_attention: past must be [B, 2, heads, P, ch] in qkv's dtype");
+  unclip_rt::check_half_matrix(qkv, "prior_step_attention", "qkv");
+  unclip_rt::check_kv_blocks(past, qkv, "prior_step_attention", "past");
+  TORCH_CHECK(past.size(2) == heads, "prior_step_attention: past must have `heads` heads");
   const int64_t batch = past.size(0), past_len = past.size(3), ch = past.size(4);
-  TORCH_CHECK(past.stride(4) == 1 && past.stride(3) == ch && past.stride(2) == past_len * ch,
-              "prior_step_attention: each [heads, P, ch] block of past must be contiguous");
-  TORCH_CHECK(ch % 8 == 0 && past.stride(0) % 8 == 0 && past.stride(1) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(past.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
-              "prior_step_attention: the head size must be a multiple of 8 and qkv and past 16-byte aligned");
   TORCH_CHECK(qkv.size(1) == heads * 3 * ch && qkv.size(0) % batch == 0,
               "prior_step_attention: qkv must be [B * tokens, heads * 3 * ch]");
   const int64_t tokens = qkv.size(0) / batch;
@@ -184,11 +173,7 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
         static_cast<int>(ch), static_cast<int>(past_len), static_cast<int>(keep.size(1)), past.stride(0),
         past.stride(1), scale);
   };
-  if (qkv.scalar_type() == at::kHalf) {
-    args(static_cast<__half*>(nullptr));
-  } else {
-    args(static_cast<__nv_bfloat16*>(nullptr));
-  }
+  unclip_rt::dispatch_half_like(qkv, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -348,7 +348,7 @@ class UNet(nn.Module):
         if heads != context_heads(cfg):
             raise AssertionError(f"context_heads({cfg}) = {context_heads(cfg)}, the UNet has {heads}")
         # every ResBlock's time-embedding projection, in forward order (a plain list: they are
-        # registered in their blocks); `_stacked_projections` caches their stacked weights
+        # registered in their blocks); `_embedding_projections` caches their stacked weights
         self._emb_linears: list[nn.Linear] = [m.emb_layers[1] for m in self.modules() if isinstance(m, ResBlock)]
         self._emb_stack: tuple | None = None
 
@@ -406,7 +406,6 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_bias, context_kv)
         return self.out(h)
-
 
     def _embedding_projections(self, emb: torch.Tensor) -> EmbeddingProjections | None:
         """Every ResBlock's `emb_layers[1](emb)` from one GEMM over their weights stacked, instead

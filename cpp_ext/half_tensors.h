@@ -1,0 +1,50 @@
+// Host-side helpers shared by cpp_ext's half-precision entry points: the checks their arguments
+// share and the fp16/bf16 dispatch.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+
+namespace unclip_rt {
+
+inline bool is_half_like(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// `t` is a contiguous fp16/bf16 CUDA matrix, 16-byte aligned.
+inline void check_half_matrix(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && is_half_like(t) && aligned16(t), op, ": ", name,
+              " must be a contiguous, 16-byte aligned half-precision CUDA matrix");
+}
+
+// `kv` is cached keys/values [B, 2, heads, N, ch] (keys at index 0, values at 1) in `like`'s dtype
+// and device, each [heads, N, ch] block contiguous (a strided view of a larger cache is fine),
+// read in 16-byte packs: ch and the two outer strides multiples of 8, the data 16-byte aligned.
+inline void check_kv_blocks(const at::Tensor& kv, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(kv.dim() == 5 && kv.size(1) == 2 && kv.scalar_type() == like.scalar_type() &&
+                  kv.device() == like.device(),
+              op, ": ", name, " must be [B, 2, heads, N, ch] in the same dtype and device as the queries");
+  const int64_t n = kv.size(3), ch = kv.size(4);
+  TORCH_CHECK(kv.stride(4) == 1 && kv.stride(3) == ch && kv.stride(2) == n * ch, op, ": each [heads, N, ch] block of ",
+              name, " must be contiguous");
+  TORCH_CHECK(ch % 8 == 0 && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0 && aligned16(kv), op,
+              ": the head size must be a multiple of 8 and ", name, " 16-byte aligned");
+}
+
+// f(tag) with a null pointer of the element type of `t` (fp16 or bf16) as the tag.
+template <typename F>
+void dispatch_half_like(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kHalf) {
+    f(static_cast<__half*>(nullptr));
+  } else {
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+}
+
+}  // namespace unclip_rt
