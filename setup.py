@@ -26,8 +26,9 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu",
                                         "cpp_ext/residual.cu", "cpp_ext/prior_step.cu",
-                                        "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu"],
-                        depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h"],
+                                        "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu",
+                                        "cpp_ext/skinny_linear.cu"],
+                        depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 
 #include "elementwise.cuh"
 
@@ -714,7 +715,8 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                       const c10::optional<at::Tensor>& add, double eps, bool silu,
                       const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
-  TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", x.size(1), " not divisible by ", groups, " groups");
+  TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", std::to_string(x.size(1)), " not divisible by ",
+              std::to_string(groups), " groups");
   const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(nhwc || x.is_contiguous(), "group_norm: x must be contiguous or channels_last");
   TORCH_CHECK(!up || nhwc, "group_norm: up (a fused nearest 2x upsampling) needs channels_last x");

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 
 #include "elementwise.cuh"
 
@@ -167,7 +168,7 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
   p.batch = x.size(0);
   p.inner = x.numel() / p.batch;
   const int64_t rows = guided ? 2 * p.batch : p.batch;
-  TORCH_CHECK(out.dim() >= 1 && out.size(0) == rows, "guided_update: out must have ", rows, " rows");
+  TORCH_CHECK(out.dim() >= 1 && out.size(0) == rows, "guided_update: out must have ", std::to_string(rows), " rows");
   p.out_stride = out.numel() / rows;
   TORCH_CHECK(p.out_stride >= (learned_variance ? 2 : 1) * p.inner, "guided_update: out rows too small for x",
               learned_variance ? " and its variance values" : "");

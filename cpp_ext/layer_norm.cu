@@ -19,6 +19,7 @@
 
 #include "elementwise.cuh"
 #include "half_tensors.h"
+#include "pdl.cuh"
 
 namespace {
 
@@ -51,6 +52,8 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
   P* row = reinterpret_cast<P*>(x + static_cast<int64_t>(blockIdx.x) * width);
   float v[PACKS][kVec];
   float sum = 0.f;
+  unclip_rt::wait_for_producers();  // x is the output of the kernels before (pdl.cuh)
+  unclip_rt::allow_dependents();
 #pragma unroll
   for (int k = 0; k < PACKS; ++k) {
     const int p = threadIdx.x + k * blockDim.x;
@@ -127,7 +130,10 @@ at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& p
                                       reinterpret_cast<const T*>(beta.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
                                       static_cast<int>(width), static_cast<float>(eps));
     const auto run = [&](auto kernel) {
-      std::apply([&](auto... a) { kernel<<<static_cast<unsigned>(x.size(0)), threads, 0, stream>>>(a...); }, args);
+      std::apply([&](auto... a) {
+        unclip_rt::launch_overlapped(kernel, dim3(static_cast<unsigned>(x.size(0))), dim3(threads), 0,
+                                     stream.stream(), a...);
+      }, args);
     };
     switch (per_thread) {
       case 1: run(residual_layer_norm_kernel<T, 1>); break;

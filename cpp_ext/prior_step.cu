@@ -14,9 +14,11 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 
 #include "elementwise.cuh"
 #include "half_tensors.h"
+#include "pdl.cuh"
 
 namespace {
 
@@ -59,6 +61,9 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
     reinterpret_cast<uint4*>(k_s)[i] = __ldg(reinterpret_cast<const uint4*>(k_past) + i);
     reinterpret_cast<uint4*>(v_s)[i] = __ldg(reinterpret_cast<const uint4*>(v_past) + i);
   }
+  // the cache is older than the kernel before this one (pdl.cuh); the step tokens' qkv is its output
+  unclip_rt::wait_for_producers();
+  unclip_rt::allow_dependents();
   for (int i = threadIdx.x; i < tokens * slices; i += blockDim.x) {
     const int t = i / slices, d8 = i % slices;
     const T* row = qkv_b + t * row_stride + d8 * 8;
@@ -143,7 +148,9 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
 // Attention of `tokens` step tokens per sample: qkv [B * tokens, heads * 3 * ch] (per head
 // [q | k | v]), past [B, 2, heads, P, ch] (keys at index 0, values at 1; may be a strided view,
 // with each [heads, P, ch] block contiguous), keep [B, mask_len] bool (False: that cached key is
-// padding). Returns [B * tokens, heads * ch].
+// padding). Returns [B * tokens, heads * ch]. Launched overlapped (pdl.cuh): `past` and `keep` are
+// read before the kernel launched just before this one has finished, so that kernel must not
+// write them (a sampling loop writes them once, before its first step).
 at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, const at::Tensor& keep,
                                 int64_t heads) {
   unclip_rt::check_half_matrix(qkv, "prior_step_attention", "qkv");
@@ -153,7 +160,8 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
   TORCH_CHECK(qkv.size(1) == heads * 3 * ch && qkv.size(0) % batch == 0,
               "prior_step_attention: qkv must be [B * tokens, heads * 3 * ch]");
   const int64_t tokens = qkv.size(0) / batch;
-  TORCH_CHECK(tokens >= 1 && tokens <= kMaxTokens, "prior_step_attention: 1 to ", kMaxTokens, " step tokens per sample");
+  TORCH_CHECK(tokens >= 1 && tokens <= kMaxTokens, "prior_step_attention: 1 to ", std::to_string(kMaxTokens),
+              " step tokens per sample");
   TORCH_CHECK(keep.dim() == 2 && keep.size(0) == batch && keep.size(1) <= past_len && keep.is_contiguous() &&
                   keep.scalar_type() == at::kBool && keep.device() == qkv.device(),
               "prior_step_attention: keep must be a contiguous bool [B, mask_len <= P] on qkv's device");
@@ -167,8 +175,8 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
   const int blocks = static_cast<int>(batch * heads);
   const auto args = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    prior_step_attention_kernel<T><<<blocks, 256, smem, stream>>>(
-        reinterpret_cast<const T*>(qkv.data_ptr()), reinterpret_cast<const T*>(past.data_ptr()),
+    unclip_rt::launch_overlapped(
+        prior_step_attention_kernel<T>, dim3(blocks), dim3(256), smem, stream.stream(), reinterpret_cast<const T*>(qkv.data_ptr()), reinterpret_cast<const T*>(past.data_ptr()),
         keep.data_ptr<bool>(), reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(tokens), static_cast<int>(heads),
         static_cast<int>(ch), static_cast<int>(past_len), static_cast<int>(keep.size(1)), past.stride(0),
         past.stride(1), scale);

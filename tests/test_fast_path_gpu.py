@@ -293,11 +293,18 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("batch", [1, 2])
-def test_fused_prior_step_matches_the_torch_step(ours, batch):
+@pytest.mark.parametrize("batch,wide_skinny", [(1, True), (2, True), (2, False), (22, True)])
+def test_fused_prior_step_matches_the_torch_step(ours, batch, wide_skinny, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
-    ops give, in fp16 against the fp32 step, with captions of different lengths."""
+    ops give, in fp16 against the fp32 step, with captions of different lengths; batch 22 (66
+    rows) runs cuBLAS's GEMMs, the others `skinny_linear` — without `wide_skinny` only for the
+    layers of the model's width (the MLP's output projection on cuBLAS, as Karlo's at batch 8)."""
     import models.layers as layers
+    import models.prior as prior_module
+
+    if not wide_skinny:
+        width = ours.cfg.prior.width
+        monkeypatch.setattr(prior_module, "skinny_fits", lambda rows, w: w <= width)
 
     model = copy.deepcopy(ours.prior).cuda()
     half = copy.deepcopy(model).half()
@@ -307,10 +314,10 @@ def test_fused_prior_step_matches_the_torch_step(ours, batch):
     tokens = torch.randn(batch, cfg.clip.context_length, cfg.clip.text_width, generator=g).cuda()
     mask = torch.zeros(batch, cfg.clip.context_length, dtype=torch.bool)
     for i in range(batch):
-        mask[i, : 4 + 9 * i] = True  # different caption lengths: the padding mask matters
+        mask[i, : 4 + (9 * i) % 70] = True  # different caption lengths: the padding mask matters
     mask = mask.cuda()
     x_t = torch.randn(batch, cfg.prior.clip_dim, generator=g).cuda()
-    t = torch.tensor([999, 400][:batch]).cuda()
+    t = torch.tensor([999, 400, 20][:batch] + [500] * (batch - 3)).cuda()
     ref = model.step(x_t, t, model.context_kv(embed, tokens, mask), mask)
     assert torch.allclose(ref, model(x_t, t, embed, tokens, mask), atol=1e-4)
     kv = half.context_kv(embed.half(), tokens.half(), mask)
@@ -324,6 +331,94 @@ def test_fused_prior_step_matches_the_torch_step(ours, batch):
     errors = {"fused": _rel(fused, ref), "plain": _rel(plain, ref), "fused_vs_plain": _rel(fused, plain)}
     print("prior step fp16:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= 1e-2 for e in errors.values()), errors
+
+
+SKINNY_SHAPES = [(1, 32, 16), (6, 2048, 6144), (6, 8192, 2048), (24, 2048, 8192), (40, 768, 2048), (64, 96, 48),
+                 (6, 256, 16384), (3, 2080, 4128)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,width,features", SKINNY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", [0, 1, 2])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_skinny_linear_matches_float64(rows, width, features, dtype, activation, accumulate):
+    """act(x·Wᵀ + b) (and out += it) for few rows against float64 torch; repeated runs identical."""
+    g = torch.Generator().manual_seed(rows * width + activation)
+    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
+    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
+    bias = torch.randn(features, generator=g).to(dtype).cuda()
+    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    act = {0: lambda v: v, 1: F.gelu, 2: F.silu}[activation]
+    ref = act(x.double() @ weight.double().t() + bias.double())
+    if accumulate:
+        ref = ref + out.double()
+        start = out.clone()
+        got = cpp_ext.kernels.skinny_linear(x, weight, bias, activation, out)
+        assert got.data_ptr() == out.data_ptr()
+        again = cpp_ext.kernels.skinny_linear(x, weight, bias, activation, start)
+    else:
+        got = cpp_ext.kernels.skinny_linear(x, weight, bias, activation)
+        again = cpp_ext.kernels.skinny_linear(x, weight, bias, activation)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    assert _rel(got, ref) <= tol, _rel(got, ref)
+    assert torch.equal(got, again)
+    if not accumulate:
+        assert torch.equal(cpp_ext.kernels.skinny_linear(x, weight, None, activation),
+                           cpp_ext.kernels.skinny_linear(x, weight, None, activation))
+
+
+@needs_kernel
+def test_skinny_linear_chain_replays_from_a_cuda_graph():
+    """The overlapped launches (programmatic dependent launch) of a chain of layer norms and
+    skinny linears, captured in a CUDA graph and replayed, give the eager chain's result exactly."""
+    g = torch.Generator().manual_seed(5)
+    width = 256
+    rows = torch.randn(6, width, generator=g).half().cuda()
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).half().cuda()
+
+    layers = [(rand(3 * width, width, scale=1 / 16), rand(3 * width), rand(width, 3 * width, scale=1 / 28), rand(width))
+              for _ in range(4)]
+    ones, zeros = torch.ones(width).half().cuda(), torch.zeros(width).half().cuda()
+
+    def chain(stream_rows: torch.Tensor) -> None:
+        for w1, b1, w2, b2 in layers:
+            h = cpp_ext.kernels.residual_layer_norm(stream_rows, None, ones, zeros, 1e-5)
+            hidden = cpp_ext.kernels.skinny_linear(h, w1, b1, 1)
+            cpp_ext.kernels.skinny_linear(hidden, w2, b2, 0, stream_rows)
+
+    eager = rows.clone()
+    chain(eager)
+    static = rows.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(static.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(static)
+    for _ in range(3):
+        static.copy_(rows)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, eager)
+    assert not torch.equal(eager, rows)
+
+
+@needs_kernel
+def test_skinny_linear_refuses_what_it_cannot_run():
+    """Shapes outside the kernel's reach get a clear error, not a wrong answer."""
+    x = torch.randn(65, 64).half().cuda()
+    w = torch.randn(32, 64).half().cuda()
+    with pytest.raises(RuntimeError, match="1 to 64 rows"):
+        cpp_ext.kernels.skinny_linear(x, w)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpp_ext.kernels.skinny_linear(x[:4, :40].contiguous(), w[:, :40].contiguous())
+    with pytest.raises(RuntimeError, match="activation"):
+        cpp_ext.kernels.skinny_linear(x[:4], w, None, 3)
 
 
 @needs_kernel
