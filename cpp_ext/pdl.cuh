@@ -8,8 +8,11 @@
 
 #pragma once
 
-#include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <utility>
 
 namespace unclip_rt {
 
@@ -26,7 +29,7 @@ __device__ __forceinline__ void allow_dependents() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), overlapping the kernel before it where the
-// device supports it (compute capability 9.0+).
+// device supports it (compute capability 9.0+) and UNCLIP_RT_NO_PDL is not set (read once).
 template <typename... Params, typename... Args>
 void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                        Args&&... args) {
@@ -42,7 +45,8 @@ void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attribute;
-  config.numAttrs = major >= 9 ? 1 : 0;
+  static const bool allowed = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;
+  config.numAttrs = major >= 9 && allowed ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
