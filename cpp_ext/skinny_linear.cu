@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -180,6 +181,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
     TORCH_CHECK(out->dim() == 2 && out->size(0) == rows && out->size(1) == features && out->is_contiguous() &&
                     out->scalar_type() == x.scalar_type() && out->device() == x.device(),
                 "skinny_linear: out must be a contiguous [rows, features] matrix in x's dtype");
+    TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No,
+                "skinny_linear: out must not overlap x (other blocks still read x while one writes out)");
     y = *out;
   } else {
     y = at::empty({rows, features}, x.options());

@@ -419,6 +419,9 @@ def test_skinny_linear_refuses_what_it_cannot_run():
         cpp_ext.kernels.skinny_linear(x[:4, :40].contiguous(), w[:, :40].contiguous())
     with pytest.raises(RuntimeError, match="activation"):
         cpp_ext.kernels.skinny_linear(x[:4], w, None, 3)
+    square = torch.randn(4, 64).half().cuda()
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        cpp_ext.kernels.skinny_linear(square, torch.randn(64, 64).half().cuda(), None, 0, square)
 
 
 @needs_kernel
