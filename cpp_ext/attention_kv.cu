@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "half_tensors.h"
+#include "pdl.cuh"
 
 namespace {
 
@@ -34,6 +35,8 @@ __global__ void pack_attention_kv_kernel(const uint4* __restrict__ qkv, const ui
                                          const bool* __restrict__ keep, uint4* __restrict__ out,
                                          int* __restrict__ used, int hw, int n_ctx, int heads, int ch,
                                          int64_t ctx_b, int64_t ctx_kv) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   __shared__ int source;
   const int r = blockIdx.x, b = blockIdx.y, rows = hw + n_ctx;
   if (r >= hw) {  // a context row: which token has rank r - hw
@@ -100,7 +103,7 @@ std::vector<at::Tensor> pack_attention_kv(const at::Tensor& qkv, const at::Tenso
   const int64_t packs_per_row = heads * 2 * ch / 8;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (packs_per_row + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(batch));
-  pack_attention_kv_kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  unclip_rt::launch_overlapped(pack_attention_kv_kernel, dim3(grid), dim3(threads), 0, c10::cuda::getCurrentCUDAStream(), 
       reinterpret_cast<const uint4*>(qkv.data_ptr()), reinterpret_cast<const uint4*>(context_kv.data_ptr()),
       keep.data_ptr<bool>(), reinterpret_cast<uint4*>(out.data_ptr()), used.data_ptr<int>(), static_cast<int>(hw),
       static_cast<int>(n_ctx), static_cast<int>(heads), static_cast<int>(ch), context_kv.stride(0),

@@ -24,6 +24,8 @@
 #include <string>
 
 #include "elementwise.cuh"
+#include "half_tensors.h"
+#include "pdl.cuh"
 
 namespace {
 
@@ -104,6 +106,8 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
 // Pass 1, NCHW: grid (chunks, batch*groups); each block sums one chunk of one contiguous group row.
 template <typename T, int VEC>
 __global__ void partial_nchw(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   __shared__ float2 smem[kThreads / 32];
   const int64_t row = blockIdx.y;
   const int64_t cg = s.channels / s.groups;
@@ -134,6 +138,8 @@ __global__ void partial_nchw(const T* __restrict__ x, Add<T> add, float2* __rest
 // selects which `groups_per_block` groups the block's lanes cover.
 template <typename T, int VEC>
 __global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   extern __shared__ float2 sums[];  // [rows][lanes]
   const int lanes = blockDim.x, rows = blockDim.y;
   const int lane = threadIdx.x, r = threadIdx.y;
@@ -186,22 +192,44 @@ __global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __rest
   }
 }
 
-// Pass 1, NHWC, when a group's channel count is not a multiple of 8 (Karlo's 320 channels: 10 per
-// group): partial_nhwc's lanes would load 4 bytes each. Here every lane loads 16 bytes (8
-// channels) of a pixel, which span at most two groups (channels per group >= 8), keeps one
-// shifted sum per group, and the block folds them per group in a fixed order. grid (chunks,
-// batch); block (channels / 8 lanes, rows).
+// The UNets' skip concatenation done by the statistics pass (concat_channels): x holds the first
+// `first` channels [B, hw, first], `second` the rest [B, hw, channels - first]; the pass reads
+// both and writes their concatenation to `out` [B, hw, channels] as it sums it. Inactive (plain
+// pass 1 over x): second == nullptr.
 template <typename T>
-__global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s) {
+struct Concat {
+  const T* second;
+  int64_t first;
+  T* out;
+  // where channels [c, c + 8) of pixel p of sample b are read from (c a multiple of 8, first too)
+  __device__ __forceinline__ const T* at(const T* x, int64_t b, int64_t p, int64_t c, const Shape& s) const {
+    if (second == nullptr) return x + (b * s.hw + p) * s.channels + c;
+    return c < first ? x + (b * s.hw + p) * first + c
+                     : second + (b * s.hw + p) * (s.channels - first) + (c - first);
+  }
+};
+
+// Pass 1, NHWC, when a group's channel count is not a multiple of 8 (Karlo's 320 channels: 10 per
+// group), or when it also concatenates (Concat): partial_nhwc's lanes would load 4 bytes each.
+// Here every lane loads 16 bytes (8 channels) of a pixel, which span at most two groups (channels
+// per group >= 8), keeps one shifted sum per group, and the block folds them per group in a fixed
+// order. grid (chunks, batch); block (channels / 8 lanes, rows).
+template <typename T>
+__global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s,
+                                  Concat<T> concat) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   extern __shared__ float2 sums[];  // [rows][lanes][2]: the lane's first group, then its second
   const int lanes = blockDim.x, rows = blockDim.y;
   const int lane = threadIdx.x, r = threadIdx.y;
   const int64_t b = blockIdx.y;
   const int cg = static_cast<int>(s.channels / s.groups);
   const int c0 = lane * 8, g_lo = c0 / cg, g_hi = (c0 + 7) / cg;
-  const T* sample = x + b * s.hw * s.channels;
-  const float pivot_lo = to_float(sample[g_lo * cg]) + add.at(b, g_lo * cg);
-  const float pivot_hi = to_float(sample[g_hi * cg]) + add.at(b, g_hi * cg);
+  const auto first_of = [&](int g) {  // pixel 0's value of group g's first channel
+    const int c = g * cg;
+    return to_float(concat.at(x, b, 0, c / 8 * 8, s)[c % 8]) + add.at(b, c);
+  };
+  const float pivot_lo = first_of(g_lo), pivot_hi = first_of(g_hi);
   float shift[8];
   bool second[8];
 #pragma unroll
@@ -213,7 +241,8 @@ __global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* _
   const int64_t end = min(s.hw, begin + s.chunk_len);
   float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
   for (int64_t p = begin + r; p < end; p += rows) {
-    const auto v = *reinterpret_cast<const Pack<T, 8>*>(sample + p * s.channels + c0);
+    const auto v = *reinterpret_cast<const Pack<T, 8>*>(concat.at(x, b, p, c0, s));
+    if (concat.second != nullptr) *reinterpret_cast<Pack<T, 8>*>(concat.out + (b * s.hw + p) * s.channels + c0) = v;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float d = to_float(v.v[k]) + shift[k];
@@ -263,6 +292,8 @@ template <typename T, bool NHWC>
 __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __restrict__ partial,
                          const T* __restrict__ weight, const T* __restrict__ bias, Film<T> film,
                          float2* __restrict__ coef, Shape s, float eps) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= s.batch * s.groups) return;  // uniform across the warp
@@ -316,6 +347,8 @@ __device__ __forceinline__ void load_coefficients(const float2* __restrict__ ab,
 template <typename T, int VEC, bool NHWC>
 __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ coef, T* __restrict__ y, Shape s,
                           bool silu) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   const int64_t n = s.batch * s.channels * s.hw;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
@@ -344,6 +377,8 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ co
 template <typename T, int VEC>
 __global__ void normalize_down(const T* __restrict__ x, const float2* __restrict__ coef, T* __restrict__ y, Shape s,
                                bool silu) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   const int64_t height = s.hw / s.width, out_w = s.width / 2, out_hw = (height / 2) * out_w;
   const int64_t n = s.batch * s.channels * out_hw;
   const int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -397,6 +432,8 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict_
                                                             const T* __restrict__ weight, const T* __restrict__ bias,
                                                             Film<T> film, T* __restrict__ y, Shape s, float eps,
                                                             bool silu) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   __shared__ float2 smem[kOnePassThreads / 32];
   __shared__ float2 stats;
   const int64_t b = blockIdx.x / s.groups, g = blockIdx.x % s.groups;
@@ -460,6 +497,8 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
                                                                  const T* __restrict__ weight,
                                                                  const T* __restrict__ bias, Film<T> film,
                                                                  T* __restrict__ y, Shape s, float eps, bool silu) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   __shared__ float2 smem[kOnePassThreads / 32];
   __shared__ float added[kOnePassMaxGroupChannels];
   __shared__ float2 coef[kOnePassMaxGroupChannels];
@@ -533,9 +572,9 @@ void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, 
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
   const auto blocks = static_cast<unsigned>(s.batch * s.groups);
   if (nhwc) {
-    one_pass<T, VEC, true><<<blocks, kOnePassThreads, 0, stream>>>(xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
+    unclip_rt::launch_overlapped(one_pass<T, VEC, true>, dim3(blocks), dim3(kOnePassThreads), 0, stream, xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
   } else {
-    one_pass<T, VEC, false><<<blocks, kOnePassThreads, 0, stream>>>(xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
+    unclip_rt::launch_overlapped(one_pass<T, VEC, false>, dim3(blocks), dim3(kOnePassThreads), 0, stream, xp, add, wp, bp, film, yp, s, static_cast<float>(eps), silu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -558,11 +597,11 @@ void launch_normalize(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y
   const auto* cp = reinterpret_cast<const float2*>(coef.data_ptr<float>());
   auto* yp = reinterpret_cast<T*>(y.data_ptr());
   if (s.down) {
-    normalize_down<T, VEC><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
+    unclip_rt::launch_overlapped(normalize_down<T, VEC>, dim3(blocks), dim3(kThreads), 0, stream, xp, cp, yp, s, silu);
   } else if (nhwc) {
-    normalize<T, VEC, true><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
+    unclip_rt::launch_overlapped(normalize<T, VEC, true>, dim3(blocks), dim3(kThreads), 0, stream, xp, cp, yp, s, silu);
   } else {
-    normalize<T, VEC, false><<<blocks, kThreads, 0, stream>>>(xp, cp, yp, s, silu);
+    unclip_rt::launch_overlapped(normalize<T, VEC, false>, dim3(blocks), dim3(kThreads), 0, stream, xp, cp, yp, s, silu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -577,10 +616,10 @@ void launch_partial(const at::Tensor& x, Add<T> add, at::Tensor& partial, Shape&
     const int rows = std::max(1, kThreads / lanes);
     const dim3 block(lanes, rows);
     const dim3 grid(s.chunks, static_cast<unsigned>(s.batch), (s.groups + s.groups_per_block - 1) / s.groups_per_block);
-    partial_nhwc<T, VEC><<<grid, block, sizeof(float2) * lanes * rows, stream>>>(xp, add, pp, s);
+    unclip_rt::launch_overlapped(partial_nhwc<T, VEC>, dim3(grid), dim3(block), sizeof(float2) * lanes * rows, stream, xp, add, pp, s);
   } else {
     const dim3 grid(s.chunks, static_cast<unsigned>(s.batch * s.groups));
-    partial_nchw<T, VEC><<<grid, kThreads, 0, stream>>>(xp, add, pp, s);
+    unclip_rt::launch_overlapped(partial_nchw<T, VEC>, dim3(grid), dim3(kThreads), 0, stream, xp, add, pp, s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -589,7 +628,8 @@ template <typename T>
 at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                             const c10::optional<at::Tensor>& add, const c10::optional<at::Tensor>& add_bias,
-                            double eps, bool silu, bool nhwc, int one_pass_mode, bool up, bool down) {
+                            double eps, bool silu, bool nhwc, int one_pass_mode, bool up, bool down,
+                            const T* pass1_x = nullptr, Concat<T> concat = {}) {
   const Add<T> add_ptr{add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr, add ? add->stride(0) : 0,
                        add_bias ? reinterpret_cast<const T*>(add_bias->data_ptr()) : nullptr};
   Shape s{};
@@ -615,7 +655,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
     if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
         s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
         reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0) {
-      one_pass_nhwc<T><<<static_cast<unsigned>(s.batch * groups), kOnePassThreads, 0, stream>>>(
+      unclip_rt::launch_overlapped(one_pass_nhwc<T>, dim3(static_cast<unsigned>(s.batch * groups)), dim3(kOnePassThreads), 0, stream, 
           reinterpret_cast<const T*>(x.data_ptr()), add_ptr, reinterpret_cast<const T*>(weight.data_ptr()),
           reinterpret_cast<const T*>(bias.data_ptr()), film, reinterpret_cast<T*>(y.data_ptr()), s,
           static_cast<float>(eps), silu);
@@ -652,13 +692,16 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   }
   auto partial = at::empty({s.batch * groups * s.chunks, 2}, x.options().dtype(at::kFloat));
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
-  const bool wide = nhwc && cg % 8 != 0 && cg >= 8 && s.channels % 8 == 0 && s.channels / 8 >= groups &&
-                    s.channels / 8 <= 1024 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2;
+  // with `concat`, pass 1 reads its two sources (pass1_x, concat.second) and writes x: the wide pass
+  const bool wide = concat.second != nullptr ||
+                    (nhwc && cg % 8 != 0 && cg >= 8 && s.channels % 8 == 0 && s.channels / 8 >= groups &&
+                     s.channels / 8 <= 1024 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2);
   if (wide) {
     const int lanes = static_cast<int>(s.channels / 8), rows = std::max(1, kThreads / lanes);
-    partial_nhwc_wide<T><<<dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
-                           sizeof(float2) * 2 * lanes * rows, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), add_ptr, reinterpret_cast<float2*>(partial.data_ptr<float>()), s);
+    unclip_rt::launch_overlapped(partial_nhwc_wide<T>, dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
+                                 sizeof(float2) * 2 * lanes * rows, stream,
+                                 concat.second != nullptr ? pass1_x : reinterpret_cast<const T*>(x.data_ptr()), add_ptr,
+                                 reinterpret_cast<float2*>(partial.data_ptr<float>()), s, concat);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else switch (vec) {
     case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
@@ -674,9 +717,9 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
   const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
   if (nhwc) {
-    finalize<T, true><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, wp, bp, film, cp, s, eps);
+    unclip_rt::launch_overlapped(finalize<T, true>, dim3(fin_blocks), dim3(256), 0, stream, xp, add_ptr, pp, wp, bp, film, cp, s, eps);
   } else {
-    finalize<T, false><<<fin_blocks, 256, 0, stream>>>(xp, add_ptr, pp, wp, bp, film, cp, s, eps);
+    unclip_rt::launch_overlapped(finalize<T, false>, dim3(fin_blocks), dim3(256), 0, stream, xp, add_ptr, pp, wp, bp, film, cp, s, eps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -749,3 +792,49 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
 }
+
+// GroupNorm(cat(first, second, dim=1)) * weight + bias [-> SiLU] and the concatenation itself,
+// for channels-last half-precision [B, C1, H, W] and [B, C2, H, W] (C1, C2 multiples of 8): the
+// UNets' output blocks norm their input concatenation and also feed it to their 1x1 skip
+// convolution. Where the norm runs three passes, its first pass reads the two inputs and writes
+// the concatenation as it sums it (no separate concatenation kernel, whose read of both inputs
+// it saves); where it runs one (small maps), torch's concatenation and the one-pass norm.
+// Returns {y, cat}.
+std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
+                                          const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu) {
+  const auto nhwc_half = [](const at::Tensor& t) {
+    return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+           (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) && unclip_rt::aligned16(t);
+  };
+  TORCH_CHECK(nhwc_half(first) && nhwc_half(second) && first.scalar_type() == second.scalar_type() &&
+                  first.device() == second.device(),
+              "group_norm_concat: first and second must be aligned channels_last half-precision CUDA tensors of one dtype");
+  TORCH_CHECK(first.size(0) == second.size(0) && first.size(2) == second.size(2) && first.size(3) == second.size(3),
+              "group_norm_concat: first and second must share batch, height and width");
+  const int64_t c1 = first.size(1), channels = c1 + second.size(1), hw = first.size(2) * first.size(3);
+  TORCH_CHECK(c1 % 8 == 0 && second.size(1) % 8 == 0 && channels % groups == 0,
+              "group_norm_concat: both channel counts must be multiples of 8 and their sum of the groups");
+  const int64_t cg = channels / groups;
+  if (cg * hw <= kOnePassMaxElements || cg < 8 || channels / 8 > 1024 || channels / 8 < groups) {
+    auto cat = at::cat({first, second}, 1).contiguous(at::MemoryFormat::ChannelsLast);
+    return {group_norm(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, eps, silu, c10::nullopt,
+                       -1, false, false),
+            cat};
+  }
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == channels && bias.is_contiguous() &&
+                  bias.numel() == channels && weight.scalar_type() == first.scalar_type() &&
+                  bias.scalar_type() == first.scalar_type() && weight.device() == first.device(),
+              "group_norm_concat: weight and bias must be [C1 + C2] in the inputs' dtype");
+  const c10::cuda::CUDAGuard guard(first.device());
+  auto cat = at::empty({first.size(0), channels, first.size(2), first.size(3)},
+                       first.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y;
+  unclip_rt::dispatch_half_like(first, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const Concat<T> concat{reinterpret_cast<const T*>(second.data_ptr()), c1, reinterpret_cast<T*>(cat.data_ptr())};
+    y = group_norm_typed<T>(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, eps,
+                            silu, true, 0, false, false, reinterpret_cast<const T*>(first.data_ptr()), concat);
+  });
+  return {y, cat};
+}
+

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "elementwise.cuh"
+#include "pdl.cuh"
 
 namespace {
 
@@ -33,6 +34,8 @@ template <typename T, int VEC, bool NHWC, int RESIZE>
 __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ skip, const T* __restrict__ bias,
                                      const T* __restrict__ bias2, int64_t n, int64_t channels, int64_t hw,
                                      int64_t width) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
   int64_t from = i;
@@ -88,13 +91,13 @@ void launch(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const
   const int64_t width = h.size(-1);
   const int64_t c = h.size(1);
   if (resize == 1) {
-    bias_residual_kernel<T, VEC, true, 1><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
+    unclip_rt::launch_overlapped(bias_residual_kernel<T, VEC, true, 1>, dim3(blocks), dim3(kThreads), 0, stream, hp, sp, bp, b2, n, c, hw, width);
   } else if (resize == 2) {
-    bias_residual_kernel<T, VEC, true, 2><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
+    unclip_rt::launch_overlapped(bias_residual_kernel<T, VEC, true, 2>, dim3(blocks), dim3(kThreads), 0, stream, hp, sp, bp, b2, n, c, hw, width);
   } else if (nhwc) {
-    bias_residual_kernel<T, VEC, true, 0><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
+    unclip_rt::launch_overlapped(bias_residual_kernel<T, VEC, true, 0>, dim3(blocks), dim3(kThreads), 0, stream, hp, sp, bp, b2, n, c, hw, width);
   } else {
-    bias_residual_kernel<T, VEC, false, 0><<<blocks, kThreads, 0, stream>>>(hp, sp, bp, b2, n, c, hw, width);
+    unclip_rt::launch_overlapped(bias_residual_kernel<T, VEC, false, 0>, dim3(blocks), dim3(kThreads), 0, stream, hp, sp, bp, b2, n, c, hw, width);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -37,7 +37,6 @@ namespace {
 using unclip_rt::from_float;
 using unclip_rt::to_float;
 
-constexpr int kWarps = 8;
 constexpr int kFeatures = 16;   // output features per block: the mma's 16-row side
 constexpr int kStep = 32;       // reduction elements per warp step: 4 lanes × 8
 constexpr int kPacksInFlight = 8;  // 16-byte weight packs per lane and weight row loaded ahead
@@ -72,7 +71,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t
 // 16-byte packs at elements 32·C·s + 8·C·t of weight rows g and g + 8 and of input rows
 // 8·tile + g: the 4 lanes of a row read 64·C contiguous bytes of it per step, the block's 8
 // warps 512·C.
-template <typename T, int TILES, int C>
+template <typename T, int TILES, int C, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     skinny_linear_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                          T* __restrict__ out, int rows, int features, int width, int activation, bool accumulate) {
@@ -161,7 +160,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // The kernel reads `weight` before the kernel launched just before it has finished: the weights
 // must not be written by that kernel (they never are inside a sampling loop).
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         int64_t activation, const c10::optional<at::Tensor>& out) {
+                         int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps) {
   unclip_rt::check_half_matrix(x, "skinny_linear", "x");
   unclip_rt::check_half_matrix(weight, "skinny_linear", "weight");
   const int64_t rows = x.size(0), width = x.size(1), features = weight.size(0);
@@ -190,7 +189,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = static_cast<int>((rows + 7) / 8);
-  const dim3 grid(static_cast<unsigned>(features / kFeatures)), block(kWarps * 32);
+  TORCH_CHECK(warps == 4 || warps == 8, "skinny_linear: warps must be 4 or 8");
+  const dim3 grid(static_cast<unsigned>(features / kFeatures)), block(static_cast<unsigned>(warps * 32));
   const auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* b = bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
@@ -201,20 +201,27 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
                                    static_cast<int>(features), static_cast<int>(width), static_cast<int>(activation),
                                    out.has_value());
     };
-    const auto by_tiles = [&](auto chunk) {  // chunk: packs per lane and row per step
-      constexpr int C = decltype(chunk)::value;
+    const auto by_tiles = [&](auto chunk, auto warp_count) {  // packs per lane and row per step; warps
+      constexpr int C = decltype(chunk)::value, W = decltype(warp_count)::value;
       switch (tiles) {
-        case 1: run(skinny_linear_kernel<T, 1, C>); break;
-        case 2: run(skinny_linear_kernel<T, 2, C>); break;
-        case 3: run(skinny_linear_kernel<T, 3, C>); break;
-        case 4: run(skinny_linear_kernel<T, 4, C>); break;
-        default: run(skinny_linear_kernel<T, kMaxTiles, C>); break;
+        case 1: run(skinny_linear_kernel<T, 1, C, W>); break;
+        case 2: run(skinny_linear_kernel<T, 2, C, W>); break;
+        case 3: run(skinny_linear_kernel<T, 3, C, W>); break;
+        case 4: run(skinny_linear_kernel<T, 4, C, W>); break;
+        default: run(skinny_linear_kernel<T, kMaxTiles, C, W>); break;
+      }
+    };
+    const auto by_warps = [&](auto chunk) {
+      if (warps == 4) {
+        by_tiles(chunk, std::integral_constant<int, 4>{});
+      } else {
+        by_tiles(chunk, std::integral_constant<int, 8>{});
       }
     };
     if (width % (kStep * 4) == 0) {
-      by_tiles(std::integral_constant<int, 4>{});
+      by_warps(std::integral_constant<int, 4>{});
     } else {
-      by_tiles(std::integral_constant<int, 1>{});
+      by_warps(std::integral_constant<int, 1>{});
     }
   };
   unclip_rt::dispatch_half_like(x, launch);

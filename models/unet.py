@@ -13,6 +13,7 @@ Parameter names and shapes follow Karlo's checkpoints (1-D convs stay [out, in, 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ import cpp_ext
 from models.configs import UNetConfig
 from models.layers import (
     GroupNorm32,
+    _layout,
     bias_residual,
     fused_kernels_available,
     resample,
@@ -29,6 +31,18 @@ from models.layers import (
     work_dtype,
     zero_init,
 )
+
+
+class SkipConcat(NamedTuple):
+    """An output block's input: the running activations and the input blocks' skip, concatenated
+    along channels — by the block's first norm where `cpp_ext.group_norm_concat` serves it (its
+    statistics pass writes the concatenation), else by `torch.cat`."""
+
+    h: torch.Tensor
+    skip: torch.Tensor
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat([self.h, self.skip], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -72,9 +86,13 @@ class ResBlock(nn.Module):
             return emb.of(self.emb_layers[1])
         return self.emb_layers[1](emb)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | EmbeddingProjections) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor | EmbeddingProjections) -> torch.Tensor:
         """`emb`: the time embedding after SiLU (the UNet applies `emb_layers[0]` once for all
         blocks), or every block's projection of it (`UNet._embedding_projections`)."""
+        if isinstance(x, SkipConcat):
+            if self._concat_in_norm(x):
+                return self._forward_fused(x, emb)
+            x = x.tensor()
         if fused_kernels_available(x, self.in_layers[0].weight):
             return self._forward_fused(x, emb)
         h = self.in_layers[2](self._resample(self.in_layers[0](x)))
@@ -87,7 +105,14 @@ class ResBlock(nn.Module):
             h = self.out_layers[3](self.out_layers[0].forward_film(h, None, None, self.out_layers[0].silu, add=emb_out))
         return self.skip_connection(x) + h
 
-    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _concat_in_norm(self, x: SkipConcat) -> bool:
+        """Whether the first norm concatenates `x` itself (`cpp_ext.group_norm_concat`: both parts
+        channels-last half precision with channel counts multiples of 8, no resampling)."""
+        return (fused_kernels_available(x.h, self.in_layers[0].weight) and x.skip.dtype == x.h.dtype
+                and _layout(x.h) == _layout(x.skip) == "nhwc" and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0
+                and not (self.up or self.down) and hasattr(cpp_ext.kernels, "group_norm_concat"))
+
+    def _forward_fused(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor) -> torch.Tensor:
         """`forward` with `cpp_ext`'s kernels (CUDA, half precision): the convolutions run without
         their biases (torch adds a convolution's bias in a pass of its own); the first one's is
         added inside the second norm, the last one's (and the skip convolution's) in the residual
@@ -96,7 +121,12 @@ class ResBlock(nn.Module):
         activations fewer per block."""
         conv_in, norm_out, conv_out = self.in_layers[2], self.out_layers[0], self.out_layers[3]
         identity_skip = not isinstance(self.skip_connection, nn.Conv2d)
-        if (self.up or self.down) and identity_skip:
+        if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
+            norm_in = self.in_layers[0]
+            normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
+                                                          norm_in.bias, norm_in.eps, norm_in.silu)
+            h = F.conv2d(normed, conv_in.weight, None, padding=1)
+        elif (self.up or self.down) and identity_skip:
             # the norm writes its output resized and the residual join reads x resized: neither
             # resized copy is made
             h = F.conv2d(self.in_layers[0](x, up=self.up, down=self.down), conv_in.weight, None, padding=1)
@@ -283,6 +313,8 @@ class TimestepSequential(nn.Sequential):
 
     def forward(self, x, emb, context=None, context_bias=None, context_kv=None):  # noqa: D102
         for layer in self:
+            if isinstance(x, SkipConcat) and not isinstance(layer, ResBlock):
+                x = x.tensor()
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, AttentionBlock):
@@ -404,7 +436,7 @@ class UNet(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context, context_bias, context_kv)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_bias, context_kv)
+            h = block(SkipConcat(h, hs.pop()), emb, context, context_bias, context_kv)
         return self.out(h)
 
     def _embedding_projections(self, emb: torch.Tensor) -> EmbeddingProjections | None:

@@ -369,6 +369,20 @@ def test_skinny_linear_matches_float64(rows, width, features, dtype, activation,
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows,width,features", SKINNY_SHAPES)
+def test_skinny_linear_with_four_warps_matches_eight(rows, width, features):
+    """The 4-warp blocks (a benchmark option) give the 8-warp result within fp16 rounding."""
+    g = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, width, generator=g).half().cuda()
+    weight = (torch.randn(features, width, generator=g) / width**0.5).half().cuda()
+    bias = torch.randn(features, generator=g).half().cuda()
+    ref = F.gelu(x.double() @ weight.double().t() + bias.double())
+    four = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 4)
+    assert _rel(four, ref) <= 2e-3
+    assert _rel(four, cpp_ext.kernels.skinny_linear(x, weight, bias, 1)) <= 2e-3
+
+
+@needs_kernel
 def test_skinny_linear_chain_replays_from_a_cuda_graph():
     """The overlapped launches (programmatic dependent launch) of a chain of layer norms and
     skinny linears, captured in a CUDA graph and replayed, give the eager chain's result exactly."""
@@ -422,6 +436,33 @@ def test_skinny_linear_refuses_what_it_cannot_run():
     square = torch.randn(4, 64).half().cuda()
     with pytest.raises(RuntimeError, match="must not overlap"):
         cpp_ext.kernels.skinny_linear(square, torch.randn(64, 64).half().cuda(), None, 0, square)
+    with pytest.raises(RuntimeError, match="warps"):
+        cpp_ext.kernels.skinny_linear(x[:4], w, None, 0, None, 6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 320, 320, 32, 32), (1, 640, 320, 64, 64), (2, 256, 256, 32, 32),
+                                   (2, 640, 640, 8, 8), (3, 8, 56, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_concat_matches_torch(shape, dtype, silu):
+    """The output blocks' norm of cat(h, skip) with the concatenation written by its statistics
+    pass (three-pass shapes) or by torch (one-pass shapes): the concatenation exact, the norm
+    against float32 torch."""
+    b, c1, c2, hgt, wid = shape
+    g = torch.Generator().manual_seed(c1 + hgt)
+    h = (torch.randn(b, c1, hgt, wid, generator=g) * 2 + 1).to(dtype).cuda().to(memory_format=torch.channels_last)
+    skip = torch.randn(b, c2, hgt, wid, generator=g).to(dtype).cuda().to(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(c1 + c2, generator=g).to(dtype).cuda() for _ in range(2))
+    y, cat = cpp_ext.kernels.group_norm_concat(h, skip, 32, weight, bias, 1e-5, silu)
+    assert torch.equal(cat, torch.cat([h, skip], dim=1))
+    assert cat.is_contiguous(memory_format=torch.channels_last)
+    ref = F.group_norm(cat.float(), 32, weight.float(), bias.float(), 1e-5)
+    ref = F.silu(ref) if silu else ref
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert _rel(y, ref) <= tol, _rel(y, ref)
+    again, _ = cpp_ext.kernels.group_norm_concat(h, skip, 32, weight, bias, 1e-5, silu)
+    assert torch.equal(y, again)
 
 
 @needs_kernel

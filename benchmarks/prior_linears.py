@@ -1,0 +1,90 @@
+"""The prior step's linear layers: `cpp_ext.skinny_linear` (8 and 4 warps per block) against
+cuBLAS (torch's F.linear / addmm_, plus its separate GELU) on the shapes of Karlo's prior, at
+6 rows (one image: batch 2 × 3 step tokens) and 24 (four images).
+
+Each figure is one call's median over CUDA-graph replays of 20 calls on 20 different weight
+matrices (so no weight is served from L2), in the launch mode of this process (set
+UNCLIP_RT_NO_PDL=1 for launches without overlap). Prints a table, writes JSON with --out.
+
+    python benchmarks/prior_linears.py [--out docs/prior_linears_h100.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cpp_ext  # noqa: E402
+from benchmarks.timing import graph_ms  # noqa: E402
+
+# (width in, features out, activation, accumulate into the residual stream): Karlo's prior layer
+SHAPES = [(2048, 6144, 0, False), (2048, 2048, 0, True), (2048, 8192, 1, False), (8192, 2048, 0, True)]
+CALLS = 20
+
+
+def time_shape(rows: int, width: int, features: int, activation: int, accumulate: bool) -> dict[str, float]:
+    """Microseconds per call of each implementation, and the weight bytes per call."""
+    weights = [torch.randn(features, width, device="cuda", dtype=torch.half) / width**0.5 for _ in range(CALLS)]
+    biases = [torch.randn(features, device="cuda", dtype=torch.half) for _ in range(CALLS)]
+    x = torch.randn(rows, width, device="cuda", dtype=torch.half)
+    out = torch.zeros(rows, features, device="cuda", dtype=torch.half)
+
+    def ours(warps: int) -> Callable[[], None]:
+        def run() -> None:
+            for w, b in zip(weights, biases, strict=True):
+                cpp_ext.kernels.skinny_linear(x, w, b, activation, out if accumulate else None, warps)
+        return run
+
+    def cublas() -> None:
+        for w, b in zip(weights, biases, strict=True):
+            if accumulate:
+                out.addmm_(x, w.t())
+            else:
+                y = F.linear(x, w, b)
+                if activation:
+                    F.gelu(y)
+
+    result = {f"ours_{warps}w_us": graph_ms(ours(warps)) / CALLS * 1e3 for warps in (8, 4)}
+    result["cublas_us"] = graph_ms(cublas) / CALLS * 1e3
+    result["weight_mb"] = features * width * 2 / 1e6
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[6, 24])
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or cpp_ext.kernels is None:
+        raise SystemExit(f"needs a CUDA GPU and cpp_ext built ({cpp_ext.IMPORT_ERROR or 'no GPU'})")
+    overlapped = os.environ.get("UNCLIP_RT_NO_PDL") is None
+    print(f"GPU: {torch.cuda.get_device_name()}; overlapped launches: {overlapped}")
+    print(f"{'rows':>4} {'shape':>12} {'act':>3} {'acc':>3} {'ours 8w':>14} {'ours 4w':>14} {'cuBLAS':>14}")
+    table = []
+    for rows in args.rows:
+        for width, features, activation, accumulate in SHAPES:
+            r = time_shape(rows, width, features, activation, accumulate)
+            cells = [f"{r[k]:6.2f} ({r['weight_mb'] / r[k]:.2f})" for k in ("ours_8w_us", "ours_4w_us", "cublas_us")]
+            print(f"{rows:4d} {width:>5}->{features:<5} {activation:3d} {int(accumulate):3d} " + " ".join(
+                f"{c:>14}" for c in cells))
+            table.append({"rows": rows, "width": width, "features": features, "activation": activation,
+                          "accumulate": accumulate, **r})
+    print("us per call (TB/s of weights)")
+    if args.out:
+        payload = {"gpu": torch.cuda.get_device_name(), "overlapped": overlapped, "shapes": table}
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
