@@ -37,6 +37,15 @@ constexpr int kThreads = 256;
 // Groups of at most this many elements take the one-launch kernel (auto mode).
 constexpr int64_t kOnePassMaxElements = 12288;  // tuned on an H100 (one launch wins up to 16x16 maps)
 
+// Whether groups of `cg` channels over `hw` pixels take the one-launch kernel in auto mode.
+inline bool one_pass_by_size(int64_t cg, int64_t hw) { return cg * hw <= kOnePassMaxElements; }
+
+// Whether partial_nhwc_wide's geometry serves `channels` in `groups`: one lane per 8 channels (at
+// most 1024 lanes, at least one per group), a lane's 8 channels spanning at most two groups.
+inline bool wide_geometry_fits(int64_t cg, int64_t channels, int64_t groups) {
+  return cg >= 8 && channels % 8 == 0 && channels / 8 >= groups && channels / 8 <= 1024;
+}
+
 struct Shape {
   int64_t batch, channels, hw;  // x is [batch, channels, hw] (NCHW) or [batch, hw, channels] (NHWC)
   int groups, chunks;
@@ -650,7 +659,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   auto y = up ? resized(2 * x.size(2), 2 * x.size(3)) : down ? resized(x.size(2) / 2, x.size(3) / 2) : at::empty_like(x);
   const Film<T> film{scale ? reinterpret_cast<const T*>(scale->data_ptr()) : nullptr,
                      shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr, scale ? scale->stride(0) : 0};
-  if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && cg * s.hw <= kOnePassMaxElements))) {
+  if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && one_pass_by_size(cg, s.hw)))) {
     const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
     if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
         s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
@@ -694,8 +703,8 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
   // with `concat`, pass 1 reads its two sources (pass1_x, concat.second) and writes x: the wide pass
   const bool wide = concat.second != nullptr ||
-                    (nhwc && cg % 8 != 0 && cg >= 8 && s.channels % 8 == 0 && s.channels / 8 >= groups &&
-                     s.channels / 8 <= 1024 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2);
+                    (nhwc && cg % 8 != 0 && wide_geometry_fits(cg, s.channels, groups) &&
+                     reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2);
   if (wide) {
     const int lanes = static_cast<int>(s.channels / 8), rows = std::max(1, kThreads / lanes);
     unclip_rt::launch_overlapped(partial_nhwc_wide<T>, dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
@@ -815,7 +824,7 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
   TORCH_CHECK(c1 % 8 == 0 && second.size(1) % 8 == 0 && channels % groups == 0,
               "group_norm_concat: both channel counts must be multiples of 8 and their sum of the groups");
   const int64_t cg = channels / groups;
-  if (cg * hw <= kOnePassMaxElements || cg < 8 || channels / 8 > 1024 || channels / 8 < groups) {
+  if (one_pass_by_size(cg, hw) || !wide_geometry_fits(cg, channels, groups)) {  // group_norm_typed's choices
     auto cat = at::cat({first, second}, 1).contiguous(at::MemoryFormat::ChannelsLast);
     return {group_norm(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, eps, silu, c10::nullopt,
                        -1, false, false),
