@@ -232,20 +232,14 @@ class UnCLIP(ImageTools):
         """All noise of one run, drawn on the CPU (so a seed gives the same images on any device).
         With the autoregressive prior, its noise is an `ARNoise` and `prior_steps` is not used."""
         prior_noise = self._draw_prior_noise(batch, prior_steps, generator)
-        return SamplingNoise(prior_noise, *self._draw_image_noise(batch, decoder_steps, super_res_steps, generator))
+        return SamplingNoise(prior_noise, self._draw_decoder_noise(batch, decoder_steps, generator),
+                             self._draw_super_res_noise(batch, super_res_steps, generator))
 
     def _draw_prior_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise | ARNoise:
         """The prior's part of `draw_noise` (drawn first)."""
         if self.prior == "ar":
             return ARNoise.draw(batch, self.cfg.ar_prior.components, generator)
         return StageNoise.draw((batch, self.cfg.prior.clip_dim), steps, generator)
-
-    def _draw_image_noise(
-        self, batch: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
-    ) -> tuple[StageNoise, StageNoise]:
-        """The decoder's and super-res part of `draw_noise` (drawn after the prior's)."""
-        return (self._draw_decoder_noise(batch, decoder_steps, generator),
-                self._draw_super_res_noise(batch, super_res_steps, generator))
 
     def _draw_decoder_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise:
         """The decoder's part of `draw_noise` (drawn after the prior's)."""
