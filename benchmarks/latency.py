@@ -115,7 +115,7 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> di
 
 def _loop_ms(pipe, n: int) -> dict[str, float]:
     """Each captured stage loop's replay time (CUDA events around one generate call; the prior's
-    two graphs, its first steps and the rest, summed)."""
+    graphs, its first steps and the rest in pieces, summed)."""
     events = []
     real_run = pipe.graphs.run
 

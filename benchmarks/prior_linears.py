@@ -1,6 +1,6 @@
-"""The prior step's linear layers: `cpp_ext.skinny_linear` (8 and 4 warps per block) against
-cuBLAS (torch's F.linear / addmm_, plus its separate GELU) on the shapes of Karlo's prior, at
-6 rows (one image: batch 2 × 3 step tokens) and 24 (four images).
+"""The prior step's linear layers: `cpp_ext.skinny_linear` (8 and 4 warps per block, 16 or 32
+output features per block) against cuBLAS (torch's F.linear / addmm_, plus its separate GELU) on
+the shapes of Karlo's prior, at 6 rows (one image: batch 2 × 3 step tokens) and 24 (four images).
 
 Each figure is one call's median over CUDA-graph replays of 20 calls on 20 different weight
 matrices (so no weight is served from L2), in the launch mode of this process (set
@@ -38,10 +38,10 @@ def time_shape(rows: int, width: int, features: int, activation: int, accumulate
     x = torch.randn(rows, width, device="cuda", dtype=torch.half)
     out = torch.zeros(rows, features, device="cuda", dtype=torch.half)
 
-    def ours(warps: int) -> Callable[[], None]:
+    def ours(warps: int, block_features: int = 16) -> Callable[[], None]:
         def run() -> None:
             for w, b in zip(weights, biases, strict=True):
-                cpp_ext.kernels.skinny_linear(x, w, b, activation, out if accumulate else None, warps)
+                cpp_ext.kernels.skinny_linear(x, w, b, activation, out if accumulate else None, warps, block_features)
         return run
 
     def cublas() -> None:
@@ -54,6 +54,8 @@ def time_shape(rows: int, width: int, features: int, activation: int, accumulate
                     F.gelu(y)
 
     result = {f"ours_{warps}w_us": graph_ms(ours(warps)) / CALLS * 1e3 for warps in (8, 4)}
+    if rows <= 32 and features % 32 == 0:
+        result["ours_8w_32f_us"] = graph_ms(ours(8, 32)) / CALLS * 1e3
     result["cublas_us"] = graph_ms(cublas) / CALLS * 1e3
     result["weight_mb"] = features * width * 2 / 1e6
     return result
@@ -68,12 +70,14 @@ def main() -> None:
         raise SystemExit(f"needs a CUDA GPU and cpp_ext built ({cpp_ext.IMPORT_ERROR or 'no GPU'})")
     overlapped = os.environ.get("UNCLIP_RT_NO_PDL") is None
     print(f"GPU: {torch.cuda.get_device_name()}; overlapped launches: {overlapped}")
-    print(f"{'rows':>4} {'shape':>12} {'act':>3} {'acc':>3} {'ours 8w':>14} {'ours 4w':>14} {'cuBLAS':>14}")
+    print(f"{'rows':>4} {'shape':>12} {'act':>3} {'acc':>3} {'ours 8w':>14} {'ours 4w':>14} {'8w 32f':>14} "
+          f"{'cuBLAS':>14}")
     table = []
     for rows in args.rows:
         for width, features, activation, accumulate in SHAPES:
             r = time_shape(rows, width, features, activation, accumulate)
-            cells = [f"{r[k]:6.2f} ({r['weight_mb'] / r[k]:.2f})" for k in ("ours_8w_us", "ours_4w_us", "cublas_us")]
+            cells = [f"{r[k]:6.2f} ({r['weight_mb'] / r[k]:.2f})" if k in r else "-"
+                     for k in ("ours_8w_us", "ours_4w_us", "ours_8w_32f_us", "cublas_us")]
             print(f"{rows:4d} {width:>5}->{features:<5} {activation:3d} {int(accumulate):3d} " + " ".join(
                 f"{c:>14}" for c in cells))
             table.append({"rows": rows, "width": width, "features": features, "activation": activation,

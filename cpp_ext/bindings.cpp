@@ -13,7 +13,9 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                       const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down);
 
 std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
-                                          const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu);
+                                          const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
+                                          const c10::optional<at::Tensor>& first_bias,
+                                          const c10::optional<at::Tensor>& first_bias2);
 
 void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
                     const c10::optional<at::Tensor>& bias2);
@@ -28,7 +30,8 @@ at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& p
                                const at::Tensor& beta, double eps);
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps);
+                         int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps,
+                         int64_t block_features);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
@@ -40,9 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false, py::arg("down") = false);
   m.def("group_norm_concat", &group_norm_concat,
         "[group norm (+ SiLU) of cat(first, second, dim=1), that concatenation], channels_last half precision; the "
-        "norm's statistics pass writes the concatenation",
+        "norm's statistics pass writes the concatenation (first_bias, first_bias2: [C1] added to first's channels)",
         py::arg("first"), py::arg("second"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
-        py::arg("eps") = 1e-5, py::arg("silu") = false);
+        py::arg("eps") = 1e-5, py::arg("silu") = false, py::arg("first_bias") = py::none(),
+        py::arg("first_bias2") = py::none());
   m.def("bias_residual_", &bias_residual_, "h += skip + bias (+ bias2), in place, NCHW or NHWC", py::arg("h"),
         py::arg("skip"), py::arg("bias"), py::arg("bias2") = py::none());
   m.def("prior_step_attention", &prior_step_attention,
@@ -58,5 +62,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "act(x W^T + b) for 1 to 64 rows, weights streamed through the tensor cores (activation 0 none, 1 GELU, "
         "2 SiLU); with out: out += it, in place",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("activation") = 0,
-        py::arg("out") = py::none(), py::arg("warps") = 8);
+        py::arg("out") = py::none(), py::arg("warps") = 8, py::arg("block_features") = 16);
 }

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <utility>
 
@@ -34,14 +35,13 @@ template <typename... Params, typename... Args>
 void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                        Args&&... args) {
   constexpr int kDevices = 64;
-  static int majors[kDevices] = {};  // per device, 0 until read
-  int device = 0, major = 0;
+  static std::atomic<int> majors[kDevices] = {};  // per device, 0 until read (threads may race: same value)
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < kDevices && majors[device] != 0) {
-    major = majors[device];
-  } else {
+  int major = device < kDevices ? majors[device].load(std::memory_order_relaxed) : 0;
+  if (major == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (device < kDevices) majors[device] = major;
+    if (device < kDevices) majors[device].store(major, std::memory_order_relaxed);
   }
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -66,38 +66,50 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Block b: output features [16b, 16b + 16) of all rows. Warp w: reduction steps w, w + 8, ...
-// (step s: elements [32·C·s, 32·C·(s + 1))); lane (g, t) = (lane / 4, lane % 4) takes the C
-// 16-byte packs at elements 32·C·s + 8·C·t of weight rows g and g + 8 and of input rows
-// 8·tile + g: the 4 lanes of a row read 64·C contiguous bytes of it per step, the block's 8
-// warps 512·C.
-template <typename T, int TILES, int C, int kWarps>
+// Block b: output features [16·MT·b, 16·MT·(b + 1)) of all rows, MT tiles of 16 (the mma's 16-row
+// side). Warp w: reduction steps w, w + kWarps, ... (step s: elements [32·C·s, 32·C·(s + 1)));
+// lane (g, t) = (lane / 4, lane % 4) takes the C 16-byte packs at elements 32·C·s + 8·C·t of
+// weight rows 16m + g and 16m + g + 8 (each tile m) and of input rows 8·tile + g: the 4 lanes of a
+// row read 64·C contiguous bytes of it per step, the block's 8 warps 512·C. With MT = 2 each input
+// pack loaded serves two weight tiles: every block reads all the rows, so at 24 rows (four
+// images) 16-feature blocks read as many bytes of rows (from L2) as of weights (from memory).
+template <typename T, int TILES, int C, int kWarps, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
     skinny_linear_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                          T* __restrict__ out, int rows, int features, int width, int activation, bool accumulate) {
-  constexpr int kSteps = kPacksInFlight / C;  // steps of weights loaded ahead
-  __shared__ float partial[kWarps][kFeatures][TILES * 8];
+  constexpr int kSteps = kPacksInFlight / (C * MT) > 0 ? kPacksInFlight / (C * MT) : 1;  // steps loaded ahead
+  constexpr int kBlockFeatures = kFeatures * MT;
+  __shared__ float partial[kWarps][kBlockFeatures][TILES * 8];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int feature0 = blockIdx.x * kFeatures;
+  const int feature0 = blockIdx.x * kBlockFeatures;
   const int steps = width / (kStep * C), packs = width / 8;
-  const uint4* w_lo = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(feature0 + g) * width) + C * t;
-  const uint4* w_hi = w_lo + 8 * static_cast<int64_t>(packs);
-  uint4 lo[kSteps][C], hi[kSteps][C];
+  const uint4* w_lo[MT];
+  const uint4* w_hi[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    w_lo[m] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(feature0 + 16 * m + g) * width) + C * t;
+    w_hi[m] = w_lo[m] + 8 * static_cast<int64_t>(packs);
+  }
+  uint4 lo[kSteps][MT][C], hi[kSteps][MT][C];
+  const auto load_step = [&](int u, int s) {  // step s's weight packs into slot u
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        lo[u][m][c] = __ldcs(w_lo[m] + 4 * C * s + c);
+        hi[u][m][c] = __ldcs(w_hi[m] + 4 * C * s + c);
+      }
+    }
+  };
 #pragma unroll
   for (int u = 0; u < kSteps; ++u) {  // weights never come from the kernel before: load them now
     const int s = warp + u * kWarps;
-    if (s < steps) {
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        lo[u][c] = __ldcs(w_lo + 4 * C * s + c);
-        hi[u][c] = __ldcs(w_hi + 4 * C * s + c);
-      }
-    }
+    if (s < steps) load_step(u, s);
   }
   unclip_rt::wait_for_producers();
   unclip_rt::allow_dependents();
   const uint4* xs = reinterpret_cast<const uint4*>(x) + C * t;
-  float acc[TILES][4] = {};
+  float acc[MT][TILES][4] = {};
   for (int base = warp; base < steps; base += kSteps * kWarps) {
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
@@ -109,33 +121,33 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
           for (int c = 0; c < C; ++c) {
             const uint4 b = r < rows ? xs[static_cast<int64_t>(r) * packs + 4 * C * s + c] : make_uint4(0, 0, 0, 0);
-            mma_16816<T>(acc[tile], lo[u][c].x, hi[u][c].x, lo[u][c].y, hi[u][c].y, b.x, b.y);
-            mma_16816<T>(acc[tile], lo[u][c].z, hi[u][c].z, lo[u][c].w, hi[u][c].w, b.z, b.w);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              mma_16816<T>(acc[m][tile], lo[u][m][c].x, hi[u][m][c].x, lo[u][m][c].y, hi[u][m][c].y, b.x, b.y);
+              mma_16816<T>(acc[m][tile], lo[u][m][c].z, hi[u][m][c].z, lo[u][m][c].w, hi[u][m][c].w, b.z, b.w);
+            }
           }
         }
         const int next = s + kSteps * kWarps;
-        if (next < steps) {
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            lo[u][c] = __ldcs(w_lo + 4 * C * next + c);
-            hi[u][c] = __ldcs(w_hi + 4 * C * next + c);
-          }
-        }
+        if (next < steps) load_step(u, next);
       }
     }
   }
-  // accumulator (c0, c1): feature g, rows 2t and 2t + 1 of the tile; (c2, c3): feature g + 8
+  // accumulator (c0, c1): feature 16m + g, rows 2t and 2t + 1 of the tile; (c2, c3): feature 16m + g + 8
 #pragma unroll
-  for (int tile = 0; tile < TILES; ++tile) {
-    const int r = tile * 8 + 2 * t;
-    partial[warp][g][r] = acc[tile][0];
-    partial[warp][g][r + 1] = acc[tile][1];
-    partial[warp][g + 8][r] = acc[tile][2];
-    partial[warp][g + 8][r + 1] = acc[tile][3];
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+      const int r = tile * 8 + 2 * t, f = 16 * m + g;
+      partial[warp][f][r] = acc[m][tile][0];
+      partial[warp][f][r + 1] = acc[m][tile][1];
+      partial[warp][f + 8][r] = acc[m][tile][2];
+      partial[warp][f + 8][r + 1] = acc[m][tile][3];
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kFeatures * rows; i += blockDim.x) {
-    const int f = i % kFeatures, r = i / kFeatures, feature = feature0 + f;
+  for (int i = threadIdx.x; i < kBlockFeatures * rows; i += blockDim.x) {
+    const int f = i % kBlockFeatures, r = i / kBlockFeatures, feature = feature0 + f;
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += partial[w][f][r];
@@ -155,12 +167,14 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // x [rows, width], weight [features, width], bias [features] (optional), all contiguous fp16 or
 // all bf16 on one device; rows 1..64, width a multiple of 32, features a multiple of 16.
+// block_features: output features per block, 16 or 32 (32: features a multiple of 32, rows up to 32).
 // activation: 0 none, 1 exact GELU, 2 SiLU. Without `out`: returns act(x·Wᵀ + b) [rows, features];
 // with `out` [rows, features] (contiguous, same dtype): out += act(x·Wᵀ + b) in place, returns out.
 // The kernel reads `weight` before the kernel launched just before it has finished: the weights
 // must not be written by that kernel (they never are inside a sampling loop).
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps) {
+                         int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps,
+                         int64_t block_features) {
   unclip_rt::check_half_matrix(x, "skinny_linear", "x");
   unclip_rt::check_half_matrix(weight, "skinny_linear", "weight");
   const int64_t rows = x.size(0), width = x.size(1), features = weight.size(0);
@@ -190,7 +204,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = static_cast<int>((rows + 7) / 8);
   TORCH_CHECK(warps == 4 || warps == 8, "skinny_linear: warps must be 4 or 8");
-  const dim3 grid(static_cast<unsigned>(features / kFeatures)), block(static_cast<unsigned>(warps * 32));
+  TORCH_CHECK(block_features == 16 || (block_features == 32 && features % 32 == 0 && rows <= 32),
+              "skinny_linear: block_features must be 16, or 32 with features a multiple of 32 and at most 32 rows");
+  const dim3 grid(static_cast<unsigned>(features / block_features)), block(static_cast<unsigned>(warps * 32));
   const auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* b = bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
@@ -203,12 +219,21 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
     };
     const auto by_tiles = [&](auto chunk, auto warp_count) {  // packs per lane and row per step; warps
       constexpr int C = decltype(chunk)::value, W = decltype(warp_count)::value;
+      if (block_features == 32) {  // at most 4 tiles (32 rows): 8 warps' partial sums fill 32 KB
+        switch (tiles) {
+          case 1: run(skinny_linear_kernel<T, 1, C, W, 2>); break;
+          case 2: run(skinny_linear_kernel<T, 2, C, W, 2>); break;
+          case 3: run(skinny_linear_kernel<T, 3, C, W, 2>); break;
+          default: run(skinny_linear_kernel<T, 4, C, W, 2>); break;
+        }
+        return;
+      }
       switch (tiles) {
-        case 1: run(skinny_linear_kernel<T, 1, C, W>); break;
-        case 2: run(skinny_linear_kernel<T, 2, C, W>); break;
-        case 3: run(skinny_linear_kernel<T, 3, C, W>); break;
-        case 4: run(skinny_linear_kernel<T, 4, C, W>); break;
-        default: run(skinny_linear_kernel<T, kMaxTiles, C, W>); break;
+        case 1: run(skinny_linear_kernel<T, 1, C, W, 1>); break;
+        case 2: run(skinny_linear_kernel<T, 2, C, W, 1>); break;
+        case 3: run(skinny_linear_kernel<T, 3, C, W, 1>); break;
+        case 4: run(skinny_linear_kernel<T, 4, C, W, 1>); break;
+        default: run(skinny_linear_kernel<T, kMaxTiles, C, W, 1>); break;
       }
     };
     const auto by_warps = [&](auto chunk) {

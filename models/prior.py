@@ -34,19 +34,24 @@ from models.layers import (
 SKINNY_GELU = 1  # cpp_ext.skinny_linear's activation code for exact GELU
 
 
-def skinny_fits(rows: int, width: int) -> bool:
-    """Whether the prior's linear layers over `rows` input rows of `width` run `cpp_ext.skinny_linear`:
-    where it takes them (width a multiple of 32) and was measured faster than cuBLAS on an H100
-    (up to 8 rows, one tile of the tensor-core step: 6 rows 11.1 vs 13.0 us for 2048 → 6144; at
-    24 rows cuBLAS won, 13.3 vs 15.0)."""
-    return 1 <= rows <= 8 and width % 32 == 0
+def skinny_block(rows: int, width: int, features: int) -> int | None:
+    """The output features per block with which a linear layer of the prior (`rows` input rows of
+    `width`, `features` outputs) runs `cpp_ext.skinny_linear`, or None for cuBLAS: 16-feature
+    blocks up to 8 rows (one tile of the tensor-core step), measured faster than cuBLAS on an H100
+    (6 rows: 10.9 vs 12.9 us for 2048 → 6144). 32-feature blocks won every layer alone at 6 rows
+    (10.2 us there; `benchmarks/prior_linears.py`) yet lost in the step's chain of kernels (batch 2
+    step, CUDA graph: 1.42 vs 1.19 ms), so the prior keeps 16. At 24 rows (four images) cuBLAS won
+    or tied on the layers alone."""
+    if rows < 1 or rows > 8 or width % 32:
+        return None
+    return 16
 
 
-def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear, skinny: bool) -> torch.Tensor | None:
-    """rows += linear(x) in place: by `skinny_linear` with the bias (returns None), or by cuBLAS
-    without it (returns the bias, still to be added)."""
-    if skinny:
-        cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, out=rows)
+def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear, block: int | None) -> torch.Tensor | None:
+    """rows += linear(x) in place: by `skinny_linear` with the bias and `block` output features per
+    block (returns None), or by cuBLAS (block None) without it (returns the bias, still to be added)."""
+    if block is not None:
+        cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, out=rows, block_features=block)
         return None
     rows.addmm_(x, linear.weight.t())
     return linear.bias
@@ -243,20 +248,26 @@ class Prior(nn.Module):
         rows = x.reshape(b * t, w).contiguous()
         keep = text_mask.bool().contiguous()
         kernels = cpp_ext.kernels
-        narrow, wide = skinny_fits(b * t, w), skinny_fits(b * t, 4 * w)
+        n, first = b * t, self.transformer.resblocks[0]
+        qkv_block, proj_block = skinny_block(n, w, first.attn.c_qkv.out_features), skinny_block(n, w, w)
+        fc_block, out_block = skinny_block(n, w, first.mlp.c_fc.out_features), skinny_block(n, 4 * w, w)
         pending = None  # the bias of the last projection into `rows`, not yet added
         for i, block in enumerate(self.transformer.resblocks):
             attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
             h = kernels.residual_layer_norm(rows, pending, ln_1.weight, ln_1.bias, ln_1.eps)
-            qkv = kernels.skinny_linear(h, attn.c_qkv.weight, attn.c_qkv.bias) if narrow else attn.c_qkv(h)
+            if qkv_block is not None:
+                qkv = kernels.skinny_linear(h, attn.c_qkv.weight, attn.c_qkv.bias, block_features=qkv_block)
+            else:
+                qkv = attn.c_qkv(h)
             mixed = kernels.prior_step_attention(qkv, context_kv[:, i], keep, attn.heads)
-            pending = _project_into(rows, mixed, attn.c_proj, narrow)
+            pending = _project_into(rows, mixed, attn.c_proj, proj_block)
             h = kernels.residual_layer_norm(rows, pending, ln_2.weight, ln_2.bias, ln_2.eps)
-            if narrow:
-                hidden = kernels.skinny_linear(h, mlp.c_fc.weight, mlp.c_fc.bias, activation=SKINNY_GELU)
+            if fc_block is not None:
+                hidden = kernels.skinny_linear(h, mlp.c_fc.weight, mlp.c_fc.bias, activation=SKINNY_GELU,
+                                               block_features=fc_block)
             else:
                 hidden = F.gelu(mlp.c_fc(h))
-            pending = _project_into(rows, hidden, mlp.c_proj, wide)
+            pending = _project_into(rows, hidden, mlp.c_proj, out_block)
         if pending is not None:
             rows.add_(pending)
         return rows.view(b, t, w)

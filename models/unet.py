@@ -36,13 +36,34 @@ from models.layers import (
 class SkipConcat(NamedTuple):
     """An output block's input: the running activations and the input blocks' skip, concatenated
     along channels — by the block's first norm where `cpp_ext.group_norm_concat` serves it (its
-    statistics pass writes the concatenation), else by `torch.cat`."""
+    statistics pass writes the concatenation), else by `torch.cat`. `h_bias` and `h_bias2`, where
+    given, are per-channel biases still to be added to `h` (see `DeferredBias`)."""
 
     h: torch.Tensor
     skip: torch.Tensor
+    h_bias: torch.Tensor | None = None
+    h_bias2: torch.Tensor | None = None
 
     def tensor(self) -> torch.Tensor:
-        return torch.cat([self.h, self.skip], dim=1)
+        h = self.h
+        if self.h_bias is not None:
+            total = self.h_bias.float() + (self.h_bias2.float() if self.h_bias2 is not None else 0.0)
+            h = (h.float() + total.view(1, -1, *([1] * (h.dim() - 2)))).to(h.dtype)
+        return torch.cat([h, self.skip], dim=1)
+
+
+class DeferredBias(NamedTuple):
+    """An output block's result without its last two biases: `h + bias + bias2` is the block's
+    output. The block's residual join accumulated the skip convolution straight into its last
+    convolution's output (one GEMM, beta = 1) instead of a join pass adding both and the biases;
+    the next output block's concatenation adds the biases as it copies `h` (`SkipConcat`)."""
+
+    h: torch.Tensor
+    bias: torch.Tensor
+    bias2: torch.Tensor
+
+    def concat(self, skip: torch.Tensor) -> SkipConcat:
+        return SkipConcat(self.h, skip, self.bias, self.bias2)
 
 
 class ResBlock(nn.Module):
@@ -86,12 +107,16 @@ class ResBlock(nn.Module):
             return emb.of(self.emb_layers[1])
         return self.emb_layers[1](emb)
 
-    def forward(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor | EmbeddingProjections) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor | EmbeddingProjections,
+                defer_bias: bool = False) -> torch.Tensor | DeferredBias:
         """`emb`: the time embedding after SiLU (the UNet applies `emb_layers[0]` once for all
-        blocks), or every block's projection of it (`UNet._embedding_projections`)."""
+        blocks), or every block's projection of it (`UNet._embedding_projections`).
+
+        :param defer_bias: the caller passes the result on as the next output block's `SkipConcat`;
+            an output block on the fused path then returns a `DeferredBias`."""
         if isinstance(x, SkipConcat):
             if self._concat_in_norm(x):
-                return self._forward_fused(x, emb)
+                return self._forward_fused(x, emb, defer_bias)
             x = x.tensor()
         if fused_kernels_available(x, self.in_layers[0].weight):
             return self._forward_fused(x, emb)
@@ -112,19 +137,22 @@ class ResBlock(nn.Module):
                 and _layout(x.h) == _layout(x.skip) == "nhwc" and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0
                 and not (self.up or self.down) and hasattr(cpp_ext.kernels, "group_norm_concat"))
 
-    def _forward_fused(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor,
+                       defer_bias: bool = False) -> torch.Tensor | DeferredBias:
         """`forward` with `cpp_ext`'s kernels (CUDA, half precision): the convolutions run without
         their biases (torch adds a convolution's bias in a pass of its own); the first one's is
         added inside the second norm, the last one's (and the skip convolution's) in the residual
         join; an up (down) block's norm writes its output upsampled (pooled) and its residual join
         reads x resized the same way (no resized copies). The same function, three to five passes over the
-        activations fewer per block."""
+        activations fewer per block. With `defer_bias` (an output block whose result goes on to the
+        next one's concatenation) the skip convolution accumulates into the last convolution's
+        output as one GEMM and the biases are left to that concatenation: no join pass."""
         conv_in, norm_out, conv_out = self.in_layers[2], self.out_layers[0], self.out_layers[3]
         identity_skip = not isinstance(self.skip_connection, nn.Conv2d)
         if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
             norm_in = self.in_layers[0]
             normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
-                                                          norm_in.bias, norm_in.eps, norm_in.silu)
+                                                          norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
             h = F.conv2d(normed, conv_in.weight, None, padding=1)
         elif (self.up or self.down) and identity_skip:
             # the norm writes its output resized and the residual join reads x resized: neither
@@ -142,6 +170,11 @@ class ResBlock(nn.Module):
         h = F.conv2d(h, conv_out.weight, None, padding=1)
         if identity_skip:
             return bias_residual(h, x, conv_out.bias)
+        if defer_bias and _layout(h) == _layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]:
+            # channels-last maps are [pixels, channels] matrices: h += x · W_skipᵀ
+            rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+            rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), self.skip_connection.weight.flatten(1).t())
+            return DeferredBias(h, conv_out.bias, self.skip_connection.bias)
         skip = F.conv2d(x, self.skip_connection.weight, None)
         return bias_residual(h, skip, conv_out.bias, self.skip_connection.bias)
 
@@ -311,12 +344,13 @@ class ContextBias:
 class TimestepSequential(nn.Sequential):
     """Runs its layers, giving each the inputs it takes (keys read `blocks.N.M`)."""
 
-    def forward(self, x, emb, context=None, context_bias=None, context_kv=None):  # noqa: D102
-        for layer in self:
+    def forward(self, x, emb, context=None, context_bias=None, context_kv=None, defer_bias=False):  # noqa: D102
+        last = len(self) - 1
+        for i, layer in enumerate(self):
             if isinstance(x, SkipConcat) and not isinstance(layer, ResBlock):
                 x = x.tensor()
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, defer_bias and i == last)  # only the last layer's result leaves the block
             elif isinstance(layer, AttentionBlock):
                 x = layer(x, context, context_bias, context_kv)
             else:
@@ -435,8 +469,11 @@ class UNet(nn.Module):
             h = block(h, emb, context, context_bias, context_kv)
             hs.append(h)
         h = self.middle_block(h, emb, context, context_bias, context_kv)
-        for block in self.output_blocks:
-            h = block(SkipConcat(h, hs.pop()), emb, context, context_bias, context_kv)
+        last = len(self.output_blocks) - 1
+        for i, block in enumerate(self.output_blocks):
+            skip = hs.pop()
+            x_in = h.concat(skip) if isinstance(h, DeferredBias) else SkipConcat(h, skip)
+            h = block(x_in, emb, context, context_bias, context_kv, defer_bias=i < last)
         return self.out(h)
 
     def _embedding_projections(self, emb: torch.Tensor) -> EmbeddingProjections | None:

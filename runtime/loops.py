@@ -18,6 +18,7 @@ The non-finite check runs on the device and is read once, after the loop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -94,14 +95,20 @@ class SamplingNoise:
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking,
-    so the host does not wait for the GPU's queue (a pageable copy would sync the stream)."""
+    so the host does not wait for the GPU's queue (a pageable copy would sync the stream). The
+    pinned buffer comes straight from torch's caching host allocator: `Tensor.pin_memory()` first
+    asks the driver whether `t` is pinned already, which a profile of one call showed taking 1.5 ms
+    before the GPU had any work."""
     device = torch.device(device)
     if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return pinned.to(device, non_blocking=True)
     return t.to(device)
 
 
-PRIOR_HEAD_STEPS = 3  # prior steps in the first of its two graphs (see sample_prior)
+# The prior steps at which a new CUDA graph of its loop begins (see sample_prior): graphs of
+# steps [0, 3) with the context, [3, 8), [8, 15) and [15, n).
+PRIOR_GRAPH_SPLITS = (3, 8, 15)
 
 
 class NumericalError(FloatingPointError):
@@ -214,27 +221,27 @@ def sample_prior(
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x, x_in, first_bad
 
-    # Two graphs on CUDA: the context and the first steps, then the rest. Launching a graph costs
-    # the host about a microsecond per kernel before the GPU starts it, and the prior's loop is
-    # the first large graph of a call (about 6,000 kernels at Karlo's size: 6 ms with the GPU
-    # idle); the second launch now runs while the GPU works through the first.
-    head = min(n, PRIOR_HEAD_STEPS) if graphs is not None else n
+    # Graphs of growing length on CUDA: the context and the first steps, then the rest in three.
+    # Launching a graph costs the host about a microsecond per kernel (two on a slow host) before
+    # the GPU starts it, and the prior's loop is the first large graph of a call: ~150-250 kernels
+    # per step at Karlo's size (1.3-1.5 ms of GPU). As one graph after the head, its launch (5,300
+    # kernels at four images) outlasted the head's GPU work and left the GPU idle 4 ms (H100
+    # profile); each launch here is covered by the GPU work of the graphs launched before it.
+    bounds = [0, *(s for s in PRIOR_GRAPH_SPLITS if s < n), n] if graphs is not None else [0, n]
 
     def first(embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):
         (context_kv,) = prior_context(embed, tokens, mask)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
-        state = step_range(0, head, init, network_input(init, spec.copies, net), first_bad, context_kv, mask,
+        state = step_range(0, bounds[1], init, network_input(init, spec.copies, net), first_bad, context_kv, mask,
                            steps_noise, coefs, timesteps, scale)
         return (*state, context_kv)
 
-    def rest(x, x_in, first_bad, context_kv, mask, steps_noise, coefs, timesteps, scale):
-        return step_range(head, n, x, x_in, first_bad, context_kv, mask, steps_noise, coefs, timesteps, scale)
-
     loop_args = _loop_tensors(table, noise, guidance_scale, work, cond.embed.device)
-    x, x_in, first_bad, context_kv = _run(graphs, ("prior", spec, head), first, (cond.embed, cond.tokens, cond.mask,
-                                                                                 *loop_args))
-    if head < n:
-        x, x_in, first_bad = _run(graphs, ("prior_rest", spec, head), rest,
+    x, x_in, first_bad, context_kv = _run(graphs, ("prior", spec, bounds[1]), first,
+                                          (cond.embed, cond.tokens, cond.mask, *loop_args))
+    for start, stop in zip(bounds[1:-1], bounds[2:], strict=True):
+        rest = functools.partial(step_range, start, stop)
+        x, x_in, first_bad = _run(graphs, ("prior_rest", spec, start, stop), rest,
                                   (x, x_in, first_bad, context_kv, cond.mask, *loop_args[1:]))
     x = constants.unnormalize(x)
     check_finite(first_bad, "prior", n, pending)

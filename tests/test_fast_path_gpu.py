@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import cpp_ext
-from models.configs import DiffusionConfig
+from models.configs import DiffusionConfig, UNetConfig
 from runtime import UnCLIP
 from runtime.sampling import make_step_table
 from runtime.update import UpdateSpec, guided_update, implementation, packed_coefficients
@@ -82,7 +82,7 @@ def test_fused_kernel_records_the_first_non_finite_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_graph_replay_gives_the_eager_images(ours, dtype):
-    steps = {"prior_steps": 5, "decoder_steps": 4, "super_res_steps": 3}
+    steps = {"prior_steps": 10, "decoder_steps": 4, "super_res_steps": 3}
     eager = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False, cuda_graphs=False)
     graphed = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False)
     assert eager.graphs is None and graphed.graphs is not None
@@ -92,9 +92,9 @@ def test_cuda_graph_replay_gives_the_eager_images(ours, dtype):
         want, got = eager.generate(prompt, **kw), graphed.generate(prompt, **kw)
         assert torch.allclose(got.images, want.images, atol=1e-6), prompt
         assert torch.allclose(got.image_embeds, want.image_embeds, atol=1e-6)
-    # the prior (two graphs: its first steps, then the rest), decoder and super-res at batch 1 and
-    # at batch 4, and the text encoder at 1 and 2 prompts
-    assert len(graphed.graphs) == 10
+    # the prior (10 steps: graphs of steps [0, 3) with the context, [3, 8) and [8, 10)), decoder
+    # and super-res at batch 1 and at batch 4, and the text encoder at 1 and 2 prompts
+    assert len(graphed.graphs) == 12
 
 
 def test_fp16_default_model_matches_fp32_on_the_same_noise():
@@ -293,18 +293,23 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("batch,wide_skinny", [(1, True), (2, True), (2, False), (22, True)])
-def test_fused_prior_step_matches_the_torch_step(ours, batch, wide_skinny, monkeypatch):
+@pytest.mark.parametrize(
+    "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all")]
+)
+def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
     ops give, in fp16 against the fp32 step, with captions of different lengths; batch 22 (66
-    rows) runs cuBLAS's GEMMs, the others `skinny_linear` — without `wide_skinny` only for the
-    layers of the model's width (the MLP's output projection on cuBLAS, as Karlo's at batch 8)."""
+    rows) runs cuBLAS's GEMMs, the others `skinny_linear` — "narrow" only for the layers of the
+    model's width (the MLP's output projection on cuBLAS), "wide_blocks" at 6 and 24 rows with
+    32-feature blocks wherever the layer's features allow (the rest on cuBLAS)."""
     import models.layers as layers
     import models.prior as prior_module
 
-    if not wide_skinny:
-        width = ours.cfg.prior.width
-        monkeypatch.setattr(prior_module, "skinny_fits", lambda rows, w: w <= width)
+    if variant == "narrow":
+        width, real = ours.cfg.prior.width, prior_module.skinny_block
+        monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: real(rows, w, f) if w <= width else None)
+    if variant == "wide_blocks":
+        monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: 32 if (f % 32, w % 32) == (0, 0) else None)
 
     model = copy.deepcopy(ours.prior).cuda()
     half = copy.deepcopy(model).half()
@@ -380,6 +385,35 @@ def test_skinny_linear_with_four_warps_matches_eight(rows, width, features):
     four = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 4)
     assert _rel(four, ref) <= 2e-3
     assert _rel(four, cpp_ext.kernels.skinny_linear(x, weight, bias, 1)) <= 2e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,width,features", [(1, 64, 32), (6, 2048, 96), (13, 160, 64), (24, 2048, 6144),
+                                                  (24, 8192, 2048), (32, 4096, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("warps", [4, 8])
+def test_skinny_linear_with_32_feature_blocks_matches_float64(rows, width, features, dtype, warps):
+    """32 output features per block (two weight tiles per loaded input pack): GELU(x·Wᵀ + b) and
+    out += x·Wᵀ + b against float64 torch, repeatable; refused beyond 32 rows or for a feature
+    count that is not a multiple of 32."""
+    g = torch.Generator().manual_seed(rows * 7 + width)
+    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
+    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
+    bias = torch.randn(features, generator=g).to(dtype).cuda()
+    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    got = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, warps, 32)
+    ref = F.gelu(x.double() @ weight.double().t() + bias.double())
+    assert _rel(got, ref) <= tol, _rel(got, ref)
+    assert torch.equal(got, cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, warps, 32))
+    ref_acc = out.double() + x.double() @ weight.double().t() + bias.double()
+    acc = cpp_ext.kernels.skinny_linear(x, weight, bias, 0, out, warps, 32)
+    assert acc.data_ptr() == out.data_ptr() and _rel(acc, ref_acc) <= tol
+    with pytest.raises(RuntimeError, match="block_features"):
+        cpp_ext.kernels.skinny_linear(torch.zeros(33, width, dtype=dtype, device="cuda"), weight, bias, 0, None, warps,
+                                      32)
+    with pytest.raises(RuntimeError, match="block_features"):
+        cpp_ext.kernels.skinny_linear(x, weight[:16], bias[:16], 0, None, warps, 32)
 
 
 @needs_kernel
@@ -463,6 +497,84 @@ def test_group_norm_concat_matches_torch(shape, dtype, silu):
     assert _rel(y, ref) <= tol, _rel(y, ref)
     again, _ = cpp_ext.kernels.group_norm_concat(h, skip, 32, weight, bias, 1e-5, silu)
     assert torch.equal(y, again)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 320, 320, 32, 32), (1, 640, 320, 64, 64), (2, 640, 640, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("two_biases", [False, True])
+def test_group_norm_concat_adds_the_deferred_biases_to_the_first_part(shape, dtype, two_biases):
+    """An output block that left its biases to the next one's concatenation: the concatenation
+    holds h + bias (+ bias2), summed in float32 and rounded once (exact against that), in the
+    fused pass (three-pass shapes) and in torch's (one-pass shapes); its norm against float32."""
+    b, c1, c2, hgt, wid = shape
+    g = torch.Generator().manual_seed(c2 + wid)
+    h = (torch.randn(b, c1, hgt, wid, generator=g) * 2 + 1).to(dtype).cuda().to(memory_format=torch.channels_last)
+    skip = torch.randn(b, c2, hgt, wid, generator=g).to(dtype).cuda().to(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(c1 + c2, generator=g).to(dtype).cuda() for _ in range(2))
+    h_bias = (torch.randn(c1, generator=g) * 3).to(dtype).cuda()
+    h_bias2 = torch.randn(c1, generator=g).to(dtype).cuda() if two_biases else None
+    y, cat = cpp_ext.kernels.group_norm_concat(h, skip, 32, weight, bias, 1e-5, True, h_bias, h_bias2)
+    total = h_bias.float() + (h_bias2.float() if two_biases else 0.0)
+    want_h = (h.float() + total.view(1, -1, 1, 1)).to(dtype)
+    assert torch.equal(cat, torch.cat([want_h, skip], dim=1))
+    from models.unet import SkipConcat
+    assert torch.equal(SkipConcat(h, skip, h_bias, h_bias2).tensor(), cat)  # the torch fallback agrees
+    ref = F.silu(F.group_norm(cat.float(), 32, weight.float(), bias.float(), 1e-5))
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert _rel(y, ref) <= tol, _rel(y, ref)
+    with pytest.raises(RuntimeError, match="first_bias"):
+        cpp_ext.kernels.group_norm_concat(h, skip, 32, weight, bias, 1e-5, True, h_bias[:-8], None)
+
+
+@needs_kernel
+def test_output_blocks_defer_their_biases_to_the_next_concatenation():
+    """A UNet on the fused path: each output block whose result goes straight into the next one's
+    concatenation hands a `DeferredBias` on (its skip convolution accumulated into the last
+    convolution's output by one GEMM); the forward is repeatable and matches the one whose blocks
+    join their residuals themselves (≤ 4e-3) and float32 (≤ 1e-2, as the stages' fp16 forwards)."""
+    from models import unet as unet_module
+
+    cfg = UNetConfig(image_size=64, in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2),
+                     num_res_blocks=2)
+    torch.manual_seed(0)
+    net = unet_module.UNet(cfg).cuda().eval()
+    for name, p in net.named_parameters():  # zero-initialised layers and biases would hide the joins
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+        elif p.dim() > 1:  # convolutions and linears; the norms keep weight 1
+            torch.nn.init.normal_(p, std=0.03)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    t = torch.tensor([10, 900], device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    real_fused, real_sequential = unet_module.ResBlock._forward_fused, unet_module.TimestepSequential.forward
+    seen = []
+
+    def spy(self, *args, **kwargs):
+        out = real_fused(self, *args, **kwargs)
+        seen.append(isinstance(out, unet_module.DeferredBias))
+        return out
+
+    try:
+        with torch.no_grad():
+            ref = net(x, t).float()
+            half = net.half().to(memory_format=torch.channels_last)
+            xh = x.half().to(memory_format=torch.channels_last)
+            unet_module.ResBlock._forward_fused = spy
+            deferred = half(xh, t)
+            unet_module.ResBlock._forward_fused = real_fused
+            again = half(xh, t)
+            unet_module.TimestepSequential.forward = (
+                lambda self, *a, defer_bias=False, **k: real_sequential(self, *a, **k))
+            plain = half(xh, t)
+    finally:
+        unet_module.ResBlock._forward_fused, unet_module.TimestepSequential.forward = real_fused, real_sequential
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert sum(seen) == sum(len(block) == 1 for block in net.output_blocks[:-1]) >= 3
+    assert torch.equal(deferred, again)
+    assert _rel(deferred.float(), ref) <= 1e-2 and _rel(plain.float(), ref) <= 1e-2
+    assert _rel(deferred.float(), plain.float()) <= 4e-3
 
 
 @needs_kernel

@@ -104,3 +104,22 @@ def test_karlo_sized_stages_match_diffusers(no_tf32):
         xl, low = torch.randn(1, 3, 256, 256, generator=g).to(dev), torch.randn(1, 3, 256, 256, generator=g).to(dev)
         want = ref_sr(sample=torch.cat([xl, low], 1), timestep=ts[:1]).sample
         assert max_rel_err(sr(xl, ts[:1], low, last=False), want) <= 1e-4
+
+
+def test_outputs_copied_from_the_gpu_equal_the_cpu_conversion_and_stay_put():
+    """`to_output` copies through page-locked memory that torch reuses once a result is dropped:
+    each type equals the CPU conversion of the same images, and a result the caller still holds is
+    not overwritten by the next call."""
+    from runtime.pipeline import to_output
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 24, generator=g) * 2.4 - 1.2  # some outside [-1, 1]: the clamp matters
+    first = to_output(images.cuda(), "np")
+    assert first.dtype == np.float32 and np.array_equal(first, to_output(images, "np"))
+    kept = first.copy()
+    for _ in range(3):
+        to_output(-images.cuda(), "np")
+    assert np.array_equal(first, kept)
+    assert torch.equal(to_output(images.cuda(), "pt"), to_output(images, "pt"))
+    for ours, cpu in zip(to_output(images.cuda(), "pil"), to_output(images, "pil"), strict=True):
+        assert np.array_equal(np.asarray(ours), np.asarray(cpu)) and ours.size == (24, 16)

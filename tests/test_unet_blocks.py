@@ -1,0 +1,43 @@
+"""The UNet's output-block plumbing on the torch path (CPU): the skip concatenation with biases
+left to it by the block before, and `defer_bias` ignored where the fused kernels do not run."""
+
+from __future__ import annotations
+
+import torch
+
+from models.configs import UNetConfig
+from models.unet import DeferredBias, ResBlock, SkipConcat, UNet
+
+
+def test_skip_concat_adds_deferred_biases_to_the_first_part_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    h, skip = torch.randn(2, 8, 4, 4, generator=g).half(), torch.randn(2, 16, 4, 4, generator=g).half()
+    b1, b2 = torch.randn(8, generator=g).half(), torch.randn(8, generator=g).half()
+    cat = DeferredBias(h, b1, b2).concat(skip).tensor()
+    want = (h.float() + (b1.float() + b2.float()).view(1, -1, 1, 1)).half()
+    assert torch.equal(cat[:, :8], want) and torch.equal(cat[:, 8:], skip)
+    assert torch.equal(SkipConcat(h, skip).tensor(), torch.cat([h, skip], dim=1))
+    assert torch.equal(SkipConcat(h, skip, b1).tensor()[:, :8], (h.float() + b1.float().view(1, -1, 1, 1)).half())
+
+
+def test_defer_bias_is_ignored_on_the_torch_path():
+    torch.manual_seed(0)
+    block = ResBlock(96, 32, 64).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h, skip, emb = torch.randn(2, 64, 6, 6), torch.randn(2, 32, 6, 6), torch.randn(2, 32)
+    with torch.no_grad():
+        deferred = block(SkipConcat(h, skip), emb, defer_bias=True)
+        plain = block(torch.cat([h, skip], dim=1), emb)
+    assert isinstance(deferred, torch.Tensor) and torch.equal(deferred, plain)
+
+
+def test_unet_forward_runs_its_output_blocks_with_defer_bias_on_cpu():
+    cfg = UNetConfig(image_size=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2),
+                     num_res_blocks=1)
+    torch.manual_seed(0)
+    net = UNet(cfg).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        out = net(x, t)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
