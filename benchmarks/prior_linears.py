@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
 
 # (width in, features out, activation, accumulate into the residual stream): Karlo's prior layer
 SHAPES = [(2048, 6144, 0, False), (2048, 2048, 0, True), (2048, 8192, 1, False), (8192, 2048, 0, True)]
@@ -85,9 +86,7 @@ def main() -> None:
     print("us per call (TB/s of weights)")
     if args.out:
         payload = {"gpu": torch.cuda.get_device_name(), "overlapped": overlapped, "shapes": table}
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(args.out)
+        atomic_write(args.out, lambda path: path.write_text(json.dumps(payload, indent=1)))
 
 
 if __name__ == "__main__":

@@ -680,8 +680,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && one_pass_by_size(cg, s.hw)))) {
     const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
     if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
-        s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-        reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0) {
+        s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && unclip_rt::aligned16(x) && unclip_rt::aligned16(y)) {
       unclip_rt::launch_overlapped(one_pass_nhwc<T>, dim3(static_cast<unsigned>(s.batch * groups)), dim3(kOnePassThreads), 0, stream, 
           reinterpret_cast<const T*>(x.data_ptr()), add_ptr, reinterpret_cast<const T*>(weight.data_ptr()),
           reinterpret_cast<const T*>(bias.data_ptr()), film, reinterpret_cast<T*>(y.data_ptr()), s,
@@ -722,7 +721,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   // with `concat`, pass 1 reads its two sources (pass1_x, concat.second) and writes x: the wide pass
   const bool wide = concat.second != nullptr ||
                     (nhwc && cg % 8 != 0 && wide_geometry_fits(cg, s.channels, groups) &&
-                     reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && elem == 2);
+                     unclip_rt::aligned16(x) && elem == 2);
   if (wide) {
     const int lanes = static_cast<int>(s.channels / 8), rows = std::max(1, kThreads / lanes);
     unclip_rt::launch_overlapped(partial_nhwc_wide<T>, dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
@@ -833,7 +832,7 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
                                           const c10::optional<at::Tensor>& first_bias2) {
   const auto nhwc_half = [](const at::Tensor& t) {
     return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-           (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) && unclip_rt::aligned16(t);
+           unclip_rt::is_half_like(t) && unclip_rt::aligned16(t);
   };
   TORCH_CHECK(nhwc_half(first) && nhwc_half(second) && first.scalar_type() == second.scalar_type() &&
                   first.device() == second.device(),
