@@ -10,7 +10,10 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                       const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down);
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
+                      const c10::optional<at::Tensor>& partial);
+
+bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
 
 std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
                                           const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
@@ -19,6 +22,9 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
 
 void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
                     const c10::optional<at::Tensor>& bias2);
+
+std::vector<at::Tensor> bias_residual_stats(const at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
+                                            const c10::optional<at::Tensor>& bias2, int64_t groups);
 
 at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, const at::Tensor& keep,
                                 int64_t heads);
@@ -40,7 +46,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm", &group_norm, "group norm (+ add before, + scale/shift, + SiLU) for NCHW or NHWC, float32 statistics",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
         py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false,
-        py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false, py::arg("down") = false);
+        py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false, py::arg("down") = false,
+        py::arg("partial") = py::none());
+  m.def("group_norm_takes_three_passes", &group_norm_takes_three_passes,
+        "whether group_norm (auto mode) runs a channels-last half-precision map of this size in three passes over "
+        "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",
+        py::arg("channels"), py::arg("groups"), py::arg("hw"));
   m.def("group_norm_concat", &group_norm_concat,
         "[group norm (+ SiLU) of cat(first, second, dim=1), that concatenation], channels_last half precision; the "
         "norm's statistics pass writes the concatenation (first_bias, first_bias2: [C1] added to first's channels)",
@@ -49,6 +60,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("first_bias2") = py::none());
   m.def("bias_residual_", &bias_residual_, "h += skip + bias (+ bias2), in place, NCHW or NHWC", py::arg("h"),
         py::arg("skip"), py::arg("bias"), py::arg("bias2") = py::none());
+  m.def("bias_residual_stats", &bias_residual_stats,
+        "[h + skip + bias (+ bias2), its group norm statistics pass (group_norm's partial)], channels_last half "
+        "precision, out of place",
+        py::arg("h"), py::arg("skip"), py::arg("bias"), py::arg("bias2") = py::none(), py::arg("groups") = 32);
   m.def("prior_step_attention", &prior_step_attention,
         "the prior step tokens' attention over cached caption keys and their own keys", py::arg("qkv"),
         py::arg("past"), py::arg("keep"), py::arg("heads"));

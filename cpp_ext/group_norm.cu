@@ -26,12 +26,14 @@
 #include "elementwise.cuh"
 #include "half_tensors.h"
 #include "pdl.cuh"
+#include "wide_stats.cuh"
 
 namespace {
 
 using unclip_rt::from_float;
 using unclip_rt::Pack;
 using unclip_rt::to_float;
+using unclip_rt::wide_geometry_fits;
 
 constexpr int kThreads = 256;
 // Groups of at most this many elements take the one-launch kernel (auto mode).
@@ -40,12 +42,6 @@ constexpr int64_t kOnePassMaxElements = 16384;  // tuned on an H100: one launch 
 
 // Whether groups of `cg` channels over `hw` pixels take the one-launch kernel in auto mode.
 inline bool one_pass_by_size(int64_t cg, int64_t hw) { return cg * hw <= kOnePassMaxElements; }
-
-// Whether partial_nhwc_wide's geometry serves `channels` in `groups`: one lane per 8 channels (at
-// most 1024 lanes, at least one per group), a lane's 8 channels spanning at most two groups.
-inline bool wide_geometry_fits(int64_t cg, int64_t channels, int64_t groups) {
-  return cg >= 8 && channels % 8 == 0 && channels / 8 >= groups && channels / 8 <= 1024;
-}
 
 struct Shape {
   int64_t batch, channels, hw;  // x is [batch, channels, hw] (NCHW) or [batch, hw, channels] (NHWC)
@@ -240,73 +236,34 @@ struct Concat {
 // group), or when it also concatenates (Concat): partial_nhwc's lanes would load 4 bytes each.
 // Here every lane loads 16 bytes (8 channels) of a pixel, which span at most two groups (channels
 // per group >= 8), keeps one shifted sum per group, and the block folds them per group in a fixed
-// order. grid (chunks, batch); block (channels / 8 lanes, rows).
+// order (wide_stats.cuh, which the residual join's statistics share). grid (chunks, batch); block
+// (channels / 8 lanes, rows).
 template <typename T>
 __global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s,
                                   Concat<T> concat) {
   unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
   unclip_rt::allow_dependents();
   extern __shared__ float2 sums[];  // [rows][lanes][2]: the lane's first group, then its second
-  const int lanes = blockDim.x, rows = blockDim.y;
-  const int lane = threadIdx.x, r = threadIdx.y;
+  const int rows = blockDim.y, r = threadIdx.y;
   const int64_t b = blockIdx.y;
   const int cg = static_cast<int>(s.channels / s.groups);
-  const int c0 = lane * 8, g_lo = c0 / cg, g_hi = (c0 + 7) / cg;
+  const int c0 = threadIdx.x * 8, g_lo = c0 / cg, g_hi = (c0 + 7) / cg;
   const auto first_of = [&](int g) {  // pixel 0's value of group g's first channel, as finalize reads it
     const int c = g * cg;
     return to_float(concat.load(x, b, 0, c / 8 * 8, s).v[c % 8]) + add.at(b, c);
   };
-  const float pivot_lo = first_of(g_lo), pivot_hi = first_of(g_hi);
-  float shift[8];
-  bool second[8];
+  float added[8];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    second[k] = (c0 + k) / cg != g_lo;
-    shift[k] = add.at(b, c0 + k) - (second[k] ? pivot_hi : pivot_lo);
-  }
+  for (int k = 0; k < 8; ++k) added[k] = add.at(b, c0 + k);
+  unclip_rt::WideSums acc(c0, cg, first_of(g_lo), first_of(g_hi), added);
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(s.hw, begin + s.chunk_len);
-  float2 lo = make_float2(0.f, 0.f), hi = make_float2(0.f, 0.f);
   for (int64_t p = begin + r; p < end; p += rows) {
     const auto v = concat.load(x, b, p, c0, s);
     if (concat.second != nullptr) *reinterpret_cast<Pack<T, 8>*>(concat.out + (b * s.hw + p) * s.channels + c0) = v;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float d = to_float(v.v[k]) + shift[k];
-      if (second[k]) {
-        hi.x += d;
-        hi.y += d * d;
-      } else {
-        lo.x += d;
-        lo.y += d * d;
-      }
-    }
+    acc.accumulate(v);
   }
-  sums[(r * lanes + lane) * 2] = lo;
-  sums[(r * lanes + lane) * 2 + 1] = hi;
-  __syncthreads();
-  if (r == 0) {  // fold the rows, in order
-    for (int rr = 1; rr < rows; ++rr) {
-      const float2 a = sums[(rr * lanes + lane) * 2], c = sums[(rr * lanes + lane) * 2 + 1];
-      lo.x += a.x;
-      lo.y += a.y;
-      hi.x += c.x;
-      hi.y += c.y;
-    }
-    sums[lane * 2] = lo;
-    sums[lane * 2 + 1] = hi;
-  }
-  __syncthreads();
-  const int g = r * lanes + lane;  // one thread per group: the lanes it spans, in order
-  if (g < s.groups) {
-    float2 total = make_float2(0.f, 0.f);
-    for (int l = g * cg / 8; l <= ((g + 1) * cg - 1) / 8; ++l) {
-      const float2 part = sums[l * 2 + ((l * 8) / cg == g ? 0 : 1)];
-      total.x += part.x;
-      total.y += part.y;
-    }
-    partial[(b * s.groups + g) * s.chunks + blockIdx.x] = total;
-  }
+  acc.fold(sums, partial, b, s.groups, cg, s.chunks, blockIdx.x);
 }
 
 // Pass 2: fold the chunks of each (sample, group) into mean and 1/std; one warp per row, each
@@ -651,12 +608,57 @@ void launch_partial(const at::Tensor& x, Add<T> add, at::Tensor& partial, Shape&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Pass 1 over x: its geometry (~4 blocks per SM over the whole tensor), its partial sums
+// [batch * groups, chunks, 2] (float32) and the choice of kernel. With `concat` it reads its two
+// sources (pass1_x, concat.second) and writes x: the wide pass.
+template <typename T>
+at::Tensor statistics_pass(const at::Tensor& x, Add<T> add_ptr, Shape& s, int64_t cg, bool nhwc, int elem,
+                           cudaStream_t stream, const T* pass1_x, Concat<T> concat) {
+  const int64_t groups = s.groups;
+  int vec;
+  if (nhwc) {
+    vec = pick_vec(cg, x.data_ptr(), x.data_ptr(), elem);
+    const int64_t lanes_per_group = cg / vec;
+    TORCH_CHECK(lanes_per_group <= 1024, "group_norm: too many channels per group for the NHWC kernel");
+    s.groups_per_block = static_cast<int>(std::min<int64_t>(groups, 1024 / lanes_per_group));
+    const auto chunks = unclip_rt::wide_chunks(s.batch, s.hw);  // partial_nhwc's too
+    s.chunk_len = chunks.chunk_len;
+    s.chunks = chunks.chunks;
+  } else {
+    const int64_t row_len = cg * s.hw;
+    vec = pick_vec(s.hw, x.data_ptr(), x.data_ptr(), elem);
+    const int64_t want = std::max<int64_t>(1, unclip_rt::kWideTargetBlocks / (s.batch * groups));
+    s.chunk_len = std::max<int64_t>(kThreads * vec, (row_len + want - 1) / want);
+    s.chunk_len = (s.chunk_len + vec - 1) / vec * vec;
+    s.chunks = static_cast<int>((row_len + s.chunk_len - 1) / s.chunk_len);
+  }
+  auto partial = at::empty({s.batch * groups, s.chunks, 2}, x.options().dtype(at::kFloat));
+  const bool wide = concat.second != nullptr ||
+                    (nhwc && cg % 8 != 0 && wide_geometry_fits(cg, s.channels, groups) &&
+                     unclip_rt::aligned16(x) && elem == 2);
+  if (wide) {
+    const dim3 block = unclip_rt::wide_block(s.channels);
+    unclip_rt::launch_overlapped(partial_nhwc_wide<T>, dim3(s.chunks, static_cast<unsigned>(s.batch)), block,
+                                 unclip_rt::wide_shared_bytes(block), stream,
+                                 concat.second != nullptr ? pass1_x : reinterpret_cast<const T*>(x.data_ptr()), add_ptr,
+                                 reinterpret_cast<float2*>(partial.data_ptr<float>()), s, concat);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else switch (vec) {
+    case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
+    case 4: launch_partial<T, 4>(x, add_ptr, partial, s, nhwc, stream); break;
+    case 2: launch_partial<T, 2>(x, add_ptr, partial, s, nhwc, stream); break;
+    default: launch_partial<T, 1>(x, add_ptr, partial, s, nhwc, stream); break;
+  }
+  return partial;
+}
+
 template <typename T>
 at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                             const c10::optional<at::Tensor>& add, const c10::optional<at::Tensor>& add_bias,
                             double eps, bool silu, bool nhwc, int one_pass_mode, bool up, bool down,
-                            const T* pass1_x = nullptr, Concat<T> concat = {}) {
+                            const T* pass1_x = nullptr, Concat<T> concat = {},
+                            const at::Tensor* given_partial = nullptr) {
   const Add<T> add_ptr{add ? reinterpret_cast<const T*>(add->data_ptr()) : nullptr, add ? add->stride(0) : 0,
                        add_bias ? reinterpret_cast<const T*>(add_bias->data_ptr()) : nullptr};
   Shape s{};
@@ -677,7 +679,7 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   auto y = up ? resized(2 * x.size(2), 2 * x.size(3)) : down ? resized(x.size(2) / 2, x.size(3) / 2) : at::empty_like(x);
   const Film<T> film{scale ? reinterpret_cast<const T*>(scale->data_ptr()) : nullptr,
                      shift ? reinterpret_cast<const T*>(shift->data_ptr()) : nullptr, scale ? scale->stride(0) : 0};
-  if (!down && (one_pass_mode > 0 || (one_pass_mode < 0 && one_pass_by_size(cg, s.hw)))) {
+  if (given_partial == nullptr && !down && (one_pass_mode > 0 || (one_pass_mode < 0 && one_pass_by_size(cg, s.hw)))) {
     const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
     if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
         s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && unclip_rt::aligned16(x) && unclip_rt::aligned16(y)) {
@@ -697,43 +699,13 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
     return y;
   }
 
-  // Pass 1 geometry: aim for ~4 blocks per SM over the whole tensor.
-  const int64_t target_blocks = 528;
-  int vec;
-  if (nhwc) {
-    vec = pick_vec(cg, x.data_ptr(), x.data_ptr(), elem);
-    const int64_t lanes_per_group = cg / vec;
-    TORCH_CHECK(lanes_per_group <= 1024, "group_norm: too many channels per group for the NHWC kernel");
-    s.groups_per_block = static_cast<int>(std::min<int64_t>(groups, 1024 / lanes_per_group));
-    const int64_t want = std::max<int64_t>(1, target_blocks / s.batch);
-    s.chunk_len = std::max<int64_t>(1, (s.hw + want - 1) / want);
-    s.chunks = static_cast<int>((s.hw + s.chunk_len - 1) / s.chunk_len);
-  } else {
-    const int64_t row_len = cg * s.hw;
-    vec = pick_vec(s.hw, x.data_ptr(), x.data_ptr(), elem);
-    const int64_t want = std::max<int64_t>(1, target_blocks / (s.batch * groups));
-    s.chunk_len = std::max<int64_t>(kThreads * vec, (row_len + want - 1) / want);
-    s.chunk_len = (s.chunk_len + vec - 1) / vec * vec;
-    s.chunks = static_cast<int>((row_len + s.chunk_len - 1) / s.chunk_len);
-  }
-  auto partial = at::empty({s.batch * groups * s.chunks, 2}, x.options().dtype(at::kFloat));
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
-  // with `concat`, pass 1 reads its two sources (pass1_x, concat.second) and writes x: the wide pass
-  const bool wide = concat.second != nullptr ||
-                    (nhwc && cg % 8 != 0 && wide_geometry_fits(cg, s.channels, groups) &&
-                     unclip_rt::aligned16(x) && elem == 2);
-  if (wide) {
-    const int lanes = static_cast<int>(s.channels / 8), rows = std::max(1, kThreads / lanes);
-    unclip_rt::launch_overlapped(partial_nhwc_wide<T>, dim3(s.chunks, static_cast<unsigned>(s.batch)), dim3(lanes, rows),
-                                 sizeof(float2) * 2 * lanes * rows, stream,
-                                 concat.second != nullptr ? pass1_x : reinterpret_cast<const T*>(x.data_ptr()), add_ptr,
-                                 reinterpret_cast<float2*>(partial.data_ptr<float>()), s, concat);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else switch (vec) {
-    case 8: launch_partial<T, 8>(x, add_ptr, partial, s, nhwc, stream); break;
-    case 4: launch_partial<T, 4>(x, add_ptr, partial, s, nhwc, stream); break;
-    case 2: launch_partial<T, 2>(x, add_ptr, partial, s, nhwc, stream); break;
-    default: launch_partial<T, 1>(x, add_ptr, partial, s, nhwc, stream); break;
+  at::Tensor partial;
+  if (given_partial != nullptr) {  // pass 1 was done by the producer of x (bias_residual_stats)
+    partial = *given_partial;
+    s.chunks = static_cast<int>(partial.size(1));
+  } else {
+    partial = statistics_pass<T>(x, add_ptr, s, cg, nhwc, elem, stream, pass1_x, concat);
   }
   const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
   const int64_t rows = s.batch * groups;
@@ -779,10 +751,14 @@ static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
 // ResBlocks upsample the norm's output before their convolution).
 // `down`: write it 2x2 average-pooled ([B, C, H/2, W/2], channels_last x only: the down ResBlocks).
 // `one_pass_mode`: 1 the one-launch kernel, 0 the three passes, -1 (default) by the group's size.
+// `partial`: x's statistics pass done already, [B * groups, chunks, 2] float32 sums of each
+// chunk of each (sample, group), shifted by the group's first channel at pixel 0 (as
+// bias_residual_stats writes them, when it made x): the norm runs its last two passes only.
 at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                       const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down) {
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
+                      const c10::optional<at::Tensor>& partial) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", std::to_string(x.size(1)), " not divisible by ",
               std::to_string(groups), " groups");
@@ -807,14 +783,23 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
   if (add_bias) {
     TORCH_CHECK(per_channel(*add_bias), "group_norm: add_bias must be [C] in x's dtype");
   }
+  if (partial) {
+    TORCH_CHECK(partial->is_cuda() && partial->device() == x.device() && partial->scalar_type() == at::kFloat &&
+                    partial->is_contiguous() && partial->dim() == 3 && partial->size(0) == x.size(0) * groups &&
+                    partial->size(1) >= 1 && partial->size(2) == 2,
+                "group_norm: partial must be contiguous float32 [B * groups, chunks, 2] on x's device");
+    TORCH_CHECK(!add && !add_bias, "group_norm: partial holds the sums of x alone: no add or add_bias with it");
+  }
+  const at::Tensor* given = partial ? &*partial : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
+  const int mode = static_cast<int>(one_pass_mode);
   switch (x.scalar_type()) {
     case at::kFloat:
-      return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
+      return group_norm_typed<float>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, mode, up, down, nullptr, {}, given);
     case at::kHalf:
-      return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
+      return group_norm_typed<__half>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, mode, up, down, nullptr, {}, given);
     case at::kBFloat16:
-      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, static_cast<int>(one_pass_mode), up, down);
+      return group_norm_typed<__nv_bfloat16>(x, groups, weight, bias, scale, shift, add, add_bias, eps, silu, nhwc, mode, up, down, nullptr, {}, given);
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
 }
@@ -859,7 +844,7 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
     }
     auto cat = at::cat({head, second}, 1).contiguous(at::MemoryFormat::ChannelsLast);
     return {group_norm(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, eps, silu, c10::nullopt,
-                       -1, false, false),
+                       -1, false, false, c10::nullopt),
             cat};
   }
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == channels && bias.is_contiguous() &&
@@ -881,3 +866,13 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
   return {y, cat};
 }
 
+
+// Whether group_norm in auto mode runs a channels-last half-precision map of `channels` over
+// `hw` pixels in three passes whose statistics pass has the wide geometry (wide_stats.cuh):
+// the maps for which a producer's statistics (bias_residual_stats) replace that pass.
+bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw) {
+  TORCH_CHECK(groups > 0 && channels > 0 && channels % groups == 0 && hw > 0,
+              "group_norm_takes_three_passes: channels must be a positive multiple of groups, hw positive");
+  const int64_t cg = channels / groups;
+  return !one_pass_by_size(cg, hw) && wide_geometry_fits(cg, channels, groups);
+}

@@ -6,6 +6,10 @@
 // 2.5 of 22.7 ms per forward on an H100, beside the residual add. So a ResBlock's last
 // convolution (and its 1x1 skip convolution) runs without bias, and this kernel adds both biases
 // while it joins the residual: one read of each input, one write.
+//
+// bias_residual_stats also does the statistics pass of the group norm that reads the join's
+// output next (most of the UNets' norm inputs are residual joins): the norm then skips that pass
+// and its read of the whole map (group_norm's `partial`).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,7 +21,9 @@
 #include <cstdint>
 
 #include "elementwise.cuh"
+#include "half_tensors.h"
 #include "pdl.cuh"
+#include "wide_stats.cuh"
 
 namespace {
 
@@ -29,7 +35,46 @@ constexpr int kThreads = 256;
 
 // RESIZE 1: NHWC h [B, 2H, 2W, C] joined with skip [B, H, W, C] read nearest-upsampled (an up
 // ResBlock's identity skip); RESIZE 2: h [B, H/2, W/2, C] with skip [B, H, W, C] read 2x2
-// average-pooled (a down ResBlock's) — instead of materialised resized copies.
+// average-pooled (a down ResBlock's) — instead of materialised resized copies. r: the skip's VEC
+// values for h's element i, which is channel c of pixel `pixel` (of h's hw, `width` wide) of
+// sample b (b, pixel and c are read with RESIZE only; RESIZE 0 reads skip at i, in any layout).
+template <typename T, int VEC, int RESIZE>
+__device__ __forceinline__ void skip_values(const T* __restrict__ skip, int64_t i, int64_t b, int64_t pixel,
+                                            int64_t c, int64_t channels, int64_t hw, int64_t width,
+                                            float (&r)[VEC]) {
+  if (RESIZE == 0) {
+    const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
+    return;
+  }
+  const int64_t y = pixel / width, x = pixel % width, height = hw / width;
+  if (RESIZE == 1) {
+    const int64_t from = ((b * (height / 2) + y / 2) * (width / 2) + x / 2) * channels + c;
+    const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = 0.f;
+#pragma unroll
+    for (int d = 0; d < 4; ++d) {
+      const int64_t from = ((b * 2 * height + 2 * y + d / 2) * 2 * width + 2 * x + d % 2) * channels + c;
+      const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) r[k] += 0.25f * to_float(p.v[k]);
+    }
+  }
+}
+
+// bias[c] (+ bias2[c]) in float: what the join adds to channel c.
+template <typename T>
+__device__ __forceinline__ float bias_at(const T* __restrict__ bias, const T* __restrict__ bias2, int64_t c) {
+  float b = to_float(bias[c]);
+  if (bias2 != nullptr) b += to_float(bias2[c]);
+  return b;
+}
+
 template <typename T, int VEC, bool NHWC, int RESIZE>
 __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ skip, const T* __restrict__ bias,
                                      const T* __restrict__ bias2, int64_t n, int64_t channels, int64_t hw,
@@ -38,32 +83,12 @@ __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ sk
   unclip_rt::allow_dependents();
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
-  int64_t from = i;
   float r[VEC];
   if (RESIZE == 0) {
-    const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + i);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
+    skip_values<T, VEC, 0>(skip, i, 0, 0, 0, channels, hw, width, r);
   } else {
     const int64_t b = i / (hw * channels), within = i - b * hw * channels;
-    const int64_t pixel = within / channels, c = within % channels;
-    const int64_t y = pixel / width, x = pixel % width, height = hw / width;
-    if (RESIZE == 1) {
-      from = ((b * (height / 2) + y / 2) * (width / 2) + x / 2) * channels + c;
-      const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) r[k] = to_float(p.v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) r[k] = 0.f;
-#pragma unroll
-      for (int d = 0; d < 4; ++d) {
-        from = ((b * 2 * height + 2 * y + d / 2) * 2 * width + 2 * x + d % 2) * channels + c;
-        const auto p = *reinterpret_cast<const Pack<T, VEC>*>(skip + from);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) r[k] += 0.25f * to_float(p.v[k]);
-      }
-    }
+    skip_values<T, VEC, RESIZE>(skip, i, b, within / channels, within % channels, channels, hw, width, r);
   }
   const auto a = *reinterpret_cast<const Pack<T, VEC>*>(h + i);
   Pack<T, VEC> out;
@@ -71,11 +96,60 @@ __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ sk
   for (int k = 0; k < VEC; ++k) {
     // NHWC: VEC consecutive channels (VEC | channels); NCHW: one channel per pack (VEC | hw).
     const int64_t c = NHWC ? (i % channels) + k : (i / hw) % channels;
-    float b = to_float(bias[c]);
-    if (bias2 != nullptr) b += to_float(bias2[c]);
-    out.v[k] = from_float<T>(to_float(a.v[k]) + r[k] + b);
+    out.v[k] = from_float<T>(to_float(a.v[k]) + r[k] + bias_at(bias, bias2, c));
   }
   *reinterpret_cast<Pack<T, VEC>*>(h + i) = out;
+}
+
+// The join written to y (channels-last half precision, out of place) together with the
+// statistics pass of the group norm that reads y next (wide_stats.cuh's geometry and sums, the
+// very code of group_norm's partial_nhwc_wide): grid (chunks, batch), block (channels / 8 lanes,
+// rows). Each group's sums are shifted by y's value at the group's first channel of pixel 0,
+// which every block computes from the inputs (h is read only, so no block can see it changed).
+template <typename T, int RESIZE>
+__global__ void bias_residual_stats_kernel(const T* __restrict__ h, const T* __restrict__ skip,
+                                           const T* __restrict__ bias, const T* __restrict__ bias2, T* __restrict__ y,
+                                           float2* __restrict__ partial, int64_t channels, int64_t hw, int64_t width,
+                                           int groups, int64_t chunk_len, int chunks) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
+  extern __shared__ float2 sums[];  // wide_shared_bytes
+  const int64_t b = blockIdx.y;
+  const int cg = static_cast<int>(channels / groups);
+  const int c0 = threadIdx.x * 8;
+  // y's 8 channels [c, c + 8) of pixel p, given those channels' biases
+  const auto join = [&](int64_t p, int c, const float (&biases)[8]) {
+    const int64_t i = (b * hw + p) * channels + c;
+    float r[8];
+    skip_values<T, 8, RESIZE>(skip, i, b, p, c, channels, hw, width, r);
+    const auto a = *reinterpret_cast<const Pack<T, 8>*>(h + i);
+    Pack<T, 8> out;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out.v[k] = from_float<T>(to_float(a.v[k]) + r[k] + biases[k]);
+    return out;
+  };
+  const auto pivot_of = [&](int g) {  // y at group g's first channel of pixel 0, as the norm reads it
+    const int c = g * cg, base = c / 8 * 8;
+    float biases[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) biases[k] = bias_at(bias, bias2, base + k);
+    return to_float(join(0, base, biases).v[c - base]);
+  };
+  float biases[8], nothing_added[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    biases[k] = bias_at(bias, bias2, c0 + k);
+    nothing_added[k] = 0.f;
+  }
+  unclip_rt::WideSums acc(c0, cg, pivot_of(c0 / cg), pivot_of((c0 + 7) / cg), nothing_added);
+  const int64_t begin = blockIdx.x * chunk_len;
+  const int64_t end = min(hw, begin + chunk_len);
+  for (int64_t p = begin + threadIdx.y; p < end; p += blockDim.y) {
+    const auto out = join(p, c0, biases);
+    *reinterpret_cast<Pack<T, 8>*>(y + (b * hw + p) * channels + c0) = out;
+    acc.accumulate(out);
+  }
+  acc.fold(sums, partial, b, groups, cg, chunks, blockIdx.x);
 }
 
 template <typename T, int VEC>
@@ -153,4 +227,60 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
     case at::kBFloat16: return typed<__nv_bfloat16>(h, skip, bias, bias2, nhwc, resize);
     default: TORCH_CHECK(false, "bias_residual_: h must be float32, float16 or bfloat16");
   }
+}
+
+// [h + skip + bias (+ bias2), the group norm statistics of that sum in `groups` groups]: the join
+// out of place (h and skip are left as they are) for channels-last half-precision h [B, C, H, W]
+// and skip of h's shape, half its height and width (read nearest-upsampled) or twice them (read
+// 2x2 average-pooled); bias, bias2 [C]. The statistics are group_norm's `partial` for that sum:
+// pass them with it (and no add) to skip the norm's statistics pass. C must be a multiple of 8
+// whose groups the wide geometry serves (wide_geometry_fits).
+std::vector<at::Tensor> bias_residual_stats(const at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
+                                            const c10::optional<at::Tensor>& bias2, int64_t groups) {
+  const auto nhwc_half = [](const at::Tensor& t) {
+    return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+           unclip_rt::is_half_like(t) && unclip_rt::aligned16(t);
+  };
+  TORCH_CHECK(nhwc_half(h) && nhwc_half(skip) && skip.scalar_type() == h.scalar_type() && skip.device() == h.device(),
+              "bias_residual_stats: h and skip must be aligned channels_last half-precision CUDA tensors of one dtype");
+  TORCH_CHECK(skip.size(0) == h.size(0) && skip.size(1) == h.size(1),
+              "bias_residual_stats: h and skip must share batch and channels");
+  const bool up = skip.size(2) * 2 == h.size(2) && skip.size(3) * 2 == h.size(3);
+  const bool down = skip.size(2) == h.size(2) * 2 && skip.size(3) == h.size(3) * 2;
+  TORCH_CHECK(up || down || skip.sizes() == h.sizes(),
+              "bias_residual_stats: skip must have h's shape, half its height and width, or twice them");
+  const int64_t channels = h.size(1);
+  TORCH_CHECK(groups > 0 && channels % groups == 0 && unclip_rt::wide_geometry_fits(channels / groups, channels, groups),
+              "bias_residual_stats: channels must be a multiple of 8 and of the groups, at least 8 per group and at "
+              "most 8192 in all");
+  auto per_channel = [&](const at::Tensor& t) {
+    return t.is_contiguous() && t.numel() == channels && t.scalar_type() == h.scalar_type() && t.device() == h.device();
+  };
+  TORCH_CHECK(per_channel(bias) && (!bias2 || per_channel(*bias2)),
+              "bias_residual_stats: biases must be [C] in h's dtype");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t batch = h.size(0), hw = h.size(2) * h.size(3);
+  auto y = at::empty_like(h, h.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto chunks = unclip_rt::wide_chunks(batch, std::max<int64_t>(hw, 1));
+  auto partial = at::empty({batch * groups, chunks.chunks, 2}, h.options().dtype(at::kFloat));
+  if (h.numel() == 0) return {y, partial.zero_()};
+  const dim3 block = unclip_rt::wide_block(channels);
+  const dim3 grid(chunks.chunks, static_cast<unsigned>(batch));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  unclip_rt::dispatch_half_like(h, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const auto* hp = reinterpret_cast<const T*>(h.data_ptr());
+    const auto* sp = reinterpret_cast<const T*>(skip.data_ptr());
+    const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
+    const auto* b2 = bias2 ? reinterpret_cast<const T*>(bias2->data_ptr()) : nullptr;
+    auto* yp = reinterpret_cast<T*>(y.data_ptr());
+    auto* pp = reinterpret_cast<float2*>(partial.data_ptr<float>());
+    const auto kernel = up ? bias_residual_stats_kernel<T, 1> : down ? bias_residual_stats_kernel<T, 2>
+                                                                     : bias_residual_stats_kernel<T, 0>;
+    unclip_rt::launch_overlapped(kernel, grid, block, unclip_rt::wide_shared_bytes(block), stream, hp, sp, bp, b2, yp,
+                                 pp, channels, hw, h.size(3), static_cast<int>(groups), chunks.chunk_len,
+                                 chunks.chunks);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, partial};
 }

@@ -8,6 +8,7 @@ reference runs); on CUDA, half-precision group norm gets that from the native ke
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,27 @@ def fused_kernels_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and not _tracing())
 
 
+NORM_GROUPS = 32  # GroupNorm32's
+
+# Whether residual joins on the fused path compute the statistics of the group norm that reads
+# their output next (`bias_residual(..., stats=True)`); a switch for tests and benchmarks.
+JOIN_STATS = True
+
+
+class NormInput(NamedTuple):
+    """A residual join's output `x` with the statistics pass of the group norm that reads it next
+    already done (`cpp_ext.kernels.bias_residual_stats`): `GroupNorm32` takes it and skips that
+    pass (one read of `x` fewer); anything else reads `x` (`plain`)."""
+
+    x: torch.Tensor
+    partial: torch.Tensor
+
+
+def plain(x: torch.Tensor | NormInput) -> torch.Tensor:
+    """The tensor of `x`, without statistics."""
+    return x.x if isinstance(x, NormInput) else x
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm over 32 groups with float32 statistics, optionally followed by SiLU.
 
@@ -59,23 +81,26 @@ class GroupNorm32(nn.GroupNorm):
     affine, an optional scale/shift and SiLU fused into the normalising pass), else torch's."""
 
     def __init__(self, channels: int, silu: bool) -> None:
-        super().__init__(32, channels, eps=1e-5)
+        super().__init__(NORM_GROUPS, channels, eps=1e-5)
         self.silu = silu
 
-    def forward(self, x: torch.Tensor, up: bool = False, down: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormInput, up: bool = False, down: bool = False) -> torch.Tensor:
         """The norm (and SiLU); `up`: then a nearest 2x upsampling, `down`: then a 2x2 average
-        pooling (both fused into the kernel's writes for channels-last input)."""
-        return self.forward_film(x, None, None, self.silu, up=up, down=down)
+        pooling (both fused into the kernel's writes for channels-last input). A `NormInput`'s
+        statistics replace the kernel's own statistics pass."""
+        partial = x.partial if isinstance(x, NormInput) else None
+        return self.forward_film(plain(x), None, None, self.silu, up=up, down=down, partial=partial)
 
     def forward_film(
         self, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, silu: bool,
         add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, up: bool = False,
-        down: bool = False,
+        down: bool = False, partial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`act(norm(x + add + add_bias) * (1 + scale) + shift)` with per-sample [B, C] `add`, `scale`
         and `shift` and per-channel [C] `add_bias` (each None: left out), nearest-upsampled 2x if
         `up`. The fused kernel reads strided rows (e.g. the two halves of one [B, 2C] projection)
-        without copies."""
+        without copies. `partial`: x's statistics from the join that made it (`NormInput`; used
+        by the fused kernel, and only without `add` and `add_bias`)."""
         if fused_kernels_available(x, self.weight):
             per_sample = x.shape[:2]
             if scale is not None:
@@ -84,8 +109,10 @@ class GroupNorm32(nn.GroupNorm):
                 add = _rows(add, per_sample, x.dtype)
             nhwc = _layout(x) == "nhwc"
             fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+            if add is not None or add_bias is not None:
+                partial = None
             y = cpp_ext.kernels.group_norm(x, self.num_groups, self.weight, self.bias, scale, shift, add, self.eps,
-                                           silu, add_bias, -1, fuse_up, fuse_down)
+                                           silu, add_bias, -1, fuse_up, fuse_down, partial)
             return resample(y, up and not fuse_up, down and not fuse_down)
         if up or down:
             return resample(self.forward_film(x, scale, shift, silu, add, add_bias), up, down)
@@ -120,20 +147,26 @@ def _rows(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tenso
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None,
+                  stats: bool = False) -> torch.Tensor | NormInput:
     """`h + skip + bias (+ bias2)` with per-channel biases of [B, C, ...] activations: the residual
     join of a block whose last convolution ran without its bias. `skip` may have half h's height
     and width (it is then nearest-upsampled 2x: an up ResBlock's identity skip) or twice them (it
     is then 2x2 average-pooled: a down ResBlock's). On CUDA with `cpp_ext` built, one in-place
     pass over `h` (it must be a fresh tensor the caller owns; a resized skip is read in place when
-    both are channels-last); else torch ops."""
+    both are channels-last); else torch ops.
+
+    :param stats: a `GroupNorm32` reads the result next: where that norm would run three passes
+        (`_join_stats_serve`), the join also computes its statistics and returns a `NormInput`
+        (the sum then goes to a new tensor; `h` is left as it is)."""
     four_d = h.dim() == 4 and skip.dim() == 4 and skip.shape[:2] == h.shape[:2]
     up = four_d and skip.shape[2] * 2 == h.shape[2] and skip.shape[3] * 2 == h.shape[3]
     down = four_d and skip.shape[2] == h.shape[2] * 2 and skip.shape[3] == h.shape[3] * 2
     same = h.shape == skip.shape and _same_layout(h, skip)
     if (cpp_ext.kernels is not None and h.is_cuda and not _tracing() and h.dtype == skip.dtype == bias.dtype
             and (same or ((up or down) and _layout(h) == _layout(skip) == "nhwc"))):
+        if stats and _join_stats_serve(h, skip, bias2):
+            return NormInput(*cpp_ext.kernels.bias_residual_stats(h, skip, bias, bias2, NORM_GROUPS))
         cpp_ext.kernels.bias_residual_(h, skip, bias, bias2)
         return h
     skip = resample(skip, up, down)
@@ -142,6 +175,19 @@ def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2
     if bias2 is not None:
         out = out + bias2.reshape(shape).to(h.dtype)
     return skip + out
+
+
+def _join_stats_serve(h: torch.Tensor, skip: torch.Tensor, bias2: torch.Tensor | None) -> bool:
+    """Whether `bias_residual_stats` serves this join (given `bias_residual_` does) and pays: both
+    maps channels-last fp16/bf16, 16-byte aligned, and the next norm over h's size would run three
+    passes (`cpp_ext.kernels.group_norm_takes_three_passes`; one-pass norms read small maps from
+    L2 anyway)."""
+    kernels = cpp_ext.kernels
+    return (JOIN_STATS and h.dim() == 4
+            and h.dtype in (torch.float16, torch.bfloat16) and _layout(h) == _layout(skip) == "nhwc"
+            and (bias2 is None or bias2.dtype == h.dtype)
+            and h.data_ptr() % 16 == 0 and skip.data_ptr() % 16 == 0
+            and kernels.group_norm_takes_three_passes(h.shape[1], NORM_GROUPS, h.shape[2] * h.shape[3]))
 
 
 def _layout(t: torch.Tensor) -> str | None:

@@ -23,9 +23,11 @@ import cpp_ext
 from models.configs import UNetConfig
 from models.layers import (
     GroupNorm32,
+    NormInput,
     _layout,
     bias_residual,
     fused_kernels_available,
+    plain,
     resample,
     timestep_embedding,
     work_dtype,
@@ -107,19 +109,22 @@ class ResBlock(nn.Module):
             return emb.of(self.emb_layers[1])
         return self.emb_layers[1](emb)
 
-    def forward(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor | EmbeddingProjections,
-                defer_bias: bool = False) -> torch.Tensor | DeferredBias:
+    def forward(self, x: torch.Tensor | SkipConcat | NormInput, emb: torch.Tensor | EmbeddingProjections,
+                defer_bias: bool = False, stats: bool = False) -> torch.Tensor | DeferredBias | NormInput:
         """`emb`: the time embedding after SiLU (the UNet applies `emb_layers[0]` once for all
         blocks), or every block's projection of it (`UNet._embedding_projections`).
 
         :param defer_bias: the caller passes the result on as the next output block's `SkipConcat`;
-            an output block on the fused path then returns a `DeferredBias`."""
+            an output block on the fused path then returns a `DeferredBias`.
+        :param stats: a group norm reads the result next: on the fused path the residual join may
+            compute its statistics and return a `NormInput` (`bias_residual`)."""
         if isinstance(x, SkipConcat):
             if self._concat_in_norm(x):
-                return self._forward_fused(x, emb, defer_bias)
+                return self._forward_fused(x, emb, defer_bias, stats)
             x = x.tensor()
-        if fused_kernels_available(x, self.in_layers[0].weight):
-            return self._forward_fused(x, emb)
+        if fused_kernels_available(plain(x), self.in_layers[0].weight):
+            return self._forward_fused(x, emb, stats=stats)
+        x = plain(x)
         h = self.in_layers[2](self._resample(self.in_layers[0](x)))
         x = self._resample(x)
         emb_out = self._emb_out(emb)[:, :, None, None].to(h.dtype)
@@ -135,10 +140,10 @@ class ResBlock(nn.Module):
         channels-last half precision with channel counts multiples of 8, no resampling)."""
         return (fused_kernels_available(x.h, self.in_layers[0].weight) and x.skip.dtype == x.h.dtype
                 and _layout(x.h) == _layout(x.skip) == "nhwc" and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0
-                and not (self.up or self.down) and hasattr(cpp_ext.kernels, "group_norm_concat"))
+                and not (self.up or self.down))
 
-    def _forward_fused(self, x: torch.Tensor | SkipConcat, emb: torch.Tensor,
-                       defer_bias: bool = False) -> torch.Tensor | DeferredBias:
+    def _forward_fused(self, x: torch.Tensor | SkipConcat | NormInput, emb: torch.Tensor,
+                       defer_bias: bool = False, stats: bool = False) -> torch.Tensor | DeferredBias | NormInput:
         """`forward` with `cpp_ext`'s kernels (CUDA, half precision): the convolutions run without
         their biases (torch adds a convolution's bias in a pass of its own); the first one's is
         added inside the second norm, the last one's (and the skip convolution's) in the residual
@@ -146,7 +151,8 @@ class ResBlock(nn.Module):
         reads x resized the same way (no resized copies). The same function, three to five passes over the
         activations fewer per block. With `defer_bias` (an output block whose result goes on to the
         next one's concatenation) the skip convolution accumulates into the last convolution's
-        output as one GEMM and the biases are left to that concatenation: no join pass."""
+        output as one GEMM and the biases are left to that concatenation: no join pass. A
+        `NormInput` x's statistics serve the first norm; with `stats` the join may return one."""
         conv_in, norm_out, conv_out = self.in_layers[2], self.out_layers[0], self.out_layers[3]
         identity_skip = not isinstance(self.skip_connection, nn.Conv2d)
         if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
@@ -158,9 +164,10 @@ class ResBlock(nn.Module):
             # the norm writes its output resized and the residual join reads x resized: neither
             # resized copy is made
             h = F.conv2d(self.in_layers[0](x, up=self.up, down=self.down), conv_in.weight, None, padding=1)
+            x = plain(x)
         else:
             h = F.conv2d(self._resample(self.in_layers[0](x)), conv_in.weight, None, padding=1)
-            x = self._resample(x)
+            x = self._resample(plain(x))
         emb_out = self._emb_out(emb)
         if self.scale_shift:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -169,14 +176,14 @@ class ResBlock(nn.Module):
             h = norm_out.forward_film(h, None, None, norm_out.silu, add=emb_out, add_bias=conv_in.bias)
         h = F.conv2d(h, conv_out.weight, None, padding=1)
         if identity_skip:
-            return bias_residual(h, x, conv_out.bias)
+            return bias_residual(h, x, conv_out.bias, stats=stats)
         if defer_bias and _layout(h) == _layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]:
             # channels-last maps are [pixels, channels] matrices: h += x · W_skipᵀ
             rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
             rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), self.skip_connection.weight.flatten(1).t())
             return DeferredBias(h, conv_out.bias, self.skip_connection.bias)
         skip = F.conv2d(x, self.skip_connection.weight, None)
-        return bias_residual(h, skip, conv_out.bias, self.skip_connection.bias)
+        return bias_residual(h, skip, conv_out.bias, self.skip_connection.bias, stats=stats)
 
 
 class AttentionBlock(nn.Module):
@@ -202,20 +209,24 @@ class AttentionBlock(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | NormInput,
         context: torch.Tensor | None = None,
         context_bias: torch.Tensor | ContextBias | None = None,
         context_kv: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attend over the image positions and the context tokens.
+        stats: bool = False,
+    ) -> torch.Tensor | NormInput:
+        """Attend over the image positions and the context tokens (a `NormInput` x's statistics
+        serve the norm; with `stats` the fused residual join may return one, as `ResBlock`'s).
 
         :param context_bias: the context keys' additive bias [B, N], 0 (keep) or -inf (padding)
             (or a `ContextBias` of it, which pads it once per resolution for every block of a forward).
         :param context_kv: the UNet's packed context keys/values (`UNet.context_kv`), used instead
             of projecting `context` again (this block reads its own heads, `kv_heads`).
         """
+        h = self.norm(x)
+        x = plain(x)
         b, c, hgt, wid = x.shape
-        h = self.norm(x).view(b, c, -1)
+        h = h.view(b, c, -1)
         qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, HW, 3C]
         if isinstance(context_bias, torch.Tensor):
             context_bias = ContextBias(context_bias)
@@ -229,7 +240,7 @@ class AttentionBlock(nn.Module):
         fused = fused_kernels_available(x, self.norm.weight)
         if fused and ek is not None and _flash_varlen_serves(qkv, c // self.heads):
             packed = torch.stack([ek, ev], dim=1) if packed is None else packed
-            return self._project_join(self._attend_varlen(qkv, packed, context_bias), x)
+            return self._project_join(self._attend_varlen(qkv, packed, context_bias), x, stats)
         qkv = qkv.view(b, hgt * wid, self.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
         q, k, v = qkv.chunk(3, dim=-1)
         bias = None
@@ -240,17 +251,18 @@ class AttentionBlock(nn.Module):
                 bias = context_bias.padded(hgt * wid, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
         if fused:  # SDPA's output is token-major already
-            return self._project_join(out.transpose(1, 2).reshape(b, hgt * wid, c), x)
+            return self._project_join(out.transpose(1, 2).reshape(b, hgt * wid, c), x, stats)
         out = out.transpose(2, 3).reshape(b, c, -1)
         out = F.conv1d(out, self.proj_out.weight, self.proj_out.bias)
         return x + out.view(b, c, hgt, wid)
 
-    def _project_join(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _project_join(self, out: torch.Tensor, x: torch.Tensor, stats: bool = False) -> torch.Tensor | NormInput:
         """Token-major attention output [B, HW, C] → x + proj_out(out): the projection without
-        bias, then the bias and the residual in one pass (`cpp_ext`); the result has x's layout."""
+        bias, then the bias and the residual in one pass (`cpp_ext`; with `stats`, maybe also the
+        next norm's statistics); the result has x's layout."""
         b, c, hgt, wid = x.shape
         proj = F.linear(out, self.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
-        return bias_residual(proj, x, self.proj_out.bias)
+        return bias_residual(proj, x, self.proj_out.bias, stats=stats)
 
     def _attend_varlen(self, qkv: torch.Tensor, packed: torch.Tensor, context_bias: ContextBias | None) -> torch.Tensor:
         """Attention over [image keys | context keys] by flash attention's variable-length form:
@@ -344,17 +356,21 @@ class ContextBias:
 class TimestepSequential(nn.Sequential):
     """Runs its layers, giving each the inputs it takes (keys read `blocks.N.M`)."""
 
-    def forward(self, x, emb, context=None, context_bias=None, context_kv=None, defer_bias=False):  # noqa: D102
+    def forward(self, x, emb, context=None, context_bias=None, context_kv=None, defer_bias=False, stats=False):
+        """`defer_bias`: the result goes on as the next output block's concatenation (`DeferredBias`);
+        `stats`: a group norm reads it next (`NormInput`). Inside, a layer followed by a ResBlock
+        or an attention block (both start with a norm) may hand on its statistics."""
         last = len(self) - 1
         for i, layer in enumerate(self):
+            norm_next = stats if i == last else isinstance(self[i + 1], ResBlock | AttentionBlock)
             if isinstance(x, SkipConcat) and not isinstance(layer, ResBlock):
                 x = x.tensor()
             if isinstance(layer, ResBlock):
-                x = layer(x, emb, defer_bias and i == last)  # only the last layer's result leaves the block
+                x = layer(x, emb, defer_bias and i == last, norm_next)  # only the last layer's result leaves the block
             elif isinstance(layer, AttentionBlock):
-                x = layer(x, context, context_bias, context_kv)
+                x = layer(x, context, context_bias, context_kv, norm_next)
             else:
-                x = layer(x)
+                x = layer(plain(x))
         return x
 
 
@@ -465,16 +481,20 @@ class UNet(nn.Module):
             context_bias = ContextBias(context_bias)
         hs = []
         h = x
+        # every input block's result goes to a block that starts with a ResBlock (its norm), the
+        # middle block's and the output blocks' (but the last) to a concatenation, the last output
+        # block's to the out norm
         for block in self.input_blocks:
-            h = block(h, emb, context, context_bias, context_kv)
-            hs.append(h)
+            h = block(h, emb, context, context_bias, context_kv, stats=True)
+            hs.append(plain(h))
         h = self.middle_block(h, emb, context, context_bias, context_kv)
         last = len(self.output_blocks) - 1
         for i, block in enumerate(self.output_blocks):
             skip = hs.pop()
             x_in = h.concat(skip) if isinstance(h, DeferredBias) else SkipConcat(h, skip)
-            h = block(x_in, emb, context, context_bias, context_kv, defer_bias=i < last)
-        return self.out(h)
+            h = block(x_in, emb, context, context_bias, context_kv, defer_bias=i < last, stats=i == last)
+        norm, identity, conv = self.out
+        return conv(identity(norm(h)))
 
     def _embedding_projections(self, emb: torch.Tensor) -> EmbeddingProjections | None:
         """Every ResBlock's `emb_layers[1](emb)` from one GEMM over their weights stacked, instead

@@ -1,12 +1,14 @@
-"""The UNet's output-block plumbing on the torch path (CPU): the skip concatenation with biases
-left to it by the block before, and `defer_bias` ignored where the fused kernels do not run."""
+"""The UNet's block plumbing on the torch path (CPU): the skip concatenation with biases left to
+it by the block before, and `defer_bias` and the joins' norm statistics (`stats`, `NormInput`)
+ignored where the fused kernels do not run."""
 
 from __future__ import annotations
 
 import torch
 
 from models.configs import UNetConfig
-from models.unet import DeferredBias, ResBlock, SkipConcat, UNet
+from models.layers import GroupNorm32, NormInput, bias_residual
+from models.unet import AttentionBlock, DeferredBias, ResBlock, SkipConcat, UNet
 
 
 def test_skip_concat_adds_deferred_biases_to_the_first_part_rounded_once():
@@ -41,3 +43,20 @@ def test_unet_forward_runs_its_output_blocks_with_defer_bias_on_cpu():
     with torch.no_grad():
         out = net(x, t)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_norm_statistics_are_ignored_on_the_torch_path():
+    """Without the fused kernels a join asked for statistics returns its plain sum, and a norm or
+    block given a `NormInput` reads its tensor (the partial sums are never looked at: NaN here)."""
+    torch.manual_seed(0)
+    h, skip, bias = torch.randn(2, 64, 6, 6), torch.randn(2, 64, 6, 6), torch.randn(64)
+    joined = bias_residual(h.clone(), skip, bias, stats=True)
+    assert isinstance(joined, torch.Tensor) and torch.equal(joined, h + bias.view(1, -1, 1, 1) + skip)
+    junk = torch.full((2 * 32, 3, 2), float("nan"))
+    norm = GroupNorm32(64, silu=True)
+    assert torch.equal(norm(NormInput(joined, junk)), norm(joined))
+    block, attention = ResBlock(64, 32).eval(), AttentionBlock(64, 32, None).eval()
+    emb = torch.randn(2, 32)
+    with torch.no_grad():
+        assert torch.equal(block(NormInput(joined, junk), emb, stats=True), block(joined, emb))
+        assert torch.equal(attention(NormInput(joined, junk), stats=True), attention(joined))
