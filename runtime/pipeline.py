@@ -242,6 +242,11 @@ class UnCLIP(ImageTools):
             self._empty_prompt = text
         return text
 
+    @property
+    def _pin_noise(self) -> bool:
+        """Whether noise is drawn into page-locked memory (a CUDA run: its uploads need no staging copy)."""
+        return self.device.type == "cuda"
+
     def draw_noise(
         self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
     ) -> SamplingNoise:
@@ -255,17 +260,17 @@ class UnCLIP(ImageTools):
         """The prior's part of `draw_noise` (drawn first)."""
         if self.prior == "ar":
             return ARNoise.draw(batch, self.cfg.ar_prior.components, generator)
-        return StageNoise.draw((batch, self.cfg.prior.clip_dim), steps, generator)
+        return StageNoise.draw((batch, self.cfg.prior.clip_dim), steps, generator, self._pin_noise)
 
     def _draw_decoder_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise:
         """The decoder's part of `draw_noise` (drawn after the prior's)."""
         d = self.cfg.decoder.image_size
-        return StageNoise.draw((batch, 3, d, d), steps, generator)
+        return StageNoise.draw((batch, 3, d, d), steps, generator, self._pin_noise)
 
     def _draw_super_res_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise:
         """The super-res part of `draw_noise` (drawn last)."""
         s = self.cfg.super_res.image_size
-        return StageNoise.draw((batch, 3, s, s), steps, generator)
+        return StageNoise.draw((batch, 3, s, s), steps, generator, self._pin_noise)
 
     @serialised
     @torch.no_grad()

@@ -33,6 +33,25 @@ def test_cuda_fp32_matches_cpu_for_the_same_seed(ours, no_tf32):
     assert (err <= 1e-3).mean() >= 0.999 and float(np.median(err)) <= 1e-5
 
 
+def test_noise_for_a_gpu_run_is_drawn_into_page_locked_memory_with_the_cpu_values(ours):
+    """A CUDA pipeline draws its noise straight into pinned memory (uploads without a staging
+    copy): the values a CPU pipeline draws for the seed; a chunk's rows are copies (not pinned,
+    uploaded through a staging buffer), all rows the tensors themselves; uploads give the values."""
+    drawn = {}
+    for device in ("cuda", "cpu"):
+        pipe = UnCLIP(copy.deepcopy(ours), device=device, progress=False)
+        drawn[device] = pipe.draw_noise(3, 4, 3, 2, torch.Generator().manual_seed(7))
+    for stage in ("prior", "decoder", "super_res"):
+        pinned, plain = getattr(drawn["cuda"], stage), getattr(drawn["cpu"], stage)
+        assert pinned.pinned and pinned.init.is_pinned() and pinned.steps.is_pinned()
+        assert not plain.pinned and not plain.steps.is_pinned()
+        assert torch.equal(pinned.init, plain.init) and torch.equal(pinned.steps, plain.steps)
+        assert pinned.rows(0, 3).pinned and not pinned.rows(1, 2).pinned
+        whole, part = pinned.to("cuda"), pinned.rows(1, 2).to("cuda")
+        assert torch.equal(whole.steps.cpu(), plain.steps) and torch.equal(whole.init.cpu(), plain.init)
+        assert torch.equal(part.steps.cpu(), plain.steps[:, 1:2]) and torch.equal(part.init.cpu(), plain.init[1:2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_networks_run_end_to_end(ours, dtype):
     pipe = UnCLIP(copy.deepcopy(ours), device="cuda", dtype=dtype, progress=False)
