@@ -28,7 +28,8 @@ def cuda_extensions() -> tuple[list, dict]:
                                         "cpp_ext/residual.cu", "cpp_ext/prior_step.cu",
                                         "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu",
                                         "cpp_ext/skinny_linear.cu"],
-                        depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh"],
+                        depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh",
+                                 "cpp_ext/wide_stats.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 
