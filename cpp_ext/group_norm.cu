@@ -36,6 +36,7 @@ using unclip_rt::to_float;
 using unclip_rt::wide_geometry_fits;
 
 constexpr int kThreads = 256;
+constexpr int64_t kNchwTargetBlocks = 528;  // NCHW statistics pass: ~4 blocks per SM of an H100 (NHWC: wide_stats.cuh)
 // Groups of at most this many elements take the one-launch kernel (auto mode).
 constexpr int64_t kOnePassMaxElements = 16384;  // tuned on an H100: one launch wins up to 16x16 maps of 64 channels per group
 // (decoder, 1920 channels at 16x16, batch 2 / 8, plain norm: 7.4 / 11.7 us against three passes 9.5 / 14.8)
@@ -627,7 +628,7 @@ at::Tensor statistics_pass(const at::Tensor& x, Add<T> add_ptr, Shape& s, int64_
   } else {
     const int64_t row_len = cg * s.hw;
     vec = pick_vec(s.hw, x.data_ptr(), x.data_ptr(), elem);
-    const int64_t want = std::max<int64_t>(1, unclip_rt::kWideTargetBlocks / (s.batch * groups));
+    const int64_t want = std::max<int64_t>(1, kNchwTargetBlocks / (s.batch * groups));
     s.chunk_len = std::max<int64_t>(kThreads * vec, (row_len + want - 1) / want);
     s.chunk_len = (s.chunk_len + vec - 1) / vec * vec;
     s.chunks = static_cast<int>((row_len + s.chunk_len - 1) / s.chunk_len);
