@@ -769,9 +769,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
   TORCH_CHECK(!down || (nhwc && x.size(2) % 2 == 0 && x.size(3) % 2 == 0),
               "group_norm: down (a fused 2x2 average pooling) needs channels_last x of even height and width");
   TORCH_CHECK(!(up && down), "group_norm: up or down, not both");
-  auto per_channel = [&](const at::Tensor& t) {
-    return t.is_contiguous() && t.numel() == x.size(1) && t.scalar_type() == x.scalar_type() && t.device() == x.device();
-  };
+  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, x); };
   TORCH_CHECK(per_channel(weight) && per_channel(bias), "group_norm: weight and bias must be [C] in x's dtype");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm: give both scale and shift, or neither");
   if (scale) {
@@ -816,11 +814,8 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
                                           const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
                                           const c10::optional<at::Tensor>& first_bias,
                                           const c10::optional<at::Tensor>& first_bias2) {
-  const auto nhwc_half = [](const at::Tensor& t) {
-    return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-           unclip_rt::is_half_like(t) && unclip_rt::aligned16(t);
-  };
-  TORCH_CHECK(nhwc_half(first) && nhwc_half(second) && first.scalar_type() == second.scalar_type() &&
+  TORCH_CHECK(unclip_rt::is_nhwc_half(first) && unclip_rt::is_nhwc_half(second) &&
+                  first.scalar_type() == second.scalar_type() &&
                   first.device() == second.device(),
               "group_norm_concat: first and second must be aligned channels_last half-precision CUDA tensors of one dtype");
   TORCH_CHECK(first.size(0) == second.size(0) && first.size(2) == second.size(2) && first.size(3) == second.size(3),

@@ -17,6 +17,17 @@ inline bool is_half_like(const at::Tensor& t) {
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// `t` is a 16-byte aligned channels-last (NHWC in memory) fp16/bf16 CUDA map [B, C, H, W].
+inline bool is_nhwc_half(const at::Tensor& t) {
+  return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && is_half_like(t) &&
+         aligned16(t);
+}
+
+// `t` is a contiguous vector of one value per channel of `x` [B, C, ...], in x's dtype and device.
+inline bool is_channel_vector(const at::Tensor& t, const at::Tensor& x) {
+  return t.is_contiguous() && t.numel() == x.size(1) && t.scalar_type() == x.scalar_type() && t.device() == x.device();
+}
+
 // `t` is a contiguous fp16/bf16 CUDA matrix, 16-byte aligned.
 inline void check_half_matrix(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && is_half_like(t) && aligned16(t), op, ": ", name,

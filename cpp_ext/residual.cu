@@ -192,6 +192,15 @@ void typed(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const 
   launch<T, 1>(h, skip, bias, bias2, nhwc, resize, hw);
 }
 
+// How skip's map relates to h's (both 4-D [B, C, H, W]): 1 half its height and width (read
+// nearest-upsampled), 2 twice them (read 2x2 average-pooled), else 0.
+int skip_resize(const at::Tensor& h, const at::Tensor& skip) {
+  if (h.dim() != 4 || skip.dim() != 4) return 0;
+  if (skip.size(2) * 2 == h.size(2) && skip.size(3) * 2 == h.size(3)) return 1;
+  if (skip.size(2) == h.size(2) * 2 && skip.size(3) == h.size(3) * 2) return 2;
+  return 0;
+}
+
 }  // namespace
 
 // h += skip + bias (+ bias2), in place; h and skip [B, C, *spatial] of one shape, dtype and memory
@@ -206,20 +215,16 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
     return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
   };
   const bool nhwc = channels_last_only(h);
-  const bool up = h.dim() == 4 && skip.size(2) * 2 == h.size(2) && skip.size(3) * 2 == h.size(3);
-  const bool down = h.dim() == 4 && skip.size(2) == h.size(2) * 2 && skip.size(3) == h.size(3) * 2;
-  TORCH_CHECK(up || down || skip.sizes() == h.sizes(),
+  const int resize = skip_resize(h, skip);
+  TORCH_CHECK(resize != 0 || skip.sizes() == h.sizes(),
               "bias_residual_: skip must have h's shape, half its height and width, or twice them");
-  TORCH_CHECK(!(up || down) || (nhwc && channels_last_only(skip)),
+  TORCH_CHECK(resize == 0 || (nhwc && channels_last_only(skip)),
               "bias_residual_: a resized skip needs channels_last tensors");
   const bool same_format = nhwc ? channels_last_only(skip) : h.is_contiguous() && skip.is_contiguous();
   TORCH_CHECK(same_format, "bias_residual_: h and skip must both be contiguous or both channels_last");
-  auto per_channel = [&](const at::Tensor& t) {
-    return t.is_contiguous() && t.numel() == h.size(1) && t.scalar_type() == h.scalar_type() && t.device() == h.device();
-  };
+  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, h); };
   TORCH_CHECK(per_channel(bias) && (!bias2 || per_channel(*bias2)), "bias_residual_: biases must be [C] in h's dtype");
   if (h.numel() == 0) return;
-  const int resize = up ? 1 : down ? 2 : 0;
   const c10::cuda::CUDAGuard guard(h.device());
   switch (h.scalar_type()) {
     case at::kFloat: return typed<float>(h, skip, bias, bias2, nhwc, resize);
@@ -237,25 +242,19 @@ void bias_residual_(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bia
 // whose groups the wide geometry serves (wide_geometry_fits).
 std::vector<at::Tensor> bias_residual_stats(const at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias,
                                             const c10::optional<at::Tensor>& bias2, int64_t groups) {
-  const auto nhwc_half = [](const at::Tensor& t) {
-    return t.is_cuda() && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-           unclip_rt::is_half_like(t) && unclip_rt::aligned16(t);
-  };
-  TORCH_CHECK(nhwc_half(h) && nhwc_half(skip) && skip.scalar_type() == h.scalar_type() && skip.device() == h.device(),
+  TORCH_CHECK(unclip_rt::is_nhwc_half(h) && unclip_rt::is_nhwc_half(skip) && skip.scalar_type() == h.scalar_type() &&
+                  skip.device() == h.device(),
               "bias_residual_stats: h and skip must be aligned channels_last half-precision CUDA tensors of one dtype");
   TORCH_CHECK(skip.size(0) == h.size(0) && skip.size(1) == h.size(1),
               "bias_residual_stats: h and skip must share batch and channels");
-  const bool up = skip.size(2) * 2 == h.size(2) && skip.size(3) * 2 == h.size(3);
-  const bool down = skip.size(2) == h.size(2) * 2 && skip.size(3) == h.size(3) * 2;
-  TORCH_CHECK(up || down || skip.sizes() == h.sizes(),
+  const int resize = skip_resize(h, skip);
+  TORCH_CHECK(resize != 0 || skip.sizes() == h.sizes(),
               "bias_residual_stats: skip must have h's shape, half its height and width, or twice them");
   const int64_t channels = h.size(1);
   TORCH_CHECK(groups > 0 && channels % groups == 0 && unclip_rt::wide_geometry_fits(channels / groups, channels, groups),
               "bias_residual_stats: channels must be a multiple of 8 and of the groups, at least 8 per group and at "
               "most 8192 in all");
-  auto per_channel = [&](const at::Tensor& t) {
-    return t.is_contiguous() && t.numel() == channels && t.scalar_type() == h.scalar_type() && t.device() == h.device();
-  };
+  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, h); };
   TORCH_CHECK(per_channel(bias) && (!bias2 || per_channel(*bias2)),
               "bias_residual_stats: biases must be [C] in h's dtype");
   const c10::cuda::CUDAGuard guard(h.device());
@@ -275,8 +274,9 @@ std::vector<at::Tensor> bias_residual_stats(const at::Tensor& h, const at::Tenso
     const auto* b2 = bias2 ? reinterpret_cast<const T*>(bias2->data_ptr()) : nullptr;
     auto* yp = reinterpret_cast<T*>(y.data_ptr());
     auto* pp = reinterpret_cast<float2*>(partial.data_ptr<float>());
-    const auto kernel = up ? bias_residual_stats_kernel<T, 1> : down ? bias_residual_stats_kernel<T, 2>
-                                                                     : bias_residual_stats_kernel<T, 0>;
+    const auto kernel = resize == 1   ? bias_residual_stats_kernel<T, 1>
+                        : resize == 2 ? bias_residual_stats_kernel<T, 2>
+                                      : bias_residual_stats_kernel<T, 0>;
     unclip_rt::launch_overlapped(kernel, grid, block, unclip_rt::wide_shared_bytes(block), stream, hp, sp, bp, b2, yp,
                                  pp, channels, hw, h.size(3), static_cast<int>(groups), chunks.chunk_len,
                                  chunks.chunks);

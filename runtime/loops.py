@@ -115,8 +115,8 @@ def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool = False)
     if t.device.type == "cpu" and device.type == "cuda":
         if pinned:
             return t.to(device, non_blocking=True)
-        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return pinned.to(device, non_blocking=True)
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return staged.to(device, non_blocking=True)
     return t.to(device)
 
 
