@@ -294,17 +294,21 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 @needs_kernel
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all")]
+    "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all"),
+                      (2, "no_table"), (8, "all")]
 )
 def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
     ops give, in fp16 against the fp32 step, with captions of different lengths; batch 22 (66
     rows) runs cuBLAS's GEMMs, the others `skinny_linear` — "narrow" only for the layers of the
     model's width (the MLP's output projection on cuBLAS), "wide_blocks" at 6 and 24 rows with
-    32-feature blocks wherever the layer's features allow (the rest on cuBLAS)."""
+    32-feature blocks wherever the layer's features allow (the rest on cuBLAS). The time token
+    comes from the time table ("no_table": computed per step)."""
     import models.layers as layers
     import models.prior as prior_module
 
+    if variant == "no_table":
+        monkeypatch.setattr(prior_module, "TIME_TABLE", False)
     if variant == "narrow":
         width, real = ours.cfg.prior.width, prior_module.skinny_block
         monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: real(rows, w, f) if w <= width else None)
@@ -414,6 +418,33 @@ def test_skinny_linear_with_32_feature_blocks_matches_float64(rows, width, featu
                                       32)
     with pytest.raises(RuntimeError, match="block_features"):
         cpp_ext.kernels.skinny_linear(x, weight[:16], bias[:16], 0, None, warps, 32)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_the_prior_time_table_is_not_built_inside_a_graph_capture(ours):
+    """A capture that finds no current time table computes the time token in the graph instead
+    of building the table there; the replayed step equals the eager step with the table."""
+    half = copy.deepcopy(ours.prior).cuda().half()
+    cfg = ours.cfg
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(2, cfg.prior.clip_dim, generator=g).cuda().half()
+    tokens = torch.randn(2, cfg.clip.context_length, cfg.clip.text_width, generator=g).cuda().half()
+    mask = torch.ones(2, cfg.clip.context_length, dtype=torch.bool).cuda()
+    x_t = torch.randn(2, cfg.prior.clip_dim, generator=g).cuda().half()
+    t = torch.tensor([999, 40]).cuda()
+    kv = half.context_kv(embed, tokens, mask)
+    half._step_tokens(x_t, t)  # cuBLAS's handle for the time MLP, outside the capture; no table
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert half._time_table() is None
+        captured = half.step(x_t, t, kv, mask)
+    assert getattr(half, "_time_table_cache", None) is None
+    graph.replay()
+    eager = half.step(x_t, t, kv, mask)  # builds the table
+    assert half._time_table() is not None
+    assert _rel(captured, eager) <= 2e-3, _rel(captured, eager)
 
 
 @needs_kernel

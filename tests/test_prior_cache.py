@@ -70,3 +70,29 @@ def test_the_prior_runs_skinny_linear_up_to_eight_rows(rows, width, features, ex
     from models.prior import skinny_block
 
     assert skinny_block(rows, width, features) == expected
+
+
+def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours):
+    """`_time_table` (the fused step's time token lookup) holds time_embed(sinusoid(t)) + its
+    positional embedding for every training timestep, and is rebuilt when those weights change
+    in place or move to new storage."""
+    from models.layers import timestep_embedding
+
+    prior = copy.deepcopy(ours.prior)
+    table = prior._time_table()
+    steps = prior.cfg.diffusion.num_train_timesteps
+    assert table.shape == (steps, prior.cfg.width)
+    t = torch.tensor([0, 1, 420, steps - 1])
+    with torch.no_grad():
+        ref = prior.time_embed(timestep_embedding(t, prior.cfg.width))
+        ref = ref + prior.positional_embedding[0, prior.context_len]
+    torch.testing.assert_close(table[t], ref, rtol=1e-5, atol=1e-6)
+    assert prior._time_table() is table  # cached while nothing changes
+    with torch.no_grad():
+        prior.time_embed[2].bias.add_(1.0)
+    changed = prior._time_table()
+    torch.testing.assert_close(changed[t], ref + 1.0, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        prior.positional_embedding.data = prior.positional_embedding.data * 2
+    again = prior._time_table()
+    assert again is not changed and not torch.equal(again, changed)
