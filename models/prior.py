@@ -52,10 +52,11 @@ def skinny_block(rows: int, width: int, features: int) -> int | None:
 
 
 def _skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether `skinny_linear` (16-feature blocks) takes `linear` (with a bias) of the rows `x`: at
-    most 8 contiguous 16-byte-aligned rows, a width of 32s, features of 16s."""
-    return (x.dim() == 2 and x.shape[0] <= 8 and x.is_contiguous() and x.data_ptr() % 16 == 0
-            and linear.in_features % 32 == 0 and linear.out_features % 16 == 0 and linear.bias is not None)
+    """Whether `skinny_linear` takes `linear` (with a bias) of the rows `x`: `skinny_block`'s rows and
+    width, contiguous 16-byte-aligned rows, features of 16s."""
+    return (x.dim() == 2 and skinny_block(x.shape[0], linear.in_features, linear.out_features) is not None
+            and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and linear.out_features % 16 == 0 and linear.bias is not None)
 
 
 def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear, block: int | None) -> torch.Tensor | None:
