@@ -52,8 +52,8 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
   P* row = reinterpret_cast<P*>(x + static_cast<int64_t>(blockIdx.x) * width);
   float v[PACKS][kVec];
   float sum = 0.f;
+  unclip_rt::allow_dependents();  // the next kernel may start now (pdl.cuh)
   unclip_rt::wait_for_producers();  // x is the output of the kernels before (pdl.cuh)
-  unclip_rt::allow_dependents();
 #pragma unroll
   for (int k = 0; k < PACKS; ++k) {
     const int p = threadIdx.x + k * blockDim.x;

@@ -40,6 +40,7 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
                                             const bool* __restrict__ keep, T* __restrict__ out, int tokens,
                                             int heads, int ch, int past_len, int mask_len, int64_t past_b,
                                             int64_t past_kv, float scale) {
+  unclip_rt::allow_dependents();  // the next kernel may start now (pdl.cuh)
   extern __shared__ float smem[];
   using P8 = Pack<T, 8>;
   const int keys = past_len + tokens, slices = ch / 8;
@@ -63,7 +64,6 @@ __global__ void prior_step_attention_kernel(const T* __restrict__ qkv, const T* 
   }
   // the cache is older than the kernel before this one (pdl.cuh); the step tokens' qkv is its output
   unclip_rt::wait_for_producers();
-  unclip_rt::allow_dependents();
   for (int i = threadIdx.x; i < tokens * slices; i += blockDim.x) {
     const int t = i / slices, d8 = i % slices;
     const T* row = qkv_b + t * row_stride + d8 * 8;

@@ -73,13 +73,16 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t
 // row read 64·C contiguous bytes of it per step, the block's 8 warps 512·C. With MT = 2 each input
 // pack loaded serves two weight tiles: every block reads all the rows, so at 24 rows (four
 // images) 16-feature blocks read as many bytes of rows (from L2) as of weights (from memory).
-template <typename T, int TILES, int C, int kWarps, int MT>
+template <typename T, int TILES, int C, int kWarps, int MT, bool EIGHT = false>
 __global__ void __launch_bounds__(kWarps * 32)
     skinny_linear_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                          T* __restrict__ out, int rows, int features, int width, int activation, bool accumulate) {
-  constexpr int kSteps = kPacksInFlight / (C * MT) > 0 ? kPacksInFlight / (C * MT) : 1;  // steps loaded ahead
-  constexpr int kBlockFeatures = kFeatures * MT;
-  __shared__ float partial[kWarps][kBlockFeatures][TILES * 8];
+  // EIGHT: 8 features per block, the mma's other 8 rows repeat them (no loads; their sums unused)
+  constexpr int kInFlight = EIGHT ? 3 * kPacksInFlight / 2 : kPacksInFlight;
+  constexpr int kSteps = kInFlight / (C * MT) > 0 ? kInFlight / (C * MT) : 1;  // steps loaded ahead
+  constexpr int kBlockFeatures = EIGHT ? 8 : kFeatures * MT;
+  __shared__ float partial[kWarps][kFeatures * MT][TILES * 8];
+  unclip_rt::allow_dependents();  // the next kernel may start now (pdl.cuh)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int feature0 = blockIdx.x * kBlockFeatures;
   const int steps = width / (kStep * C), packs = width / 8;
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         lo[u][m][c] = __ldcs(w_lo[m] + 4 * C * s + c);
-        hi[u][m][c] = __ldcs(w_hi[m] + 4 * C * s + c);
+        if constexpr (!EIGHT) hi[u][m][c] = __ldcs(w_hi[m] + 4 * C * s + c);
       }
     }
   };
@@ -107,7 +110,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (s < steps) load_step(u, s);
   }
   unclip_rt::wait_for_producers();
-  unclip_rt::allow_dependents();
   const uint4* xs = reinterpret_cast<const uint4*>(x) + C * t;
   float acc[MT][TILES][4] = {};
   for (int base = warp; base < steps; base += kSteps * kWarps) {
@@ -123,8 +125,13 @@ __global__ void __launch_bounds__(kWarps * 32)
             const uint4 b = r < rows ? xs[static_cast<int64_t>(r) * packs + 4 * C * s + c] : make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-              mma_16816<T>(acc[m][tile], lo[u][m][c].x, hi[u][m][c].x, lo[u][m][c].y, hi[u][m][c].y, b.x, b.y);
-              mma_16816<T>(acc[m][tile], lo[u][m][c].z, hi[u][m][c].z, lo[u][m][c].w, hi[u][m][c].w, b.z, b.w);
+              if constexpr (EIGHT) {
+                mma_16816<T>(acc[m][tile], lo[u][m][c].x, lo[u][m][c].x, lo[u][m][c].y, lo[u][m][c].y, b.x, b.y);
+                mma_16816<T>(acc[m][tile], lo[u][m][c].z, lo[u][m][c].z, lo[u][m][c].w, lo[u][m][c].w, b.z, b.w);
+              } else {
+                mma_16816<T>(acc[m][tile], lo[u][m][c].x, hi[u][m][c].x, lo[u][m][c].y, hi[u][m][c].y, b.x, b.y);
+                mma_16816<T>(acc[m][tile], lo[u][m][c].z, hi[u][m][c].z, lo[u][m][c].w, hi[u][m][c].w, b.z, b.w);
+              }
             }
           }
         }
@@ -204,8 +211,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = static_cast<int>((rows + 7) / 8);
   TORCH_CHECK(warps == 4 || warps == 8, "skinny_linear: warps must be 4 or 8");
-  TORCH_CHECK(block_features == 16 || (block_features == 32 && features % 32 == 0 && rows <= 32),
-              "skinny_linear: block_features must be 16, or 32 with features a multiple of 32 and at most 32 rows");
+  TORCH_CHECK(block_features == 8 || block_features == 16 || (block_features == 32 && features % 32 == 0 && rows <= 32),
+              "skinny_linear: block_features must be 8, 16, or 32 with features a multiple of 32 and at most 32 rows");
   const dim3 grid(static_cast<unsigned>(features / block_features)), block(static_cast<unsigned>(warps * 32));
   const auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -225,6 +232,16 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
           case 2: run(skinny_linear_kernel<T, 2, C, W, 2>); break;
           case 3: run(skinny_linear_kernel<T, 3, C, W, 2>); break;
           default: run(skinny_linear_kernel<T, 4, C, W, 2>); break;
+        }
+        return;
+      }
+      if (block_features == 8) {
+        switch (tiles) {
+          case 1: run(skinny_linear_kernel<T, 1, C, W, 1, true>); break;
+          case 2: run(skinny_linear_kernel<T, 2, C, W, 1, true>); break;
+          case 3: run(skinny_linear_kernel<T, 3, C, W, 1, true>); break;
+          case 4: run(skinny_linear_kernel<T, 4, C, W, 1, true>); break;
+          default: run(skinny_linear_kernel<T, kMaxTiles, C, W, 1, true>); break;
         }
         return;
       }

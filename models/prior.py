@@ -40,15 +40,17 @@ TIME_TABLE = True
 
 def skinny_block(rows: int, width: int, features: int) -> int | None:
     """The output features per block with which a linear layer of the prior (`rows` input rows of
-    `width`, `features` outputs) runs `cpp_ext.skinny_linear`, or None for cuBLAS: 16-feature
-    blocks up to 8 rows (one tile of the tensor-core step), measured faster than cuBLAS on an H100
-    (6 rows: 10.9 vs 12.9 us for 2048 → 6144). 32-feature blocks won every layer alone at 6 rows
-    (10.2 us there; `benchmarks/prior_linears.py`) yet lost in the step's chain of kernels (batch 2
-    step, CUDA graph: 1.42 vs 1.19 ms), so the prior keeps 16. At 24 rows (four images) cuBLAS won
-    or tied on the layers alone."""
+    `width`, `features` outputs) runs `cpp_ext.skinny_linear`, or None for cuBLAS: up to 8 rows (one
+    tile of the tensor-core step), 16-feature blocks, measured faster than cuBLAS on an H100 (6
+    rows: 10.9 vs 12.9 us for 2048 → 6144), or 8-feature blocks for 2048 features and fewer, where
+    16-feature blocks would leave some of the H100's 132 SMs without one (Karlo's attention output
+    and MLP output projections: batch-2 step, CUDA graph, 1.133 → 1.103 ms; 8-feature blocks on
+    every layer 1.298). 32-feature blocks won every layer alone at 6 rows (10.2 us at 2048 → 6144;
+    `benchmarks/prior_linears.py`) yet lost in the step's chain of kernels (1.42 vs 1.19 ms). At 24
+    rows (four images) cuBLAS won or tied on the layers alone."""
     if rows < 1 or rows > 8 or width % 32:
         return None
-    return 16
+    return 8 if features <= 2048 else 16
 
 
 def _skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:

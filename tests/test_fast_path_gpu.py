@@ -295,14 +295,15 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 @torch.no_grad()
 @pytest.mark.parametrize(
     "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all"),
-                      (2, "no_table"), (8, "all")]
+                      (2, "no_table"), (8, "all"), (2, "sixteen")]
 )
 def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
     ops give, in fp16 against the fp32 step, with captions of different lengths; batch 22 (66
     rows) runs cuBLAS's GEMMs, the others `skinny_linear` — "narrow" only for the layers of the
     model's width (the MLP's output projection on cuBLAS), "wide_blocks" at 6 and 24 rows with
-    32-feature blocks wherever the layer's features allow (the rest on cuBLAS). The time token
+    32-feature blocks wherever the layer's features allow (the rest on cuBLAS), "sixteen" with
+    16-feature blocks where the model's rule picks 8 (every layer of the tiny model). The time token
     comes from the time table ("no_table": computed per step)."""
     import models.layers as layers
     import models.prior as prior_module
@@ -312,6 +313,9 @@ def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypat
     if variant == "narrow":
         width, real = ours.cfg.prior.width, prior_module.skinny_block
         monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: real(rows, w, f) if w <= width else None)
+    if variant == "sixteen":
+        real = prior_module.skinny_block
+        monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: None if real(rows, w, f) is None else 16)
     if variant == "wide_blocks":
         monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: 32 if (f % 32, w % 32) == (0, 0) else None)
 
@@ -418,6 +422,29 @@ def test_skinny_linear_with_32_feature_blocks_matches_float64(rows, width, featu
                                       32)
     with pytest.raises(RuntimeError, match="block_features"):
         cpp_ext.kernels.skinny_linear(x, weight[:16], bias[:16], 0, None, warps, 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,width,features", SKINNY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_linear_with_8_feature_blocks_matches_float64(rows, width, features, dtype):
+    """8 output features per block (the mma's other 8 rows repeat them): GELU(x·Wᵀ + b) and
+    out += x·Wᵀ + b against float64 torch, repeatable, and the same bits as 16-feature blocks
+    (each feature's sums run in the same order)."""
+    g = torch.Generator().manual_seed(rows * 5 + width)
+    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
+    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
+    bias = torch.randn(features, generator=g).to(dtype).cuda()
+    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    got = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 8, 8)
+    ref = F.gelu(x.double() @ weight.double().t() + bias.double())
+    assert _rel(got, ref) <= tol, _rel(got, ref)
+    assert torch.equal(got, cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 8, 8))
+    assert torch.equal(got, cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 8, 16))
+    ref_acc = out.double() + x.double() @ weight.double().t() + bias.double()
+    acc = cpp_ext.kernels.skinny_linear(x, weight, bias, 0, out, 8, 8)
+    assert acc.data_ptr() == out.data_ptr() and _rel(acc, ref_acc) <= tol
 
 
 @needs_kernel

@@ -61,12 +61,13 @@ def test_the_exported_split_prior_equals_the_torch_forward(ours, tmp_path):
 
 @pytest.mark.parametrize(
     "rows,width,features,expected",
-    [(6, 2048, 6144, 16), (1, 2048, 2048, 16), (8, 8192, 2048, 16), (6, 64, 48, 16), (9, 2048, 6144, None),
-     (24, 2048, 8192, None), (6, 2040, 6144, None), (0, 2048, 2048, None)],
+    [(6, 2048, 6144, 16), (6, 2048, 8192, 16), (1, 2048, 2048, 8), (8, 8192, 2048, 8), (6, 64, 48, 8),
+     (9, 2048, 6144, None), (24, 2048, 8192, None), (6, 2040, 6144, None), (0, 2048, 2048, None)],
 )
 def test_the_prior_runs_skinny_linear_up_to_eight_rows(rows, width, features, expected):
-    """Up to 8 rows the prior's linears run `skinny_linear` with 16-feature blocks; more rows, or a
-    width the kernel cannot split, go to cuBLAS."""
+    """Up to 8 rows the prior's linears run `skinny_linear`, with 8-feature blocks up to 2048
+    features and 16-feature blocks above; more rows, or a width the kernel cannot split, go to
+    cuBLAS."""
     from models.prior import skinny_block
 
     assert skinny_block(rows, width, features) == expected
