@@ -48,14 +48,14 @@ class ARPrior(nn.Module):
         self.text_emb_proj = nn.Linear(cfg.clip_dim, w)
         self.similarity_emb = nn.Embedding(cfg.similarity_buckets, w)
         self.code_emb = nn.Embedding(cfg.buckets, w)
-        self.positional_embedding = nn.Parameter(torch.randn(1, cfg.seq_len, w) * 0.01)
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(1, cfg.seq_len, w), std=0.01))
         self.transformer = PriorTransformerStack(w, cfg.layers, cfg.heads)
         self.final_ln = LayerNorm32(w)
         self.head = nn.Linear(w, cfg.buckets)
         k, d = cfg.components, cfg.clip_dim
         # The codebook, fitted on training embeddings (train.ar_prior) and shipped with the weights.
         self.register_buffer("pca_mean", torch.zeros(d))
-        self.register_buffer("pca_components", torch.eye(k, d))
+        self.register_buffer("pca_components", torch.eye(k, d, device="cpu"))  # meta: see causal_bias
         self.register_buffer("code_edges", torch.linspace(-1, 1, cfg.buckets - 1).repeat(k, 1))
         self.register_buffer("code_values", torch.linspace(-1, 1, cfg.buckets).repeat(k, 1))
         self.register_buffer("similarity_edges", torch.linspace(-1, 1, cfg.similarity_buckets - 1))

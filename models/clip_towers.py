@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.configs import ClipConfig
+from models.layers import causal_bias
 
 
 class QuickGELU(nn.Module):
@@ -68,12 +69,12 @@ class VisionTransformer(nn.Module):
         scale = width**-0.5
         grid = cfg.image_size // cfg.patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(width), std=scale))
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(grid * grid + 1, width), std=scale))
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, cfg.vision_layers, width // cfg.vision_head_width, cfg.quick_gelu)
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+        self.proj = nn.Parameter(nn.init.normal_(torch.empty(width, cfg.embed_dim), std=scale))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv1(pixels).flatten(2).transpose(1, 2)  # [B, grid², width]
@@ -94,8 +95,7 @@ class OpenAIClip(nn.Module):
         self.transformer = Transformer(width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, cfg.embed_dim))
-        self.register_buffer("attn_mask", torch.full((cfg.context_length,) * 2, float("-inf")).triu_(1),
-                             persistent=False)
+        self.register_buffer("attn_mask", causal_bias(cfg.context_length), persistent=False)
         self.visual = VisionTransformer(cfg) if with_vision else None
         self._init_text()
 

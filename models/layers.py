@@ -224,8 +224,10 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def causal_bias(n: int) -> torch.Tensor:
-    """[n, n] additive bias that hides future positions (-inf above the diagonal)."""
-    return torch.full((n, n), float("-inf")).triu_(1)
+    """[n, n] additive bias that hides future positions (-inf above the diagonal). Built on the
+    CPU whatever the default device (moved with its module): on the meta device `triu_` runs
+    torch's Python reference, whose first call imports `torch._dynamo` (seconds of a model load)."""
+    return torch.full((n, n), float("-inf"), device="cpu").triu_(1)
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

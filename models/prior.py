@@ -170,8 +170,8 @@ class Prior(nn.Module):
         self.out_proj = nn.Linear(w, cfg.clip_dim)
         self.transformer = PriorTransformerStack(w, cfg.layers, cfg.heads)
         self.final_ln = LayerNorm32(w) if cfg.final_ln else None
-        self.positional_embedding = nn.Parameter(torch.randn(1, cfg.seq_len, w) * 0.01)
-        self.prd_emb = nn.Parameter(torch.randn(1, 1, w) * 0.01)
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(1, cfg.seq_len, w), std=0.01))
+        self.prd_emb = nn.Parameter(nn.init.normal_(torch.empty(1, 1, w), std=0.01))
         self.register_buffer("clip_mean", torch.zeros(1, cfg.clip_dim))
         self.register_buffer("clip_std", torch.ones(1, cfg.clip_dim))
         self.register_buffer("causal_bias", causal_bias(cfg.seq_len), persistent=False)

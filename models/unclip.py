@@ -7,6 +7,9 @@ paper's autoregressive prior, where the config has one and the weights hold it (
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -35,7 +38,7 @@ class UnCLIPModel(nn.Module):
     @classmethod
     def empty(cls, cfg: UnCLIPConfig, with_vision: bool = True, with_ar_prior: bool = True) -> UnCLIPModel:
         """Build on the meta device (no memory, no init) for `load_state_dict(..., assign=True)`."""
-        with torch.device("meta"):
+        with torch.device("meta"), _no_weight_init():
             return cls(cfg, with_vision=with_vision, with_ar_prior=with_ar_prior)
 
     def materialize_buffers(self) -> None:
@@ -55,6 +58,23 @@ class UnCLIPModel(nn.Module):
         load_strict(model, state, what)
         model.materialize_buffers()
         return model
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """`torch.nn.init`'s in-place initialisers do nothing inside (for the meta device, where there
+    is nothing to fill). Why: on meta tensors torch routes them through its Python references,
+    whose first call imports `torch._dynamo`: 1.3 s here, about 6 s of a new process's model load
+    on the H100 machine (`benchmarks/first_image.py`), for values that are never used."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def count_parameters(module: nn.Module) -> int:

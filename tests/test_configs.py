@@ -59,3 +59,27 @@ def test_unknown_preset_lists_known_ones():
     with pytest.raises(KeyError, match="karlo"):
         get_config("nope")
     assert get_config("tiny") is TINY
+
+
+def test_an_empty_karlo_model_initialises_nothing_and_leaves_torch_init_as_it_was():
+    """`UnCLIPModel.empty` (the loaders' first step) builds every tensor on the meta device
+    without running an initialiser, so a new process does not import `torch._dynamo` (torch's
+    Python references on meta tensors do; seconds of a model load on the GPU machine); afterwards
+    `torch.nn.init` initialises again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch; from models.unclip import UnCLIPModel; from models.configs import KARLO; "
+            "m = UnCLIPModel.empty(KARLO); "
+            "assert all(p.is_meta for p in m.parameters()); "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+    import torch
+
+    UnCLIPModel.empty(TINY)
+    filled = torch.nn.init.normal_(torch.zeros(64), std=1.0)
+    assert filled.abs().sum() > 0
