@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import ARPriorConfig
-from models.layers import LayerNorm32, additive_mask, causal_bias
+from models.layers import LayerNorm32, additive_mask, causal_bias, concrete_default_device
 from models.prior import PriorTransformerStack
 
 
@@ -55,7 +55,7 @@ class ARPrior(nn.Module):
         k, d = cfg.components, cfg.clip_dim
         # The codebook, fitted on training embeddings (train.ar_prior) and shipped with the weights.
         self.register_buffer("pca_mean", torch.zeros(d))
-        self.register_buffer("pca_components", torch.eye(k, d, device="cpu"))  # meta: see causal_bias
+        self.register_buffer("pca_components", torch.eye(k, d, device=concrete_default_device()))
         self.register_buffer("code_edges", torch.linspace(-1, 1, cfg.buckets - 1).repeat(k, 1))
         self.register_buffer("code_values", torch.linspace(-1, 1, cfg.buckets).repeat(k, 1))
         self.register_buffer("similarity_edges", torch.linspace(-1, 1, cfg.similarity_buckets - 1))

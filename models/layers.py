@@ -224,10 +224,18 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 def causal_bias(n: int) -> torch.Tensor:
-    """[n, n] additive bias that hides future positions (-inf above the diagonal). Built on the
-    CPU whatever the default device (moved with its module): on the meta device `triu_` runs
-    torch's Python reference, whose first call imports `torch._dynamo` (seconds of a model load)."""
-    return torch.full((n, n), float("-inf"), device="cpu").triu_(1)
+    """[n, n] additive bias that hides future positions (-inf above the diagonal), on the default
+    device (the CPU in place of meta: see `concrete_default_device`)."""
+    return torch.full((n, n), float("-inf"), device=concrete_default_device()).triu_(1)
+
+
+def concrete_default_device() -> torch.device:
+    """torch's default device, or the CPU where that is meta: for the few buffers a module builds
+    with ops (`triu_`, `eye`) that torch runs on meta tensors through its Python references, whose
+    first call imports `torch._dynamo` (6.8 s in a new process on the H100 machine, during a model
+    load that needs none of it). Such a buffer is tiny and is rebuilt or loaded after a meta build."""
+    device = torch.get_default_device()
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
