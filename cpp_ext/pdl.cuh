@@ -1,7 +1,9 @@
 // Programmatic dependent launch (Hopper and newer): a kernel launched with `launch_overlapped`
 // may start while the kernel before it on the stream still runs. It must call
 // `wait_for_producers()` before it reads anything an earlier kernel wrote (or writes anything an
-// earlier kernel reads); `allow_dependents()` lets the next such kernel start. Work that needs no
+// earlier kernel reads); `allow_dependents()` lets the next such kernel start (the prior's kernels
+// call it first thing, so the next one's blocks load their weights while this one runs; the next
+// kernel's own wait still holds it until this one has finished). Work that needs no
 // earlier output (loading weights) goes before the wait, so it overlaps the producer's tail and
 // the launch gap. On older GPUs both are no-ops and the launch is an ordinary one. Stream capture
 // records the overlap as a programmatic graph edge, so CUDA graph replays keep it.

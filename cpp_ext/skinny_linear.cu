@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // x [rows, width], weight [features, width], bias [features] (optional), all contiguous fp16 or
 // all bf16 on one device; rows 1..64, width a multiple of 32, features a multiple of 16.
-// block_features: output features per block, 16 or 32 (32: features a multiple of 32, rows up to 32).
+// block_features: output features per block, 8, 16 or 32 (8: twice the blocks of 16, for layers whose
+// 16-feature blocks would not cover the GPU; 32: features a multiple of 32, rows up to 32).
 // activation: 0 none, 1 exact GELU, 2 SiLU. Without `out`: returns act(x·Wᵀ + b) [rows, features];
 // with `out` [rows, features] (contiguous, same dtype): out += act(x·Wᵀ + b) in place, returns out.
 // The kernel reads `weight` before the kernel launched just before it has finished: the weights
