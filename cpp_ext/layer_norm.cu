@@ -53,6 +53,15 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
   float v[PACKS][kVec];
   float sum = 0.f;
   unclip_rt::allow_dependents();  // the next kernel may start now (pdl.cuh)
+  P w_pre[PACKS], b_pre[PACKS];  // the norm's weight and bias, before the wait: no kernel in a loop writes them
+#pragma unroll
+  for (int k = 0; k < PACKS; ++k) {
+    const int p = threadIdx.x + k * blockDim.x;
+    if (p < packs) {
+      w_pre[k] = reinterpret_cast<const P*>(weight)[p];
+      b_pre[k] = reinterpret_cast<const P*>(beta)[p];
+    }
+  }
   unclip_rt::wait_for_producers();  // x is the output of the kernels before (pdl.cuh)
 #pragma unroll
   for (int k = 0; k < PACKS; ++k) {
@@ -88,7 +97,7 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
   for (int k = 0; k < PACKS; ++k) {
     const int p = threadIdx.x + k * blockDim.x;
     if (p >= packs) break;
-    const P w = reinterpret_cast<const P*>(weight)[p], b = reinterpret_cast<const P*>(beta)[p];
+    const P w = w_pre[k], b = b_pre[k];
     P o;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) o.v[e] = from_float<T>((v[k][e] - mean) * rstd * to_float(w.v[e]) + to_float(b.v[e]));
@@ -100,7 +109,8 @@ __global__ void residual_layer_norm_kernel(T* __restrict__ x, const T* __restric
 
 // x [rows, width] contiguous fp16/bf16 (updated in place when `pending` is given: x += pending);
 // weight, beta [width] in x's dtype. Returns LayerNorm(x) [rows, width]. width: a multiple of 8,
-// at most 8 * 4 * 256 = 8192.
+// at most 8 * 4 * 256 = 8192. weight and beta are read before the kernel launched just before this
+// one has finished (pdl.cuh): that kernel must not write them (none does inside a sampling loop).
 at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& pending, const at::Tensor& weight,
                                const at::Tensor& beta, double eps) {
   unclip_rt::check_half_matrix(x, "residual_layer_norm", "x");

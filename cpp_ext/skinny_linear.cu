@@ -109,7 +109,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int s = warp + u * kWarps;
     if (s < steps) load_step(u, s);
   }
+  // this thread's first epilogue item (at most one per thread up to 16 rows of 16 features): its
+  // bias now, its output (accumulating) right after the wait, off the epilogue's critical path
+  const int first = threadIdx.x;
+  const bool has_first = first < kBlockFeatures * rows;
+  const T* first_out_ptr = out + static_cast<int64_t>(first / kBlockFeatures) * features + feature0 + first % kBlockFeatures;
+  const float first_bias = has_first && bias != nullptr ? to_float(bias[feature0 + first % kBlockFeatures]) : 0.f;
   unclip_rt::wait_for_producers();
+  const float first_out = has_first && accumulate ? to_float(*first_out_ptr) : 0.f;
   const uint4* xs = reinterpret_cast<const uint4*>(x) + C * t;
   float acc[MT][TILES][4] = {};
   for (int base = warp; base < steps; base += kSteps * kWarps) {
@@ -158,14 +165,18 @@ __global__ void __launch_bounds__(kWarps * 32)
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += partial[w][f][r];
-    if (bias != nullptr) v += to_float(bias[feature]);
+    if (has_first && i == first) {
+      v += first_bias;
+    } else if (bias != nullptr) {
+      v += to_float(bias[feature]);
+    }
     if (activation == kGelu) {
       v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
     } else if (activation == kSilu) {
       v = v / (1.f + __expf(-v));
     }
     T* o = out + static_cast<int64_t>(r) * features + feature;
-    if (accumulate) v += to_float(*o);
+    if (accumulate) v += has_first && i == first ? first_out : to_float(*o);
     *o = from_float<T>(v);
   }
 }
@@ -178,7 +189,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // 16-feature blocks would not cover the GPU; 32: features a multiple of 32, rows up to 32).
 // activation: 0 none, 1 exact GELU, 2 SiLU. Without `out`: returns act(x·Wᵀ + b) [rows, features];
 // with `out` [rows, features] (contiguous, same dtype): out += act(x·Wᵀ + b) in place, returns out.
-// The kernel reads `weight` before the kernel launched just before it has finished: the weights
+// The kernel reads `weight` and `bias` before the kernel launched just before it has finished: they
 // must not be written by that kernel (they never are inside a sampling loop).
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps,
