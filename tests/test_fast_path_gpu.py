@@ -350,6 +350,18 @@ SKINNY_SHAPES = [(1, 32, 16), (6, 2048, 6144), (6, 8192, 2048), (24, 2048, 8192)
                  (6, 256, 16384), (3, 2080, 4128)]
 
 
+def _skinny_inputs(rows: int, width: int, features: int, dtype: torch.dtype, seed: int,
+                   device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """x [rows, width], weight [features, width] (scaled by width^-1/2), bias [features] and an
+    output to accumulate into [rows, features], drawn in that order from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g)
+    weight = torch.randn(features, width, generator=g) / width**0.5
+    bias = torch.randn(features, generator=g)
+    out = torch.randn(rows, features, generator=g)
+    return tuple(t.to(dtype).to(device) for t in (x, weight, bias, out))
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows,width,features", SKINNY_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -357,11 +369,7 @@ SKINNY_SHAPES = [(1, 32, 16), (6, 2048, 6144), (6, 8192, 2048), (24, 2048, 8192)
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_skinny_linear_matches_float64(rows, width, features, dtype, activation, accumulate):
     """act(x·Wᵀ + b) (and out += it) for few rows against float64 torch; repeated runs identical."""
-    g = torch.Generator().manual_seed(rows * width + activation)
-    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
-    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
-    bias = torch.randn(features, generator=g).to(dtype).cuda()
-    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    x, weight, bias, out = _skinny_inputs(rows, width, features, dtype, seed=rows * width + activation)
     act = {0: lambda v: v, 1: F.gelu, 2: F.silu}[activation]
     ref = act(x.double() @ weight.double().t() + bias.double())
     if accumulate:
@@ -404,11 +412,7 @@ def test_skinny_linear_with_32_feature_blocks_matches_float64(rows, width, featu
     """32 output features per block (two weight tiles per loaded input pack): GELU(x·Wᵀ + b) and
     out += x·Wᵀ + b against float64 torch, repeatable; refused beyond 32 rows or for a feature
     count that is not a multiple of 32."""
-    g = torch.Generator().manual_seed(rows * 7 + width)
-    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
-    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
-    bias = torch.randn(features, generator=g).to(dtype).cuda()
-    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    x, weight, bias, out = _skinny_inputs(rows, width, features, dtype, seed=rows * 7 + width)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     got = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, warps, 32)
     ref = F.gelu(x.double() @ weight.double().t() + bias.double())
@@ -431,11 +435,7 @@ def test_skinny_linear_with_8_feature_blocks_matches_float64(rows, width, featur
     """8 output features per block (the mma's other 8 rows repeat them): GELU(x·Wᵀ + b) and
     out += x·Wᵀ + b against float64 torch, repeatable, and the same bits as 16-feature blocks
     (each feature's sums run in the same order)."""
-    g = torch.Generator().manual_seed(rows * 5 + width)
-    x = torch.randn(rows, width, generator=g).to(dtype).cuda()
-    weight = (torch.randn(features, width, generator=g) / width**0.5).to(dtype).cuda()
-    bias = torch.randn(features, generator=g).to(dtype).cuda()
-    out = torch.randn(rows, features, generator=g).to(dtype).cuda()
+    x, weight, bias, out = _skinny_inputs(rows, width, features, dtype, seed=rows * 5 + width)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     got = cpp_ext.kernels.skinny_linear(x, weight, bias, 1, None, 8, 8)
     ref = F.gelu(x.double() @ weight.double().t() + bias.double())
