@@ -113,10 +113,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   // bias now, its output (accumulating) right after the wait, off the epilogue's critical path
   const int first = threadIdx.x;
   const bool has_first = first < kBlockFeatures * rows;
-  const T* first_out_ptr = out + static_cast<int64_t>(first / kBlockFeatures) * features + feature0 + first % kBlockFeatures;
+  const int64_t first_at = static_cast<int64_t>(first / kBlockFeatures) * features + feature0 + first % kBlockFeatures;
   const float first_bias = has_first && bias != nullptr ? to_float(bias[feature0 + first % kBlockFeatures]) : 0.f;
   unclip_rt::wait_for_producers();
-  const float first_out = has_first && accumulate ? to_float(*first_out_ptr) : 0.f;
+  const float first_out = has_first && accumulate ? to_float(out[first_at]) : 0.f;
   const uint4* xs = reinterpret_cast<const uint4*>(x) + C * t;
   float acc[MT][TILES][4] = {};
   for (int base = warp; base < steps; base += kSteps * kWarps) {
