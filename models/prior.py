@@ -16,6 +16,8 @@ x_t, `prd`) against that cache — the same result as `forward`, with 3/81 of th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,19 +40,48 @@ SKINNY_GELU = 1  # cpp_ext.skinny_linear's activation code for exact GELU
 TIME_TABLE = True
 
 
+# The SMs `skinny_block` spreads a layer's blocks over: the current CUDA device's, or an H100's
+# without CUDA (the rule is then still defined, e.g. for tests on the CPU).
+H100_SMS = 132
+
+
+@functools.cache
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def multiprocessors() -> int:
+    """The current CUDA device's streaming multiprocessors (`H100_SMS` without CUDA)."""
+    return _multiprocessors(torch.cuda.current_device()) if torch.cuda.is_available() else H100_SMS
+
+
 def skinny_block(rows: int, width: int, features: int) -> int | None:
     """The output features per block with which a linear layer of the prior (`rows` input rows of
     `width`, `features` outputs) runs `cpp_ext.skinny_linear`, or None for cuBLAS: up to 8 rows (one
-    tile of the tensor-core step), 16-feature blocks, measured faster than cuBLAS on an H100 (6
-    rows: 10.9 vs 12.9 us for 2048 → 6144), or 8-feature blocks for 2048 features and fewer, where
-    16-feature blocks would leave some of the H100's 132 SMs without one (Karlo's attention output
-    and MLP output projections: batch-2 step, CUDA graph, 1.133 → 1.103 ms; 8-feature blocks on
-    every layer 1.298). 32-feature blocks won every layer alone at 6 rows (10.2 us at 2048 → 6144;
-    `benchmarks/prior_linears.py`) yet lost in the step's chain of kernels (1.42 vs 1.19 ms). At 24
-    rows (four images) cuBLAS won or tied on the layers alone."""
+    tile of the tensor-core step; at 24 rows, four images, cuBLAS won or tied on the layers
+    alone). The blocks: the largest of 32, 16 and 8 features whose grid still gives every SM of the
+    GPU a block (`multiprocessors`), else 8. In the step's chain of overlapped kernels (pdl.cuh) a
+    kernel can start only once every block of the one before it is resident, so a layer that needs
+    more than one wave of blocks (two per SM) holds back the kernels after it: on an H100 (132 SMs)
+    Karlo's QKV and MLP input projections (6144 and 8192 features) now run 192 and 256 blocks of 32
+    instead of 384 and 512 of 16, the attention output and MLP output projections (2048) 256 of 8:
+    batch-2 step (CUDA graph) 1.049-1.059 → 1.009-1.019 ms with the attention kernel of this
+    version; both changes against the version before them, alternating processes: 1.069-1.083 →
+    1.010-1.023 ms (batch 1: 1.022-1.024 → 0.979-0.985). Attention output projections of 16 (128
+    blocks) measured 0.998-1.014, within the noise of that; 16 blocks everywhere 1.133 and 8
+    everywhere 1.298 in earlier versions."""
     if rows < 1 or rows > 8 or width % 32:
         return None
-    return 8 if features <= 2048 else 16
+    sms = multiprocessors()
+    for block in (32, 16):
+        if features % block == 0 and features // block >= sms:
+            return block
+    return 8
+
+
+def _attention_head_fits(head: int) -> bool:
+    """Whether `cpp_ext.prior_step_attention` takes heads of this size: a power of two, 8 to 256."""
+    return 8 <= head <= 256 and head & (head - 1) == 0
 
 
 def _skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:
@@ -238,9 +269,9 @@ class Prior(nn.Module):
     ) -> torch.Tensor:
         """`forward` given the cache of `context_kv`: predict standardised x0 [B, clip_dim]."""
         n = self.context_len
-        # the kernels read 16-byte packs of a head (so of a row too) and rows of at most 8192
-        if (fused_kernels_available(x_t, self.positional_embedding) and (self.cfg.width // self.cfg.heads) % 8 == 0
-                and self.cfg.width <= 8192):
+        # the attention kernel takes heads of a power of two (8 to 256), the others rows of at most 8192
+        if (fused_kernels_available(x_t, self.positional_embedding)
+                and _attention_head_fits(self.cfg.width // self.cfg.heads) and self.cfg.width <= 8192):
             return self._predict_fused(self._blocks_fused(self._step_rows(x_t, timesteps), context_kv, text_mask))
         x = self._step_tokens(x_t, timesteps) + self.positional_embedding[:, n:]
         bias = self.attention_bias(text_mask)[:, :, n:, :]

@@ -532,6 +532,69 @@ def test_skinny_linear_refuses_what_it_cannot_run():
         cpp_ext.kernels.skinny_linear(x[:4], w, None, 0, None, 6)
 
 
+def _step_attention_float64(qkv, past, keep, heads):
+    """The prior's cached-step attention in float64: each sample's T step tokens attend to the P
+    cached keys (padding masked by `keep`) and, causally, to the step tokens."""
+    batch, p_len, ch = past.shape[0], past.shape[3], past.shape[4]
+    tokens = qkv.shape[0] // batch
+    q, k, v = qkv.double().view(batch, tokens, heads, 3, ch).unbind(3)  # [B, T, H, ch] each
+    keys = torch.cat([past[:, 0].double(), k.transpose(1, 2)], dim=2)  # [B, H, P + T, ch]
+    values = torch.cat([past[:, 1].double(), v.transpose(1, 2)], dim=2)
+    visible = torch.ones(batch, tokens, p_len + tokens, dtype=torch.bool, device=qkv.device)
+    visible[:, :, : keep.shape[1]] = keep[:, None, :]
+    visible[:, :, p_len:] = torch.ones(tokens, tokens, dtype=torch.bool, device=qkv.device).tril()
+    scores = q.transpose(1, 2) @ keys.transpose(-1, -2) / ch**0.5  # [B, H, T, P + T]
+    weights = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return (weights @ values).transpose(1, 2).reshape(batch * tokens, heads * ch)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "batch,tokens,heads,ch,past_len,mask_len",
+    [(2, 3, 32, 64, 78, 77), (1, 3, 4, 64, 78, 77), (2, 4, 8, 128, 20, 10), (3, 1, 4, 32, 9, 9), (1, 2, 2, 8, 40, 40),
+     (2, 3, 2, 16, 33, 0), (1, 3, 2, 256, 30, 30), (1, 4, 2, 128, 300, 200)],
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prior_step_attention_matches_float64(batch, tokens, heads, ch, past_len, mask_len, dtype):
+    """The cached-step attention kernel against float64 at every head size it takes (8 to 256),
+    1 to 4 step tokens, with caption padding (some samples' keys mostly masked), a strided view
+    of the cache as the prior passes it, and a cache long enough to need more than 48 KB of shared
+    memory (300 keys of 128); the same bits on a second run."""
+    g = torch.Generator(device="cuda").manual_seed(ch + past_len)
+    qkv = torch.randn(batch * tokens, heads * 3 * ch, device="cuda", generator=g).to(dtype)
+    layers = torch.randn(batch, 3, 2, heads, past_len, ch, device="cuda", generator=g).to(dtype)
+    past = layers[:, 1]  # [B, 2, heads, P, ch], strided like the prior's context_kv[:, i]
+    keep = torch.rand(batch, mask_len, device="cuda", generator=g) > 0.4
+    if mask_len:
+        keep[0, 1:] = False  # one sample sees a single cached key
+    out = cpp_ext.kernels.prior_step_attention(qkv, past, keep, heads)
+    ref = _step_attention_float64(qkv, past, keep, heads)
+    tol = 4e-3 if dtype == torch.float16 else 2e-2
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert float((out.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+    assert torch.equal(out, cpp_ext.kernels.prior_step_attention(qkv, past, keep, heads))
+
+
+@needs_kernel
+def test_prior_step_attention_refuses_what_it_cannot_run():
+    """Head sizes that are not a power of two from 8 to 256, more than 4 step tokens, or a cache
+    longer than one block's shared memory get a clear error."""
+    def run(tokens, ch, past_len, heads=2):
+        qkv = torch.randn(tokens, heads * 3 * ch, device="cuda").half()
+        past = torch.randn(1, 2, heads, past_len, ch, device="cuda").half()
+        keep = torch.ones(1, past_len, dtype=torch.bool, device="cuda")
+        return cpp_ext.kernels.prior_step_attention(qkv, past, keep, heads)
+
+    with pytest.raises(RuntimeError, match="power of two"):
+        run(3, 72, 10)
+    with pytest.raises(RuntimeError, match="power of two"):
+        run(3, 512, 10)
+    with pytest.raises(RuntimeError, match="step tokens"):
+        run(5, 64, 10)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        run(3, 256, 4000)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 320, 320, 32, 32), (1, 640, 320, 64, 64), (2, 256, 256, 32, 32),
                                    (2, 640, 640, 8, 8), (3, 8, 56, 16, 16)])

@@ -60,17 +60,29 @@ def test_the_exported_split_prior_equals_the_torch_forward(ours, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rows,width,features,expected",
-    [(6, 2048, 6144, 16), (6, 2048, 8192, 16), (1, 2048, 2048, 8), (8, 8192, 2048, 8), (6, 64, 48, 8),
-     (9, 2048, 6144, None), (24, 2048, 8192, None), (6, 2040, 6144, None), (0, 2048, 2048, None)],
+    "rows,width,features,sms,expected",
+    [(6, 2048, 6144, 132, 32), (6, 2048, 8192, 132, 32), (1, 2048, 2048, 132, 8), (8, 8192, 2048, 132, 8),
+     (6, 64, 48, 132, 8), (6, 2048, 2048, 100, 16), (6, 2048, 6144, 200, 16), (6, 2048, 6160, 132, 16),
+     (9, 2048, 6144, 132, None), (24, 2048, 8192, 132, None), (6, 2040, 6144, 132, None), (0, 2048, 2048, 132, None)],
 )
-def test_the_prior_runs_skinny_linear_up_to_eight_rows(rows, width, features, expected):
-    """Up to 8 rows the prior's linears run `skinny_linear`, with 8-feature blocks up to 2048
-    features and 16-feature blocks above; more rows, or a width the kernel cannot split, go to
-    cuBLAS."""
-    from models.prior import skinny_block
+def test_the_prior_runs_skinny_linear_up_to_eight_rows(rows, width, features, sms, expected, monkeypatch):
+    """Up to 8 rows the prior's linears run `skinny_linear` with the largest blocks (32, 16 or 8
+    features) whose grid still gives each of the GPU's SMs one (8 where none does; 32 only for
+    features a multiple of 32); more rows, or a width the kernel cannot split, go to cuBLAS."""
+    import models.prior as prior_module
 
-    assert skinny_block(rows, width, features) == expected
+    monkeypatch.setattr(prior_module, "multiprocessors", lambda: sms)
+    assert prior_module.skinny_block(rows, width, features) == expected
+
+
+@pytest.mark.parametrize("head,fits", [(8, True), (32, True), (64, True), (256, True), (4, False), (48, False),
+                                       (72, False), (512, False)])
+def test_the_fused_prior_step_takes_power_of_two_heads(head, fits):
+    """The fused step's attention kernel takes heads of 8 to 256 channels, powers of two; other
+    priors keep the torch step."""
+    from models.prior import _attention_head_fits
+
+    assert _attention_head_fits(head) is fits
 
 
 def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours):
