@@ -295,7 +295,7 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 @torch.no_grad()
 @pytest.mark.parametrize(
     "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all"),
-                      (2, "no_table"), (8, "all"), (2, "sixteen")]
+                      (2, "no_table"), (8, "all"), (2, "sixteen"), (4, "all")]
 )
 def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch

@@ -63,10 +63,11 @@ def test_the_exported_split_prior_equals_the_torch_forward(ours, tmp_path):
     "rows,width,features,sms,expected",
     [(6, 2048, 6144, 132, 32), (6, 2048, 8192, 132, 32), (1, 2048, 2048, 132, 8), (8, 8192, 2048, 132, 8),
      (6, 64, 48, 132, 8), (6, 2048, 2048, 100, 16), (6, 2048, 6144, 200, 16), (6, 2048, 6160, 132, 16),
-     (9, 2048, 6144, 132, None), (24, 2048, 8192, 132, None), (6, 2040, 6144, 132, None), (0, 2048, 2048, 132, None)],
+     (12, 2048, 6144, 132, 32), (16, 8192, 2048, 132, 8), (17, 2048, 6144, 132, None), (24, 2048, 8192, 132, None),
+     (6, 2040, 6144, 132, None), (0, 2048, 2048, 132, None)],
 )
-def test_the_prior_runs_skinny_linear_up_to_eight_rows(rows, width, features, sms, expected, monkeypatch):
-    """Up to 8 rows the prior's linears run `skinny_linear` with the largest blocks (32, 16 or 8
+def test_the_prior_runs_skinny_linear_up_to_sixteen_rows(rows, width, features, sms, expected, monkeypatch):
+    """Up to 16 rows the prior's linears run `skinny_linear` with the largest blocks (32, 16 or 8
     features) whose grid still gives each of the GPU's SMs one (8 where none does; 32 only for
     features a multiple of 32); more rows, or a width the kernel cannot split, go to cuBLAS."""
     import models.prior as prior_module
