@@ -61,9 +61,10 @@ def skinny_block(rows: int, width: int, features: int) -> int | None:
     (two tiles of the tensor-core step; Karlo's step at 12 rows, two images, 1.299-1.355 ms with
     cuBLAS, 1.224-1.235 with these blocks (two machines); at 24 rows, four images, cuBLAS 1.358
     against 1.489-1.762). The blocks: the largest of 32, 16 and 8 features whose grid still gives
-    every SM of the GPU a block (`multiprocessors`), else 8. In the step's chain of overlapped kernels (pdl.cuh) a
-    kernel can start only once every block of the one before it is resident, so a layer that needs
-    more than one wave of blocks (two per SM) holds back the kernels after it: on an H100 (132 SMs)
+    every SM of the current GPU a block (`multiprocessors`), else 8. In the step's chain of
+    overlapped kernels (pdl.cuh) a kernel can start only once every block of the one before it is
+    resident, so a layer that needs more than one wave of blocks (two per SM) holds back the
+    kernels after it: on an H100 (132 SMs)
     Karlo's QKV and MLP input projections (6144 and 8192 features) now run 192 and 256 blocks of 32
     instead of 384 and 512 of 16, the attention output and MLP output projections (2048) 256 of 8:
     batch-2 step (CUDA graph) 1.049-1.059 → 1.009-1.019 ms with the attention kernel of this
