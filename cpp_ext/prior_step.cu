@@ -209,8 +209,8 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
                       32 + qkv.element_size() * 2 * (past_len + tokens) * ch;
   int most = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, qkv.get_device()));
-  TORCH_CHECK(smem <= static_cast<size_t>(most), "prior_step_attention: too many keys for one block (", std::to_string(smem),
-              " bytes of shared memory, the GPU has ", std::to_string(most), ")");
+  TORCH_CHECK(smem <= static_cast<size_t>(most), "prior_step_attention: too many keys for one block (",
+              std::to_string(smem), " bytes of shared memory, the GPU has ", std::to_string(most), ")");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float scale = 1.f / sqrtf(static_cast<float>(ch));
   const int blocks = static_cast<int>(batch * heads);

@@ -64,9 +64,9 @@ def skinny_block(rows: int, width: int, features: int) -> int | None:
     every SM of the current GPU a block (`multiprocessors`), else 8. In the step's chain of
     overlapped kernels (pdl.cuh) a kernel can start only once every block of the one before it is
     resident, so a layer that needs more than one wave of blocks (two per SM) holds back the
-    kernels after it: on an H100 (132 SMs)
-    Karlo's QKV and MLP input projections (6144 and 8192 features) now run 192 and 256 blocks of 32
-    instead of 384 and 512 of 16, the attention output and MLP output projections (2048) 256 of 8:
+    kernels after it: on an H100 (132 SMs) Karlo's QKV and MLP input projections (6144 and 8192
+    features) now run 192 and 256 blocks of 32 instead of 384 and 512 of 16, the attention output
+    and MLP output projections (2048) 256 of 8:
     batch-2 step (CUDA graph) 1.049-1.059 → 1.009-1.019 ms with the attention kernel of this
     version; both changes against the version before them, alternating processes: 1.069-1.083 →
     1.010-1.023 ms (batch 1: 1.022-1.024 → 0.979-0.985). Attention output projections of 16 (128
