@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* q = smem;
   float* scores = q + tokens * ch;
-  float* hidden = scores + tokens * keys;
-  float* partial = align16(hidden + past_len);
+  float* caption_bias = scores + tokens * keys;
+  float* partial = align16(caption_bias + past_len);
   T* k_s = reinterpret_cast<T*>(align16(partial + kWarps * tokens * ch));
   T* v_s = k_s + keys * ch;
   const int b = blockIdx.x / heads, h = blockIdx.x % heads;
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
   for (int j = threadIdx.x; j < past_len; j += kThreads)
-    hidden[j] = j >= mask_len || keep[static_cast<int64_t>(b) * mask_len + j] ? 0.f : -INFINITY;
+    caption_bias[j] = j >= mask_len || keep[static_cast<int64_t>(b) * mask_len + j] ? 0.f : -INFINITY;
   unclip_rt::wait_for_producers();  // the step tokens' qkv is the kernel before's output
   for (int i = threadIdx.x; i < tokens * slices; i += kThreads) {
     const int t = i / slices, d8 = i % slices;
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
       dot0 = fmaf(qb.z, to_float(kp.v[6]), dot0);
       dot1 = fmaf(qb.w, to_float(kp.v[7]), dot1);
     }
-    const float mask = j < past_len ? hidden[j] : (j - past_len <= t ? 0.f : -INFINITY);
+    const float mask = j < past_len ? caption_bias[j] : (j - past_len <= t ? 0.f : -INFINITY);
     scores[i] = dot0 + dot1 + mask;
   }
   __syncthreads();
