@@ -293,6 +293,47 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 
 @needs_kernel
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype, monkeypatch):
+    """`UNet._input_conv` (the bias as the centre tap of an extra input channel of ones) gives the
+    convolution with its bias against float64 within rounding, the whole super-res UNet the same
+    as without it (both against fp32), and its widened weight follows changes to the
+    convolution's weight and is never made inside a graph capture (the plain block runs then)."""
+    import models.unet as unet_module
+
+    unet = copy.deepcopy(ours.super_res.first_steps).cuda()
+    ref_unet = copy.deepcopy(unet)
+    unet = unet.to(dtype).to(memory_format=torch.channels_last)
+    conv = unet.input_blocks[0][0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, conv.in_channels, 64, 64, generator=g).cuda()
+    x_in = x.to(dtype).to(memory_format=torch.channels_last)
+    got = unet._input_conv(x_in)
+    ref = F.conv2d(x_in.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert got is not None and got.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(got, ref) <= (2e-3 if dtype == torch.float16 else 1.6e-2), _rel(got, ref)
+    assert unet._input_conv(x_in.contiguous()) is None  # NCHW: the plain block
+    t = torch.tensor([900, 10]).cuda()
+    full = ref_unet(x, t)
+    widened = unet(x_in, t).float()
+    monkeypatch.setattr(unet_module, "INPUT_BIAS_IN_CONV", False)
+    plain = unet(x_in, t).float()
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    assert _rel(widened, full) <= tol and _rel(plain, full) <= tol and _rel(widened, plain) <= tol
+    monkeypatch.setattr(unet_module, "INPUT_BIAS_IN_CONV", True)
+    conv.bias.add_(1.0)  # in place: the widened weight is made again
+    ref = F.conv2d(x_in.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _rel(unet._input_conv(x_in), ref) <= (2e-3 if dtype == torch.float16 else 1.6e-2)
+    conv.weight.mul_(0.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert unet._input_conv(x_in) is None
+        x_in.mul(2.0)
+
+
+@needs_kernel
+@torch.no_grad()
 @pytest.mark.parametrize(
     "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all"),
                       (2, "no_table"), (8, "all"), (2, "sixteen"), (4, "all")]
