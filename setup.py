@@ -27,9 +27,9 @@ def cuda_extensions() -> tuple[list, dict]:
     ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu",
                                         "cpp_ext/residual.cu", "cpp_ext/prior_step.cu",
                                         "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu",
-                                        "cpp_ext/skinny_linear.cu"],
+                                        "cpp_ext/skinny_linear.cu", "cpp_ext/skinny_staged.cu"],
                         depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh",
-                                 "cpp_ext/wide_stats.cuh"],
+                                 "cpp_ext/wide_stats.cuh", "cpp_ext/tensor_core.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

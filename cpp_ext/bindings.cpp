@@ -39,6 +39,10 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
                          int64_t activation, const c10::optional<at::Tensor>& out, int64_t warps,
                          int64_t block_features);
 
+at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                int64_t activation, const c10::optional<at::Tensor>& out, int64_t block_features,
+                                int64_t stages);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
   m.def("guided_update", &guided_update,
@@ -78,4 +82,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "2 SiLU); with out: out += it, in place",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("activation") = 0,
         py::arg("out") = py::none(), py::arg("warps") = 8, py::arg("block_features") = 16);
+  m.def("skinny_linear_staged", &skinny_linear_staged,
+        "skinny_linear with the weights staged through a ring of shared-memory stages (bulk copies; Hopper+)",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("activation") = 0,
+        py::arg("out") = py::none(), py::arg("block_features") = 16, py::arg("stages") = 4);
 }

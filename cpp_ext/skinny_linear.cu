@@ -31,10 +31,12 @@
 #include "elementwise.cuh"
 #include "half_tensors.h"
 #include "pdl.cuh"
+#include "tensor_core.cuh"
 
 namespace {
 
 using unclip_rt::from_float;
+using unclip_rt::mma_16816;
 using unclip_rt::to_float;
 
 constexpr int kFeatures = 16;   // output features per block: the mma's 16-row side
@@ -43,28 +45,6 @@ constexpr int kPacksInFlight = 8;  // 16-byte weight packs per lane and weight r
 constexpr int kMaxTiles = 8;    // tiles of 8 input rows: at most 64 rows
 
 enum Activation : int { kNone = 0, kGelu = 1, kSilu = 2 };
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                  uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // Block b: output features [16·MT·b, 16·MT·(b + 1)) of all rows, MT tiles of 16 (the mma's 16-row
 // side). Warp w: reduction steps w, w + kWarps, ... (step s: elements [32·C·s, 32·C·(s + 1)));

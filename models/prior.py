@@ -39,7 +39,6 @@ SKINNY_GELU = 1  # cpp_ext.skinny_linear's activation code for exact GELU
 # embedding (one lookup instead of the sinusoid and the time MLP); a switch for tests and benchmarks.
 TIME_TABLE = True
 
-
 # The SMs `skinny_block` spreads a layer's blocks over: the current CUDA device's, or an H100's
 # without CUDA (the rule is then still defined, e.g. for tests on the CPU).
 H100_SMS = 132
@@ -81,6 +80,53 @@ def skinny_block(rows: int, width: int, features: int) -> int | None:
     return 8
 
 
+# Whether the fused step's linear layers stream their weights through shared memory where
+# `staged_plan` allows (`cpp_ext.skinny_linear_staged`); a switch for tests and benchmarks.
+STAGED_WEIGHTS = True
+# Weight rows of 512 columns a staged block holds (its ring: block features × stages, ~70 KB), so
+# that three blocks — of one kernel or of consecutive ones — fit in an SM's shared memory.
+STAGED_ROWS = 64
+
+
+@functools.cache
+def _compute_capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def staged_capable() -> bool:
+    """Whether the current CUDA device runs `skinny_linear_staged` (Hopper, sm_90, or newer)."""
+    return torch.cuda.is_available() and _compute_capability(torch.cuda.current_device()) >= (9, 0)
+
+
+def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
+    """(output features per block, ring stages) with which a linear layer of the prior's step runs
+    `cpp_ext.skinny_linear_staged`, or None (then `skinny_block`'s rule). Up to 16 rows, a width of
+    512s, on Hopper: 16-feature blocks of 4 stages (a 2048-wide layer's whole tile requested before
+    the block waits for its input), or 32-feature blocks of 2 where 16-feature ones would need more
+    than one wave at three blocks per SM (`multiprocessors`). On an H100 (132 SMs), Karlo's QKV
+    projection runs 384 blocks of 16 × 4, the MLP's input projection 256 of 32 × 2, both 2048-feature
+    projections 128 of 16 × 4: batch-2 step 1.005-1.023 → 0.969-0.977 ms, batch 1 0.980-0.986 →
+    0.945-0.950, batch 4 (12 rows) 1.229 → 1.110 (graph replays, alternating in one process); nine
+    other mixes measured 1.016-1.060 at batch 2 (more stages, fewer, 8- or 32-feature blocks
+    elsewhere, the register kernel for the QKV or the MLP input projection)."""
+    if not STAGED_WEIGHTS or rows < 1 or rows > 16 or width % 512 or not staged_capable():
+        return None
+    for block in (16, 32):
+        if features % block == 0 and features // block <= 3 * multiprocessors():
+            return block, STAGED_ROWS // block
+    return None
+
+
+def _few_rows_linear(x: torch.Tensor, linear: nn.Linear, activation: int, out: torch.Tensor | None,
+                     block: int) -> torch.Tensor:
+    """act(x·Wᵀ + b), or out += it, for the step's few rows: by `skinny_linear_staged` where
+    `staged_plan` allows, else by `skinny_linear` with `block` output features per block."""
+    plan = staged_plan(x.shape[0], linear.in_features, linear.out_features)
+    if plan is not None:
+        return cpp_ext.kernels.skinny_linear_staged(x, linear.weight, linear.bias, activation, out, *plan)
+    return cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, activation, out, block_features=block)
+
+
 def _attention_head_fits(head: int) -> bool:
     """Whether `cpp_ext.prior_step_attention` takes heads of this size: a power of two, 8 to 256."""
     return 8 <= head <= 256 and head & (head - 1) == 0
@@ -95,10 +141,11 @@ def _skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:
 
 
 def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear, block: int | None) -> torch.Tensor | None:
-    """rows += linear(x) in place: by `skinny_linear` with the bias and `block` output features per
-    block (returns None), or by cuBLAS (block None) without it (returns the bias, still to be added)."""
+    """rows += linear(x) in place: by `_few_rows_linear` with the bias and `block` output features per
+    `skinny_linear` block (returns None), or by cuBLAS (block None) without it (returns the bias,
+    still to be added)."""
     if block is not None:
-        cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, out=rows, block_features=block)
+        _few_rows_linear(x, linear, 0, rows, block)
         return None
     rows.addmm_(x, linear.weight.t())
     return linear.bias
@@ -339,8 +386,9 @@ class Prior(nn.Module):
         """The block stack of `step` with `cpp_ext`'s kernels (CUDA, half precision): the step
         tokens as one [B·3, W] residual stream; the attention over the cache reads the QKV output
         and the cache in place with the masks built in. Each linear layer whose input rows fit
-        `skinny_linear` runs there (weights streamed through the tensor cores; bias, GELU and
-        the residual add in its epilogue; each kernel overlaps the one before it); the others
+        `skinny_linear` runs there, or on Hopper through shared memory (`staged_plan`) (weights
+        streamed through the tensor cores; bias, GELU and the residual add in the epilogue; each
+        kernel overlaps the one before it); the others
         run cuBLAS's GEMMs, the output projections accumulating into the stream in place without
         bias (beta = 1), each bias joining the stream in the next layer norm's kernel, which reads
         the row anyway. 7 (all skinny) to 8 launches per layer where the torch ops of
@@ -357,15 +405,14 @@ class Prior(nn.Module):
             attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
             h = kernels.residual_layer_norm(rows, pending, ln_1.weight, ln_1.bias, ln_1.eps)
             if qkv_block is not None:
-                qkv = kernels.skinny_linear(h, attn.c_qkv.weight, attn.c_qkv.bias, block_features=qkv_block)
+                qkv = _few_rows_linear(h, attn.c_qkv, 0, None, qkv_block)
             else:
                 qkv = attn.c_qkv(h)
             mixed = kernels.prior_step_attention(qkv, context_kv[:, i], keep, attn.heads)
             pending = _project_into(rows, mixed, attn.c_proj, proj_block)
             h = kernels.residual_layer_norm(rows, pending, ln_2.weight, ln_2.bias, ln_2.eps)
             if fc_block is not None:
-                hidden = kernels.skinny_linear(h, mlp.c_fc.weight, mlp.c_fc.bias, activation=SKINNY_GELU,
-                                               block_features=fc_block)
+                hidden = _few_rows_linear(h, mlp.c_fc, SKINNY_GELU, None, fc_block)
             else:
                 hidden = F.gelu(mlp.c_fc(h))
             pending = _project_into(rows, hidden, mlp.c_proj, out_block)

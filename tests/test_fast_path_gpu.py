@@ -336,7 +336,7 @@ def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype, monkey
 @torch.no_grad()
 @pytest.mark.parametrize(
     "batch,variant", [(1, "all"), (2, "all"), (2, "narrow"), (2, "wide_blocks"), (8, "wide_blocks"), (22, "all"),
-                      (2, "no_table"), (8, "all"), (2, "sixteen"), (4, "all")]
+                      (2, "no_table"), (8, "all"), (2, "sixteen"), (4, "all"), (2, "register"), (4, "register")]
 )
 def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypatch):
     """Prior.step with cpp_ext's attention over the cache (masks built in) gives what the torch
@@ -345,12 +345,15 @@ def test_fused_prior_step_matches_the_torch_step(ours, batch, variant, monkeypat
     model's width (the MLP's output projection on cuBLAS), "wide_blocks" at 6 and 24 rows with
     32-feature blocks wherever the layer's features allow (the rest on cuBLAS), "sixteen" with
     16-feature blocks where the model's rule picks 8 (every layer of the tiny model). The time token
-    comes from the time table ("no_table": computed per step)."""
+    comes from the time table ("no_table": computed per step). On Hopper the layers `staged_plan`
+    picks stream their weights through shared memory ("register": `skinny_linear` only)."""
     import models.layers as layers
     import models.prior as prior_module
 
     if variant == "no_table":
         monkeypatch.setattr(prior_module, "TIME_TABLE", False)
+    if variant == "register":
+        monkeypatch.setattr(prior_module, "STAGED_WEIGHTS", False)
     if variant == "narrow":
         width, real = ours.cfg.prior.width, prior_module.skinny_block
         monkeypatch.setattr(prior_module, "skinny_block", lambda rows, w, f: real(rows, w, f) if w <= width else None)
@@ -486,6 +489,95 @@ def test_skinny_linear_with_8_feature_blocks_matches_float64(rows, width, featur
     ref_acc = out.double() + x.double() @ weight.double().t() + bias.double()
     acc = cpp_ext.kernels.skinny_linear(x, weight, bias, 0, out, 8, 8)
     assert acc.data_ptr() == out.data_ptr() and _rel(acc, ref_acc) <= tol
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                                  reason="skinny_linear_staged needs a Hopper (sm_90) GPU")
+STAGED_SHAPES = [(1, 512, 16), (6, 2048, 6144), (12, 2048, 8192), (3, 8192, 2048), (16, 1024, 96), (6, 8192, 2048),
+                 (9, 1536, 64)]
+
+
+@needs_kernel
+@needs_hopper
+@pytest.mark.parametrize("rows,width,features,block,stages",
+                         [(*shape, block, stages) for shape in STAGED_SHAPES
+                          for block, stages in [(8, 1), (8, 8), (16, 2), (16, 4), (32, 2), (32, 3)]
+                          if shape[2] % block == 0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_linear_staged_matches_float64(rows, width, features, block, stages, dtype):
+    """The weights through a ring of shared-memory stages (bulk copies, mbarriers): act(x·Wᵀ + b)
+    for every activation and out += x·Wᵀ + b against float64 torch, repeated runs identical, from
+    one stage (each chunk waits for the one before to be consumed) to more stages than chunks."""
+    x, weight, bias, out = _skinny_inputs(rows, width, features, dtype, seed=rows * 11 + width + block)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    run = cpp_ext.kernels.skinny_linear_staged
+    for activation, act in ((0, lambda v: v), (1, F.gelu), (2, F.silu)):
+        ref = act(x.double() @ weight.double().t() + bias.double())
+        got = run(x, weight, bias, activation, None, block, stages)
+        assert _rel(got, ref) <= tol, (activation, _rel(got, ref))
+        assert torch.equal(got, run(x, weight, bias, activation, None, block, stages))
+    ref_acc = out.double() + x.double() @ weight.double().t() + bias.double()
+    acc = run(x, weight, bias, 0, out, block, stages)
+    assert acc.data_ptr() == out.data_ptr() and _rel(acc, ref_acc) <= tol
+    no_bias = run(x, weight, None, 0, None, block, stages)
+    assert _rel(no_bias, x.double() @ weight.double().t()) <= tol
+
+
+@needs_kernel
+@needs_hopper
+def test_skinny_linear_staged_chain_replays_from_a_cuda_graph():
+    """Staged linears launched overlapped after one another (the second reading the first's
+    output, the third accumulating into the stream), captured and replayed: the eager bits."""
+    x, w1, b1, _ = _skinny_inputs(6, 2048, 8192, torch.float16, seed=21)
+    _, w2, b2, _ = _skinny_inputs(6, 8192, 2048, torch.float16, seed=22)
+    stream_rows = torch.randn(6, 2048, dtype=torch.float16, device="cuda")
+    start = stream_rows.clone()
+    run = cpp_ext.kernels.skinny_linear_staged
+
+    def chain():
+        hidden = run(x, w1, b1, 1, None, 32, 2)
+        run(hidden, w2, b2, 0, stream_rows, 16, 4)
+        return hidden
+
+    eager_hidden = chain().clone()
+    eager = stream_rows.clone()
+    stream_rows.copy_(start)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_hidden = chain()
+    stream_rows.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured_hidden, eager_hidden) and torch.equal(stream_rows, eager)
+
+
+@needs_kernel
+@needs_hopper
+def test_skinny_linear_staged_refuses_what_it_cannot_run():
+    """Widths not a multiple of 512, more than 16 rows, block sizes other than 8/16/32 or not
+    dividing the features, 0 or 9 stages, a ring larger than the GPU's shared memory, mismatched
+    tensors: a clear error before any launch."""
+    x, w, b, _ = _skinny_inputs(6, 1024, 64, torch.float16, seed=3)
+    run = cpp_ext.kernels.skinny_linear_staged
+    with pytest.raises(RuntimeError, match="multiple of 512"):
+        run(x[:, :256].contiguous(), w[:, :256].contiguous(), b)
+    with pytest.raises(RuntimeError, match="16 rows"):
+        run(torch.zeros(17, 1024, dtype=torch.float16, device="cuda"), w, b)
+    with pytest.raises(RuntimeError, match="block_features"):
+        run(x, w, b, 0, None, 24, 2)
+    with pytest.raises(RuntimeError, match="block_features"):
+        run(x, w[:48].contiguous(), b[:48].contiguous(), 0, None, 32, 2)
+    with pytest.raises(RuntimeError, match="stages"):
+        run(x, w, b, 0, None, 16, 0)
+    with pytest.raises(RuntimeError, match="stages"):
+        run(x, w, b, 0, None, 16, 9)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        run(x, w, b, 0, None, 32, 8)
+    with pytest.raises(RuntimeError, match="weight"):
+        run(x, w.bfloat16(), b)
+    with pytest.raises(RuntimeError, match="out"):
+        run(x, w, b, 0, torch.zeros(6, 32, dtype=torch.float16, device="cuda"))
 
 
 @needs_kernel
