@@ -43,7 +43,7 @@ constexpr int kThreads = kConsumers + 32;  // and one producer warp
 constexpr int kChunk = 512;                // weight columns per stage
 constexpr int kPad = 64;                   // bytes after each staged row
 constexpr int kRowBytes = 2 * kChunk + kPad;
-constexpr int kMaxTiles = 2;               // input rows: two 8-row tiles of the mma (16 rows)
+constexpr int kMaxTiles = 3;               // input rows: three 8-row tiles of the mma (24 rows)
 constexpr int kMaxStages = 8;
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 // skinny_linear (same arguments and result) with the weights staged through `stages` (1 to 8)
-// shared-memory stages of F rows × 512 columns: width a multiple of 512, at most 16 rows, block
+// shared-memory stages of F rows × 512 columns: width a multiple of 512, at most 24 rows, block
 // features F 8, 16 or 32 dividing the features. Hopper (sm_90) or newer.
 at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 int64_t activation, const c10::optional<at::Tensor>& out, int64_t block_features,
@@ -219,7 +219,7 @@ at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t rows = x.size(0), width = x.size(1), features = weight.size(0);
   TORCH_CHECK(weight.size(1) == width && weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
               op, ": weight must be [features, width] in x's dtype and device");
-  TORCH_CHECK(rows >= 1 && rows <= 8 * kMaxTiles, op, ": 1 to 16 rows");
+  TORCH_CHECK(rows >= 1 && rows <= 8 * kMaxTiles, op, ": 1 to 24 rows");
   TORCH_CHECK(width % kChunk == 0, op, ": width must be a multiple of 512");
   TORCH_CHECK((block_features == 8 || block_features == 16 || block_features == 32) && features % block_features == 0,
               op, ": block_features must be 8, 16 or 32 and divide the features");
@@ -266,12 +266,21 @@ at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, c
                                    static_cast<int>(features), static_cast<int>(width), static_cast<int>(activation),
                                    out.has_value(), static_cast<int>(stages));
     };
+    const auto by_tiles = [&](auto mt, auto eight) {
+      constexpr int MT = decltype(mt)::value;
+      constexpr bool E = decltype(eight)::value;
+      switch (tiles) {
+        case 1: run(skinny_staged_kernel<T, 1, MT, E>); break;
+        case 2: run(skinny_staged_kernel<T, 2, MT, E>); break;
+        default: run(skinny_staged_kernel<T, 3, MT, E>); break;
+      }
+    };
     if (f == 8) {
-      tiles == 1 ? run(skinny_staged_kernel<T, 1, 1, true>) : run(skinny_staged_kernel<T, 2, 1, true>);
+      by_tiles(std::integral_constant<int, 1>{}, std::true_type{});
     } else if (f == 16) {
-      tiles == 1 ? run(skinny_staged_kernel<T, 1, 1, false>) : run(skinny_staged_kernel<T, 2, 1, false>);
+      by_tiles(std::integral_constant<int, 1>{}, std::false_type{});
     } else {
-      tiles == 1 ? run(skinny_staged_kernel<T, 1, 2, false>) : run(skinny_staged_kernel<T, 2, 2, false>);
+      by_tiles(std::integral_constant<int, 2>{}, std::false_type{});
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

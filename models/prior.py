@@ -86,6 +86,7 @@ STAGED_WEIGHTS = True
 # Weight rows of 512 columns a staged block holds (its ring: block features × stages, ~70 KB), so
 # that three blocks — of one kernel or of consecutive ones — fit in an SM's shared memory.
 STAGED_ROWS = 64
+STAGED_MAX_ROWS = 24  # three 8-row tiles of the mma: four images' step (batch 8 × 3 tokens)
 
 
 @functools.cache
@@ -100,21 +101,28 @@ def staged_capable() -> bool:
 
 def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
     """(output features per block, ring stages) with which a linear layer of the prior's step runs
-    `cpp_ext.skinny_linear_staged`, or None (then `skinny_block`'s rule). Up to 16 rows, a width of
-    512s, on Hopper: 16-feature blocks of 4 stages (a 2048-wide layer's whole tile requested before
-    the block waits for its input), or 32-feature blocks of 2 where 16-feature ones would need more
-    than one wave at three blocks per SM (`multiprocessors`). On an H100 (132 SMs), Karlo's QKV
-    projection runs 384 blocks of 16 × 4, the MLP's input projection 256 of 32 × 2, both 2048-feature
-    projections 128 of 16 × 4: batch-2 step 1.005-1.023 → 0.969-0.977 ms, batch 1 0.980-0.986 →
-    0.945-0.950, batch 4 (12 rows) 1.229 → 1.110 (graph replays, alternating in one process); nine
+    `cpp_ext.skinny_linear_staged`, or None (then `skinny_block`'s rule, or cuBLAS). Up to 24 rows, a
+    width of 512s, on Hopper: 16-feature blocks of 4 stages (a 2048-wide layer's whole tile
+    requested before the block waits for its input), or 32-feature blocks of 2 where 16-feature
+    ones would need more than one wave at three blocks per SM (`multiprocessors`). On an H100 (132
+    SMs), Karlo's QKV projection runs 384 blocks of 16 × 4, the MLP's input projection 256 of
+    32 × 2, both 2048-feature projections 128 of 16 × 4: batch-2 step 1.005-1.023 → 0.969-0.977 ms,
+    batch 1 0.978-0.986 → 0.940-0.950, batch 4 (12 rows) 1.224-1.233 → 1.101-1.112 (graph replays,
+    alternating in one process); at 24 rows (four images, cuBLAS before) 1.389 → 1.308-1.331. Nine
     other mixes measured 1.016-1.060 at batch 2 (more stages, fewer, 8- or 32-feature blocks
     elsewhere, the register kernel for the QKV or the MLP input projection)."""
-    if not STAGED_WEIGHTS or rows < 1 or rows > 16 or width % 512 or not staged_capable():
+    if not STAGED_WEIGHTS or rows < 1 or rows > STAGED_MAX_ROWS or width % 512 or not staged_capable():
         return None
     for block in (16, 32):
         if features % block == 0 and features // block <= 3 * multiprocessors():
             return block, STAGED_ROWS // block
     return None
+
+
+def _layer_block(rows: int, width: int, features: int) -> int | None:
+    """`skinny_block`'s blocks for a layer of the step, or 16 (unused) where `staged_plan` takes it: not
+    None wherever `_few_rows_linear` runs the layer."""
+    return 16 if staged_plan(rows, width, features) is not None else skinny_block(rows, width, features)
 
 
 def _few_rows_linear(x: torch.Tensor, linear: nn.Linear, activation: int, out: torch.Tensor | None,
@@ -398,8 +406,8 @@ class Prior(nn.Module):
         keep = text_mask.bool().contiguous()
         kernels = cpp_ext.kernels
         n, first = b * t, self.transformer.resblocks[0]
-        qkv_block, proj_block = skinny_block(n, w, first.attn.c_qkv.out_features), skinny_block(n, w, w)
-        fc_block, out_block = skinny_block(n, w, first.mlp.c_fc.out_features), skinny_block(n, 4 * w, w)
+        qkv_block, proj_block = _layer_block(n, w, first.attn.c_qkv.out_features), _layer_block(n, w, w)
+        fc_block, out_block = _layer_block(n, w, first.mlp.c_fc.out_features), _layer_block(n, 4 * w, w)
         pending = None  # the bias of the last projection into `rows`, not yet added
         for i, block in enumerate(self.transformer.resblocks):
             attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2

@@ -494,7 +494,7 @@ def test_skinny_linear_with_8_feature_blocks_matches_float64(rows, width, featur
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                                   reason="skinny_linear_staged needs a Hopper (sm_90) GPU")
 STAGED_SHAPES = [(1, 512, 16), (6, 2048, 6144), (12, 2048, 8192), (3, 8192, 2048), (16, 1024, 96), (6, 8192, 2048),
-                 (9, 1536, 64)]
+                 (9, 1536, 64), (24, 2048, 6144), (20, 8192, 2048)]
 
 
 @needs_kernel
@@ -555,15 +555,15 @@ def test_skinny_linear_staged_chain_replays_from_a_cuda_graph():
 @needs_kernel
 @needs_hopper
 def test_skinny_linear_staged_refuses_what_it_cannot_run():
-    """Widths not a multiple of 512, more than 16 rows, block sizes other than 8/16/32 or not
+    """Widths not a multiple of 512, more than 24 rows, block sizes other than 8/16/32 or not
     dividing the features, 0 or 9 stages, a ring larger than the GPU's shared memory, mismatched
     tensors: a clear error before any launch."""
     x, w, b, _ = _skinny_inputs(6, 1024, 64, torch.float16, seed=3)
     run = cpp_ext.kernels.skinny_linear_staged
     with pytest.raises(RuntimeError, match="multiple of 512"):
         run(x[:, :256].contiguous(), w[:, :256].contiguous(), b)
-    with pytest.raises(RuntimeError, match="16 rows"):
-        run(torch.zeros(17, 1024, dtype=torch.float16, device="cuda"), w, b)
+    with pytest.raises(RuntimeError, match="24 rows"):
+        run(torch.zeros(25, 1024, dtype=torch.float16, device="cuda"), w, b)
     with pytest.raises(RuntimeError, match="block_features"):
         run(x, w, b, 0, None, 24, 2)
     with pytest.raises(RuntimeError, match="block_features"):

@@ -116,12 +116,13 @@ def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours
     "rows,width,features,sms,capable,expected",
     [(6, 2048, 6144, 132, True, (16, 4)), (6, 2048, 8192, 132, True, (32, 2)), (6, 2048, 2048, 132, True, (16, 4)),
      (6, 8192, 2048, 132, True, (16, 4)), (1, 2048, 6144, 100, True, (32, 2)), (16, 512, 48, 132, True, (16, 4)),
-     (6, 2048, 6144, 132, False, None), (17, 2048, 6144, 132, True, None), (6, 2080, 6144, 132, True, None),
+     (6, 2048, 6144, 132, False, None), (24, 2048, 6144, 132, True, (16, 4)),
+     (25, 2048, 6144, 132, True, None), (6, 2080, 6144, 132, True, None),
      (6, 2048, 8200, 132, True, None), (6, 2048, 16384, 132, True, None), (0, 2048, 2048, 132, True, None)],
 )
 def test_the_prior_stages_weights_through_shared_memory_on_hopper(rows, width, features, sms, capable, expected,
                                                                    monkeypatch):
-    """On Hopper, up to 16 rows and widths of 512s, the prior's linears stream their weights
+    """On Hopper, up to 24 rows and widths of 512s, the prior's linears stream their weights
     through shared memory: 16-feature blocks of 4 stages, or 32 × 2 where 16-feature blocks would
     take more than three per SM; otherwise (or with the switch off) `skinny_block`'s rule."""
     import models.prior as prior_module
