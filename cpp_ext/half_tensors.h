@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -46,6 +47,25 @@ inline void check_kv_blocks(const at::Tensor& kv, const at::Tensor& like, const 
               name, " must be contiguous");
   TORCH_CHECK(ch % 8 == 0 && kv.stride(0) % 8 == 0 && kv.stride(1) % 8 == 0 && aligned16(kv), op,
               ": the head size must be a multiple of 8 and ", name, " 16-byte aligned");
+}
+
+// The few-row linear layers' result (skinny_linear, skinny_linear_staged) after checking their
+// optional bias [features] and output: `out` itself ([rows, features], contiguous, x's dtype and
+// device, not overlapping x: other blocks still read x while one writes out), else a new tensor.
+inline at::Tensor linear_output(const char* op, const at::Tensor& x, int64_t features,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == features && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                op, ": bias must be a contiguous [features] vector in x's dtype");
+  }
+  if (!out) return at::empty({x.size(0), features}, x.options());
+  TORCH_CHECK(out->dim() == 2 && out->size(0) == x.size(0) && out->size(1) == features && out->is_contiguous() &&
+                  out->scalar_type() == x.scalar_type() && out->device() == x.device(),
+              op, ": out must be a contiguous [rows, features] matrix in x's dtype");
+  TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No, op,
+              ": out must not overlap x (other blocks still read x while one writes out)");
+  return *out;
 }
 
 // f(tag) with a null pointer of the element type of `t` (fp16 or bf16) as the tag.

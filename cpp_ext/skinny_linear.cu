@@ -22,7 +22,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -183,22 +182,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   TORCH_CHECK(width % kStep == 0 && features % kFeatures == 0,
               "skinny_linear: width must be a multiple of 32 and features of 16");
   TORCH_CHECK(activation >= kNone && activation <= kSilu, "skinny_linear: activation must be 0, 1 or 2");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == features && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                "skinny_linear: bias must be a contiguous [features] vector in x's dtype");
-  }
-  at::Tensor y;
-  if (out) {
-    TORCH_CHECK(out->dim() == 2 && out->size(0) == rows && out->size(1) == features && out->is_contiguous() &&
-                    out->scalar_type() == x.scalar_type() && out->device() == x.device(),
-                "skinny_linear: out must be a contiguous [rows, features] matrix in x's dtype");
-    TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No,
-                "skinny_linear: out must not overlap x (other blocks still read x while one writes out)");
-    y = *out;
-  } else {
-    y = at::empty({rows, features}, x.options());
-  }
+  at::Tensor y = unclip_rt::linear_output("skinny_linear", x, features, bias, out);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = static_cast<int>((rows + 7) / 8);

@@ -22,7 +22,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -230,21 +229,7 @@ at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, c
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
   TORCH_CHECK(major >= 9, op, ": needs a Hopper (sm_90) or newer GPU");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == features && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                op, ": bias must be a contiguous [features] vector in x's dtype");
-  }
-  at::Tensor y;
-  if (out) {
-    TORCH_CHECK(out->dim() == 2 && out->size(0) == rows && out->size(1) == features && out->is_contiguous() &&
-                    out->scalar_type() == x.scalar_type() && out->device() == x.device(),
-                op, ": out must be a contiguous [rows, features] matrix in x's dtype");
-    TORCH_CHECK(at::get_overlap_status(*out, x) == at::MemOverlapStatus::No, op, ": out must not overlap x");
-    y = *out;
-  } else {
-    y = at::empty({rows, features}, x.options());
-  }
+  at::Tensor y = unclip_rt::linear_output(op, x, features, bias, out);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int tiles = static_cast<int>((rows + 7) / 8);
