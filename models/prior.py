@@ -56,7 +56,8 @@ def multiprocessors() -> int:
 
 def skinny_block(rows: int, width: int, features: int) -> int | None:
     """The output features per block with which a linear layer of the prior (`rows` input rows of
-    `width`, `features` outputs) runs `cpp_ext.skinny_linear`, or None for cuBLAS: up to 16 rows
+    `width`, `features` outputs) runs `cpp_ext.skinny_linear` where `staged_plan` (Hopper) does not
+    take it, or None for cuBLAS: up to 16 rows
     (two tiles of the tensor-core step; Karlo's step at 12 rows, two images, 1.299-1.355 ms with
     cuBLAS, 1.224-1.235 with these blocks (two machines); at 24 rows, four images, cuBLAS 1.358
     against 1.489-1.762). The blocks: the largest of 32, 16 and 8 features whose grid still gives
