@@ -17,6 +17,7 @@ x_t, `prd`) against that cache — the same result as `forward`, with 3/81 of th
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,14 @@ TIME_TABLE = True
 H100_SMS = 132
 
 
-@functools.cache
-def _multiprocessors(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_device_properties = functools.cache(torch.cuda.get_device_properties)  # per device index
 
 
 def multiprocessors() -> int:
     """The current CUDA device's streaming multiprocessors (`H100_SMS` without CUDA)."""
-    return _multiprocessors(torch.cuda.current_device()) if torch.cuda.is_available() else H100_SMS
+    if not torch.cuda.is_available():
+        return H100_SMS
+    return _device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def skinny_block(rows: int, width: int, features: int) -> int | None:
@@ -90,14 +91,11 @@ STAGED_ROWS = 64
 STAGED_MAX_ROWS = 24  # three 8-row tiles of the mma: four images' step (batch 8 × 3 tokens)
 
 
-@functools.cache
-def _compute_capability(device: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def staged_capable() -> bool:
     """Whether the current CUDA device runs `skinny_linear_staged` (Hopper, sm_90, or newer)."""
-    return torch.cuda.is_available() and _compute_capability(torch.cuda.current_device()) >= (9, 0)
+    if not torch.cuda.is_available():
+        return False
+    return _device_properties(torch.cuda.current_device()).major >= 9
 
 
 def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
@@ -120,20 +118,26 @@ def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
     return None
 
 
-def _layer_block(rows: int, width: int, features: int) -> int | None:
-    """`skinny_block`'s blocks for a layer of the step, or 16 (unused) where `staged_plan` takes it: not
-    None wherever `_few_rows_linear` runs the layer."""
-    return 16 if staged_plan(rows, width, features) is not None else skinny_block(rows, width, features)
+# A few-row linear layer of the step: run(x, linear, activation, out) → act(x·Wᵀ + b), or out += it.
+FewRowsLinear = Callable[[torch.Tensor, nn.Linear, int, torch.Tensor | None], torch.Tensor]
 
 
-def _few_rows_linear(x: torch.Tensor, linear: nn.Linear, activation: int, out: torch.Tensor | None,
-                     block: int) -> torch.Tensor:
-    """act(x·Wᵀ + b), or out += it, for the step's few rows: by `skinny_linear_staged` where
-    `staged_plan` allows, else by `skinny_linear` with `block` output features per block."""
-    plan = staged_plan(x.shape[0], linear.in_features, linear.out_features)
+def few_rows_linear(rows: int, width: int, features: int) -> FewRowsLinear | None:
+    """How the step runs a linear layer of `rows` input rows of `width` and `features` outputs:
+    `skinny_linear_staged` with `staged_plan`'s blocks, else `skinny_linear` with `skinny_block`'s,
+    else None (cuBLAS). Chosen once per step for each kind of layer."""
+    plan = staged_plan(rows, width, features)
     if plan is not None:
-        return cpp_ext.kernels.skinny_linear_staged(x, linear.weight, linear.bias, activation, out, *plan)
-    return cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, activation, out, block_features=block)
+        def staged(x, linear, activation, out):
+            return cpp_ext.kernels.skinny_linear_staged(x, linear.weight, linear.bias, activation, out, *plan)
+        return staged
+    block = skinny_block(rows, width, features)
+    if block is None:
+        return None
+
+    def skinny(x, linear, activation, out):
+        return cpp_ext.kernels.skinny_linear(x, linear.weight, linear.bias, activation, out, block_features=block)
+    return skinny
 
 
 def _attention_head_fits(head: int) -> bool:
@@ -149,12 +153,12 @@ def _skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:
             and linear.out_features % 16 == 0 and linear.bias is not None)
 
 
-def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear, block: int | None) -> torch.Tensor | None:
-    """rows += linear(x) in place: by `_few_rows_linear` with the bias and `block` output features per
-    `skinny_linear` block (returns None), or by cuBLAS (block None) without it (returns the bias,
-    still to be added)."""
-    if block is not None:
-        _few_rows_linear(x, linear, 0, rows, block)
+def _project_into(rows: torch.Tensor, x: torch.Tensor, linear: nn.Linear,
+                  run: FewRowsLinear | None) -> torch.Tensor | None:
+    """rows += linear(x) in place: by `run` (`few_rows_linear`) with the bias (returns None), or by
+    cuBLAS (run None) without it (returns the bias, still to be added)."""
+    if run is not None:
+        run(x, linear, 0, rows)
         return None
     rows.addmm_(x, linear.weight.t())
     return linear.bias
@@ -407,24 +411,24 @@ class Prior(nn.Module):
         keep = text_mask.bool().contiguous()
         kernels = cpp_ext.kernels
         n, first = b * t, self.transformer.resblocks[0]
-        qkv_block, proj_block = _layer_block(n, w, first.attn.c_qkv.out_features), _layer_block(n, w, w)
-        fc_block, out_block = _layer_block(n, w, first.mlp.c_fc.out_features), _layer_block(n, 4 * w, w)
+        qkv_run, proj_run = few_rows_linear(n, w, first.attn.c_qkv.out_features), few_rows_linear(n, w, w)
+        fc_run, out_run = few_rows_linear(n, w, first.mlp.c_fc.out_features), few_rows_linear(n, 4 * w, w)
         pending = None  # the bias of the last projection into `rows`, not yet added
         for i, block in enumerate(self.transformer.resblocks):
             attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
             h = kernels.residual_layer_norm(rows, pending, ln_1.weight, ln_1.bias, ln_1.eps)
-            if qkv_block is not None:
-                qkv = _few_rows_linear(h, attn.c_qkv, 0, None, qkv_block)
+            if qkv_run is not None:
+                qkv = qkv_run(h, attn.c_qkv, 0, None)
             else:
                 qkv = attn.c_qkv(h)
             mixed = kernels.prior_step_attention(qkv, context_kv[:, i], keep, attn.heads)
-            pending = _project_into(rows, mixed, attn.c_proj, proj_block)
+            pending = _project_into(rows, mixed, attn.c_proj, proj_run)
             h = kernels.residual_layer_norm(rows, pending, ln_2.weight, ln_2.bias, ln_2.eps)
-            if fc_block is not None:
-                hidden = _few_rows_linear(h, mlp.c_fc, SKINNY_GELU, None, fc_block)
+            if fc_run is not None:
+                hidden = fc_run(h, mlp.c_fc, SKINNY_GELU, None)
             else:
                 hidden = F.gelu(mlp.c_fc(h))
-            pending = _project_into(rows, hidden, mlp.c_proj, out_block)
+            pending = _project_into(rows, hidden, mlp.c_proj, out_run)
         if pending is not None:
             rows.add_(pending)
         return rows.view(b, t, w)
