@@ -166,16 +166,15 @@ __global__ void partial_nhwc(const T* __restrict__ x, Add<T> add, float2* __rest
   const int64_t end = min(s.hw, begin + s.chunk_len);
   float2 acc = make_float2(0.f, 0.f);
   if (valid) {
-    unclip_rt::strided_pixels<4>(
-        begin + r, end, rows, [&](int64_t p) { return *reinterpret_cast<const Pack<T, VEC>*>(sample + p * s.channels + c0); },
-        [&](int64_t, const Pack<T, VEC>& v) {
+    for (int64_t p = begin + r; p < end; p += rows) {
+      const auto v = *reinterpret_cast<const Pack<T, VEC>*>(sample + p * s.channels + c0);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const float d = to_float(v.v[k]) + a[k] - pivot;
-            acc.x += d;
-            acc.y += d * d;
-          }
-        });
+      for (int k = 0; k < VEC; ++k) {
+        const float d = to_float(v.v[k]) + a[k] - pivot;
+        acc.x += d;
+        acc.y += d * d;
+      }
+    }
   }
   sums[r * lanes + lane] = acc;
   __syncthreads();
@@ -242,7 +241,7 @@ struct Concat {
 // order (wide_stats.cuh, which the residual join's statistics share). grid (chunks, batch); block
 // (channels / 8 lanes, rows).
 template <typename T>
-__global__ void __launch_bounds__(1024) partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s,
+__global__ void partial_nhwc_wide(const T* __restrict__ x, Add<T> add, float2* __restrict__ partial, Shape s,
                                   Concat<T> concat) {
   unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
   unclip_rt::allow_dependents();
@@ -261,13 +260,11 @@ __global__ void __launch_bounds__(1024) partial_nhwc_wide(const T* __restrict__ 
   unclip_rt::WideSums acc(c0, cg, first_of(g_lo), first_of(g_hi), added);
   const int64_t begin = blockIdx.x * s.chunk_len;
   const int64_t end = min(s.hw, begin + s.chunk_len);
-  constexpr int kInFlight = std::is_same_v<T, __half> ? 4 : 2;  // bf16's conversions: 4 spill registers
-  unclip_rt::strided_pixels<kInFlight>(
-      begin + r, end, rows, [&](int64_t p) { return concat.load(x, b, p, c0, s); },
-      [&](int64_t p, const Pack<T, 8>& v) {
-        if (concat.second != nullptr) *reinterpret_cast<Pack<T, 8>*>(concat.out + (b * s.hw + p) * s.channels + c0) = v;
-        acc.accumulate(v);
-      });
+  for (int64_t p = begin + r; p < end; p += rows) {
+    const auto v = concat.load(x, b, p, c0, s);
+    if (concat.second != nullptr) *reinterpret_cast<Pack<T, 8>*>(concat.out + (b * s.hw + p) * s.channels + c0) = v;
+    acc.accumulate(v);
+  }
   acc.fold(sums, partial, b, s.groups, cg, s.chunks, blockIdx.x);
 }
 
@@ -360,9 +357,24 @@ __global__ void normalize(const T* __restrict__ x, const float2* __restrict__ co
   store_pack<T, VEC, NHWC>(y, out, i, b, s);
 }
 
+// use(p, load(p)) for the pixels p = first, first + step, ... below end, in that order, with the
+// loads of kInFlight pixels issued before the first of them is used.
+template <int kInFlight, typename Load, typename Use>
+__device__ __forceinline__ void strided_pixels(int64_t first, int64_t end, int64_t step, Load load, Use use) {
+  int64_t p = first;
+  for (; p + (kInFlight - 1) * step < end; p += kInFlight * step) {
+    decltype(load(p)) v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) v[u] = load(p + u * step);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) use(p + u * step, v[u]);
+  }
+  for (; p < end; p += step) use(p, load(p));
+}
+
 // Pass 3, NHWC, 16-byte packs of VEC channels (channels a multiple of VEC): grid (chunks, batch),
 // block (channels / VEC lanes, rows). A thread holds its channels' coefficients for its sample in
-// registers and walks the pixels begin + r, begin + r + rows, ... of its chunk, several loads in
+// registers and walks the pixels begin + r, begin + r + rows, ... of its chunk, four loads in
 // flight (strided_pixels). `normalize` (one pack per thread) spent 64-bit index divisions and
 // four coefficient loads per pack: compute-bound at ~60% of the DRAM bandwidth (H100, ncu).
 template <typename T, int VEC>
@@ -377,7 +389,7 @@ __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, 
   const int64_t begin = blockIdx.x * s.chunk_len, end = min(s.hw, begin + s.chunk_len);
   const T* in_sample = x + b * s.hw * s.channels + c0;
   const int width = static_cast<int>(s.width), height = static_cast<int>(s.hw / s.width);  // of x
-  unclip_rt::strided_pixels<4>(
+  strided_pixels<4>(
       begin + threadIdx.y, end, blockDim.y,
       [&](int64_t p) { return *reinterpret_cast<const Pack<T, VEC>*>(in_sample + p * s.channels); },
       [&](int64_t p, const Pack<T, VEC>& in) {

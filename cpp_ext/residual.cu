@@ -144,12 +144,11 @@ __global__ void bias_residual_stats_kernel(const T* __restrict__ h, const T* __r
   unclip_rt::WideSums acc(c0, cg, pivot_of(c0 / cg), pivot_of((c0 + 7) / cg), nothing_added);
   const int64_t begin = blockIdx.x * chunk_len;
   const int64_t end = min(hw, begin + chunk_len);
-  unclip_rt::strided_pixels<RESIZE == 2 ? 1 : 2>(
-      begin + threadIdx.y, end, blockDim.y, [&](int64_t p) { return join(p, c0, biases); },
-      [&](int64_t p, const Pack<T, 8>& out) {
-        *reinterpret_cast<Pack<T, 8>*>(y + (b * hw + p) * channels + c0) = out;
-        acc.accumulate(out);
-      });
+  for (int64_t p = begin + threadIdx.y; p < end; p += blockDim.y) {
+    const auto out = join(p, c0, biases);
+    *reinterpret_cast<Pack<T, 8>*>(y + (b * hw + p) * channels + c0) = out;
+    acc.accumulate(out);
+  }
   acc.fold(sums, partial, b, groups, cg, chunks, blockIdx.x);
 }
 

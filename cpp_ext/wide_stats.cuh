@@ -37,24 +37,6 @@ inline WideChunks wide_chunks(int64_t batch, int64_t hw) {
   return {chunk_len, static_cast<int>((hw + chunk_len - 1) / chunk_len)};
 }
 
-// use(p, load(p)) for the pixels p = first, first + step, ... below end, in that order, with the
-// loads of kPixelsInFlight pixels issued before the first of them is used: a thread then has
-// that many 16-byte loads outstanding instead of one (the statistics passes, one wave of blocks,
-// reached ~60% of the DRAM bandwidth with one). The order of the uses, and so of any sums they
-// make, is the plain loop's.
-template <int kPixelsInFlight, typename Load, typename Use>
-__device__ __forceinline__ void strided_pixels(int64_t first, int64_t end, int64_t step, Load load, Use use) {
-  int64_t p = first;
-  for (; p + (kPixelsInFlight - 1) * step < end; p += kPixelsInFlight * step) {
-    decltype(load(p)) v[kPixelsInFlight];
-#pragma unroll
-    for (int u = 0; u < kPixelsInFlight; ++u) v[u] = load(p + u * step);
-#pragma unroll
-    for (int u = 0; u < kPixelsInFlight; ++u) use(p + u * step, v[u]);
-  }
-  for (; p < end; p += step) use(p, load(p));
-}
-
 // Lanes and rows of a wide block for `channels` channels.
 inline dim3 wide_block(int64_t channels) {
   const int lanes = static_cast<int>(channels / 8);

@@ -109,8 +109,13 @@ def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
     batch 1 0.978-0.986 → 0.940-0.950, batch 4 (12 rows) 1.224-1.233 → 1.101-1.112 (graph replays,
     alternating in one process); at 24 rows (four images, cuBLAS before) 1.389 → 1.308-1.331. Nine
     other mixes measured 1.016-1.060 at batch 2 (more stages, fewer, 8- or 32-feature blocks
-    elsewhere, the register kernel for the QKV or the MLP input projection)."""
+    elsewhere, the register kernel for the QKV or the MLP input projection). Above 16 rows a layer
+    narrower than its input (the MLP's 8192 → 2048 output projection, whose blocks then read more
+    input than weights) goes to cuBLAS: 24-row step 1.313-1.338 → 1.302-1.304 ms (at 12 rows
+    cuBLAS there was slower: 1.161 vs 1.111)."""
     if not STAGED_WEIGHTS or rows < 1 or rows > STAGED_MAX_ROWS or width % 512 or not staged_capable():
+        return None
+    if rows > 16 and width > features:  # the MLP's narrowing output projection: cuBLAS was faster there
         return None
     for block in (16, 32):
         if features % block == 0 and features // block <= 3 * multiprocessors():

@@ -116,7 +116,8 @@ def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours
     "rows,width,features,sms,capable,expected",
     [(6, 2048, 6144, 132, True, (16, 4)), (6, 2048, 8192, 132, True, (32, 2)), (6, 2048, 2048, 132, True, (16, 4)),
      (6, 8192, 2048, 132, True, (16, 4)), (1, 2048, 6144, 100, True, (32, 2)), (16, 512, 48, 132, True, (16, 4)),
-     (6, 2048, 6144, 132, False, None), (24, 2048, 6144, 132, True, (16, 4)),
+     (6, 2048, 6144, 132, False, None), (24, 2048, 6144, 132, True, (16, 4)), (16, 8192, 2048, 132, True, (16, 4)),
+     (17, 8192, 2048, 132, True, None), (24, 8192, 2048, 132, True, None), (24, 2048, 8192, 132, True, (32, 2)),
      (25, 2048, 6144, 132, True, None), (6, 2080, 6144, 132, True, None),
      (6, 2048, 8200, 132, True, None), (6, 2048, 16384, 132, True, None), (0, 2048, 2048, 132, True, None)],
 )
@@ -124,7 +125,8 @@ def test_the_prior_stages_weights_through_shared_memory_on_hopper(rows, width, f
                                                                    monkeypatch):
     """On Hopper, up to 24 rows and widths of 512s, the prior's linears stream their weights
     through shared memory: 16-feature blocks of 4 stages, or 32 × 2 where 16-feature blocks would
-    take more than three per SM; otherwise (or with the switch off) `skinny_block`'s rule."""
+    take more than three per SM; above 16 rows not a layer narrower than its input (cuBLAS);
+    otherwise (or with the switch off) `skinny_block`'s rule."""
     import models.prior as prior_module
 
     monkeypatch.setattr(prior_module, "multiprocessors", lambda: sms)
