@@ -36,7 +36,6 @@ using unclip_rt::to_float;
 using unclip_rt::wide_geometry_fits;
 
 constexpr int kThreads = 256;
-constexpr int64_t kNhwcNormalizeTargetBlocks = 1056;  // NHWC normalising pass: ~8 blocks of 256 threads per SM of an H100
 constexpr int64_t kNchwTargetBlocks = 528;  // NCHW statistics pass: ~4 blocks per SM of an H100 (NHWC: wide_stats.cuh)
 // Groups of at most this many elements take the one-launch kernel (auto mode).
 constexpr int64_t kOnePassMaxElements = 16384;  // tuned on an H100: one launch wins up to 16x16 maps of 64 channels per group
@@ -414,6 +413,48 @@ __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, 
       });
 }
 
+// Pass 3 of a down ResBlock's norm in normalize_nhwc's geometry over the output's pixels: a
+// thread holds its channels' coefficients and makes the 2x2 average of the normalised (and
+// SiLU'd) input packs of each output pixel of its chunk, four loads in flight.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(1024) normalize_down_nhwc(const T* __restrict__ x, const float2* __restrict__ coef,
+                                                            T* __restrict__ y, Shape s, bool silu) {
+  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
+  unclip_rt::allow_dependents();
+  const int64_t b = blockIdx.y;
+  const int c0 = threadIdx.x * VEC;
+  float2 cf[VEC];
+  load_coefficients<VEC, true>(coef + b * s.channels + c0, cf);
+  const int width = static_cast<int>(s.width), out_w = width / 2;
+  const int out_hw = static_cast<int>(s.hw / s.width / 2) * out_w;
+  const T* in_sample = x + b * s.hw * s.channels + c0;
+  T* out_sample = y + b * out_hw * s.channels + c0;
+  const int64_t begin = blockIdx.x * s.chunk_len, end = min(static_cast<int64_t>(out_hw), begin + s.chunk_len);
+  for (int64_t o = begin + threadIdx.y; o < end; o += blockDim.y) {
+    const int oy = static_cast<int>(o) / out_w, ox = static_cast<int>(o) - oy * out_w;
+    const T* in = in_sample + (static_cast<int64_t>(2 * oy) * width + 2 * ox) * s.channels;
+    Pack<T, VEC> quad[4];
+#pragma unroll
+    for (int d = 0; d < 4; ++d) quad[d] = *reinterpret_cast<const Pack<T, VEC>*>(in + ((d / 2) * width + d % 2) * s.channels);
+    float acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+#pragma unroll
+    for (int d = 0; d < 4; ++d) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float v = fmaf(to_float(quad[d].v[k]), cf[k].x, cf[k].y);
+        if (silu) v = unclip_rt::silu_of(v);
+        acc[k] += v;
+      }
+    }
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(0.25f * acc[k]);
+    *reinterpret_cast<Pack<T, VEC>*>(out_sample + o * s.channels) = out;
+  }
+}
+
 // Pass 3 of a down ResBlock's norm (NHWC only): each thread makes one pack of the 2x2
 // average-pooled output from the four input packs it covers (normalised, SiLU'd, then averaged
 // in float32), so the full-size normalised tensor is never written.
@@ -781,14 +822,20 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   constexpr int kPack = 16 / sizeof(T);  // elements of a 16-byte pack
-  if (nhwc && !s.down && s.channels % kPack == 0 && s.channels / kPack <= 1024 && unclip_rt::aligned16(x) &&
+  if (nhwc && s.channels % kPack == 0 && s.channels / kPack <= 1024 && unclip_rt::aligned16(x) &&
       unclip_rt::aligned16(y)) {
     const int lanes = static_cast<int>(s.channels / kPack);
     const dim3 block(lanes, std::max(1, kThreads / lanes));
-    const int64_t want = std::max<int64_t>(1, kNhwcNormalizeTargetBlocks / s.batch);  // chunks per sample
-    s.chunk_len = (s.hw + want - 1) / want;
-    const dim3 grid(static_cast<unsigned>((s.hw + s.chunk_len - 1) / s.chunk_len), static_cast<unsigned>(s.batch));
-    unclip_rt::launch_overlapped(normalize_nhwc<T, kPack>, grid, block, 0, stream, xp, cp, reinterpret_cast<T*>(y.data_ptr()), s, silu);
+    // chunks of each sample's pixels (down: of the output's)
+    const auto chunks = unclip_rt::elementwise_chunks(s.batch, s.down ? s.hw / 4 : s.hw);
+    s.chunk_len = chunks.chunk_len;
+    const dim3 grid(static_cast<unsigned>(chunks.chunks), static_cast<unsigned>(s.batch));
+    auto* yp = reinterpret_cast<T*>(y.data_ptr());
+    if (s.down) {
+      unclip_rt::launch_overlapped(normalize_down_nhwc<T, kPack>, grid, block, 0, stream, xp, cp, yp, s, silu);
+    } else {
+      unclip_rt::launch_overlapped(normalize_nhwc<T, kPack>, grid, block, 0, stream, xp, cp, yp, s, silu);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
   }

@@ -37,6 +37,17 @@ inline WideChunks wide_chunks(int64_t batch, int64_t hw) {
   return {chunk_len, static_cast<int>((hw + chunk_len - 1) / chunk_len)};
 }
 
+// The element-wise NHWC passes (group_norm's normalize_nhwc, residual.cu's bias_residual_nhwc):
+// the same (channels / 8 lanes, rows) blocks over more, shorter chunks, ~8 blocks per SM of an
+// H100 (they keep no per-block sums, so more blocks cost nothing to fold).
+constexpr int64_t kElementwiseTargetBlocks = 1056;
+
+inline WideChunks elementwise_chunks(int64_t batch, int64_t pixels) {
+  const int64_t want = std::max<int64_t>(1, kElementwiseTargetBlocks / batch);
+  const int64_t chunk_len = std::max<int64_t>(1, (pixels + want - 1) / want);
+  return {chunk_len, static_cast<int>((pixels + chunk_len - 1) / chunk_len)};
+}
+
 // Lanes and rows of a wide block for `channels` channels.
 inline dim3 wide_block(int64_t channels) {
   const int lanes = static_cast<int>(channels / 8);

@@ -295,7 +295,8 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype, monkeypatch):
-    """`UNet._input_conv` (the bias as the centre tap of an extra input channel of ones) gives the
+    """`UNet._input_conv` (the bias as the centre tap of an extra input channel of ones, zero
+    channels up to a multiple of 8) gives the
     convolution with its bias against float64 within rounding, the whole super-res UNet the same
     as without it (both against fp32), and its widened weight follows changes to the
     convolution's weight and is never made inside a graph capture (the plain block runs then)."""
@@ -312,6 +313,7 @@ def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype, monkey
     ref = F.conv2d(x_in.double(), conv.weight.double(), conv.bias.double(), padding=1)
     assert got is not None and got.is_contiguous(memory_format=torch.channels_last)
     assert _rel(got, ref) <= (2e-3 if dtype == torch.float16 else 1.6e-2), _rel(got, ref)
+    assert unet._input_weight[1].shape[1] == (conv.in_channels + 1 + 7) // 8 * 8  # ones, zeros to 8s
     assert unet._input_conv(x_in.contiguous()) is None  # NCHW: the plain block
     t = torch.tensor([900, 10]).cuda()
     full = ref_unet(x, t)
