@@ -101,35 +101,6 @@ __global__ void bias_residual_kernel(T* __restrict__ h, const T* __restrict__ sk
   *reinterpret_cast<Pack<T, VEC>*>(h + i) = out;
 }
 
-// The join of channels-last maps, 16-byte packs of VEC channels: grid (chunks, batch), block
-// (channels / VEC lanes, rows), as group_norm's normalize_nhwc. A thread holds its channels'
-// biases and walks the pixels of its chunk (bias_residual_kernel spends 64-bit index divisions
-// on every pack and loads the biases of every element).
-template <typename T, int VEC, int RESIZE>
-__global__ void __launch_bounds__(1024) bias_residual_nhwc(T* __restrict__ h, const T* __restrict__ skip,
-                                                           const T* __restrict__ bias, const T* __restrict__ bias2,
-                                                           int64_t channels, int64_t hw, int64_t width,
-                                                           int64_t chunk_len) {
-  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
-  unclip_rt::allow_dependents();
-  const int64_t b = blockIdx.y;
-  const int c0 = threadIdx.x * VEC;
-  float biases[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) biases[k] = bias_at(bias, bias2, c0 + k);
-  const int64_t begin = blockIdx.x * chunk_len, end = min(hw, begin + chunk_len);
-  for (int64_t p = begin + threadIdx.y; p < end; p += blockDim.y) {
-    const int64_t i = (b * hw + p) * channels + c0;
-    float r[VEC];
-    skip_values<T, VEC, RESIZE>(skip, i, b, p, c0, channels, hw, width, r);
-    const auto a = *reinterpret_cast<const Pack<T, VEC>*>(h + i);
-    Pack<T, VEC> out;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(to_float(a.v[k]) + r[k] + biases[k]);
-    *reinterpret_cast<Pack<T, VEC>*>(h + i) = out;
-  }
-}
-
 // The join written to y (channels-last half precision, out of place) together with the
 // statistics pass of the group norm that reads y next (wide_stats.cuh's geometry and sums, the
 // very code of group_norm's partial_nhwc_wide): grid (chunks, batch), block (channels / 8 lanes,
@@ -193,18 +164,6 @@ void launch(at::Tensor& h, const at::Tensor& skip, const at::Tensor& bias, const
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t width = h.size(-1);
   const int64_t c = h.size(1);
-  if (nhwc && VEC * sizeof(T) == 16 && c / VEC <= 1024) {
-    const int lanes = static_cast<int>(c / VEC);
-    const dim3 block(lanes, std::max(1, kThreads / lanes));
-    const auto chunks = unclip_rt::elementwise_chunks(h.size(0), hw);
-    const dim3 grid(static_cast<unsigned>(chunks.chunks), static_cast<unsigned>(h.size(0)));
-    const auto kernel = resize == 1   ? bias_residual_nhwc<T, VEC, 1>
-                        : resize == 2 ? bias_residual_nhwc<T, VEC, 2>
-                                      : bias_residual_nhwc<T, VEC, 0>;
-    unclip_rt::launch_overlapped(kernel, grid, block, 0, stream, hp, sp, bp, b2, c, hw, width, chunks.chunk_len);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
   if (resize == 1) {
     unclip_rt::launch_overlapped(bias_residual_kernel<T, VEC, true, 1>, dim3(blocks), dim3(kThreads), 0, stream, hp, sp, bp, b2, n, c, hw, width);
   } else if (resize == 2) {
