@@ -8,7 +8,8 @@ reference runs); on CUDA, half-precision group norm gets that from the native ke
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,33 @@ def timestep_embedding(
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+class DerivedTensors:
+    """What a module derives from some of its tensors (a stacked, widened or tabulated copy of
+    weights), kept while they stay as they are: the same storage (`data_ptr`), no in-place write
+    (`_version`) and the same `extra` key (dtypes, devices). `get` returns the kept value, or
+    builds it anew — except during a CUDA graph capture (its kernels would not run then) or from
+    inference tensors (they keep no version counter), where it returns None and the caller takes
+    its plain path."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: Any = None
+
+    def get(self, tensors: Iterable[torch.Tensor], extra: tuple, build: Callable[[], Any]) -> Any:
+        tensors = tuple(tensors)
+        try:
+            key = extra + tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # inference tensors: no version counter
+            return None
+        if self.key != key:
+            if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+                return None
+            with torch.no_grad():
+                self.value = build()
+            self.key = key
+        return self.value
 
 
 def _tracing() -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 import cpp_ext
 from models.configs import PriorConfig
 from models.layers import (
+    DerivedTensors,
     LayerNorm32,
     additive_mask,
     causal_bias,
@@ -270,6 +271,7 @@ class Prior(nn.Module):
         self.final_ln = LayerNorm32(w) if cfg.final_ln else None
         self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(1, cfg.seq_len, w), std=0.01))
         self.prd_emb = nn.Parameter(nn.init.normal_(torch.empty(1, 1, w), std=0.01))
+        self._time_table_cache = DerivedTensors()  # `_time_table`'s table
         self.register_buffer("clip_mean", torch.zeros(1, cfg.clip_dim))
         self.register_buffer("clip_std", torch.ones(1, cfg.clip_dim))
         self.register_buffer("causal_bias", causal_bias(cfg.seq_len), persistent=False)
@@ -371,24 +373,16 @@ class Prior(nn.Module):
         changes (storage or in-place update). None while a CUDA graph is being captured without
         a current table (the caller computes the token instead). A graph captured with the table
         keeps reading it: capture again after changing those weights, as for any captured step."""
-        params = (*self.time_embed.parameters(), self.positional_embedding)
-        try:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        except RuntimeError:  # inference tensors keep no version counter: no table
-            return None
-        cached = getattr(self, "_time_table_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if self.positional_embedding.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        steps = self.cfg.diffusion.num_train_timesteps
-        dtype = self.positional_embedding.dtype
-        with torch.no_grad():
+        def build() -> torch.Tensor:
+            steps = self.cfg.diffusion.num_train_timesteps
             t = torch.arange(steps, device=self.positional_embedding.device)
             emb = self.time_embed(timestep_embedding(t, self.cfg.width, dtype=work_dtype(dtype)).to(dtype))
-            table = emb + self.positional_embedding[0, self.context_len]
-        self._time_table_cache = (key, table)
-        return table
+            return emb + self.positional_embedding[0, self.context_len]
+
+        dtype = self.positional_embedding.dtype
+        params = (*self.time_embed.parameters(), self.positional_embedding)
+        extra = tuple((p.dtype, p.device) for p in params)
+        return self._time_table_cache.get(params, extra, build)
 
     def _predict_fused(self, h: torch.Tensor) -> torch.Tensor:
         """`_predict` for the fused path: the `prd` rows only, through the final layer norm's kernel

@@ -22,6 +22,7 @@ from torch import nn
 import cpp_ext
 from models.configs import UNetConfig
 from models.layers import (
+    DerivedTensors,
     GroupNorm32,
     NormInput,
     _layout,
@@ -437,8 +438,8 @@ class UNet(nn.Module):
         # every ResBlock's time-embedding projection, in forward order (a plain list: they are
         # registered in their blocks); `_embedding_projections` caches their stacked weights
         self._emb_linears: list[nn.Linear] = [m.emb_layers[1] for m in self.modules() if isinstance(m, ResBlock)]
-        self._emb_stack: tuple | None = None
-        self._input_weight: tuple | None = None  # `_input_conv`: key, widened weight, input fill
+        self._emb_stack = DerivedTensors()  # `_embedding_projections`: stacked weight, bias, spans
+        self._input_weight = DerivedTensors()  # `_input_conv`: widened weight, input fill
 
     def context_blocks(self) -> list[AttentionBlock]:
         """The attention blocks that attend to context tokens, in the order of the packed K/V."""
@@ -523,19 +524,20 @@ class UNet(nn.Module):
                 and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
                 and conv.groups == 1 and fused_kernels_available(x, conv.weight) and _layout(x) == "nhwc"):
             return None
-        key = (x.dtype, conv.weight.data_ptr(), conv.weight._version, conv.bias.data_ptr(), conv.bias._version)
-        if self._input_weight is None or self._input_weight[0] != key:
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return None
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             extra = (-(conv.in_channels + 1)) % 8 + 1  # the ones channel, then zeros
-            with torch.no_grad():
-                taps = conv.weight.new_zeros(conv.weight.shape[0], extra, 3, 3)
-                taps[:, 0, 1, 1] = conv.bias
-                weight = torch.cat([conv.weight, taps], dim=1).contiguous(memory_format=torch.channels_last)
-                fill = torch.zeros(extra, dtype=x.dtype, device=x.device)
-                fill[0] = 1.0
-            self._input_weight = (key, weight, fill)
-        _, weight, fill = self._input_weight
+            taps = conv.weight.new_zeros(conv.weight.shape[0], extra, 3, 3)
+            taps[:, 0, 1, 1] = conv.bias
+            weight = torch.cat([conv.weight, taps], dim=1).contiguous(memory_format=torch.channels_last)
+            fill = torch.zeros(extra, dtype=x.dtype, device=x.device)
+            fill[0] = 1.0
+            return weight, fill
+
+        derived = self._input_weight.get((conv.weight, conv.bias), (x.dtype,), build)
+        if derived is None:
+            return None
+        weight, fill = derived
         b, c, height, width = x.shape
         widened = torch.empty((b, weight.shape[1], height, width), dtype=x.dtype, device=x.device,
                               memory_format=torch.channels_last)
@@ -549,19 +551,22 @@ class UNet(nn.Module):
         decoder forward on an H100). The stacked copy (the decoder's: 128 MB in fp16) is made on
         first use and again whenever a block's weights change (new tensors, or written in place);
         never during graph capture (its kernels would not run), where this returns None."""
-        key = (emb.dtype, emb.device, tuple((lin.weight.data_ptr(), lin.weight._version, lin.bias.data_ptr(),
-                                              lin.bias._version) for lin in self._emb_linears))
-        if self._emb_stack is None or self._emb_stack[0] != key:
-            if not self._emb_linears or (emb.is_cuda and torch.cuda.is_current_stream_capturing()):
-                return None
+        def build() -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[int, int]]]:
             spans, start = {}, 0
             for lin in self._emb_linears:
                 spans[id(lin)] = (start, start + lin.out_features)
                 start += lin.out_features
             weight = torch.cat([lin.weight.detach() for lin in self._emb_linears]).to(emb.dtype)
             bias = torch.cat([lin.bias.detach() for lin in self._emb_linears]).to(emb.dtype)
-            self._emb_stack = (key, weight, bias, spans)
-        _, weight, bias, spans = self._emb_stack
+            return weight, bias, spans
+
+        if not self._emb_linears:
+            return None
+        tensors = [t for lin in self._emb_linears for t in (lin.weight, lin.bias)]
+        derived = self._emb_stack.get(tensors, (emb.dtype, emb.device), build)
+        if derived is None:
+            return None
+        weight, bias, spans = derived
         return EmbeddingProjections(F.linear(emb, weight, bias), spans)
 
 

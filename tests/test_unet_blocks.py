@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from models.configs import UNetConfig
-from models.layers import GroupNorm32, NormInput, bias_residual
+from models.layers import DerivedTensors, GroupNorm32, NormInput, bias_residual
 from models.unet import AttentionBlock, DeferredBias, ResBlock, SkipConcat, UNet
 
 
@@ -60,3 +60,30 @@ def test_norm_statistics_are_ignored_on_the_torch_path():
     with torch.no_grad():
         assert torch.equal(block(NormInput(joined, junk), emb, stats=True), block(joined, emb))
         assert torch.equal(attention(NormInput(joined, junk), stats=True), attention(joined))
+
+
+def test_derived_tensors_are_kept_until_their_sources_change():
+    """`DerivedTensors` builds once, keeps the value while its tensors keep their storage, version
+    and extra key, builds again after an in-place write, a new storage or another extra key, and
+    keeps nothing for inference tensors (no version counter)."""
+    weight = torch.randn(4, 3)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return weight.sum() * 2
+
+    cache = DerivedTensors()
+    first = cache.get([weight], (torch.float32,), build)
+    assert torch.equal(first, weight.sum() * 2) and cache.get([weight], (torch.float32,), build) is first
+    assert len(builds) == 1
+    weight.add_(1.0)  # in place: version changes
+    assert torch.equal(cache.get([weight], (torch.float32,), build), weight.sum() * 2) and len(builds) == 2
+    cache.get([weight], (torch.float16,), build)  # another extra key
+    assert len(builds) == 3
+    weight = weight.clone()  # new storage
+    cache.get([weight], (torch.float16,), build)
+    assert len(builds) == 4
+    with torch.inference_mode():
+        frozen = torch.randn(2)
+    assert cache.get([frozen], (), build) is None and len(builds) == 4
