@@ -830,7 +830,8 @@ at::Tensor group_norm_typed(const at::Tensor& x, int64_t groups, const at::Tenso
     const int lanes = static_cast<int>(s.channels / kPack);
     const dim3 block(lanes, std::max(1, kThreads / lanes));
     // chunks of each sample's pixels (down: of the output's)
-    const auto chunks = unclip_rt::elementwise_chunks(s.batch, s.down ? s.hw / 4 : s.hw);
+    const auto chunks = unclip_rt::wide_chunks(s.batch, s.down ? s.hw / 4 : s.hw,
+                                             unclip_rt::kElementwiseTargetBlocks);
     s.chunk_len = chunks.chunk_len;
     const dim3 grid(static_cast<unsigned>(chunks.chunks), static_cast<unsigned>(s.batch));
     auto* yp = reinterpret_cast<T*>(y.data_ptr());

@@ -31,8 +31,10 @@ struct WideChunks {
   int chunks;
 };
 
-inline WideChunks wide_chunks(int64_t batch, int64_t hw) {
-  const int64_t want = std::max<int64_t>(1, kWideTargetBlocks / batch);
+// The split into about `target_blocks` blocks over the whole batch (the statistics passes':
+// kWideTargetBlocks, one wave).
+inline WideChunks wide_chunks(int64_t batch, int64_t hw, int64_t target_blocks = kWideTargetBlocks) {
+  const int64_t want = std::max<int64_t>(1, target_blocks / batch);
   const int64_t chunk_len = std::max<int64_t>(1, (hw + want - 1) / want);
   return {chunk_len, static_cast<int>((hw + chunk_len - 1) / chunk_len)};
 }
@@ -42,12 +44,6 @@ inline WideChunks wide_chunks(int64_t batch, int64_t hw) {
 // keep no per-block sums, so more blocks cost nothing to fold). The residual join in this
 // geometry was slower than its flat kernel (4x320x256^2: 185 vs 166 us; H100), so it keeps that.
 constexpr int64_t kElementwiseTargetBlocks = 1056;
-
-inline WideChunks elementwise_chunks(int64_t batch, int64_t pixels) {
-  const int64_t want = std::max<int64_t>(1, kElementwiseTargetBlocks / batch);
-  const int64_t chunk_len = std::max<int64_t>(1, (pixels + want - 1) / want);
-  return {chunk_len, static_cast<int>((pixels + chunk_len - 1) / chunk_len)};
-}
 
 // Lanes and rows of a wide block for `channels` channels.
 inline dim3 wide_block(int64_t channels) {

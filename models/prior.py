@@ -374,12 +374,11 @@ class Prior(nn.Module):
         a current table (the caller computes the token instead). A graph captured with the table
         keeps reading it: capture again after changing those weights, as for any captured step."""
         def build() -> torch.Tensor:
-            steps = self.cfg.diffusion.num_train_timesteps
+            steps, dtype = self.cfg.diffusion.num_train_timesteps, self.positional_embedding.dtype
             t = torch.arange(steps, device=self.positional_embedding.device)
             emb = self.time_embed(timestep_embedding(t, self.cfg.width, dtype=work_dtype(dtype)).to(dtype))
             return emb + self.positional_embedding[0, self.context_len]
 
-        dtype = self.positional_embedding.dtype
         params = (*self.time_embed.parameters(), self.positional_embedding)
         extra = tuple((p.dtype, p.device) for p in params)
         return self._time_table_cache.get(params, extra, build)
