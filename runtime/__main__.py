@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", help="folder with config.json + model.safetensors (default: the shipped model)")
     src.add_argument("--karlo", help="folder with Kakao Brain's original Karlo files")
     src.add_argument("--diffusers", help="diffusers unCLIP folder (e.g. kakaobrain/karlo-v1-alpha)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="--karlo: also load files whose loading runs code (pickles, TorchScript with __setstate__); "
+                        "only for files from a source you trust")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=None)
     defaults = " (default: the model's, see config.json 'sampling')"
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior}
     try:
         if args.karlo:
-            pipe = UnCLIP.from_karlo(args.karlo, **common)
+            pipe = UnCLIP.from_karlo(args.karlo, trust_pickle=args.trust_pickle, **common)
         elif args.diffusers:
             pipe = UnCLIP.from_diffusers(args.diffusers, **common)
         else:

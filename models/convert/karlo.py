@@ -9,7 +9,7 @@ except that the decoder's conditioning layers live in `decoder.text_proj`.
 
 from __future__ import annotations
 
-import zipfile
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from models.checkpoint import CheckpointError, load_tensors
 from models.clip import UNUSED_CLIP_KEYS
 from models.configs import KARLO, UnCLIPConfig
+from models.torchscript_archive import ArchiveRefused, is_torchscript, read_torchscript_state
 from models.unclip import UnCLIPModel
 
 FILE_PATTERNS = {
@@ -45,26 +46,30 @@ def find_karlo_files(root: str | Path) -> dict[str, Path]:
     return found
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any("/code/" in name for name in zf.namelist())
-
-
 def load_checkpoint_state(path: Path, trust_pickle: bool = False) -> dict:
     """Tensors of a Karlo file: `state_dict` of a Lightning-style checkpoint, or the file itself.
 
-    TorchScript archives (OpenAI's CLIP release format) load through `torch.jit.load`, which
-    does not unpickle Python objects. A file that needs full unpickling is refused unless
-    `trust_pickle` is set (only for files from a source you trust: unpickling runs code).
+    Nothing that can run code loads unless `trust_pickle` is set (only for files from a source you
+    trust). TorchScript archives (OpenAI's CLIP release format) are read as data, never through
+    `torch.jit.load`, which runs the archive's code; an archive that needs its own code to load, and
+    a pickle that is not plain tensors, are refused without the opt-in.
     """
-    if _is_torchscript(path):
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    if is_torchscript(path):
+        try:
+            return read_torchscript_state(path)
+        except ArchiveRefused as exc:
+            if not trust_pickle:
+                raise CheckpointError(str(exc)) from exc
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
         obj = load_tensors(path)
-    except CheckpointError:
+    except CheckpointError as exc:
         if not trust_pickle:
+            if isinstance(exc.__cause__, pickle.UnpicklingError):
+                raise CheckpointError(
+                    f"{path}: refused because loading it could run code (it pickles objects beyond plain tensors); "
+                    "only for a file from a source you trust, load it with trust_pickle=True (CLI: --trust-pickle)"
+                ) from None
             raise
         obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, torch.nn.Module):
