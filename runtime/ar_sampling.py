@@ -41,6 +41,11 @@ class ARNoise:
     def to(self, device: torch.device | str) -> ARNoise:
         return ARNoise(to_device(self.similarity, device), to_device(self.codes, device))
 
+    @staticmethod
+    def cat(parts: list[ARNoise]) -> ARNoise:
+        """The noise of several runs' images, one after another."""
+        return ARNoise(torch.cat([p.similarity for p in parts]), torch.cat([p.codes for p in parts]))
+
     def rows(self, start: int, stop: int) -> ARNoise:
         return ARNoise(self.similarity[start:stop].contiguous(), self.codes[start:stop].contiguous())
 

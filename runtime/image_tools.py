@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime import edits, loops
+from runtime.batch_invariance import row_invariant
 from runtime.images import load_images, resize_batch
 from runtime.loops import StageNoise, TextConditioning
 from runtime.sampling import make_step_table
@@ -43,6 +44,7 @@ class ImageTools:
     `encode_prompts` and `_decode` from `UnCLIP`."""
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
         """Image(s) → CLIP image embeddings z_i [B, D] (float32, CPU). Karlo's preprocessing:
@@ -66,6 +68,7 @@ class ImageTools:
         return self.encode_prompts([prompt]).expand(batch)
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def invert(self, image, steps: int = 100, decoder_guidance_scale: float = 1.0, prompt: str = "") -> Inversion:
         """DDIM inversion (eta = 0) of the decoder: z_i from the CLIP image encoder, then the x_T
@@ -90,6 +93,7 @@ class ImageTools:
         return Inversion(embeds.cpu(), latents.float().cpu(), steps, scale, prompt)
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def decode(
         self,
@@ -160,6 +164,7 @@ class ImageTools:
         return UnCLIPOutput(to_output(images, output_type), embeds.float().cpu())
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def variations(
         self, image, n: int = 4, *, eta: float | None = None, seed: int | None = None, steps: int | None = None,
@@ -182,6 +187,7 @@ class ImageTools:
                            super_res=super_res, output_type=output_type)
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def interpolate(
         self, image_a, image_b, steps: int = 5, *, path: str = "inverted", seed: int | None = None,
@@ -210,6 +216,7 @@ class ImageTools:
                            super_res=super_res, output_type=output_type)
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def text_diff(
         self, image, from_caption: str, to_caption: str, amounts=(0.0, 0.15, 0.3, 0.45, 0.6), *,

@@ -82,6 +82,16 @@ class StageNoise:
     def to(self, device: torch.device | str) -> StageNoise:
         return StageNoise(to_device(self.init, device, self.pinned), to_device(self.steps, device, self.pinned))
 
+    @staticmethod
+    def cat(parts: list[StageNoise]) -> StageNoise:
+        """The noise of several runs' images, one after another (pinned if every part is)."""
+        pinned = all(p.pinned for p in parts)
+        init = torch.cat([p.init for p in parts])
+        steps = torch.cat([p.steps for p in parts], dim=1)
+        if pinned:
+            init, steps = init.pin_memory(), steps.pin_memory()
+        return StageNoise(init, steps, pinned)
+
     def rows(self, start: int, stop: int) -> StageNoise:
         """The noise of images `start:stop` (contiguous: the tensors themselves for all rows, else copies)."""
         init, steps = self.init[start:stop], self.steps[:, start:stop]
@@ -97,6 +107,21 @@ class SamplingNoise:
     prior: StageNoise | None
     decoder: StageNoise | None
     super_res: StageNoise | None
+
+    @staticmethod
+    def cat(parts: list[SamplingNoise]) -> SamplingNoise:
+        """The noise of several runs (each drawn with its own seed) as the noise of one batched run:
+        image i of the batch gets exactly the noise it had in its own run."""
+        stages = []
+        for stage in ("prior", "decoder", "super_res"):
+            chosen = [getattr(p, stage) for p in parts]
+            if any(c is None for c in chosen):
+                if not all(c is None for c in chosen):
+                    raise ValueError(f"cannot join noise where only some runs have {stage} noise")
+                stages.append(None)
+            else:
+                stages.append(type(chosen[0]).cat(chosen))
+        return SamplingNoise(*stages)
 
     def rows(self, start: int, stop: int) -> SamplingNoise:
         """The noise of images `start:stop`: a chunk of a split batch gets exactly its own noise."""

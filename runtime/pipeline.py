@@ -34,6 +34,7 @@ from models.unclip import UnCLIPModel
 from runtime import loops
 from runtime.ar_sampling import ARNoise, ARSettings, sample_ar_prior
 from runtime.backends import choose_backend, open_engines
+from runtime.batch_invariance import row_invariant
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
@@ -219,6 +220,7 @@ class UnCLIP(ImageTools):
         self.progress = not disable
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         """Tokenise (Karlo's way) and run the CLIP text encoder (replayed from a CUDA graph when
@@ -273,6 +275,7 @@ class UnCLIP(ImageTools):
         return StageNoise.draw((batch, 3, s, s), steps, generator, self._pin_noise)
 
     @serialised
+    @row_invariant
     @torch.no_grad()
     def generate(
         self,
