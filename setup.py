@@ -1,7 +1,7 @@
 """unclip-rt: fast unCLIP (DALL-E 2 / Karlo) inference on NVIDIA GPUs.
 
 Extras: `[onnx]` ONNX export + ONNX Runtime (CPU), `[onnx-gpu]` ONNX Runtime CUDA provider,
-`[tensorrt]` TensorRT engines, `[test]` the test suite (diffusers is the reference there),
+`[tensorrt]` TensorRT engines, `[serve]` the images service (Ray Serve), `[test]` the test suite (diffusers is the reference there),
 `[bench]` the peer pipelines used by `benchmarks/latency.py`.
 """
 
@@ -35,6 +35,7 @@ def cuda_extensions() -> tuple[list, dict]:
 
 
 EXTENSIONS, COMMANDS = cuda_extensions()
+SERVE = ["ray[serve]>=2.40", "fastapi", "python-multipart", "pyyaml"]
 
 setup(
     name="unclip-rt",
@@ -42,7 +43,8 @@ setup(
     description="Fast unCLIP (DALL-E 2 architecture, Karlo-compatible) inference runtime",
     python_requires=">=3.10",
     packages=find_packages(include=["models", "models.*", "runtime", "runtime.*", "export", "export.*", "train",
-                                    "train.*", "cpp_ext"]),
+                                    "train.*", "cpp_ext", "serve", "serve.*"]),
+    package_data={"serve": ["static/*.html", "*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "open_clip_torch>=2.24",
@@ -55,10 +57,12 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "onnx-gpu": ["onnx", "onnxruntime-gpu"],
         "tensorrt": ["tensorrt", "polygraphy", "cuda-python"],
-        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime"],
+        "serve": SERVE,
+        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "transformers>=4.40", "onnx", "onnxruntime",
+                 *SERVE, "openai", "selenium"],
         "bench": ["diffusers==0.42.1", "transformers>=4.40"],
     },
     ext_modules=EXTENSIONS,
     cmdclass=COMMANDS,
-    entry_points={"console_scripts": ["unclip-rt=runtime.__main__:main"]},
+    entry_points={"console_scripts": ["unclip-rt=serve.cli:main"]},
 )

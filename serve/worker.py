@@ -1,0 +1,238 @@
+"""A model replica: one `runtime.UnCLIP` on its device, its requests batched.
+
+Text-to-image requests with equal sampling settings run as one `generate` call (see
+`serve.batcher`); each request's noise is drawn from its own seed exactly as a lone
+`UnCLIP.generate(prompt, num_images_per_prompt=n, seed=seed)` draws it, so its images are that
+call's images (bit for bit on the CPU, where the runtime's products are row-invariant). Variations
+run alone. Noise is drawn and PNGs encoded on helper threads while the runner thread keeps the
+device busy. Bad input is refused before a job is queued, so one request never fails a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serve.batcher import Batcher, BatchInfo, DeadlineExceeded, Job
+from serve.metrics import WorkerMetrics
+from serve.options import ServeOptions
+
+log = logging.getLogger("serve.worker")
+
+SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance_scale", "decoder_guidance_scale")
+
+
+def load_pipelines(options: ServeOptions) -> dict[str, Any]:
+    """The replica's `UnCLIP` per prior kind ("diffusion", and "ar" where the model has one)."""
+    from runtime import UnCLIP
+    from runtime.__main__ import DTYPES
+    from runtime.pipeline import DEFAULT_MODEL, load_folder
+
+    kind, folder = options.model_source
+    if kind == "karlo":
+        from models.configs import KARLO
+        from models.convert.karlo import load_karlo
+
+        model = load_karlo(folder, KARLO)
+    elif kind == "diffusers":
+        from models.convert.diffusers_folder import load_diffusers
+
+        model = load_diffusers(folder)
+    else:
+        model = load_folder(folder or DEFAULT_MODEL)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
+    common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
+              "backend": options.backend}
+    pipes = {"diffusion": UnCLIP(model, prior="diffusion", **common)}
+    try:
+        pipes["ar"] = UnCLIP(model, prior="ar", **common)
+    except ValueError:  # the model has no autoregressive prior (Karlo)
+        pass
+    return pipes
+
+
+def encode_png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class GenerationJob:
+    prompt: str
+    n: int
+    noise: Any  # runtime.loops.SamplingNoise drawn from the request's seed
+
+
+@dataclass
+class VariationJob:
+    image: np.ndarray  # H×W×3 uint8
+    n: int
+    seed: int
+    steps: int | None
+    decoder_guidance_scale: float | None
+
+
+class ImageWorker:
+    """The model replica (wrapped by `serve.app` as a Ray Serve deployment)."""
+
+    def __init__(self, options: ServeOptions, cpus: float | None = None) -> None:
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+        self.options = options
+        self.pipes = load_pipelines(options)
+        self.pipe = self.pipes["diffusion"]
+        self.metrics = WorkerMetrics()
+        self.batcher = Batcher(self._run, options.max_batch, options.batch_wait_ms / 1000, self._on_batch)
+        self._helpers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="unclip-helper")
+        self.started = time.time()
+        self.served_images = 0  # images returned by this replica
+        self.calls = 0  # model calls run
+        self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", "") or f"pid-{os.getpid()}"
+        try:
+            from ray import serve
+
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Ray Serve (tests): the process id names the replica
+            pass
+        log.info("replica %s ready: %s on %s, %d torch threads", self.replica, options.model_id, self.pipe.device,
+                 torch.get_num_threads())
+
+    # --- facts -----------------------------------------------------------------------------
+    async def info(self) -> dict:
+        """What the ingress checks requests against, and where this replica runs."""
+        cfg = self.pipe.cfg
+        node = ""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:
+            pass
+        return {
+            "model_id": self.options.model_id, "size": cfg.super_res.image_size, "priors": sorted(self.pipes),
+            "defaults": {k: getattr(cfg.sampling, k) for k in SETTINGS}, "device": str(self.pipe.device),
+            "dtype": str(self.pipe.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": node, "replica": self.replica,
+            "created": int(self.started), "queued_jobs": len(self.batcher.pending),
+            "served_images": self.served_images, "calls": self.calls,
+        }
+
+    # --- requests --------------------------------------------------------------------------
+    async def generate(self, request: dict) -> dict:
+        """{prompt, n, seed, prior, settings: {prior_steps, …}, timeout_s} → {images, seed, batch…}
+        or {error: {message, param}} for input the runtime refuses."""
+        prior = request.get("prior", "diffusion")
+        if prior not in self.pipes:
+            return _error(f"prior {prior!r} is not available for this model (available: {sorted(self.pipes)})",
+                          "prior")
+        pipe = self.pipes[prior]
+        try:
+            steps, key = self._settings(pipe, prior, request.get("settings", {}))
+            n, seed = int(request["n"]), int(request["seed"])
+            generator = torch.Generator().manual_seed(seed)
+            loop = asyncio.get_running_loop()
+            noise = await loop.run_in_executor(
+                self._helpers, pipe.draw_noise, n, steps["prior_steps"], steps["decoder_steps"],
+                steps["super_res_steps"], generator)
+        except (ValueError, TypeError) as exc:
+            return _error(str(exc), getattr(exc, "param", None))
+        job = Job(key, n, GenerationJob(request["prompt"], n, noise), _deadline(request))
+        return await self._submit(job, seed, "generation")
+
+    async def variations(self, request: dict) -> dict:
+        """{image (H×W×3 uint8), n, seed, steps, decoder_guidance_scale, timeout_s} → like `generate`."""
+        n, seed = int(request["n"]), int(request["seed"])
+        job = Job(("variations",), n, VariationJob(request["image"], n, seed, request.get("steps"),
+                                                   request.get("decoder_guidance_scale")),
+                  _deadline(request), batchable=False)
+        return await self._submit(job, seed, "variation")
+
+    async def _submit(self, job: Job, seed: int, kind: str) -> dict:
+        self.metrics.queue_depth.set(len(self.batcher.pending) + 1)
+        try:
+            images, batch = await self.batcher.submit(job)
+        except DeadlineExceeded as exc:
+            return {"error": {"message": str(exc), "type": "timeout", "param": None, "code": "deadline_exceeded"}}
+        except (ValueError, TypeError) as exc:
+            return _error(str(exc), None)
+        start = time.monotonic()
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            self._helpers, lambda: [encode_png(im) for im in images])
+        encode_s = time.monotonic() - start
+        self.metrics.stage_seconds.observe(batch.queued_s, tags={"stage": "queued"})
+        self.metrics.stage_seconds.observe(batch.run_s, tags={"stage": "generate"})
+        self.metrics.stage_seconds.observe(encode_s, tags={"stage": "encode"})
+        self.metrics.images.inc(len(encoded), tags={"kind": kind})
+        self.served_images += len(encoded)
+        return {"images": encoded, "seed": seed, "batch_images": batch.images, "batch_requests": batch.jobs,
+                "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s, "replica": self.replica}
+
+    def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, tuple]:
+        """The request's steps resolved against the model's defaults, and its batching key."""
+        from runtime.validate import check_int, check_scale
+
+        unknown = sorted(set(given) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(unknown)}")
+        resolved = pipe.cfg.sampling.with_overrides(**{k: given.get(k) for k in SETTINGS})
+        steps = {k: check_int(k, getattr(resolved, k), 2 if k == "super_res_steps" else 1, 1000)
+                 for k in SETTINGS[:3]}
+        scales = {k: check_scale(k, getattr(resolved, k)) for k in SETTINGS[3:]}
+        if prior == "ar":
+            given_prior = [k for k in ("prior_steps", "prior_guidance_scale") if given.get(k) is not None]
+            if given_prior:
+                raise ValueError(f"{', '.join(given_prior)} apply to the diffusion prior, not prior='ar'")
+        key = (prior, *steps.values(), *(scales.values() if prior == "diffusion" else [scales[SETTINGS[4]]]))
+        return steps, key
+
+    # --- the runner thread ---------------------------------------------------------------------
+    def _run(self, key: tuple, payloads: list) -> list[list[Image.Image]]:
+        if key[0] == "variations":
+            (job,) = payloads
+            out = self.pipe.variations(job.image, job.n, seed=job.seed, steps=job.steps,
+                                       decoder_guidance_scale=job.decoder_guidance_scale, output_type="pil")
+            return [out.images]
+        from runtime.loops import SamplingNoise
+
+        prior = key[0]
+        pipe = self.pipes[prior]
+        steps = dict(zip(SETTINGS[:3], key[1:4], strict=True))
+        scales = {"decoder_guidance_scale": key[-1]}
+        if prior == "diffusion":
+            scales["prior_guidance_scale"] = key[4]
+        else:
+            steps.pop("prior_steps")
+        prompts = [job.prompt for job in payloads for _ in range(job.n)]
+        noise = SamplingNoise.cat([job.noise for job in payloads])
+        images = pipe.generate(prompts, noise=noise, output_type="pil", **steps, **scales).images
+        out, start = [], 0
+        for job in payloads:
+            out.append(images[start : start + job.n])
+            start += job.n
+        return out
+
+    def _on_batch(self, batch: BatchInfo, waiting: int) -> None:
+        self.calls += 1
+        self.metrics.batch_images.observe(batch.images)
+        self.metrics.queue_depth.set(waiting)
+
+
+def _deadline(request: dict) -> float:
+    return time.monotonic() + float(request.get("timeout_s", 120.0))
+
+
+def _error(message: str, param: str | None) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}

@@ -1,0 +1,204 @@
+"""The service's parts without Ray: the batcher's grouping, waiting, cancellation and deadlines,
+upload decoding (16-bit, empty, bomb-sized, damaged), options and replica placement."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.batcher import Batcher, DeadlineExceeded, Job
+from serve.options import ServeOptions, parse_args
+from serve.uploads import UploadTooLarge, decode_upload
+
+
+def _recorder(delay: float = 0.0):
+    calls, lock = [], threading.Lock()
+
+    def run(key, payloads):
+        with lock:
+            calls.append((key, list(payloads)))
+        time.sleep(delay)
+        return [f"{key}:{p}" for p in payloads]
+
+    return run, calls
+
+
+def _job(key, images, payload, deadline_s=60.0, batchable=True):
+    return Job(key, images, payload, time.monotonic() + deadline_s, batchable=batchable)
+
+
+def test_jobs_of_one_key_share_a_call_up_to_max_images_in_arrival_order():
+    run, calls = _recorder()
+
+    async def main():
+        batcher = Batcher(run, max_images=4, wait_s=0.2)
+        jobs = [_job("a", 1, 1), _job("b", 1, 2), _job("a", 2, 3), _job("a", 2, 4), _job("a", 1, 5)]
+        return await asyncio.gather(*(batcher.submit(j) for j in jobs))
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == ["a:1", "b:2", "a:3", "a:4", "a:5"]
+    # "a" 1+2 = 3 images, job 4 (2 images) does not fit but job 5 (1) does: 1+2+1 = 4
+    assert calls[0] == ("a", [1, 3, 5])
+    assert ("b", [2]) in calls and ("a", [4]) in calls and len(calls) == 3
+    assert results[0][1].images == 4 and results[0][1].jobs == 3
+
+
+def test_a_lone_job_waits_at_most_the_batch_wait_and_a_full_group_not_at_all():
+    run, calls = _recorder()
+
+    async def timed(jobs, wait_s):
+        batcher = Batcher(run, max_images=2, wait_s=wait_s)
+        start = time.monotonic()
+        await asyncio.gather(*(batcher.submit(j) for j in jobs))
+        return time.monotonic() - start
+
+    assert 0.25 <= asyncio.run(timed([_job("a", 1, 1)], 0.3)) < 1.0
+    assert asyncio.run(timed([_job("a", 1, 1), _job("a", 1, 2)], 5.0)) < 1.0  # full: no wait
+
+
+def test_unbatchable_jobs_run_alone_without_waiting():
+    run, calls = _recorder()
+
+    async def main():
+        batcher = Batcher(run, max_images=8, wait_s=5.0)
+        start = time.monotonic()
+        await asyncio.gather(*(batcher.submit(_job(("v",), 1, i, batchable=False)) for i in range(2)))
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 1.0
+    assert calls == [(("v",), [0]), (("v",), [1])]
+
+
+def test_a_cancelled_job_is_dropped_before_it_runs():
+    run, calls = _recorder(delay=0.3)
+
+    async def main():
+        batcher = Batcher(run, max_images=1, wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(_job("a", 1, "first")))
+        await asyncio.sleep(0.05)  # first is running
+        second = asyncio.ensure_future(batcher.submit(_job("a", 1, "second")))
+        await asyncio.sleep(0.05)
+        second.cancel()
+        await first
+        await asyncio.sleep(0.4)
+        return second.cancelled()
+
+    assert asyncio.run(main())
+    assert calls == [("a", ["first"])]
+
+
+def test_a_job_past_its_deadline_fails_and_never_runs():
+    run, calls = _recorder(delay=0.3)
+
+    async def main():
+        batcher = Batcher(run, max_images=1, wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(_job("a", 1, "first")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(_job("a", 1, "late", deadline_s=0.1))
+        await first
+
+    asyncio.run(main())
+    assert calls == [("a", ["first"])]
+
+
+def test_a_failing_call_fails_its_jobs_and_the_next_call_runs():
+    def run(key, payloads):
+        if key == "bad":
+            raise ValueError("broken")
+        return payloads
+
+    async def main():
+        batcher = Batcher(run, max_images=4, wait_s=0.0)
+        with pytest.raises(ValueError, match="broken"):
+            await batcher.submit(_job("bad", 1, 1))
+        return await batcher.submit(_job("good", 1, 2))
+
+    assert asyncio.run(main())[0] == 2
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_png_is_scaled_not_clipped():
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    out = decode_upload(_png(ramp), 1 << 20)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    expected = np.rint(ramp / 65535 * 255).astype(np.uint8)
+    assert np.array_equal(out[:, :, 0], expected)
+    assert (out == 255).mean() < 0.01
+
+
+def test_rgba_is_composited_on_white_and_rgb_kept():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    out = decode_upload(_png(rgba), 1 << 20)
+    assert (out == 255).all()  # fully transparent: white
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(decode_upload(_png(rgb), 1 << 20), rgb)
+
+
+def test_bad_uploads_are_refused_with_the_reason():
+    with pytest.raises(UploadTooLarge, match="over the 10-byte limit"):
+        decode_upload(b"x" * 11, 10)
+    with pytest.raises(ValueError, match="empty"):
+        decode_upload(b"", 10)
+    with pytest.raises(ValueError, match="not a readable"):
+        decode_upload(b"GIF89a" + b"\0" * 40, 1 << 20)
+    with pytest.raises(ValueError, match="damaged or truncated|not a readable"):
+        decode_upload(_png(np.zeros((32, 32, 3), np.uint8))[:60], 1 << 20)
+    # a header that claims 20000×10000 pixels: refused from the header, nothing decoded
+    header = _png(np.zeros((1, 1, 3), np.uint8))
+    bomb = header[:16] + (20000).to_bytes(4, "big") + (10000).to_bytes(4, "big") + header[24:]
+    with pytest.raises(ValueError, match="pixel limit|not a readable"):
+        decode_upload(bomb, 1 << 20)
+
+
+def test_options_are_checked_and_parsed():
+    opts = parse_args(["--max-batch", "4", "--replicas", "2", "--port", "9000"])
+    assert (opts.max_batch, opts.replicas, opts.port, opts.model_id) == (4, 2, 9000, "unclip-rt-default")
+    assert ServeOptions(karlo="/w/karlo-v1").model_id == "unclip-rt-karlo-v1"
+    with pytest.raises(ValueError, match="--max-batch"):
+        ServeOptions(max_batch=0)
+    with pytest.raises(ValueError, match="one model source"):
+        ServeOptions(model="a", karlo="b")
+    with pytest.raises(ValueError, match="unknown service options: bogus"):
+        ServeOptions.from_dict({"bogus": 1})
+    with pytest.raises(SystemExit):
+        parse_args(["--replicas", "0"])
+
+
+def test_replicas_follow_the_gpus_and_cpus():
+    from serve.app import plan_placement
+
+    assert plan_placement(ServeOptions(), {"CPU": 64, "GPU": 4}) == plan_placement(
+        ServeOptions(replicas=4), {"CPU": 64, "GPU": 4})
+    gpu = plan_placement(ServeOptions(), {"CPU": 64, "GPU": 4})
+    assert (gpu.replicas, gpu.gpus, gpu.cpus) == (4, 1.0, 2.0)
+    cpu = plan_placement(ServeOptions(), {"CPU": 8})
+    assert (cpu.replicas, cpu.gpus, cpu.cpus) == (1, 0.0, 8.0)
+    assert plan_placement(ServeOptions(device="cpu"), {"CPU": 8, "GPU": 2}).gpus == 0.0
+    with pytest.raises(ValueError, match="one replica per GPU"):
+        plan_placement(ServeOptions(replicas=3), {"CPU": 8, "GPU": 2})
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_placement(ServeOptions(device="cuda"), {"CPU": 8})
+
+
+def test_the_unclip_rt_command_dispatches_serve_and_keeps_the_runtime_cli(capsys):
+    from serve.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0 and "python -m serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "unCLIP text-to-image" in capsys.readouterr().out
