@@ -1,8 +1,8 @@
 """unclip-rt: fast unCLIP (DALL-E 2 / Karlo) inference on NVIDIA GPUs.
 
 Extras: `[onnx]` ONNX export + ONNX Runtime (CPU), `[onnx-gpu]` ONNX Runtime CUDA provider,
-`[tensorrt]` TensorRT engines, `[serve]` the images service (Ray Serve), `[test]` the test suite (diffusers is the reference there),
-`[bench]` the peer pipelines used by `benchmarks/latency.py`.
+`[tensorrt]` TensorRT engines, `[serve]` the images service (Ray Serve), `[test]` the test suite
+(diffusers is the reference there), `[bench]` the peer pipelines used by `benchmarks/latency.py`.
 """
 
 import os
