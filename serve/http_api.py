@@ -212,7 +212,8 @@ class ImagesAPI:
         ]
         for index, item in enumerate(data):
             item.update({"seed": result["seed"], "index": index})
-        headers = {"x-unclip-replica": str(result["replica"]), "x-unclip-batch-images": str(result["batch_images"]),
+        headers = {"x-unclip-replica": str(result["replica"]), "x-unclip-node": str(result["node_id"]),
+                   "x-unclip-batch-images": str(result["batch_images"]),
                    "x-unclip-batch-requests": str(result["batch_requests"])}
         return {"created": int(time.time()), "data": data, "size": size, "output_format": "png"}, headers
 

@@ -21,6 +21,7 @@ class ServeOptions:
     model: str | None = None  # our folder (config.json + model.safetensors); None: the shipped default
     karlo: str | None = None  # Kakao Brain's original files
     diffusers: str | None = None  # a diffusers unCLIP folder
+    random_weights: str | None = None  # a config preset with random weights (load tests: speed, not images)
     engine_dir: str | None = None
     backend: str = "auto"
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
@@ -37,9 +38,9 @@ class ServeOptions:
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None: a local instance
 
     def __post_init__(self) -> None:
-        sources = [n for n in ("model", "karlo", "diffusers") if getattr(self, n)]
+        sources = [n for n in ("model", "karlo", "diffusers", "random_weights") if getattr(self, n)]
         if len(sources) > 1:
-            raise ValueError(f"give one model source, not {' and '.join('--' + s for s in sources)}")
+            raise ValueError(f"give one model source, not {' and '.join('--' + s.replace('_', '-') for s in sources)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0)):
@@ -57,8 +58,9 @@ class ServeOptions:
 
     @property
     def model_source(self) -> tuple[str, str | None]:
-        """("model" | "karlo" | "diffusers", folder); ("model", None) is the shipped default."""
-        for kind in ("karlo", "diffusers", "model"):
+        """("model" | "karlo" | "diffusers" | "random_weights", folder or preset); ("model", None) is the
+        shipped default."""
+        for kind in ("karlo", "diffusers", "random_weights", "model"):
             if getattr(self, kind):
                 return kind, getattr(self, kind)
         return "model", None
@@ -69,6 +71,8 @@ class ServeOptions:
         kind, folder = self.model_source
         if folder is None:
             return "unclip-rt-default"
+        if kind == "random_weights":
+            return f"unclip-rt-random-{folder}"
         return f"unclip-rt-{os.path.basename(os.path.normpath(folder)) or kind}"
 
     @staticmethod
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     src.add_argument("--model", help="folder with config.json + model.safetensors (default: the shipped model)")
     src.add_argument("--karlo", help="folder with Kakao Brain's original Karlo files")
     src.add_argument("--diffusers", help="diffusers unCLIP folder (e.g. kakaobrain/karlo-v1-alpha)")
+    src.add_argument("--random-weights", metavar="CONFIG",
+                     help="a config preset (karlo, default, tiny) with random weights: for load tests, not images")
     p.add_argument("--engine-dir", help="engine folder built by python -m export.build_engines")
     p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "onnxruntime", "tensorrt"))
     p.add_argument("--device", help="cuda or cpu (default: cuda on replicas with a GPU)")

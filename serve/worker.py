@@ -40,7 +40,15 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     from runtime.pipeline import DEFAULT_MODEL, load_folder
 
     kind, folder = options.model_source
-    if kind == "karlo":
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "random_weights":
+        from models.configs import get_config
+        from models.unclip import UnCLIPModel
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = UnCLIPModel(get_config(folder))
+    elif kind == "karlo":
         from models.configs import KARLO
         from models.convert.karlo import load_karlo
 
@@ -51,7 +59,6 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
         model = load_diffusers(folder)
     else:
         model = load_folder(folder or DEFAULT_MODEL)
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend}
@@ -107,6 +114,13 @@ class ImageWorker:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Ray Serve (tests): the process id names the replica
             pass
+        self.node_id = ""
+        try:
+            import ray
+
+            self.node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray
+            pass
         log.info("replica %s ready: %s on %s, %d torch threads", self.replica, options.model_id, self.pipe.device,
                  torch.get_num_threads())
 
@@ -114,18 +128,11 @@ class ImageWorker:
     async def info(self) -> dict:
         """What the ingress checks requests against, and where this replica runs."""
         cfg = self.pipe.cfg
-        node = ""
-        try:
-            import ray
-
-            node = ray.get_runtime_context().get_node_id()
-        except Exception:
-            pass
         return {
             "model_id": self.options.model_id, "size": cfg.super_res.image_size, "priors": sorted(self.pipes),
             "defaults": {k: getattr(cfg.sampling, k) for k in SETTINGS}, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-            "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": node, "replica": self.replica,
+            "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
             "created": int(self.started), "queued_jobs": len(self.batcher.pending),
             "served_images": self.served_images, "calls": self.calls,
         }
@@ -178,7 +185,8 @@ class ImageWorker:
         self.metrics.images.inc(len(encoded), tags={"kind": kind})
         self.served_images += len(encoded)
         return {"images": encoded, "seed": seed, "batch_images": batch.images, "batch_requests": batch.jobs,
-                "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s, "replica": self.replica}
+                "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s, "replica": self.replica,
+                "node_id": self.node_id}
 
     def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, tuple]:
         """The request's steps resolved against the model's defaults, and its batching key."""

@@ -214,6 +214,19 @@ def test_a_request_past_its_deadline_gets_504_and_never_runs(server):
     assert server.get("/health")["served_images"] - before["served_images"] == 1
 
 
+def test_the_load_generator_reports_throughput_latency_and_batches(server, tmp_path):
+    from benchmarks.serve_load import main
+
+    out = tmp_path / "load.json"
+    assert main(["--url", server.url, "--concurrency", "1", "4", "--requests", "8", "--warmup", "0", "--n", "1", "2",
+                 "--extra", json.dumps(FAST), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, four = result["levels"]
+    assert one["ok"] == one["requests"] == 8 and four["ok"] == four["requests"] == 8 and not four["errors"]
+    assert one["images_per_s"] > 0 and 0 < one["latency_s"]["p50"] <= one["latency_s"]["p99"]
+    assert max(int(k) for k in four["batch_images_seen"]) > 2  # four clients' requests were batched
+
+
 def test_a_killed_replica_loses_no_accepted_request(server, lone):
     pid = server.get("/health")["pid"]
     jobs = [("a red circle", 1, 31), ("a blue square", 2, 32), ("a green triangle", 1, 33)]

@@ -202,3 +202,22 @@ def test_the_unclip_rt_command_dispatches_serve_and_keeps_the_runtime_cli(capsys
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "unCLIP text-to-image" in capsys.readouterr().out
+
+
+def test_the_serve_config_and_the_kuberay_example_name_a_buildable_app():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "serve"
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    service = yaml.safe_load((root / "kuberay.yaml").read_text())
+    inner = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for cfg in (config, inner):
+        (app,) = cfg["applications"]
+        module, name = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), name))
+        options = ServeOptions.from_dict(app["args"])
+        assert options.max_batch == 8 and options.timeout_s == 120
+    assert service["kind"] == "RayService" and inner["applications"][0]["args"]["karlo"] == "/weights/karlo"

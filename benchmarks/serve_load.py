@@ -1,0 +1,182 @@
+"""A bounded load generator for the images service (`python -m serve`), on the loopback or a network.
+
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 1 16 64 --requests 64
+    python benchmarks/serve_load.py --concurrency 16 --duration 60 --n 1 2 4 --out docs/results/load.json
+
+Closed loop: at each concurrency level, that many clients each send `POST /v1/images/generations`
+back to back until the level's request count (or duration) is reached; `--n` values are cycled
+through the requests (mixed sizes). Per level it reports throughput (images/s and requests/s over
+the level's wall time), latency p50/p95/p99 of the successful requests, the batch sizes the server
+reported (`x-unclip-batch-images`), and errors by HTTP status. `--warmup` requests per level
+(not counted) let the replicas capture their CUDA graphs first. Prints a table and writes JSON
+(atomically). Standard library only, so it runs wherever Python does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import http.client
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="clients per level (default 1 16)")
+    p.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
+    p.add_argument("--duration", type=float, help="seconds per level instead of a request count")
+    p.add_argument("--warmup", type=int, default=2, help="uncounted requests per client before a level (default 2)")
+    p.add_argument("--n", type=int, nargs="+", default=[1], help="images per request, cycled (default 1)")
+    p.add_argument("--prompt", default="a high-resolution photograph of a red fox sitting in fresh snow")
+    p.add_argument("--extra", default="{}", help="JSON merged into every request body (steps, guidance, seed)")
+    p.add_argument("--timeout", type=float, default=600, help="client timeout per request, seconds")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if min(args.concurrency) < 1 or args.requests < 1 or min(args.n) < 1:
+        p.error("--concurrency, --requests and --n take positive integers")
+    try:
+        args.extra = json.loads(args.extra)
+    except json.JSONDecodeError as exc:
+        p.error(f"--extra is not JSON: {exc}")
+    if not isinstance(args.extra, dict):
+        p.error("--extra must be a JSON object")
+    return args
+
+
+class Client:
+    """One keep-alive HTTP connection per thread."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
+        self.local = threading.local()
+
+    def post(self, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
+        for attempt in range(2):  # a dropped keep-alive connection is reopened once
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = response.read()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            except (ConnectionError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def run_level(client: Client, args: argparse.Namespace, concurrency: int) -> dict:
+    sizes = itertools.cycle(args.n)
+    lock = threading.Lock()
+    seeds = itertools.count(1)
+
+    def body() -> dict:
+        with lock:
+            n, seed = next(sizes), next(seeds)
+        return {"prompt": args.prompt, "n": n, "seed": seed, "response_format": "b64_json", **args.extra}
+
+    def one() -> dict:
+        b = body()
+        start = time.perf_counter()
+        try:
+            status, headers, _ = client.post("/v1/images/generations", b)
+        except OSError as exc:
+            return {"status": f"client:{type(exc).__name__}", "seconds": time.perf_counter() - start, "n": b["n"]}
+        return {"status": status, "seconds": time.perf_counter() - start, "n": b["n"],
+                "batch": int(headers.get("x-unclip-batch-images", 0) or 0)}
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: one(), range(args.warmup * concurrency)))
+        issued = itertools.count()
+        stop_at = time.perf_counter() + args.duration if args.duration else None
+
+        def client_loop() -> list[dict]:
+            done = []
+            while True:
+                if stop_at is not None:
+                    if time.perf_counter() >= stop_at:
+                        return done
+                elif next(issued) >= args.requests:
+                    return done
+                done.append(one())
+
+        start = time.perf_counter()
+        records = [r for part in pool.map(lambda _: client_loop(), range(concurrency)) for r in part]
+        wall = time.perf_counter() - start
+    ok = [r for r in records if r["status"] == 200]
+    latencies = [r["seconds"] for r in ok]
+    errors = collections.Counter(str(r["status"]) for r in records if r["status"] != 200)
+    batches = collections.Counter(r["batch"] for r in ok)
+    return {
+        "concurrency": concurrency, "requests": len(records), "ok": len(ok), "wall_s": wall,
+        "images_per_s": sum(r["n"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+        "latency_s": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+                      "p99": percentile(latencies, 0.99), "mean": statistics.fmean(latencies) if latencies else None},
+        "batch_images_seen": {str(k): v for k, v in sorted(batches.items())}, "errors": dict(errors),
+    }
+
+
+def table(levels: list[dict]) -> str:
+    head = f"{'clients':>7} {'ok/sent':>9} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7}  batches  errors"
+    rows = [head]
+    for lv in levels:
+        lat = lv["latency_s"]
+        fmt = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
+        rows.append(f"{lv['concurrency']:>7} {lv['ok']:>4}/{lv['requests']:<4} {lv['images_per_s']:9.2f} "
+                    f"{fmt(lat['p50'])} {fmt(lat['p95'])} {fmt(lat['p99'])}  {lv['batch_images_seen']}  "
+                    f"{lv['errors'] or '-'}")
+    return "\n".join(rows)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    client = Client(args.url, args.timeout)
+    try:
+        with urllib.request.urlopen(args.url + "/health", timeout=30) as r:
+            health = json.loads(r.read())
+    except OSError as exc:
+        print(f"error: no service at {args.url} ({exc}); start one with python -m serve", file=sys.stderr)
+        return 2
+    levels = [run_level(client, args, c) for c in args.concurrency]
+    result = {"url": args.url, "server": health, "n": args.n, "extra": args.extra, "levels": levels}
+    print(table(levels))
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
