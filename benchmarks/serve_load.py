@@ -9,7 +9,12 @@ through the requests (mixed sizes). Per level it reports throughput (images/s an
 the level's wall time), latency p50/p95/p99 of the successful requests, the batch sizes the server
 reported (`x-unclip-batch-images`), and errors by HTTP status. `--warmup` requests per level
 (not counted) let the replicas capture their CUDA graphs first. Prints a table and writes JSON
-(atomically). Standard library only, so it runs wherever Python does.
+(atomically). The load itself uses the standard library only, so it runs wherever Python does.
+
+`--offline CONFIG` first times the runtime alone in this process on the same GPU (random weights
+of CONFIG, fp16, the server's steps from `--extra`): a lone `UnCLIP.generate` of one image and one
+call of `--offline-batch` images, so the served figures come with their offline reference from the
+same run (served images/s over offline images/s, served p50 over the lone call).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", default="a high-resolution photograph of a red fox sitting in fresh snow")
     p.add_argument("--extra", default="{}", help="JSON merged into every request body (steps, guidance, seed)")
     p.add_argument("--timeout", type=float, default=600, help="client timeout per request, seconds")
+    p.add_argument("--offline", metavar="CONFIG", help="also time UnCLIP.generate in this process (random weights)")
+    p.add_argument("--offline-batch", type=int, nargs="+", default=[1, 8], help="offline call sizes (default 1 8)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     if min(args.concurrency) < 1 or args.requests < 1 or min(args.n) < 1:
@@ -141,6 +148,37 @@ def run_level(client: Client, args: argparse.Namespace, concurrency: int) -> dic
     }
 
 
+def offline(config: str, batches: list[int], extra: dict, prompt: str, runs: int = 5) -> dict:
+    """Median wall ms of `UnCLIP.generate` per batch size, in this process, fp16 on the GPU."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from models.configs import get_config
+    from models.unclip import UnCLIPModel
+    from runtime import UnCLIP
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = UnCLIPModel(get_config(config))
+    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False)
+    steps = {k: v for k, v in extra.items() if k.endswith(("_steps", "_scale"))}
+    out = {}
+    for n in batches:
+        times = []
+        for i in range(runs + 2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pipe.generate(prompt, num_images_per_prompt=n, seed=i, output_type="pil", **steps)
+            torch.cuda.synchronize()
+            if i >= 2:  # two warm-up calls: graph capture
+                times.append(time.perf_counter() - start)
+        ms = statistics.median(times) * 1e3
+        out[str(n)] = {"ms": ms, "images_per_s": n / ms * 1e3, "runs_ms": [t * 1e3 for t in times]}
+    del pipe, model
+    torch.cuda.empty_cache()
+    return out
+
+
 def table(levels: list[dict]) -> str:
     head = f"{'clients':>7} {'ok/sent':>9} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7}  batches  errors"
     rows = [head]
@@ -170,9 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: no service at {args.url} ({exc}); start one with python -m serve", file=sys.stderr)
         return 2
+    reference = offline(args.offline, args.offline_batch, args.extra, args.prompt) if args.offline else None
     levels = [run_level(client, args, c) for c in args.concurrency]
     result = {"url": args.url, "server": health, "n": args.n, "extra": args.extra, "levels": levels}
+    if reference is not None:
+        result["offline"] = {"config": args.offline, "batches": reference}
+        for lv in levels:
+            lone, full = reference[str(min(args.offline_batch))], reference[str(max(args.offline_batch))]
+            p50 = lv["latency_s"]["p50"]
+            lv["vs_offline"] = {"images_per_s_ratio": lv["images_per_s"] / full["images_per_s"],
+                                "p50_over_lone": p50 * 1e3 / lone["ms"] if p50 else None}
+        print("offline:", {k: f"{v['ms']:.1f} ms, {v['images_per_s']:.2f} images/s" for k, v in reference.items()})
     print(table(levels))
+    if reference is not None:
+        print("vs offline:", [(lv["concurrency"], lv["vs_offline"]) for lv in levels])
     if args.out:
         write_json(args.out, result)
     return 0

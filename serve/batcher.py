@@ -35,6 +35,7 @@ class Job:
     batchable: bool = True  # False: runs alone, without waiting for company
     arrival: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
+    alone: bool = False  # arrived at an idle replica: runs without waiting for others
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Batcher:
                  on_batch: Callable[[BatchInfo, int], None] | None = None) -> None:
         self.run, self.max_images, self.wait_s, self.on_batch = run, max_images, wait_s, on_batch
         self.pending: list[Job] = []
+        self._last_arrival = float("-inf")
+        self.running = False  # a call is on the runner thread
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unclip-runner")
@@ -73,6 +76,9 @@ class Batcher:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._schedule())
         job.future = loop.create_future()
+        # a request into an idle replica (nothing else arrived within the wait) does not wait for company
+        job.alone = not self.pending and job.arrival - self._last_arrival > self.wait_s
+        self._last_arrival = job.arrival
         self.pending.append(job)
         self._wakeup.set()
         try:
@@ -99,7 +105,7 @@ class Batcher:
                 group.append(job)
                 images += job.images
         left = oldest.arrival + self.wait_s - now
-        if images < self.max_images and left > 0:
+        if images < self.max_images and left > 0 and not oldest.alone:
             return [], left
         return group, None
 
@@ -117,6 +123,7 @@ class Batcher:
             for job in group:
                 self.pending.remove(job)
             start = time.monotonic()
+            self.running = True
             try:
                 results = await loop.run_in_executor(self._runner, self.run, group[0].key, [j.payload for j in group])
             except Exception as exc:  # the call failed: every job of it gets the error
@@ -124,6 +131,8 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self.running = False
             run_s = time.monotonic() - start
             images = sum(j.images for j in group)
             for job, result in zip(group, results, strict=True):

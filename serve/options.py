@@ -33,6 +33,7 @@ class ServeOptions:
     max_queued: int = 64  # accepted, unfinished requests per replica; beyond it: 429
     timeout_s: float = 120.0  # a request's deadline, from its arrival
     max_upload_mb: float = 4.0
+    warmup: bool = True  # GPU replicas capture every batch size's graphs before serving
     host: str = "127.0.0.1"
     port: int = 8000
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None: a local instance
@@ -108,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
                    help=f"accepted unfinished requests per replica; more are answered 429 ({d.max_queued})")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help=f"request deadline ({d.timeout_s:g} s)")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb, help="largest image upload (4 MB)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="serve at once instead of first capturing each batch size's CUDA graphs")
     p.add_argument("--host", default=d.host, help=f"address to listen on ({d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port ({d.port})")
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, or HEAD:6379) instead of starting one")

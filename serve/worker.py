@@ -72,7 +72,7 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
 
 def encode_png(image: Image.Image) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)  # lossless either way; level 1 encodes several times faster
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -80,7 +80,9 @@ def encode_png(image: Image.Image) -> str:
 class GenerationJob:
     prompt: str
     n: int
-    noise: Any  # runtime.loops.SamplingNoise drawn from the request's seed
+    seed: int
+    steps: dict[str, int]
+    noise: concurrent.futures.Future | None  # its SamplingNoise from the seed, drawn ahead; None: not yet
 
 
 @dataclass
@@ -121,8 +123,18 @@ class ImageWorker:
             self.node_id = ray.get_runtime_context().get_node_id()
         except Exception:  # outside Ray
             pass
+        if self.pipe.device.type == "cuda" and options.warmup:
+            self._warm_up()
         log.info("replica %s ready: %s on %s, %d torch threads", self.replica, options.model_id, self.pipe.device,
                  torch.get_num_threads())
+
+    def _warm_up(self) -> None:
+        """One call per batch size at the model's default settings, so CUDA graphs are captured
+        before the first request rather than inside a client's latency."""
+        start = time.monotonic()
+        for n in range(1, self.options.max_batch + 1):
+            self.pipe.generate("warm-up", num_images_per_prompt=n, seed=0, output_type="pil")
+        log.info("warmed up batch sizes 1-%d in %.1f s", self.options.max_batch, time.monotonic() - start)
 
     # --- facts -----------------------------------------------------------------------------
     async def info(self) -> dict:
@@ -149,14 +161,16 @@ class ImageWorker:
         try:
             steps, key = self._settings(pipe, prior, request.get("settings", {}))
             n, seed = int(request["n"]), int(request["seed"])
-            generator = torch.Generator().manual_seed(seed)
-            loop = asyncio.get_running_loop()
-            noise = await loop.run_in_executor(
-                self._helpers, pipe.draw_noise, n, steps["prior_steps"], steps["decoder_steps"],
-                steps["super_res_steps"], generator)
         except (ValueError, TypeError) as exc:
             return _error(str(exc), getattr(exc, "param", None))
-        job = Job(key, n, GenerationJob(request["prompt"], n, noise), _deadline(request))
+        noise = None
+        if self.batcher.pending or self.batcher.running:
+            # the replica is busy, so this request may share a call: draw its noise now, on a helper
+            # thread, while the device runs the call before it (an idle replica's lone request lets
+            # generate draw it from the seed, overlapped with the prior)
+            noise = self._helpers.submit(pipe.draw_noise, n, steps["prior_steps"], steps["decoder_steps"],
+                                         steps["super_res_steps"], torch.Generator().manual_seed(seed))
+        job = Job(key, n, GenerationJob(request["prompt"], n, seed, steps, noise), _deadline(request))
         return await self._submit(job, seed, "generation")
 
     async def variations(self, request: dict) -> dict:
@@ -223,14 +237,27 @@ class ImageWorker:
             scales["prior_guidance_scale"] = key[4]
         else:
             steps.pop("prior_steps")
+        if len(payloads) == 1:  # alone: exactly the lone call
+            (job,) = payloads
+            return [pipe.generate(job.prompt, num_images_per_prompt=job.n, seed=job.seed, output_type="pil",
+                                  **steps, **scales).images]
         prompts = [job.prompt for job in payloads for _ in range(job.n)]
-        noise = SamplingNoise.cat([job.noise for job in payloads])
+        noise = SamplingNoise.cat([self._noise(pipe, job) for job in payloads])
         images = pipe.generate(prompts, noise=noise, output_type="pil", **steps, **scales).images
         out, start = [], 0
         for job in payloads:
             out.append(images[start : start + job.n])
             start += job.n
         return out
+
+    @staticmethod
+    def _noise(pipe, job: GenerationJob):
+        """The job's noise: drawn ahead on a helper thread, or now, from its seed as generate would."""
+        if job.noise is not None:
+            return job.noise.result()
+        s = job.steps
+        return pipe.draw_noise(job.n, s["prior_steps"], s["decoder_steps"], s["super_res_steps"],
+                               torch.Generator().manual_seed(job.seed))
 
     def _on_batch(self, batch: BatchInfo, waiting: int) -> None:
         self.calls += 1

@@ -49,17 +49,27 @@ def test_jobs_of_one_key_share_a_call_up_to_max_images_in_arrival_order():
     assert results[0][1].images == 4 and results[0][1].jobs == 3
 
 
-def test_a_lone_job_waits_at_most_the_batch_wait_and_a_full_group_not_at_all():
+def test_waiting_for_company_is_bounded_and_skipped_when_full_or_idle():
     run, calls = _recorder()
 
-    async def timed(jobs, wait_s):
-        batcher = Batcher(run, max_images=2, wait_s=wait_s)
+    async def timed(jobs, wait_s, gap_s=0.0):
+        batcher = Batcher(run, max_images=3, wait_s=wait_s)
         start = time.monotonic()
-        await asyncio.gather(*(batcher.submit(j) for j in jobs))
+        tasks = []
+        for job in jobs:
+            job.arrival = time.monotonic()
+            tasks.append(asyncio.ensure_future(batcher.submit(job)))
+            await asyncio.sleep(gap_s)
+        await asyncio.gather(*tasks)
         return time.monotonic() - start
 
-    assert 0.25 <= asyncio.run(timed([_job("a", 1, 1)], 0.3)) < 1.0
-    assert asyncio.run(timed([_job("a", 1, 1), _job("a", 1, 2)], 5.0)) < 1.0  # full: no wait
+    # a request into an idle replica runs at once
+    assert asyncio.run(timed([_job("a", 1, 1)], 5.0)) < 1.0
+    # a request right behind another waits for company, at most the wait
+    assert 0.25 <= asyncio.run(timed([_job("a", 1, 1), _job("a", 1, 2)], 0.3, gap_s=0.01)) < 1.5
+    assert calls[-1] == ("a", [2]) or calls[-1] == ("a", [1, 2])
+    # a full group does not wait
+    assert asyncio.run(timed([_job("a", 1, i) for i in range(4)], 5.0)) < 1.0
 
 
 def test_unbatchable_jobs_run_alone_without_waiting():
