@@ -1,0 +1,49 @@
+"""The service on a GPU: concurrent requests batched into one fp16 call give each request's lone
+`UnCLIP.generate` images within fp16 kernel differences (PSNR >= 40 dB)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.serve_harness import Server
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_batched_requests_on_the_gpu_match_their_lone_generate(tmp_path):
+    from runtime import UnCLIP
+
+    server = Server(["--max-batch", "8", "--batch-wait-ms", "300"], tmp_path / "serve.log")
+    jobs = [("a red circle", 1, 41), ("a blue square", 2, 42), ("a green triangle", 1, 43), ("a yellow star", 2, 44)]
+    try:
+        def ask(job):
+            body = json.dumps({"prompt": job[0], "n": job[1], "seed": job[2], "response_format": "b64_json"}).encode()
+            req = urllib.request.Request(server.url + "/v1/images/generations", data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return int(r.headers["x-unclip-batch-images"]), json.loads(r.read())
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+    finally:
+        server.stop()
+    assert max(batch for batch, _ in answers) > 2
+    pipe = UnCLIP(device="cuda", dtype=torch.float16, progress=False)
+    worst = float("inf")
+    for (prompt, n, seed), (_, body) in zip(jobs, answers, strict=True):
+        lone = [np.asarray(im, dtype=np.float64) for im in pipe.generate(prompt, num_images_per_prompt=n,
+                                                                          seed=seed).images]
+        for item, ref in zip(body["data"], lone, strict=True):
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=np.float64)
+            mse = np.mean((got - ref) ** 2)
+            worst = min(worst, float("inf") if mse == 0 else 10 * np.log10(255**2 / mse))
+    print(f"worst PSNR of a batched image against its lone generate: {worst:.1f} dB")
+    assert worst >= 40
