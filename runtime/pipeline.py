@@ -171,7 +171,7 @@ class UnCLIP(ImageTools):
         self.backend = choose_backend(backend, engine_dir, self.device)
         if self.backend == "torch":
             self.dtype = dtype or torch.float32
-            self.model: UnCLIPModel | None = model.to(device=self.device, dtype=self.dtype).eval()
+            self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype)
             if channels_last is None:
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
@@ -480,6 +480,24 @@ def _engines_for(
     engines = open_engines(backend, None, folder, device)
     limit = folder.manifest.get("max_images") if backend == "tensorrt" else None
     return engines, folder.constants().to(device), folder.float_dtype, limit
+
+
+def _converted(model: UnCLIPModel, device: torch.device, dtype: torch.dtype) -> UnCLIPModel:
+    """`model` on `device` in `dtype`, in eval mode, never changing the caller's model: it is used as
+    it is when it already is so, else its tensors are converted into a new model (built on the meta
+    device, so only the converted copy takes memory), leaving other `UnCLIP`s built on it intact."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    ready = not model.training and all(
+        t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors)
+    if ready or not tensors:
+        return model
+    state = {k: v.detach().to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in model.state_dict().items()}
+    copy = UnCLIPModel.empty(model.cfg, with_vision=model.clip.has_vision, with_ar_prior=model.ar_prior is not None)
+    copy.load_state_dict(state, assign=True)
+    with torch.device(device):
+        copy.materialize_buffers()
+    return copy.to(dtype=dtype).eval()
 
 
 def _check_ar_prior(engines: dict[str, Engine], constants: ModelConstants, engine_dir: str | Path | None) -> None:

@@ -64,7 +64,8 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
               "backend": options.backend}
     pipes = {"diffusion": UnCLIP(model, prior="diffusion", **common)}
     try:
-        pipes["ar"] = UnCLIP(model, prior="ar", **common)
+        converted = pipes["diffusion"].model  # on the device in its dtype already: shared, not copied
+        pipes["ar"] = UnCLIP(converted if converted is not None else model, prior="ar", **common)
     except ValueError:  # the model has no autoregressive prior (Karlo)
         pass
     return pipes
