@@ -1,6 +1,8 @@
 """Image inputs of the public API → float tensors in [0, 1].
 
-Accepted: a PIL image (any mode), a path to an image file, a numpy array (H×W, H×W×C with C in
+Accepted: a PIL image (any mode: 16-bit and float images are scaled to [0, 1], not clipped;
+transparency is composited on white), a path to an image file (at most `MAX_PIXELS` pixels, checked
+from the header before decoding), a numpy array (H×W, H×W×C with C in
 1/3/4; uint8 0…255 or float 0…1), a torch tensor ([3, H, W], [B, 3, H, W] or [H, W]; uint8 or
 float 0…1), or a list of these. Anything else, an unreadable file, an empty image or non-finite
 values fail with a `ValueError`/`TypeError` that says which input and why.
@@ -8,6 +10,7 @@ values fail with a `ValueError`/`TypeError` that says which input and why.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,48 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+MAX_PIXELS = 8192 * 8192
 
-def _from_pil(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+def pil_to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode → H×W×3 uint8: 16-bit and float images scaled rather than clipped, palettes
+    and grey expanded, transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and array.max(initial=0) <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        grey = np.clip(np.rint(array / top * 255), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _from_pil(image: Image.Image, what: str) -> torch.Tensor:
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"{what}: empty image ({width}×{height})")
+    array = pil_to_rgb8(image)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def open_image_file(path, what: str) -> Image.Image:
+    """A decoded image file, its size checked from the header first (no decompression bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_PIXELS:
+                    raise ValueError(f"{what}: {path} is {width}×{height} pixels, over the {MAX_PIXELS}-pixel limit")
+                opened.load()
+                return opened.copy()
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"{what}: cannot read image file {path} ({exc})") from exc
 
 
 def _from_array(array: np.ndarray, what: str) -> torch.Tensor:
@@ -54,13 +95,9 @@ def _from_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def _one(image, what: str) -> torch.Tensor:
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                return _from_pil(opened)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise ValueError(f"{what}: cannot read image file {image} ({exc})") from exc
+        return _from_pil(open_image_file(image, what), f"{what} ({image})")
     if isinstance(image, Image.Image):
-        return _from_pil(image)
+        return _from_pil(image, what)
     if isinstance(image, np.ndarray):
         return _from_array(image, what)
     if isinstance(image, torch.Tensor):

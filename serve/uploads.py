@@ -14,8 +14,10 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from runtime.images import pil_to_rgb8
+
 FORMATS = ("PNG", "JPEG", "WEBP")
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 4096 * 4096  # an upload's limit, below the runtime's own
 
 
 class UploadTooLarge(ValueError):
@@ -42,18 +44,4 @@ def decode_upload(data: bytes, max_bytes: int, name: str = "image") -> np.ndarra
         raise ValueError(f"{name}: not a readable {', '.join(FORMATS)} image ({exc})") from exc
     except (OSError, SyntaxError) as exc:  # truncated or corrupt data
         raise ValueError(f"{name}: the image data is damaged or truncated ({exc})") from exc
-    return to_rgb8(image, name)
-
-
-def to_rgb8(image: Image.Image, name: str = "image") -> np.ndarray:
-    """Any Pillow mode → RGB uint8, 16-bit and float images scaled rather than clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(array / top * 255), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return pil_to_rgb8(image)
