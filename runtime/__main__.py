@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,6 +56,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The public API's argument names → this command's flags, so an error names what the user typed.
+FLAG_NAMES = {"num_images_per_prompt": "--num-images", "prior_steps": "--prior-steps",
+              "decoder_steps": "--decoder-steps", "super_res_steps": "--super-res-steps",
+              "prior_guidance_scale": "--prior-guidance-scale", "decoder_guidance_scale": "--decoder-guidance-scale",
+              "similarity_quantiles": "--similarity", "top_k": "--top-k", "top_p": "--top-p",
+              "temperature": "--temperature"}
+
+
+def as_cli_message(exc: BaseException) -> str:
+    """The error as one line, with API argument names replaced by this command's flags."""
+    message = " ".join(str(exc).split())
+    for name, flag in FLAG_NAMES.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+    return message
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Refuse output paths that cannot be written, before any work: an existing directory, or a
+    folder that cannot be made or written (missing folders are created when the images are saved)."""
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"-o {path}: is a directory; give a file name such as {path / 'out.png'}")
+        existing = path.parent if str(path.parent) else Path(".")
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"-o {path}: {existing} is a file, not a folder")
+        try:  # a real write: permission bits say nothing for root or for /proc-like file systems
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".unclip-write-check-"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"-o {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
 def output_paths(output: str, count: int) -> list[Path]:
     path = Path(output)
     if count == 1:
@@ -73,11 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             for path in run(argv):
                 print(path)
         except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {as_cli_message(exc)}", file=sys.stderr)
             return 2
         return 0
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.num_images < 1:
+        print(f"error: --num-images must be >= 1, got {args.num_images}", file=sys.stderr)
+        return 2
+    try:
+        check_writable(output_paths(args.output, len(args.prompt) * args.num_images))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype), "progress": not args.no_progress,
               "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior}
     try:
@@ -96,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             similarity_quantiles=tuple(args.similarity) if args.similarity else None,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {as_cli_message(exc)}", file=sys.stderr)
         return 2
     paths = output_paths(args.output, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        try:
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        except OSError as exc:  # the folder changed since it was checked
+            print(f"error: cannot write {path} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(path)
     return 0
 

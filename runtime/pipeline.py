@@ -35,6 +35,7 @@ from runtime import loops
 from runtime.ar_sampling import ARNoise, ARSettings, sample_ar_prior
 from runtime.backends import choose_backend, open_engines
 from runtime.batch_invariance import row_invariant
+from runtime.call_limits import MAX_GUIDANCE, check_host_memory, check_noise, default_chunk, host_bytes_per_image
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
@@ -337,14 +338,18 @@ class UnCLIP(ImageTools):
             "decoder_steps": check_int("decoder_steps", s.decoder_steps, 1, 1000),
             "super_res_steps": check_int("super_res_steps", s.super_res_steps, 2, 1000),
         }
-        prior_scale = check_scale("prior_guidance_scale", s.prior_guidance_scale)
-        decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale)
+        prior_scale = check_scale("prior_guidance_scale", s.prior_guidance_scale, MAX_GUIDANCE)
+        decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale, MAX_GUIDANCE)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         want = ARNoise if ar_settings is not None else StageNoise
         if noise is not None and (not isinstance(noise, SamplingNoise) or not isinstance(noise.prior, want)):
             raise TypeError(f"noise must be a SamplingNoise whose prior noise is a {want.__name__} for the "
                             f"{self.prior} prior (see UnCLIP.draw_noise)")
+        images = len(prompts) * n
+        if noise is not None:
+            check_noise(noise, images, steps, self.cfg, ar_settings is not None)
+        check_host_memory(images, host_bytes_per_image(self.cfg, steps, ar_settings is not None))
         if noise is None and generator is None and seed is not None:
             generator = torch.Generator().manual_seed(check_seed(seed))
 
@@ -367,7 +372,7 @@ class UnCLIP(ImageTools):
             later_draws = [functools.partial(self._draw_decoder_noise, b, steps["decoder_steps"], generator),
                            functools.partial(self._draw_super_res_noise, b, steps["super_res_steps"], generator)]
 
-        chunk = self.max_batch or b
+        chunk = self.max_batch or default_chunk(self.device)
         prior_table = self._step_table("prior", steps["prior_steps"])
         # On a GPU every stage is queued without a host wait: each uploads its inputs from pinned
         # memory without blocking, and the loops' non-finite records are read once, at the end.

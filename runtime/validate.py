@@ -13,9 +13,12 @@ def check_int(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def check_scale(name: str, value) -> float:
+def check_scale(name: str, value, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if value > high:
+        raise ValueError(f"{name} must be at most {high:g} (larger guidance overflows the sampling math), "
+                         f"got {value!r}")
     return float(value)
 
 

@@ -187,7 +187,7 @@ def test_noise_shapes_are_checked(ours):
     try:
         pipe.generate("x", noise=bad, prior_steps=3, decoder_steps=3, super_res_steps=3)
     except ValueError as e:
-        assert "prior noise" in str(e)
+        assert "noise.prior.steps must have shape" in str(e)
     else:
         raise AssertionError("mismatched noise was accepted")
 
