@@ -258,16 +258,24 @@ class ImagesAPI:
     async def variations(self, request: Request) -> JSONResponse:
         async def handle(deadline: float):
             limit = int(self.options.max_upload_mb * 1024 * 1024)
+            # An upload somewhat over the limit is read to its end before the 413, so that the client,
+            # still sending, gets the answer rather than a reset connection; far over it, the
+            # connection is cut as soon as that is known.
+            hard_cap = 4 * limit + (1 << 20)
+            too_large = APIError(413, f"the upload is over {limit} bytes, the limit for images", param="image",
+                                 code="payload_too_large")
             declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit + 65536:
-                raise APIError(413, f"the upload is {declared} bytes; images up to {limit} bytes are accepted",
-                               param="image", code="payload_too_large")
-            raw = bytearray()
+            if declared is not None and declared.isdigit() and int(declared) > hard_cap:
+                raise too_large
+            raw, size = bytearray(), 0
             async for chunk in request.stream():
-                raw.extend(chunk)
-                if len(raw) > limit + 65536:
-                    raise APIError(413, f"the upload is over {limit} bytes, the limit for images", param="image",
-                                   code="payload_too_large")
+                size += len(chunk)
+                if size > hard_cap:
+                    raise too_large
+                if size <= limit + 65536:
+                    raw.extend(chunk)
+            if size > limit + 65536:
+                raise too_large
             request._body = bytes(raw)  # the form parser reads the body already received
             try:
                 form = await request.form(max_files=1, max_fields=16)
