@@ -73,28 +73,11 @@ def config_to_dict(cfg: configs.UnCLIPConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict) -> configs.UnCLIPConfig:
-    """Inverse of `config_to_dict` (tuples restored from JSON lists)."""
+def config_from_dict(data: dict, source: str = "config") -> configs.UnCLIPConfig:
+    """Inverse of `config_to_dict`, checked field by field (see `models.config_schema`)."""
+    from models.config_schema import config_from_dict as checked
 
-    def build(cls, values: dict):
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                continue
-            v = values[f.name]
-            sub = {
-                "clip": configs.ClipConfig, "prior": configs.PriorConfig, "text_proj": configs.TextProjConfig,
-                "decoder": configs.UNetConfig, "super_res": configs.UNetConfig, "diffusion": configs.DiffusionConfig,
-                "sampling": configs.SamplingDefaults, "ar_prior": configs.ARPriorConfig,
-            }.get(f.name)
-            if sub is not None and isinstance(v, dict):
-                v = build(sub, v)
-            elif isinstance(v, list):
-                v = tuple(v)
-            kwargs[f.name] = v
-        return cls(**kwargs)
-
-    return build(configs.UnCLIPConfig, data)
+    return checked(data, source)
 
 
 def weights_sha256(module: nn.Module) -> str:

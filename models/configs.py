@@ -213,6 +213,26 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
             if (unet.model_channels * mult) % 32:
                 problems.append(f"{name} channels must be multiples of 32 (GroupNorm32)")
                 break
+    for name, value in (("prior.heads", cfg.prior.heads), ("clip.text_heads", cfg.clip.text_heads),
+                        ("clip.vision_head_width", cfg.clip.vision_head_width)):
+        if value < 1:
+            problems.append(f"{name} must be >= 1")
+    if cfg.prior.heads >= 1 and cfg.prior.width % cfg.prior.heads:
+        problems.append("prior.width must be divisible by prior.heads")
+    if cfg.clip.text_heads >= 1 and cfg.clip.text_width % cfg.clip.text_heads:
+        problems.append("clip.text_width must be divisible by clip.text_heads")
+    if cfg.clip.vision_head_width >= 1 and cfg.clip.vision_width % cfg.clip.vision_head_width:
+        problems.append("clip.vision_width must be divisible by clip.vision_head_width")
+    for name, unet in (("decoder", cfg.decoder), ("super_res", cfg.super_res)):
+        if unet.num_head_channels < 1 or unet.model_channels < 1 or unet.num_res_blocks < 0:
+            problems.append(f"{name}: num_head_channels and model_channels must be >= 1, num_res_blocks >= 0")
+        else:
+            attended = [m for i, m in enumerate(unet.channel_mult) if 2**i in unet.attention_ds]
+            if unet.middle_attention and unet.channel_mult:
+                attended.append(unet.channel_mult[-1])
+            if any((unet.model_channels * m) % unet.num_head_channels for m in attended):
+                problems.append(f"{name}: the channels of every level with attention must be divisible by "
+                                "num_head_channels")
     ar = cfg.ar_prior
     if ar is not None:
         if (ar.clip_dim, ar.text_width, ar.text_ctx) != (cfg.clip.embed_dim, cfg.clip.text_width,
@@ -220,7 +240,7 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
             problems.append("ar_prior clip_dim/text_width/text_ctx must match the CLIP's")
         if not 1 <= ar.components <= ar.clip_dim:
             problems.append("ar_prior.components must be in 1..clip_dim")
-        if ar.width % ar.heads:
+        if ar.heads < 1 or ar.width % ar.heads:
             problems.append("ar_prior.width must be divisible by ar_prior.heads")
     if problems:
         raise ValueError(f"inconsistent unCLIP config {cfg.name!r}: " + "; ".join(problems))

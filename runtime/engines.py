@@ -179,7 +179,7 @@ class EngineFolder:
     @property
     def cfg(self) -> UnCLIPConfig:
         try:
-            return config_from_dict(self.manifest["config"])
+            return config_from_dict(self.manifest["config"], "manifest.json's config")
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{self.path}: the manifest's model config is unreadable ({exc}); rebuild with "
                               f"{self.rebuild_command}") from exc

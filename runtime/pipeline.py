@@ -15,7 +15,6 @@ before any network runs.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,8 +25,9 @@ import torch
 from PIL import Image
 
 import cpp_ext
-from models.checkpoint import config_from_dict, load_tensors
+from models.checkpoint import load_tensors
 from models.clip import KarloTokenizer
+from models.config_schema import read_config
 from models.configs import UnCLIPConfig, with_prior_clip_range
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
@@ -537,6 +537,6 @@ def load_folder(folder: str | Path) -> UnCLIPModel:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{folder} is not an unclip-rt model folder (needs config.json and model.safetensors)")
-    cfg = config_from_dict(json.loads(config_path.read_text()))
+    cfg = read_config(config_path)
     state = load_tensors(weights_path)
     return UnCLIPModel.from_state(cfg, state, f"model folder {folder}")
