@@ -134,6 +134,7 @@ def build(
         entry["seconds"] = round(time.perf_counter() - start, 2)
         manifest["stages"][name] = entry
         log.info("%-16s %8.1f MB  %6.1f s  error %.1e", name, entry["bytes"] / 1e6, entry["seconds"], error)
+    mf.seal(out, manifest)
     mf.write(out, manifest)
     return manifest
 

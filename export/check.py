@@ -14,9 +14,18 @@ from runtime.signatures import StageSignature, stage_module
 
 
 def max_relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """max|got − ref| / max|ref| (the project's tolerance measure)."""
-    scale = float(np.abs(ref).max()) or 1.0
-    return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) / scale
+    """max|got − ref| / max|ref| over the reference's finite values (the project's tolerance
+    measure); infinite where the two disagree on which values are NaN or infinite (a graph whose
+    outputs are all NaN is not "0.0 off"), infinities of the same sign at the same places agreeing
+    (the decoder context's −inf mask bias)."""
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+    finite = np.isfinite(ref)
+    if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(got[~finite], ref[~finite]):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = float(np.abs(ref[finite]).max()) or 1.0
+    return float(np.abs(got[finite] - ref[finite]).max()) / scale
 
 
 def check_graph(

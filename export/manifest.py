@@ -3,7 +3,8 @@ rebuilt and the runtime can refuse a stale or foreign engine.
 
 `manifest.json` holds the model config, the SHA-256 of the weights the graphs came from, the
 precision, opset, library versions, GPU compute capability (for plans), every stage's I/O
-signature, and per stage its files, their sizes, build seconds and measured error.
+signature, per stage its files, their sizes, build seconds and measured error, the SHA-256 of
+every file it lists (`files_sha256`) and its own (`manifest_sha256`), which the runtime verifies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import atomic_write, config_to_dict, weights_sha256
+from models.file_integrity import sha256_file, sha256_json
 from models.unclip import UnCLIPModel
 from runtime.constants import FILE as CONSTANTS
 from runtime.engines import MANIFEST, MANIFEST_FORMAT, normalise_config
@@ -50,6 +52,14 @@ def build_key(model: UnCLIPModel, precision: str, max_images: int, backends: lis
 def read(folder: Path) -> dict | None:
     path = folder / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def seal(folder: Path, manifest: dict) -> None:
+    """Record the SHA-256 of the constants and of every stage's files, then of the manifest itself."""
+    names = [CONSTANTS] + [f for entry in manifest["stages"].values() for f in entry["files"]]
+    manifest["files_sha256"] = {name: sha256_file(folder / name) for name in names}
+    manifest.pop("manifest_sha256", None)
+    manifest["manifest_sha256"] = sha256_json(manifest)
 
 
 def write(folder: Path, manifest: dict) -> None:

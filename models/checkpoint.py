@@ -110,9 +110,13 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_model(model: nn.Module, cfg: configs.UnCLIPConfig, folder: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` (contiguous CPU tensors) into `folder`."""
+    """Write `config.json`, `model.safetensors` (contiguous CPU tensors) and `checksums.json` (their
+    SHA-256, verified on load) into `folder`."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
     text = json.dumps(config_to_dict(cfg), indent=2)
     atomic_write(folder / "config.json", lambda p: p.write_text(text))
+    from models.file_integrity import write_checksums
+
+    write_checksums(folder, ["config.json", "model.safetensors"])

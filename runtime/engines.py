@@ -25,14 +25,17 @@ import torch
 
 from models.checkpoint import config_from_dict, config_to_dict, weights_sha256
 from models.configs import UnCLIPConfig
+from models.file_integrity import IntegrityError, sha256_json, verify_files
 from models.unclip import UnCLIPModel
 from runtime.constants import ModelConstants
 from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
-# Bumped when the folder layout changes; older folders are refused (2: split prior, 3: split decoder).
-MANIFEST_FORMAT = 3
+# Bumped when the folder layout changes; older folders are refused (2: split prior, 3: split decoder,
+# 4: SHA-256 of every file and of the manifest).
+MANIFEST_FORMAT = 4
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+REBUILD_ANY = "python -m export.build_engines --model <the model> --out <the engine folder> --force"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _PRECISION = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -88,21 +91,23 @@ class OnnxRuntimeEngine:
 
     capturable = False  # ORT copies through the host (CPU provider) or syncs its own stream (CUDA)
 
-    def __init__(self, path: Path, signature: StageSignature, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path, signature: StageSignature, providers: list[str] | None = None,
+                 rebuild: str = REBUILD_ANY) -> None:
         import onnxruntime as ort
 
         self.signature = signature
         self.providers = providers or ["CPUExecutionProvider"]
         if not Path(path).is_file():
-            raise EngineError(f"{path}: missing; rebuild with python -m export.build_engines --force")
+            raise EngineError(f"{path}: missing; rebuild with {rebuild}")
         try:
             self.session = ort.InferenceSession(str(path), providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc}); rebuild with "
-                              f"python -m export.build_engines --force") from exc
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc}); rebuild with {rebuild}") from exc
         names = [i.name for i in self.session.get_inputs()]
-        if names != signature.input_names:
-            raise EngineError(f"{path}: inputs {names} != the {signature.name} signature {signature.input_names}")
+        outputs = [o.name for o in self.session.get_outputs()]
+        if names != signature.input_names or outputs != signature.output_names:
+            raise EngineError(f"{path}: its inputs {names} and outputs {outputs} are not the {signature.name} stage's "
+                              f"({signature.input_names} → {signature.output_names}); rebuild with {rebuild}")
         out_type = self.session.get_outputs()[0].type  # every stage has a float first output
         self.float_dtype = torch.float16 if out_type == "tensor(float16)" else torch.float32
 
@@ -166,14 +171,21 @@ class EngineFolder:
             manifest = json.loads(path.read_text())
             if not isinstance(manifest, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"{path}: unreadable ({exc}); rebuild with {rebuild_command(folder, None)}") from exc
-        engines = EngineFolder(folder, manifest)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise EngineError(f"{path}: unreadable ({type(exc).__name__}: {exc}); rebuild with "
+                              f"{rebuild_command(folder, None)}") from None
+        source = manifest.get("source")
+        engines = EngineFolder(folder, manifest if isinstance(source, str | None) else {**manifest, "source": None})
         if manifest.get("format") != MANIFEST_FORMAT:
             raise EngineError(f"{folder}: manifest format {manifest.get('format')!r}, this runtime reads "
                               f"{MANIFEST_FORMAT}; rebuild with {engines.rebuild_command}")
-        if manifest.get("precision") not in _PRECISION or not isinstance(manifest.get("stages"), dict):
-            raise EngineError(f"{path}: incomplete manifest; rebuild with {engines.rebuild_command}")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise EngineError(f"{path}: {problem}; rebuild with {engines.rebuild_command}")
+        try:
+            verify_files(folder, manifest["files_sha256"], f"rebuild with {engines.rebuild_command}")
+        except IntegrityError as exc:
+            raise EngineError(str(exc)) from None
         return engines
 
     @property
@@ -214,7 +226,8 @@ class EngineFolder:
 
     def onnxruntime_engines(self, providers: list[str] | None = None) -> dict[str, OnnxRuntimeEngine]:
         sigs = signatures(self.cfg)
-        return {name: OnnxRuntimeEngine(next(f for f in self.files(name) if f.suffix == ".onnx"), sigs[name], providers)
+        return {name: OnnxRuntimeEngine(next(f for f in self.files(name) if f.suffix == ".onnx"), sigs[name], providers,
+                                        self.rebuild_command)
                 for name in self.stages}
 
     def tensorrt_engines(self, device: torch.device) -> dict[str, Engine]:
@@ -228,6 +241,33 @@ class EngineFolder:
         return {name: tensorrt_engine.TensorRTEngine(next(f for f in self.files(name) if f.suffix == ".plan"),
                                                      sigs[name], device)
                 for name in self.stages}
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's structure and seal, or None."""
+    if manifest.get("precision") not in _PRECISION:
+        return "incomplete manifest (precision)"
+    stages = manifest.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        return "incomplete manifest (no stages)"
+    for name, entry in stages.items():
+        if not isinstance(entry, dict):
+            return f"stage {name!r} is {type(entry).__name__}, not an object"
+        files = entry.get("files")
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            return f"stage {name!r} lists no files"
+        if not any(f.endswith(".onnx") for f in files):
+            return f"stage {name!r} has no .onnx graph"
+    recorded = manifest.get("files_sha256")
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        return "no record of its files' SHA-256"
+    unrecorded = sorted(({f for e in stages.values() for f in e["files"]} | {"constants.safetensors"}) - set(recorded))
+    if unrecorded:
+        return f"files not recorded in files_sha256: {', '.join(unrecorded)}"
+    sealed = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if manifest.get("manifest_sha256") != sha256_json(sealed):
+        return "the manifest was changed after it was written (manifest_sha256 mismatch)"
+    return None
 
 
 def rebuild_command(folder: Path, source: str | None) -> str:

@@ -29,6 +29,7 @@ from models.checkpoint import load_tensors
 from models.clip import KarloTokenizer
 from models.config_schema import read_config
 from models.configs import UnCLIPConfig, with_prior_clip_range
+from models.file_integrity import CHECKSUMS, IntegrityError, read_checksums, verify_files
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
 from runtime import loops
@@ -537,6 +538,16 @@ def load_folder(folder: str | Path) -> UnCLIPModel:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{folder} is not an unclip-rt model folder (needs config.json and model.safetensors)")
+    hint = ("write the folder again (models.checkpoint.save_model, or copy it again from where it came from)")
+    recorded = read_checksums(folder, hint)
+    if recorded is None:
+        log.warning("%s has no %s: its files are not verified (save it again with models.checkpoint.save_model "
+                    "to record their SHA-256)", folder, CHECKSUMS)
+    else:
+        missing = sorted({"config.json", "model.safetensors"} - set(recorded))
+        if missing:
+            raise IntegrityError(f"{folder / CHECKSUMS}: records no SHA-256 for {', '.join(missing)}; {hint}")
+        verify_files(folder, recorded, hint)
     cfg = read_config(config_path)
     state = load_tensors(weights_path)
     return UnCLIPModel.from_state(cfg, state, f"model folder {folder}")

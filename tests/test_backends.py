@@ -122,6 +122,14 @@ def test_a_stale_manifest_format_or_damaged_files_are_refused(default_engine_dir
 
     del manifest["stages"]["decoder_step"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=r"changed after it was written.*--out"):
+        UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
+    from models.file_integrity import sha256_json
+
+    shutil.copy(default_engine_dir[0] / "prior_step.onnx", folder)
+    manifest.pop("manifest_sha256")
+    manifest["manifest_sha256"] = sha256_json(manifest)  # a consistent manifest that lacks a stage
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match=r"no engine for stage\(s\) \['decoder_step'\]"):
         UnCLIP(default_model, engine_dir=folder, backend="onnxruntime", device="cpu")
 
