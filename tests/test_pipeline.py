@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import CheckpointError, save_model
+from models.file_integrity import IntegrityError
 from runtime import UnCLIP
 from runtime.__main__ import main
 
@@ -107,7 +108,7 @@ def test_long_prompt_is_cut_with_a_warning(pipe, caplog):
 
 def test_saved_folder_round_trips(ours, tmp_path, pipe):
     save_model(ours, ours.cfg, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     again = UnCLIP(tmp_path / "m", device="cpu", progress=False)
     a = again.generate("a", seed=0, output_type="np", **FAST).images
     b = pipe.generate("a", seed=0, output_type="np", **FAST).images
@@ -146,10 +147,13 @@ def test_a_truncated_weights_file_is_refused_naming_it(ours, tmp_path, capsys):
     save_model(ours, ours.cfg, tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or damaged"):
+    with pytest.raises(IntegrityError, match="model.safetensors: its content differs"):
         UnCLIP(tmp_path / "m", device="cpu")
     assert main(["x", "--model", str(tmp_path / "m")]) == 2
-    assert "truncated or damaged" in capsys.readouterr().err
+    assert "content differs" in capsys.readouterr().err
+    (tmp_path / "m" / "checksums.json").unlink()  # no record: the reader still refuses a truncated file
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or damaged"):
+        UnCLIP(tmp_path / "m", device="cpu")
 
 
 def test_cli_warns_when_a_prompt_is_cut_to_77_tokens(ours, tmp_path, caplog):
