@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models import configs
+from models.atomic_files import atomic_write
+from models.file_integrity import write_checksums
 
 
 class CheckpointError(ValueError):
@@ -93,22 +94,6 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: nn.Module, cfg: configs.UnCLIPConfig, folder: str | os.PathLike) -> None:
     """Write `config.json`, `model.safetensors` (contiguous CPU tensors) and `checksums.json` (their
     SHA-256, verified on load) into `folder`."""
@@ -117,6 +102,4 @@ def save_model(model: nn.Module, cfg: configs.UnCLIPConfig, folder: str | os.Pat
     atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
     text = json.dumps(config_to_dict(cfg), indent=2)
     atomic_write(folder / "config.json", lambda p: p.write_text(text))
-    from models.file_integrity import write_checksums
-
     write_checksums(folder, ["config.json", "model.safetensors"])

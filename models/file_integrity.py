@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from models.atomic_files import atomic_write
+
 CHECKSUMS = "checksums.json"
 _CHUNK = 8 << 20
 
@@ -49,8 +51,6 @@ def verify_files(folder: Path, recorded: dict[str, str], hint: str) -> None:
 
 def write_checksums(folder: Path, names: list[str]) -> None:
     """Record `names`' hashes in `folder/checksums.json` (atomically)."""
-    from models.checkpoint import atomic_write
-
     data = {"sha256": {name: sha256_file(folder / name) for name in names}}
     atomic_write(folder / CHECKSUMS, lambda p: p.write_text(json.dumps(data, indent=2)))
 

@@ -169,7 +169,7 @@ class ImageTools:
     def variations(
         self, image, n: int = 4, *, eta: float | None = None, seed: int | None = None, steps: int | None = None,
         decoder_guidance_scale: float | None = None, prompt: str = "", super_res: bool = True,
-        output_type: str = "pil",
+        super_res_steps: int | None = None, output_type: str = "pil",
     ):
         """`n` variations of one image: its z_i decoded with fresh noise (eta=None, Karlo's and
         diffusers' behaviour), or DDIM with `eta` from its inverted x_T (the paper's; eta = 0
@@ -179,12 +179,13 @@ class ImageTools:
         if eta is None:
             embeds = self.encode_image(image).expand(n, -1)
             return self.decode(embeds, steps=steps, decoder_guidance_scale=decoder_guidance_scale, prompt=prompt,
-                               seed=seed, super_res=super_res, output_type=output_type)
+                               seed=seed, super_res=super_res, super_res_steps=super_res_steps,
+                               output_type=output_type)
         inv = self.invert(image, INVERSION_STEPS if steps is None else steps,
                           1.0 if decoder_guidance_scale is None else decoder_guidance_scale, prompt)
         return self.decode(inv.image_embeds.expand(n, -1), inv.latents.expand(n, -1, -1, -1), eta=eta,
                            steps=inv.steps, decoder_guidance_scale=inv.guidance_scale, prompt=prompt, seed=seed,
-                           super_res=super_res, output_type=output_type)
+                           super_res=super_res, super_res_steps=super_res_steps, output_type=output_type)
 
     @serialised
     @row_invariant

@@ -65,6 +65,7 @@ class UnCLIPOutput:
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     image_embeds: torch.Tensor | None = None
+    decoder_images: list[Image.Image] | np.ndarray | torch.Tensor | None = None  # the 64² stage, when asked
 
 
 def _default_device() -> torch.device:
@@ -293,6 +294,7 @@ class UnCLIP(ImageTools):
         output_type: str = "pil",
         return_image_embeds: bool = False,
         noise: SamplingNoise | None = None,
+        return_decoder_images: bool = False,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -314,7 +316,13 @@ class UnCLIP(ImageTools):
         :param decoder_guidance_scale: classifier-free guidance on the decoder's output (1 = none).
         :param output_type: "pil" (list of PIL images), "np" ([B, H, W, 3]) or "pt" ([B, 3, H, W]).
         :param return_image_embeds: also return the prior's CLIP image embeddings [B, D].
-        :param noise: all noise of the run, pre-drawn (see `draw_noise`); overrides seeds.
+        :param noise: all noise of the run, pre-drawn with `draw_noise` (a `SamplingNoise` of
+            `StageNoise`s: x_T and one noise tensor per step for each stage, the prior's an
+            `ARNoise` with `prior="ar"`); overrides seeds. `draw_noise(n, steps…, generator)` gives
+            exactly the noise `generate` draws from that generator, so a run can be replayed or
+            split. Each part is checked (type, shape) before any network runs.
+        :param return_decoder_images: also return the decoder's images (before super-resolution)
+            as `decoder_images`, in `output_type`.
         :param temperature: autoregressive prior only: logits are divided by it (default 1).
         :param top_k: autoregressive prior only: draw each code from the k most likely (default: all).
         :param top_p: autoregressive prior only: draw from the smallest set of codes holding this
@@ -378,7 +386,7 @@ class UnCLIP(ImageTools):
         # On a GPU every stage is queued without a host wait: each uploads its inputs from pinned
         # memory without blocking, and the loops' non-finite records are read once, at the end.
         pending = PendingChecks() if self.device.type == "cuda" else None
-        all_images, all_embeds = [], []
+        all_images, all_embeds, all_small = [], [], []
         for start in range(0, b, chunk):  # images beyond the engines' batch limit run in more calls
             stop = min(b, start + chunk)
             part = text.rows(start, stop)
@@ -396,11 +404,14 @@ class UnCLIP(ImageTools):
                 noise = replace(noise, super_res=later_draws.pop(0)())
             all_images.append(self._sample_super_res(small, steps["super_res_steps"], noise.super_res.rows(start, stop),
                                                   pending))
+            if return_decoder_images:
+                all_small.append(small)
             all_embeds.append(image_embeds)
         if pending is not None:
             pending.check()
         images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
-        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None)
+        small = to_output(torch.cat(all_small), output_type) if return_decoder_images else None
+        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None, small)
 
     def _step_table(self, stage: str, steps: int) -> StepTable:
         """The stage's ancestral step table on the device, built once per step count (a host →
