@@ -22,11 +22,60 @@ WEIGHT_FILES = (
 )
 ATTN_DOWN = "SimpleCrossAttnDownBlock2D"
 
+# The values each component's config may hold for a key our modules implement one way only (Karlo's);
+# a folder asking for anything else is refused naming the key rather than loading into a model
+# that computes something other than what its config says. Absent keys take diffusers' defaults,
+# which are these values.
+_UNET_FIXED = {
+    "norm_num_groups": (32,), "norm_eps": (1e-5,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "act_fn": ("silu",), "center_input_sample": (False,), "time_embedding_type": ("positional",),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
+    "upcast_attention": (False,), "dual_cross_attention": (False,), "use_linear_projection": (False,),
+    "only_cross_attention": (False,), "time_cond_proj_dim": (None,), "timestep_post_act": (None,),
+    "class_embeddings_concat": (False,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
+    "resnet_out_scale_factor": (1,), "resnet_skip_time_act": (False,), "time_embedding_act_fn": (None,),
+    "cross_attention_norm": (None,), "attention_type": ("default",),
+}
+SUPPORTED = {
+    "decoder": {**_UNET_FIXED, "class_embed_type": ("identity",)},
+    "super_res_first": {**_UNET_FIXED, "class_embed_type": (None,)},
+    "super_res_last": {**_UNET_FIXED, "class_embed_type": (None,)},
+    "prior": {"time_embed_act_fn": ("silu",), "norm_in_type": (None,), "embedding_proj_norm_type": (None,),
+              "encoder_hid_proj_type": ("linear",), "added_emb_type": ("prd",), "additional_embeddings": (4,)},
+    "text_encoder": {"layer_norm_eps": (1e-5,), "hidden_act": ("quick_gelu",)},
+}
+TOKENIZER_VOCAB = 49408  # CLIP's BPE vocabulary, which the tokenizer emits ids from
+
+
+def check_supported(component: str, config: dict, path: Path) -> None:
+    """Refuse config values our modules do not implement, naming the file and the key."""
+    for key, allowed in SUPPORTED.get(component, {}).items():
+        if key in config and config[key] not in allowed:
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported (this loader implements "
+                             f"{' or '.join(repr(a) for a in allowed)}, as Karlo)")
+    head = config.get("attention_head_dim")
+    if isinstance(head, list) and len(set(head)) > 1:
+        raise ValueError(f"{path}: attention_head_dim={head!r} (a different head width per level) is not supported; "
+                         "every level must use the same")
+    vocab = config.get("vocab_size")
+    if component == "text_encoder" and isinstance(vocab, int) and vocab < TOKENIZER_VOCAB:
+        raise ValueError(f"{path}: vocab_size={vocab} is smaller than the CLIP tokenizer's {TOKENIZER_VOCAB} ids")
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path} (is this a diffusers unCLIP folder?)")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"missing {path} (is this a diffusers unCLIP folder? it needs the components "
+                                f"{', '.join(COMPONENTS)}; a variations-only folder has no prior and cannot make "
+                                "images from text)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must be a JSON object")
+    component = path.parent.name
+    check_supported(component, data, path)
+    return data
 
 
 def _weights(folder: Path) -> dict:
@@ -58,7 +107,7 @@ def _unet_config(c: dict, diffusion: DiffusionConfig, context: bool) -> UNetConf
     down = c["down_block_types"]
     attention_ds = tuple(2**i for i, t in enumerate(down) if t == ATTN_DOWN)
     middle_attention = context and c.get("mid_block_type") == "UNetMidBlock2DSimpleCrossAttn"
-    head = c.get("attention_head_dim") or 64
+    head = c.get("attention_head_dim") or 64  # a per-level list is refused unless uniform (check_supported)
     if not (attention_ds or middle_attention):
         head = UNetConfig.num_head_channels  # unused without attention; keep the default
     return UNetConfig(
@@ -80,11 +129,13 @@ def _unet_config(c: dict, diffusion: DiffusionConfig, context: bool) -> UNetConf
 def config_from_diffusers(root: str | Path) -> UnCLIPConfig:
     """Derive our config from the component configs of a diffusers unCLIP folder."""
     root = Path(root)
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        hint = " (a variations-only folder has no prior)" if "prior" in missing else ""
+        raise FileNotFoundError(f"{root} lacks the component(s) {', '.join(missing)} of a diffusers unCLIP "
+                                f"text-to-image folder{hint}")
+    _read_json(root / "super_res_last" / "config.json")  # checked like the first stage's
     pc = _read_json(root / "prior" / "config.json")
-    for key, want in (("additional_embeddings", 4), ("norm_in_type", None), ("embedding_proj_norm_type", None),
-                      ("added_emb_type", "prd"), ("encoder_hid_proj_type", "linear")):
-        if pc.get(key, want) != want:
-            raise ValueError(f"unsupported prior config {key}={pc[key]!r} (Karlo's prior uses {want!r})")
     text = _read_json(root / "text_encoder" / "config.json")
     vision_path = root / "image_encoder" / "config.json"
     vision = _read_json(vision_path) if vision_path.is_file() else None
@@ -126,10 +177,11 @@ COMPONENTS = ("text_encoder", "prior", "decoder", "text_proj", "super_res_first"
 def load_diffusers(root: str | Path) -> UnCLIPModel:
     """Build an `UnCLIPModel` with the weights of a diffusers unCLIP folder."""
     root = Path(root)
+    cfg = config_from_diffusers(root)  # first: it names missing components and unsupported settings
     states = {name: _weights(root / name) for name in COMPONENTS}
     if (root / "image_encoder").is_dir():
         states["image_encoder"] = _weights(root / "image_encoder")
-    return model_from_states(config_from_diffusers(root), states, f"diffusers folder {root}")
+    return model_from_states(cfg, states, f"diffusers folder {root}")
 
 
 def model_from_states(cfg: UnCLIPConfig, states: dict[str, dict], what: str = "diffusers components") -> UnCLIPModel:
