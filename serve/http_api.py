@@ -214,6 +214,9 @@ class ImagesAPI:
             item.update({"seed": result["seed"], "index": index})
         headers = {"x-unclip-replica": str(result["replica"]), "x-unclip-node": str(result["node_id"]),
                    "x-unclip-batch-images": str(result["batch_images"]),
+                   "x-unclip-queued-ms": f"{result['queued_s'] * 1e3:.1f}",
+                   "x-unclip-run-ms": f"{result['run_s'] * 1e3:.1f}",
+                   "x-unclip-encode-ms": f"{result['encode_s'] * 1e3:.1f}",
                    "x-unclip-batch-requests": str(result["batch_requests"])}
         return {"created": int(time.time()), "data": data, "size": size, "output_format": "png"}, headers
 
