@@ -10,28 +10,15 @@ import torch
 
 from models.checkpoint import CheckpointError
 from models.configs import TINY
-from models.convert.karlo import FILE_PATTERNS, load_karlo, ours_to_karlo
+from models.convert.karlo import FILE_PATTERNS, load_karlo
 from runtime import UnCLIP
 from tests.diffusers_reference import max_rel_err
-
-NAMES = {
-    "clip": "ViT-L-14.pt",
-    "stats": "ViT-L-14_stats.th",
-    "prior": "prior-ckpt-step=01000000-of-01000000.ckpt",
-    "decoder": "decoder-ckpt-step=01000000-of-01000000.ckpt",
-    "super_res": "improved-sr-ckpt-step=1.2M.ckpt",
-}
+from tests.karlo_files import NAMES, write_karlo_folder
 
 
 @pytest.fixture(scope="module")
 def karlo_dir(ours, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("karlo")
-    files = ours_to_karlo(ours.state_dict())
-    for part, content in files.items():
-        if part in ("prior", "decoder", "super_res"):
-            content = {"state_dict": content, "global_step": 1_000_000}
-        torch.save(content, folder / NAMES[part])
-    return folder
+    return write_karlo_folder(ours.state_dict(), tmp_path_factory.mktemp("karlo"))
 
 
 def test_written_files_use_karlos_key_names(karlo_dir):

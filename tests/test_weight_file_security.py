@@ -16,10 +16,10 @@ import torch
 from models.checkpoint import CheckpointError
 from models.clip_towers import OpenAIClip
 from models.configs import TINY
-from models.convert.karlo import load_checkpoint_state, load_karlo, ours_to_karlo
+from models.convert.karlo import load_checkpoint_state, load_karlo
 from models.torchscript_archive import read_torchscript_state
 from runtime import UnCLIP
-from tests.test_karlo_layout import NAMES
+from tests.karlo_files import NAMES, write_karlo_folder
 
 
 class SetstatePayload(torch.nn.Module):
@@ -71,15 +71,9 @@ def _scripted_clip(path) -> dict:
 
 @pytest.fixture(scope="module")
 def karlo_files(ours, tmp_path_factory):
-    """A Karlo folder whose CLIP file is a TorchScript archive, as Kakao Brain's release has it."""
-    folder = tmp_path_factory.mktemp("karlo_ts")
-    files = ours_to_karlo(ours.state_dict())
-    for part, content in files.items():
-        if part in ("prior", "decoder", "super_res"):
-            content = {"state_dict": content, "global_step": 1}
-        if part != "clip":
-            torch.save(content, folder / NAMES[part])
-    return folder
+    """A Karlo folder without its CLIP file (each test writes one: a TorchScript archive, as Kakao
+    Brain's release has it, or a payload)."""
+    return write_karlo_folder(ours.state_dict(), tmp_path_factory.mktemp("karlo_ts"), skip=("clip",))
 
 
 def test_a_torchscript_archive_reads_as_the_state_dict_jit_load_gives(tmp_path):
