@@ -95,7 +95,7 @@ def build(
         raise BuildError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     if "tensorrt" in backends and not tensorrt_build.available():
         raise BuildError("backend tensorrt asked for, but TensorRT's builder (tensorrt + polygraphy) does not import "
-                         "here; install it (see README) or build with --backends onnxruntime")
+                         "here; install it (see docs/engines.md) or build with --backends onnxruntime")
     precision = "fp16" if fp16 else "fp32"
     stages = stages or available_stages(model)
     key = mf.build_key(model, precision, max_images, backends)

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="network dtype of the torch backend (default float32; engines keep their own)")
     p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
-                   help="what runs the stages (default auto: see README, Backends)")
+                   help="what runs the stages (default auto: see docs/engines.md, Backends)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Which backend runs the stages, and opening its engines.
 
-`auto` picks, by what this machine has (measured choices, see README "Backends"):
+`auto` picks, by what this machine has (measured choices, see docs/engines.md, "Backends"):
 - no engine folder → `torch`;
 - a CUDA device → `tensorrt` when the folder holds plans and TensorRT imports, else `torch`
   (the CPU provider would copy every step through the host; ONNX Runtime's CUDA provider was

@@ -133,7 +133,7 @@ class UnCLIP(ImageTools):
         :param engine_dir: a folder built by `python -m export.build_engines` from this model; its
             manifest must match the model's config and weights, or it is refused as stale.
         :param backend: "torch" (the modules), "onnxruntime" or "tensorrt" (the engines of
-            `engine_dir`), or "auto": the fastest this machine can run (see README, "Backends").
+            `engine_dir`), or "auto": the fastest this machine can run (see docs/engines.md, "Backends").
         :param device: where to run (default: CUDA if available, else CPU).
         :param dtype: network dtype for the torch backend (float32 default, float16, bfloat16;
             float64 for reference checks). Engines run in the precision they were built in; a
@@ -146,12 +146,12 @@ class UnCLIP(ImageTools):
             captures (about three eager runs); later calls replay.
         :param channels_last: run the decoder and super-res UNets in channels-last memory (torch
             backend). None: on for CUDA in half precision when `cpp_ext` is built (its group norm
-            reads channels-last natively; measured faster, see README "Speed"), else off.
+            reads channels-last natively; measured faster, see docs/speed.md), else off.
         :param max_batch: most images per network call; `generate` runs larger requests in chunks
             of this many, each with its own slice of the noise (the same images as one call). None:
             no limit, or the engine folder's `--max-batch` for TensorRT plans (their profiles end there).
         :param prior: "diffusion" (the diffusion prior, as Karlo) or "ar" (the paper's autoregressive
-            prior, for models that have one, such as the shipped default model; see README).
+            prior, for models that have one, such as the shipped default model; see docs/ar_prior.md).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")

@@ -4,7 +4,7 @@ two streams must not share one).
 
 torch's own streams and CUDA graphs drive it (`torch.cuda.current_stream().cuda_stream` is the
 stream handle TensorRT enqueues on, and an enqueue is capturable by `torch.cuda.graph`), so
-cuda-python is not needed here; see the README.
+cuda-python is not needed here; see docs/engines.md.
 
 TensorRT cannot be installed on the machines this project is developed on (only its lean runtime
 wheels are on PyPI, and no plan can be built without the builder): this module is written against
