@@ -17,8 +17,9 @@ import torch
 
 from runtime import edits, loops
 from runtime.batch_invariance import row_invariant
+from runtime.call_limits import check_noise
 from runtime.images import load_images, resize_batch
-from runtime.loops import StageNoise, TextConditioning
+from runtime.loops import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
@@ -108,8 +109,12 @@ class ImageTools:
         super_res: bool = True,
         super_res_steps: int | None = None,
         output_type: str = "pil",
+        noise: SamplingNoise | None = None,
     ):
         """CLIP image embeddings [B, D] → images.
+
+        `noise`: the run's noise, as `draw_noise(B, 1, steps, super_res_steps, generator)` gives it
+        (its prior part is not used; with `latents`, the decoder's x_T is `latents`); overrides `seed`.
 
         Without `latents`: the model's sampler from fresh noise (Karlo's variations). With
         `latents` (x_T [B, 3, S, S], e.g. from `invert`): DDIM with `eta` from x_T (eta = 0
@@ -139,9 +144,15 @@ class ImageTools:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
+        if noise is not None:
+            if not isinstance(noise, SamplingNoise):
+                raise TypeError(f"noise must be a SamplingNoise (see UnCLIP.draw_noise), got {type(noise).__name__}")
+            check_noise(noise, b, {"prior_steps": 1, "decoder_steps": steps, "super_res_steps": sr_steps}, self.cfg,
+                        self.prior == "ar")
         text = self._text(prompt, b)
         uncond = self._text("", b) if scale != 1.0 else None
-        noise = self.draw_noise(b, 1, steps, sr_steps, generator)
+        if noise is None:
+            noise = self.draw_noise(b, 1, steps, sr_steps, generator)
         diff = self.cfg.decoder.diffusion
         if latents is None:
             table = make_step_table(diff, steps).to(self.device)
@@ -169,23 +180,24 @@ class ImageTools:
     def variations(
         self, image, n: int = 4, *, eta: float | None = None, seed: int | None = None, steps: int | None = None,
         decoder_guidance_scale: float | None = None, prompt: str = "", super_res: bool = True,
-        super_res_steps: int | None = None, output_type: str = "pil",
+        super_res_steps: int | None = None, output_type: str = "pil", noise: SamplingNoise | None = None,
     ):
         """`n` variations of one image: its z_i decoded with fresh noise (eta=None, Karlo's and
         diffusers' behaviour), or DDIM with `eta` from its inverted x_T (the paper's; eta = 0
-        reconstructs the image n times)."""
+        reconstructs the image n times). `noise`: as `decode` takes it, for `n` images."""
         n = check_int("n", n, 1, 1024)
         image = _single(image, "variations takes one image")
         if eta is None:
             embeds = self.encode_image(image).expand(n, -1)
             return self.decode(embeds, steps=steps, decoder_guidance_scale=decoder_guidance_scale, prompt=prompt,
                                seed=seed, super_res=super_res, super_res_steps=super_res_steps,
-                               output_type=output_type)
+                               output_type=output_type, noise=noise)
         inv = self.invert(image, INVERSION_STEPS if steps is None else steps,
                           1.0 if decoder_guidance_scale is None else decoder_guidance_scale, prompt)
         return self.decode(inv.image_embeds.expand(n, -1), inv.latents.expand(n, -1, -1, -1), eta=eta,
                            steps=inv.steps, decoder_guidance_scale=inv.guidance_scale, prompt=prompt, seed=seed,
-                           super_res=super_res, super_res_steps=super_res_steps, output_type=output_type)
+                           super_res=super_res, super_res_steps=super_res_steps, output_type=output_type,
+                           noise=noise)
 
     @serialised
     @row_invariant

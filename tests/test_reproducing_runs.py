@@ -4,6 +4,7 @@ super-resolution from `generate`, and `variations(super_res_steps=…)`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from runtime import SamplingNoise, StageNoise, UnCLIP
@@ -32,3 +33,14 @@ def test_variations_take_super_res_steps():
     three = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=3, output_type="pt").images
     size = pipe.cfg.super_res.image_size
     assert two.shape == three.shape == (2, 3, size, size) and not torch.equal(two, three)
+
+
+def test_variations_replay_from_drawn_noise_and_refuse_the_wrong_shape():
+    pipe = UnCLIP(device="cpu", progress=False)
+    image = pipe.generate("a blue square", seed=1, **FAST).images[0]
+    seeded = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=2, output_type="pt").images
+    noise = pipe.draw_noise(2, 1, 2, 2, torch.Generator().manual_seed(3))
+    replayed = pipe.variations(image, 2, steps=2, super_res_steps=2, output_type="pt", noise=noise).images
+    assert torch.equal(seeded, replayed)
+    with pytest.raises(ValueError, match=r"noise\.prior\.init must have shape \(3, "):
+        pipe.variations(image, 3, steps=2, super_res_steps=2, noise=noise)
