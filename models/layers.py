@@ -260,8 +260,8 @@ def causal_bias(n: int) -> torch.Tensor:
 def concrete_default_device() -> torch.device:
     """torch's default device, or the CPU where that is meta: for the few buffers a module builds
     with ops (`triu_`, `eye`) that torch runs on meta tensors through its Python references, whose
-    first call imports `torch._dynamo` (6.8 s in a new process on the H100 machine, during a model
-    load that needs none of it). Such a buffer is tiny and is rebuilt or loaded after a meta build."""
+    first call imports `torch._dynamo` (seconds of a new process's model load that needs none of
+    it). Such a buffer is tiny and is rebuilt or loaded after a meta build."""
     device = torch.get_default_device()
     return torch.device("cpu") if device.type == "meta" else device
 

@@ -59,21 +59,12 @@ def multiprocessors() -> int:
 def skinny_block(rows: int, width: int, features: int) -> int | None:
     """The output features per block with which a linear layer of the prior (`rows` input rows of
     `width`, `features` outputs) runs `cpp_ext.skinny_linear` where `staged_plan` (Hopper) does not
-    take it, or None for cuBLAS: up to 16 rows
-    (two tiles of the tensor-core step; Karlo's step at 12 rows, two images, 1.299-1.355 ms with
-    cuBLAS, 1.224-1.235 with these blocks (two machines); at 24 rows, four images, cuBLAS 1.358
-    against 1.489-1.762). The blocks: the largest of 32, 16 and 8 features whose grid still gives
-    every SM of the current GPU a block (`multiprocessors`), else 8. In the step's chain of
+    take it, or None for cuBLAS: up to 16 rows (two tiles of the tensor-core step; above that
+    cuBLAS was faster). The blocks: the largest of 32, 16 and 8 features whose grid still gives
+    every SM of the current GPU a block (`multiprocessors`), else 8, because in the step's chain of
     overlapped kernels (pdl.cuh) a kernel can start only once every block of the one before it is
     resident, so a layer that needs more than one wave of blocks (two per SM) holds back the
-    kernels after it: on an H100 (132 SMs) Karlo's QKV and MLP input projections (6144 and 8192
-    features) now run 192 and 256 blocks of 32 instead of 384 and 512 of 16, the attention output
-    and MLP output projections (2048) 256 of 8:
-    batch-2 step (CUDA graph) 1.049-1.059 → 1.009-1.019 ms with the attention kernel of this
-    version; both changes against the version before them, alternating processes: 1.069-1.083 →
-    1.010-1.023 ms (batch 1: 1.022-1.024 → 0.979-0.985). Attention output projections of 16 (128
-    blocks) measured 0.998-1.014, within the noise of that; 16 blocks everywhere 1.133 and 8
-    everywhere 1.298 in earlier versions."""
+    kernels after it. Measurements: docs/speed.md."""
     if rows < 1 or rows > 16 or width % 32:
         return None
     sms = multiprocessors()
@@ -104,16 +95,9 @@ def staged_plan(rows: int, width: int, features: int) -> tuple[int, int] | None:
     `cpp_ext.skinny_linear_staged`, or None (then `skinny_block`'s rule, or cuBLAS). Up to 24 rows, a
     width of 512s, on Hopper: 16-feature blocks of 4 stages (a 2048-wide layer's whole tile
     requested before the block waits for its input), or 32-feature blocks of 2 where 16-feature
-    ones would need more than one wave at three blocks per SM (`multiprocessors`). On an H100 (132
-    SMs), Karlo's QKV projection runs 384 blocks of 16 × 4, the MLP's input projection 256 of
-    32 × 2, both 2048-feature projections 128 of 16 × 4: batch-2 step 1.005-1.023 → 0.969-0.977 ms,
-    batch 1 0.978-0.986 → 0.940-0.950, batch 4 (12 rows) 1.224-1.233 → 1.101-1.112 (graph replays,
-    alternating in one process); at 24 rows (four images, cuBLAS before) 1.389 → 1.308-1.331. Nine
-    other mixes measured 1.016-1.060 at batch 2 (more stages, fewer, 8- or 32-feature blocks
-    elsewhere, the register kernel for the QKV or the MLP input projection). Above 16 rows a layer
-    narrower than its input (the MLP's 8192 → 2048 output projection, whose blocks then read more
-    input than weights) goes to cuBLAS: 24-row step 1.313-1.338 → 1.302-1.304 ms (at 12 rows
-    cuBLAS there was slower: 1.161 vs 1.111)."""
+    ones would need more than one wave at three blocks per SM (`multiprocessors`). Above 16 rows a
+    layer narrower than its input (the MLP's output projection, whose blocks then read more input
+    than weights) goes to cuBLAS, which is faster there. Measurements: docs/speed.md."""
     if not STAGED_WEIGHTS or rows < 1 or rows > STAGED_MAX_ROWS or width % 512 or not staged_capable():
         return None
     if rows > 16 and width > features:  # the MLP's narrowing output projection: cuBLAS was faster there
@@ -352,7 +336,7 @@ class Prior(nn.Module):
         """`_step_tokens(x_t, timesteps) + positional_embedding[:, n:]` for the fused path, the
         time token looked up in `_time_table` where it serves (integer timesteps): the same
         values, in 6 small launches where the sinusoid, the time MLP and the tokens' assembly took
-        15 (31 us less per batch-2 step on an H100)."""
+        15."""
         table = self._time_table() if TIME_TABLE and not timesteps.is_floating_point() else None
         if table is None:
             return self._step_tokens(x_t, timesteps) + self.positional_embedding[:, self.context_len:]

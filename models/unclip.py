@@ -64,8 +64,8 @@ class UnCLIPModel(nn.Module):
 def _no_weight_init() -> Iterator[None]:
     """`torch.nn.init`'s in-place initialisers do nothing inside (for the meta device, where there
     is nothing to fill). Why: on meta tensors torch routes them through its Python references,
-    whose first call imports `torch._dynamo`: 1.3 s here, about 6 s of a new process's model load
-    on the H100 machine (`benchmarks/first_image.py`), for values that are never used. The
+    whose first call imports `torch._dynamo`, seconds of a new process's model load
+    (`benchmarks/first_image.py`), for values that are never used. The
     functions are module attributes, so a module initialised on another thread meanwhile would
     keep its uninitialised values: the loaders call this from the thread that loads."""
     names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]

@@ -512,10 +512,9 @@ class UNet(nn.Module):
         input channel of ones and the weight one more input channel holding the bias at its centre
         tap (which never reads the zero padding), so the bias joins the float32 accumulation
         instead of a pass of its own: torch adds a convolution's bias separately, in channels-last
-        memory a broadcast that took 248 us of a super-res forward at batch 4 on an H100 (the
-        convolution itself ~185). The input is widened further, with zero channels, to a multiple
-        of 8: cuDNN's kernels for 8 channels beat those for 7 (Karlo's super-res input, 6 + 1:
-        193 vs 238 us at batch 4, 49 vs 80 at batch 1; H100). For channels-last half-precision
+        memory a broadcast that cost more than the convolution. The input is widened further, with
+        zero channels, to a multiple of 8: cuDNN's kernels for 8 channels beat those for 7 (Karlo's
+        super-res input, 6 + 1; docs/speed.md has the figures). For channels-last half-precision
         maps on the fused path (`INPUT_BIAS_IN_CONV`); the widened weight is made on first use and
         again whenever the convolution's weight or bias changes, never during a graph capture
         (None then, as in the other cases: the caller runs the block as it is)."""
@@ -547,8 +546,8 @@ class UNet(nn.Module):
 
     def _embedding_projections(self, emb: torch.Tensor) -> EmbeddingProjections | None:
         """Every ResBlock's `emb_layers[1](emb)` from one GEMM over their weights stacked, instead
-        of one small GEMM per block (at batch 2 each read its weights in ~5.5 us, 30 of them per
-        decoder forward on an H100). The stacked copy (the decoder's: 128 MB in fp16) is made on
+        of one small GEMM per block (30 launches per decoder forward, each bound by reading its
+        weights). The stacked copy (the decoder's: 128 MB in fp16) is made on
         first use and again whenever a block's weights change (new tensors, or written in place);
         never during graph capture (its kernels would not run), where this returns None."""
         def build() -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[int, int]]]:

@@ -71,8 +71,8 @@ class StageNoise:
              pin_memory: bool = False) -> StageNoise:
         """`torch.randn` draws of x_T, then of the steps' noise. `pin_memory` (a CUDA run): drawn
         straight into page-locked memory — the same values (`randn` is `empty().normal_()`), without
-        the host copy into a staging buffer that each upload would make (for the prior's noise, on
-        the critical path: a profile of a four-image call had the GPU idle 2.5 ms for it)."""
+        the host copy into a staging buffer that each upload would make (for the prior's noise that
+        copy is on the critical path: the GPU waits for it)."""
         def normal(size: tuple[int, ...]) -> torch.Tensor:
             return torch.empty(size, dtype=torch.float32, pin_memory=pin_memory).normal_(generator=generator)
 
@@ -133,9 +133,8 @@ def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool = False)
     """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking,
     so the host does not wait for the GPU's queue (a pageable copy would sync the stream). The
     pinned buffer comes straight from torch's caching host allocator: `Tensor.pin_memory()` first
-    asks the driver whether `t` is pinned already, which a profile of one call showed taking 1.5 ms
-    before the GPU had any work. `pinned`: the caller knows `t` is page-locked already (uploaded
-    as it is)."""
+    asks the driver whether `t` is pinned already, a slow query made before the GPU has any work.
+    `pinned`: the caller knows `t` is page-locked already (uploaded as it is)."""
     device = torch.device(device)
     if t.device.type == "cpu" and device.type == "cuda":
         if pinned:
@@ -261,11 +260,10 @@ def sample_prior(
         return x, x_in, first_bad
 
     # Graphs of growing length on CUDA: the context and the first steps, then the rest in three.
-    # Launching a graph costs the host about a microsecond per kernel (two on a slow host) before
-    # the GPU starts it, and the prior's loop is the first large graph of a call: ~150-250 kernels
-    # per step at Karlo's size (1.3-1.5 ms of GPU). As one graph after the head, its launch (5,300
-    # kernels at four images) outlasted the head's GPU work and left the GPU idle 4 ms (H100
-    # profile); each launch here is covered by the GPU work of the graphs launched before it.
+    # Launching a graph costs the host time per kernel before the GPU starts it, and the prior's
+    # loop is the first large graph of a call: as one graph after the head, its launch outlasted
+    # the head's GPU work and left the GPU idle; each launch here is covered by the GPU work of the
+    # graphs launched before it (docs/speed.md).
     bounds = [0, *(s for s in PRIOR_GRAPH_SPLITS if s < n), n] if graphs is not None else [0, n]
 
     def first(embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):

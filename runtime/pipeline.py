@@ -82,9 +82,8 @@ def _check_prompts(prompt) -> list[str]:
 def _to_host(images: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of `images` in host memory. From a GPU it lands in page-locked memory from
     torch's caching host allocator, reused once the caller drops the result (a numpy view keeps its
-    tensor alive): on an H100, four 256² float images took 4.6 ms into fresh pageable memory (the
-    allocation and its page faults on the CPU, then a staged copy), most of the GPU-bound call's
-    last stretch."""
+    tensor alive): a copy into fresh pageable memory pays the allocation, its page faults and a
+    staged copy, most of a GPU-bound call's last stretch."""
     images = images.contiguous()
     if not images.is_cuda:
         return images.cpu()
@@ -373,8 +372,7 @@ class UnCLIP(ImageTools):
             uncond = self.encode_prompts([""]).expand(b)
         # Noise drawn here comes in the order of draw_noise (prior, decoder, super-res), each stage's
         # on the CPU while the GPU runs the stage before it (the prior's during the text encoder):
-        # at four Karlo images the super-res noise alone takes ~40 ms of CPU, as long as the whole
-        # prior loop on an H100.
+        # at Karlo's sizes drawing the super-res noise takes about as long as the whole prior loop.
         later_draws: list[Callable[[], StageNoise]] = []
         if noise is None:
             noise = SamplingNoise(self._draw_prior_noise(b, steps["prior_steps"], generator), None, None)
