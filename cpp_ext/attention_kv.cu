@@ -5,11 +5,10 @@
 // context tokens), so the context padding needs no additive mask.
 //
 // Why: torch's path concatenates the cached context keys and the image keys (two copies per
-// attention block) and runs cuDNN's SDPA with an additive [B, 1, 1, N] mask. On an H100 at the
-// decoder's shapes (batch 2; 1024 / 256 / 64 image positions; 10 / 15 / 20 heads of 64) SDPA took
-// 78 / 18 / 14 us per block and the concatenations 20 / 11 / 9; flash attention's varlen kernel
-// with `seqused_k` (no mask to read) takes 37 / 12 / 7 us, and this pack 3.8 us on average: per
-// decoder forward 1.03 -> 0.45 ms. Attention does not depend on the order of its keys, so moving
+// attention block) and runs cuDNN's SDPA with an additive [B, 1, 1, N] mask; flash attention's
+// varlen kernel with `seqused_k` (no mask to read) is faster at the decoder's shapes, and this pack
+// costs less than the concatenations it replaces (docs/speed.md). Attention does not depend on
+// the order of its keys, so moving
 // the kept context tokens first is exact.
 
 #include <c10/cuda/CUDAException.h>

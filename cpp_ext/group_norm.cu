@@ -2,8 +2,8 @@
 // (channels-last) activations in fp16, bf16 or fp32, with float32 statistics.
 //
 // Why not at::native::group_norm: its statistics kernel gives one thread block to each
-// (sample, group) row, so at batch 1 with 32 groups it runs 32 blocks on a 132-SM GPU; at the
-// super-res UNet's 256x256 maps that kernel alone was 42% of the forward (H100). Here every
+// (sample, group) row, so at batch 1 with 32 groups it runs 32 blocks on a 132-SM GPU, and at
+// the super-res UNet's 256x256 maps that kernel dominated the forward. Here every
 // row is split into chunks (pass 1: shifted sum / sum of squares per chunk, written to a
 // buffer), a tiny pass folds the chunks in a fixed order (deterministic: no float atomics), and
 // pass 3 normalises with vectorised loads, applying the affine, the optional FiLM scale/shift
@@ -36,10 +36,10 @@ using unclip_rt::to_float;
 using unclip_rt::wide_geometry_fits;
 
 constexpr int kThreads = 256;
-constexpr int64_t kNchwTargetBlocks = 528;  // NCHW statistics pass: ~4 blocks per SM of an H100 (NHWC: wide_stats.cuh)
+constexpr int64_t kNchwTargetBlocks = 528;  // NCHW statistics pass: ~4 blocks per SM of a 132-SM GPU (NHWC: wide_stats.cuh)
 // Groups of at most this many elements take the one-launch kernel (auto mode).
-constexpr int64_t kOnePassMaxElements = 16384;  // tuned on an H100: one launch wins up to 16x16 maps of 64 channels per group
-// (decoder, 1920 channels at 16x16, batch 2 / 8, plain norm: 7.4 / 11.7 us against three passes 9.5 / 14.8)
+constexpr int64_t kOnePassMaxElements = 16384;  // measured: one launch wins up to 16x16 maps of 64 channels per group
+// (the decoder's 1920 channels at 16x16 included; figures in docs/speed.md)
 
 // Whether groups of `cg` channels over `hw` pixels take the one-launch kernel in auto mode.
 inline bool one_pass_by_size(int64_t cg, int64_t hw) { return cg * hw <= kOnePassMaxElements; }
@@ -375,8 +375,7 @@ __device__ __forceinline__ void strided_pixels(int64_t first, int64_t end, int64
 // block (channels / VEC lanes, rows). A thread holds its channels' coefficients for its sample in
 // registers and walks the pixels begin + r, begin + r + rows, ... of its chunk, four loads in
 // flight (strided_pixels). `normalize` (one pack per thread) spent 64-bit index divisions and
-// four coefficient loads per pack: compute-bound at ~60% of the DRAM bandwidth (H100, ncu). The
-// pass at 4x320x256^2: 131.3 → 117.6 us, 4x640x128^2 66.5 → 55.2, 4x960x64^2 25.7 → 17.1.
+// four coefficient loads per pack: compute-bound well below the DRAM bandwidth.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, const float2* __restrict__ coef,
                                                        T* __restrict__ y, Shape s, bool silu) {
@@ -416,9 +415,8 @@ __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, 
 
 // Pass 3 of a down ResBlock's norm in normalize_nhwc's geometry over the output's pixels: a
 // thread holds its channels' coefficients and makes the 2x2 average of the normalised (and
-// SiLU'd) input packs of each output pixel of its chunk, four loads in flight. The whole down
-// norm (three passes) against normalize_down: 4x640x256^2 367 → 281 us, 4x320x256^2 193 → 151,
-// 4x640x128^2 101.7 → 80.5 (H100).
+// SiLU'd) input packs of each output pixel of its chunk, four loads in flight (faster than
+// normalize_down at every down norm's shape; docs/speed.md).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024) normalize_down_nhwc(const T* __restrict__ x, const float2* __restrict__ coef,
                                                             T* __restrict__ y, Shape s, bool silu) {

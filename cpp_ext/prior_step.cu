@@ -2,14 +2,13 @@
 // own keys], straight from the QKV projection's output (Karlo's per-head [q|k|v] layout) and the
 // cache, with the caption's padding mask and the causal mask among the step tokens built in;
 // scores, softmax and the weighted sum in float32. Per layer it replaces two concatenations of
-// the cache, the mask's cast, SDPA (cuDNN's flash kernel, tuned for long sequences, took 9 us for
-// these 3 x 81 scores) and a transposing copy. The cached keys/values and the caption mask are
+// the cache, the mask's cast, SDPA (cuDNN's flash kernel is tuned for long sequences, not these
+// 3 x 81 scores) and a transposing copy. The cached keys/values and the caption mask are
 // staged before the kernel waits for the QKV projection (cp.async, no registers held), so after
 // it only the step tokens' q/k/v are read. The score reads are rotated per key and the weighted
 // sum runs a thread per (key stripe, 8 channels) over every step token at once, so that neither
-// phase has shared-memory bank conflicts: on an H100 the batch-2 prior step went 1.065-1.072 ->
-// 1.049-1.059 ms with this kernel (a first version with a warp per key and serial weighted sums
-// took 10.7 us per layer, the thread-per-(token, key) version before this one 7.3).
+// phase has shared-memory bank conflicts (earlier versions, a warp per key or a thread per
+// (token, key), were slower; docs/speed.md).
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

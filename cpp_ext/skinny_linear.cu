@@ -3,7 +3,7 @@
 //
 // Why: the prior's cached step runs 6 rows (batch 2 × 3 step tokens) through 20 layers of 50 M
 // weights each: every step is a pass over 2 GB of weights with almost no arithmetic per byte.
-// cuBLAS's GEMV-like kernels read them at 1.2-2.3 TB/s of the H100's 3.35, the GELU and the
+// cuBLAS's GEMV-like kernels read them well below the memory bandwidth, the GELU and the
 // split-K reduction are launches of their own, and each launch leaves the GPU idle a moment.
 // Here each block owns 16 output features and its 8 warps split the reduction dimension; a lane
 // keeps 8 16-byte packs of each of two weight rows in flight and multiplies them on the tensor
@@ -11,11 +11,11 @@
 // Since a dot product's terms may be summed in any order, the 8 consecutive weights of a pack
 // and the rows' matching 8 inputs fill the mma's k slots {2t, 2t+1, 2t+8, 2t+9} of two mmas as
 // they are: no shuffles, no shared-memory staging. The 4 lanes of a weight row read 4 packs each
-// per step (256 contiguous bytes; with one pack each, 64-byte runs, the 8192-wide layer streamed
-// at 1.5 TB/s instead of 2.1). The warps' partial sums meet in shared memory, where the bias, the
-// activation and the accumulation into the output are applied once. Launched overlapped
+// per step (256 contiguous bytes: 64-byte runs streamed the widest layer slower). The warps'
+// partial sums meet in shared memory, where the bias, the activation and the accumulation into
+// the output are applied once. Launched overlapped
 // (pdl.cuh): the first weights are requested before the kernel waits for the one before it.
-// H100, 6 rows: 2.26 TB/s at 2048 → 6144 (cuBLAS 1.93); at 24 rows cuBLAS is faster.
+// At 24 rows cuBLAS is faster (models.prior.skinny_block chooses); figures in docs/speed.md.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

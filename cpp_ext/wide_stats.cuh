@@ -17,7 +17,7 @@
 namespace unclip_rt {
 
 constexpr int kWideThreads = 256;
-constexpr int64_t kWideTargetBlocks = 528;  // ~4 blocks per SM of an H100 over the whole tensor
+constexpr int64_t kWideTargetBlocks = 528;  // ~4 blocks per SM of a 132-SM GPU over the whole tensor
 
 // Whether the wide geometry serves `channels` in `groups` of `cg`: one lane per 8 channels (at
 // most 1024 lanes, at least one per group), a lane's 8 channels spanning at most two groups.
@@ -40,9 +40,9 @@ inline WideChunks wide_chunks(int64_t batch, int64_t hw, int64_t target_blocks =
 }
 
 // The group norm's NHWC normalising passes (normalize_nhwc, normalize_down_nhwc): the same
-// (channels / 8 lanes, rows) blocks over more, shorter chunks, ~8 blocks per SM of an H100 (they
-// keep no per-block sums, so more blocks cost nothing to fold). The residual join in this
-// geometry was slower than its flat kernel (4x320x256^2: 185 vs 166 us; H100), so it keeps that.
+// (channels / 8 lanes, rows) blocks over more, shorter chunks, ~8 blocks per SM of a 132-SM GPU
+// (they keep no per-block sums, so more blocks cost nothing to fold). The residual join in this
+// geometry was slower than its flat kernel, so it keeps that.
 constexpr int64_t kElementwiseTargetBlocks = 1056;
 
 // Lanes and rows of a wide block for `channels` channels.
