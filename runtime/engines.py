@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from models.configs import UnCLIPConfig
 from models.file_integrity import IntegrityError, sha256_json, verify_files
 from models.unclip import UnCLIPModel
 from runtime.constants import ModelConstants
+from runtime.engine_base import Engine, EngineError, cast_inputs
 from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
@@ -38,26 +38,6 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 REBUILD_ANY = "python -m export.build_engines --model <the model> --out <the engine folder> --force"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _PRECISION = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-class EngineError(RuntimeError):
-    """An engine folder that cannot serve this model (missing, stale, foreign or corrupt)."""
-
-
-class Engine(Protocol):
-    signature: StageSignature
-    float_dtype: torch.dtype
-    capturable: bool  # runs inside CUDA graph capture (no host sync, works on the current stream)
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
-
-
-def cast_inputs(signature: StageSignature, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Float inputs to `dtype`; integer and bool inputs as they are."""
-    if len(inputs) != len(signature.inputs):
-        raise TypeError(f"{signature.name} takes {len(signature.inputs)} inputs {signature.input_names}, "
-                        f"got {len(inputs)}")
-    return [x.to(dtype) if spec.kind == "float" else x for spec, x in zip(signature.inputs, inputs, strict=True)]
 
 
 def normalise_config(cfg_dict: dict) -> dict:

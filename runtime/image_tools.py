@@ -20,6 +20,7 @@ from runtime.batch_invariance import row_invariant
 from runtime.call_limits import check_noise
 from runtime.images import load_images, resize_batch
 from runtime.loops import SamplingNoise, StageNoise, TextConditioning
+from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
 from runtime.sampling import make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
@@ -122,8 +123,6 @@ class ImageTools:
         Steps and guidance left as None take the model's defaults (without latents) or 100 and
         1.0, `invert`'s defaults (with latents: use the values the latents were inverted with).
         """
-        from runtime.pipeline import OUTPUT_TYPES, UnCLIPOutput, to_output
-
         embeds = _check_embeds(image_embeds, self.cfg.clip.embed_dim).to(self.device)
         b = embeds.shape[0]
         s = self.cfg.sampling

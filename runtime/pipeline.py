@@ -17,12 +17,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import cpp_ext
 from models.checkpoint import load_tensors
@@ -42,13 +40,13 @@ from runtime.engines import Engine
 from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
 from runtime.loops import PendingChecks, SamplingNoise, StageNoise, TextConditioning, to_device
+from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
 from runtime.sampling import StepTable, make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed
 
 log = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt")
 PRIORS = ("diffusion", "ar")
 # The small model trained on generated shapes that ships in the repository (see train/).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -57,15 +55,6 @@ NO_DEFAULT_MODEL = (
     "weights explicitly with UnCLIP.from_karlo(DIR) (Kakao Brain's original files), UnCLIP.from_diffusers(DIR) "
     "(a kakaobrain/karlo-v1-alpha folder) or UnCLIP(DIR) (a folder written by models.checkpoint.save_model)"
 )
-
-
-@dataclass
-class UnCLIPOutput:
-    """Generated images (PIL list, numpy [B, H, W, 3] or torch [B, 3, H, W], in [0, 1])."""
-
-    images: list[Image.Image] | np.ndarray | torch.Tensor
-    image_embeds: torch.Tensor | None = None
-    decoder_images: list[Image.Image] | np.ndarray | torch.Tensor | None = None  # the 64² stage, when asked
 
 
 def _default_device() -> torch.device:
@@ -77,32 +66,6 @@ def _check_prompts(prompt) -> list[str]:
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
-
-
-def _to_host(images: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `images` in host memory. From a GPU it lands in page-locked memory from
-    torch's caching host allocator, reused once the caller drops the result (a numpy view keeps its
-    tensor alive): a copy into fresh pageable memory pays the allocation, its page faults and a
-    staged copy, most of a GPU-bound call's last stretch."""
-    images = images.contiguous()
-    if not images.is_cuda:
-        return images.cpu()
-    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-    host.copy_(images, non_blocking=True)
-    torch.cuda.current_stream(images.device).synchronize()
-    return host
-
-
-def to_output(images: torch.Tensor, output_type: str):
-    """[B, 3, H, W] in [−1, 1] → the requested output type, in [0, 1]; PIL images are quantised to
-    8 bits on the images' device (a quarter of the bytes to copy; the same rounding as numpy's)."""
-    images = (images * 0.5 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return _to_host(images)
-    if output_type == "np":
-        return _to_host(images.permute(0, 2, 3, 1)).numpy()
-    quantised = (images.float() * 255).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in _to_host(quantised.permute(0, 2, 3, 1)).numpy()]
 
 
 class UnCLIP(ImageTools):

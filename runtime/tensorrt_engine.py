@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.engines import EngineError, cast_inputs
+from runtime.engine_base import EngineError, cast_inputs
 from runtime.signatures import StageSignature
 
 
