@@ -6,7 +6,7 @@ The noise types are exported for replaying a run exactly: `UnCLIP.draw_noise` gi
 """
 
 from runtime.ar_sampling import ARNoise
-from runtime.loops import SamplingNoise, StageNoise
 from runtime.pipeline import UnCLIP, UnCLIPOutput
+from runtime.run_inputs import SamplingNoise, StageNoise
 
 __all__ = ["ARNoise", "SamplingNoise", "StageNoise", "UnCLIP", "UnCLIPOutput"]

@@ -22,7 +22,8 @@ import torch
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
-from runtime.loops import PendingChecks, TextConditioning, check_finite, progress_bar, to_device
+from runtime.loops import PendingChecks, check_finite, progress_bar
+from runtime.run_inputs import TextConditioning, to_device
 from runtime.validate import check_int
 
 

@@ -56,7 +56,7 @@ def check_host_memory(images: int, per_image: int, available: int | None = None)
 def check_noise(noise, images: int, steps: dict[str, int], cfg: UnCLIPConfig, ar_prior: bool) -> None:
     """Every part of a caller's `SamplingNoise`: its type, dtype and shape for this call."""
     from runtime.ar_sampling import ARNoise
-    from runtime.loops import StageNoise
+    from runtime.run_inputs import StageNoise
 
     d, s = cfg.decoder.image_size, cfg.super_res.image_size
     stages = [("decoder", (3, d, d), steps["decoder_steps"]), ("super_res", (3, s, s), steps["super_res_steps"])]

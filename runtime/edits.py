@@ -15,7 +15,8 @@ from models.configs import DiffusionConfig
 from models.layers import work_dtype
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
-from runtime.loops import TextConditioning, decoder_conditioning, progress_bar, timesteps_at
+from runtime.loops import decoder_conditioning, progress_bar, timesteps_at
+from runtime.run_inputs import TextConditioning
 from runtime.sampling import StepTable, classifier_free_guidance
 
 _EPS = 1e-7

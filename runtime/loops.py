@@ -1,6 +1,9 @@
 """The three denoising loops (prior, decoder, super-res), each a few lines around
 `update.guided_update`, and the noise they consume.
 
+What a run consumes (text conditioning, `StageNoise`/`SamplingNoise`) lives in
+`runtime.run_inputs`.
+
 The loops call stage engines (`runtime.engines.Engine`: torch modules, ONNX Runtime sessions or
 TensorRT plans, all with the positional I/O of `runtime.signatures`) and never know which
 backend runs; what they need besides the networks comes from `ModelConstants`.
@@ -19,8 +22,6 @@ The non-finite check runs on the device and is read once, after the loop.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -31,118 +32,9 @@ from models.super_res import upsample_low_res
 from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
+from runtime.run_inputs import StageNoise, TextConditioning
 from runtime.sampling import StepTable
 from runtime.update import UpdateSpec, guided_update, network_input, packed_coefficients
-
-
-@dataclass(frozen=True)
-class TextConditioning:
-    """CLIP text outputs for a batch: embed [B, D], tokens [B, L, W], mask [B, L] (bool)."""
-
-    embed: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-    def expand(self, batch: int) -> TextConditioning:
-        """Broadcast a batch-1 conditioning (e.g. the empty prompt's) to `batch` rows, without copies."""
-        return TextConditioning(*(t.expand(batch, *t.shape[1:]) for t in (self.embed, self.tokens, self.mask)))
-
-    def rows(self, start: int, stop: int) -> TextConditioning:
-        """Rows `start:stop` (one chunk of a split batch)."""
-        return TextConditioning(*(t[start:stop] for t in (self.embed, self.tokens, self.mask)))
-
-    @staticmethod
-    def cat(parts: Iterable[TextConditioning]) -> TextConditioning:
-        parts = list(parts)
-        return TextConditioning(*(torch.cat([getattr(p, f) for p in parts]) for f in ("embed", "tokens", "mask")))
-
-
-@dataclass(frozen=True)
-class StageNoise:
-    """Initial sample x_T and one noise tensor per step ([steps, *x_T.shape]), float32. `pinned`:
-    both lie in page-locked host memory (drawn for a GPU), so their uploads need no staging copy."""
-
-    init: torch.Tensor
-    steps: torch.Tensor
-    pinned: bool = False
-
-    @staticmethod
-    def draw(shape: tuple[int, ...], num_steps: int, generator: torch.Generator | None,
-             pin_memory: bool = False) -> StageNoise:
-        """`torch.randn` draws of x_T, then of the steps' noise. `pin_memory` (a CUDA run): drawn
-        straight into page-locked memory — the same values (`randn` is `empty().normal_()`), without
-        the host copy into a staging buffer that each upload would make (for the prior's noise that
-        copy is on the critical path: the GPU waits for it)."""
-        def normal(size: tuple[int, ...]) -> torch.Tensor:
-            return torch.empty(size, dtype=torch.float32, pin_memory=pin_memory).normal_(generator=generator)
-
-        init = normal(shape)
-        return StageNoise(init, normal((num_steps, *shape)), pin_memory)
-
-    def to(self, device: torch.device | str) -> StageNoise:
-        return StageNoise(to_device(self.init, device, self.pinned), to_device(self.steps, device, self.pinned))
-
-    @staticmethod
-    def cat(parts: list[StageNoise]) -> StageNoise:
-        """The noise of several runs' images, one after another (pinned if every part is)."""
-        pinned = all(p.pinned for p in parts)
-        init = torch.cat([p.init for p in parts])
-        steps = torch.cat([p.steps for p in parts], dim=1)
-        if pinned:
-            init, steps = init.pin_memory(), steps.pin_memory()
-        return StageNoise(init, steps, pinned)
-
-    def rows(self, start: int, stop: int) -> StageNoise:
-        """The noise of images `start:stop` (contiguous: the tensors themselves for all rows, else copies)."""
-        init, steps = self.init[start:stop], self.steps[:, start:stop]
-        whole = init.is_contiguous() and steps.is_contiguous()  # no copy: still pinned if it was
-        return StageNoise(init.contiguous(), steps.contiguous(), self.pinned and whole)
-
-
-@dataclass(frozen=True)
-class SamplingNoise:
-    """The noise of one text→image run, per stage (a stage may be None when it does not run); the
-    prior's is an `runtime.ar_sampling.ARNoise` for the autoregressive prior."""
-
-    prior: StageNoise | None
-    decoder: StageNoise | None
-    super_res: StageNoise | None
-
-    @staticmethod
-    def cat(parts: list[SamplingNoise]) -> SamplingNoise:
-        """The noise of several runs (each drawn with its own seed) as the noise of one batched run:
-        image i of the batch gets exactly the noise it had in its own run."""
-        stages = []
-        for stage in ("prior", "decoder", "super_res"):
-            chosen = [getattr(p, stage) for p in parts]
-            if any(c is None for c in chosen):
-                if not all(c is None for c in chosen):
-                    raise ValueError(f"cannot join noise where only some runs have {stage} noise")
-                stages.append(None)
-            else:
-                stages.append(type(chosen[0]).cat(chosen))
-        return SamplingNoise(*stages)
-
-    def rows(self, start: int, stop: int) -> SamplingNoise:
-        """The noise of images `start:stop`: a chunk of a split batch gets exactly its own noise."""
-        return SamplingNoise(*(n.rows(start, stop) if n is not None else None
-                               for n in (self.prior, self.decoder, self.super_res)))
-
-
-def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool = False) -> torch.Tensor:
-    """`t` on `device`; a host tensor bound for a GPU goes through pinned memory without blocking,
-    so the host does not wait for the GPU's queue (a pageable copy would sync the stream). The
-    pinned buffer comes straight from torch's caching host allocator: `Tensor.pin_memory()` first
-    asks the driver whether `t` is pinned already, a slow query made before the GPU has any work.
-    `pinned`: the caller knows `t` is page-locked already (uploaded as it is)."""
-    device = torch.device(device)
-    if t.device.type == "cpu" and device.type == "cuda":
-        if pinned:
-            return t.to(device, non_blocking=True)
-        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return staged.to(device, non_blocking=True)
-    return t.to(device)
-
 
 # The prior steps at which a new CUDA graph of its loop begins (see sample_prior): graphs of
 # steps [0, 3) with the context, [3, 8), [8, 15) and [15, n).

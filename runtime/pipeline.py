@@ -39,8 +39,9 @@ from runtime.constants import ModelConstants
 from runtime.engines import Engine
 from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
-from runtime.loops import PendingChecks, SamplingNoise, StageNoise, TextConditioning, to_device
+from runtime.loops import PendingChecks
 from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
+from runtime.run_inputs import SamplingNoise, StageNoise, TextConditioning, to_device
 from runtime.sampling import StepTable, make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed

@@ -228,7 +228,7 @@ class ImageWorker:
             out = self.pipe.variations(job.image, job.n, seed=job.seed, steps=job.steps,
                                        decoder_guidance_scale=job.decoder_guidance_scale, output_type="pil")
             return [out.images]
-        from runtime.loops import SamplingNoise
+        from runtime.run_inputs import SamplingNoise
 
         prior = key[0]
         pipe = self.pipes[prior]

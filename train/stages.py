@@ -36,7 +36,7 @@ from models.configs import UnCLIPConfig
 from models.decoder import Decoder
 from models.prior import Prior
 from models.super_res import SuperRes, upsample_low_res
-from runtime.loops import TextConditioning
+from runtime.run_inputs import TextConditioning
 from runtime.sampling import alphas_cumprod
 from train.batches import CaptionBank, SceneSampler
 from train.data import render
