@@ -72,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.num_images < 1:
-        print(f"error: --num-images must be >= 1, got {args.num_images}", file=sys.stderr)
-        return 2
     try:
         check_writable(output_paths(args.output, len(args.prompt) * args.num_images))
     except ValueError as exc:

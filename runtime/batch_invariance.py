@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -71,14 +72,22 @@ class RowInvariantMatmuls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_active = threading.local()  # whether this thread is inside the mode already (public calls nest)
+
+
 @contextlib.contextmanager
 def row_invariant_matmuls(device: torch.device) -> Iterator[None]:
-    """Within the block, CPU products are row-invariant (a no-op context on other devices)."""
-    if device.type != "cpu":
+    """Within the block, CPU products are row-invariant (a no-op context on other devices, and
+    inside an enclosing block, whose mode already routes every product)."""
+    if device.type != "cpu" or getattr(_active, "on", False):
         yield
         return
-    with RowInvariantMatmuls():
-        yield
+    _active.on = True
+    try:
+        with RowInvariantMatmuls():
+            yield
+    finally:
+        _active.on = False
 
 
 def row_invariant(method: Callable) -> Callable:

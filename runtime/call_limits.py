@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from models.configs import UnCLIPConfig
+from runtime.run_inputs import StageNoise
 
 MAX_GUIDANCE = 1000.0  # beyond this the guided difference overflows in fp16 and fp32 sampling math
 CPU_CHUNK, CUDA_CHUNK = 16, 64  # images per network call when the caller set no max_batch
@@ -55,9 +56,6 @@ def check_host_memory(images: int, per_image: int, available: int | None = None)
 
 def check_noise(noise, images: int, steps: dict[str, int], cfg: UnCLIPConfig, ar_prior: bool) -> None:
     """Every part of a caller's `SamplingNoise`: its type, dtype and shape for this call."""
-    from runtime.ar_sampling import ARNoise
-    from runtime.run_inputs import StageNoise
-
     d, s = cfg.decoder.image_size, cfg.super_res.image_size
     stages = [("decoder", (3, d, d), steps["decoder_steps"]), ("super_res", (3, s, s), steps["super_res_steps"])]
     if ar_prior:
@@ -68,7 +66,6 @@ def check_noise(noise, images: int, steps: dict[str, int], cfg: UnCLIPConfig, ar
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"noise.prior.{name} must be a tensor of shape {shape}, got {got}")
-        assert isinstance(prior, ARNoise)
     else:
         stages.insert(0, ("prior", (cfg.prior.clip_dim,), steps["prior_steps"]))
     for name, shape, count in stages:

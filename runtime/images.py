@@ -46,20 +46,30 @@ def _from_pil(image: Image.Image, what: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
-def open_image_file(path, what: str) -> Image.Image:
-    """A decoded image file, its size checked from the header first (no decompression bombs)."""
+def open_image_file(source, what: str, max_pixels: int = MAX_PIXELS, formats: tuple[str, ...] | None = None,
+                    label: str | None = None) -> Image.Image:
+    """A decoded image from a path or a binary file object, its size checked from the header first
+    (no decompression bombs) and, with `formats`, only those formats read. `label` names the
+    source in errors (default: the path)."""
+    label = str(source) if label is None else label
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source, formats=formats) as opened:
                 width, height = opened.size
-                if width * height > MAX_PIXELS:
-                    raise ValueError(f"{what}: {path} is {width}×{height} pixels, over the {MAX_PIXELS}-pixel limit")
+                if width * height > max_pixels:
+                    raise ValueError(f"{what}: {label} is {width}×{height} pixels, over the {max_pixels}-pixel limit")
+                if width == 0 or height == 0:
+                    raise ValueError(f"{what}: {label} is an empty image ({width}×{height})")
                 opened.load()
                 return opened.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"{what}: cannot read image file {path} ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise ValueError(f"{what}: cannot read image file {label} (no such file)") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        kinds = f"{', '.join(formats)} " if formats else ""
+        raise ValueError(f"{what}: cannot read image file {label}: not a readable {kinds}image ({exc})") from exc
+    except (OSError, SyntaxError) as exc:  # truncated or corrupt data
+        raise ValueError(f"{what}: cannot read image file {label}: the data is damaged or truncated ({exc})") from exc
 
 
 def _from_array(array: np.ndarray, what: str) -> torch.Tensor:

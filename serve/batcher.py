@@ -64,10 +64,6 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
         self._runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unclip-runner")
 
-    @property
-    def queued_images(self) -> int:
-        return sum(j.images for j in self.pending)
-
     async def submit(self, job: Job) -> tuple[Any, BatchInfo]:
         """Queue `job` and wait for its result; cancelling the caller drops the job if not started."""
         loop = asyncio.get_running_loop()

@@ -9,8 +9,6 @@ request whose replica dies is sent again (same seed, so the same images) until i
 client that disconnects has its queued work cancelled. One log line per request.
 """
 
-
-
 import asyncio
 import json
 import logging
@@ -52,10 +50,6 @@ def _replica_lost_errors() -> tuple[type[BaseException], ...]:
         if hasattr(serve_exceptions, name):
             kinds.append(getattr(serve_exceptions, name))
     return tuple(kinds)
-
-
-async def _await(response):
-    return await response
 
 
 def _model_entry(info: dict) -> dict:
@@ -107,19 +101,19 @@ class ImagesAPI:
 
     async def _call(self, method: str, payload: dict, deadline: float) -> dict:
         """The worker's answer, sent again while replicas die, until the deadline."""
+        late = APIError(504, "the request did not finish within its deadline", type="timeout",
+                        code="deadline_exceeded")
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise APIError(504, "the request did not finish within its deadline", type="timeout",
-                               code="deadline_exceeded")
+                raise late
             response = getattr(self.worker, method).remote({**payload, "timeout_s": remaining})
             try:
-                result = await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(_await(response))), remaining)
+                result = await asyncio.wait_for(response, remaining)
             except TimeoutError:
                 response.cancel()
-                raise APIError(504, "the request did not finish within its deadline", type="timeout",
-                               code="deadline_exceeded") from None
+                raise late from None
             except asyncio.CancelledError:  # the client went away: drop its queued work
                 response.cancel()
                 raise
@@ -334,12 +328,9 @@ class ImagesAPI:
             info = await asyncio.wait_for(self.worker.info.remote(), timeout=10)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", "model": info["model_id"], "device": info["device"],
-                             "replicas": self.replicas, "in_flight": self.in_flight, "replica": info["replica"],
-                             "node_id": info["node_id"], "pid": info["pid"], "torch_threads": info["torch_threads"],
-                             "size": info["size"], "defaults": info["defaults"], "priors": info["priors"],
-                             "served_images": info["served_images"], "calls": info["calls"],
-                             "queued_jobs": info["queued_jobs"]})
+        # the answering replica's facts (`ImageWorker.info`), and this ingress's
+        return JSONResponse({"status": "ok", "model": info["model_id"], **info, "replicas": self.replicas,
+                             "in_flight": self.in_flight})
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:

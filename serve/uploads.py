@@ -1,20 +1,18 @@
 """Uploaded images → H×W×3 uint8 arrays, or a `ValueError` saying why not.
 
-Checked before anything reaches a replica: the byte size (the caller's 413), a readable PNG, JPEG
-or WebP, the pixel count from the header before decoding (no decompression bombs), a non-empty
-image. Modes are converted correctly: 16-bit images are scaled to 8 bits (not clipped), palettes
-and grey expanded, transparency composited on white.
+Checked before anything reaches a replica: the byte size (the caller's 413), then, through the
+runtime's own reader (`runtime.images.open_image_file`), a readable PNG, JPEG or WebP, the pixel
+count from the header before decoding (no decompression bombs) and a non-empty image. Modes are
+converted as the runtime converts them (`pil_to_rgb8`: 16-bit images scaled, not clipped).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from runtime.images import pil_to_rgb8
+from runtime.images import open_image_file, pil_to_rgb8
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 4096 * 4096  # an upload's limit, below the runtime's own
@@ -30,18 +28,5 @@ def decode_upload(data: bytes, max_bytes: int, name: str = "image") -> np.ndarra
         raise UploadTooLarge(f"{name}: {len(data)} bytes is over the {max_bytes}-byte limit")
     if not data:
         raise ValueError(f"{name}: the upload is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"{name}: {width}×{height} pixels is over the {MAX_PIXELS}-pixel limit")
-            if width == 0 or height == 0:
-                raise ValueError(f"{name}: empty image ({width}×{height})")
-            image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"{name}: not a readable {', '.join(FORMATS)} image ({exc})") from exc
-    except (OSError, SyntaxError) as exc:  # truncated or corrupt data
-        raise ValueError(f"{name}: the image data is damaged or truncated ({exc})") from exc
+    image = open_image_file(io.BytesIO(data), name, MAX_PIXELS, FORMATS, label="the upload")
     return pil_to_rgb8(image)

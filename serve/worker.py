@@ -110,7 +110,7 @@ class ImageWorker:
         self.started = time.time()
         self.served_images = 0  # images returned by this replica
         self.calls = 0  # model calls run
-        self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", "") or f"pid-{os.getpid()}"
+        self.replica = f"pid-{os.getpid()}"
         try:
             from ray import serve
 
@@ -160,7 +160,7 @@ class ImageWorker:
                           "prior")
         pipe = self.pipes[prior]
         try:
-            steps, key = self._settings(pipe, prior, request.get("settings", {}))
+            steps, call = self._settings(pipe, prior, request.get("settings", {}))
             n, seed = int(request["n"]), int(request["seed"])
         except (ValueError, TypeError) as exc:
             return _error(str(exc), getattr(exc, "param", None))
@@ -171,6 +171,7 @@ class ImageWorker:
             # generate draw it from the seed, overlapped with the prior)
             noise = self._helpers.submit(pipe.draw_noise, n, steps["prior_steps"], steps["decoder_steps"],
                                          steps["super_res_steps"], torch.Generator().manual_seed(seed))
+        key = (prior, tuple(sorted(call.items())))  # requests share a call when these are equal
         job = Job(key, n, GenerationJob(request["prompt"], n, seed, steps, noise), _deadline(request))
         return await self._submit(job, seed, "generation")
 
@@ -203,8 +204,9 @@ class ImageWorker:
                 "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s, "replica": self.replica,
                 "node_id": self.node_id}
 
-    def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, tuple]:
-        """The request's steps resolved against the model's defaults, and its batching key."""
+    def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, dict]:
+        """The request's steps resolved against the model's defaults (all three, for drawing its
+        noise), and the settings its `generate` call takes (the prior's only with `prior="diffusion"`)."""
         from runtime.validate import check_int, check_scale
 
         unknown = sorted(set(given) - set(SETTINGS))
@@ -218,8 +220,10 @@ class ImageWorker:
             given_prior = [k for k in ("prior_steps", "prior_guidance_scale") if given.get(k) is not None]
             if given_prior:
                 raise ValueError(f"{', '.join(given_prior)} apply to the diffusion prior, not prior='ar'")
-        key = (prior, *steps.values(), *(scales.values() if prior == "diffusion" else [scales[SETTINGS[4]]]))
-        return steps, key
+        call = {**steps, **scales}
+        if prior == "ar":
+            del call["prior_steps"], call["prior_guidance_scale"]
+        return steps, call
 
     # --- the runner thread ---------------------------------------------------------------------
     def _run(self, key: tuple, payloads: list) -> list[list[Image.Image]]:
@@ -230,21 +234,15 @@ class ImageWorker:
             return [out.images]
         from runtime.run_inputs import SamplingNoise
 
-        prior = key[0]
+        prior, call = key[0], dict(key[1])
         pipe = self.pipes[prior]
-        steps = dict(zip(SETTINGS[:3], key[1:4], strict=True))
-        scales = {"decoder_guidance_scale": key[-1]}
-        if prior == "diffusion":
-            scales["prior_guidance_scale"] = key[4]
-        else:
-            steps.pop("prior_steps")
         if len(payloads) == 1:  # alone: exactly the lone call
             (job,) = payloads
             return [pipe.generate(job.prompt, num_images_per_prompt=job.n, seed=job.seed, output_type="pil",
-                                  **steps, **scales).images]
+                                  **call).images]
         prompts = [job.prompt for job in payloads for _ in range(job.n)]
         noise = SamplingNoise.cat([self._noise(pipe, job) for job in payloads])
-        images = pipe.generate(prompts, noise=noise, output_type="pil", **steps, **scales).images
+        images = pipe.generate(prompts, noise=noise, output_type="pil", **call).images
         out, start = [], 0
         for job in payloads:
             out.append(images[start : start + job.n])
