@@ -11,7 +11,9 @@ autoregressive prior's text prefix → its per-layer keys and values; one sampli
 them and the codes' cache slots), where the model has one; and `prior` and `decoder`, each whole network in one
 graph (the references the split pairs are checked against; not needed to generate, so not built
 unless asked for). Each stage module takes its inputs positionally in the declared order and
-returns its outputs as a tuple in the declared order.
+returns its outputs as a tuple in the declared order. The step stages (`prior_step`,
+`decoder_step`, `super_res_*`) run `models.fused` where its kernels serve their inputs (CUDA, half
+precision, eager or graph capture), the reference modules otherwise and always under export.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models import fused
 from models.configs import UnCLIPConfig
 from models.unclip import UnCLIPModel
 from models.unet import context_heads
@@ -201,7 +204,7 @@ class _PriorStep(nn.Module):
         self.prior = model.prior
 
     def forward(self, x_t, timesteps, context_kv, text_mask) -> tuple[torch.Tensor]:
-        return (self.prior.step(x_t, timesteps, context_kv, text_mask),)
+        return (fused.prior_step(self.prior, x_t, timesteps, context_kv, text_mask),)
 
 
 class _Decoder(nn.Module):
@@ -228,7 +231,7 @@ class _DecoderStep(nn.Module):
         self.decoder = model.decoder
 
     def forward(self, x_t, timesteps, emb_add, context_kv, context_bias) -> tuple[torch.Tensor]:
-        return (self.decoder.step(x_t, timesteps, emb_add, context_kv, context_bias),)
+        return (fused.unet_forward(self.decoder.unet, x_t, timesteps, emb_add, None, context_bias, context_kv),)
 
 
 class _ARPriorContext(nn.Module):
@@ -255,7 +258,7 @@ class _SuperRes(nn.Module):
         self.unet = model.super_res.last_step if last else model.super_res.first_steps
 
     def forward(self, x_t, timesteps, low_res_up) -> tuple[torch.Tensor]:
-        return (self.unet(torch.cat([x_t, low_res_up], dim=1), timesteps),)
+        return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps),)
 
 
 def stage_module(model: UnCLIPModel, name: str) -> nn.Module:

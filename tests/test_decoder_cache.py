@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+from models.fused.unet_forward import emb_linears, embedding_projections
 from models.unet import context_heads
 from runtime.engines import TorchEngine
 from runtime.signatures import signatures
@@ -53,21 +54,23 @@ def test_decoder_stage_engines_chain_like_the_whole_stage(ours):
 
 @torch.no_grad()
 def test_stacked_embedding_projections_equal_each_blocks_own(ours):
-    """`UNet._embedding_projections` (one GEMM over every ResBlock's stacked time-embedding
+    """`embedding_projections` (one GEMM over every ResBlock's stacked time-embedding
     weights, the fast path's) gives each block what its own projection gives, and notices weights
     written in place or replaced."""
     unet = copy.deepcopy(ours.decoder.unet).double()
     emb = torch.randn(3, unet.cfg.time_embed_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
+    linears = emb_linears(unet)
+
     def check() -> None:
-        projections = unet._embedding_projections(emb)
+        projections = embedding_projections(unet, emb)
         assert projections is not None
-        for lin in unet._emb_linears:
+        for lin in linears:
             assert max_rel_err(projections.of(lin), lin(emb)) <= 1e-12
 
-    assert len(unet._emb_linears) >= 4
+    assert len(linears) >= 4
     check()
-    unet._emb_linears[1].weight.add_(1.0)  # in place: the stack is rebuilt
+    linears[1].weight.add_(1.0)  # in place: the stack is rebuilt
     check()
-    unet._emb_linears[-1].bias = torch.nn.Parameter(torch.randn_like(unet._emb_linears[-1].bias))  # replaced
+    linears[-1].bias = torch.nn.Parameter(torch.randn_like(linears[-1].bias))  # replaced
     check()

@@ -70,10 +70,10 @@ def test_the_prior_runs_skinny_linear_up_to_sixteen_rows(rows, width, features, 
     """Up to 16 rows the prior's linears run `skinny_linear` with the largest blocks (32, 16 or 8
     features) whose grid still gives each of the GPU's SMs one (8 where none does; 32 only for
     features a multiple of 32); more rows, or a width the kernel cannot split, go to cuBLAS."""
-    import models.prior as prior_module
+    from models.fused import linear_plan
 
-    monkeypatch.setattr(prior_module, "multiprocessors", lambda: sms)
-    assert prior_module.skinny_block(rows, width, features) == expected
+    monkeypatch.setattr(linear_plan, "multiprocessors", lambda: sms)
+    assert linear_plan.skinny_block(rows, width, features) == expected
 
 
 @pytest.mark.parametrize("head,fits", [(8, True), (32, True), (64, True), (256, True), (4, False), (48, False),
@@ -81,19 +81,20 @@ def test_the_prior_runs_skinny_linear_up_to_sixteen_rows(rows, width, features, 
 def test_the_fused_prior_step_takes_power_of_two_heads(head, fits):
     """The fused step's attention kernel takes heads of 8 to 256 channels, powers of two; other
     priors keep the torch step."""
-    from models.prior import _attention_head_fits
+    from models.fused.prior_step import attention_head_fits
 
-    assert _attention_head_fits(head) is fits
+    assert attention_head_fits(head) is fits
 
 
 def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours):
-    """`_time_table` (the fused step's time token lookup) holds time_embed(sinusoid(t)) + its
+    """`time_table` (the fused step's time token lookup) holds time_embed(sinusoid(t)) + its
     positional embedding for every training timestep, and is rebuilt when those weights change
     in place or move to new storage."""
+    from models.fused.prior_step import time_table
     from models.layers import timestep_embedding
 
     prior = copy.deepcopy(ours.prior)
-    table = prior._time_table()
+    table = time_table(prior)
     steps = prior.cfg.diffusion.num_train_timesteps
     assert table.shape == (steps, prior.cfg.width)
     t = torch.tensor([0, 1, 420, steps - 1])
@@ -101,14 +102,14 @@ def test_the_time_table_holds_every_timesteps_token_and_follows_the_weights(ours
         ref = prior.time_embed(timestep_embedding(t, prior.cfg.width))
         ref = ref + prior.positional_embedding[0, prior.context_len]
     torch.testing.assert_close(table[t], ref, rtol=1e-5, atol=1e-6)
-    assert prior._time_table() is table  # cached while nothing changes
+    assert time_table(prior) is table  # cached while nothing changes
     with torch.no_grad():
         prior.time_embed[2].bias.add_(1.0)
-    changed = prior._time_table()
+    changed = time_table(prior)
     torch.testing.assert_close(changed[t], ref + 1.0, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         prior.positional_embedding.data = prior.positional_embedding.data * 2
-    again = prior._time_table()
+    again = time_table(prior)
     assert again is not changed and not torch.equal(again, changed)
 
 
@@ -127,10 +128,9 @@ def test_the_prior_stages_weights_through_shared_memory_on_hopper(rows, width, f
     through shared memory: 16-feature blocks of 4 stages, or 32 × 2 where 16-feature blocks would
     take more than three per SM; above 16 rows not a layer narrower than its input (cuBLAS);
     otherwise (or with the switch off) `skinny_block`'s rule."""
-    import models.prior as prior_module
+    from models.fused import FusedOptions, linear_plan
 
-    monkeypatch.setattr(prior_module, "multiprocessors", lambda: sms)
-    monkeypatch.setattr(prior_module, "staged_capable", lambda: capable)
-    assert prior_module.staged_plan(rows, width, features) == expected
-    monkeypatch.setattr(prior_module, "STAGED_WEIGHTS", False)
-    assert prior_module.staged_plan(rows, width, features) is None
+    monkeypatch.setattr(linear_plan, "multiprocessors", lambda: sms)
+    monkeypatch.setattr(linear_plan, "staged_capable", lambda: capable)
+    assert linear_plan.staged_plan(rows, width, features) == expected
+    assert linear_plan.staged_plan(rows, width, features, FusedOptions(staged_weights=False)) is None

@@ -1,14 +1,14 @@
-"""The UNet's block plumbing on the torch path (CPU): the skip concatenation with biases left to
-it by the block before, and `defer_bias` and the joins' norm statistics (`stats`, `NormInput`)
-ignored where the fused kernels do not run."""
+"""The fused UNet's block protocol pieces that need no kernels: the skip concatenation with the
+biases left to it by the block before, and the weights' derived copies; the reference forward."""
 
 from __future__ import annotations
 
 import torch
 
 from models.configs import UNetConfig
-from models.layers import DerivedTensors, GroupNorm32, NormInput, bias_residual
-from models.unet import AttentionBlock, DeferredBias, ResBlock, SkipConcat, UNet
+from models.fused.derived import DerivedTensors
+from models.fused.unet_blocks import DeferredBias, SkipConcat
+from models.unet import UNet
 
 
 def test_skip_concat_adds_deferred_biases_to_the_first_part_rounded_once():
@@ -22,19 +22,7 @@ def test_skip_concat_adds_deferred_biases_to_the_first_part_rounded_once():
     assert torch.equal(SkipConcat(h, skip, b1).tensor()[:, :8], (h.float() + b1.float().view(1, -1, 1, 1)).half())
 
 
-def test_defer_bias_is_ignored_on_the_torch_path():
-    torch.manual_seed(0)
-    block = ResBlock(96, 32, 64).eval()
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    h, skip, emb = torch.randn(2, 64, 6, 6), torch.randn(2, 32, 6, 6), torch.randn(2, 32)
-    with torch.no_grad():
-        deferred = block(SkipConcat(h, skip), emb, defer_bias=True)
-        plain = block(torch.cat([h, skip], dim=1), emb)
-    assert isinstance(deferred, torch.Tensor) and torch.equal(deferred, plain)
-
-
-def test_unet_forward_runs_its_output_blocks_with_defer_bias_on_cpu():
+def test_the_reference_unet_forward_runs_on_cpu():
     cfg = UNetConfig(image_size=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2),
                      num_res_blocks=1)
     torch.manual_seed(0)
@@ -43,23 +31,6 @@ def test_unet_forward_runs_its_output_blocks_with_defer_bias_on_cpu():
     with torch.no_grad():
         out = net(x, t)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
-
-
-def test_norm_statistics_are_ignored_on_the_torch_path():
-    """Without the fused kernels a join asked for statistics returns its plain sum, and a norm or
-    block given a `NormInput` reads its tensor (the partial sums are never looked at: NaN here)."""
-    torch.manual_seed(0)
-    h, skip, bias = torch.randn(2, 64, 6, 6), torch.randn(2, 64, 6, 6), torch.randn(64)
-    joined = bias_residual(h.clone(), skip, bias, stats=True)
-    assert isinstance(joined, torch.Tensor) and torch.equal(joined, h + bias.view(1, -1, 1, 1) + skip)
-    junk = torch.full((2 * 32, 3, 2), float("nan"))
-    norm = GroupNorm32(64, silu=True)
-    assert torch.equal(norm(NormInput(joined, junk)), norm(joined))
-    block, attention = ResBlock(64, 32).eval(), AttentionBlock(64, 32, None).eval()
-    emb = torch.randn(2, 32)
-    with torch.no_grad():
-        assert torch.equal(block(NormInput(joined, junk), emb, stats=True), block(joined, emb))
-        assert torch.equal(attention(NormInput(joined, junk), stats=True), attention(joined))
 
 
 def test_derived_tensors_are_kept_until_their_sources_change():

@@ -1,6 +1,6 @@
 """The one-call step update (`runtime.update`): its torch reference equals guidance followed by
 `sampling.denoise_step` for every prediction/variance kind, records the first non-finite step,
-and writes the next network input; the CUDA kernel is compared with it in test_fast_path_gpu."""
+and writes the next network input; the CUDA kernel is compared with it in tests/gpu/test_guided_update.py."""
 
 from __future__ import annotations
 

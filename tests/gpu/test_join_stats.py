@@ -1,5 +1,5 @@
 """The residual joins that also do the next group norm's statistics pass (`bias_residual_stats`,
-`group_norm(..., partial=)`, `models.layers.NormInput`): the join gives bias_residual_'s bits,
+`group_norm(..., partial=)`, `models.fused.norms.NormInput`): the join gives bias_residual_'s bits,
 the norm over its statistics gives the bits of the norm that sums its input itself (where that
 norm's statistics pass has the same geometry) and float32's values otherwise, bad arguments are
 refused, and a UNet gives the same bits with and without them. Skipped without a CUDA GPU and a
@@ -109,15 +109,16 @@ def test_a_unet_gives_the_same_bits_with_the_joins_statistics(attention, monkeyp
     """A UNet of Karlo's widths (320, 640: the norms' statistics pass is the wide one) in fp16
     channels-last: the forward with the joins handing their statistics on equals the one without,
     bit for bit, and the joins did hand them on (input, middle and output blocks, attention)."""
-    import models.layers as layers
-    from models import unet as unet_module
+    from models import fused
+    from models.fused import FusedOptions
+    from models.unet import UNet
 
     cfg = UNetConfig(image_size=64, in_channels=3, out_channels=3, model_channels=320, channel_mult=(1, 2),
                      num_res_blocks=1, attention_ds=(2,) if attention else (), num_head_channels=64,
                      use_scale_shift_norm=attention, middle_attention=attention,
                      context_width=64 if attention else None)
     torch.manual_seed(0)
-    net = unet_module.UNet(cfg).cuda().eval()
+    net = UNet(cfg).cuda().eval()
     for name, p in net.named_parameters():  # zero-initialised layers and biases would hide the joins
         if name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
@@ -135,11 +136,9 @@ def test_a_unet_gives_the_same_bits_with_the_joins_statistics(attention, monkeyp
         return real(*args)
 
     monkeypatch.setattr(cpp_ext.kernels, "bias_residual_stats", counting)
-    monkeypatch.setattr(layers, "JOIN_STATS", False)
-    without = net(x, t, context=context)
+    without = fused.unet_forward(net, x, t, context=context, options=FusedOptions(join_stats=False))
     assert not calls
-    monkeypatch.setattr(layers, "JOIN_STATS", True)
-    with_stats = net(x, t, context=context)
+    with_stats = fused.unet_forward(net, x, t, context=context)
     # input blocks 1-3 (two ResBlocks, a down block), middle (ResBlock [, attention]), the last output
     # block to the out norm; at 32x32 (640 channels, 20 a group) the norms take three passes too
     assert len(calls) >= 5, calls

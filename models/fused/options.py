@@ -1,0 +1,36 @@
+"""`FusedOptions`: the fused path's individual fusions, each on by default.
+
+Each switch turns one fusion off so that a test can compare it with the path without it and a
+benchmark can measure what it buys; the functions are the same either way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """Which fusions the fused path uses.
+
+    :param join_stats: residual joins also compute the statistics of the group norm that reads
+        their output next (`cpp_ext.kernels.bias_residual_stats`), where that norm would run three
+        passes.
+    :param defer_bias: an output block whose result goes on to the next output block's
+        concatenation accumulates its skip convolution into its last convolution's output (one
+        GEMM) and leaves both biases to that concatenation.
+    :param input_bias_in_conv: the UNet's first convolution adds its bias inside cuDNN's GEMM (an
+        extra input channel of ones).
+    :param time_table: the prior's step reads its time token from a table of every training
+        timestep's embedding instead of running the sinusoid and the time MLP.
+    :param staged_weights: the prior step's linear layers stream their weights through shared
+        memory where `linear_plan.staged_plan` allows (Hopper).
+    """
+
+    join_stats: bool = True
+    defer_bias: bool = True
+    input_bias_in_conv: bool = True
+    time_table: bool = True
+    staged_weights: bool = True
+
+
+DEFAULT = FusedOptions()

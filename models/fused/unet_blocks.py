@@ -1,0 +1,260 @@
+"""The UNet's blocks on `cpp_ext`'s kernels, and the protocol by which a block hands work on.
+
+A ResBlock's convolutions run without their biases (torch adds a convolution's bias in a pass of
+its own): the first one's joins the second norm's kernel, the last one's (and the skip
+convolution's) the residual join; an up (down) block's norm writes its output resized and its
+join reads x resized the same way. Between blocks:
+
+- `SkipConcat`: an output block's input, the running activations and the skip, concatenated by
+  the block's first norm (`cpp_ext.group_norm_concat`: its statistics pass writes the
+  concatenation) instead of `torch.cat`;
+- `DeferredBias`: an output block's result without its last two biases, which the next output
+  block's concatenation adds as it copies (no join pass);
+- `NormInput` (`models.fused.norms`): a join's output with the next norm's statistics done;
+- `EmbeddingProjections`: every ResBlock's time-embedding projection from one GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cpp_ext
+from models.fused.availability import layout
+from models.fused.norms import NormInput, bias_residual, group_norm, plain
+from models.fused.options import DEFAULT, FusedOptions
+from models.layers import resample
+from models.unet import AttentionBlock, ContextBias, ResBlock
+
+
+class SkipConcat(NamedTuple):
+    """An output block's input: the running activations and the input blocks' skip, concatenated
+    along channels — by the block's first norm where `cpp_ext.group_norm_concat` serves it, else
+    by `torch.cat`. `h_bias` and `h_bias2`, where given, are per-channel biases still to be added
+    to `h` (see `DeferredBias`)."""
+
+    h: torch.Tensor
+    skip: torch.Tensor
+    h_bias: torch.Tensor | None = None
+    h_bias2: torch.Tensor | None = None
+
+    def tensor(self) -> torch.Tensor:
+        h = self.h
+        if self.h_bias is not None:
+            total = self.h_bias.float() + (self.h_bias2.float() if self.h_bias2 is not None else 0.0)
+            h = (h.float() + total.view(1, -1, *([1] * (h.dim() - 2)))).to(h.dtype)
+        return torch.cat([h, self.skip], dim=1)
+
+
+class DeferredBias(NamedTuple):
+    """An output block's result without its last two biases: `h + bias + bias2` is the block's
+    output. The block's residual join accumulated the skip convolution straight into its last
+    convolution's output (one GEMM, beta = 1) instead of a join pass adding both and the biases;
+    the next output block's concatenation adds the biases as it copies `h` (`SkipConcat`)."""
+
+    h: torch.Tensor
+    bias: torch.Tensor
+    bias2: torch.Tensor
+
+    def concat(self, skip: torch.Tensor) -> SkipConcat:
+        return SkipConcat(self.h, skip, self.bias, self.bias2)
+
+
+class EmbeddingProjections:
+    """The ResBlocks' time-embedding projections of one UNet forward, as column spans of one
+    [B, sum of their widths] GEMM output; a block reads its own span (strided rows, no copy)."""
+
+    def __init__(self, out: torch.Tensor, spans: dict[int, tuple[int, int]]) -> None:
+        self.out = out
+        self.spans = spans
+
+    def of(self, linear: nn.Linear) -> torch.Tensor:
+        """`linear(emb)` of the block whose projection is `linear`."""
+        start, end = self.spans[id(linear)]
+        return self.out[:, start:end]
+
+
+Activations = torch.Tensor | SkipConcat | NormInput
+
+
+def _emb_out(block: ResBlock, emb: torch.Tensor | EmbeddingProjections) -> torch.Tensor:
+    """The block's time-embedding projection [B, C or 2C]."""
+    if isinstance(emb, EmbeddingProjections):
+        return emb.of(block.emb_layers[1])
+    return block.emb_layers[1](emb)
+
+
+def _concat_in_norm(block: ResBlock, x: SkipConcat) -> bool:
+    """Whether the first norm concatenates `x` itself (`cpp_ext.group_norm_concat`: both parts
+    channels-last, one dtype, channel counts multiples of 8, no resampling)."""
+    return (x.skip.dtype == x.h.dtype and layout(x.h) == layout(x.skip) == "nhwc"
+            and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0 and not (block.up or block.down))
+
+
+def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProjections,
+              options: FusedOptions = DEFAULT, defer_bias: bool = False,
+              stats: bool = False) -> torch.Tensor | DeferredBias | NormInput:
+    """`block(x, emb)` on the kernels (the module docstring's passes).
+
+    :param defer_bias: the caller passes the result on as the next output block's `SkipConcat`:
+        a block with a skip convolution accumulates it into its last convolution's output and
+        returns a `DeferredBias`.
+    :param stats: a group norm reads the result next: the join may compute its statistics and
+        return a `NormInput`."""
+    if isinstance(x, SkipConcat) and not _concat_in_norm(block, x):
+        x = x.tensor()
+    norm_in, conv_in = block.in_layers[0], block.in_layers[2]
+    norm_out, conv_out = block.out_layers[0], block.out_layers[3]
+    identity_skip = not isinstance(block.skip_connection, nn.Conv2d)
+    if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
+        normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight, norm_in.bias,
+                                                      norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
+        h = F.conv2d(normed, conv_in.weight, None, padding=1)
+    elif (block.up or block.down) and identity_skip:
+        # the norm writes its output resized and the join reads x resized: neither resized copy is made
+        h = F.conv2d(group_norm(norm_in, x, up=block.up, down=block.down), conv_in.weight, None, padding=1)
+        x = plain(x)
+    else:
+        h = F.conv2d(resample(group_norm(norm_in, x), block.up, block.down), conv_in.weight, None, padding=1)
+        x = resample(plain(x), block.up, block.down)
+    emb_out = _emb_out(block, emb)
+    if block.scale_shift:
+        scale, shift = emb_out.chunk(2, dim=1)
+        h = group_norm(norm_out, h, scale, shift, silu=True, add_bias=conv_in.bias)
+    else:
+        h = group_norm(norm_out, h, add=emb_out, add_bias=conv_in.bias)
+    h = F.conv2d(h, conv_out.weight, None, padding=1)
+    if identity_skip:
+        return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
+    if defer_bias and options.defer_bias and layout(h) == layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]:
+        # channels-last maps are [pixels, channels] matrices: h += x · W_skipᵀ
+        rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), block.skip_connection.weight.flatten(1).t())
+        return DeferredBias(h, conv_out.bias, block.skip_connection.bias)
+    skip = F.conv2d(x, block.skip_connection.weight, None)
+    return bias_residual(h, skip, conv_out.bias, block.skip_connection.bias, stats=stats, options=options)
+
+
+class VarlenContext(ContextBias):
+    """`ContextBias` with what flash attention's variable-length form derives from it, made once
+    per forward: the kept tokens, and the offsets per resolution."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__(bias)
+        self._offsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keep: torch.Tensor | None = None
+
+    def keep(self) -> torch.Tensor:
+        """[B, N] bool: the tokens the bias keeps (its zeros)."""
+        if self._keep is None:
+            self._keep = (self.bias == 0).contiguous()
+        return self._keep
+
+    def offsets(self, image_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flash attention's cumulative query and key offsets at `image_keys` image positions."""
+        if image_keys not in self._offsets:
+            b, n = self.bias.shape
+            self._offsets[image_keys] = _offsets(b, image_keys, image_keys + n, self.bias.device)
+        return self._offsets[image_keys]
+
+
+def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context: torch.Tensor | None = None,
+                    context_bias: VarlenContext | None = None, context_kv: torch.Tensor | None = None,
+                    options: FusedOptions = DEFAULT, stats: bool = False) -> torch.Tensor | NormInput:
+    """`block(x, context, context_bias, context_kv)` on the kernels: the norm's kernel (a
+    `NormInput`'s statistics serve it), token-major attention — flash attention's variable-length
+    form where it runs (`_attend_varlen`), else SDPA — and the output projection without its bias,
+    then the bias and the residual in one join (with `stats`, maybe also the next norm's statistics)."""
+    h = group_norm(block.norm, x)
+    x = plain(x)
+    b, c, hgt, wid = x.shape
+    h = h.view(b, c, -1)
+    qkv = F.linear(h.transpose(1, 2), block.qkv.weight[:, :, 0], block.qkv.bias)  # [B, HW, 3C]
+    packed = None  # this block's cached context keys/values [B, 2, heads, N, ch], read in place
+    if context_kv is not None and block.encoder_kv is not None:
+        packed = context_kv[:, :, block.kv_heads].to(qkv.dtype)
+        ek, ev = packed[:, 0], packed[:, 1]
+    else:
+        ek, ev = block.context_keys_values(context, None, qkv.dtype)
+    if ek is not None and _flash_varlen_serves(qkv, c // block.heads):
+        packed = torch.stack([ek, ev], dim=1) if packed is None else packed
+        return _project_join(block, _attend_varlen(block, qkv, packed, context_bias), x, stats, options)
+    qkv = qkv.view(b, hgt * wid, block.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
+    q, k, v = qkv.chunk(3, dim=-1)
+    bias = None
+    if ek is not None:
+        k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
+        if context_bias is not None:
+            bias = context_bias.padded(hgt * wid, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
+    return _project_join(block, out.transpose(1, 2).reshape(b, hgt * wid, c), x, stats, options)
+
+
+def _project_join(block: AttentionBlock, out: torch.Tensor, x: torch.Tensor, stats: bool,
+                  options: FusedOptions) -> torch.Tensor | NormInput:
+    """Token-major attention output [B, HW, C] → x + proj_out(out): the projection without bias,
+    then the bias and the residual in one pass; the result has x's layout."""
+    b, c, hgt, wid = x.shape
+    proj = F.linear(out, block.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
+    return bias_residual(proj, x, block.proj_out.bias, stats=stats, options=options)
+
+
+def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tensor,
+                   context_bias: VarlenContext | None) -> torch.Tensor:
+    """Attention over [image keys | context keys] by flash attention's variable-length form:
+    `cpp_ext` packs each sample's image keys/values and its context's with the kept tokens first,
+    and `seqused_k` (image positions + kept tokens) leaves the padding out, so no additive mask is
+    read. The same function as SDPA with the mask (keys are unordered).
+
+    :param qkv: [B, HW, 3C] projection output (per head [q|k|v]).
+    :param packed: [B, 2, heads, N, ch] context keys (index 0) and values (1).
+    :return: [B, HW, C] token-major.
+    """
+    b, hw, c3 = qkv.shape
+    n, ch = packed.shape[3], packed.shape[4]
+    if context_bias is None:
+        keep = torch.ones(b, n, dtype=torch.bool, device=qkv.device)
+        cu_q, cu_k = _offsets(b, hw, n, qkv.device)
+    else:
+        keep, (cu_q, cu_k) = context_bias.keep(), context_bias.offsets(hw)
+    rows = qkv.reshape(b * hw, c3)
+    kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
+    q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
+    out = torch.ops.aten._flash_attention_forward(
+        q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,
+        seqused_k=used)[0]  # [B·HW, heads, ch]
+    return out.view(b, hw, c3 // 3)
+
+
+def _has_flash_varlen() -> bool:
+    """Whether this torch has flash attention's variable-length form with per-sample key counts."""
+    try:
+        return "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+FLASH_VARLEN = _has_flash_varlen()
+
+
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    """Flash attention runs on compute capability 8.0 and newer."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _flash_varlen_serves(qkv: torch.Tensor, head_channels: int) -> bool:
+    """Whether `_attend_varlen` runs these inputs: CUDA fp16/bf16 on sm80+, a head size of a
+    multiple of 8 up to 256."""
+    return (FLASH_VARLEN and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)
+            and head_channels % 8 == 0 and head_channels <= 256 and _flash_capable(qkv.device))
+
+
+def _offsets(batch: int, queries: int, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's cumulative query and key offsets of `batch` equal-length samples (int32)."""
+    steps = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    return steps * queries, steps * keys

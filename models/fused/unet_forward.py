@@ -1,0 +1,154 @@
+"""The UNet's forward (`UNet.forward`) on `cpp_ext`'s kernels.
+
+It walks the reference module's blocks with the fused blocks of `unet_blocks`, handing each
+block's result on in the form the next one reads fastest: input blocks' results with their norm
+statistics (`NormInput`), output blocks' results as the next concatenation (`DeferredBias`,
+`SkipConcat`). Around the blocks: every ResBlock's time-embedding projection from one GEMM
+(`embedding_projections`) and the first convolution's bias inside its GEMM (`input_conv`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.fused.availability import fused_kernels_available, layout
+from models.fused.derived import derived, structural
+from models.fused.norms import NormInput, group_norm, plain
+from models.fused.options import DEFAULT, FusedOptions
+from models.fused.unet_blocks import (
+    DeferredBias,
+    EmbeddingProjections,
+    SkipConcat,
+    VarlenContext,
+    attention_block,
+    res_block,
+)
+from models.unet import AttentionBlock, ResBlock, TimestepSequential, UNet
+
+
+def unet_forward(
+    unet: UNet, x: torch.Tensor, timesteps: torch.Tensor, emb_add: torch.Tensor | None = None,
+    context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None,
+    context_kv: torch.Tensor | None = None, options: FusedOptions = DEFAULT,
+) -> torch.Tensor:
+    """`unet(x, timesteps, emb_add, context, context_bias, context_kv)`: on the kernels where they
+    serve `x`, else the reference forward."""
+    if not fused_kernels_available(x, unet.time_embed[0].weight):
+        return unet(x, timesteps, emb_add, context, context_bias, context_kv)
+    emb = unet.time_embedding(timesteps)
+    if emb_add is not None:
+        emb = emb + emb_add
+    emb = F.silu(emb)  # every ResBlock's emb_layers starts with SiLU: applied once here
+    emb = embedding_projections(unet, emb) or emb
+    bias = VarlenContext(context_bias) if context_bias is not None else None
+    hs = []
+    first = input_conv(unet, x, options)
+    h: torch.Tensor | NormInput | DeferredBias = x
+    # every input block's result goes to a block that starts with a norm, the middle block's and
+    # the output blocks' (but the last) to a concatenation, the last output block's to the out norm
+    for i, block in enumerate(unet.input_blocks):
+        if i == 0 and first is not None:
+            h = first
+        else:
+            h = _blocks(block, h, emb, context, bias, context_kv, options, stats=True)
+        hs.append(plain(h))
+    h = _blocks(unet.middle_block, h, emb, context, bias, context_kv, options)
+    last = len(unet.output_blocks) - 1
+    for i, block in enumerate(unet.output_blocks):
+        skip = hs.pop()
+        x_in = h.concat(skip) if isinstance(h, DeferredBias) else SkipConcat(plain(h), skip)
+        h = _blocks(block, x_in, emb, context, bias, context_kv, options, defer_bias=i < last, stats=i == last)
+    norm, _, conv = unet.out
+    return conv(group_norm(norm, h))
+
+
+def _blocks(seq: TimestepSequential, x, emb, context, context_bias, context_kv, options: FusedOptions,
+            defer_bias: bool = False, stats: bool = False):
+    """`seq`'s layers in turn. `defer_bias`: the result goes on as the next output block's
+    concatenation (`DeferredBias`); `stats`: a group norm reads it next (`NormInput`). Inside, a
+    layer followed by a ResBlock or an attention block (both start with a norm) may hand on its
+    statistics."""
+    last = len(seq) - 1
+    for i, layer in enumerate(seq):
+        norm_next = stats if i == last else isinstance(seq[i + 1], ResBlock | AttentionBlock)
+        if isinstance(x, SkipConcat) and not isinstance(layer, ResBlock):
+            x = x.tensor()
+        if isinstance(layer, ResBlock):
+            # only the last layer's result leaves the block
+            x = res_block(layer, x, emb, options, defer_bias and i == last, norm_next)
+        elif isinstance(layer, AttentionBlock):
+            x = attention_block(layer, x, context, context_bias, context_kv, options, norm_next)
+        else:
+            x = layer(plain(x))
+    return x
+
+
+def input_conv(unet: UNet, x: torch.Tensor, options: FusedOptions = DEFAULT) -> torch.Tensor | None:
+    """The first input block's convolution with its bias inside cuDNN's GEMM: x gets one more input
+    channel of ones and the weight one more input channel holding the bias at its centre tap (which
+    never reads the zero padding), so the bias joins the float32 accumulation instead of a pass of
+    its own (torch adds a convolution's bias separately; in channels-last memory a broadcast that
+    costs more than the convolution). The input is widened further, with zero channels, to a
+    multiple of 8: cuDNN's kernels for 8 channels beat those for 7 (Karlo's super-res input, 6 + 1).
+    For channels-last maps (`options.input_bias_in_conv`); the widened weight is made on first use
+    and again whenever the convolution's weight or bias changes, never during a graph capture (None
+    then, as in the other cases: the caller runs the block as it is)."""
+    conv = unet.input_blocks[0][0]
+    if not (options.input_bias_in_conv and isinstance(conv, nn.Conv2d) and conv.bias is not None
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and layout(x) == "nhwc"):
+        return None
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        extra = (-(conv.in_channels + 1)) % 8 + 1  # the ones channel, then zeros
+        taps = conv.weight.new_zeros(conv.weight.shape[0], extra, 3, 3)
+        taps[:, 0, 1, 1] = conv.bias
+        weight = torch.cat([conv.weight, taps], dim=1).contiguous(memory_format=torch.channels_last)
+        fill = torch.zeros(extra, dtype=x.dtype, device=x.device)
+        fill[0] = 1.0
+        return weight, fill
+
+    widened_weight = derived(unet, "input_conv").get((conv.weight, conv.bias), (x.dtype,), build)
+    if widened_weight is None:
+        return None
+    weight, fill = widened_weight
+    b, c, height, width = x.shape
+    widened = torch.empty((b, weight.shape[1], height, width), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+    widened[:, :c].copy_(x)
+    widened[:, c:].copy_(fill.view(1, -1, 1, 1).expand(b, -1, height, width))
+    return F.conv2d(widened, weight, None, padding=1)
+
+
+def emb_linears(unet: UNet) -> list[nn.Linear]:
+    """Every ResBlock's time-embedding projection, in forward order."""
+    return structural(unet, "emb_linears", lambda: [m.emb_layers[1] for m in unet.modules() if isinstance(m, ResBlock)])
+
+
+def embedding_projections(unet: UNet, emb: torch.Tensor) -> EmbeddingProjections | None:
+    """Every ResBlock's `emb_layers[1](emb)` from one GEMM over their weights stacked, instead of one
+    small GEMM per block (each bound by reading its weights). The stacked copy (the decoder's: 128 MB
+    in fp16) is made on first use and again whenever a block's weights change (new tensors, or
+    written in place); never during graph capture (its kernels would not run), where this returns
+    None."""
+    linears = emb_linears(unet)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[int, int]]]:
+        spans, start = {}, 0
+        for lin in linears:
+            spans[id(lin)] = (start, start + lin.out_features)
+            start += lin.out_features
+        weight = torch.cat([lin.weight.detach() for lin in linears]).to(emb.dtype)
+        bias = torch.cat([lin.bias.detach() for lin in linears]).to(emb.dtype)
+        return weight, bias, spans
+
+    if not linears:
+        return None
+    tensors = [t for lin in linears for t in (lin.weight, lin.bias)]
+    stacked = derived(unet, "embedding_projections").get(tensors, (emb.dtype, emb.device), build)
+    if stacked is None:
+        return None
+    weight, bias, spans = stacked
+    return EmbeddingProjections(F.linear(emb, weight, bias), spans)

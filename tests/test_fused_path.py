@@ -1,0 +1,182 @@
+"""The fused path's orchestration (`models.fused`) on the CPU, with `cpp_ext`'s kernels emulated
+in torch ops (`tests/kernel_emulation.py`): it must give the reference modules' outputs, with each
+of its fusions on or off, and it must actually take the routes it claims (concatenation in the
+norm, statistics handed from a join to the next norm, deferred biases, the widened input
+convolution, the time table, the skinny and staged linears). The kernels themselves are checked
+against float64 on the GPU (`tests/gpu/`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cpp_ext
+from models import fused
+from models.configs import PriorConfig, UNetConfig
+from models.fused import FusedOptions, availability, linear_plan
+from models.fused.derived import derived
+from models.prior import Prior
+from models.unet import UNet
+from tests import kernel_emulation
+
+DECODER_LIKE = UNetConfig(image_size=16, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_ds=(2,), num_head_channels=32, use_scale_shift_norm=True,
+                          middle_attention=True, context_width=48)
+# a width of 512s, so that the staged linears' rule can take it
+SMALL_PRIOR = PriorConfig(width=512, layers=2, heads=8, clip_dim=64, text_width=64)
+SUPER_RES_LIKE = UNetConfig(image_size=32, in_channels=6, out_channels=3, model_channels=64, channel_mult=(1, 2, 2),
+                            num_res_blocks=2)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """`cpp_ext.kernels` emulated, serving float32/float64 CPU tensors; yields the call counts."""
+    monkeypatch.setattr(cpp_ext, "kernels", kernel_emulation)
+    monkeypatch.setattr(availability, "device_serves", lambda x: x.dtype in (torch.float32, torch.float64))
+    kernel_emulation.calls.clear()
+    return kernel_emulation.calls
+
+
+def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn at random: zero-initialised layers and biases would hide a lost one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            std = 0.1 if name.endswith("bias") or p.dim() == 1 else 1.0 / max(1, p[0].numel()) ** 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def _unet_inputs(cfg: UNetConfig, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.tensor([7, 930, 415, 2][:batch])
+    kw = {}
+    if cfg.context_width:
+        kw["emb_add"] = torch.randn(batch, cfg.time_embed_dim, generator=g) * 0.1
+        kw["context"] = torch.randn(batch, 9, cfg.context_width, generator=g)
+        bias = torch.zeros(batch, 9)
+        bias[0, 5:] = float("-inf")  # padded context keys: the mask matters
+        kw["context_bias"] = bias
+    return x, t, kw
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_the_fused_unet_gives_the_reference_output(emulated, cfg, layout):
+    unet = _randomised(UNet(cfg), 0)
+    x, t, kw = _unet_inputs(cfg)
+    ref = unet(x, t, **kw)
+    if layout == "channels_last":
+        unet = unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = fused.unet_forward(unet, x, t, **kw)
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    assert emulated["group_norm"] > 0 and emulated["bias_residual_"] + emulated["bias_residual_stats"] > 0
+    if layout == "channels_last":  # the routes that need channels-last maps were taken
+        assert emulated["group_norm_concat"] > 0
+        assert emulated["bias_residual_stats"] > 0 and emulated["group_norm_partial"] > 0
+        assert derived(unet, "input_conv").value is not None
+    else:
+        assert emulated["group_norm_concat"] == emulated["bias_residual_stats"] == 0
+
+
+@torch.no_grad()
+def test_the_packed_context_keys_give_the_projected_context(emulated):
+    """The decoder step's form: context keys/values computed once (`UNet.context_kv`) and read per
+    block from the packed tensor, as the reference projecting the context in every block."""
+    unet = _randomised(UNet(DECODER_LIKE), 3).to(memory_format=torch.channels_last)
+    x, t, kw = _unet_inputs(DECODER_LIKE)
+    ref = unet(x, t, **kw)
+    kv = unet.context_kv(kw.pop("context"))
+    got = fused.unet_forward(unet, x.contiguous(memory_format=torch.channels_last), t, context_kv=kv, **kw)
+    assert _rel(got, ref) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("switch", ["join_stats", "defer_bias", "input_bias_in_conv"])
+def test_each_unet_fusion_switched_off_gives_the_same_output(emulated, switch):
+    unet = _randomised(UNet(SUPER_RES_LIKE), 1).to(memory_format=torch.channels_last)
+    x, t, _ = _unet_inputs(SUPER_RES_LIKE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    on = fused.unet_forward(unet, x, t)
+    counts_on = dict(emulated)
+    emulated.clear()
+    off = fused.unet_forward(unet, x, t, options=FusedOptions(**{switch: False}))
+    assert _rel(off, on) <= 1e-5
+    if switch == "join_stats":
+        assert counts_on["bias_residual_stats"] > 0 and emulated["bias_residual_stats"] == 0
+    if switch == "defer_bias":  # deferred joins ran no join pass of their own
+        assert emulated["bias_residual_"] + emulated["bias_residual_stats"] > (
+            counts_on["bias_residual_"] + counts_on["bias_residual_stats"])
+
+
+def test_the_fused_unet_leaves_the_reference_alone_without_kernels(monkeypatch):
+    """Without `cpp_ext` (or on the CPU) `unet_forward` is the module's forward, bit for bit."""
+    monkeypatch.setattr(cpp_ext, "kernels", None)
+    unet = _randomised(UNet(DECODER_LIKE), 2)
+    x, t, kw = _unet_inputs(DECODER_LIKE)
+    with torch.no_grad():
+        assert torch.equal(fused.unet_forward(unet, x, t, **kw), unet(x, t, **kw))
+
+
+def _prior_inputs(prior, batch: int):
+    g = torch.Generator().manual_seed(batch)
+    cfg = prior.cfg
+    lengths = torch.randint(2, cfg.text_ctx + 1, (batch,), generator=g)
+    mask = torch.arange(cfg.text_ctx)[None] < lengths[:, None]
+    embed = torch.randn(batch, cfg.clip_dim, generator=g)
+    tokens = torch.randn(batch, cfg.text_ctx, cfg.text_width, generator=g)
+    x_t = torch.randn(batch, cfg.clip_dim, generator=g)
+    t = torch.randint(0, cfg.diffusion.num_train_timesteps, (batch,), generator=g)
+    return x_t, t, prior.context_kv(embed, tokens, mask), mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("variant", ["default", "staged", "no_time_table", "cublas", "float_timesteps"])
+def test_the_fused_prior_step_gives_the_reference_step(emulated, monkeypatch, batch, variant):
+    prior = _randomised(Prior(SMALL_PRIOR), 4)
+    x_t, t, kv, mask = _prior_inputs(prior, batch)
+    options = FusedOptions()
+    if variant == "staged":  # as on Hopper: weights streamed through shared memory
+        monkeypatch.setattr(linear_plan, "staged_capable", lambda: True)
+    elif variant == "no_time_table":
+        options = FusedOptions(time_table=False)
+    elif variant == "cublas":
+        monkeypatch.setattr(linear_plan, "skinny_block", lambda rows, width, features: None)
+    elif variant == "float_timesteps":
+        t = t.float() + 0.5  # no table row for these: the time MLP runs
+    ref = prior.step(x_t, t, kv, mask)
+    got = fused.prior_step(prior, x_t, t, kv, mask, options)
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    layers = prior.cfg.layers
+    assert emulated["prior_step_attention"] == layers and emulated["residual_layer_norm"] >= 2 * layers
+    skinny, staged = emulated["skinny_linear"], emulated["skinny_linear_staged"]
+    if variant == "staged":
+        assert staged >= 4 * layers
+    elif variant == "cublas":
+        assert staged == 0 and skinny <= 2  # the image token and the output projection only
+    else:
+        assert skinny >= 4 * layers and staged == 0
+
+
+def test_the_runtime_stages_run_the_fused_path_end_to_end(emulated):
+    """The runtime's step stages (`runtime.signatures`) call the fused path: with the kernels
+    emulated, the default model's images are the reference's to float32 rounding, and the
+    kernels were called."""
+    from runtime import UnCLIP
+    from tests.metrics import psnr
+
+    model = UnCLIP(progress=False)
+    kw = {"seed": 3, "output_type": "pt", "prior_steps": 4, "decoder_steps": 4, "super_res_steps": 3}
+    got = model.generate("a red circle on a blue background", **kw).images
+    assert emulated["prior_step_attention"] > 0 and emulated["group_norm"] > 0
+    cpp_ext.kernels = None  # restored by the fixture's monkeypatch
+    want = model.generate("a red circle on a blue background", **kw).images
+    assert psnr(got[0], want[0]) >= 80.0, psnr(got[0], want[0])
