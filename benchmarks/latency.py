@@ -1,6 +1,6 @@
 """Latency of unclip-rt against the peer, in one process on one GPU, on the same weights and steps.
 
-    python benchmarks/latency.py --config karlo --random-weights --batch 1 4 --out docs/latency.json
+    python benchmarks/latency.py --config karlo --random-weights --batch 1 4 --out docs/results/latency.json
     python benchmarks/latency.py --diffusers /weights/karlo-v1-alpha        # a real model, both sides
 
 Ours: `UnCLIP` on the torch backend in fp16 with CUDA graphs over each sampling loop and the

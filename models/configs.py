@@ -332,7 +332,7 @@ DEFAULT = UnCLIPConfig(
         num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
     ),
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
-    # misreads (docs/default_model.md has both figures).
+    # misreads (docs/default-model.md has both figures).
     sampling=SamplingDefaults(decoder_guidance_scale=3.0),
     # The autoregressive prior, the prior's size. 48 PCA components: on 16k training images they
     # explain 99.70% of the CLIP image embeddings' variance (32: 99.27%, 64: 99.88%), and the

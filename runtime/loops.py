@@ -155,7 +155,7 @@ def sample_prior(
     # Launching a graph costs the host time per kernel before the GPU starts it, and the prior's
     # loop is the first large graph of a call: as one graph after the head, its launch outlasted
     # the head's GPU work and left the GPU idle; each launch here is covered by the GPU work of the
-    # graphs launched before it (docs/speed.md).
+    # graphs launched before it (docs/performance.md).
     bounds = [0, *(s for s in PRIOR_GRAPH_SPLITS if s < n), n] if graphs is not None else [0, n]
 
     def first(embed, tokens, mask, init, steps_noise, coefs, timesteps, scale):

@@ -109,12 +109,12 @@ class UnCLIP(ImageTools):
             captures (about three eager runs); later calls replay.
         :param channels_last: run the decoder and super-res UNets in channels-last memory (torch
             backend). None: on for CUDA in half precision when `cpp_ext` is built (its group norm
-            reads channels-last natively; measured faster, see docs/speed.md), else off.
+            reads channels-last natively; measured faster, see docs/performance.md), else off.
         :param max_batch: most images per network call; `generate` runs larger requests in chunks
             of this many, each with its own slice of the noise (the same images as one call). None:
             no limit, or the engine folder's `--max-batch` for TensorRT plans (their profiles end there).
         :param prior: "diffusion" (the diffusion prior, as Karlo) or "ar" (the paper's autoregressive
-            prior, for models that have one, such as the shipped default model; see docs/ar_prior.md).
+            prior, for models that have one, such as the shipped default model; see docs/ar-prior.md).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
