@@ -24,12 +24,13 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    ext = CUDAExtension("cpp_ext._C", ["cpp_ext/bindings.cpp", "cpp_ext/guided_update.cu", "cpp_ext/group_norm.cu",
-                                        "cpp_ext/residual.cu", "cpp_ext/prior_step.cu",
-                                        "cpp_ext/attention_kv.cu", "cpp_ext/layer_norm.cu",
-                                        "cpp_ext/skinny_linear.cu", "cpp_ext/skinny_staged.cu"],
+    sources = ["bindings.cpp", "guided_update.cu", "group_norm.cu", "group_norm_stats.cu", "group_norm_normalize.cu",
+               "group_norm_one_pass.cu", "residual.cu", "prior_step.cu", "attention_kv.cu", "layer_norm.cu",
+               "skinny_linear.cu", "skinny_staged.cu"]
+    ext = CUDAExtension("cpp_ext._C", [f"cpp_ext/{name}" for name in sources],
                         depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh",
-                                 "cpp_ext/wide_stats.cuh", "cpp_ext/tensor_core.cuh"],
+                                 "cpp_ext/wide_stats.cuh", "cpp_ext/tensor_core.cuh",
+                                 "cpp_ext/group_norm_parts.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 
