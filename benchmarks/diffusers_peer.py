@@ -126,7 +126,7 @@ def build_text_proj(cfg: UnCLIPConfig, seed: int) -> UnCLIPTextProjModel:
 
 
 def build_super_res(cfg: UnCLIPConfig, seed: int) -> UNet2DModel:
-    s = cfg.super_res
+    s = cfg.super_res[0].unet  # diffusers' UnCLIPPipeline has one super-res stage: the chain's first
     levels = len(s.channel_mult)
     unet = UNet2DModel(
         sample_size=s.image_size, layers_per_block=s.num_res_blocks,

@@ -39,9 +39,13 @@ from benchmarks.timing import ForwardTimer, forward_flops, graph_ms, matmul_peak
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
 from models.unclip import UnCLIPModel  # noqa: E402
+from runtime.signatures import super_res_stages  # noqa: E402
 
 PROMPT = "a high-resolution photograph of a red fox sitting in fresh snow"
-STAGE_BATCH = {"prior_step": 2, "decoder_step": 2, "super_res_first": 1, "clip_text": 2}  # rows per image
+def stage_rows(cfg) -> dict[str, int]:
+    """The stages timed per forward, with their rows per image: the guided ones two."""
+    chain = {super_res_stages(cfg, i)[0]: 1 for i in range(len(cfg.super_res))}
+    return {"prior_step": 2, "decoder_step": 2, **chain, "clip_text": 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,10 +106,12 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> di
         entry = _time_calls(run, args.runs, n, weights)
         if graphs:
             entry["forward_ms"] = {}
-            for name, rows in STAGE_BATCH.items():
+            for name, rows in stage_rows(pipe.cfg).items():
                 x = stage_inputs(pipe, name, rows * n)
                 entry["forward_ms"][name] = graph_ms(lambda name=name, x=x: pipe.engines[name](*x))
-            entry["forward_ms"]["super_res_last"] = entry["forward_ms"]["super_res_first"]
+            for i in range(len(pipe.cfg.super_res)):  # a last-step UNet has its first-steps UNet's shape
+                first, *last = super_res_stages(pipe.cfg, i)
+                entry["forward_ms"].update({name: entry["forward_ms"][first] for name in last})
             entry["loop_ms"] = _loop_ms(pipe, n)
         result["batches"][n] = entry
     if graphs:
@@ -210,9 +216,13 @@ def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float) -> di
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=False)
     s = pipe.cfg.sampling
     steps = {"clip_text": 1, "prior_context": 1, "prior_step": s.prior_steps, "decoder_context": 1,
-             "decoder_step": s.decoder_steps, "super_res_first": s.super_res_steps - 1, "super_res_last": 1}
-    rows = {"clip_text": 2, "prior_context": 2, "prior_step": 2, "decoder_context": 2, "decoder_step": 2,
-            "super_res_first": 1, "super_res_last": 1}
+             "decoder_step": s.decoder_steps}
+    rows = {"clip_text": 2, "prior_context": 2, "prior_step": 2, "decoder_context": 2, "decoder_step": 2}
+    for i, stage in enumerate(pipe.cfg.super_res):
+        first, *last = super_res_stages(pipe.cfg, i)
+        steps[first], rows[first] = stage.steps - len(last), 1
+        steps.update({name: 1 for name in last})
+        rows.update({name: 1 for name in last})
     out = {"peak_tflops": peak_tflops, "batches": {}}
     for n in batches:
         per_forward = {}

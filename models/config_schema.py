@@ -94,8 +94,24 @@ def _build(cls, values, path: str, source: str):
 
 
 def config_from_dict(data, source: str = "config") -> configs.UnCLIPConfig:
-    """The checked `UnCLIPConfig` of a parsed config file (`source` names it in errors)."""
-    return _build(configs.UnCLIPConfig, data, "", source)
+    """The checked `UnCLIPConfig` of a parsed config file (`source` names it in errors). A file of
+    the one-stage format (`super_res` one UNet object, its steps in `sampling.super_res_steps`,
+    as written before super-res became a chain) reads as that one-stage chain."""
+    return _build(configs.UnCLIPConfig, _chain_from_one_stage(data), "", source)
+
+
+def _chain_from_one_stage(data):
+    """`data` with a one-stage-format `super_res` rewritten as a chain of that one stage (with a
+    last-step model, as that format always had); anything else unchanged."""
+    if not isinstance(data, dict) or not isinstance(data.get("super_res"), dict) or "unet" in data["super_res"]:
+        return data
+    data = dict(data)
+    sampling = dict(data["sampling"]) if isinstance(data.get("sampling"), dict) else data.get("sampling")
+    steps = sampling.pop("super_res_steps", 7) if isinstance(sampling, dict) else 7
+    if sampling is not None:
+        data["sampling"] = sampling
+    data["super_res"] = [{"unet": data["super_res"], "steps": steps, "last_step_model": True}]
+    return data
 
 
 def read_config(path: str | Path) -> configs.UnCLIPConfig:

@@ -141,6 +141,26 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class SuperResConfig:
+    """One super-resolution stage of the chain: a UNet that denoises the image at its size given the
+    previous stage's image upsampled to it (no text), run for `steps` steps by default, the last of
+    them by a separate last-step model where `last_step_model` (Karlo's fine-tuned copy), else by
+    the same UNet."""
+
+    unet: UNetConfig
+    steps: int = 7
+    last_step_model: bool = True
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    @property
+    def diffusion(self) -> DiffusionConfig:
+        return self.unet.diffusion
+
+
+@dataclass(frozen=True)
 class TextProjConfig:
     """Decoder conditioning: extra CLIP context tokens and the time-embedding addition."""
 
@@ -154,13 +174,14 @@ class TextProjConfig:
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Steps and guidance scales `generate` uses when the caller names none (Karlo's by default;
-    a model trained with other settings ships its own in config.json)."""
+    a model trained with other settings ships its own in config.json). Each super-res stage's
+    steps are its own (`SuperResConfig.steps`)."""
 
     prior_steps: int = 25
     decoder_steps: int = 25
-    super_res_steps: int = 7
     prior_guidance_scale: float = 4.0
     decoder_guidance_scale: float = 8.0
+    image_size: int | None = None  # the images' size by default: a stage's of the chain (None: the last)
 
     def with_overrides(self, **given: float | int | None) -> SamplingDefaults:
         """These defaults with every value the caller gave (not None) put in their place."""
@@ -176,12 +197,22 @@ class UnCLIPConfig:
     prior: PriorConfig
     text_proj: TextProjConfig
     decoder: UNetConfig
-    super_res: UNetConfig
+    super_res: tuple[SuperResConfig, ...]  # the chain of upsamplers after the decoder, in order (may be empty)
     sampling: SamplingDefaults = SamplingDefaults()
     ar_prior: ARPriorConfig | None = None  # the autoregressive prior, where the model has one
 
     def __post_init__(self) -> None:
         check_consistent(self)
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The image size after the decoder and after each super-res stage."""
+        return (self.decoder.image_size, *(stage.image_size for stage in self.super_res))
+
+    @property
+    def image_size(self) -> int:
+        """The size of the images the whole chain makes."""
+        return self.image_sizes[-1]
 
 
 def check_consistent(cfg: UnCLIPConfig) -> None:
@@ -201,11 +232,22 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
         problems.append("text_proj.context_width must equal decoder.context_width")
     if cfg.text_proj.time_embed_dim != cfg.decoder.time_embed_dim:
         problems.append("text_proj.time_embed_dim must equal 4 * decoder.model_channels")
-    if cfg.super_res.in_channels != 2 * cfg.decoder.in_channels:
-        problems.append("super_res.in_channels must be twice the image channels")
-    if cfg.super_res.image_size <= cfg.decoder.image_size:
-        problems.append("super_res.image_size must exceed decoder.image_size")
-    for name, unet in (("decoder", cfg.decoder), ("super_res", cfg.super_res)):
+    previous = cfg.decoder.image_size
+    for i, stage in enumerate(cfg.super_res):
+        if stage.unet.in_channels != 2 * cfg.decoder.in_channels or stage.unet.out_channels != cfg.decoder.in_channels:
+            problems.append(f"super_res[{i}] must take twice the image channels in and give the image channels out")
+        if stage.image_size <= previous:
+            problems.append(f"super_res[{i}].unet.image_size must exceed the size before it ({previous})")
+        if stage.unet.context_width is not None:
+            problems.append(f"super_res[{i}] has no text conditioning: its unet.context_width must be null")
+        if stage.steps < 2:
+            problems.append(f"super_res[{i}].steps must be at least 2")
+        previous = stage.image_size
+    stage_unets = [(f"super_res[{i}].unet", stage.unet) for i, stage in enumerate(cfg.super_res)]
+    if cfg.sampling.image_size is not None and cfg.sampling.image_size not in (
+            cfg.decoder.image_size, *(stage.image_size for stage in cfg.super_res)):
+        problems.append("sampling.image_size must be the decoder's or a super-res stage's image size")
+    for name, unet in (("decoder", cfg.decoder), *stage_unets):
         levels = len(unet.channel_mult)
         if unet.image_size % 2 ** (levels - 1):
             problems.append(f"{name}.image_size must be divisible by 2**(levels-1)")
@@ -223,7 +265,7 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
         problems.append("clip.text_width must be divisible by clip.text_heads")
     if cfg.clip.vision_head_width >= 1 and cfg.clip.vision_width % cfg.clip.vision_head_width:
         problems.append("clip.vision_width must be divisible by clip.vision_head_width")
-    for name, unet in (("decoder", cfg.decoder), ("super_res", cfg.super_res)):
+    for name, unet in (("decoder", cfg.decoder), *stage_unets):
         if unet.num_head_channels < 1 or unet.model_channels < 1 or unet.num_res_blocks < 0:
             problems.append(f"{name}: num_head_channels and model_channels must be >= 1, num_res_blocks >= 0")
         else:
@@ -265,7 +307,7 @@ KARLO = UnCLIPConfig(
         context_width=1536,
         diffusion=DiffusionConfig("epsilon", "learned_range", 1.0),
     ),
-    super_res=UNetConfig(
+    super_res=(SuperResConfig(UNetConfig(
         image_size=256,
         in_channels=6,
         out_channels=3,
@@ -273,7 +315,7 @@ KARLO = UnCLIPConfig(
         channel_mult=(1, 2, 3, 4),
         num_res_blocks=3,
         diffusion=DiffusionConfig("epsilon", "fixed_small_log", 1.0),
-    ),
+    )),),
 )
 
 TINY = UnCLIPConfig(
@@ -295,7 +337,7 @@ TINY = UnCLIPConfig(
         KARLO.decoder, image_size=16, model_channels=32, num_res_blocks=1, num_head_channels=16,
         context_width=48,
     ),
-    super_res=replace(KARLO.super_res, image_size=64, model_channels=32, num_res_blocks=1),
+    super_res=(SuperResConfig(replace(KARLO.super_res[0].unet, image_size=64, model_channels=32, num_res_blocks=1)),),
 )
 
 def with_prior_clip_range(cfg: UnCLIPConfig, clip_range: float | None) -> UnCLIPConfig:
@@ -327,10 +369,10 @@ DEFAULT = UnCLIPConfig(
     # Super-res with no res block on the way down (one on the way up): its 256² level, 32 channels
     # (the floor with 32-group norms), is most of a CPU image's time; v0.2's one block per level
     # cost 2× as much.
-    super_res=UNetConfig(
+    super_res=(SuperResConfig(UNetConfig(
         image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
         num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
-    ),
+    )),),
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
     # misreads (docs/default-model.md has both figures).
     sampling=SamplingDefaults(decoder_guidance_scale=3.0),

@@ -1,7 +1,9 @@
-"""The 64→256 super-resolution stage: two UNets of identical shape.
+"""A super-resolution stage (Karlo's 64→256, or any stage of a model's chain): one or two UNets
+of identical shape.
 
 `first_steps` denoises all steps but the last; `last_step` (Karlo's GAN/perceptual-fine-tuned
-copy) runs only the final t = 0 step. Each takes [x_t, upsampled low-res image] (6 channels).
+copy), where the stage has one, runs only the final t = 0 step (else `first_steps` runs it too).
+Each takes [x_t, the previous stage's image upsampled] (6 channels).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import UNetConfig
+from models.configs import SuperResConfig
 from models.unet import UNet
 
 
@@ -20,15 +22,18 @@ def upsample_low_res(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class SuperRes(nn.Module):
-    """Holds the first-steps and last-step UNets."""
+    """Holds the first-steps UNet and, where the stage has one, the last-step UNet."""
 
-    def __init__(self, cfg: UNetConfig) -> None:
+    def __init__(self, cfg: SuperResConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.first_steps = UNet(cfg)
-        self.last_step = UNet(cfg)
+        self.first_steps = UNet(cfg.unet)
+        self.last_step = UNet(cfg.unet) if cfg.last_step_model else None
+
+    def unet(self, last: bool) -> UNet:
+        """The UNet that runs the final step (`last`) or the others."""
+        return self.last_step if last and self.last_step is not None else self.first_steps
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, low_res_up: torch.Tensor, last: bool) -> torch.Tensor:
-        """ε prediction for [B, 3, S, S] x_t given the upsampled low-res image [B, 3, S, S]."""
-        unet = self.last_step if last else self.first_steps
-        return unet(torch.cat([x_t, low_res_up], dim=1), timesteps)
+        """The model output for [B, 3, S, S] x_t given the upsampled low-res image [B, 3, S, S]."""
+        return self.unet(last)(torch.cat([x_t, low_res_up], dim=1), timesteps)

@@ -1,8 +1,9 @@
 """`UnCLIPModel`: every network of one unCLIP model, built from an `UnCLIPConfig`.
 
 This is the unit the converters fill and the runtime runs: `clip`, `prior`, `decoder`
-(UNet + text projection) and `super_res` (first-steps and last-step UNets); and `ar_prior`, the
-paper's autoregressive prior, where the config has one and the weights hold it (else None).
+(UNet + text projection) and `super_res`, the chain of super-resolution stages (each a
+first-steps and maybe a last-step UNet; `super_res[i]`, keys `super_res.{i}.`); and `ar_prior`,
+the paper's autoregressive prior, where the config has one and the weights hold it (else None).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class UnCLIPModel(nn.Module):
         self.clip = ClipEncoder(cfg.clip, with_vision=with_vision)
         self.prior = Prior(cfg.prior)
         self.decoder = Decoder(cfg.decoder, cfg.text_proj)
-        self.super_res = SuperRes(cfg.super_res)
+        self.super_res = nn.ModuleList(SuperRes(stage) for stage in cfg.super_res)
         self.ar_prior = ARPrior(cfg.ar_prior) if cfg.ar_prior is not None and with_ar_prior else None
 
     @classmethod
@@ -52,12 +53,23 @@ class UnCLIPModel(nn.Module):
     def from_state(cls, cfg: UnCLIPConfig, state: dict, what: str) -> UnCLIPModel:
         """Strictly load a full state dict into a new model; the CLIP vision tower and the
         autoregressive prior may be absent (the model then has none)."""
+        state = chain_state_keys(state)
         has_vision = any(k.startswith("clip.model.visual.") for k in state)
         has_ar_prior = any(k.startswith("ar_prior.") for k in state)
         model = cls.empty(cfg, with_vision=has_vision, with_ar_prior=has_ar_prior)
         load_strict(model, state, what)
         model.materialize_buffers()
         return model
+
+
+def chain_state_keys(state: dict) -> dict:
+    """`state` with the one-stage super-res keys (`super_res.first_steps.`, `super_res.last_step.`,
+    as weights were written before super-res became a chain) under the chain's first stage
+    (`super_res.0.`); a state already in the chain's keys is returned as it is."""
+    old = ("super_res.first_steps.", "super_res.last_step.")
+    if not any(k.startswith(old) for k in state):
+        return state
+    return {("super_res.0." + k[len("super_res."):] if k.startswith(old) else k): v for k, v in state.items()}
 
 
 @contextlib.contextmanager

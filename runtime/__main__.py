@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = " (default: the model's, see config.json 'sampling')"
     p.add_argument("--prior-steps", type=int, default=None, help="prior denoising steps" + defaults)
     p.add_argument("--decoder-steps", type=int, default=None, help="decoder denoising steps" + defaults)
-    p.add_argument("--super-res-steps", type=int, default=None, help="super-res denoising steps" + defaults)
+    p.add_argument("--super-res-steps", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="super-res denoising steps: one for every stage, or one per stage of the chain" + defaults)
+    p.add_argument("--size", type=int, default=None,
+                   help="image size: the decoder's or a super-res stage's; the chain stops there (default: the "
+                        "model's, config.json 'sampling.image_size', else its last stage's)")
     p.add_argument("--prior-guidance-scale", type=float, default=None, help="prior guidance" + defaults)
     p.add_argument("--decoder-guidance-scale", type=float, default=None, help="decoder guidance" + defaults)
     p.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion",
@@ -53,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
+
+
+def _one_or_each(values: list[int] | None) -> int | list[int] | None:
+    """A flag of one value or several: the value itself, or the list."""
+    return values[0] if values is not None and len(values) == 1 else values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         result = pipe.generate(
             args.prompt if len(args.prompt) > 1 else args.prompt[0],
             num_images_per_prompt=args.num_images, seed=args.seed,
-            prior_steps=args.prior_steps, decoder_steps=args.decoder_steps, super_res_steps=args.super_res_steps,
+            prior_steps=args.prior_steps, decoder_steps=args.decoder_steps,
+            super_res_steps=_one_or_each(args.super_res_steps), size=args.size,
             prior_guidance_scale=args.prior_guidance_scale, decoder_guidance_scale=args.decoder_guidance_scale,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             similarity_quantiles=tuple(args.similarity) if args.similarity else None,

@@ -18,7 +18,7 @@ import torch
 
 from models.unclip import UnCLIPModel
 from runtime.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
-from runtime.signatures import GENERATE_STAGES, available_stages
+from runtime.signatures import available_stages, generate_stages
 
 
 def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.device) -> str:
@@ -50,7 +50,7 @@ def open_engines(
         return torch_engines(model, available_stages(model), channels_last)
     if folder is None:
         raise ValueError(f"the {backend} backend needs an engine folder")
-    missing = [s for s in GENERATE_STAGES if s not in folder.stages]
+    missing = [s for s in generate_stages(folder.cfg) if s not in folder.stages]
     if missing:
         raise EngineError(f"{folder.path}: no engine for stage(s) {missing}; rebuild with {folder.rebuild_command}")
     if backend == "onnxruntime":

@@ -35,13 +35,15 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def host_bytes_per_image(cfg: UnCLIPConfig, steps: dict[str, int], ar_prior: bool) -> int:
-    """Float32 bytes one image holds on the host through a call: its noise and its output."""
-    d, s = cfg.decoder.image_size, cfg.super_res.image_size
+def host_bytes_per_image(cfg: UnCLIPConfig, steps: dict, ar_prior: bool) -> int:
+    """Float32 bytes one image holds on the host through a call: its noise and its output.
+    `steps["super_res_steps"]`: the steps of each super-res stage that runs."""
+    sizes = cfg.image_sizes
     prior = (cfg.ar_prior.components + 1) if ar_prior else (steps["prior_steps"] + 1) * cfg.prior.clip_dim
-    decoder = (steps["decoder_steps"] + 1) * 3 * d * d
-    super_res = (steps["super_res_steps"] + 1) * 3 * s * s
-    return 4 * (prior + decoder + super_res + 3 * s * s)
+    decoder = (steps["decoder_steps"] + 1) * 3 * sizes[0] ** 2
+    super_res = sum((n + 1) * 3 * size**2 for n, size in zip(steps["super_res_steps"], sizes[1:], strict=False))
+    out = 3 * sizes[len(steps["super_res_steps"])] ** 2
+    return 4 * (prior + decoder + super_res + out)
 
 
 def check_host_memory(images: int, per_image: int, available: int | None = None) -> None:
@@ -54,10 +56,17 @@ def check_host_memory(images: int, per_image: int, available: int | None = None)
             "images per call (fewer prompts or a smaller num_images_per_prompt) and call again")
 
 
-def check_noise(noise, images: int, steps: dict[str, int], cfg: UnCLIPConfig, ar_prior: bool) -> None:
+def check_noise(noise, images: int, steps: dict, cfg: UnCLIPConfig, ar_prior: bool) -> None:
     """Every part of a caller's `SamplingNoise`: its type, dtype and shape for this call."""
-    d, s = cfg.decoder.image_size, cfg.super_res.image_size
-    stages = [("decoder", (3, d, d), steps["decoder_steps"]), ("super_res", (3, s, s), steps["super_res_steps"])]
+    sizes, chain = cfg.image_sizes, steps["super_res_steps"]
+    stages = [("decoder", noise.decoder, (3, sizes[0], sizes[0]), steps["decoder_steps"])]
+    super_res = noise.super_res
+    if not isinstance(super_res, tuple) or len(super_res) != len(chain):
+        got = f"{len(super_res)} stages" if isinstance(super_res, tuple) else type(super_res).__name__
+        raise ValueError(f"noise.super_res must hold one StageNoise per super-res stage that runs ({len(chain)}), "
+                         f"got {got}")
+    stages += [(f"super_res[{i}]", part, (3, size, size), count)
+               for i, (part, size, count) in enumerate(zip(super_res, sizes[1:], chain, strict=False))]
     if ar_prior:
         prior = noise.prior
         want = {"similarity": (images,), "codes": (images, cfg.ar_prior.components)}
@@ -67,9 +76,8 @@ def check_noise(noise, images: int, steps: dict[str, int], cfg: UnCLIPConfig, ar
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"noise.prior.{name} must be a tensor of shape {shape}, got {got}")
     else:
-        stages.insert(0, ("prior", (cfg.prior.clip_dim,), steps["prior_steps"]))
-    for name, shape, count in stages:
-        part = getattr(noise, name)
+        stages.insert(0, ("prior", noise.prior, (cfg.prior.clip_dim,), steps["prior_steps"]))
+    for name, part, shape, count in stages:
         if not isinstance(part, StageNoise):
             raise TypeError(f"noise.{name} must be a StageNoise (see UnCLIP.draw_noise), got {type(part).__name__}")
         for field, want in (("init", (images, *shape)), ("steps", (count, images, *shape))):

@@ -33,7 +33,7 @@ from runtime.signatures import StageSignature, signatures, stage_module
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
 # Bumped when the folder layout changes; older folders are refused (2: split prior, 3: split decoder,
 # 4: SHA-256 of every file and of the manifest).
-MANIFEST_FORMAT = 4
+MANIFEST_FORMAT = 5
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 REBUILD_ANY = "python -m export.build_engines --model <the model> --out <the engine folder> --force"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
@@ -254,8 +254,10 @@ def rebuild_command(folder: Path, source: str | None) -> str:
     return f"python -m export.build_engines --model {source or '<the model>'} --out {folder} --force"
 
 
-# The stages whose networks are convolutional UNets (where a channels-last layout can pay).
-UNET_STAGES = ("decoder", "decoder_step", "super_res_first", "super_res_last")
+def is_unet_stage(name: str) -> bool:
+    """Whether stage `name` runs a UNet (the decoder's, or a super-res stage's): where a
+    channels-last layout can pay."""
+    return name in ("decoder", "decoder_step") or name.startswith("super_res")
 
 
 def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = False) -> dict[str, TorchEngine]:
@@ -264,7 +266,7 @@ def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = F
     if channels_last:
         model.decoder.unet.to(memory_format=torch.channels_last)
         model.super_res.to(memory_format=torch.channels_last)
-    return {name: TorchEngine(model, name, channels_last and name in UNET_STAGES) for name in stages}
+    return {name: TorchEngine(model, name, channels_last and is_unet_stage(name)) for name in stages}
 
 
 def load_onnxruntime_engines(

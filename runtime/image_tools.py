@@ -11,6 +11,7 @@ batch. Everything runs on the pipeline's engines, whichever backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
 from runtime.run_inputs import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling import make_step_table
 from runtime.serial import serialised
-from runtime.validate import check_int, check_scale, check_seed
+from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
 
 PATHS = ("inverted", "fixed_noise")
 INVERSION_STEPS = 100
@@ -108,11 +109,14 @@ class ImageTools:
         prompt: str = "",
         seed: int | None = None,
         super_res: bool = True,
-        super_res_steps: int | None = None,
+        super_res_steps: int | Sequence[int] | None = None,
         output_type: str = "pil",
         noise: SamplingNoise | None = None,
     ):
         """CLIP image embeddings [B, D] → images.
+
+        `super_res`: run the super-res chain to the model's default image size (as `generate`
+        does without `size`); False: the decoder's images. `super_res_steps`: as `generate` takes it.
 
         `noise`: the run's noise, as `draw_noise(B, 1, steps, super_res_steps, generator)` gives it
         (its prior part is not used; with `latents`, the decoder's x_T is `latents`); overrides `seed`.
@@ -138,8 +142,8 @@ class ImageTools:
             latents = _check_latents(latents, (b, 3, size, size))
         if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 10):
             raise ValueError(f"eta must be a number in [0, 10], got {eta!r}")
-        sr_steps = check_int("super_res_steps", s.super_res_steps if super_res_steps is None else super_res_steps,
-                             2, 1000)
+        chain = self.cfg.super_res[:check_size(None, self.cfg.image_sizes, s.image_size)] if super_res else ()
+        sr_steps = check_super_res_steps(super_res_steps, tuple(stage.steps for stage in chain))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
@@ -164,13 +168,7 @@ class ImageTools:
             table, dec_noise.to(self.device), scale, self.progress, learned_variance=latents is None,
             graphs=self.graphs,
         )
-        images = small
-        if super_res:
-            images = loops.sample_super_res(
-                self.engines["super_res_first"], self.engines["super_res_last"], self.cfg.super_res.diffusion, small,
-                make_step_table(self.cfg.super_res.diffusion, sr_steps).to(self.device),
-                noise.super_res.to(self.device), self.progress, graphs=self.graphs,
-            )
+        images = self.sample_super_res_chain(small, sr_steps, noise.super_res)
         return UnCLIPOutput(to_output(images, output_type), embeds.float().cpu())
 
     @serialised
@@ -179,7 +177,8 @@ class ImageTools:
     def variations(
         self, image, n: int = 4, *, eta: float | None = None, seed: int | None = None, steps: int | None = None,
         decoder_guidance_scale: float | None = None, prompt: str = "", super_res: bool = True,
-        super_res_steps: int | None = None, output_type: str = "pil", noise: SamplingNoise | None = None,
+        super_res_steps: int | Sequence[int] | None = None, output_type: str = "pil",
+        noise: SamplingNoise | None = None,
     ):
         """`n` variations of one image: its z_i decoded with fresh noise (eta=None, Karlo's and
         diffusers' behaviour), or DDIM with `eta` from its inverted x_T (the paper's; eta = 0

@@ -1,4 +1,4 @@
-"""The three denoising loops (prior, decoder, super-res), each a few lines around
+"""The denoising loops (prior, decoder, one super-res stage), each a few lines around
 `update.guided_update`, and the noise they consume.
 
 What a run consumes (text conditioning, `StageNoise`/`SamplingNoise`) lives in
@@ -253,7 +253,9 @@ def sample_super_res(
     graphs: GraphCache | None = None,
     pending: PendingChecks | None = None,
 ) -> torch.Tensor:
-    """Upsample [B, 3, s, s] images in [−1, 1] to [B, 3, S, S]; `last_step` runs the final step."""
+    """One super-res stage: [B, 3, s, s] images in [−1, 1] → [B, 3, S, S] at the stage's size;
+    `last_step` runs the final step (the same engine as `first_steps` for a stage without a
+    last-step model)."""
     b = low_res.shape[0]
     size = first_steps.signature.outputs[0].shape[-1]
     _check_noise(noise, table, (b, 3, size, size), "super_res")
@@ -273,6 +275,6 @@ def sample_super_res(
         return x.clamp(-1, 1), first_bad
 
     args = (low_res.to(work), *_loop_tensors(table, noise, 1.0, work, low_res.device))
-    x, first_bad = _run(graphs, ("super_res", spec), loop, args)
+    x, first_bad = _run(graphs, ("super_res", first_steps.signature.name, spec), loop, args)
     check_finite(first_bad, "super-res", n, pending)
     return x

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import cpp_ext
 from models.checkpoint import load_tensors
 from models.clip import KarloTokenizer
 from models.config_schema import read_config
-from models.configs import UnCLIPConfig, with_prior_clip_range
+from models.configs import DiffusionConfig, UnCLIPConfig, with_prior_clip_range
 from models.file_integrity import CHECKSUMS, IntegrityError, read_checksums, verify_files
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
@@ -44,7 +44,8 @@ from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
 from runtime.run_inputs import SamplingNoise, StageNoise, TextConditioning, to_device
 from runtime.sampling import StepTable, make_step_table
 from runtime.serial import serialised
-from runtime.validate import check_int, check_scale, check_seed
+from runtime.signatures import super_res_stages
+from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,18 @@ class UnCLIP(ImageTools):
         return self.device.type == "cuda"
 
     def draw_noise(
-        self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int, generator: torch.Generator | None
+        self, batch: int, prior_steps: int, decoder_steps: int, super_res_steps: int | Sequence[int],
+        generator: torch.Generator | None,
     ) -> SamplingNoise:
-        """All noise of one run, drawn on the CPU (so a seed gives the same images on any device).
-        With the autoregressive prior, its noise is an `ARNoise` and `prior_steps` is not used."""
+        """All noise of one run, drawn on the CPU (so a seed gives the same images on any device):
+        the prior's, the decoder's, then each super-res stage's in the chain's order.
+        `super_res_steps`: the steps of each stage that runs (one integer: the first stage only,
+        for a model of one stage; a sequence: one per stage, from the first). With the
+        autoregressive prior, its noise is an `ARNoise` and `prior_steps` is not used."""
+        chain = (super_res_steps,) if isinstance(super_res_steps, int) else tuple(super_res_steps)
         prior_noise = self._draw_prior_noise(batch, prior_steps, generator)
         return SamplingNoise(prior_noise, self._draw_decoder_noise(batch, decoder_steps, generator),
-                             self._draw_super_res_noise(batch, super_res_steps, generator))
+                             self._draw_super_res_noise(batch, chain, generator))
 
     def _draw_prior_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise | ARNoise:
         """The prior's part of `draw_noise` (drawn first)."""
@@ -235,10 +241,12 @@ class UnCLIP(ImageTools):
         d = self.cfg.decoder.image_size
         return StageNoise.draw((batch, 3, d, d), steps, generator, self._pin_noise)
 
-    def _draw_super_res_noise(self, batch: int, steps: int, generator: torch.Generator | None) -> StageNoise:
-        """The super-res part of `draw_noise` (drawn last)."""
-        s = self.cfg.super_res.image_size
-        return StageNoise.draw((batch, 3, s, s), steps, generator, self._pin_noise)
+    def _draw_super_res_noise(self, batch: int, steps: tuple[int, ...],
+                              generator: torch.Generator | None) -> tuple[StageNoise, ...]:
+        """The super-res part of `draw_noise` (drawn last): each stage's that runs, in order."""
+        sizes = self.cfg.image_sizes[1:]
+        return tuple(StageNoise.draw((batch, 3, size, size), n, generator, self._pin_noise)
+                     for size, n in zip(sizes, steps, strict=False))
 
     @serialised
     @row_invariant
@@ -251,13 +259,14 @@ class UnCLIP(ImageTools):
         generator: torch.Generator | None = None,
         prior_steps: int | None = None,
         decoder_steps: int | None = None,
-        super_res_steps: int | None = None,
+        super_res_steps: int | Sequence[int] | None = None,
         prior_guidance_scale: float | None = None,
         decoder_guidance_scale: float | None = None,
         output_type: str = "pil",
         return_image_embeds: bool = False,
         noise: SamplingNoise | None = None,
         return_decoder_images: bool = False,
+        size: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -274,7 +283,9 @@ class UnCLIP(ImageTools):
 
         :param prior_steps: prior denoising steps (1..1000).
         :param decoder_steps: decoder denoising steps (1..1000).
-        :param super_res_steps: super-res steps (2..1000; the last runs the last-step model).
+        :param super_res_steps: steps of each super-res stage that runs (2..1000; the last runs the
+            stage's last-step model where it has one): one integer for every stage, or one per stage
+            in the chain's order; None: each stage's own (`cfg.super_res[i].steps`).
         :param prior_guidance_scale: classifier-free guidance on the prior's x0 (1 = none).
         :param decoder_guidance_scale: classifier-free guidance on the decoder's output (1 = none).
         :param output_type: "pil" (list of PIL images), "np" ([B, H, W, 3]) or "pt" ([B, 3, H, W]).
@@ -286,6 +297,9 @@ class UnCLIP(ImageTools):
             split. Each part is checked (type, shape) before any network runs.
         :param return_decoder_images: also return the decoder's images (before super-resolution)
             as `decoder_images`, in `output_type`.
+        :param size: the images' size: the decoder's or a super-res stage's (`cfg.image_sizes`); the
+            chain stops at that stage. None: the model's default (`cfg.sampling.image_size`, else
+            the last stage's).
         :param temperature: autoregressive prior only: logits are divided by it (default 1).
         :param top_k: autoregressive prior only: draw each code from the k most likely (default: all).
         :param top_p: autoregressive prior only: draw from the smallest set of codes holding this
@@ -302,13 +316,15 @@ class UnCLIP(ImageTools):
                                         prior_guidance_scale)
         n = check_int("num_images_per_prompt", num_images_per_prompt, 1, 1024)
         s = self.cfg.sampling.with_overrides(
-            prior_steps=prior_steps, decoder_steps=decoder_steps, super_res_steps=super_res_steps,
+            prior_steps=prior_steps, decoder_steps=decoder_steps,
             prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
         )
+        stages = check_size(size, self.cfg.image_sizes, s.image_size)
         steps = {
             "prior_steps": check_int("prior_steps", s.prior_steps, 1, 1000),
             "decoder_steps": check_int("decoder_steps", s.decoder_steps, 1, 1000),
-            "super_res_steps": check_int("super_res_steps", s.super_res_steps, 2, 1000),
+            "super_res_steps": check_super_res_steps(super_res_steps,
+                                                     tuple(st.steps for st in self.cfg.super_res[:stages])),
         }
         prior_scale = check_scale("prior_guidance_scale", s.prior_guidance_scale, MAX_GUIDANCE)
         decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale, MAX_GUIDANCE)
@@ -364,8 +380,8 @@ class UnCLIP(ImageTools):
                                          noise.decoder.rows(start, stop), pending)
             if later_draws:  # the super-res noise, while the GPU runs the decoder
                 noise = replace(noise, super_res=later_draws.pop(0)())
-            all_images.append(self._sample_super_res(small, steps["super_res_steps"], noise.super_res.rows(start, stop),
-                                                  pending))
+            all_images.append(self.sample_super_res_chain(small, steps["super_res_steps"],
+                                                          noise.super_res, start, stop, pending))
             if return_decoder_images:
                 all_small.append(small)
             all_embeds.append(image_embeds)
@@ -375,12 +391,13 @@ class UnCLIP(ImageTools):
         small = to_output(torch.cat(all_small), output_type) if return_decoder_images else None
         return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None, small)
 
-    def _step_table(self, stage: str, steps: int) -> StepTable:
+    def _step_table(self, stage: str, steps: int, diffusion: DiffusionConfig | None = None) -> StepTable:
         """The stage's ancestral step table on the device, built once per step count (a host →
-        device copy per call would wait for the GPU's queue)."""
+        device copy per call would wait for the GPU's queue). `diffusion`: the stage's settings,
+        where `stage` does not name a config field (a super-res stage's)."""
         key = (stage, steps)
         if key not in self._step_tables:
-            diffusion = getattr(self.cfg, stage).diffusion
+            diffusion = diffusion or getattr(self.cfg, stage).diffusion
             self._step_tables[key] = make_step_table(diffusion, steps).to(self.device)
         return self._step_tables[key]
 
@@ -432,16 +449,23 @@ class UnCLIP(ImageTools):
             graphs=self.graphs, pending=pending,
         )
 
-    def _sample_super_res(
-        self, small: torch.Tensor, steps: int, noise: StageNoise, pending: PendingChecks | None = None
+    def sample_super_res_chain(
+        self, images: torch.Tensor, steps: tuple[int, ...], noise: tuple[StageNoise, ...], start: int = 0,
+        stop: int | None = None, pending: PendingChecks | None = None,
     ) -> torch.Tensor:
-        """Decoder images → super-resolved images [B, 3, S, S] in [−1, 1]."""
-        e = self.engines
-        return loops.sample_super_res(
-            e["super_res_first"], e["super_res_last"], self.cfg.super_res.diffusion, small,
-            self._step_table("super_res", steps), noise.to(self.device), self.progress, graphs=self.graphs,
-            pending=pending,
-        )
+        """Decoder images [B, 3, d, d] in [−1, 1] through the first `len(steps)` super-res stages
+        of the chain, each with its steps and its noise (rows `start:stop` of each stage's noise:
+        one chunk of a call); returns the last stage's images (the input when no stage runs)."""
+        for i, n in enumerate(steps):
+            names = super_res_stages(self.cfg, i)
+            first, last = self.engines[names[0]], self.engines[names[-1]]
+            diffusion = self.cfg.super_res[i].diffusion
+            part = noise[i].rows(start, images.shape[0] + start if stop is None else stop)
+            images = loops.sample_super_res(
+                first, last, diffusion, images, self._step_table(names[0], n, diffusion), part.to(self.device),
+                self.progress, graphs=self.graphs, pending=pending,
+            )
+        return images
 
 
 def _engines_for(

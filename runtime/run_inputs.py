@@ -78,31 +78,52 @@ class StageNoise:
 @dataclass(frozen=True)
 class SamplingNoise:
     """The noise of one text→image run, per stage (a stage may be None when it does not run); the
-    prior's is an `runtime.ar_sampling.ARNoise` for the autoregressive prior."""
+    prior's is an `runtime.ar_sampling.ARNoise` for the autoregressive prior. `super_res` holds one
+    `StageNoise` per super-res stage that runs, in the chain's order (a single `StageNoise` is
+    taken as a chain of one)."""
 
     prior: StageNoise | None
     decoder: StageNoise | None
-    super_res: StageNoise | None
+    super_res: tuple[StageNoise, ...] | None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.super_res, StageNoise):
+            object.__setattr__(self, "super_res", (self.super_res,))
+        elif isinstance(self.super_res, list):
+            object.__setattr__(self, "super_res", tuple(self.super_res))
 
     @staticmethod
     def cat(parts: list[SamplingNoise]) -> SamplingNoise:
         """The noise of several runs (each drawn with its own seed) as the noise of one batched run:
         image i of the batch gets exactly the noise it had in its own run."""
         stages = []
-        for stage in ("prior", "decoder", "super_res"):
-            chosen = [getattr(p, stage) for p in parts]
-            if any(c is None for c in chosen):
-                if not all(c is None for c in chosen):
-                    raise ValueError(f"cannot join noise where only some runs have {stage} noise")
-                stages.append(None)
-            else:
-                stages.append(type(chosen[0]).cat(chosen))
+        for stage in ("prior", "decoder"):
+            stages.append(_cat_stage([getattr(p, stage) for p in parts], stage))
+        chains = [p.super_res for p in parts]
+        if any(c is None for c in chains):
+            if not all(c is None for c in chains):
+                raise ValueError("cannot join noise where only some runs have super_res noise")
+            stages.append(None)
+        else:
+            if len({len(c) for c in chains}) != 1:
+                raise ValueError("cannot join noise of runs with different numbers of super-res stages")
+            stages.append(tuple(_cat_stage([c[i] for c in chains], f"super_res[{i}]") for i in range(len(chains[0]))))
         return SamplingNoise(*stages)
 
     def rows(self, start: int, stop: int) -> SamplingNoise:
         """The noise of images `start:stop`: a chunk of a split batch gets exactly its own noise."""
-        return SamplingNoise(*(n.rows(start, stop) if n is not None else None
-                               for n in (self.prior, self.decoder, self.super_res)))
+        chain = None if self.super_res is None else tuple(n.rows(start, stop) for n in self.super_res)
+        return SamplingNoise(*(n.rows(start, stop) if n is not None else None for n in (self.prior, self.decoder)),
+                             chain)
+
+
+def _cat_stage(chosen: list, name: str):
+    """One stage's noise of several runs joined (None where no run has it)."""
+    if any(c is None for c in chosen):
+        if not all(c is None for c in chosen):
+            raise ValueError(f"cannot join noise where only some runs have {name} noise")
+        return None
+    return type(chosen[0]).cat(chosen)
 
 
 def to_device(t: torch.Tensor, device: torch.device | str, pinned: bool = False) -> torch.Tensor:

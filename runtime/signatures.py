@@ -5,8 +5,10 @@ capture read their names, shapes and sample inputs from here.
 Stages: `clip_text`, `clip_image`, `prior_context` (the prior's step-independent tokens → their
 per-layer keys and values, once per prompt), `prior_step` (one prior step against that cache),
 `decoder_context` (the decoder's text projection and every attention block's context keys and
-values, once per call), `decoder_step` (one UNet step against them), `super_res_first` and
-`super_res_last` (the two super-res UNets), `ar_prior_context` and `ar_prior_step` (the
+values, once per call), `decoder_step` (one UNet step against them), for each super-res stage
+of the chain its first-steps UNet and, where it has one, its last-step UNet (`super_res_first` and
+`super_res_last` for the first stage, `super_res_2_first` … for the second: `super_res_stages`),
+`ar_prior_context` and `ar_prior_step` (the
 autoregressive prior's text prefix → its per-layer keys and values; one sampling step against
 them and the codes' cache slots), where the model has one; and `prior` and `decoder`, each whole network in one
 graph (the references the split pairs are checked against; not needed to generate, so not built
@@ -18,6 +20,7 @@ precision, eager or graph capture), the reference modules otherwise and always u
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +111,7 @@ class StageSignature:
 
 def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
     """Every stage's signature for a model config."""
-    c, p, d, s = cfg.clip, cfg.prior, cfg.decoder, cfg.super_res
+    c, p, d = cfg.clip, cfg.prior, cfg.decoder
     length, width = c.context_length, c.text_width
     text = (
         TensorSpec("text_embed", (BATCH, c.embed_dim)),
@@ -125,9 +128,12 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
     )
     dec_x = TensorSpec("x_t", (BATCH, 3, d.image_size, d.image_size))
     dec_out = (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),)
-    sr_inputs = (TensorSpec("x_t", (BATCH, 3, s.image_size, s.image_size)), t,
-                 TensorSpec("low_res_up", (BATCH, 3, s.image_size, s.image_size)))
-    sr_out = (TensorSpec("model_out", (BATCH, s.out_channels, s.image_size, s.image_size)),)
+    super_res = []
+    for i, stage in enumerate(cfg.super_res):
+        size, u = stage.image_size, stage.unet
+        sr_inputs = (TensorSpec("x_t", (BATCH, 3, size, size)), t, TensorSpec("low_res_up", (BATCH, 3, size, size)))
+        sr_out = (TensorSpec("model_out", (BATCH, u.out_channels, size, size)),)
+        super_res += [StageSignature(name, sr_inputs, sr_out) for name in super_res_stages(cfg, i)]
     stages = [
         StageSignature("clip_text", (TensorSpec("tokens", (BATCH, length), "int64"),), text[:2]),
         StageSignature("clip_image", (TensorSpec("pixels", (BATCH, 3, c.image_size, c.image_size)),),
@@ -142,8 +148,7 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
         StageSignature("decoder_context", (TensorSpec("image_embed", (BATCH, c.embed_dim)), *text), dec_cond,
                        cfg_doubled=True),
         StageSignature("decoder_step", (dec_x, t, *dec_cond), dec_out, cfg_doubled=True),
-        StageSignature("super_res_first", sr_inputs, sr_out),
-        StageSignature("super_res_last", sr_inputs, sr_out),
+        *super_res,
         *(_ar_signatures(cfg, text) if cfg.ar_prior is not None else ()),
     ]
     return {sig.name: sig for sig in stages}
@@ -253,9 +258,9 @@ class _ARPriorStep(nn.Module):
 
 
 class _SuperRes(nn.Module):
-    def __init__(self, model: UnCLIPModel, last: bool) -> None:
+    def __init__(self, model: UnCLIPModel, stage: int, last: bool) -> None:
         super().__init__()
-        self.unet = model.super_res.last_step if last else model.super_res.first_steps
+        self.unet = model.super_res[stage].unet(last)
 
     def forward(self, x_t, timesteps, low_res_up) -> tuple[torch.Tensor]:
         return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps),)
@@ -272,8 +277,8 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
         "decoder": lambda: _Decoder(model),
         "decoder_context": lambda: _DecoderContext(model),
         "decoder_step": lambda: _DecoderStep(model),
-        "super_res_first": lambda: _SuperRes(model, last=False),
-        "super_res_last": lambda: _SuperRes(model, last=True),
+        **{name: functools.partial(_SuperRes, model, i, name.endswith("_last"))
+           for i in range(len(model.super_res)) for name in super_res_stages(model.cfg, i)},
         "ar_prior_context": lambda: _ARPriorContext(model),
         "ar_prior_step": lambda: _ARPriorStep(model),
     }
@@ -285,8 +290,22 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
 
 
 AR_PRIOR_STAGES = ("ar_prior_context", "ar_prior_step")
-GENERATE_STAGES = ("clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", "super_res_first",
-                   "super_res_last")
+
+def super_res_stages(cfg: UnCLIPConfig, stage: int) -> tuple[str, ...]:
+    """The engine stages of super-res stage `stage` (0 the first of the chain): its first-steps
+    UNet, then its last-step UNet where it has one. The first stage's names are those of Karlo's
+    one stage (`super_res_first`, `super_res_last`); a later one's carry its place in the chain,
+    counted from 1 (`super_res_2_first` for the second)."""
+    prefix = "super_res" if stage == 0 else f"super_res_{stage + 1}"
+    return (f"{prefix}_first", *((f"{prefix}_last",) if cfg.super_res[stage].last_step_model else ()))
+
+
+def generate_stages(cfg: UnCLIPConfig) -> tuple[str, ...]:
+    """What text → image runs: the text encoder, the prior's and decoder's split stages and every
+    super-res stage of the chain."""
+    chain = tuple(name for i in range(len(cfg.super_res)) for name in super_res_stages(cfg, i))
+    return ("clip_text", "prior_context", "prior_step", "decoder_context", "decoder_step", *chain)
+
 
 
 def available_stages(model: UnCLIPModel) -> list[str]:
@@ -294,5 +313,5 @@ def available_stages(model: UnCLIPModel) -> list[str]:
     when the model has a CLIP vision tower, and the autoregressive prior's when it has one.
     (`prior` and `decoder`, the whole networks the split stages are checked against, are built
     only when asked for.)"""
-    return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *GENERATE_STAGES[1:],
+    return ["clip_text", *(["clip_image"] if model.clip.has_vision else []), *generate_stages(model.cfg)[1:],
             *(AR_PRIOR_STAGES if model.ar_prior is not None else ())]

@@ -54,7 +54,7 @@ def _replica_lost_errors() -> tuple[type[BaseException], ...]:
 
 def _model_entry(info: dict) -> dict:
     return {"id": info["model_id"], "object": "model", "created": info["created"], "owned_by": "unclip-rt",
-            "image_size": info["size"], "priors": info["priors"]}
+            "image_size": info["size"], "image_sizes": info["sizes"], "priors": info["priors"]}
 
 
 @serve.ingress(app)
@@ -92,12 +92,15 @@ class ImagesAPI:
             raise APIError(404, f"The model '{model}' does not exist (this server has '{info['model_id']}').",
                            param="model", code="model_not_found")
 
-    def _check_size(self, size: str | None, info: dict) -> str:
+    def _check_size(self, size: str | None, info: dict, any_stage: bool = True) -> str:
+        """The request's size as "SxS": the model's default (none given), or with `any_stage` the
+        size after the decoder or any super-res stage of its chain."""
         own = f"{info['size']}x{info['size']}"
-        if size is not None and size != own:
-            raise APIError(400, f"size must be '{own}' (this model's size), got {size!r}", param="size",
-                           code="invalid_size")
-        return own
+        allowed = [f"{s}x{s}" for s in info["sizes"]] if any_stage else [own]
+        if size is not None and size not in allowed:
+            raise APIError(400, f"size must be one of {allowed} (this model's sizes; default '{own}'), got {size!r}",
+                           param="size", code="invalid_size")
+        return size or own
 
     async def _call(self, method: str, payload: dict, deadline: float) -> dict:
         """The worker's answer, sent again while replicas die, until the deadline."""
@@ -245,6 +248,7 @@ class ImagesAPI:
             settings = {k: getattr(body, k) for k in ("prior_steps", "decoder_steps", "super_res_steps",
                                                       "prior_guidance_scale", "decoder_guidance_scale")
                         if getattr(body, k) is not None}
+            settings["size"] = int(size.split("x")[0])
             payload = {"prompt": body.prompt, "n": body.n or 1, "seed": seed, "prior": prior, "settings": settings}
             result = await self._call("generate", payload, deadline)
             return self._images_body(result, body.response_format, size)
@@ -297,7 +301,7 @@ class ImagesAPI:
                 raise APIError(400, str(exc), param="image", code="invalid_image") from None
             info = await self.model_info()
             self._check_model(body.model, info)
-            size = self._check_size(body.size, info)
+            size = self._check_size(body.size, info, any_stage=False)  # variations: the default size
             seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
             payload = {"image": image, "n": body.n or 1, "seed": seed, "steps": body.decoder_steps,
                        "decoder_guidance_scale": body.decoder_guidance_scale}

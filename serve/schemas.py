@@ -9,12 +9,13 @@ at most 10 images, a 1000-character prompt (DALL-E 2's limits) and guidance scal
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_SEED = 2**63 - 1
 MAX_SCALE = 100.0
+SuperResSteps = Annotated[int, Field(ge=2, le=1000, strict=True)]
 
 
 class APIError(Exception):
@@ -38,7 +39,7 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     prior_steps: int | None = Field(None, ge=1, le=1000, strict=True)
     decoder_steps: int | None = Field(None, ge=1, le=1000, strict=True)
-    super_res_steps: int | None = Field(None, ge=2, le=1000, strict=True)
+    super_res_steps: SuperResSteps | list[SuperResSteps] | None = None  # one for every stage, or one per stage
     prior_guidance_scale: float | None = Field(None, ge=0, le=MAX_SCALE)
     decoder_guidance_scale: float | None = Field(None, ge=0, le=MAX_SCALE)
     prior: Literal["diffusion", "ar"] | None = None
@@ -84,7 +85,9 @@ class VariationRequest(BaseModel):
 def validation_error(exc: ValidationError) -> APIError:
     """The first problem of a pydantic `ValidationError` as a 400 naming the field."""
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    # the field's name and list indices; not the names pydantic gives the branches of a union
+    loc = [p for i, p in enumerate(first.get("loc", ())) if i == 0 or isinstance(p, int)]
+    param = ".".join(str(p) for p in loc) or None
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unknown_parameter")

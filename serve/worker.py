@@ -30,7 +30,8 @@ from serve.options import ServeOptions
 
 log = logging.getLogger("serve.worker")
 
-SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance_scale", "decoder_guidance_scale")
+SETTINGS = ("prior_steps", "decoder_steps", "super_res_steps", "prior_guidance_scale", "decoder_guidance_scale",
+            "size")
 
 
 def load_pipelines(options: ServeOptions) -> dict[str, Any]:
@@ -142,8 +143,8 @@ class ImageWorker:
         """What the ingress checks requests against, and where this replica runs."""
         cfg = self.pipe.cfg
         return {
-            "model_id": self.options.model_id, "size": cfg.super_res.image_size, "priors": sorted(self.pipes),
-            "defaults": {k: getattr(cfg.sampling, k) for k in SETTINGS}, "device": str(self.pipe.device),
+            "model_id": self.options.model_id, "size": _default_size(cfg), "sizes": list(cfg.image_sizes),
+            "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
             "created": int(self.started), "queued_jobs": len(self.batcher.pending),
@@ -207,20 +208,24 @@ class ImageWorker:
     def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, dict]:
         """The request's steps resolved against the model's defaults (all three, for drawing its
         noise), and the settings its `generate` call takes (the prior's only with `prior="diffusion"`)."""
-        from runtime.validate import check_int, check_scale
+        from runtime.validate import check_int, check_scale, check_size, check_super_res_steps
 
         unknown = sorted(set(given) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(unknown)}")
-        resolved = pipe.cfg.sampling.with_overrides(**{k: given.get(k) for k in SETTINGS})
-        steps = {k: check_int(k, getattr(resolved, k), 2 if k == "super_res_steps" else 1, 1000)
-                 for k in SETTINGS[:3]}
-        scales = {k: check_scale(k, getattr(resolved, k)) for k in SETTINGS[3:]}
+        cfg = pipe.cfg
+        resolved = cfg.sampling.with_overrides(**{k: given.get(k) for k in SETTINGS if k not in ("super_res_steps",
+                                                                                                 "size")})
+        stages = check_size(given.get("size"), cfg.image_sizes, cfg.sampling.image_size)
+        steps = {k: check_int(k, getattr(resolved, k), 1, 1000) for k in ("prior_steps", "decoder_steps")}
+        steps["super_res_steps"] = check_super_res_steps(given.get("super_res_steps"),
+                                                         tuple(stage.steps for stage in cfg.super_res[:stages]))
+        scales = {k: check_scale(k, getattr(resolved, k)) for k in ("prior_guidance_scale", "decoder_guidance_scale")}
         if prior == "ar":
             given_prior = [k for k in ("prior_steps", "prior_guidance_scale") if given.get(k) is not None]
             if given_prior:
                 raise ValueError(f"{', '.join(given_prior)} apply to the diffusion prior, not prior='ar'")
-        call = {**steps, **scales}
+        call = {**steps, **scales, "size": cfg.image_sizes[stages]}
         if prior == "ar":
             del call["prior_steps"], call["prior_guidance_scale"]
         return steps, call
@@ -262,6 +267,21 @@ class ImageWorker:
         self.calls += 1
         self.metrics.batch_images.observe(batch.images)
         self.metrics.queue_depth.set(waiting)
+
+
+def _default_size(cfg) -> int:
+    """The size of the model's images by default."""
+    return cfg.sampling.image_size or cfg.image_size
+
+
+def _defaults(cfg) -> dict:
+    """The sampling settings a request without them gets."""
+    s = cfg.sampling
+    stages = cfg.image_sizes.index(_default_size(cfg))
+    return {"prior_steps": s.prior_steps, "decoder_steps": s.decoder_steps,
+            "super_res_steps": [stage.steps for stage in cfg.super_res[:stages]],
+            "prior_guidance_scale": s.prior_guidance_scale, "decoder_guidance_scale": s.decoder_guidance_scale,
+            "size": _default_size(cfg)}
 
 
 def _deadline(request: dict) -> float:

@@ -56,8 +56,8 @@ def test_bad_noise_is_refused_before_any_network(pipe, no_network, break_it):
     elif break_it == "wrong_shape":
         noise = type(noise)(noise.prior, noise.decoder.rows(0, 1), noise.super_res)
     elif break_it == "wrong_steps":
-        noise = type(noise)(noise.prior, noise.decoder, type(noise.super_res)(noise.super_res.init,
-                                                                              noise.super_res.steps[:1]))
+        (sr,) = noise.super_res
+        noise = type(noise)(noise.prior, noise.decoder, type(sr)(sr.init, sr.steps[:1]))
     else:
         noise = type(noise)(type(noise.prior)(noise.prior.init, [1, 2]), noise.decoder, noise.super_res)
     with pytest.raises((TypeError, ValueError), match=r"noise\.(prior|decoder|super_res)"):

@@ -19,7 +19,7 @@ def test_karlo_parameter_counts_equal_the_published_ones():
     assert tuple(m.prior.clip_mean.shape) == tuple(m.prior.clip_std.shape) == (1, 768)
     assert count_parameters(m.decoder.unet) == 885_439_686
     assert count_parameters(m.decoder.text_proj) == 7_878_400
-    assert count_parameters(m.super_res.first_steps) == count_parameters(m.super_res.last_step) == 691_579_523
+    assert count_parameters(m.super_res[0].first_steps) == count_parameters(m.super_res[0].last_step) == 691_579_523
     text_tower = count_parameters(m.clip) - count_parameters(m.clip.model.visual)
     assert round(text_tower / 1e6, 2) == 123.65
     assert round(count_parameters(m.clip.model.visual) / 1e6, 2) == 303.97

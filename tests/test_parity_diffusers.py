@@ -96,14 +96,14 @@ def test_decoder_with_text_proj_matches_diffusers(ours, diffusers_pipe):
 
 
 def test_super_res_matches_diffusers(ours, diffusers_pipe):
-    s = ours.cfg.super_res.image_size
+    s = ours.cfg.image_size
     g = torch.Generator().manual_seed(3)
     x, low = torch.randn(2, 3, s, s, generator=g), torch.randn(2, 3, s, s, generator=g)
     with torch.no_grad():
         for last, ref_unet in ((False, diffusers_pipe.super_res_first), (True, diffusers_pipe.super_res_last)):
             ts = torch.full((2,), 666)
             ref = ref_unet(sample=torch.cat([x, low], dim=1), timestep=ts).sample
-            out = ours.super_res(x, ts, low, last)
+            out = ours.super_res[0](x, ts, low, last)
             assert max_rel_err(out, ref) <= 1e-4
 
 
@@ -132,7 +132,7 @@ def _run_both(ours, diffusers_pipe, monkeypatch, dtype: torch.dtype, seed: int):
     for scheduler in (reference.prior_scheduler, reference.decoder_scheduler, reference.super_res_scheduler):
         _float64_schedule(scheduler)
     # diffusers draws one variance noise per step but the last: feed it ours, in order.
-    queue = [n for stage in (noise.prior, noise.decoder, noise.super_res) for n in stage.steps[:-1]]
+    queue = [n for stage in (noise.prior, noise.decoder, *noise.super_res) for n in stage.steps[:-1]]
 
     def injected(shape, generator=None, device=None, dtype=None, layout=None):
         n = queue.pop(0)
@@ -146,7 +146,7 @@ def _run_both(ours, diffusers_pipe, monkeypatch, dtype: torch.dtype, seed: int):
         prior_num_inference_steps=steps["prior_steps"], decoder_num_inference_steps=steps["decoder_steps"],
         super_res_num_inference_steps=steps["super_res_steps"],
         prior_latents=noise.prior.init.double(), decoder_latents=noise.decoder.init.double(),
-        super_res_latents=noise.super_res.init.double(), output_type="np",
+        super_res_latents=noise.super_res[0].init.double(), output_type="np",
     ).images
     assert not queue
     out = pipe.generate(prompts, num_images_per_prompt=per_prompt, noise=noise, output_type="np", **steps).images

@@ -38,14 +38,17 @@ def test_unset_steps_and_scales_come_from_the_model_config(ours):
 
     from models.configs import SamplingDefaults
 
-    defaults = SamplingDefaults(prior_steps=2, decoder_steps=3, super_res_steps=2, prior_guidance_scale=2.0,
-                                decoder_guidance_scale=1.5)
-    model = ours.__class__.from_state(dataclasses.replace(ours.cfg, sampling=defaults), ours.state_dict(), "test")
+    defaults = SamplingDefaults(prior_steps=2, decoder_steps=3, prior_guidance_scale=2.0, decoder_guidance_scale=1.5)
+    chain = (dataclasses.replace(ours.cfg.super_res[0], steps=2),)
+    cfg = dataclasses.replace(ours.cfg, sampling=defaults, super_res=chain)
+    model = ours.__class__.from_state(cfg, ours.state_dict(), "test")
     pipe = UnCLIP(model, device="cpu", progress=False)
     implicit = pipe.generate("a cat", seed=3, output_type="pt").images
-    explicit = pipe.generate("a cat", seed=3, output_type="pt", **dataclasses.asdict(defaults)).images
-    karlo_defaults = pipe.generate("a cat", seed=3, output_type="pt", **dataclasses.asdict(SamplingDefaults(
-        prior_steps=2, decoder_steps=3, super_res_steps=2))).images
+    explicit = pipe.generate("a cat", seed=3, output_type="pt", super_res_steps=2,
+                             **{k: v for k, v in dataclasses.asdict(defaults).items() if v is not None}).images
+    karlo_defaults = pipe.generate("a cat", seed=3, output_type="pt", super_res_steps=2, **{
+        k: v for k, v in dataclasses.asdict(SamplingDefaults(prior_steps=2, decoder_steps=3)).items()
+        if v is not None}).images
     assert torch.equal(implicit, explicit) and not torch.allclose(implicit, karlo_defaults)
 
 

@@ -22,7 +22,7 @@ def test_drawn_noise_replays_a_seeded_run_and_the_decoder_images_come_back(ours)
     d = ours.cfg.decoder.image_size
     assert seeded.decoder_images.shape == (2, 3, d, d) and replayed.decoder_images is None
     # the super-res stage's input is the decoder's image: its downscaled output stays close to it
-    s = ours.cfg.super_res.image_size
+    s = ours.cfg.image_size
     assert seeded.images.shape == (2, 3, s, s)
 
 
@@ -31,7 +31,7 @@ def test_variations_take_super_res_steps():
     image = pipe.generate("a blue square", seed=1, **FAST).images[0]
     two = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=2, output_type="pt").images
     three = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=3, output_type="pt").images
-    size = pipe.cfg.super_res.image_size
+    size = pipe.cfg.image_size
     assert two.shape == three.shape == (2, 3, size, size) and not torch.equal(two, three)
 
 

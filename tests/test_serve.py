@@ -116,6 +116,21 @@ def test_concurrent_requests_are_batched_and_each_equals_its_lone_generate(serve
         assert len(got) == n and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), prompt
 
 
+def test_a_size_of_the_chain_gives_that_stages_images(server, lone):
+    """`size` may name the decoder's size or any super-res stage's: the images of a lone `generate`
+    stopped there; `super_res_steps` may be a list of one per stage that runs."""
+    body = {"prompt": "a red circle", "seed": 3, "response_format": "b64_json", **FAST}
+    status, _, answer = post(server, "/v1/images/generations", {**body, "size": "64x64", "super_res_steps": None})
+    assert status == 200, answer
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"]))))
+    want = lone_images(lone, "a red circle", 1, 3, size=64, **{k: v for k, v in FAST.items() if k != "super_res_steps"})
+    assert got.shape == (64, 64, 3) and np.array_equal(got, want[0]) and answer["size"] == "64x64"
+    status, _, answer = post(server, "/v1/images/generations", {**body, "super_res_steps": [FAST["super_res_steps"]]})
+    assert status == 200 and np.array_equal(decode(answer["data"][0]["b64_json"]), lone_images(lone, "a red circle", 1,
+                                                                                              3, **FAST)[0])
+    assert server.get("/v1/models")["data"][0]["image_sizes"] == [64, 256]
+
+
 def test_different_settings_are_not_batched_together(server):
     jobs = [{"decoder_steps": 2}, {"decoder_steps": 3}]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -126,7 +141,7 @@ def test_different_settings_are_not_batched_together(server):
 
 
 @pytest.mark.parametrize(("body", "status", "param", "fragment"), [
-    ({"prompt": "x", "size": "512x512"}, 400, "size", "'256x256'"),
+    ({"prompt": "x", "size": "512x512"}, 400, "size", "['64x64', '256x256']"),
     ({"prompt": "x", "n": 11}, 400, "n", "less than or equal to 10"),
     ({"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
     ({"prompt": "x", "n": "2"}, 400, "n", "integer"),
@@ -138,6 +153,8 @@ def test_different_settings_are_not_batched_together(server):
     ({"prompt": "x", "seed": 2**64}, 400, "seed", "less than or equal to"),
     ({"prompt": "x", "decoder_guidance_scale": 1e308}, 400, "decoder_guidance_scale", "less than or equal to 100"),
     ({"prompt": "x", "super_res_steps": 1}, 400, "super_res_steps", "greater than or equal to 2"),
+    ({"prompt": "x", "super_res_steps": [2, 3]}, 400, None, "one value per super-res stage that runs (1)"),
+    ({"prompt": "x", "size": "64x64", "super_res_steps": 2}, 400, None, "no super-res stage runs"),
     ({"prompt": "x", "prior": "ar", "prior_steps": 3}, 400, "prior_steps", "diffusion prior"),
     ({"prompt": "x" * 1001}, 400, "prompt", "at most 1000"),
     ([1, 2], 400, None, "JSON object"),

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from models.checkpoint import atomic_write, config_to_dict, load_strict
 from models.clip import ClipEncoder
 from models.configs import get_config
-from models.unclip import UnCLIPModel
+from models.unclip import UnCLIPModel, chain_state_keys
 from train import stages
 from train.ar_prior import train_ar_prior
 from train.data import DATA_VERSION, HELD_OUT
@@ -68,11 +68,23 @@ def split_model(out: Path) -> None:
     state = None
     for s in STAGES:
         if not (out / f"stage-{s}.safetensors").is_file():
-            state = state if state is not None else load_file(str(path))
-            part = {k[len(s) + 1 :]: v for k, v in state.items() if k.startswith(s + ".")}
+            state = state if state is not None else chain_state_keys(load_file(str(path)))
+            prefix = state_prefix(s)
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if not part:
                 continue  # a stage the assembled model does not have (ar_prior before it was trained)
             atomic_write(out / f"stage-{s}.safetensors", lambda p, part=part: save_file(part, str(p)))
+
+
+def state_prefix(stage: str) -> str:
+    """Where a training stage's weights sit in the model's state: `super_res` is the chain's first
+    super-res stage (`super_res.0.`), `super_res_2` its second (`super_res.1.`); the others under
+    their own name."""
+    if stage == "super_res":
+        return "super_res.0."
+    if stage.startswith("super_res_"):
+        return f"super_res.{int(stage.removeprefix('super_res_')) - 1}."
+    return f"{stage}."
 
 
 def stage_record(out: Path, name: str) -> dict:
@@ -94,7 +106,7 @@ def assemble(out: Path, cfg) -> bool:
                 "stages": {s: stage_record(out, s) for s in present}}
     state = {}
     for s in present:
-        state.update({f"{s}.{k}": v for k, v in load_file(str(out / f"stage-{s}.safetensors")).items()})
+        state.update({state_prefix(s) + k: v for k, v in load_file(str(out / f"stage-{s}.safetensors")).items()})
     model = UnCLIPModel.empty(cfg, with_ar_prior="ar_prior" in present)
     load_strict(model, state, "assembled default model")  # checks every key before writing
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))

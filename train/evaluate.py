@@ -122,7 +122,7 @@ def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -
 def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float | None = None) -> dict:
     """Diagnostic: decoder + super-res from the CLIP image embeddings of rendered held-out scenes
     (the prior bypassed), read from pixels; separates prior errors from decoder errors."""
-    from runtime.loops import sample_decoder, sample_super_res
+    from runtime.loops import sample_decoder
     from runtime.sampling import make_step_table
 
     decoder_guidance_scale = pipe.cfg.sampling.with_overrides(
@@ -136,15 +136,15 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     text = pipe.encode_prompts([canonical_caption(s.combo) for s in scenes])
     uncond = pipe.encode_prompts([""]).expand(len(scenes))
     b = len(scenes)
-    noise = pipe.draw_noise(b, 1, 25, 7, torch.Generator().manual_seed(5))
+    chain = tuple(stage.steps for stage in cfg.super_res)
+    noise = pipe.draw_noise(b, 1, 25, chain, torch.Generator().manual_seed(5))
     e = pipe.engines
     small = sample_decoder(e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, pipe.constants,
                            image_embed, text, uncond, make_step_table(cfg.decoder.diffusion, 25).to(dev),
                            noise.decoder.to(dev), decoder_guidance_scale)
-    big = sample_super_res(e["super_res_first"], e["super_res_last"], cfg.super_res.diffusion, small,
-                           make_step_table(cfg.super_res.diffusion, 7).to(dev), noise.super_res.to(dev))
+    big = pipe.sample_super_res_chain(small, chain, noise.super_res)
     result = {}
-    for name, images in (("decoder_64", small), ("super_res_256", big)):
+    for name, images in ((f"decoder_{cfg.decoder.image_size}", small), (f"super_res_{cfg.image_size}", big)):
         readings = read_batch(images)
         for i, attr in enumerate(("fg", "shape", "bg")):
             ok = sum(r.combo[i] == s.combo[i] for r, s in zip(readings, scenes, strict=True))

@@ -327,15 +327,18 @@ def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator, c
 
 def train_super_res(
     cfg: UnCLIPConfig, settings: TrainSettings, last_settings: TrainSettings, device: torch.device, seed: int,
-    init_state: dict | None = None,
+    init_state: dict | None = None, stage: int = 0,
 ) -> SuperRes:
-    """:param init_state: weights to continue from (a previous run's super-res) instead of an init."""
+    """Super-res stage `stage` of the chain, from the size before it to its own.
+
+    :param init_state: weights to continue from (a previous run's super-res) instead of an init."""
     torch.manual_seed(seed)
     sampler = SceneSampler(device, seed)
-    sr = SuperRes(cfg.super_res).to(device, memory_format=torch.channels_last)  # faster convs
+    stage_cfg = cfg.super_res[stage]
+    sr = SuperRes(stage_cfg).to(device, memory_format=torch.channels_last)  # faster convs
     _load(sr, init_state)
-    ac = _schedule(cfg.super_res.diffusion, device)
-    size, small = cfg.super_res.image_size, cfg.decoder.image_size
+    ac = _schedule(stage_cfg.diffusion, device)
+    size, small = cfg.image_sizes[stage + 1], cfg.image_sizes[stage]
 
     def make_loss(unet: nn.Module, t_max: int, s: TrainSettings) -> Callable[[int], torch.Tensor]:
         def loss_fn(step: int) -> torch.Tensor:
@@ -347,12 +350,14 @@ def train_super_res(
             t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
             x_in = torch.cat([x_t, low], 1).contiguous(memory_format=torch.channels_last)
-            return _diffusion_loss(cfg.super_res.diffusion, unet(x_in, t), x0, eps, t, ac)
+            return _diffusion_loss(stage_cfg.diffusion, unet(x_in, t), x0, eps, t, ac)
 
         return loss_fn
 
     first, _ = _fit(sr.first_steps, settings, make_loss(sr.first_steps, len(ac), settings), "super_res")
     sr.first_steps = first
+    if sr.last_step is None:  # the stage runs its last step with the same UNet
+        return sr
     last_start = copy.deepcopy(first).train().requires_grad_(True)
     if init_state is not None:  # continue the last-step model from its own previous weights
         last_start.load_state_dict({k[len("last_step.") :]: v.float() for k, v in init_state.items()

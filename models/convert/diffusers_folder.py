@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from models.checkpoint import load_tensors
-from models.configs import DiffusionConfig, PriorConfig, TextProjConfig, UnCLIPConfig, UNetConfig
+from models.configs import DiffusionConfig, PriorConfig, SuperResConfig, TextProjConfig, UnCLIPConfig, UNetConfig
 from models.convert.diffusers_unet import prior_from_diffusers, text_proj_from_diffusers, unet_from_diffusers
 from models.convert.hf_clip import text_config_from_hf, text_from_hf, vision_from_hf
 from models.unclip import UnCLIPModel
@@ -156,11 +156,11 @@ def config_from_diffusers(root: str | Path) -> UnCLIPConfig:
         _scheduler(root, "decoder_scheduler", DiffusionConfig("epsilon", "learned_range", 1.0)),
         context=True,
     )
-    super_res = _unet_config(
+    super_res = SuperResConfig(_unet_config(
         _read_json(root / "super_res_first" / "config.json"),
         _scheduler(root, "super_res_scheduler", DiffusionConfig("epsilon", "fixed_small_log", 1.0)),
         context=False,
-    )
+    ))
     text_proj = TextProjConfig(
         clip_dim=tp.get("clip_embeddings_dim", 768),
         clip_tokens=tp.get("clip_extra_context_tokens", 4),
@@ -168,7 +168,7 @@ def config_from_diffusers(root: str | Path) -> UnCLIPConfig:
         context_width=tp["cross_attention_dim"],
         time_embed_dim=tp["time_embed_dim"],
     )
-    return UnCLIPConfig(f"diffusers:{root.name}", clip, prior, text_proj, decoder, super_res)
+    return UnCLIPConfig(f"diffusers:{root.name}", clip, prior, text_proj, decoder, (super_res,))
 
 
 COMPONENTS = ("text_encoder", "prior", "decoder", "text_proj", "super_res_first", "super_res_last")
@@ -195,8 +195,8 @@ def model_from_states(cfg: UnCLIPConfig, states: dict[str, dict], what: str = "d
         "prior.": prior_from_diffusers(states["prior"], cfg.prior),
         "decoder.unet.": unet_from_diffusers(states["decoder"], cfg.decoder),
         "decoder.text_proj.": text_proj_from_diffusers(states["text_proj"]),
-        "super_res.first_steps.": unet_from_diffusers(states["super_res_first"], cfg.super_res),
-        "super_res.last_step.": unet_from_diffusers(states["super_res_last"], cfg.super_res),
+        "super_res.0.first_steps.": unet_from_diffusers(states["super_res_first"], cfg.super_res[0].unet),
+        "super_res.0.last_step.": unet_from_diffusers(states["super_res_last"], cfg.super_res[0].unet),
     }
     for prefix, part in parts.items():
         state.update({prefix + k: v for k, v in part.items()})

@@ -94,7 +94,7 @@ def karlo_to_ours(clip: dict, stats: tuple | list, prior: dict, decoder: dict, s
         src = next((p for p in SR_PREFIXES if k.startswith(p)), None)
         if src is None:
             raise CheckpointError(f"unexpected key in the super-res checkpoint: {k}")
-        out["super_res." + SR_PREFIXES[src] + k[len(src) :]] = v
+        out["super_res.0." + SR_PREFIXES[src] + k[len(src) :]] = v  # Karlo's one stage: the chain's first
     return out
 
 
@@ -111,9 +111,11 @@ def ours_to_karlo(state: dict) -> dict[str, dict]:
             files["prior"]["model." + k.removeprefix("prior.")] = v
         elif k.startswith(("decoder.unet.", "decoder.text_proj.")):
             files["decoder"]["model." + k.split(".", 2)[2]] = v
-        elif k.startswith("super_res."):
-            sub, rest = k.removeprefix("super_res.").split(".", 1)
+        elif k.startswith("super_res.0."):
+            sub, rest = k.removeprefix("super_res.0.").split(".", 1)
             files["super_res"][inverse_sr[sub + "."] + rest] = v
+        elif k.startswith("super_res."):
+            raise CheckpointError(f"Karlo's files hold one super-res stage; {k} belongs to a later one")
     files["stats"] = (state["prior.clip_mean"][0], state["prior.clip_std"][0])
     return files
 

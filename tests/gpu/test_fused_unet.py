@@ -40,7 +40,7 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
         cond: tuple[torch.Tensor, ...] = ()
 
         def run(m, x_in, *_, fast=True):
-            unet = m.super_res.first_steps
+            unet = m.super_res[0].first_steps
             return fused.unet_forward(unet, x_in, t) if fast else unet(x_in, t)
     else:
         size, cfg = ours.cfg.decoder.image_size, ours.cfg
@@ -79,7 +79,7 @@ def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype):
     convolution with its bias against float64 within rounding, the whole super-res UNet the same
     as without it (both against fp32), and its widened weight follows changes to the
     convolution's weight and is never made inside a graph capture (the plain block runs then)."""
-    unet = copy.deepcopy(ours.super_res.first_steps).cuda()
+    unet = copy.deepcopy(ours.super_res[0].first_steps).cuda()
     ref_unet = copy.deepcopy(unet)
     unet = unet.to(dtype).to(memory_format=torch.channels_last)
     conv = unet.input_blocks[0][0]
