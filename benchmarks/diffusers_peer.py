@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from models.configs import UnCLIPConfig
 from models.convert.diffusers_folder import model_from_states
+from models.super_res import SuperRes
 from models.unclip import UnCLIPModel
 
 
@@ -159,10 +161,26 @@ def build_pipeline(cfg: UnCLIPConfig, tokenizer_dir: Path, seed: int = 0) -> UnC
     )
 
 
-def ours_from_pipeline(pipe: UnCLIPPipeline, cfg: UnCLIPConfig) -> UnCLIPModel:
-    """Our `UnCLIPModel` holding the pipeline's weights (converted as from a saved folder)."""
-    return model_from_states(cfg, {
+def ours_from_pipeline(pipe: UnCLIPPipeline, cfg: UnCLIPConfig, seed: int = 60) -> UnCLIPModel:
+    """Our `UnCLIPModel` holding the pipeline's weights (converted as from a saved folder). The
+    pipeline has one super-res stage; a longer chain's later stages (the `paper` config's
+    256 → 1024) get random weights of their own, every layer non-zero."""
+    one_stage = replace(cfg, super_res=cfg.super_res[:1])
+    model = model_from_states(one_stage, {
         "text_encoder": pipe.text_encoder.state_dict(), "prior": pipe.prior.state_dict(),
         "decoder": pipe.decoder.state_dict(), "text_proj": pipe.text_proj.state_dict(),
         "super_res_first": pipe.super_res_first.state_dict(), "super_res_last": pipe.super_res_last.state_dict(),
     })
+    if len(cfg.super_res) == 1:
+        return model
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    with torch.device(device):
+        later = [SuperRes(stage).to(next(model.parameters()).dtype) for stage in cfg.super_res[1:]]
+    with torch.no_grad():
+        for p in (p for stage in later for p in stage.parameters()):
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    state = {**model.state_dict(), **{f"super_res.{i + 1}.{k}": v for i, stage in enumerate(later)
+                                      for k, v in stage.state_dict().items()}}
+    return UnCLIPModel.from_state(cfg, state, "the peer's weights and random later super-res stages")

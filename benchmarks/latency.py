@@ -257,8 +257,9 @@ def table(results: dict) -> str:
     for n in results["batch"]:
         f = floor["batches"][n]
         lines.append(f"\n{n} image(s): {f['tflop_per_call']:.1f} TFLOP, FLOP floor {f['floor_ms']:.0f} ms")
+        chain = results.get("super_res_stages", ["super_res_first"])
         lines.append(f"{'system':34} {'ms (min-max)':>22} {'img/s':>6} {'x eager peer':>12} {'share':>6} "
-                     f"{'peak GiB':>8}  forward ms (prior b2 / decoder b2 / super-res b1)")
+                     f"{'peak GiB':>8}  forward ms (prior b2 / decoder b2 / super-res b1, each stage)")
         peer_ms = results.get("peer_eager", {}).get("batches", {}).get(n, {}).get("ms")
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
@@ -268,7 +269,7 @@ def table(results: dict) -> str:
                 continue
             fw = entry.get("forward_ms", {})
             fwd = " / ".join(f"{fw[k]:.2f}" if k in fw else "-" for k in (
-                ("prior_step", "decoder_step", "super_res_first") if key.startswith("ours") else
+                ("prior_step", "decoder_step", *chain) if key.startswith("ours") else
                 ("prior", "decoder", "super_res_first")))
             ratio = f"{peer_ms / entry['ms']:.2f}x" if peer_ms else "-"
             spread = f"{entry['ms']:.0f} ({entry['ms_min']:.0f}-{entry['ms_max']:.0f})"
@@ -291,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
                      "source": str(args.diffusers) if args.diffusers else f"random:{args.config}", "prompt": PROMPT}
+    if args.peer != "none" and len(get_config(args.config).super_res) != 1 and not args.diffusers:
+        raise SystemExit(f"--config {args.config}: diffusers' UnCLIPPipeline has one super-res stage, this config "
+                         f"{len(get_config(args.config).super_res)}; run it with --peer none")
     peer, model = build(args)
+    results["super_res_stages"] = [super_res_stages(model.cfg, i)[0] for i in range(len(model.cfg.super_res))]
     results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops())
     results["ours"] = bench_ours(model, args, graphs=True)
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")

@@ -17,6 +17,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Prediction = Literal["epsilon", "sample"]
 Variance = Literal["fixed_small_log", "learned_range"]
+Schedule = Literal["squaredcos_cap_v2", "linear"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class DiffusionConfig:
     variance: Variance
     clip_range: float | None  # clamp x0 to ±clip_range; None: no clamp
     num_train_timesteps: int = 1000
-    schedule: str = "squaredcos_cap_v2"
+    schedule: Schedule = "squaredcos_cap_v2"
 
 
 @dataclass(frozen=True)
@@ -369,13 +370,23 @@ DEFAULT = UnCLIPConfig(
     # Super-res with no res block on the way down (one on the way up): its 256² level, 32 channels
     # (the floor with 32-group norms), is most of a CPU image's time; v0.2's one block per level
     # cost 2× as much.
-    super_res=(SuperResConfig(UNetConfig(
-        image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
-        num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
-    )),),
+    # The second upsampler, 256 → 1024 (the paper's last stage): fully convolutional, no text, three
+    # levels, its last step run by the same UNet; trained on crops (train/stages.py). Four steps: at
+    # 1024² each costs 16 times a 256² step of the first stage.
+    super_res=(
+        SuperResConfig(UNetConfig(
+            image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
+            num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
+        )),
+        SuperResConfig(UNetConfig(
+            image_size=1024, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2),
+            num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
+        ), steps=4, last_step_model=False),
+    ),
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
-    # misreads (docs/default-model.md has both figures).
-    sampling=SamplingDefaults(decoder_guidance_scale=3.0),
+    # misreads (docs/default-model.md has both figures). Images are 256² unless asked for 1024²
+    # (`size=1024`): the second upsampler takes most of a CPU image's time.
+    sampling=SamplingDefaults(decoder_guidance_scale=3.0, image_size=256),
     # The autoregressive prior, the prior's size. 48 PCA components: on 16k training images they
     # explain 99.70% of the CLIP image embeddings' variance (32: 99.27%, 64: 99.88%), and the
     # quantised codes decode to cosine 0.9986 on average, ≥ 0.991 for every held-back embedding
@@ -384,7 +395,19 @@ DEFAULT = UnCLIPConfig(
     ar_prior=ARPriorConfig(width=256, layers=4, heads=4, clip_dim=128, text_width=128, components=48),
 )
 
-PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT)}
+# Karlo with the paper's second upsampler, 256 → 1024, at the size the paper's hyperparameter table
+# gives it (as recalled: 300M parameters — 192 channels, depth 2, channel multipliers 1,1,2,2,4,4, no
+# attention —, the linear noise schedule, 15 sampling steps); for speed and memory work with random
+# weights (`benchmarks/latency.py --config paper`). Its last step is run by the same UNet.
+PAPER = replace(
+    KARLO, name="paper",
+    super_res=(*KARLO.super_res, SuperResConfig(UNetConfig(
+        image_size=1024, in_channels=6, out_channels=3, model_channels=192, channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2, diffusion=DiffusionConfig("epsilon", "fixed_small_log", 1.0, schedule="linear"),
+    ), steps=15, last_step_model=False)),
+)
+
+PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT, PAPER)}
 
 
 def get_config(name: str) -> UnCLIPConfig:

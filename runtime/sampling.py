@@ -29,15 +29,21 @@ StepKind = Literal["ancestral", "ddim"]
 def alphas_cumprod(schedule: str, num_train_timesteps: int) -> torch.Tensor:
     """ᾱ_t for t = 0..T-1 in float64.
 
-    `squaredcos_cap_v2` is the cosine schedule of Nichol & Dhariwal (β capped at 0.999).
+    `squaredcos_cap_v2` is the cosine schedule of Nichol & Dhariwal (β capped at 0.999); `linear`
+    is DDPM's (β from 1e-4 to 0.02 over 1000 steps, scaled to keep those ends for other T, as
+    guided-diffusion does), which the paper gives its 256 → 1024 upsampler.
     """
+    n = num_train_timesteps
+    if schedule == "linear":
+        scale = 1000 / n
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, n, dtype=torch.float64)
+        return torch.cumprod(1 - betas, dim=0)
     if schedule != "squaredcos_cap_v2":
-        raise ValueError(f"unsupported noise schedule {schedule!r} (only 'squaredcos_cap_v2')")
+        raise ValueError(f"unsupported noise schedule {schedule!r} ('squaredcos_cap_v2' or 'linear')")
 
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    n = num_train_timesteps
     betas = torch.tensor(
         [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float64
     )

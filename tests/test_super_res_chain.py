@@ -169,3 +169,19 @@ def test_the_image_tools_run_the_chain(two):
     assert big.shape == (2, 3, 128, 128) and small.shape == (2, 3, 16, 16)
     steps = pipe.variations(image, 2, seed=0, steps=2, super_res_steps=[2, 3], output_type="pt").images
     assert steps.shape == big.shape and not torch.equal(steps, big)
+
+
+def test_the_paper_config_has_the_papers_second_upsampler():
+    """`paper`: Karlo's stages, then 256 → 1024 at the paper's size (267M parameters here against
+    the paper's 300M) on DDPM's linear schedule (ᾱ from 0.9999 down to 4.0e-5)."""
+    from models.configs import get_config
+    from models.super_res import SuperRes
+    from runtime.sampling import alphas_cumprod
+
+    cfg = get_config("paper")
+    assert cfg.image_sizes == (64, 256, 1024) and cfg.super_res[1].steps == 15
+    with torch.device("meta"):
+        stage = SuperRes(cfg.super_res[1])
+    assert stage.last_step is None and 260e6 < sum(p.numel() for p in stage.parameters()) < 300e6
+    ac = alphas_cumprod(cfg.super_res[1].diffusion.schedule, 1000)
+    assert abs(ac[0].item() - 0.9999) < 1e-9 and 3.9e-5 < ac[-1].item() < 4.1e-5

@@ -24,11 +24,12 @@ from train.data import (
     SceneBatch,
     caption,
     render,
+    render_windows,
     sample_batch,
     sample_scene,
     training_combos,
 )
-from train.stages import _random_crops, degrade
+from train.stages import _later_stage_crops, _random_crops, degrade, degrade_bsr
 
 
 def test_held_out_combinations_never_reach_training():
@@ -140,12 +141,39 @@ def test_degrade_blurs_and_stays_in_range():
                                rtol=0)
 
 
+def test_windows_render_as_the_crops_of_the_whole_render():
+    scenes, _ = SceneSampler("cpu", 0).scenes(4)
+    full = render(scenes, 256)
+    top, left = torch.tensor([0, 64, 192, 32]), torch.tensor([128, 0, 64, 200])
+    windows = render_windows(scenes, 256, top, left, 56)
+    for i, (t, c) in enumerate(zip(top.tolist(), left.tolist(), strict=True)):
+        assert torch.equal(windows[i], full[i, :, t : t + 56, c : c + 56])
+
+
+def test_the_bsr_corruption_changes_each_image_its_own_way_and_stays_in_range():
+    x = render([sample_scene(random.Random(2), ("red", "square", "blue"))] * 2, 64)
+    y = degrade_bsr(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.abs().max() <= 1
+    assert 0 < (y - x).abs().mean() < 0.2 and not torch.allclose(y[0], y[1], atol=1e-2)
+    assert torch.equal(y, degrade_bsr(x, torch.Generator().manual_seed(0)))  # the generator decides
+
+
+def test_later_stage_crops_pair_each_target_with_its_corrupted_input_mostly_on_outlines():
+    sampler = SceneSampler("cpu", 1)
+    scenes, _ = sampler.scenes(32)
+    x0, low = _later_stage_crops(scenes, 1024, 256, 64, sampler.gen)
+    assert x0.shape == low.shape == (32, 3, 64, 64) and low.abs().max() <= 1.1  # bicubic overshoots a little
+    assert (x0 - low).abs().mean() < 0.1  # the same place, corrupted
+    with_edges = sum(int(len(torch.unique(x0[i, 0])) > 2) for i in range(32))
+    assert with_edges >= 16, with_edges  # three in four are drawn on the outline
+
+
 def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
     out = tmp_path / "w"
     assert train_main(["all", "--out", str(out), "--device", "cpu", "--scale", "0.0003", "--batch", "2",
                        "--codebook-images", "1024"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res", "ar_prior"}
+    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res", "super_res_2", "ar_prior"}
     assert manifest["data_version"] == 1 and manifest["stages"]["ar_prior"]["codebook"]["components"] == 48
     for prior in ("diffusion", "ar"):
         pipe = UnCLIP(out, device="cpu", progress=False, prior=prior)
@@ -153,3 +181,6 @@ def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
         images = pipe.generate("a red circle", seed=0, decoder_steps=2, super_res_steps=2, output_type="pt",
                                **steps).images
         assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    big = pipe.generate("a red circle", seed=0, decoder_steps=2, super_res_steps=[2, 2], size=1024,
+                        output_type="pt").images  # the second upsampler, trained with the rest
+    assert big.shape == (1, 3, 1024, 1024) and torch.isfinite(big).all()

@@ -1,6 +1,7 @@
 """`python -m train STAGE [STAGE …] --out weights/default`: train the default model.
 
-Stages: `clip`, `prior`, `decoder`, `super_res`, `ar_prior` (the paper's autoregressive prior,
+Stages: `clip`, `prior`, `decoder`, `super_res`, `super_res_2` (the second upsampler, for configs
+whose super-res chain has one), `ar_prior` (the paper's autoregressive prior,
 `train.ar_prior`; optional: a model without it generates with the diffusion prior), or `all` (in
 that order). Each stage writes
 `stage-<name>.safetensors` into `--out` (matrices in fp16, vectors in fp32, to keep the shipped
@@ -27,13 +28,21 @@ from safetensors.torch import load_file, save_file
 from models.checkpoint import atomic_write, config_to_dict, load_strict
 from models.clip import ClipEncoder
 from models.configs import get_config
+from models.file_integrity import write_checksums
 from models.unclip import UnCLIPModel, chain_state_keys
 from train import stages
 from train.ar_prior import train_ar_prior
 from train.data import DATA_VERSION, HELD_OUT
 
-STAGES = ("clip", "prior", "decoder", "super_res", "ar_prior")
-REQUIRED = STAGES[:4]  # an assembled model needs these; ar_prior joins when trained
+STAGES = ("clip", "prior", "decoder", "super_res", "super_res_2", "ar_prior")
+
+
+def required_stages(cfg) -> tuple[str, ...]:
+    """The stages an assembled model needs: CLIP, prior, decoder and each super-res stage of the
+    config's chain (the AR prior joins when trained)."""
+    chain = tuple("super_res" if i == 0 else f"super_res_{i + 1}" for i in range(len(cfg.super_res)))
+    return ("clip", "prior", "decoder", *chain)
+
 log = logging.getLogger("train")
 
 
@@ -99,9 +108,10 @@ def stage_record(out: Path, name: str) -> dict:
 def assemble(out: Path, cfg) -> bool:
     """Write model.safetensors + config.json + manifest.json once every required stage file exists
     (with the AR prior when its file exists too)."""
-    if not all((out / f"stage-{s}.safetensors").is_file() for s in REQUIRED):
+    required = required_stages(cfg)
+    if not all((out / f"stage-{s}.safetensors").is_file() for s in required):
         return False
-    present = [s for s in STAGES if (out / f"stage-{s}.safetensors").is_file()]
+    present = [s for s in STAGES if (out / f"stage-{s}.safetensors").is_file() and (s in required or s == "ar_prior")]
     manifest = {"config": config_to_dict(cfg), "data_version": DATA_VERSION, "held_out": HELD_OUT,
                 "stages": {s: stage_record(out, s) for s in present}}
     state = {}
@@ -112,6 +122,7 @@ def assemble(out: Path, cfg) -> bool:
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_to_dict(cfg), indent=2)))
     atomic_write(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    write_checksums(out, ["config.json", "model.safetensors"])
     return True
 
 
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, device, out = get_config(args.config), torch.device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split_model(out)
-    todo = STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages)
+    wanted = (*required_stages(cfg), "ar_prior") if "all" in args.stages else args.stages
+    todo = tuple(s for s in STAGES if s in wanted)
     budget_share = {"super_res": 0.75, "super_res_last": 0.25}  # one budget per stage, split over its models
     settings = {
         k: dataclasses.replace(v, steps=max(1, round(v.steps * args.scale)), batch=args.batch or v.batch,
@@ -166,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "ar_prior":
             module, codebook = train_ar_prior(cfg, load_clip(out, cfg, device), settings["ar_prior"], device, seed,
                                               init, args.codebook_images)
-        else:
+        elif name == "super_res":
             module = stages.train_super_res(cfg, settings["super_res"], settings["super_res_last"], device, seed,
                                             init)
+        else:  # a later super-res stage of the chain
+            module = stages.train_super_res(cfg, settings[name], settings["super_res_last"], device, seed, init,
+                                            stage=int(name.removeprefix("super_res_")) - 1)
         save_stage(out, name, module)
         used = [settings[k] for k in settings if k == name or k.startswith(name + "_")]
         record = {

@@ -153,10 +153,12 @@ def canonical_caption(combo: tuple[str, str, str]) -> str:
     return f"a {fg} {shape} on a {bg} background"
 
 
-def _inside(scenes: SceneBatch, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool: which sample points lie inside each scene's shape."""
+def inside_shape(scenes: SceneBatch, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool: which sample points lie inside each scene's shape (points [N], the same for
+    every scene, or [B, N], each scene's own)."""
     cx, cy, r, a = (v[:, None] for v in (scenes.cx, scenes.cy, scenes.radius, scenes.angle))
-    dx, dy = xs[None] - cx, ys[None] - cy
+    xs, ys = (xs, ys) if xs.dim() == 2 else (xs[None], ys[None])
+    dx, dy = xs - cx, ys - cy
     u = torch.cos(a) * dx + torch.sin(a) * dy  # rotate into the shape's frame
     v = -torch.sin(a) * dx + torch.cos(a) * dy
     circle = dx**2 + dy**2 <= r**2
@@ -187,12 +189,31 @@ def render(
     n = size * supersample
     coords = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    cover = _inside(scenes, xs.reshape(-1), ys.reshape(-1)).float().view(len(scenes), 1, n, n)
+    cover = inside_shape(scenes, xs.reshape(-1), ys.reshape(-1)).float().view(len(scenes), 1, n, n)
     cover = torch.nn.functional.avg_pool2d(cover, supersample)  # [B, 1, size, size]
     palette = _PALETTE_RGB.to(device)
     fg, bg = palette[scenes.fg][:, :, None, None], palette[scenes.bg][:, :, None, None]
     rgb = cover * fg + (1 - cover) * bg
     return rgb / 127.5 - 1
+
+
+def render_windows(scenes: SceneBatch, size: int, top: torch.Tensor, left: torch.Tensor, crop: int,
+                   supersample: int = 2) -> torch.Tensor:
+    """Window `[top, top + crop) × [left, left + crop)` of each scene rendered at `size`×`size`
+    ([B, 3, crop, crop], the pixels `render(scenes, size)` would give there with this supersampling),
+    without rendering the rest: the training crops of a large stage at a small cost."""
+    device = scenes.fg.device
+    n = crop * supersample
+    steps = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / supersample  # within the window
+    ys = (top.float()[:, None] + steps[None]) / size  # [B, n]
+    xs = (left.float()[:, None] + steps[None]) / size
+    grid_y = ys[:, :, None].expand(-1, n, n).reshape(len(scenes), -1)
+    grid_x = xs[:, None, :].expand(-1, n, n).reshape(len(scenes), -1)
+    cover = inside_shape(scenes, grid_x, grid_y).float().view(len(scenes), 1, n, n)
+    cover = torch.nn.functional.avg_pool2d(cover, supersample)
+    palette = _PALETTE_RGB.to(device)
+    fg, bg = palette[scenes.fg][:, :, None, None], palette[scenes.bg][:, :, None, None]
+    return (cover * fg + (1 - cover) * bg) / 127.5 - 1
 
 
 def sample_batch(

@@ -39,7 +39,7 @@ from models.super_res import SuperRes, upsample_low_res
 from runtime.run_inputs import TextConditioning
 from runtime.sampling import alphas_cumprod
 from train.batches import CaptionBank, SceneSampler
-from train.data import render
+from train.data import inside_shape, render, render_windows
 
 log = logging.getLogger("train")
 
@@ -62,6 +62,7 @@ SETTINGS = {
     "decoder": TrainSettings(steps=30000, batch=128, lr=5e-4),
     "super_res": TrainSettings(steps=15000, batch=64, lr=5e-4, crop=128),
     "super_res_last": TrainSettings(steps=5000, batch=64, lr=1e-4, warmup=50, crop=128),
+    "super_res_2": TrainSettings(steps=3000, batch=32, lr=5e-4, warmup=50, log_every=25, crop=64),
     "ar_prior": TrainSettings(steps=30000, batch=512, lr=3e-4),
 }
 LAST_STEP_MAX_T = 166  # the last-step model sees t ≤ the step before the final one (7-step schedule)
@@ -306,6 +307,47 @@ def degrade(low_res: torch.Tensor, gen: torch.Generator, radius: int = 2) -> tor
     return (x + noise_std * torch.randn(x.shape, generator=gen, device=dev)).clamp(-1, 1)
 
 
+def degrade_bsr(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The paper's corruption of a later upsampler's input, beyond blur (BSR-style, as for its
+    256 → 1024 stage): per image, in this order, a Gaussian blur (σ uniform in [0.2, 1.5] pixels),
+    a downscale by a factor uniform in [1, 2] and back (bilinear, or area then bicubic), Gaussian
+    noise (std uniform in [0, 0.05]) and a JPEG round trip (quality uniform in [30, 95]).
+    [B, 3, H, W] in [−1, 1] → the same shape."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    b, _, h, w = image.shape
+    dev = image.device
+    out = []
+    for i in range(b):
+        def uniform(lo: float, hi: float) -> float:
+            return lo + (hi - lo) * float(torch.rand((), generator=gen, device=dev))
+
+        x = _blur(image[i : i + 1].float(), uniform(0.2, 1.5))
+        factor = uniform(1.0, 2.0)
+        small = (max(8, round(h / factor)), max(8, round(w / factor)))
+        if uniform(0, 1) < 0.5:
+            x = F.interpolate(F.interpolate(x, size=small, mode="bilinear", align_corners=False), size=(h, w),
+                              mode="bilinear", align_corners=False)
+        else:
+            x = F.interpolate(F.interpolate(x, size=small, mode="area"), size=(h, w), mode="bicubic",
+                              align_corners=False)
+        x = x + uniform(0.0, 0.05) * torch.randn(x.shape, generator=gen, device=dev)
+        pixels = ((x.clamp(-1, 1)[0] + 1) * 127.5).round().to(torch.uint8).cpu()
+        jpeg = decode_jpeg(encode_jpeg(pixels, quality=round(uniform(30, 95))))
+        out.append(jpeg.to(dev).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+def _blur(x: torch.Tensor, sigma: float, radius: int = 4) -> torch.Tensor:
+    """Separable Gaussian blur of [1, C, H, W] (replicated borders)."""
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-(xs**2) / (2 * sigma**2))
+    k = (k / k.sum()).repeat(x.shape[1], 1)  # [C, K]
+    x = F.pad(x, (radius,) * 4, mode="replicate")
+    x = F.conv2d(x, k[:, None, None, :], groups=x.shape[1])
+    return F.conv2d(x, k[:, None, :, None], groups=x.shape[1])
+
+
 def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator, cells: int = 3) -> list[torch.Tensor]:
     """A random crop window per image of the batch (the same for every tensor given), placed on a
     `cells`×`cells` grid of offsets from one edge to the other: every window touches an image edge
@@ -323,6 +365,37 @@ def _random_crops(images: list[torch.Tensor], crop: int, gen: torch.Generator, c
         chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
         out.append(x[batch, chans, rows, cols])
     return out
+
+
+def _later_stage_crops(scenes, size: int, small: int, crop: int, gen: torch.Generator,
+                       margin: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target crops [B, 3, crop, crop] of the scenes rendered at `size`, the same windows of their
+    `small` renders corrupted by `degrade_bsr` and upsampled to `size`). Only the windows are
+    rendered and corrupted — the small one with `margin` pixels around it, so that the blur, the
+    resampling and the upsampling see real neighbours, then cut away. Three windows in four are
+    centred near a random point of the shape's outline (where an upsampler has work to do; a window
+    inside a plain area teaches little), the others anywhere; offsets are multiples of 16 (the
+    UNet's downsampling, and the small image's pixels), clamped to the image."""
+    factor = size // small
+    b, dev = len(scenes), scenes.fg.device
+    # the outline along a random ray from the centre: the first of 64 points along it outside the shape
+    angle = 2 * math.pi * torch.rand(b, generator=gen, device=dev)
+    along = scenes.radius[:, None] * torch.linspace(0.0, 1.05, 64, device=dev)[None]  # [B, 64]
+    inside = inside_shape(scenes, scenes.cx[:, None] + along * torch.cos(angle)[:, None],
+                     scenes.cy[:, None] + along * torch.sin(angle)[:, None])
+    reach = along.gather(1, (~inside).float().argmax(1, keepdim=True))[:, 0]
+    on_edge_y = (scenes.cy + reach * torch.sin(angle)) * size - crop / 2
+    on_edge_x = (scenes.cx + reach * torch.cos(angle)) * size - crop / 2
+    anywhere = torch.rand(2, b, generator=gen, device=dev) * (size - crop)
+    edge = torch.rand(b, generator=gen, device=dev) < 0.75
+    top, left = (torch.where(edge, on_edge, free) for on_edge, free in ((on_edge_y, anywhere[0]),
+                                                                       (on_edge_x, anywhere[1])))
+    top, left = ((v.clamp(0, size - crop) / 16).floor().long() * 16 for v in (top, left))
+    x0 = render_windows(scenes, size, top, left, crop)
+    low = render_windows(scenes, small, top // factor - margin, left // factor - margin, crop // factor + 2 * margin)
+    low = upsample_low_res(degrade_bsr(low, gen), low.shape[-1] * factor)
+    keep = slice(margin * factor, margin * factor + crop)
+    return x0, low[:, :, keep, keep].contiguous()
 
 
 def train_super_res(
@@ -343,10 +416,13 @@ def train_super_res(
     def make_loss(unet: nn.Module, t_max: int, s: TrainSettings) -> Callable[[int], torch.Tensor]:
         def loss_fn(step: int) -> torch.Tensor:
             scenes, _ = sampler.scenes(s.batch)
-            x0 = render(scenes, size)
-            low = upsample_low_res(degrade(render(scenes, small), sampler.gen), size)
-            if s.crop is not None and s.crop < size:
-                x0, low = _random_crops([x0, low], s.crop, sampler.gen)
+            if stage == 0:  # the decoder's 64² image: blur and a little noise (the paper's first upsampler)
+                x0 = render(scenes, size)
+                low = upsample_low_res(degrade(render(scenes, small), sampler.gen), size)
+                if s.crop is not None and s.crop < size:
+                    x0, low = _random_crops([x0, low], s.crop, sampler.gen)
+            else:  # a later stage: the BSR-style corruption, and only the crops rendered at the full size
+                x0, low = _later_stage_crops(scenes, size, small, s.crop or size, sampler.gen)
             t = torch.randint(0, t_max, (s.batch,), device=device)
             x_t, eps = _noised(x0, t, ac)
             x_in = torch.cat([x_t, low], 1).contiguous(memory_format=torch.channels_last)
@@ -354,7 +430,8 @@ def train_super_res(
 
         return loss_fn
 
-    first, _ = _fit(sr.first_steps, settings, make_loss(sr.first_steps, len(ac), settings), "super_res")
+    name = "super_res" if stage == 0 else f"super_res_{stage + 1}"
+    first, _ = _fit(sr.first_steps, settings, make_loss(sr.first_steps, len(ac), settings), name)
     sr.first_steps = first
     if sr.last_step is None:  # the stage runs its last step with the same UNet
         return sr
