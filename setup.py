@@ -14,7 +14,7 @@ def cuda_extensions() -> tuple[list, dict]:
     """The fused CUDA kernels (cpp_ext/), when torch with CUDA and nvcc are importable/present at build
     time: `pip install --no-build-isolation .` or `python setup.py build_ext --inplace`. Under pip's
     default build isolation torch is absent, so a plain install stays pure Python and the runtime
-    uses its torch reference (runtime.update says which runs). UNCLIP_RT_NO_CUDA_EXT=1 skips it."""
+    uses its torch reference (runtime.sampling.update says which runs). UNCLIP_RT_NO_CUDA_EXT=1 skips it."""
     if os.environ.get("UNCLIP_RT_NO_CUDA_EXT"):
         return [], {}
     try:

@@ -39,7 +39,7 @@ from benchmarks.timing import ForwardTimer, forward_flops, graph_ms, matmul_peak
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
 from models.unclip import UnCLIPModel  # noqa: E402
-from runtime.signatures import super_res_stages  # noqa: E402
+from runtime.backends.signatures import super_res_stages  # noqa: E402
 
 PROMPT = "a high-resolution photograph of a red fox sitting in fresh snow"
 def stage_rows(cfg) -> dict[str, int]:
@@ -94,7 +94,7 @@ def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
 
 def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> dict:
     from runtime import UnCLIP
-    from runtime.update import implementation
+    from runtime.sampling.update import implementation
 
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs)
     weights = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
@@ -147,7 +147,7 @@ def _loop_ms(pipe, n: int) -> dict[str, float]:
 
 def _cache_savings(pipe, model: UnCLIPModel) -> dict[str, float]:
     """Per-forward ms of the whole prior/decoder networks against their cached-context steps (batch 2)."""
-    from runtime.engines import TorchEngine
+    from runtime.backends.engines import TorchEngine
 
     out = {}
     for whole, step in (("prior", "prior_step"), ("decoder", "decoder_step")):

@@ -2,7 +2,7 @@
 (`python setup.py build_ext --inplace`, or `pip install --no-build-isolation -e .`).
 
 `kernels` is the compiled module, or None when it was not built (a CPU-only install, or no nvcc):
-then `runtime.update` runs its torch reference instead, and `runtime.update.implementation()` says
+then `runtime.sampling.update` runs its torch reference instead, and `runtime.sampling.update.implementation()` says
 which one runs.
 """
 

@@ -28,8 +28,8 @@ from export.check import check_graph
 from export.onnx_export import OPSET, export_stage
 from models.configs import get_config
 from models.unclip import UnCLIPModel
+from runtime.backends.signatures import available_stages, signatures
 from runtime.constants import ModelConstants
-from runtime.signatures import available_stages, signatures
 
 log = logging.getLogger("export")
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max relative error of a graph against the fp32 torch module

@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from models.unclip import UnCLIPModel
-from runtime.signatures import StageSignature, stage_module
+from runtime.backends.signatures import StageSignature, stage_module
 
 
 def max_relative_error(got: np.ndarray, ref: np.ndarray) -> float:

@@ -19,9 +19,9 @@ import torch
 from models.checkpoint import atomic_write, config_to_dict, weights_sha256
 from models.file_integrity import sha256_file, sha256_json
 from models.unclip import UnCLIPModel
+from runtime.backends.engines import MANIFEST, MANIFEST_FORMAT, normalise_config
+from runtime.backends.signatures import StageSignature
 from runtime.constants import FILE as CONSTANTS
-from runtime.engines import MANIFEST, MANIFEST_FORMAT, normalise_config
-from runtime.signatures import StageSignature
 
 __all__ = ["MANIFEST", "weights_sha256"]  # re-exported: the build side names them from here
 

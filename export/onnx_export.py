@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from models.unclip import UnCLIPModel
-from runtime.signatures import StageSignature, stage_module
+from runtime.backends.signatures import StageSignature, stage_module
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole graph

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.signatures import StageSignature
+from runtime.backends.signatures import StageSignature
 
 
 def available() -> bool:

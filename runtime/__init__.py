@@ -5,8 +5,8 @@ The noise types are exported for replaying a run exactly: `UnCLIP.draw_noise` gi
 `generate(..., noise=...)` takes.
 """
 
-from runtime.ar_sampling import ARNoise
 from runtime.pipeline import UnCLIP, UnCLIPOutput
-from runtime.run_inputs import SamplingNoise, StageNoise
+from runtime.sampling.ar_loop import ARNoise
+from runtime.sampling.inputs import SamplingNoise, StageNoise
 
 __all__ = ["ARNoise", "SamplingNoise", "StageNoise", "UnCLIP", "UnCLIPOutput"]

@@ -1,5 +1,5 @@
 """Command line: `python -m runtime "a prompt" -o out.png [options]`, and the image tools
-`python -m runtime variations|interpolate|text-diff|invert …` (see `runtime.tools_cli`).
+`python -m runtime variations|interpolate|text-diff|invert …` (see `runtime.cli.tools`).
 
 Loads a model (the shipped default, `--model DIR` in our format, `--karlo DIR`, or
 `--diffusers DIR`), generates,
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from runtime.cli_common import as_cli_message, check_writable, output_paths
+from runtime.cli.common import as_cli_message, check_writable, output_paths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,8 +66,8 @@ def _one_or_each(values: list[int] | None) -> int | list[int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     from models.checkpoint import atomic_write
+    from runtime.cli.tools import TOOLS, run
     from runtime.pipeline import UnCLIP
-    from runtime.tools_cli import TOOLS, run
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOLS:  # `python -m runtime variations IMAGE …` and the other image tools

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from models.configs import UnCLIPConfig
-from runtime.run_inputs import StageNoise
+from runtime.sampling.inputs import StageNoise
 
 MAX_GUIDANCE = 1000.0  # beyond this the guided difference overflows in fp16 and fp32 sampling math
 CPU_CHUNK, CUDA_CHUNK = 16, 64  # images per network call when the caller set no max_batch

@@ -13,11 +13,11 @@ import torch
 
 from models.configs import DiffusionConfig
 from models.layers import work_dtype
+from runtime.backends.engines import Engine
 from runtime.constants import ModelConstants
-from runtime.engines import Engine
-from runtime.loops import decoder_conditioning, progress_bar, timesteps_at
-from runtime.run_inputs import TextConditioning
-from runtime.sampling import StepTable, classifier_free_guidance
+from runtime.sampling.inputs import TextConditioning
+from runtime.sampling.loops import decoder_conditioning, progress_bar, timesteps_at
+from runtime.sampling.schedules import StepTable, classifier_free_guidance
 
 _EPS = 1e-7
 

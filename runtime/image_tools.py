@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import edits, loops
+from runtime import edits
 from runtime.batch_invariance import row_invariant
 from runtime.call_limits import check_noise
 from runtime.images import load_images, resize_batch
 from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
-from runtime.run_inputs import SamplingNoise, StageNoise, TextConditioning
-from runtime.sampling import make_step_table
+from runtime.sampling import loops
+from runtime.sampling.inputs import SamplingNoise, StageNoise, TextConditioning
+from runtime.sampling.schedules import make_step_table
 from runtime.serial import serialised
 from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
 

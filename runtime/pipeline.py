@@ -5,7 +5,7 @@
     pipe = UnCLIP(engine_dir="engines/default", backend="onnxruntime")   # the exported engines
     pipe = UnCLIP(prior="ar")                            # the paper's autoregressive prior
 
-Every stage runs through an `Engine` (`runtime.engines`): the torch modules, or the engines of
+Every stage runs through an `Engine` (`runtime.backends.engines`): the torch modules, or the engines of
 a folder built by `python -m export.build_engines`; the sampling loops do not know which.
 
 Every argument is checked here, at the boundary, so bad input fails with a clear message
@@ -30,21 +30,21 @@ from models.configs import DiffusionConfig, UnCLIPConfig, with_prior_clip_range
 from models.file_integrity import CHECKSUMS, IntegrityError, read_checksums, verify_files
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
-from runtime import loops
-from runtime.ar_sampling import ARNoise, ARSettings, sample_ar_prior
-from runtime.backends import choose_backend, open_engines
+from runtime.backends.choose import choose_backend, open_engines
+from runtime.backends.engines import Engine
+from runtime.backends.signatures import super_res_stages
 from runtime.batch_invariance import row_invariant
 from runtime.call_limits import MAX_GUIDANCE, check_host_memory, check_noise, default_chunk, host_bytes_per_image
 from runtime.constants import ModelConstants
-from runtime.engines import Engine
-from runtime.graphs import GraphCache
 from runtime.image_tools import ImageTools
-from runtime.loops import PendingChecks
 from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
-from runtime.run_inputs import SamplingNoise, StageNoise, TextConditioning, to_device
-from runtime.sampling import StepTable, make_step_table
+from runtime.sampling import loops
+from runtime.sampling.ar_loop import ARNoise, ARSettings, sample_ar_prior
+from runtime.sampling.graphs import GraphCache
+from runtime.sampling.inputs import SamplingNoise, StageNoise, TextConditioning, to_device
+from runtime.sampling.loops import PendingChecks
+from runtime.sampling.schedules import StepTable, make_step_table
 from runtime.serial import serialised
-from runtime.signatures import super_res_stages
 from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ def _engines_for(
 ) -> tuple[dict[str, Engine], ModelConstants, torch.dtype, int | None]:
     """The engines of a folder checked against `model`, its constants, its precision and the most
     images per call its engines take (TensorRT plans: the `--max-batch` they were built for)."""
-    from runtime.engines import EngineFolder
+    from runtime.backends.engines import EngineFolder
 
     folder = EngineFolder.open(engine_dir)
     folder.check_model(model)

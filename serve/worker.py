@@ -237,7 +237,7 @@ class ImageWorker:
             out = self.pipe.variations(job.image, job.n, seed=job.seed, steps=job.steps,
                                        decoder_guidance_scale=job.decoder_guidance_scale, output_type="pil")
             return [out.images]
-        from runtime.run_inputs import SamplingNoise
+        from runtime.sampling.inputs import SamplingNoise
 
         prior, call = key[0], dict(key[1])
         pipe = self.pipes[prior]

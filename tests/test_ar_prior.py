@@ -15,7 +15,7 @@ from export.build_engines import build
 from models.configs import TINY, ARPriorConfig
 from models.unclip import UnCLIPModel
 from runtime import UnCLIP
-from runtime.ar_sampling import ARSettings, draw_codes, similarity_tokens
+from runtime.sampling.ar_loop import ARSettings, draw_codes, similarity_tokens
 from tests.metrics import psnr
 from train.ar_prior import fit_codebook
 

@@ -16,7 +16,7 @@ import torch
 
 from export import build_engines
 from runtime import UnCLIP
-from runtime.engines import EngineError, EngineFolder
+from runtime.backends.engines import EngineError, EngineFolder
 from runtime.pipeline import DEFAULT_MODEL, load_folder
 from tests.metrics import psnr
 
@@ -152,7 +152,7 @@ def test_a_rebuild_that_dies_midway_leaves_a_folder_the_runtime_refuses(default_
 
 
 def test_tensorrt_plans_of_another_version_or_gpu_are_refused(monkeypatch):
-    from runtime import tensorrt_engine
+    from runtime.backends import tensorrt as tensorrt_engine
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0"))
     manifest = {"versions": {"tensorrt": "10.8.0"}, "compute_capability": "9.0"}

@@ -9,8 +9,8 @@ import torch
 
 from models.fused.unet_forward import emb_linears, embedding_projections
 from models.unet import context_heads
-from runtime.engines import TorchEngine
-from runtime.signatures import signatures
+from runtime.backends.engines import TorchEngine
+from runtime.backends.signatures import signatures
 from tests.diffusers_reference import max_rel_err
 
 

@@ -13,7 +13,7 @@ from export import onnx_export
 from export.build_engines import TOLERANCE, BuildError, build, main
 from export.check import check_graph
 from export.manifest import weights_sha256
-from runtime.signatures import BATCH, available_stages, signatures, stage_module
+from runtime.backends.signatures import BATCH, available_stages, signatures, stage_module
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_the_shipped_default_model_exports_and_every_graph_checks(default_engine
 
 
 def test_onnxruntime_engines_match_torch_engines_and_refuse_other_weights(random_model, tmp_path):
-    from runtime.engines import EngineError, TorchEngine, load_onnxruntime_engines
+    from runtime.backends.engines import EngineError, TorchEngine, load_onnxruntime_engines
 
     stages = ["prior", "decoder", "super_res_last"]
     build(random_model, tmp_path, ["onnxruntime"], stages=stages)

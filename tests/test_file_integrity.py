@@ -14,7 +14,7 @@ import pytest
 from export.check import max_relative_error
 from models.file_integrity import IntegrityError, sha256_json
 from runtime import UnCLIP
-from runtime.engines import EngineError
+from runtime.backends.engines import EngineError
 from runtime.pipeline import DEFAULT_MODEL, load_folder
 
 

@@ -21,7 +21,7 @@ from models.checkpoint import CheckpointError
 from models.config_schema import ConfigError
 from models.file_integrity import IntegrityError
 from runtime import UnCLIP
-from runtime.engines import EngineError
+from runtime.backends.engines import EngineError
 from runtime.pipeline import DEFAULT_MODEL, load_folder
 
 pytestmark = pytest.mark.slow

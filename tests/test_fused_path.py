@@ -167,7 +167,7 @@ def test_the_fused_prior_step_gives_the_reference_step(emulated, monkeypatch, ba
 
 
 def test_the_runtime_stages_run_the_fused_path_end_to_end(emulated):
-    """The runtime's step stages (`runtime.signatures`) call the fused path: with the kernels
+    """The runtime's step stages (`runtime.backends.signatures`) call the fused path: with the kernels
     emulated, the default model's images are the reference's to float32 rounding, and the
     kernels were called."""
     from runtime import UnCLIP

@@ -17,7 +17,7 @@ from diffusers.schedulers import scheduling_unclip
 
 from models.clip import KarloTokenizer
 from runtime import UnCLIP
-from runtime.run_inputs import SamplingNoise, StageNoise
+from runtime.sampling.inputs import SamplingNoise, StageNoise
 from tests.diffusers_reference import max_rel_err
 
 PROMPTS = ["a red circle on a blue background", "two small green squares, side by side", ""]

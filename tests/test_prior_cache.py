@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.build_engines import build
-from runtime.engines import load_onnxruntime_engines
+from runtime.backends.engines import load_onnxruntime_engines
 
 
 def _inputs(prior, batch: int, seed: int):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from runtime import UnCLIP
 from runtime.images import load_images, resize_batch
-from runtime.loops import NumericalError
+from runtime.sampling.loops import NumericalError
 
 FAST = {"prior_steps": 2, "decoder_steps": 2, "super_res_steps": 2}
 

@@ -1,4 +1,4 @@
-"""runtime/sampling.py: schedule, respacing and the reverse step against diffusers'
+"""runtime/sampling/schedules.py: schedule, respacing and the reverse step against diffusers'
 `UnCLIPScheduler`, against Karlo's respacing rule, and DDIM's defining properties."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from diffusers import UnCLIPScheduler
 from diffusers.schedulers import scheduling_unclip
 
 from models.configs import DiffusionConfig
-from runtime.sampling import alphas_cumprod, denoise_step, make_step_table, respaced_timesteps
+from runtime.sampling.schedules import alphas_cumprod, denoise_step, make_step_table, respaced_timesteps
 from tests.diffusers_reference import max_rel_err
 
 PRIOR = DiffusionConfig("sample", "fixed_small_log", 5.0)
@@ -124,4 +124,4 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         make_step_table(SUPER_RES, 5, "ddim", eta=float("nan"))
     with pytest.raises(ValueError):
-        alphas_cumprod("linear", 1000)
+        alphas_cumprod("scaled_linear", 1000)  # neither of the two schedules

@@ -18,7 +18,7 @@ from models.configs import TINY, DiffusionConfig, SuperResConfig, UnCLIPConfig, 
 from models.unclip import UnCLIPModel, chain_state_keys
 from runtime import UnCLIP
 from runtime.__main__ import main as cli_main
-from runtime.signatures import available_stages, generate_stages
+from runtime.backends.signatures import available_stages, generate_stages
 from tests.metrics import psnr
 
 FAST = {"prior_steps": 2, "decoder_steps": 2, "output_type": "pt"}
@@ -176,7 +176,7 @@ def test_the_paper_config_has_the_papers_second_upsampler():
     the paper's 300M) on DDPM's linear schedule (ᾱ from 0.9999 down to 4.0e-5)."""
     from models.configs import get_config
     from models.super_res import SuperRes
-    from runtime.sampling import alphas_cumprod
+    from runtime.sampling.schedules import alphas_cumprod
 
     cfg = get_config("paper")
     assert cfg.image_sizes == (64, 256, 1024) and cfg.super_res[1].steps == 15

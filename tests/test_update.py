@@ -1,4 +1,4 @@
-"""The one-call step update (`runtime.update`): its torch reference equals guidance followed by
+"""The one-call step update (`runtime.sampling.update`): its torch reference equals guidance followed by
 `sampling.denoise_step` for every prediction/variance kind, records the first non-finite step,
 and writes the next network input; the CUDA kernel is compared with it in tests/gpu/test_guided_update.py."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.configs import DiffusionConfig
-from runtime.sampling import classifier_free_guidance, denoise_step, make_step_table
-from runtime.update import COLUMNS, UpdateSpec, guided_update, implementation, packed_coefficients
+from runtime.sampling.schedules import classifier_free_guidance, denoise_step, make_step_table
+from runtime.sampling.update import COLUMNS, UpdateSpec, guided_update, implementation, packed_coefficients
 
 KINDS = {
     "prior": (DiffusionConfig("sample", "fixed_small_log", 5.0), (3, 32)),

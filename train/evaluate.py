@@ -58,8 +58,8 @@ def _synchronize(pipe: UnCLIP) -> None:
 def prior_seconds_per_image(pipe: UnCLIP, prompts: list[str], batch: int, **prior_kwargs) -> float:
     """Seconds per image of the prior alone (text encoding included), after a warm-up batch: the
     loops `generate` runs, on the same prompts in the same batches."""
-    from runtime.ar_sampling import ARSettings
-    from runtime.sampling import make_step_table
+    from runtime.sampling.ar_loop import ARSettings
+    from runtime.sampling.schedules import make_step_table
 
     cfg = pipe.cfg
     sampling = cfg.sampling.with_overrides(**{k: v for k, v in prior_kwargs.items() if k.startswith("prior_")})
@@ -122,8 +122,8 @@ def evaluate(pipe: UnCLIP, seeds: int = 4, batch: int = 16, **generate_kwargs) -
 def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float | None = None) -> dict:
     """Diagnostic: decoder + super-res from the CLIP image embeddings of rendered held-out scenes
     (the prior bypassed), read from pixels; separates prior errors from decoder errors."""
-    from runtime.loops import sample_decoder
-    from runtime.sampling import make_step_table
+    from runtime.sampling.loops import sample_decoder
+    from runtime.sampling.schedules import make_step_table
 
     decoder_guidance_scale = pipe.cfg.sampling.with_overrides(
         decoder_guidance_scale=decoder_guidance_scale).decoder_guidance_scale

@@ -4,7 +4,7 @@ One function per stage, each a plain loop: draw a batch of scenes and caption in
 device (`train.batches`), render it there, compute the stage's loss (bf16 autocast on CUDA),
 step AdamW, keep an fp32 EMA of the weights (the EMA weights are what ships). Captions are
 tokenised once, and for the stages that condition on a frozen CLIP, encoded once. Diffusion
-stages use the same schedule as sampling (`runtime.sampling`).
+stages use the same schedule as sampling (`runtime.sampling.schedules`).
 
 - CLIP: open_clip's `CLIP` trained contrastively (symmetric cross-entropy, learned temperature).
 - Prior: x0-prediction MSE in standardised CLIP-image space; text dropped 20% for guidance.
@@ -36,8 +36,8 @@ from models.configs import UnCLIPConfig
 from models.decoder import Decoder
 from models.prior import Prior
 from models.super_res import SuperRes, upsample_low_res
-from runtime.run_inputs import TextConditioning
-from runtime.sampling import alphas_cumprod
+from runtime.sampling.inputs import TextConditioning
+from runtime.sampling.schedules import alphas_cumprod
 from train.batches import CaptionBank, SceneSampler
 from train.data import inside_shape, render, render_windows
 

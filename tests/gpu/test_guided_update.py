@@ -1,5 +1,5 @@
 """The fused per-step update kernel (`cpp_ext/guided_update.cu`) against its torch reference
-(`runtime.update`): every stage's update, guided or not, in each output dtype, repeatable to the
+(`runtime.sampling.update`): every stage's update, guided or not, in each output dtype, repeatable to the
 bit; the first non-finite step recorded. Skipped without a CUDA GPU and a built `cpp_ext`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 
 import cpp_ext
 from models.configs import DiffusionConfig
-from runtime.sampling import make_step_table
-from runtime.update import UpdateSpec, guided_update, implementation, packed_coefficients
+from runtime.sampling.schedules import make_step_table
+from runtime.sampling.update import UpdateSpec, guided_update, implementation, packed_coefficients
 from tests.gpu.common import needs_kernel, rel
 
 pytestmark = pytest.mark.gpu

@@ -46,8 +46,8 @@ def test_fp16_default_model_matches_fp32_on_the_same_noise():
 @torch.no_grad()
 def test_karlo_size_stages_in_fp16_stay_within_1e2_of_fp32():
     from export.build_engines import random_model
-    from runtime.engines import TorchEngine
-    from runtime.signatures import signatures
+    from runtime.backends.engines import TorchEngine
+    from runtime.backends.signatures import signatures
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

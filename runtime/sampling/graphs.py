@@ -1,7 +1,7 @@
 """CUDA graphs of whole sampling loops: captured once per (stage, settings, input shapes), then
 replayed with new inputs copied into the captured static buffers.
 
-A loop (`runtime.loops`) is a function of tensors with no host sync, so the whole thing — the
+A loop (`runtime.sampling.loops`) is a function of tensors with no host sync, so the whole thing — the
 stage's context engine, every step's network call, the fused update and the non-finite check —
 becomes one graph: one launch per stage per call instead of thousands of kernel launches, and no
 Python between steps. Every graph of a cache shares one memory pool (loops never run concurrently;

@@ -1,5 +1,5 @@
 """What every backend shares: the `Engine` interface, `EngineError`, and the casting of a stage's
-inputs to an engine's float dtype (used by `runtime.engines` and `runtime.tensorrt_engine`)."""
+inputs to an engine's float dtype (used by `runtime.backends.engines` and `runtime.backends.tensorrt`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from runtime.signatures import StageSignature
+from runtime.backends.signatures import StageSignature
 
 
 class EngineError(RuntimeError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import cpp_ext
-from runtime.sampling import StepTable, classifier_free_guidance, update_step
+from runtime.sampling.schedules import StepTable, classifier_free_guidance, update_step
 
 # Columns of `packed_coefficients` (the order the CUDA kernel reads them in).
 COLUMNS = ("x0_from_xt", "x0_from_eps", "eps_from_xt", "eps_from_x0", "coef_xt", "coef_x0", "coef_eps", "sigma",

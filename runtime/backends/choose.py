@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from models.unclip import UnCLIPModel
-from runtime.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
-from runtime.signatures import available_stages, generate_stages
+from runtime.backends.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
+from runtime.backends.signatures import available_stages, generate_stages
 
 
 def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.device) -> str:

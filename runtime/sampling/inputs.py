@@ -78,7 +78,7 @@ class StageNoise:
 @dataclass(frozen=True)
 class SamplingNoise:
     """The noise of one text→image run, per stage (a stage may be None when it does not run); the
-    prior's is an `runtime.ar_sampling.ARNoise` for the autoregressive prior. `super_res` holds one
+    prior's is an `runtime.sampling.ar_loop.ARNoise` for the autoregressive prior. `super_res` holds one
     `StageNoise` per super-res stage that runs, in the chain's order (a single `StageNoise` is
     taken as a chain of one)."""
 

@@ -55,7 +55,7 @@ def run(argv: list[str]) -> list[str]:
     from safetensors.torch import save_file
 
     from models.checkpoint import atomic_write
-    from runtime.cli_common import output_paths
+    from runtime.cli.common import output_paths
     from runtime.pipeline import UnCLIP
 
     args = parse(argv)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.engine_base import EngineError, cast_inputs
-from runtime.signatures import StageSignature
+from runtime.backends.engine import EngineError, cast_inputs
+from runtime.backends.signatures import StageSignature
 
 
 def _tensorrt():

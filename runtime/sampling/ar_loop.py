@@ -1,7 +1,7 @@
 """Sampling the autoregressive prior: the similarity token, then one code per step with
 temperature, top-k and top-p, against a K/V cache; codes → CLIP image embeddings.
 
-Like the diffusion loops (`runtime.loops`), the loop is a function of tensors with no host sync
+Like the diffusion loops (`runtime.sampling.loops`), the loop is a function of tensors with no host sync
 (captured whole as a CUDA graph on CUDA) and all its randomness is drawn before it starts
 (`ARNoise`: one uniform per draw, on the CPU, so a seed gives the same codes on any device and
 backend). A code is drawn by inverting the cumulative distribution **in code order** over the
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.backends.engines import Engine
 from runtime.constants import ModelConstants
-from runtime.engines import Engine
-from runtime.graphs import GraphCache
-from runtime.loops import PendingChecks, check_finite, progress_bar
-from runtime.run_inputs import TextConditioning, to_device
+from runtime.sampling.graphs import GraphCache
+from runtime.sampling.inputs import TextConditioning, to_device
+from runtime.sampling.loops import PendingChecks, check_finite, progress_bar
 from runtime.validate import check_int
 
 

@@ -2,10 +2,10 @@
 `update.guided_update`, and the noise they consume.
 
 What a run consumes (text conditioning, `StageNoise`/`SamplingNoise`) lives in
-`runtime.run_inputs`.
+`runtime.sampling.inputs`.
 
-The loops call stage engines (`runtime.engines.Engine`: torch modules, ONNX Runtime sessions or
-TensorRT plans, all with the positional I/O of `runtime.signatures`) and never know which
+The loops call stage engines (`runtime.backends.engines.Engine`: torch modules, ONNX Runtime sessions or
+TensorRT plans, all with the positional I/O of `runtime.backends.signatures`) and never know which
 backend runs; what they need besides the networks comes from `ModelConstants`.
 
 All noise of a run is drawn before the loops start (`SamplingNoise`), so the loops hold no
@@ -14,7 +14,7 @@ can inject its own. Engines run in their own dtype (they cast float inputs); sam
 stay float32 (float64 when the engines are float64, for reference checks).
 
 Each loop is a function of tensors only (conditioning, noise, step coefficients, guidance scale)
-with no host sync, so on CUDA `runtime.graphs.GraphCache` captures the whole loop (context stage
+with no host sync, so on CUDA `runtime.sampling.graphs.GraphCache` captures the whole loop (context stage
 and every step) once per shape and replays it; without a cache the same function runs eagerly.
 The non-finite check runs on the device and is read once, after the loop.
 """
@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from models.configs import DiffusionConfig
 from models.layers import work_dtype
 from models.super_res import upsample_low_res
+from runtime.backends.engines import Engine
 from runtime.constants import ModelConstants
-from runtime.engines import Engine
-from runtime.graphs import GraphCache
-from runtime.run_inputs import StageNoise, TextConditioning
-from runtime.sampling import StepTable
-from runtime.update import UpdateSpec, guided_update, network_input, packed_coefficients
+from runtime.sampling.graphs import GraphCache
+from runtime.sampling.inputs import StageNoise, TextConditioning
+from runtime.sampling.schedules import StepTable
+from runtime.sampling.update import UpdateSpec, guided_update, network_input, packed_coefficients
 
 # The prior steps at which a new CUDA graph of its loop begins (see sample_prior): graphs of
 # steps [0, 3) with the context, [3, 8), [8, 15) and [15, n).

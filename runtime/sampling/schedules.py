@@ -182,7 +182,7 @@ def update_step(
 ) -> torch.Tensor:
     """`denoise_step` given the step's coefficients by name (`coef("x0_from_eps")` → a 0-d tensor, one of
     the `StepTable` fields): the one place the update's math is written, shared by `denoise_step`
-    and `runtime.update.reference_update` (which reads a packed row)."""
+    and `runtime.sampling.update.reference_update` (which reads a packed row)."""
     work = torch.promote_types(x_t.dtype, torch.float32)
     x_t = x_t.to(work)
     out = model_out.to(work)

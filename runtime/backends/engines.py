@@ -1,7 +1,7 @@
 """One `Engine` interface over the backends that can run a stage: `torch` (the modules),
 `onnxruntime` (the graphs of `python -m export.build_engines`; CPU provider, or the CUDA
 provider with I/O binding on device tensors when onnxruntime-gpu is installed) and `tensorrt`
-(the plans, see `runtime.tensorrt_engine`).
+(the plans, see `runtime.backends.tensorrt`).
 
 An engine takes the stage's inputs positionally, in the order of its `StageSignature`, as torch
 tensors (float inputs in any float dtype: the engine casts them to its own `float_dtype`), and
@@ -26,9 +26,9 @@ from models.checkpoint import config_from_dict, config_to_dict, weights_sha256
 from models.configs import UnCLIPConfig
 from models.file_integrity import IntegrityError, sha256_json, verify_files
 from models.unclip import UnCLIPModel
+from runtime.backends.engine import Engine, EngineError, cast_inputs
+from runtime.backends.signatures import StageSignature, signatures, stage_module
 from runtime.constants import ModelConstants
-from runtime.engine_base import Engine, EngineError, cast_inputs
-from runtime.signatures import StageSignature, signatures, stage_module
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
 # Bumped when the folder layout changes; older folders are refused (2: split prior, 3: split decoder,
@@ -211,7 +211,7 @@ class EngineFolder:
                 for name in self.stages}
 
     def tensorrt_engines(self, device: torch.device) -> dict[str, Engine]:
-        from runtime import tensorrt_engine
+        from runtime.backends import tensorrt as tensorrt_engine
 
         if not self.has_plans():
             raise EngineError(f"{self.path}: has no TensorRT plans; build them with {self.rebuild_command} "
