@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from export.build_engines import random_model  # noqa: E402
-from runtime.backends.engines import UNET_STAGES  # noqa: E402
+from runtime.backends.engines import is_unet_stage  # noqa: E402
 from runtime.backends.signatures import signatures, stage_module  # noqa: E402
 
 ROWS = {"prior_step": 2, "prior_context": 2, "decoder_step": 2, "decoder_context": 2, "super_res_first": 1,
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                 print(name, variant, json.dumps(row[variant]), flush=True)
             if args.profile:
-                if name in UNET_STAGES:
+                if is_unet_stage(name):
                     module.to(memory_format=torch.channels_last)
                     inputs = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs]
                 print(profile(module, inputs), flush=True)
