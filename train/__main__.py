@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": previous.get("rounds", 1) + (1 if previous and init is not None else 0),
             "previous": previous if init is not None else None,
             "seed": seed, "seconds": round(time.time() - start, 1), "settings": [dataclasses.asdict(s) for s in used],
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
             "torch": torch.__version__,
             **({"codebook": codebook} if name == "ar_prior" else {}),
         }

@@ -372,7 +372,8 @@ def _later_stage_crops(scenes, size: int, small: int, crop: int, gen: torch.Gene
     """(target crops [B, 3, crop, crop] of the scenes rendered at `size`, the same windows of their
     `small` renders corrupted by `degrade_bsr` and upsampled to `size`). Only the windows are
     rendered and corrupted — the small one with `margin` pixels around it, so that the blur, the
-    resampling and the upsampling see real neighbours, then cut away. Three windows in four are
+    resampling and the upsampling see real neighbours, then cut away. Both get one random colour
+    gain and offset per image and channel. Three windows in four are
     centred near a random point of the shape's outline (where an upsampler has work to do; a window
     inside a plain area teaches little), the others anywhere; offsets are multiples of 16 (the
     UNet's downsampling, and the small image's pixels), clamped to the image."""
@@ -393,6 +394,11 @@ def _later_stage_crops(scenes, size: int, small: int, crop: int, gen: torch.Gene
     top, left = ((v.clamp(0, size - crop) / 16).floor().long() * 16 for v in (top, left))
     x0 = render_windows(scenes, size, top, left, crop)
     low = render_windows(scenes, small, top // factor - margin, left // factor - margin, crop // factor + 2 * margin)
+    # the same random colour shift of both: an upsampler keeps its input's colours, which the stage
+    # before it never gets exactly right (a model shown only the palette's overshoots off it)
+    gain = 1 + 0.2 * (2 * torch.rand(b, 3, 1, 1, generator=gen, device=dev) - 1)
+    offset = 0.2 * (2 * torch.rand(b, 3, 1, 1, generator=gen, device=dev) - 1)
+    x0, low = ((v * gain + offset).clamp(-1, 1) for v in (x0, low))
     low = upsample_low_res(degrade_bsr(low, gen), low.shape[-1] * factor)
     keep = slice(margin * factor, margin * factor + crop)
     return x0, low[:, :, keep, keep].contiguous()
