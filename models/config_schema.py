@@ -110,7 +110,8 @@ def _chain_from_one_stage(data):
     steps = sampling.pop("super_res_steps", 7) if isinstance(sampling, dict) else 7
     if sampling is not None:
         data["sampling"] = sampling
-    data["super_res"] = [{"unet": data["super_res"], "steps": steps, "last_step_model": True}]
+    data["super_res"] = [{"unet": data["super_res"], "steps": steps, "last_step_model": True, "tile": None,
+                          "tile_overlap": 16}]
     return data
 
 

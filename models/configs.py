@@ -151,6 +151,11 @@ class SuperResConfig:
     unet: UNetConfig
     steps: int = 7
     last_step_model: bool = True
+    # Run the UNet on `tile`×`tile` tiles overlapping by `tile_overlap` pixels, blended, instead of
+    # the whole image (None): for a stage trained on crops, whose group norms must see crop-sized
+    # statistics; tiles also bound the memory of a large stage.
+    tile: int | None = None
+    tile_overlap: int = 16
 
     @property
     def image_size(self) -> int:
@@ -243,6 +248,12 @@ def check_consistent(cfg: UnCLIPConfig) -> None:
             problems.append(f"super_res[{i}] has no text conditioning: its unet.context_width must be null")
         if stage.steps < 2:
             problems.append(f"super_res[{i}].steps must be at least 2")
+        if stage.tile is not None:
+            step = 2 ** (len(stage.unet.channel_mult) - 1)
+            if not (0 < stage.tile <= stage.image_size and stage.tile % step == 0
+                    and 0 <= stage.tile_overlap < stage.tile // 2):
+                problems.append(f"super_res[{i}].tile must be a multiple of {step} up to the image size, its "
+                                "overlap under half of it")
         previous = stage.image_size
     stage_unets = [(f"super_res[{i}].unet", stage.unet) for i, stage in enumerate(cfg.super_res)]
     if cfg.sampling.image_size is not None and cfg.sampling.image_size not in (
@@ -387,15 +398,15 @@ DEFAULT = UnCLIPConfig(
 
 # The default model with the paper's second upsampler, 256 → 1024 (its last stage): fully
 # convolutional, no text, three levels, its last step run by the same UNet, trained on crops
-# (train/stages.py). Four steps: at 1024² each costs 16 times a 256² step of the first stage, so
-# images are 256² unless asked for 1024² (`size=1024`). Not shipped yet: trained on 64² crops, it
-# is wrong on whole 1024² images (docs/default-model.md).
+# (train/stages.py) and so run on tiles of the crops' size (its group norms are wrong on whole
+# images: docs/default-model.md). Four steps: at 1024² each costs 16 times a 256² step of the
+# first stage, so images are 256² unless asked for 1024² (`size=1024`). Not shipped yet.
 DEFAULT_1024 = replace(
     DEFAULT, name="default-1024",
     super_res=(*DEFAULT.super_res, SuperResConfig(UNetConfig(
         image_size=1024, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2),
         num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
-    ), steps=4, last_step_model=False)),
+    ), steps=4, last_step_model=False, tile=64, tile_overlap=16)),
     sampling=replace(DEFAULT.sampling, image_size=256),
 )
 

@@ -459,11 +459,12 @@ class UnCLIP(ImageTools):
         for i, n in enumerate(steps):
             names = super_res_stages(self.cfg, i)
             first, last = self.engines[names[0]], self.engines[names[-1]]
-            diffusion = self.cfg.super_res[i].diffusion
+            stage = self.cfg.super_res[i]
             part = noise[i].rows(start, images.shape[0] + start if stop is None else stop)
             images = loops.sample_super_res(
-                first, last, diffusion, images, self._step_table(names[0], n, diffusion), part.to(self.device),
-                self.progress, graphs=self.graphs, pending=pending,
+                first, last, stage.diffusion, images, self._step_table(names[0], n, stage.diffusion),
+                part.to(self.device), self.progress, graphs=self.graphs, pending=pending, size=stage.image_size,
+                tile=stage.tile, tile_overlap=stage.tile_overlap,
             )
         return images
 

@@ -63,6 +63,7 @@ class StageSignature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     cfg_doubled: bool = False
+    tiles: int = 1  # a tiled super-res stage's tiles per image: its batch holds every tile of every image
 
     @property
     def input_names(self) -> list[str]:
@@ -78,7 +79,7 @@ class StageSignature:
 
     def max_batch(self, images: int) -> int:
         """Largest batch the stage sees when `images` images are generated at once."""
-        return 2 * images if self.cfg_doubled else images
+        return (2 * images if self.cfg_doubled else images) * self.tiles
 
     def sample_inputs(
         self, batch: int, float_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -130,10 +131,11 @@ def signatures(cfg: UnCLIPConfig) -> dict[str, StageSignature]:
     dec_out = (TensorSpec("model_out", (BATCH, d.out_channels, d.image_size, d.image_size)),)
     super_res = []
     for i, stage in enumerate(cfg.super_res):
-        size, u = stage.image_size, stage.unet
+        size, u = stage.tile or stage.image_size, stage.unet  # a tiled stage's networks see one tile
         sr_inputs = (TensorSpec("x_t", (BATCH, 3, size, size)), t, TensorSpec("low_res_up", (BATCH, 3, size, size)))
         sr_out = (TensorSpec("model_out", (BATCH, u.out_channels, size, size)),)
-        super_res += [StageSignature(name, sr_inputs, sr_out) for name in super_res_stages(cfg, i)]
+        tiles = len(tile_starts(stage.image_size, stage.tile, stage.tile_overlap)) ** 2 if stage.tile else 1
+        super_res += [StageSignature(name, sr_inputs, sr_out, tiles=tiles) for name in super_res_stages(cfg, i)]
     stages = [
         StageSignature("clip_text", (TensorSpec("tokens", (BATCH, length), "int64"),), text[:2]),
         StageSignature("clip_image", (TensorSpec("pixels", (BATCH, 3, c.image_size, c.image_size)),),
@@ -290,6 +292,13 @@ def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
 
 
 AR_PRIOR_STAGES = ("ar_prior_context", "ar_prior_step")
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """The offsets of the tiles along one side of a `size` image: every `tile - overlap` pixels,
+    the last one flush with the far edge."""
+    starts = list(range(0, size - tile + 1, tile - overlap))
+    return starts if starts[-1] == size - tile else [*starts, size - tile]
+
 
 def super_res_stages(cfg: UnCLIPConfig, stage: int) -> tuple[str, ...]:
     """The engine stages of super-res stage `stage` (0 the first of the chain): its first-steps

@@ -30,6 +30,7 @@ from models.configs import DiffusionConfig
 from models.layers import work_dtype
 from models.super_res import upsample_low_res
 from runtime.backends.engines import Engine
+from runtime.backends.signatures import tile_starts
 from runtime.constants import ModelConstants
 from runtime.sampling.graphs import GraphCache
 from runtime.sampling.inputs import StageNoise, TextConditioning
@@ -102,6 +103,24 @@ def _loop_tensors(table: StepTable, noise: StageNoise, scale: float, work: torch
     """The tensors every loop reads: x_T, per-step noise, coefficients, timesteps, guidance scale."""
     return (noise.init.to(device, work), noise.steps.to(device, work), packed_coefficients(table, work, device),
             table.timesteps.to(device), torch.full((1,), float(scale), dtype=work, device=device))
+
+
+def _blend(tiles: torch.Tensor, cut: list[tuple[int, int]], size: int, overlap: int) -> torch.Tensor:
+    """Tiles [n, B, C, T, T] placed at `cut` (their top-left corners) into [B, C, size, size]: each
+    pixel the weighted mean of the tiles covering it, a tile's weight ramping from near 0 to 1 over
+    its `overlap` border pixels (1 inside), so tiles meet without seams."""
+    n, b, c, t, _ = tiles.shape
+    ramp = torch.ones(t, dtype=tiles.dtype, device=tiles.device)
+    if overlap:
+        edge = torch.linspace(0, 1, overlap + 2, dtype=tiles.dtype, device=tiles.device)[1:-1]
+        ramp[:overlap], ramp[t - overlap :] = edge, edge.flip(0)
+    weight = ramp[:, None] * ramp[None]
+    out = tiles.new_zeros(b, c, size, size)
+    total = tiles.new_zeros(1, 1, size, size)
+    for k, (i, j) in enumerate(cut):
+        out[:, :, i : i + t, j : j + t] += tiles[k] * weight
+        total[:, :, i : i + t, j : j + t] += weight
+    return out / total
 
 
 def _run(graphs: GraphCache | None, tag: tuple, loop, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -252,17 +271,32 @@ def sample_super_res(
     progress: bool = False,
     graphs: GraphCache | None = None,
     pending: PendingChecks | None = None,
+    size: int | None = None,
+    tile: int | None = None,
+    tile_overlap: int = 0,
 ) -> torch.Tensor:
-    """One super-res stage: [B, 3, s, s] images in [−1, 1] → [B, 3, S, S] at the stage's size;
-    `last_step` runs the final step (the same engine as `first_steps` for a stage without a
-    last-step model)."""
+    """One super-res stage: [B, 3, s, s] images in [−1, 1] → [B, 3, S, S] at the stage's `size`
+    (None: its engines' size); `last_step` runs the final step (the same engine as `first_steps`
+    for a stage without a last-step model). With `tile`, the engines see `tile`×`tile` tiles
+    overlapping by `tile_overlap` pixels, every tile of every image in one batch, and their outputs
+    are blended back with weights that ramp down over the overlaps (`tile_starts` places them)."""
     b = low_res.shape[0]
-    size = first_steps.signature.outputs[0].shape[-1]
+    size = size or first_steps.signature.outputs[0].shape[-1]
     _check_noise(noise, table, (b, 3, size, size), "super_res")
     net = first_steps.float_dtype
     work = work_dtype(net)
     spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, False, False)
     n = len(table)
+    starts = tile_starts(size, tile, tile_overlap) if tile else None
+
+    def network(engine: Engine, x_in: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> torch.Tensor:
+        if starts is None:
+            return engine(x_in, t.expand(b), low_up)[0]
+        cut = [(i, j) for i in starts for j in starts]
+        tiles_x = torch.cat([x_in[:, :, i : i + tile, j : j + tile] for i, j in cut])
+        tiles_low = torch.cat([low_up[:, :, i : i + tile, j : j + tile] for i, j in cut])
+        (out,) = engine(tiles_x, t.expand(tiles_x.shape[0]), tiles_low)
+        return _blend(out.to(work).view(len(cut), b, *out.shape[1:]), cut, size, tile_overlap).to(out.dtype)
 
     def loop(small, init, steps_noise, coefs, timesteps, scale):
         low_res_up = upsample_low_res(small.to(work), size).to(net)
@@ -270,7 +304,7 @@ def sample_super_res(
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         for i in _steps(n, "super-res", progress, graphs):
             engine = last_step if i == n - 1 else first_steps
-            (out,) = engine(x_in, timesteps[i].expand(b), low_res_up)
+            out = network(engine, x_in, timesteps[i], low_res_up)
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x.clamp(-1, 1), first_bad
 
