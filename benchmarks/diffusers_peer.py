@@ -19,6 +19,7 @@ from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from export.build_engines import fill_zero_layers
 from models.configs import UnCLIPConfig
 from models.convert.diffusers_folder import model_from_states
 from models.super_res import SuperRes
@@ -174,13 +175,8 @@ def ours_from_pipeline(pipe: UnCLIPPipeline, cfg: UnCLIPConfig, seed: int = 60) 
     if len(cfg.super_res) == 1:
         return model
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    with torch.device(device):
-        later = [SuperRes(stage).to(next(model.parameters()).dtype) for stage in cfg.super_res[1:]]
-    with torch.no_grad():
-        for p in (p for stage in later for p in stage.parameters()):
-            if not p.any():
-                p.normal_(0.0, 0.02)
+    with torch.device(next(model.parameters()).device):
+        later = [fill_zero_layers(SuperRes(stage).to(next(model.parameters()).dtype)) for stage in cfg.super_res[1:]]
     state = {**model.state_dict(), **{f"super_res.{i + 1}.{k}": v for i, stage in enumerate(later)
                                       for k, v in stage.state_dict().items()}}
     return UnCLIPModel.from_state(cfg, state, "the peer's weights and random later super-res stages")

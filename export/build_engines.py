@@ -26,7 +26,7 @@ from export import manifest as mf
 from export import tensorrt_build
 from export.check import check_graph
 from export.onnx_export import OPSET, export_stage
-from models.configs import get_config
+from models.configs import UnCLIPConfig, get_config
 from models.unclip import UnCLIPModel
 from runtime.backends.signatures import available_stages, signatures
 from runtime.constants import ModelConstants
@@ -58,19 +58,25 @@ def load_model(spec: str) -> UnCLIPModel:
     raise BuildError(f"--model {spec!r}: expected default, a model folder, karlo:DIR, diffusers:DIR or random:CONFIG")
 
 
-def random_model(config: str, seed: int = 0, device: str | torch.device = "cpu") -> UnCLIPModel:
-    """A model of a named config with random weights. The layers a fresh model initialises to
-    zero (each UNet's and block's output projection) get small random values too, so every output
-    depends on every weight and the graph checks compare something (a zero UNet output would
-    match any graph)."""
+def random_model(config: str | UnCLIPConfig, seed: int = 0, device: str | torch.device = "cpu") -> UnCLIPModel:
+    """A model of a config (or a named one) with random weights, its zero-initialised layers
+    included (`fill_zero_layers`)."""
     torch.manual_seed(seed)
+    cfg = get_config(config) if isinstance(config, str) else config
     with torch.device(device):  # initialised where it will run (a Karlo-size model inits in seconds on a GPU)
-        model = UnCLIPModel(get_config(config)).eval()
+        model = UnCLIPModel(cfg).eval()
+    return fill_zero_layers(model)
+
+
+def fill_zero_layers(module: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """`module` with the parameters a fresh module initialises to zero (each UNet's and block's
+    output projection) drawn from N(0, std²), so every output depends on every weight and the
+    graph checks compare something (a zero UNet output would match any graph)."""
     with torch.no_grad():
-        for p in model.parameters():
+        for p in module.parameters():
             if not p.any():
-                p.normal_(0.0, 0.02)
-    return model
+                p.normal_(0.0, std)
+    return module
 
 
 def source_spec(spec: str) -> str:

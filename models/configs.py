@@ -220,6 +220,12 @@ class UnCLIPConfig:
         """The size of the images the whole chain makes."""
         return self.image_sizes[-1]
 
+    @property
+    def default_image_size(self) -> int:
+        """The size of the images `generate` makes unless asked for another (`sampling.image_size`,
+        else the whole chain's)."""
+        return self.sampling.image_size or self.image_size
+
 
 def check_consistent(cfg: UnCLIPConfig) -> None:
     """Raise ValueError if the stages of `cfg` cannot be wired together."""

@@ -25,7 +25,7 @@ from runtime.sampling import loops
 from runtime.sampling.inputs import SamplingNoise, StageNoise, TextConditioning
 from runtime.sampling.schedules import make_step_table
 from runtime.serial import serialised
-from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
+from runtime.validate import check_chain, check_int, check_scale, check_seed
 
 PATHS = ("inverted", "fixed_noise")
 INVERSION_STEPS = 100
@@ -143,8 +143,7 @@ class ImageTools:
             latents = _check_latents(latents, (b, 3, size, size))
         if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 10):
             raise ValueError(f"eta must be a number in [0, 10], got {eta!r}")
-        chain = self.cfg.super_res[:check_size(None, self.cfg.image_sizes, s.image_size)] if super_res else ()
-        sr_steps = check_super_res_steps(super_res_steps, tuple(stage.steps for stage in chain))
+        sr_steps = check_chain(None if super_res else self.cfg.decoder.image_size, super_res_steps, self.cfg)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None

@@ -45,7 +45,7 @@ from runtime.sampling.inputs import SamplingNoise, StageNoise, TextConditioning,
 from runtime.sampling.loops import PendingChecks
 from runtime.sampling.schedules import StepTable, make_step_table
 from runtime.serial import serialised
-from runtime.validate import check_int, check_scale, check_seed, check_size, check_super_res_steps
+from runtime.validate import check_chain, check_int, check_scale, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +319,10 @@ class UnCLIP(ImageTools):
             prior_steps=prior_steps, decoder_steps=decoder_steps,
             prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale,
         )
-        stages = check_size(size, self.cfg.image_sizes, s.image_size)
         steps = {
             "prior_steps": check_int("prior_steps", s.prior_steps, 1, 1000),
             "decoder_steps": check_int("decoder_steps", s.decoder_steps, 1, 1000),
-            "super_res_steps": check_super_res_steps(super_res_steps,
-                                                     tuple(st.steps for st in self.cfg.super_res[:stages])),
+            "super_res_steps": check_chain(size, super_res_steps, self.cfg),
         }
         prior_scale = check_scale("prior_guidance_scale", s.prior_guidance_scale, MAX_GUIDANCE)
         decoder_scale = check_scale("decoder_guidance_scale", s.decoder_guidance_scale, MAX_GUIDANCE)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.configs import UnCLIPConfig
 
 
 def check_int(name: str, value, low: int, high: int) -> int:
@@ -24,6 +28,14 @@ def check_scale(name: str, value, high: float = math.inf) -> float:
 
 def check_seed(value) -> int:
     return check_int("seed", value, 0, 2**63 - 1)
+
+
+def check_chain(size, super_res_steps, cfg: UnCLIPConfig) -> tuple[int, ...]:
+    """The steps of each super-res stage that runs for images of `size` (None: the model's default
+    size; the decoder's: none runs), `super_res_steps` as `check_super_res_steps` takes it against
+    those stages' own steps."""
+    stages = check_size(size, cfg.image_sizes, cfg.default_image_size)
+    return check_super_res_steps(super_res_steps, tuple(stage.steps for stage in cfg.super_res[:stages]))
 
 
 def check_size(size, sizes: tuple[int, ...], default: int | None = None) -> int:

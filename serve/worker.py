@@ -143,7 +143,7 @@ class ImageWorker:
         """What the ingress checks requests against, and where this replica runs."""
         cfg = self.pipe.cfg
         return {
-            "model_id": self.options.model_id, "size": _default_size(cfg), "sizes": list(cfg.image_sizes),
+            "model_id": self.options.model_id, "size": cfg.default_image_size, "sizes": list(cfg.image_sizes),
             "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
@@ -208,7 +208,7 @@ class ImageWorker:
     def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, dict]:
         """The request's steps resolved against the model's defaults (all three, for drawing its
         noise), and the settings its `generate` call takes (the prior's only with `prior="diffusion"`)."""
-        from runtime.validate import check_int, check_scale, check_size, check_super_res_steps
+        from runtime.validate import check_chain, check_int, check_scale
 
         unknown = sorted(set(given) - set(SETTINGS))
         if unknown:
@@ -216,16 +216,14 @@ class ImageWorker:
         cfg = pipe.cfg
         resolved = cfg.sampling.with_overrides(**{k: given.get(k) for k in SETTINGS if k not in ("super_res_steps",
                                                                                                  "size")})
-        stages = check_size(given.get("size"), cfg.image_sizes, cfg.sampling.image_size)
         steps = {k: check_int(k, getattr(resolved, k), 1, 1000) for k in ("prior_steps", "decoder_steps")}
-        steps["super_res_steps"] = check_super_res_steps(given.get("super_res_steps"),
-                                                         tuple(stage.steps for stage in cfg.super_res[:stages]))
+        steps["super_res_steps"] = check_chain(given.get("size"), given.get("super_res_steps"), cfg)
         scales = {k: check_scale(k, getattr(resolved, k)) for k in ("prior_guidance_scale", "decoder_guidance_scale")}
         if prior == "ar":
             given_prior = [k for k in ("prior_steps", "prior_guidance_scale") if given.get(k) is not None]
             if given_prior:
                 raise ValueError(f"{', '.join(given_prior)} apply to the diffusion prior, not prior='ar'")
-        call = {**steps, **scales, "size": cfg.image_sizes[stages]}
+        call = {**steps, **scales, "size": cfg.image_sizes[len(steps["super_res_steps"])]}
         if prior == "ar":
             del call["prior_steps"], call["prior_guidance_scale"]
         return steps, call
@@ -269,19 +267,15 @@ class ImageWorker:
         self.metrics.queue_depth.set(waiting)
 
 
-def _default_size(cfg) -> int:
-    """The size of the model's images by default."""
-    return cfg.sampling.image_size or cfg.image_size
-
-
 def _defaults(cfg) -> dict:
     """The sampling settings a request without them gets."""
+    from runtime.validate import check_chain
+
     s = cfg.sampling
-    stages = cfg.image_sizes.index(_default_size(cfg))
     return {"prior_steps": s.prior_steps, "decoder_steps": s.decoder_steps,
-            "super_res_steps": [stage.steps for stage in cfg.super_res[:stages]],
+            "super_res_steps": list(check_chain(None, None, cfg)),
             "prior_guidance_scale": s.prior_guidance_scale, "decoder_guidance_scale": s.decoder_guidance_scale,
-            "size": _default_size(cfg)}
+            "size": cfg.default_image_size}
 
 
 def _deadline(request: dict) -> float:

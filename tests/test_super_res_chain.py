@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from export.build_engines import random_model
 from models.checkpoint import config_to_dict, save_model
 from models.config_schema import config_from_dict
 from models.configs import TINY, DiffusionConfig, SuperResConfig, UnCLIPConfig, UNetConfig
@@ -31,17 +32,6 @@ def chain(stages: int, last_step_model: bool = True) -> UnCLIPConfig:
     own = TINY.super_res
     extra = (SuperResConfig(SECOND, steps=3, last_step_model=last_step_model),)
     return dataclasses.replace(TINY, name=f"tiny-{stages}", super_res=(own + extra)[:stages])
-
-
-def random_model(cfg: UnCLIPConfig, seed: int = 0) -> UnCLIPModel:
-    """Random weights, the zero-initialised layers included (so every output depends on every weight)."""
-    torch.manual_seed(seed)
-    model = UnCLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +179,15 @@ def test_the_paper_config_has_the_papers_second_upsampler():
 
 def test_blended_tiles_of_an_image_give_the_image_back():
     from runtime.backends.signatures import tile_starts
-    from runtime.sampling.loops import _blend
+    from runtime.sampling.loops import TileBlend
 
     image = torch.randn(2, 3, 100, 100)
     starts = tile_starts(100, 32, 8)
     assert starts[0] == 0 and starts[-1] == 68 and all(b - a <= 24 for a, b in zip(starts, starts[1:], strict=False))
     cut = [(i, j) for i in starts for j in starts]
     tiles = torch.stack([image[:, :, i : i + 32, j : j + 32] for i, j in cut])
-    torch.testing.assert_close(_blend(tiles, cut, 100, 8), image, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(TileBlend(cut, 32, 100, 8, torch.float32, torch.device("cpu"))(tiles), image, rtol=1e-6,
+                               atol=1e-6)
 
 
 def tiled(tile: int, overlap: int) -> UnCLIPConfig:

@@ -190,11 +190,16 @@ def render(
     coords = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     cover = inside_shape(scenes, xs.reshape(-1), ys.reshape(-1)).float().view(len(scenes), 1, n, n)
-    cover = torch.nn.functional.avg_pool2d(cover, supersample)  # [B, 1, size, size]
-    palette = _PALETTE_RGB.to(device)
+    return _paint(scenes, cover, supersample)
+
+
+def _paint(scenes: SceneBatch, cover: torch.Tensor, supersample: int) -> torch.Tensor:
+    """[B, 3, H, W] in [−1, 1] from the shapes' coverage of every sample point [B, 1, H·s, W·s]:
+    each pixel the foreground and background colours mixed by its share of covered samples."""
+    cover = torch.nn.functional.avg_pool2d(cover, supersample)
+    palette = _PALETTE_RGB.to(cover.device)
     fg, bg = palette[scenes.fg][:, :, None, None], palette[scenes.bg][:, :, None, None]
-    rgb = cover * fg + (1 - cover) * bg
-    return rgb / 127.5 - 1
+    return (cover * fg + (1 - cover) * bg) / 127.5 - 1
 
 
 def render_windows(scenes: SceneBatch, size: int, top: torch.Tensor, left: torch.Tensor, crop: int,
@@ -210,10 +215,7 @@ def render_windows(scenes: SceneBatch, size: int, top: torch.Tensor, left: torch
     grid_y = ys[:, :, None].expand(-1, n, n).reshape(len(scenes), -1)
     grid_x = xs[:, None, :].expand(-1, n, n).reshape(len(scenes), -1)
     cover = inside_shape(scenes, grid_x, grid_y).float().view(len(scenes), 1, n, n)
-    cover = torch.nn.functional.avg_pool2d(cover, supersample)
-    palette = _PALETTE_RGB.to(device)
-    fg, bg = palette[scenes.fg][:, :, None, None], palette[scenes.bg][:, :, None, None]
-    return (cover * fg + (1 - cover) * bg) / 127.5 - 1
+    return _paint(scenes, cover, supersample)
 
 
 def sample_batch(

@@ -105,22 +105,31 @@ def _loop_tensors(table: StepTable, noise: StageNoise, scale: float, work: torch
             table.timesteps.to(device), torch.full((1,), float(scale), dtype=work, device=device))
 
 
-def _blend(tiles: torch.Tensor, cut: list[tuple[int, int]], size: int, overlap: int) -> torch.Tensor:
-    """Tiles [n, B, C, T, T] placed at `cut` (their top-left corners) into [B, C, size, size]: each
-    pixel the weighted mean of the tiles covering it, a tile's weight ramping from near 0 to 1 over
-    its `overlap` border pixels (1 inside), so tiles meet without seams."""
-    n, b, c, t, _ = tiles.shape
-    ramp = torch.ones(t, dtype=tiles.dtype, device=tiles.device)
-    if overlap:
-        edge = torch.linspace(0, 1, overlap + 2, dtype=tiles.dtype, device=tiles.device)[1:-1]
-        ramp[:overlap], ramp[t - overlap :] = edge, edge.flip(0)
-    weight = ramp[:, None] * ramp[None]
-    out = tiles.new_zeros(b, c, size, size)
-    total = tiles.new_zeros(1, 1, size, size)
-    for k, (i, j) in enumerate(cut):
-        out[:, :, i : i + t, j : j + t] += tiles[k] * weight
-        total[:, :, i : i + t, j : j + t] += weight
-    return out / total
+class TileBlend:
+    """Tiles of side `tile` placed at `cut` (their top-left corners) blended into one `size` image:
+    each pixel the weighted mean of the tiles covering it, a tile's weight ramping from near 0 to 1
+    over its `overlap` border pixels (1 inside), so tiles meet without seams. The weights and their
+    sum over the image are made once; calling it blends one set of tiles."""
+
+    def __init__(self, cut: list[tuple[int, int]], tile: int, size: int, overlap: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        ramp = torch.ones(tile, dtype=dtype, device=device)
+        if overlap:
+            edge = torch.linspace(0, 1, overlap + 2, dtype=dtype, device=device)[1:-1]
+            ramp[:overlap], ramp[tile - overlap :] = edge, edge.flip(0)
+        self.cut, self.tile, self.size = cut, tile, size
+        self.weight = ramp[:, None] * ramp[None]
+        self.total = torch.zeros(1, 1, size, size, dtype=dtype, device=device)
+        for i, j in cut:
+            self.total[:, :, i : i + tile, j : j + tile] += self.weight
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tiles [n, B, C, T, T] (in `cut`'s order) → [B, C, size, size]."""
+        t = self.tile
+        out = tiles.new_zeros(*tiles.shape[1:3], self.size, self.size)
+        for k, (i, j) in enumerate(self.cut):
+            out[:, :, i : i + t, j : j + t] += tiles[k] * self.weight
+        return out / self.total
 
 
 def _run(graphs: GraphCache | None, tag: tuple, loop, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -287,24 +296,30 @@ def sample_super_res(
     work = work_dtype(net)
     spec = UpdateSpec(diffusion.prediction, diffusion.clip_range, False, False)
     n = len(table)
-    starts = tile_starts(size, tile, tile_overlap) if tile else None
+    starts = tile_starts(size, tile, tile_overlap) if tile else []
+    cut = [(i, j) for i in starts for j in starts]
 
-    def network(engine: Engine, x_in: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> torch.Tensor:
-        if starts is None:
-            return engine(x_in, t.expand(b), low_up)[0]
-        cut = [(i, j) for i in starts for j in starts]
-        tiles_x = torch.cat([x_in[:, :, i : i + tile, j : j + tile] for i, j in cut])
-        tiles_low = torch.cat([low_up[:, :, i : i + tile, j : j + tile] for i, j in cut])
-        (out,) = engine(tiles_x, t.expand(tiles_x.shape[0]), tiles_low)
-        return _blend(out.to(work).view(len(cut), b, *out.shape[1:]), cut, size, tile_overlap).to(out.dtype)
+    def tiles_of(x: torch.Tensor) -> torch.Tensor:
+        """Every tile of every image of x, tile-major: [n·B, C, tile, tile]."""
+        return torch.cat([x[:, :, i : i + tile, j : j + tile] for i, j in cut])
+
+    def network(engine: Engine, x_in: torch.Tensor, t: torch.Tensor, low_in: torch.Tensor,
+                blend: TileBlend | None) -> torch.Tensor:
+        if blend is None:
+            return engine(x_in, t.expand(b), low_in)[0]
+        (out,) = engine(tiles_of(x_in), t.expand(low_in.shape[0]), low_in)
+        return blend(out.to(work).view(len(cut), b, *out.shape[1:])).to(out.dtype)
 
     def loop(small, init, steps_noise, coefs, timesteps, scale):
         low_res_up = upsample_low_res(small.to(work), size).to(net)
+        blend = None  # the tiles' blend and the conditioning's tiles: the same at every step
+        if cut:
+            blend, low_res_up = TileBlend(cut, tile, size, tile_overlap, work, init.device), tiles_of(low_res_up)
         x, x_in = init, network_input(init, 1, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         for i in _steps(n, "super-res", progress, graphs):
             engine = last_step if i == n - 1 else first_steps
-            out = network(engine, x_in, timesteps[i], low_res_up)
+            out = network(engine, x_in, timesteps[i], low_res_up, blend)
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x.clamp(-1, 1), first_bad
 
