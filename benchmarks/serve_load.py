@@ -35,6 +35,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+SERVER_PARTS = ("queued", "run", "encode")  # the replica's x-unclip-*-ms response headers
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600, help="client timeout per request, seconds")
     p.add_argument("--offline", metavar="CONFIG", help="also time UnCLIP.generate in this process (random weights)")
     p.add_argument("--offline-batch", type=int, nargs="+", default=[1, 8], help="offline call sizes (default 1 8)")
+    p.add_argument("--offline-threads", type=int, help="torch CPU threads for the offline calls (default torch's; "
+                   "a GPU replica runs with 2)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     if min(args.concurrency) < 1 or args.requests < 1 or min(args.n) < 1:
@@ -115,7 +119,8 @@ def run_level(client: Client, args: argparse.Namespace, concurrency: int) -> dic
         except OSError as exc:
             return {"status": f"client:{type(exc).__name__}", "seconds": time.perf_counter() - start, "n": b["n"]}
         return {"status": status, "seconds": time.perf_counter() - start, "n": b["n"],
-                "batch": int(headers.get("x-unclip-batch-images", 0) or 0)}
+                "batch": int(headers.get("x-unclip-batch-images", 0) or 0),
+                **{part: float(headers.get(f"x-unclip-{part}-ms", "nan")) for part in SERVER_PARTS}}
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: one(), range(args.warmup * concurrency)))
@@ -145,12 +150,28 @@ def run_level(client: Client, args: argparse.Namespace, concurrency: int) -> dic
         "latency_s": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
                       "p99": percentile(latencies, 0.99), "mean": statistics.fmean(latencies) if latencies else None},
         "batch_images_seen": {str(k): v for k, v in sorted(batches.items())}, "errors": dict(errors),
+        "median_ms": split_latency(ok),
     }
 
 
-def offline(config: str, batches: list[int], extra: dict, prompt: str, runs: int = 5) -> dict:
+def split_latency(ok: list[dict]) -> dict[str, float | None]:
+    """Where a request's time went, medians in ms: the replica's own account (queued, run, encode,
+    from its response headers) and the rest of the round trip (HTTP, Ray's hops, the body's bytes)."""
+    if not ok:
+        return {}
+    out: dict[str, float | None] = {part: statistics.median(r[part] for r in ok) for part in SERVER_PARTS}
+    out["outside_replica"] = statistics.median(r["seconds"] * 1e3 - sum(r[part] for part in SERVER_PARTS)
+                                               for r in ok)
+    return {k: (None if v != v else round(v, 2)) for k, v in out.items()}  # NaN: a server without the headers
+
+
+def offline(config: str, batches: list[int], extra: dict, prompt: str, runs: int = 5,
+            threads: int | None = None) -> dict:
     """Median wall ms of `UnCLIP.generate` per batch size, in this process, fp16 on the GPU."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from models.configs import get_config
@@ -188,6 +209,8 @@ def table(levels: list[dict]) -> str:
         rows.append(f"{lv['concurrency']:>7} {lv['ok']:>4}/{lv['requests']:<4} {lv['images_per_s']:9.2f} "
                     f"{fmt(lat['p50'])} {fmt(lat['p95'])} {fmt(lat['p99'])}  {lv['batch_images_seen']}  "
                     f"{lv['errors'] or '-'}")
+        if lv.get("median_ms"):
+            rows.append(f"{'':>7} median ms: {', '.join(f'{k} {v}' for k, v in lv['median_ms'].items())}")
     return "\n".join(rows)
 
 
@@ -208,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: no service at {args.url} ({exc}); start one with python -m serve", file=sys.stderr)
         return 2
-    reference = offline(args.offline, args.offline_batch, args.extra, args.prompt) if args.offline else None
+    reference = None
+    if args.offline:
+        reference = offline(args.offline, args.offline_batch, args.extra, args.prompt, threads=args.offline_threads)
     levels = [run_level(client, args, c) for c in args.concurrency]
     result = {"url": args.url, "server": health, "n": args.n, "extra": args.extra, "levels": levels}
     if reference is not None:
-        result["offline"] = {"config": args.offline, "batches": reference}
+        result["offline"] = {"config": args.offline, "torch_threads": args.offline_threads, "batches": reference}
         for lv in levels:
             lone, full = reference[str(min(args.offline_batch))], reference[str(max(args.offline_batch))]
             p50 = lv["latency_s"]["p50"]

@@ -241,6 +241,9 @@ def test_the_load_generator_reports_throughput_latency_and_batches(server, tmp_p
     one, four = result["levels"]
     assert one["ok"] == one["requests"] == 8 and four["ok"] == four["requests"] == 8 and not four["errors"]
     assert one["images_per_s"] > 0 and 0 < one["latency_s"]["p50"] <= one["latency_s"]["p99"]
+    split = one["median_ms"]  # the replica's own account of a request, from its response headers
+    assert split["run"] > 0 and split["encode"] > 0 and split["queued"] >= 0
+    assert 0 < split["run"] + split["encode"] < one["latency_s"]["p99"] * 1e3
     assert max(int(k) for k in four["batch_images_seen"]) > 2  # four clients' requests were batched
 
 
