@@ -387,33 +387,27 @@ DEFAULT = UnCLIPConfig(
     # Super-res with no res block on the way down (one on the way up): its 256² level, 32 channels
     # (the floor with 32-group norms), is most of a CPU image's time; v0.2's one block per level
     # cost 2× as much.
+    # Then the paper's second upsampler, 256 → 1024 (its last stage): fully convolutional, no text,
+    # three levels, its last step run by the same UNet, trained on crops (train/stages.py) and so
+    # run on tiles of the crops' size (its group norms are wrong on whole images:
+    # docs/default-model.md). Four steps: at 1024² each costs 16 times a 256² step of the first
+    # stage, so images are 256² unless asked for 1024² (`size=1024`).
     super_res=(SuperResConfig(UNetConfig(
         image_size=256, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
         num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
-    )),),
+    )), SuperResConfig(UNetConfig(
+        image_size=1024, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2),
+        num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
+    ), steps=4, last_step_model=False, tile=64, tile_overlap=16)),
     # Decoder guidance 3: on held-out prompts, 8 over-saturates this small model into colour
     # misreads (docs/default-model.md has both figures).
-    sampling=SamplingDefaults(decoder_guidance_scale=3.0),
+    sampling=SamplingDefaults(decoder_guidance_scale=3.0, image_size=256),
     # The autoregressive prior, the prior's size. 48 PCA components: on 16k training images they
     # explain 99.70% of the CLIP image embeddings' variance (32: 99.27%, 64: 99.88%), and the
     # quantised codes decode to cosine 0.9986 on average, ≥ 0.991 for every held-back embedding
     # (32 components: 0.979 at worst); the paper's 319 of 1024 is a similar share (31% vs 38%).
     # Each code is one sampling step, so more components cost time for little gain.
     ar_prior=ARPriorConfig(width=256, layers=4, heads=4, clip_dim=128, text_width=128, components=48),
-)
-
-# The default model with the paper's second upsampler, 256 → 1024 (its last stage): fully
-# convolutional, no text, three levels, its last step run by the same UNet, trained on crops
-# (train/stages.py) and so run on tiles of the crops' size (its group norms are wrong on whole
-# images: docs/default-model.md). Four steps: at 1024² each costs 16 times a 256² step of the
-# first stage, so images are 256² unless asked for 1024² (`size=1024`). Not shipped yet.
-DEFAULT_1024 = replace(
-    DEFAULT, name="default-1024",
-    super_res=(*DEFAULT.super_res, SuperResConfig(UNetConfig(
-        image_size=1024, in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 1, 2),
-        num_res_blocks=0, diffusion=DiffusionConfig("sample", "fixed_small_log", 1.0),
-    ), steps=4, last_step_model=False, tile=64, tile_overlap=16)),
-    sampling=replace(DEFAULT.sampling, image_size=256),
 )
 
 # Karlo with the paper's second upsampler, 256 → 1024, at the size the paper's hyperparameter table
@@ -428,7 +422,7 @@ PAPER = replace(
     ), steps=15, last_step_model=False)),
 )
 
-PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT, DEFAULT_1024, PAPER)}
+PRESETS: dict[str, UnCLIPConfig] = {cfg.name: cfg for cfg in (KARLO, TINY, DEFAULT, PAPER)}
 
 
 def get_config(name: str) -> UnCLIPConfig:

@@ -105,8 +105,8 @@ def test_the_shipped_default_model_exports_and_every_graph_checks(default_engine
     folder, table = default_engine_dir
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"clip_text", "clip_image", "prior_context", "prior_step", "decoder_context",
-                                       "decoder_step", "super_res_first", "super_res_last", "ar_prior_context",
-                                       "ar_prior_step"}
+                                       "decoder_step", "super_res_first", "super_res_last", "super_res_2_first",
+                                       "ar_prior_context", "ar_prior_step"}
     assert all(e["max_relative_error"] <= 1e-4 for e in manifest["stages"].values())
     assert all(name in table for name in manifest["stages"]) and "tolerance 1e-04" in table
     assert manifest["source"] == "default" and (folder / "constants.safetensors").is_file()

@@ -31,7 +31,7 @@ def test_variations_take_super_res_steps():
     image = pipe.generate("a blue square", seed=1, **FAST).images[0]
     two = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=2, output_type="pt").images
     three = pipe.variations(image, 2, seed=3, steps=2, super_res_steps=3, output_type="pt").images
-    size = pipe.cfg.image_size
+    size = pipe.cfg.default_image_size
     assert two.shape == three.shape == (2, 3, size, size) and not torch.equal(two, three)
 
 

@@ -128,7 +128,7 @@ def test_a_size_of_the_chain_gives_that_stages_images(server, lone):
     status, _, answer = post(server, "/v1/images/generations", {**body, "super_res_steps": [FAST["super_res_steps"]]})
     assert status == 200 and np.array_equal(decode(answer["data"][0]["b64_json"]), lone_images(lone, "a red circle", 1,
                                                                                               3, **FAST)[0])
-    assert server.get("/v1/models")["data"][0]["image_sizes"] == [64, 256]
+    assert server.get("/v1/models")["data"][0]["image_sizes"] == [64, 256, 1024]
 
 
 def test_different_settings_are_not_batched_together(server):
@@ -141,7 +141,7 @@ def test_different_settings_are_not_batched_together(server):
 
 
 @pytest.mark.parametrize(("body", "status", "param", "fragment"), [
-    ({"prompt": "x", "size": "512x512"}, 400, "size", "['64x64', '256x256']"),
+    ({"prompt": "x", "size": "512x512"}, 400, "size", "['64x64', '256x256', '1024x1024']"),
     ({"prompt": "x", "n": 11}, 400, "n", "less than or equal to 10"),
     ({"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
     ({"prompt": "x", "n": "2"}, 400, "n", "integer"),

@@ -173,7 +173,7 @@ def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
     assert train_main(["all", "--out", str(out), "--device", "cpu", "--scale", "0.0003", "--batch", "2",
                        "--codebook-images", "1024"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res", "ar_prior"}
+    assert set(manifest["stages"]) == {"clip", "prior", "decoder", "super_res", "super_res_2", "ar_prior"}
     assert manifest["data_version"] == 1 and manifest["stages"]["ar_prior"]["codebook"]["components"] == 48
     for prior in ("diffusion", "ar"):
         pipe = UnCLIP(out, device="cpu", progress=False, prior=prior)
@@ -182,7 +182,7 @@ def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
                                **steps).images
         assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
     # the second upsampler (config default-1024) trains on its own and joins the folder's model
-    assert train_main(["super_res_2", "--config", "default-1024", "--out", str(out), "--device", "cpu",
+    assert train_main(["super_res_2", "--out", str(out), "--device", "cpu",
                        "--scale", "0.0003", "--batch", "2"]) == 0
     pipe = UnCLIP(out, device="cpu", progress=False)
     assert pipe.cfg.image_sizes == (64, 256, 1024) and pipe.cfg.sampling.image_size == 256

@@ -136,7 +136,8 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     text = pipe.encode_prompts([canonical_caption(s.combo) for s in scenes])
     uncond = pipe.encode_prompts([""]).expand(len(scenes))
     b = len(scenes)
-    chain = tuple(stage.steps for stage in cfg.super_res)
+    upto = cfg.image_sizes.index(cfg.default_image_size)  # the chain up to the model's default size
+    chain = tuple(stage.steps for stage in cfg.super_res[:upto])
     noise = pipe.draw_noise(b, 1, 25, chain, torch.Generator().manual_seed(5))
     e = pipe.engines
     small = sample_decoder(e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, pipe.constants,
@@ -144,7 +145,7 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
                            noise.decoder.to(dev), decoder_guidance_scale)
     big = pipe.sample_super_res_chain(small, chain, noise.super_res)
     result = {}
-    for name, images in ((f"decoder_{cfg.decoder.image_size}", small), (f"super_res_{cfg.image_size}", big)):
+    for name, images in ((f"decoder_{cfg.decoder.image_size}", small), (f"super_res_{cfg.default_image_size}", big)):
         readings = read_batch(images)
         for i, attr in enumerate(("fg", "shape", "bg")):
             ok = sum(r.combo[i] == s.combo[i] for r, s in zip(readings, scenes, strict=True))
