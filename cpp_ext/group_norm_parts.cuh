@@ -135,7 +135,7 @@ struct Concat {
 
 // The widest of 8, 4 and 2 elements (16 bytes at most) that divides `divisor_of` and at which `a`
 // and `b` are aligned, else 1: the vector width of a pass's loads and stores.
-int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
+inline int pick_vec(int64_t divisor_of, const void* a, const void* b, int elem) {
   for (int v : {8, 4, 2}) {
     if (v * elem <= 16 && divisor_of % v == 0 && reinterpret_cast<uintptr_t>(a) % (v * elem) == 0 &&
         reinterpret_cast<uintptr_t>(b) % (v * elem) == 0)

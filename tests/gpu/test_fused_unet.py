@@ -6,6 +6,7 @@ pack and flash attention's varlen form. Skipped without a CUDA GPU and a built `
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_output_blocks_defer_their_biases_to_the_next_concatenation(monkeypatch)
     concatenation hands a `DeferredBias` on (its skip convolution accumulated into the last
     convolution's output by one GEMM); the forward is repeatable and matches the one whose blocks
     join their residuals themselves (≤ 4e-3) and float32 (≤ 1e-2, as the stages' fp16 forwards)."""
-    from models.fused import unet_forward as forward_module
+    forward_module = importlib.import_module("models.fused.unet_forward")  # the package attribute is the function
     from models.fused.unet_blocks import DeferredBias
 
     cfg = UNetConfig(image_size=64, in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2),

@@ -41,8 +41,10 @@ def test_noise_for_a_gpu_run_is_drawn_into_page_locked_memory_with_the_cpu_value
     for device in ("cuda", "cpu"):
         pipe = UnCLIP(copy.deepcopy(ours), device=device, progress=False)
         drawn[device] = pipe.draw_noise(3, 4, 3, 2, torch.Generator().manual_seed(7))
-    for stage in ("prior", "decoder", "super_res"):
-        pinned, plain = getattr(drawn["cuda"], stage), getattr(drawn["cpu"], stage)
+    stages = [(drawn["cuda"].prior, drawn["cpu"].prior), (drawn["cuda"].decoder, drawn["cpu"].decoder),
+              *zip(drawn["cuda"].super_res, drawn["cpu"].super_res, strict=True)]  # one per super-res stage
+    assert len(stages) == 2 + len(ours.cfg.super_res)
+    for pinned, plain in stages:
         assert pinned.pinned and pinned.init.is_pinned() and pinned.steps.is_pinned()
         assert not plain.pinned and not plain.steps.is_pinned()
         assert torch.equal(pinned.init, plain.init) and torch.equal(pinned.steps, plain.steps)
@@ -117,9 +119,9 @@ def test_karlo_sized_stages_match_diffusers(no_tf32):
         del ref_unet, ref_proj, decoder
 
         ref_sr = build_super_res(KARLO, 4).to(dev)
-        sr_state = unet_from_diffusers(ref_sr.state_dict(), KARLO.super_res)
+        sr_state = unet_from_diffusers(ref_sr.state_dict(), KARLO.super_res[0].unet)
         state = {f"{p}.{k}": v for p in ("first_steps", "last_step") for k, v in sr_state.items()}
-        sr = ours_from(SuperRes, (KARLO.super_res,), state)
+        sr = ours_from(SuperRes, (KARLO.super_res[0],), state)
         xl, low = torch.randn(1, 3, 256, 256, generator=g).to(dev), torch.randn(1, 3, 256, 256, generator=g).to(dev)
         want = ref_sr(sample=torch.cat([xl, low], 1), timestep=ts[:1]).sample
         assert max_rel_err(sr(xl, ts[:1], low, last=False), want) <= 1e-4

@@ -1,0 +1,54 @@
+"""What the service's batching does, without the service: several requests' noise joined into one
+`generate` call on the GPU, each request's images against its lone `generate` with its seed. In
+fp32 (TF32 off) batching must not move an image (≥ 40 dB); the fp16 figures, with the fused
+kernels, without them and without CUDA graphs, say where batch-size-dependent rounding comes from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cpp_ext
+from runtime import UnCLIP
+from runtime.sampling.inputs import SamplingNoise
+from runtime.validate import check_chain
+from tests.metrics import psnr
+
+pytestmark = pytest.mark.gpu
+JOBS = [("a red circle", 1, 41), ("a blue square", 2, 42), ("a green triangle", 1, 43), ("a yellow star", 2, 44)]
+
+
+def batched_against_lone(pipe: UnCLIP) -> list[float]:
+    """PSNR of every image of one joined call against the same image from its lone call."""
+    s = pipe.cfg.sampling
+    chain = check_chain(None, None, pipe.cfg)  # the default size's stages, as the service resolves them
+    noise = SamplingNoise.cat([pipe.draw_noise(n, s.prior_steps, s.decoder_steps, chain,
+                                               torch.Generator().manual_seed(seed)) for _, n, seed in JOBS])
+    prompts = [prompt for prompt, n, _ in JOBS for _ in range(n)]
+    joined = pipe.generate(prompts, noise=noise, output_type="pt").images
+    lone = torch.cat([pipe.generate(prompt, num_images_per_prompt=n, seed=seed, output_type="pt").images
+                      for prompt, n, seed in JOBS])
+    return [psnr(a, b) for a, b in zip(joined, lone, strict=True)]
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_joined_requests_give_their_lone_images_in_fp32_and_say_what_fp16_does(no_tf32, monkeypatch):
+    fp32 = batched_against_lone(UnCLIP(device="cuda", progress=False))
+    figures = {"fp32": fp32}
+    figures["fp16"] = batched_against_lone(UnCLIP(device="cuda", dtype=torch.float16, progress=False))
+    figures["fp16 eager"] = batched_against_lone(UnCLIP(device="cuda", dtype=torch.float16, progress=False,
+                                                        cuda_graphs=False))
+    with monkeypatch.context() as m:
+        m.setattr(cpp_ext, "kernels", None)
+        figures["fp16 without kernels"] = batched_against_lone(UnCLIP(device="cuda", dtype=torch.float16,
+                                                                      progress=False))
+    for name, values in figures.items():
+        print(f"joined vs lone, {name}: worst {min(values):.1f} dB, per image {[round(v, 1) for v in values]}")
+    assert min(fp32) >= 40.0
