@@ -31,14 +31,6 @@ def batched_against_lone(pipe: UnCLIP) -> list[float]:
     return [psnr(a, b) for a, b in zip(joined, lone, strict=True)]
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def test_joined_requests_give_their_lone_images_in_fp32_and_say_what_fp16_does(no_tf32, monkeypatch):
     fp32 = batched_against_lone(UnCLIP(device="cuda", progress=False))
     figures = {"fp32": fp32}

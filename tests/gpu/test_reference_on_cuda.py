@@ -15,14 +15,6 @@ pytestmark = pytest.mark.gpu
 STEPS = {"prior_steps": 6, "decoder_steps": 5, "super_res_steps": 3}
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def test_cuda_fp32_matches_cpu_for_the_same_seed(ours, no_tf32):
     prompts = ["a red circle on a blue background", "a green square"]
     kw = {"num_images_per_prompt": 2, "seed": 5, "output_type": "np", **STEPS}

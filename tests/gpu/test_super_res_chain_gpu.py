@@ -19,14 +19,6 @@ pytestmark = pytest.mark.gpu
 CHAINS = {"two stages": chain(2), "second stage tiled": tiled(64, 16)}
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("name", CHAINS)
 def test_a_two_stage_chain_on_cuda_gives_the_cpu_images(name, no_tf32):
     model = random_model(CHAINS[name])
