@@ -18,9 +18,10 @@ pytestmark = pytest.mark.gpu
 JOBS = [("a red circle", 1, 41), ("a blue square", 2, 42), ("a green triangle", 1, 43), ("a yellow star", 2, 44)]
 
 
-def batched_against_lone(pipe: UnCLIP) -> dict[str, list[float]]:
+def batched_against_lone(pipe: UnCLIP) -> dict:
     """Per image of one joined call against the same image from its lone call: the prior's image
-    embedding (relative error), the decoder's 64² image and the final image (PSNR)."""
+    embedding (relative error), the decoder's 64² image and the final image (PSNR); and the final
+    images of both ways ("joined", "lone")."""
     s = pipe.cfg.sampling
     chain = check_chain(None, None, pipe.cfg)  # the default size's stages, as the service resolves them
     noise = SamplingNoise.cat([pipe.draw_noise(n, s.prior_steps, s.decoder_steps, chain,
@@ -30,12 +31,14 @@ def batched_against_lone(pipe: UnCLIP) -> dict[str, list[float]]:
     joined = pipe.generate(prompts, noise=noise, **kw)
     lone = [pipe.generate(prompt, num_images_per_prompt=n, seed=seed, **kw) for prompt, n, seed in JOBS]
     embeds = torch.cat([out.image_embeds for out in lone]).float()
+    lone_images = torch.cat([o.images for o in lone])
     return {
+        "joined": joined.images, "lone": lone_images,
         "embedding": [float((a.float() - b).norm() / b.norm()) for a, b in zip(joined.image_embeds, embeds,
                                                                                    strict=True)],
         "decoder": [psnr(a, b) for a, b in zip(joined.decoder_images, torch.cat([o.decoder_images for o in lone]),
                                                strict=True)],
-        "image": [psnr(a, b) for a, b in zip(joined.images, torch.cat([o.images for o in lone]), strict=True)],
+        "image": [psnr(a, b) for a, b in zip(joined.images, lone_images, strict=True)],
     }
 
 
@@ -52,4 +55,10 @@ def test_joined_requests_give_their_lone_images_in_fp32_and_say_what_fp16_does(n
     for name, f in figures.items():
         print(f"joined vs lone, {name}: image worst {min(f['image']):.1f} dB {[round(v, 1) for v in f['image']]}; "
               f"decoder worst {min(f['decoder']):.1f} dB; embedding relative error up to {max(f['embedding']):.1e}")
+    # a kernel wrong at some batch sizes only: the fused images far from the unfused ones in the
+    # joined call (6 images) but not in the lone calls (1 and 2)
+    fused, plain = figures["fp16"], figures["fp16 without kernels"]
+    for way in ("joined", "lone"):
+        values = [psnr(a, b) for a, b in zip(fused[way], plain[way], strict=True)]
+        print(f"fp16 with vs without the fused kernels, {way} calls: worst {min(values):.1f} dB")
     assert min(fp32["image"]) >= 40.0
