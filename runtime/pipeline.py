@@ -28,6 +28,8 @@ from models.clip import KarloTokenizer
 from models.config_schema import read_config
 from models.configs import DiffusionConfig, UnCLIPConfig, with_prior_clip_range
 from models.file_integrity import CHECKSUMS, IntegrityError, read_checksums, verify_files
+from models.fused.options import DEFAULT as DEFAULT_FUSED
+from models.fused.options import FusedOptions
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
 from runtime.backends.choose import choose_backend, open_engines
@@ -90,6 +92,7 @@ class UnCLIP(ImageTools):
         channels_last: bool | None = None,
         max_batch: int | None = None,
         prior: str = "diffusion",
+        fused: FusedOptions | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -116,9 +119,15 @@ class UnCLIP(ImageTools):
             no limit, or the engine folder's `--max-batch` for TensorRT plans (their profiles end there).
         :param prior: "diffusion" (the diffusion prior, as Karlo) or "ar" (the paper's autoregressive
             prior, for models that have one, such as the shipped default model; see docs/ar-prior.md).
+        :param fused: the fused path's switches (`models.fused.FusedOptions`; torch backend on CUDA in
+            half precision). None: the default, every fusion on. `FusedOptions(batch_invariant_prior=True)`
+            computes each image's prior embedding the same way whatever the batch (up to ten
+            images), as a service that joins requests wants (docs/serving.md).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if fused is not None and not isinstance(fused, FusedOptions):
+            raise TypeError(f"fused must be a models.fused.FusedOptions or None, got {type(fused).__name__}")
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
@@ -143,7 +152,8 @@ class UnCLIP(ImageTools):
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
             self.channels_last = bool(channels_last)
-            self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device, self.channels_last)
+            self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device, self.channels_last,
+                                                           fused or DEFAULT_FUSED)
             self.constants = ModelConstants.from_model(self.model).to(self.device)
             engine_limit = None
         else:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from models.fused.options import DEFAULT as DEFAULT_FUSED
+from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from runtime.backends.engines import BACKENDS, Engine, EngineError, EngineFolder, onnxruntime_providers, torch_engines
 from runtime.backends.signatures import available_stages, generate_stages
@@ -40,14 +42,14 @@ def choose_backend(requested: str, engine_dir: str | Path | None, device: torch.
 
 def open_engines(
     backend: str, model: UnCLIPModel | None, folder: EngineFolder | None, device: torch.device,
-    channels_last: bool = False,
+    channels_last: bool = False, options: FusedOptions = DEFAULT_FUSED,
 ) -> dict[str, Engine]:
-    """Every stage's engine: the torch modules of `model` (UNets channels-last if asked), or the
-    engines of a checked `folder`."""
+    """Every stage's engine: the torch modules of `model` (UNets channels-last if asked, the fused
+    path under `options`), or the engines of a checked `folder`."""
     if backend == "torch":
         if model is None:
             raise ValueError("the torch backend needs the model")
-        return torch_engines(model, available_stages(model), channels_last)
+        return torch_engines(model, available_stages(model), channels_last, options)
     if folder is None:
         raise ValueError(f"the {backend} backend needs an engine folder")
     missing = [s for s in generate_stages(folder.cfg) if s not in folder.stages]

@@ -25,6 +25,8 @@ import torch
 from models.checkpoint import config_from_dict, config_to_dict, weights_sha256
 from models.configs import UnCLIPConfig
 from models.file_integrity import IntegrityError, sha256_json, verify_files
+from models.fused.options import DEFAULT as DEFAULT_FUSED
+from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from runtime.backends.engine import Engine, EngineError, cast_inputs
 from runtime.backends.signatures import StageSignature, signatures, stage_module
@@ -52,9 +54,10 @@ class TorchEngine:
 
     capturable = True
 
-    def __init__(self, model: UnCLIPModel, name: str, channels_last: bool = False) -> None:
+    def __init__(self, model: UnCLIPModel, name: str, channels_last: bool = False,
+                 options: FusedOptions = DEFAULT_FUSED) -> None:
         self.signature = signatures(model.cfg)[name]
-        self.module = stage_module(model, name)
+        self.module = stage_module(model, name, options)
         self.float_dtype = next(self.module.parameters()).dtype
         self.channels_last = channels_last
 
@@ -260,13 +263,15 @@ def is_unet_stage(name: str) -> bool:
     return name in ("decoder", "decoder_step") or name.startswith("super_res")
 
 
-def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = False) -> dict[str, TorchEngine]:
+def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = False,
+                  options: FusedOptions = DEFAULT_FUSED) -> dict[str, TorchEngine]:
     """The torch engines of `stages`; with `channels_last`, the UNet stages run channels-last
-    (converts the decoder's and super-res UNets' weights in place)."""
+    (converts the decoder's and super-res UNets' weights in place); `options`: the fused path's
+    switches."""
     if channels_last:
         model.decoder.unet.to(memory_format=torch.channels_last)
         model.super_res.to(memory_format=torch.channels_last)
-    return {name: TorchEngine(model, name, channels_last and is_unet_stage(name)) for name in stages}
+    return {name: TorchEngine(model, name, channels_last and is_unet_stage(name), options) for name in stages}
 
 
 def load_onnxruntime_engines(

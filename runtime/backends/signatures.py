@@ -28,6 +28,8 @@ from torch import nn
 
 from models import fused
 from models.configs import UnCLIPConfig
+from models.fused.options import DEFAULT as DEFAULT_FUSED
+from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from models.unet import context_heads
 
@@ -206,12 +208,12 @@ class _PriorContext(nn.Module):
 
 
 class _PriorStep(nn.Module):
-    def __init__(self, model: UnCLIPModel) -> None:
+    def __init__(self, model: UnCLIPModel, options: FusedOptions) -> None:
         super().__init__()
-        self.prior = model.prior
+        self.prior, self.options = model.prior, options
 
     def forward(self, x_t, timesteps, context_kv, text_mask) -> tuple[torch.Tensor]:
-        return (fused.prior_step(self.prior, x_t, timesteps, context_kv, text_mask),)
+        return (fused.prior_step(self.prior, x_t, timesteps, context_kv, text_mask, self.options),)
 
 
 class _Decoder(nn.Module):
@@ -268,14 +270,15 @@ class _SuperRes(nn.Module):
         return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps),)
 
 
-def stage_module(model: UnCLIPModel, name: str) -> nn.Module:
-    """The module computing stage `name` of `model` with the signature's positional I/O."""
+def stage_module(model: UnCLIPModel, name: str, options: FusedOptions = DEFAULT_FUSED) -> nn.Module:
+    """The module computing stage `name` of `model` with the signature's positional I/O (`options`:
+    the fused path's switches, where a stage takes it)."""
     builders = {
         "clip_text": lambda: _ClipText(model),
         "clip_image": lambda: _ClipImage(model),
         "prior": lambda: _Prior(model),
         "prior_context": lambda: _PriorContext(model),
-        "prior_step": lambda: _PriorStep(model),
+        "prior_step": lambda: _PriorStep(model, options),
         "decoder": lambda: _Decoder(model),
         "decoder_context": lambda: _DecoderContext(model),
         "decoder_step": lambda: _DecoderStep(model),

@@ -1,7 +1,8 @@
 """What the service's batching does, without the service: several requests' noise joined into one
 `generate` call on the GPU, each request's images against its lone `generate` with its seed. In
 fp32 (TF32 off) batching must not move an image (≥ 40 dB); the fp16 figures, with the fused
-kernels, without them and without CUDA graphs, say where batch-size-dependent rounding comes from."""
+kernels, without them and without CUDA graphs, say where batch-size-dependent rounding comes from;
+with a batch-invariant prior the embeddings must not move at all."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import cpp_ext
+from models.fused import FusedOptions
 from runtime import UnCLIP
 from runtime.sampling.inputs import SamplingNoise
 from runtime.validate import check_chain
@@ -62,3 +64,15 @@ def test_joined_requests_give_their_lone_images_in_fp32_and_say_what_fp16_does(n
         values = [psnr(a, b) for a, b in zip(fused[way], plain[way], strict=True)]
         print(f"fp16 with vs without the fused kernels, {way} calls: worst {min(values):.1f} dB")
     assert min(fp32["image"]) >= 40.0
+
+
+def test_a_batch_invariant_prior_gives_joined_requests_their_lone_embeddings():
+    """`FusedOptions(batch_invariant_prior=True)`: the joined call's prior embeddings are the lone
+    calls' bit for bit (one kernel, row by row, for every row count), and with them the images come
+    within the service's 40 dB (the decoder and super-res damp what their kernels change)."""
+    pipe = UnCLIP(device="cuda", dtype=torch.float16, progress=False, fused=FusedOptions(batch_invariant_prior=True))
+    f = batched_against_lone(pipe)
+    print(f"batch-invariant prior, joined vs lone: embedding relative error up to {max(f['embedding']):.1e}; "
+          f"decoder worst {min(f['decoder']):.1f} dB; image worst {min(f['image']):.1f} dB")
+    assert max(f["embedding"]) == 0.0
+    assert min(f["image"]) >= 40.0
