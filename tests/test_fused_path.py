@@ -149,7 +149,7 @@ def test_the_fused_prior_step_gives_the_reference_step(emulated, monkeypatch, ba
     elif variant == "no_time_table":
         options = FusedOptions(time_table=False)
     elif variant == "cublas":
-        monkeypatch.setattr(linear_plan, "skinny_block", lambda rows, width, features: None)
+        monkeypatch.setattr(linear_plan, "skinny_block", lambda *plan: None)
     elif variant == "float_timesteps":
         t = t.float() + 0.5  # no table row for these: the time MLP runs
     ref = prior.step(x_t, t, kv, mask)
@@ -164,6 +164,18 @@ def test_the_fused_prior_step_gives_the_reference_step(emulated, monkeypatch, ba
         assert staged == 0 and skinny <= 2  # the image token and the output projection only
     else:
         assert skinny >= 4 * layers and staged == 0
+
+
+@torch.no_grad()
+def test_a_batch_invariant_prior_step_runs_skinny_linear_alone_and_gives_the_reference_step(emulated, monkeypatch):
+    """Twenty samples (60 rows, where the default plan takes cuBLAS) on a GPU that could stage:
+    every linear, the image token's and the output projection's included, is `skinny_linear`."""
+    monkeypatch.setattr(linear_plan, "staged_capable", lambda: True)
+    prior = _randomised(Prior(SMALL_PRIOR), 4)
+    x_t, t, kv, mask = _prior_inputs(prior, 20)
+    got = fused.prior_step(prior, x_t, t, kv, mask, FusedOptions(batch_invariant_prior=True))
+    assert _rel(got, prior.step(x_t, t, kv, mask)) <= 1e-5
+    assert emulated["skinny_linear_staged"] == 0 and emulated["skinny_linear"] == 4 * prior.cfg.layers + 2
 
 
 def test_the_runtime_stages_run_the_fused_path_end_to_end(emulated):
