@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.checkpoint import atomic_write  # noqa: E402
 from runtime import UnCLIP  # noqa: E402
+from train.evaluate_upsampler import psnr  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 
@@ -45,11 +46,6 @@ class Perturbed:
                      if o.is_floating_point() else o for o in outs)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the shipped default model)")
@@ -60,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def pipe() -> UnCLIP:
-        return UnCLIP(args.model, device=args.device, progress=False) if args.model else \
-            UnCLIP(device=args.device, progress=False)
+        return UnCLIP(args.model, device=args.device, progress=False)  # None: the shipped default model
 
     base = pipe()
     reference = base.generate(PROMPTS, seed=args.seed, output_type="pt").images

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime import UnCLIP
+from runtime.validate import check_chain
 from train.attributes import read_batch
 from train.data import HELD_OUT, canonical_caption, render, sample_scene
 
@@ -136,8 +137,7 @@ def oracle_accuracy(pipe: UnCLIP, seeds: int = 4, decoder_guidance_scale: float 
     text = pipe.encode_prompts([canonical_caption(s.combo) for s in scenes])
     uncond = pipe.encode_prompts([""]).expand(len(scenes))
     b = len(scenes)
-    upto = cfg.image_sizes.index(cfg.default_image_size)  # the chain up to the model's default size
-    chain = tuple(stage.steps for stage in cfg.super_res[:upto])
+    chain = check_chain(None, None, cfg)  # each stage's own steps, up to the model's default size
     noise = pipe.draw_noise(b, 1, 25, chain, torch.Generator().manual_seed(5))
     e = pipe.engines
     small = sample_decoder(e["decoder_context"], e["decoder_step"], cfg.decoder.diffusion, pipe.constants,

@@ -23,6 +23,7 @@ H100_SMS = 132
 # Weight rows of 512 columns a staged block holds (its ring: block features × stages, ~70 KB), so
 # that three blocks — of one kernel or of consecutive ones — fit in an SM's shared memory.
 STAGED_ROWS = 64
+SKINNY_MAX_ROWS = 16  # two tiles of the tensor-core step; above that cuBLAS is faster
 STAGED_MAX_ROWS = 24  # three 8-row tiles of the mma: four images' step (batch 8 × 3 tokens)
 INVARIANT_MAX_ROWS = 64  # skinny_linear's limit: ten guided images' step (batch 20 × 3 tokens)
 
@@ -43,14 +44,14 @@ def staged_capable() -> bool:
     return _device_properties(torch.cuda.current_device()).major >= 9
 
 
-def skinny_block(rows: int, width: int, features: int, max_rows: int = 16) -> int | None:
+def skinny_block(rows: int, width: int, features: int, max_rows: int = SKINNY_MAX_ROWS) -> int | None:
     """The output features per block with which a linear layer (`rows` input rows of `width`,
     `features` outputs) runs `cpp_ext.skinny_linear` where `staged_plan` does not take it, or None
-    for cuBLAS: up to `max_rows` rows (16: two tiles of the tensor-core step, above which cuBLAS is
-    faster; `INVARIANT_MAX_ROWS` for a batch-invariant prior). The blocks: the largest of 32 and 16
-    features whose grid still gives every SM a block, else 8 (never by the rows, so a row is computed
-    the same way at every row count), so that the layer needs no second wave of blocks that would
-    hold back the kernels after it."""
+    for cuBLAS: up to `max_rows` rows (`SKINNY_MAX_ROWS`, or `INVARIANT_MAX_ROWS` for a
+    batch-invariant prior). The blocks: the largest of 32 and 16 features whose grid still gives
+    every SM a block, else 8 (never by the rows, so a row is computed the same way at every row
+    count), so that the layer needs no second wave of blocks that would hold back the kernels
+    after it."""
     if rows < 1 or rows > max_rows or width % 32:
         return None
     sms = multiprocessors()
@@ -104,7 +105,7 @@ def few_rows_linear(rows: int, width: int, features: int, options: FusedOptions 
 
 def max_skinny_rows(options: FusedOptions | None) -> int:
     """The most rows `skinny_linear` takes under `options` (more with a batch-invariant prior)."""
-    return INVARIANT_MAX_ROWS if options is not None and options.batch_invariant_prior else 16
+    return INVARIANT_MAX_ROWS if options is not None and options.batch_invariant_prior else SKINNY_MAX_ROWS
 
 
 def skinny_fits(x: torch.Tensor, linear: nn.Linear, options: FusedOptions | None = None) -> bool:

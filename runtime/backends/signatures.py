@@ -296,6 +296,7 @@ def stage_module(model: UnCLIPModel, name: str, options: FusedOptions = DEFAULT_
 
 AR_PRIOR_STAGES = ("ar_prior_context", "ar_prior_step")
 
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """The offsets of the tiles along one side of a `size` image: every `tile - overlap` pixels,
     the last one flush with the far edge."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.metrics import psnr
 from tests.serve_harness import Server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -39,16 +40,15 @@ def test_batched_requests_on_the_gpu_match_their_lone_generate(tmp_path):
     pipe = UnCLIP(device="cuda", dtype=torch.float16, progress=False)
     pipe32 = UnCLIP(device="cuda", dtype=torch.float32, progress=False)
 
-    def pixels(images) -> list[np.ndarray]:
-        return [np.asarray(im, dtype=np.float64) for im in images]
+    def pixels(images) -> list[torch.Tensor]:  # PIL images → [H, W, 3] in [0, 1], what psnr takes
+        return [torch.from_numpy(np.asarray(im, dtype=np.float64) / 255) for im in images]
 
     worst, again, floor = float("inf"), float("inf"), float("inf")
     for (prompt, n, seed), (_, body) in zip(jobs, answers, strict=True):
         lone = pixels(pipe.generate(prompt, num_images_per_prompt=n, seed=seed).images)
         repeat = pixels(pipe.generate(prompt, num_images_per_prompt=n, seed=seed).images)
         full = pixels(pipe32.generate(prompt, num_images_per_prompt=n, seed=seed).images)
-        served = [np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=np.float64)
-                  for item in body["data"]]
+        served = pixels(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in body["data"])
         for got, ref, rep, f32 in zip(served, lone, repeat, full, strict=True):
             worst = min(worst, psnr(got, ref))
             again = min(again, psnr(rep, ref))
@@ -59,7 +59,3 @@ def test_batched_requests_on_the_gpu_match_their_lone_generate(tmp_path):
           f"repeated: {again:.1f} dB; lone fp16 against fp32: {floor:.1f} dB")
     assert worst >= 40
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
