@@ -93,6 +93,7 @@ class UnCLIP(ImageTools):
         max_batch: int | None = None,
         prior: str = "diffusion",
         fused: FusedOptions | None = None,
+        prior_dtype: torch.dtype | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -120,9 +121,12 @@ class UnCLIP(ImageTools):
         :param prior: "diffusion" (the diffusion prior, as Karlo) or "ar" (the paper's autoregressive
             prior, for models that have one, such as the shipped default model; see docs/ar-prior.md).
         :param fused: the fused path's switches (`models.fused.FusedOptions`; torch backend on CUDA in
-            half precision). None: the default, every fusion on. `FusedOptions(batch_invariant_prior=True)`
-            computes each image's prior embedding the same way whatever the batch (up to ten
-            images), as a service that joins requests wants (docs/serving.md).
+            half precision). None: the default, every fusion on.
+        :param prior_dtype: network dtype of the conditioning stages — CLIP's encoders and the prior
+            (diffusion or autoregressive) — for the torch backend; None: `dtype`. float32 under a
+            float16 `dtype` makes an image's embedding independent of the batch it runs in: the
+            prior's guided loop amplifies rounding, and fp16 kernels round differently at different
+            batch sizes. A service that joins requests runs so (docs/serving.md).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -140,6 +144,8 @@ class UnCLIP(ImageTools):
             check_int("max_batch", max_batch, 1, 1 << 20)
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
+        if prior_dtype is not None and prior_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"prior_dtype must be float32, float16, bfloat16 or float64, got {prior_dtype}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
@@ -147,7 +153,8 @@ class UnCLIP(ImageTools):
         self.backend = choose_backend(backend, engine_dir, self.device)
         if self.backend == "torch":
             self.dtype = dtype or torch.float32
-            self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype)
+            self.prior_dtype = prior_dtype or self.dtype
+            self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype, self.prior_dtype)
             if channels_last is None:
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
@@ -157,8 +164,12 @@ class UnCLIP(ImageTools):
             self.constants = ModelConstants.from_model(self.model).to(self.device)
             engine_limit = None
         else:
+            if prior_dtype is not None:
+                raise ValueError(f"prior_dtype is for the torch backend; the {self.backend} engines run in the "
+                                 "precision they were built in")
             self.engines, self.constants, self.dtype, engine_limit = _engines_for(
                 model, engine_dir, self.backend, self.device, dtype)
+            self.prior_dtype = self.dtype
             self.model = None  # the engines run every stage; the torch modules are not kept
             self.channels_last = False
         limits = [v for v in (max_batch, engine_limit) if v is not None]
@@ -494,22 +505,34 @@ def _engines_for(
     return engines, folder.constants().to(device), folder.float_dtype, limit
 
 
-def _converted(model: UnCLIPModel, device: torch.device, dtype: torch.dtype) -> UnCLIPModel:
-    """`model` on `device` in `dtype`, in eval mode, never changing the caller's model: it is used as
-    it is when it already is so, else its tensors are converted into a new model (built on the meta
-    device, so only the converted copy takes memory), leaving other `UnCLIP`s built on it intact."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    ready = not model.training and all(
-        t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors)
+CONDITIONING_MODULES = ("clip", "prior", "ar_prior")  # the stages `prior_dtype` sets
+
+
+def _converted(model: UnCLIPModel, device: torch.device, dtype: torch.dtype,
+               prior_dtype: torch.dtype | None = None) -> UnCLIPModel:
+    """`model` on `device` in `dtype` (its `CONDITIONING_MODULES` in `prior_dtype`, default
+    `dtype`), in eval mode, never changing the caller's model: it is used as it is when it already
+    is so, else its tensors are converted into a new model (built on the meta device, so only the
+    converted copy takes memory), leaving other `UnCLIP`s built on it intact."""
+    prior_dtype = prior_dtype or dtype
+
+    def wanted(name: str, t: torch.Tensor) -> torch.dtype:
+        if not t.is_floating_point():
+            return t.dtype
+        return prior_dtype if name.split(".", 1)[0] in CONDITIONING_MODULES else dtype
+
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    ready = not model.training and all(t.device == device and t.dtype == wanted(k, t) for k, t in tensors)
     if ready or not tensors:
         return model
-    state = {k: v.detach().to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(device=device, dtype=wanted(k, v), copy=True) for k, v in model.state_dict().items()}
     copy = UnCLIPModel.empty(model.cfg, with_vision=model.clip.has_vision, with_ar_prior=model.ar_prior is not None)
     copy.load_state_dict(state, assign=True)
     with torch.device(device):
         copy.materialize_buffers()
-    return copy.to(dtype=dtype).eval()
+    for name, part in copy.named_children():  # the materialized buffers too
+        part.to(dtype=prior_dtype if name in CONDITIONING_MODULES else dtype)
+    return copy.eval()
 
 
 def _check_ar_prior(engines: dict[str, Engine], constants: ModelConstants, engine_dir: str | Path | None) -> None:

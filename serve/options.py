@@ -26,6 +26,7 @@ class ServeOptions:
     backend: str = "auto"
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     dtype: str | None = None
+    prior_dtype: str | None = None  # None: float32 on the torch backend (joined requests get their lone images)
     replicas: int | None = None  # None: one per GPU of the cluster, one on a machine without GPUs
     cpus_per_replica: float | None = None  # None: 2 beside a GPU, else the machine's cores / replicas
     max_batch: int = 8  # images per generate call
@@ -44,6 +45,8 @@ class ServeOptions:
             raise ValueError(f"give one model source, not {' and '.join('--' + s.replace('_', '-') for s in sources)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.prior_dtype is not None and self.prior_dtype not in DTYPES:
+            raise ValueError(f"--prior-dtype must be one of {', '.join(DTYPES)}, got {self.prior_dtype!r}")
         for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -100,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "onnxruntime", "tensorrt"))
     p.add_argument("--device", help="cuda or cpu (default: cuda on replicas with a GPU)")
     p.add_argument("--dtype", choices=DTYPES, help="network dtype (default float16 on a GPU, float32 on a CPU)")
+    p.add_argument("--prior-dtype", choices=DTYPES,
+                   help="dtype of the text encoder and the prior (default float32 on the torch backend, so that "
+                        "a request batched with others gets the images it would get alone)")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU; one without GPUs)")
     p.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica reserves (and its torch threads)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per batched call ({d.max_batch})")

@@ -63,6 +63,10 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend}
+    if options.prior_dtype or (options.engine_dir is None and options.backend in ("auto", "torch")):
+        # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
+        # batch size: in fp32 a request's embedding does not depend on the requests beside it
+        common["prior_dtype"] = DTYPES[options.prior_dtype or "float32"]
     pipes = {"diffusion": UnCLIP(model, prior="diffusion", **common)}
     try:
         converted = pipes["diffusion"].model  # on the device in its dtype already: shared, not copied
@@ -145,7 +149,8 @@ class ImageWorker:
         return {
             "model_id": self.options.model_id, "size": cfg.default_image_size, "sizes": list(cfg.image_sizes),
             "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
-            "dtype": str(self.pipe.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "dtype": str(self.pipe.dtype).removeprefix("torch."),
+            "prior_dtype": str(self.pipe.prior_dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
             "created": int(self.started), "queued_jobs": len(self.batcher.pending),
             "served_images": self.served_images, "calls": self.calls,

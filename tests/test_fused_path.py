@@ -166,18 +166,6 @@ def test_the_fused_prior_step_gives_the_reference_step(emulated, monkeypatch, ba
         assert skinny >= 4 * layers and staged == 0
 
 
-@torch.no_grad()
-def test_a_batch_invariant_prior_step_runs_skinny_linear_alone_and_gives_the_reference_step(emulated, monkeypatch):
-    """Twenty samples (60 rows, where the default plan takes cuBLAS) on a GPU that could stage:
-    every linear, the image token's and the output projection's included, is `skinny_linear`."""
-    monkeypatch.setattr(linear_plan, "staged_capable", lambda: True)
-    prior = _randomised(Prior(SMALL_PRIOR), 4)
-    x_t, t, kv, mask = _prior_inputs(prior, 20)
-    got = fused.prior_step(prior, x_t, t, kv, mask, FusedOptions(batch_invariant_prior=True))
-    assert _rel(got, prior.step(x_t, t, kv, mask)) <= 1e-5
-    assert emulated["skinny_linear_staged"] == 0 and emulated["skinny_linear"] == 4 * prior.cfg.layers + 2
-
-
 def test_the_runtime_stages_run_the_fused_path_end_to_end(emulated):
     """The runtime's step stages (`runtime.backends.signatures`) call the fused path: with the kernels
     emulated, the default model's images are the reference's to float32 rounding, and the

@@ -127,6 +127,27 @@ def test_bad_dtype_and_model_type_are_refused(ours):
         UnCLIP(42)
 
 
+def test_prior_dtype_runs_the_text_encoder_and_the_prior_in_it_giving_the_full_precision_embeddings(ours):
+    """bfloat16 networks with `prior_dtype=float32`: CLIP and the priors stay float32 (the caller's
+    model untouched), so the image embeddings are those of a float32 pipeline bit for bit, and the
+    image stays near it (bfloat16 rounding on a random tiny model)."""
+    from tests.metrics import psnr
+
+    mixed = UnCLIP(ours, device="cpu", progress=False, dtype=torch.bfloat16, prior_dtype=torch.float32)
+    dtypes = {name: next(getattr(mixed.model, name).parameters()).dtype
+              for name in ("clip", "prior", "decoder", "super_res")}
+    assert dtypes == {"clip": torch.float32, "prior": torch.float32, "decoder": torch.bfloat16,
+                      "super_res": torch.bfloat16}
+    assert next(ours.parameters()).dtype == torch.float32 and mixed.prior_dtype == torch.float32
+    full = UnCLIP(ours, device="cpu", progress=False)
+    kw = {**FAST, "seed": 5, "output_type": "pt", "return_image_embeds": True}
+    a, b = full.generate("a red circle", **kw), mixed.generate("a red circle", **kw)
+    assert torch.equal(a.image_embeds, b.image_embeds)
+    assert psnr(a.images[0], b.images[0]) >= 20  # bfloat16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="prior_dtype must be"):
+        UnCLIP(ours, prior_dtype=torch.int8)
+
+
 def test_cli_writes_one_png_per_image(ours, tmp_path, capsys):
     save_model(ours, ours.cfg, tmp_path / "m")
     out = tmp_path / "img" / "out.png"

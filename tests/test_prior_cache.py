@@ -76,36 +76,15 @@ def test_the_prior_runs_skinny_linear_up_to_sixteen_rows(rows, width, features, 
     assert linear_plan.skinny_block(rows, width, features) == expected
 
 
-def test_a_batch_invariant_prior_runs_every_linear_with_the_same_kernel_and_blocks_up_to_64_rows(monkeypatch):
-    """With `batch_invariant_prior` the prior's linears take `skinny_linear` at every row count up
-    to 64 (never the staged kernel or cuBLAS), with blocks that do not depend on the rows: what a
-    request's rows compute is then the same alone (6 rows for one guided image) or joined (36, 60)."""
-    from models.fused import FusedOptions, linear_plan
-
-    monkeypatch.setattr(linear_plan, "multiprocessors", lambda: 132)
-    monkeypatch.setattr(linear_plan, "staged_capable", lambda: True)  # Hopper: the default plan stages
-    invariant = FusedOptions(batch_invariant_prior=True)
-    for width, features in ((2048, 6144), (2048, 2048), (8192, 2048), (2048, 8192)):
-        assert linear_plan.staged_plan(6, width, features) is not None  # the default path differs
-        assert linear_plan.staged_plan(6, width, features, invariant) is None
-        blocks = {linear_plan.skinny_block(rows, width, features, linear_plan.max_skinny_rows(invariant))
-                  for rows in (1, 6, 12, 24, 36, 60, 64)}
-        assert len(blocks) == 1 and None not in blocks, (width, features, blocks)
-        assert linear_plan.skinny_block(65, width, features, linear_plan.max_skinny_rows(invariant)) is None
-        assert linear_plan.few_rows_linear(36, width, features) is None  # cuBLAS by default
-        assert linear_plan.few_rows_linear(36, width, features, invariant).__name__ == "skinny"
-        assert linear_plan.few_rows_linear(6, width, features, invariant).__name__ == "skinny"
-
-
 def test_the_runtime_hands_its_fused_options_to_the_prior_step():
     from models.fused import FusedOptions
     from runtime import UnCLIP
 
-    options = FusedOptions(batch_invariant_prior=True)
+    options = FusedOptions(staged_weights=False)
     assert UnCLIP(device="cpu", progress=False, fused=options).engines["prior_step"].module.options is options
     assert UnCLIP(device="cpu", progress=False).engines["prior_step"].module.options == FusedOptions()
     with pytest.raises(TypeError, match="fused must be a models.fused.FusedOptions"):
-        UnCLIP(device="cpu", progress=False, fused={"batch_invariant_prior": True})
+        UnCLIP(device="cpu", progress=False, fused={"staged_weights": False})
 
 
 @pytest.mark.parametrize("head,fits", [(8, True), (32, True), (64, True), (256, True), (4, False), (48, False),

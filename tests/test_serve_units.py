@@ -181,6 +181,9 @@ def test_options_are_checked_and_parsed():
         ServeOptions(max_batch=0)
     with pytest.raises(ValueError, match="one model source"):
         ServeOptions(model="a", karlo="b")
+    assert parse_args(["--prior-dtype", "float16"]).prior_dtype == "float16"
+    with pytest.raises(ValueError, match="--prior-dtype must be one of"):
+        ServeOptions(prior_dtype="float64")
     with pytest.raises(ValueError, match="unknown service options: bogus"):
         ServeOptions.from_dict({"bogus": 1})
     with pytest.raises(SystemExit):

@@ -25,7 +25,6 @@ H100_SMS = 132
 STAGED_ROWS = 64
 SKINNY_MAX_ROWS = 16  # two tiles of the tensor-core step; above that cuBLAS is faster
 STAGED_MAX_ROWS = 24  # three 8-row tiles of the mma: four images' step (batch 8 × 3 tokens)
-INVARIANT_MAX_ROWS = 64  # skinny_linear's limit: ten guided images' step (batch 20 × 3 tokens)
 
 _device_properties = functools.cache(torch.cuda.get_device_properties)  # per device index
 
@@ -44,15 +43,13 @@ def staged_capable() -> bool:
     return _device_properties(torch.cuda.current_device()).major >= 9
 
 
-def skinny_block(rows: int, width: int, features: int, max_rows: int = SKINNY_MAX_ROWS) -> int | None:
+def skinny_block(rows: int, width: int, features: int) -> int | None:
     """The output features per block with which a linear layer (`rows` input rows of `width`,
     `features` outputs) runs `cpp_ext.skinny_linear` where `staged_plan` does not take it, or None
-    for cuBLAS: up to `max_rows` rows (`SKINNY_MAX_ROWS`, or `INVARIANT_MAX_ROWS` for a
-    batch-invariant prior). The blocks: the largest of 32 and 16 features whose grid still gives
-    every SM a block, else 8 (never by the rows, so a row is computed the same way at every row
-    count), so that the layer needs no second wave of blocks that would hold back the kernels
-    after it."""
-    if rows < 1 or rows > max_rows or width % 32:
+    for cuBLAS: up to `SKINNY_MAX_ROWS` rows. The blocks: the largest of 32 and 16 features whose
+    grid still gives every SM a block, else 8, so that the layer needs no second wave of blocks that
+    would hold back the kernels after it."""
+    if rows < 1 or rows > SKINNY_MAX_ROWS or width % 32:
         return None
     sms = multiprocessors()
     for block in (32, 16):
@@ -69,7 +66,7 @@ def staged_plan(rows: int, width: int, features: int, options: FusedOptions | No
     ones would need more than one wave at three blocks per SM. Above 16 rows a layer narrower than
     its input (the MLP's output projection, whose blocks then read more input than weights) goes to
     cuBLAS, which is faster there."""
-    if options is not None and (not options.staged_weights or options.batch_invariant_prior):
+    if options is not None and not options.staged_weights:
         return None
     if rows < 1 or rows > STAGED_MAX_ROWS or width % 512 or not staged_capable():
         return None
@@ -94,7 +91,7 @@ def few_rows_linear(rows: int, width: int, features: int, options: FusedOptions 
         def staged(x, linear, activation, out):
             return cpp_ext.kernels.skinny_linear_staged(x, linear.weight, linear.bias, activation, out, *plan)
         return staged
-    block = skinny_block(rows, width, features, max_skinny_rows(options))
+    block = skinny_block(rows, width, features)
     if block is None:
         return None
 
@@ -103,15 +100,9 @@ def few_rows_linear(rows: int, width: int, features: int, options: FusedOptions 
     return skinny
 
 
-def max_skinny_rows(options: FusedOptions | None) -> int:
-    """The most rows `skinny_linear` takes under `options` (more with a batch-invariant prior)."""
-    return INVARIANT_MAX_ROWS if options is not None and options.batch_invariant_prior else SKINNY_MAX_ROWS
-
-
-def skinny_fits(x: torch.Tensor, linear: nn.Linear, options: FusedOptions | None = None) -> bool:
+def skinny_fits(x: torch.Tensor, linear: nn.Linear) -> bool:
     """Whether `skinny_linear` takes `linear` (with a bias) of the rows `x`: `skinny_block`'s rows
     and width, contiguous 16-byte-aligned rows, features of 16s."""
-    rows = max_skinny_rows(options)
-    return (x.dim() == 2 and skinny_block(x.shape[0], linear.in_features, linear.out_features, rows) is not None
+    return (x.dim() == 2 and skinny_block(x.shape[0], linear.in_features, linear.out_features) is not None
             and x.is_contiguous() and x.data_ptr() % 16 == 0
             and linear.out_features % 16 == 0 and linear.bias is not None)

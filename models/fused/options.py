@@ -24,12 +24,6 @@ class FusedOptions:
         timestep's embedding instead of running the sinusoid and the time MLP.
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
-    :param batch_invariant_prior: off by default. Every linear layer of the prior's step runs
-        `cpp_ext.skinny_linear` up to `linear_plan.INVARIANT_MAX_ROWS` rows (no staged kernel, no
-        cuBLAS), whose result for a row does not depend on how many rows share the call: a
-        request's image embedding is then the same whether it runs alone or joined with others.
-        The prior's guided loop amplifies rounding differences like those between kernels
-        (docs/serving.md), which is what a service that joins requests needs to avoid.
     """
 
     join_stats: bool = True
@@ -37,7 +31,6 @@ class FusedOptions:
     input_bias_in_conv: bool = True
     time_table: bool = True
     staged_weights: bool = True
-    batch_invariant_prior: bool = False
 
 
 DEFAULT = FusedOptions()

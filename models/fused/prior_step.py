@@ -44,7 +44,7 @@ def prior_step(prior: Prior, x_t: torch.Tensor, timesteps: torch.Tensor, context
     if not serves(prior, x_t):
         return prior.step(x_t, timesteps, context_kv, text_mask)
     rows = step_rows(prior, x_t, timesteps, options)
-    return _predict(prior, _blocks(prior, rows, context_kv, text_mask, options), options)
+    return _predict(prior, _blocks(prior, rows, context_kv, text_mask, options))
 
 
 def step_rows(prior: Prior, x_t: torch.Tensor, timesteps: torch.Tensor,
@@ -59,7 +59,7 @@ def step_rows(prior: Prior, x_t: torch.Tensor, timesteps: torch.Tensor,
     pos = prior.positional_embedding[0, n:]
     time_row = table.index_select(0, timesteps.clamp(0, table.shape[0] - 1))
     proj = prior.clip_img_proj
-    if skinny_fits(x_t, proj, options):
+    if skinny_fits(x_t, proj):
         image_row = cpp_ext.kernels.skinny_linear(x_t, proj.weight, proj.bias)
     else:
         image_row = proj(x_t)
@@ -85,12 +85,12 @@ def time_table(prior: Prior) -> torch.Tensor | None:
     return derived(prior, "time_table").get(params, extra, build)
 
 
-def _predict(prior: Prior, h: torch.Tensor, options: FusedOptions = DEFAULT) -> torch.Tensor:
+def _predict(prior: Prior, h: torch.Tensor) -> torch.Tensor:
     """The reference's prediction from the final stream: the `prd` rows only, through the layer
     norm kernel and `skinny_linear` where they fit (the reference runs all three tokens)."""
     last = h[:, -1].contiguous()
     proj, ln = prior.out_proj, prior.final_ln
-    if skinny_fits(last, proj, options) and ln is not None and ln.weight is not None and ln.bias is not None:
+    if skinny_fits(last, proj) and ln is not None and ln.weight is not None and ln.bias is not None:
         normed = cpp_ext.kernels.residual_layer_norm(last, None, ln.weight, ln.bias, ln.eps)
         return cpp_ext.kernels.skinny_linear(normed, proj.weight, proj.bias)
     return prior.predict(h)
