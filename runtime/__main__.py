@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="network dtype of the torch backend (default float32; engines keep their own)")
+    p.add_argument("--prior-dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the text encoder and the prior (default: --dtype)")
     p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    common = {"device": args.device, "dtype": DTYPES.get(args.dtype), "progress": not args.no_progress,
+    common = {"device": args.device, "dtype": DTYPES.get(args.dtype),
+              "prior_dtype": DTYPES.get(args.prior_dtype), "progress": not args.no_progress,
               "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior}
     try:
         if args.karlo:

@@ -158,6 +158,11 @@ def test_cli_writes_one_png_per_image(ours, tmp_path, capsys):
     assert files == ["out-0.png", "out-1.png"]
     assert Image.open(out.parent / "out-0.png").size == (64, 64)
     assert (out.parent / "out-0.png").stat().st_mode & 0o044 == 0o044  # readable by others, as a plain save
+    mixed = tmp_path / "mixed.png"  # the prior's dtype apart from the networks': the same file as in fp32 here
+    assert main(["a red circle", "--model", str(tmp_path / "m"), "-o", str(mixed), "--seed", "1", "--dtype", "float32",
+                 "--prior-dtype", "float32", "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2",
+                 "--no-progress", "--num-images", "2"]) == 0
+    assert (tmp_path / "mixed-0.png").read_bytes() == (out.parent / "out-0.png").read_bytes()
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
