@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,36 @@ def test_onnxruntime_engines_match_torch_engines_and_refuse_other_weights(random
         load_onnxruntime_engines(tmp_path, random_model)
     with pytest.raises(EngineError, match="no manifest"):
         load_onnxruntime_engines(tmp_path / "absent", random_model)
+
+
+SHAPE_ARITHMETIC = {"Shape", "ConstantOfShape", "Expand", "Range", "NonZero", "Size"}
+
+
+def test_a_fixed_batch_session_folds_every_shape_computation_and_gives_the_dynamic_graphs_outputs(
+        default_engine_dir, tmp_path):
+    """`runtime.backends.ort_cuda.fixed_batch_options`: with the batch fixed, ONNX Runtime's
+    optimised graph of every stage holds none of the shape arithmetic the exported graph has
+    (what its CUDA provider would leave on the CPU behind Memcpy nodes), and runs to the outputs
+    of the batch-dynamic session."""
+    import onnx
+    import onnxruntime as ort
+
+    from runtime.backends.engines import EngineFolder
+    from runtime.backends.ort_cuda import fixed_batch_options
+
+    folder, _ = default_engine_dir
+    sigs = signatures(EngineFolder.open(folder).cfg)
+    for name, sig in sigs.items():
+        graph = folder / f"{name}.onnx"
+        if not graph.is_file():
+            continue
+        exported = {n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node}
+        options = fixed_batch_options(3)
+        options.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        fixed = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        folded = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+        assert "Shape" in exported and not folded & SHAPE_ARITHMETIC, (name, folded & SHAPE_ARITHMETIC)
+        feed = {k: v.numpy() for k, v in sig.sample_inputs(3, generator=torch.Generator().manual_seed(1)).items()}
+        dynamic = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        for a, b in zip(fixed.run(None, feed), dynamic.run(None, feed), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)  # fused ops round apart

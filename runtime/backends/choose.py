@@ -58,5 +58,5 @@ def open_engines(
     if backend == "onnxruntime":
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
         providers = [p for p in providers if p in onnxruntime_providers()] + ["CPUExecutionProvider"]
-        return folder.onnxruntime_engines(providers)
+        return folder.onnxruntime_engines(providers, device)
     return folder.tensorrt_engines(device)

@@ -1,6 +1,6 @@
 """One `Engine` interface over the backends that can run a stage: `torch` (the modules),
-`onnxruntime` (the graphs of `python -m export.build_engines`; CPU provider, or the CUDA
-provider with I/O binding on device tensors when onnxruntime-gpu is installed) and `tensorrt`
+`onnxruntime` (the graphs of `python -m export.build_engines`; CPU provider, or on a GPU the CUDA
+provider, see `runtime.backends.ort_cuda`) and `tensorrt`
 (the plans, see `runtime.backends.tensorrt`).
 
 An engine takes the stage's inputs positionally, in the order of its `StageSignature`, as torch
@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.checkpoint import config_from_dict, config_to_dict, weights_sha256
@@ -29,6 +28,7 @@ from models.fused.options import DEFAULT as DEFAULT_FUSED
 from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from runtime.backends.engine import Engine, EngineError, cast_inputs
+from runtime.backends.ort_cuda import OrtCudaEngine
 from runtime.backends.signatures import StageSignature, signatures, stage_module
 from runtime.constants import ModelConstants
 
@@ -38,7 +38,6 @@ MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m e
 MANIFEST_FORMAT = 5
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 REBUILD_ANY = "python -m export.build_engines --model <the model> --out <the engine folder> --force"
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _PRECISION = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -70,9 +69,10 @@ class TorchEngine:
 
 
 class OnnxRuntimeEngine:
-    """An exported graph in an ONNX Runtime session."""
+    """An exported graph in an ONNX Runtime session of any batch, fed through the host (the CPU
+    provider; on a GPU, `runtime.backends.ort_cuda.OrtCudaEngine` runs the graphs instead)."""
 
-    capturable = False  # ORT copies through the host (CPU provider) or syncs its own stream (CUDA)
+    capturable = False  # its inputs and outputs pass through host memory
 
     def __init__(self, path: Path, signature: StageSignature, providers: list[str] | None = None,
                  rebuild: str = REBUILD_ANY) -> None:
@@ -98,29 +98,9 @@ class OnnxRuntimeEngine:
         sig = self.signature
         inputs = cast_inputs(sig, inputs, self.float_dtype)
         device = inputs[0].device
-        if device.type == "cuda" and "CUDAExecutionProvider" in self.providers:
-            return self._run_bound(inputs, inputs[0].shape[0], device)
         feed = {s.name: x.detach().cpu().numpy() for s, x in zip(sig.inputs, inputs, strict=True)}
         outs = self.session.run(sig.output_names, feed)
         return tuple(torch.from_numpy(o).to(device) for o in outs)
-
-    def _run_bound(self, inputs: list[torch.Tensor], batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """CUDA provider: bind torch device buffers as inputs and outputs (no host copies)."""
-        sig = self.signature
-        binding = self.session.io_binding()
-        kept = []
-        for spec, x in zip(sig.inputs, inputs, strict=True):
-            x = x.contiguous()
-            kept.append(x)
-            binding.bind_input(spec.name, "cuda", device.index or 0, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
-        outs = []
-        for spec in sig.outputs:
-            y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=device)
-            outs.append(y)
-            binding.bind_output(spec.name, "cuda", device.index or 0, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
-        torch.cuda.current_stream(device).synchronize()  # ORT runs on its own stream
-        self.session.run_with_iobinding(binding)
-        return tuple(outs)
 
 
 def onnxruntime_providers() -> list[str]:
@@ -207,11 +187,18 @@ class EngineFolder:
     def has_plans(self) -> bool:
         return "tensorrt" in self.manifest.get("backends", [])
 
-    def onnxruntime_engines(self, providers: list[str] | None = None) -> dict[str, OnnxRuntimeEngine]:
+    def onnxruntime_engines(self, providers: list[str] | None = None, device: torch.device | None = None,
+                            cuda_graph: bool = True) -> dict[str, Engine]:
+        """Every stage's graph in ONNX Runtime: on a CUDA `device` with the CUDA provider in
+        `providers`, `OrtCudaEngine`s (fixed-batch sessions, the whole graph on the GPU, ONNX
+        Runtime's own CUDA graphs when `cuda_graph`); else sessions of `providers`."""
         sigs = signatures(self.cfg)
-        return {name: OnnxRuntimeEngine(next(f for f in self.files(name) if f.suffix == ".onnx"), sigs[name], providers,
-                                        self.rebuild_command)
-                for name in self.stages}
+        graphs = {name: next(f for f in self.files(name) if f.suffix == ".onnx") for name in self.stages}
+        if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in (providers or []):
+            return {name: OrtCudaEngine(path, sigs[name], device, self.float_dtype, self.rebuild_command, cuda_graph)
+                    for name, path in graphs.items()}
+        return {name: OnnxRuntimeEngine(path, sigs[name], providers, self.rebuild_command)
+                for name, path in graphs.items()}
 
     def tensorrt_engines(self, device: torch.device) -> dict[str, Engine]:
         from runtime.backends import tensorrt as tensorrt_engine

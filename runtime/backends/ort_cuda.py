@@ -1,0 +1,118 @@
+"""ONNX Runtime's CUDA provider on torch's memory and stream: one session per batch size.
+
+An exported graph has a symbolic batch axis, and the shape arithmetic that goes with it (Shape,
+Gather, ConstantOfShape, Expand: hundreds of small nodes in a UNet step) is what ONNX Runtime
+places on the CPU, with a Memcpy node wherever its result meets the GPU part. A session opened
+with the batch fixed (`add_free_dimension_override_by_name`) constant-folds all of it, so the
+whole graph runs on the CUDA provider; `session.disable_cpu_ep_fallback` makes that a condition
+of opening the session rather than a hope. A fixed-shape session is also what ONNX Runtime's
+CUDA-graph capture (`enable_cuda_graph`) needs: with it, each run after the first replays one
+graph. Inputs are copied into, and outputs read from, torch buffers bound once per session
+(I/O binding: no host copies), and the provider runs on torch's current stream, so no
+synchronisation is needed between torch's work and ONNX Runtime's.
+
+Sessions open on first use of a batch size (each holds its own copy of the weights on the GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.backends.engine import EngineError, cast_inputs
+from runtime.backends.signatures import BATCH, StageSignature
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+def fixed_batch_options(batch: int, cpu_fallback: bool = True):
+    """`onnxruntime.SessionOptions` that fix the graphs' batch axis (`BATCH`) to `batch`, so that
+    every shape computation folds into constants, with all graph optimisations on; without
+    `cpu_fallback`, a node the CUDA provider cannot run fails the session instead of running on
+    the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_free_dimension_override_by_name(BATCH, batch)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: the fp16 constant-folding notices are expected
+    if not cpu_fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return options
+
+
+def cuda_provider(device: torch.device, cuda_graph: bool) -> tuple[str, dict[str, str]]:
+    """The CUDA provider entry: on `device`, on torch's current stream, ONNX Runtime's own CUDA
+    graph capture when `cuda_graph`."""
+    stream = torch.cuda.current_stream(device)
+    return ("CUDAExecutionProvider", {
+        "device_id": str(device.index or 0),
+        "has_user_compute_stream": "1",
+        "user_compute_stream": str(stream.cuda_stream),
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "0",
+    })
+
+
+@dataclass
+class _BatchSession:
+    session: object  # onnxruntime.InferenceSession
+    binding: object  # onnxruntime.IOBinding, bound once to `inputs` and `outputs`
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+class OrtCudaEngine:
+    """An exported graph on ONNX Runtime's CUDA provider, one fixed-batch session per batch size."""
+
+    capturable = False  # ONNX Runtime captures (and replays) its own graph per session instead
+
+    def __init__(self, path: Path, signature: StageSignature, device: torch.device, float_dtype: torch.dtype,
+                 rebuild: str, cuda_graph: bool = True) -> None:
+        self.path, self.signature, self.device = Path(path), signature, torch.device(device)
+        self.float_dtype, self.rebuild, self.cuda_graph = float_dtype, rebuild, cuda_graph
+        self._sessions: dict[int, _BatchSession] = {}
+
+    def session(self, batch: int) -> _BatchSession:
+        """The session of `batch`, opened (and bound) on first use."""
+        if batch not in self._sessions:
+            self._sessions[batch] = self._open(batch)
+        return self._sessions[batch]
+
+    def _open(self, batch: int) -> _BatchSession:
+        import onnxruntime as ort
+
+        sig = self.signature
+        try:
+            session = ort.InferenceSession(str(self.path), fixed_batch_options(batch, cpu_fallback=False),
+                                           providers=[cuda_provider(self.device, self.cuda_graph)])
+        except Exception as exc:  # ORT raises its own exception types
+            raise EngineError(f"{self.path}: ONNX Runtime's CUDA provider cannot run it whole at batch {batch} "
+                              f"({exc}); rebuild with {self.rebuild}") from exc
+        index = self.device.index or 0
+        binding = session.io_binding()
+        inputs, outputs = [], []
+        for spec in sig.inputs:
+            x = torch.zeros(spec.concrete(batch), dtype=spec.dtype(self.float_dtype), device=self.device)
+            inputs.append(x)
+            binding.bind_input(spec.name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        for spec in sig.outputs:
+            y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=self.device)
+            outputs.append(y)
+            binding.bind_output(spec.name, "cuda", index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
+        return _BatchSession(session, binding, inputs, outputs)
+
+    @torch.no_grad()
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = cast_inputs(self.signature, inputs, self.float_dtype)
+        s = self.session(inputs[0].shape[0])
+        for buf, x in zip(s.inputs, inputs, strict=True):
+            buf.copy_(x)
+        s.session.run_with_iobinding(s.binding)
+        # The bound outputs are overwritten by the next run at this batch size: hand out copies.
+        return tuple(y.clone() for y in s.outputs)

@@ -1,0 +1,100 @@
+"""The exported graphs on ONNX Runtime's CUDA provider (`runtime.backends.ort_cuda`): the whole
+graph on the GPU (no Memcpy node in any stage), the torch image on the default model, fp16 graphs
+at Karlo size against fp32 torch per stage, and ONNX Runtime's CUDA-graph replay against an eager
+run. Skipped without a CUDA GPU or without onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.common import rel
+from tests.metrics import psnr
+
+pytestmark = pytest.mark.gpu
+ort = pytest.importorskip("onnxruntime")
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip("onnxruntime without its CUDA provider (install onnxruntime-gpu)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def default_engines(tmp_path_factory):
+    """The shipped default model's graphs, fp32 and fp16."""
+    from export.build_engines import build, load_model
+
+    model = load_model("default")
+    root = tmp_path_factory.mktemp("ort")
+    build(model, root / "fp32", ["onnxruntime"], source="default")
+    build(model, root / "fp16", ["onnxruntime"], fp16=True, source="default")
+    return root
+
+
+def memcpy_nodes(graph, batch: int, out) -> int:
+    """Memcpy nodes in the graph ONNX Runtime runs at `batch` with its CUDA provider (CPU fallback allowed)."""
+    import onnx
+
+    from runtime.backends.ort_cuda import cuda_provider, fixed_batch_options
+
+    options = fixed_batch_options(batch)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ALL's layouts are not saved
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(graph), options, providers=[cuda_provider(torch.device("cuda"), False)])
+    return sum(n.op_type.startswith("Memcpy") for n in onnx.load(str(out), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_stage_runs_whole_on_the_gpu(default_engines, precision, tmp_path):
+    counts = {g.stem: memcpy_nodes(g, 2, tmp_path / f"{g.stem}.opt.onnx")
+              for g in sorted((default_engines / precision).glob("*.onnx"))}
+    print(f"Memcpy nodes per stage ({precision}):", counts)
+    assert counts and not any(counts.values()), counts
+
+
+def test_the_cuda_provider_gives_the_torch_image_on_the_default_model(default_engines, no_tf32):
+    from runtime import UnCLIP
+
+    prompts = ["a red circle on a blue background", "a yellow star on a white background"]
+    torch_images = UnCLIP(device="cuda", progress=False).generate(prompts, seed=3, output_type="pt").images
+    pipe = UnCLIP(engine_dir=default_engines / "fp32", backend="onnxruntime", device="cuda", progress=False)
+    assert all(type(e).__name__ == "OrtCudaEngine" for e in pipe.engines.values())
+    images = pipe.generate(prompts, seed=3, output_type="pt").images
+    values = [psnr(a, b) for a, b in zip(images, torch_images, strict=True)]
+    print("ORT CUDA (fp32 graphs) against torch fp32, PSNR:", [round(v, 1) for v in values])
+    assert min(values) >= 40
+
+
+def test_a_cuda_graph_replay_equals_an_eager_run(default_engines):
+    from runtime.backends.engines import EngineFolder
+    from runtime.backends.signatures import signatures
+
+    folder = EngineFolder.open(default_engines / "fp16")
+    graphed = folder.onnxruntime_engines(["CUDAExecutionProvider"], torch.device("cuda"), cuda_graph=True)
+    eager = folder.onnxruntime_engines(["CUDAExecutionProvider"], torch.device("cuda"), cuda_graph=False)
+    for name in ("decoder_step", "prior_step", "super_res_first"):
+        sig = signatures(folder.cfg)[name]
+        for seed in (1, 2, 3):  # the first run captures, the next ones replay
+            inputs = sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(seed))
+            want, got = eager[name](*inputs.values()), graphed[name](*inputs.values())
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), (name, seed)
+
+
+def test_fp16_graphs_at_karlo_size_stay_within_2e2_of_fp32_torch(tmp_path, no_tf32):
+    from export.build_engines import build, random_model
+    from runtime.backends.engines import EngineFolder, TorchEngine
+    from runtime.backends.signatures import signatures
+
+    model = random_model("karlo", device="cuda")
+    stages = ["prior_step", "decoder_step", "super_res_first"]
+    build(model, tmp_path, ["onnxruntime"], fp16=True, stages=stages, source="random:karlo")
+    folder = EngineFolder.open(tmp_path)
+    engines = folder.onnxruntime_engines(["CUDAExecutionProvider"], torch.device("cuda"))
+    errors = {}
+    for name in stages:
+        sig = signatures(model.cfg)[name]
+        inputs = sig.sample_inputs(2, torch.float32, "cuda", torch.Generator().manual_seed(0))
+        ref = TorchEngine(model, name)(*inputs.values())
+        got = engines[name](*inputs.values())
+        errors[name] = max(rel(a.float(), b) for a, b in zip(got, ref, strict=True))
+    print("fp16 ORT CUDA against fp32 torch at Karlo size:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert all(e <= 2e-2 for e in errors.values()), errors
