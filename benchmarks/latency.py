@@ -7,6 +7,10 @@ Ours: `UnCLIP` on the torch backend in fp16 with CUDA graphs over each sampling 
 fused update kernel (when `cpp_ext` is built), and optionally the same without graphs
 (`--ours-eager`). The peer: diffusers' `UnCLIPPipeline` in fp16 with SDPA attention, eager, and
 optionally under `torch.compile(mode="reduce-overhead")` (`--peer-compile`; minutes of compiling).
+`--backends torch onnxruntime` adds ours on ONNX Runtime's CUDA provider: the same weights
+exported to fp16 graphs in a temporary folder, run by `runtime.backends.ort_cuda` (fixed-batch
+sessions, ONNX Runtime's own CUDA graphs); its memory is the device's used memory (ONNX Runtime
+allocates outside torch).
 
 Reported per system and batch (default steps 25/25/7, guidance 4/8): end-to-end ms (median of
 `--runs` after warm-up, with the spread), images/s, the first call (ours: graph capture),
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
+    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
+                   help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -120,6 +126,50 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> di
     if graphs:
         result["cache_savings"] = _cache_savings(pipe, model)
     return result
+
+
+def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict:
+    """Ours on ONNX Runtime's CUDA provider: fp16 graphs of `model` exported to a temporary folder."""
+    from export.build_engines import build
+    from runtime import UnCLIP
+    from runtime.backends.signatures import generate_stages
+
+    folder = Path(tempfile.mkdtemp(prefix="ort-engines-"))
+    start = time.perf_counter()
+    manifest = build(model, folder, ["onnxruntime"], fp16=True, stages=list(generate_stages(model.cfg)))
+    result = {"export_s": time.perf_counter() - start, "batches": {},
+              "check_error": {k: v["max_relative_error"] for k, v in manifest["stages"].items()}}
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    pipe = UnCLIP(model, engine_dir=folder, backend="onnxruntime", device="cuda", progress=False)
+    result["engines"] = sorted({type(e).__name__ for e in pipe.engines.values()})
+    for n in args.batch:
+        def run(n=n):
+            return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+
+        entry = _time_calls(run, args.runs, n, 0)
+        entry["peak_gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30  # device memory now in use
+        entry["forward_ms"] = {}
+        for name, rows in stage_rows(pipe.cfg).items():
+            x = stage_inputs(pipe, name, rows * n)
+            entry["forward_ms"][name] = event_ms(lambda name=name, x=x: pipe.engines[name](*x))
+        result["batches"][n] = entry
+    return result
+
+
+def event_ms(fn, runs: int = 20) -> float:
+    """Median milliseconds of `fn()` between CUDA events, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _loop_ms(pipe, n: int) -> dict[str, float]:
@@ -272,6 +322,7 @@ def table(results: dict) -> str:
                      f"{'peak GiB':>8}  forward ms (prior b2 / decoder b2 / super-res b1, each stage)")
         peer_ms = results.get("peer_eager", {}).get("batches", {}).get(n, {}).get("ms")
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
+                           ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -312,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
+    if "onnxruntime" in args.backends:
+        results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
     if args.peer == "eager":
         results["peer_eager"] = bench_peer(peer, args, compiled=False)
         if args.peer_compile:

@@ -124,7 +124,7 @@ def build(
         start = time.perf_counter()
         path = export_stage(export_model, sig, out, torch.float16 if fp16 else torch.float32)
         exported = time.perf_counter()
-        error = check_graph(model, sig, path, torch.float16 if fp16 else torch.float32)
+        error = check_graph(model, sig, path, torch.float16 if fp16 else torch.float32, providers=check_providers())
         files = [path.name] + ([path.name + ".data"] if (out / (path.name + ".data")).is_file() else [])
         entry = {"files": files, "bytes": sum((out / f).stat().st_size for f in files),
                  "export_seconds": round(exported - start, 2), "max_relative_error": error}
@@ -143,6 +143,16 @@ def build(
     mf.seal(out, manifest)
     mf.write(out, manifest)
     return manifest
+
+
+def check_providers() -> tuple[str, ...]:
+    """Where the graphs are checked: ONNX Runtime's CUDA provider where it and a GPU are here (a
+    Karlo-size fp16 graph takes minutes on the CPU provider), else the CPU provider."""
+    from runtime.backends.engines import onnxruntime_providers
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime_providers():
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
 
 
 def library_versions_with_trt(backends: list[str]) -> dict[str, str]:

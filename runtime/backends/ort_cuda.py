@@ -16,6 +16,7 @@ Sessions open on first use of a batch size (each holds its own copy of the weigh
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def cuda_provider(device: torch.device, cuda_graph: bool) -> tuple[str, dict[str
     })
 
 
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries the provider links to from the NVIDIA wheels torch
+    installed (ONNX Runtime's documented `preload_dlls`, where this version has it)."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 @dataclass
 class _BatchSession:
     session: object  # onnxruntime.InferenceSession
@@ -88,6 +99,7 @@ class OrtCudaEngine:
         import onnxruntime as ort
 
         sig = self.signature
+        _load_cuda_libraries()
         try:
             session = ort.InferenceSession(str(self.path), fixed_batch_options(batch, cpu_fallback=False),
                                            providers=[cuda_provider(self.device, self.cuda_graph)])
