@@ -128,3 +128,23 @@ class OrtCudaEngine:
         s.session.run_with_iobinding(s.binding)
         # The bound outputs are overwritten by the next run at this batch size: hand out copies.
         return tuple(y.clone() for y in s.outputs)
+
+
+def tensorrt_provider_status(graph: Path, device: torch.device) -> str:
+    """What happens when ONNX Runtime's TensorRT provider is asked to run `graph` at batch 1 on
+    `device`: "runs" when the session keeps it, else why not (the wheel lists the provider, but
+    it needs TensorRT's own libraries at run time; without them ONNX Runtime falls back)."""
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return "not in this onnxruntime build"
+    _load_cuda_libraries()
+    try:
+        session = ort.InferenceSession(
+            str(graph), fixed_batch_options(1),
+            providers=[("TensorrtExecutionProvider", {"device_id": str(device.index or 0)}),
+                       cuda_provider(device, cuda_graph=False)])
+    except Exception as exc:  # ORT raises its own exception types
+        return f"fails to open: {exc}"
+    kept = session.get_providers()
+    return "runs" if kept and kept[0] == "TensorrtExecutionProvider" else f"falls back to {kept}"

@@ -98,3 +98,28 @@ def test_fp16_graphs_at_karlo_size_stay_within_2e2_of_fp32_torch(tmp_path, no_tf
         errors[name] = max(rel(a.float(), b) for a, b in zip(got, ref, strict=True))
     print("fp16 ORT CUDA against fp32 torch at Karlo size:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= 2e-2 for e in errors.values()), errors
+
+
+def test_the_tensorrt_provider_matches_the_cuda_provider_where_it_runs(default_engines):
+    """The wheel lists TensorrtExecutionProvider, which needs TensorRT's own libraries at run time:
+    where it keeps the session, its decoder step equals the CUDA provider's within fp16
+    tolerance; where it does not, the test is skipped with what happened (docs/engines.md)."""
+    from runtime.backends.ort_cuda import cuda_provider, fixed_batch_options, tensorrt_provider_status
+    from runtime.backends.signatures import signatures
+
+    graph = default_engines / "fp16" / "decoder_step.onnx"
+    status = tensorrt_provider_status(graph, torch.device("cuda"))
+    print("ONNX Runtime's TensorRT provider:", status)
+    if status != "runs":
+        pytest.skip(f"ONNX Runtime's TensorRT provider: {status}")
+    from runtime.backends.engines import EngineFolder
+
+    sig = signatures(EngineFolder.open(default_engines / "fp16").cfg)["decoder_step"]
+    feed = {k: (v.half() if v.is_floating_point() else v).numpy()
+            for k, v in sig.sample_inputs(1, generator=torch.Generator().manual_seed(0)).items()}
+    outs = []
+    tensorrt = ("TensorrtExecutionProvider", {"trt_fp16_enable": "1"})
+    for provider in (tensorrt, cuda_provider(torch.device("cuda"), False)):
+        session = ort.InferenceSession(str(graph), fixed_batch_options(1), providers=[provider])
+        outs.append(torch.from_numpy(session.run(None, feed)[0]).float())
+    assert rel(outs[0], outs[1]) <= 2e-2
