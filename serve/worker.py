@@ -63,7 +63,8 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend}
-    if options.prior_dtype or (options.engine_dir is None and options.backend in ("auto", "torch")):
+    torch_backend = options.backend == "torch" or (options.backend == "auto" and options.engine_dir is None)
+    if options.prior_dtype or torch_backend:
         # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
         # batch size: in fp32 a request's embedding does not depend on the requests beside it
         common["prior_dtype"] = DTYPES[options.prior_dtype or "float32"]

@@ -190,6 +190,21 @@ def test_options_are_checked_and_parsed():
         parse_args(["--replicas", "0"])
 
 
+def test_a_replica_runs_the_text_encoder_and_the_prior_in_fp32_unless_told_otherwise():
+    """The service's precision rule (`serve.worker.load_pipelines`): on the torch backend the
+    conditioning stages run in fp32 whatever `--dtype` is, so that a request batched with others
+    gets the embedding it would get alone; `--prior-dtype` overrides it."""
+    import torch
+
+    from serve.worker import load_pipelines
+
+    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16"))
+    assert {(p.dtype, p.prior_dtype) for p in pipes.values()} == {(torch.bfloat16, torch.float32)}
+    assert next(pipes["diffusion"].model.prior.parameters()).dtype == torch.float32
+    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", prior_dtype="bfloat16"))
+    assert pipes["diffusion"].prior_dtype == torch.bfloat16
+
+
 def test_replicas_follow_the_gpus_and_cpus():
     from serve.app import plan_placement
 
