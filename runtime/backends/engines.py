@@ -188,14 +188,14 @@ class EngineFolder:
         return "tensorrt" in self.manifest.get("backends", [])
 
     def onnxruntime_engines(self, providers: list[str] | None = None, device: torch.device | None = None,
-                            cuda_graph: bool = True) -> dict[str, Engine]:
+                            graphs: str = "onnxruntime") -> dict[str, Engine]:
         """Every stage's graph in ONNX Runtime: on a CUDA `device` with the CUDA provider in
-        `providers`, `OrtCudaEngine`s (fixed-batch sessions, the whole graph on the GPU, ONNX
-        Runtime's own CUDA graphs when `cuda_graph`); else sessions of `providers`."""
+        `providers`, `OrtCudaEngine`s (fixed-batch sessions, the whole graph on the GPU, replayed
+        from CUDA graphs as `graphs` says); else sessions of `providers`."""
         sigs = signatures(self.cfg)
         graphs = {name: next(f for f in self.files(name) if f.suffix == ".onnx") for name in self.stages}
         if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in (providers or []):
-            return {name: OrtCudaEngine(path, sigs[name], device, self.float_dtype, self.rebuild_command, cuda_graph)
+            return {name: OrtCudaEngine(path, sigs[name], device, self.float_dtype, self.rebuild_command, graphs)
                     for name, path in graphs.items()}
         return {name: OnnxRuntimeEngine(path, sigs[name], providers, self.rebuild_command)
                 for name, path in graphs.items()}

@@ -8,8 +8,16 @@ whole graph runs on the CUDA provider; `session.disable_cpu_ep_fallback` makes t
 of opening the session rather than a hope. A fixed-shape session is also what ONNX Runtime's
 CUDA-graph capture (`enable_cuda_graph`) needs: with it, each run after the first replays one
 graph. Inputs are copied into, and outputs read from, torch buffers bound once per session
-(I/O binding: no host copies), and the provider runs on torch's current stream, so no
-synchronisation is needed between torch's work and ONNX Runtime's.
+(I/O binding: no host copies).
+
+Two ways to replay, chosen by measurement (`graphs`):
+- "onnxruntime": ONNX Runtime's own CUDA graph per session, on torch's current stream (the
+  stream of the session's first run); the runtime's loops then run eagerly around it.
+- "torch": no graph of ONNX Runtime's; each run goes to the engine's own stream, ordered after
+  and before torch's current stream by events, with ONNX Runtime's end-of-run synchronisation
+  off, so that the runtime's CUDA graph of a whole sampling loop can capture the session's
+  kernels like any others (`capturable`). Capture needs a run that allocates nothing: the
+  loop's warm-up run sizes ONNX Runtime's memory arena first.
 
 Sessions open on first use of a batch size (each holds its own copy of the weights on the GPU).
 """
@@ -45,10 +53,14 @@ def fixed_batch_options(batch: int, cpu_fallback: bool = True):
     return options
 
 
-def cuda_provider(device: torch.device, cuda_graph: bool) -> tuple[str, dict[str, str]]:
-    """The CUDA provider entry: on `device`, on torch's current stream, ONNX Runtime's own CUDA
-    graph capture when `cuda_graph`."""
-    stream = torch.cuda.current_stream(device)
+GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels from a CUDA graph
+
+
+def cuda_provider(device: torch.device, cuda_graph: bool,
+                  stream: torch.cuda.Stream | None = None) -> tuple[str, dict[str, str]]:
+    """The CUDA provider entry: on `device`, on `stream` (default torch's current one), ONNX
+    Runtime's own CUDA graph capture when `cuda_graph`."""
+    stream = stream or torch.cuda.current_stream(device)
     return ("CUDAExecutionProvider", {
         "device_id": str(device.index or 0),
         "has_user_compute_stream": "1",
@@ -81,13 +93,16 @@ class _BatchSession:
 class OrtCudaEngine:
     """An exported graph on ONNX Runtime's CUDA provider, one fixed-batch session per batch size."""
 
-    capturable = False  # ONNX Runtime captures (and replays) its own graph per session instead
-
     def __init__(self, path: Path, signature: StageSignature, device: torch.device, float_dtype: torch.dtype,
-                 rebuild: str, cuda_graph: bool = True) -> None:
+                 rebuild: str, graphs: str = "onnxruntime") -> None:
+        if graphs not in GRAPHS:
+            raise ValueError(f"graphs must be one of {GRAPHS}, got {graphs!r}")
         self.path, self.signature, self.device = Path(path), signature, torch.device(device)
-        self.float_dtype, self.rebuild, self.cuda_graph = float_dtype, rebuild, cuda_graph
+        self.float_dtype, self.rebuild, self.graphs = float_dtype, rebuild, graphs
+        self.capturable = graphs == "torch"  # inside the runtime's loop graphs
+        self._stream = torch.cuda.Stream(self.device) if graphs == "torch" else None
         self._sessions: dict[int, _BatchSession] = {}
+        self._run_options = None
 
     def session(self, batch: int) -> _BatchSession:
         """The session of `batch`, opened (and bound) on first use."""
@@ -101,8 +116,9 @@ class OrtCudaEngine:
         sig = self.signature
         _load_cuda_libraries()
         try:
+            provider = cuda_provider(self.device, self.graphs == "onnxruntime", self._stream)
             session = ort.InferenceSession(str(self.path), fixed_batch_options(batch, cpu_fallback=False),
-                                           providers=[cuda_provider(self.device, self.cuda_graph)])
+                                           providers=[provider])
         except Exception as exc:  # ORT raises its own exception types
             raise EngineError(f"{self.path}: ONNX Runtime's CUDA provider cannot run it whole at batch {batch} "
                               f"({exc}); rebuild with {self.rebuild}") from exc
@@ -117,6 +133,11 @@ class OrtCudaEngine:
             y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=self.device)
             outputs.append(y)
             binding.bind_output(spec.name, "cuda", index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
+        if self._stream is not None and self._run_options is None:
+            self._run_options = ort.RunOptions()
+            # no stream synchronisation at the end of a run: a sync cannot be captured, and the
+            # events in `__call__` order the engine's stream with torch's
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         return _BatchSession(session, binding, inputs, outputs)
 
     @torch.no_grad()
@@ -125,7 +146,13 @@ class OrtCudaEngine:
         s = self.session(inputs[0].shape[0])
         for buf, x in zip(s.inputs, inputs, strict=True):
             buf.copy_(x)
-        s.session.run_with_iobinding(s.binding)
+        if self._stream is None:
+            s.session.run_with_iobinding(s.binding)
+        else:
+            current = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(current)
+            s.session.run_with_iobinding(s.binding, self._run_options)
+            current.wait_stream(self._stream)
         # The bound outputs are overwritten by the next run at this batch size: hand out copies.
         return tuple(y.clone() for y in s.outputs)
 

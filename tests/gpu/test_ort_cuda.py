@@ -63,18 +63,26 @@ def test_the_cuda_provider_gives_the_torch_image_on_the_default_model(default_en
     assert min(values) >= 40
 
 
-def test_a_cuda_graph_replay_equals_an_eager_run(default_engines):
+@pytest.mark.parametrize("graphs", ["onnxruntime", "torch"])
+def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
+    """ONNX Runtime's own graph ("onnxruntime": its first run captures, later runs replay) and a
+    session captured inside a torch CUDA graph ("torch", as the runtime's loop graphs do) give
+    the eager session's outputs, bit for bit, on new inputs."""
     from runtime.backends.engines import EngineFolder
     from runtime.backends.signatures import signatures
+    from runtime.sampling.graphs import GraphCache
 
     folder = EngineFolder.open(default_engines / "fp16")
-    graphed = folder.onnxruntime_engines(["CUDAExecutionProvider"], torch.device("cuda"), cuda_graph=True)
-    eager = folder.onnxruntime_engines(["CUDAExecutionProvider"], torch.device("cuda"), cuda_graph=False)
+    device = torch.device("cuda")
+    graphed = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs=graphs)
+    eager = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
+    cache = GraphCache(device) if graphs == "torch" else None
     for name in ("decoder_step", "prior_step", "super_res_first"):
         sig = signatures(folder.cfg)[name]
-        for seed in (1, 2, 3):  # the first run captures, the next ones replay
-            inputs = sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(seed))
-            want, got = eager[name](*inputs.values()), graphed[name](*inputs.values())
+        for seed in (1, 2, 3):
+            inputs = tuple(sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(seed)).values())
+            want = eager[name](*inputs)
+            got = graphed[name](*inputs) if cache is None else cache.run((name,), graphed[name], inputs)
             for a, b in zip(got, want, strict=True):
                 assert torch.equal(a, b), (name, seed)
 
