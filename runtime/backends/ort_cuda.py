@@ -8,16 +8,17 @@ whole graph runs on the CUDA provider; `session.disable_cpu_ep_fallback` makes t
 of opening the session rather than a hope. A fixed-shape session is also what ONNX Runtime's
 CUDA-graph capture (`enable_cuda_graph`) needs: with it, each run after the first replays one
 graph. Inputs are copied into, and outputs read from, torch buffers bound once per session
-(I/O binding: no host copies).
+(I/O binding: no host copies). Sessions run on the engine's own stream, ordered after and before
+torch's current stream by events, with ONNX Runtime's end-of-run synchronisation off: the host
+never waits for a run, and the order holds whichever stream torch is on.
 
 Two ways to replay, chosen by measurement (`graphs`):
-- "onnxruntime": ONNX Runtime's own CUDA graph per session, on torch's current stream (the
-  stream of the session's first run); the runtime's loops then run eagerly around it.
-- "torch": no graph of ONNX Runtime's; each run goes to the engine's own stream, ordered after
-  and before torch's current stream by events, with ONNX Runtime's end-of-run synchronisation
-  off, so that the runtime's CUDA graph of a whole sampling loop can capture the session's
-  kernels like any others (`capturable`). Capture needs a run that allocates nothing: the
-  loop's warm-up run sizes ONNX Runtime's memory arena first.
+- "onnxruntime": ONNX Runtime's own CUDA graph per session; the runtime's loops then run
+  eagerly around it.
+- "torch": no graph of ONNX Runtime's, so that the runtime's CUDA graph of a whole sampling loop
+  can capture the session's kernels like any others (`capturable`; the event waits become graph
+  edges). Capture needs a run that allocates nothing: the loop's warm-up run sizes ONNX
+  Runtime's memory arena first.
 
 Sessions open on first use of a batch size (each holds its own copy of the weights on the GPU).
 """
@@ -68,7 +69,6 @@ def cuda_provider(device: torch.device, cuda_graph: bool,
         "enable_cuda_graph": "1" if cuda_graph else "0",
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "cudnn_conv_use_max_workspace": "1",
-        "do_copy_in_default_stream": "0",
     })
 
 
@@ -100,7 +100,7 @@ class OrtCudaEngine:
         self.path, self.signature, self.device = Path(path), signature, torch.device(device)
         self.float_dtype, self.rebuild, self.graphs = float_dtype, rebuild, graphs
         self.capturable = graphs == "torch"  # inside the runtime's loop graphs
-        self._stream = torch.cuda.Stream(self.device) if graphs == "torch" else None
+        self._stream = torch.cuda.Stream(self.device)
         self._sessions: dict[int, _BatchSession] = {}
         self._run_options = None
 
@@ -133,10 +133,10 @@ class OrtCudaEngine:
             y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=self.device)
             outputs.append(y)
             binding.bind_output(spec.name, "cuda", index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
-        if self._stream is not None and self._run_options is None:
+        if self._run_options is None:
             self._run_options = ort.RunOptions()
-            # no stream synchronisation at the end of a run: a sync cannot be captured, and the
-            # events in `__call__` order the engine's stream with torch's
+            # no stream synchronisation at the end of a run (a sync cannot be captured, and would
+            # hold the host): the events in `__call__` order the engine's stream with torch's
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         return _BatchSession(session, binding, inputs, outputs)
 
@@ -146,13 +146,10 @@ class OrtCudaEngine:
         s = self.session(inputs[0].shape[0])
         for buf, x in zip(s.inputs, inputs, strict=True):
             buf.copy_(x)
-        if self._stream is None:
-            s.session.run_with_iobinding(s.binding)
-        else:
-            current = torch.cuda.current_stream(self.device)
-            self._stream.wait_stream(current)
-            s.session.run_with_iobinding(s.binding, self._run_options)
-            current.wait_stream(self._stream)
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        s.session.run_with_iobinding(s.binding, self._run_options)
+        current.wait_stream(self._stream)
         # The bound outputs are overwritten by the next run at this batch size: hand out copies.
         return tuple(y.clone() for y in s.outputs)
 
