@@ -67,7 +67,8 @@ def test_the_cuda_provider_gives_the_torch_image_on_the_default_model(default_en
 def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
     """ONNX Runtime's own graph ("onnxruntime": its first run captures, later runs replay) and a
     session captured inside a torch CUDA graph ("torch", as the runtime's loop graphs do) give
-    the eager session's outputs, bit for bit, on new inputs."""
+    the eager session's outputs on new inputs (to fp16 rounding: the two sessions time their
+    own cuDNN algorithms), and a replay repeated on the same inputs gives the same bits."""
     from runtime.backends.engines import EngineFolder
     from runtime.backends.signatures import signatures
     from runtime.sampling.graphs import GraphCache
@@ -77,14 +78,18 @@ def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
     graphed = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs=graphs)
     eager = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
     cache = GraphCache(device) if graphs == "torch" else None
+
+    def replay(name, inputs):
+        return graphed[name](*inputs) if cache is None else cache.run((name,), graphed[name], inputs)
+
     for name in ("decoder_step", "prior_step", "super_res_first"):
         sig = signatures(folder.cfg)[name]
         for seed in (1, 2, 3):
             inputs = tuple(sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(seed)).values())
-            want = eager[name](*inputs)
-            got = graphed[name](*inputs) if cache is None else cache.run((name,), graphed[name], inputs)
-            for a, b in zip(got, want, strict=True):
-                assert torch.equal(a, b), (name, seed)
+            want, got, again = eager[name](*inputs), replay(name, inputs), replay(name, inputs)
+            for a, b, c in zip(got, want, again, strict=True):
+                assert rel(a.float(), b.float()) <= 2e-3, (name, seed)
+                assert torch.equal(a, c), (name, seed)
 
 
 def test_fp16_graphs_at_karlo_size_stay_within_2e2_of_fp32_torch(tmp_path, no_tf32):
