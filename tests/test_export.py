@@ -169,3 +169,24 @@ def test_a_fixed_batch_session_folds_every_shape_computation_and_gives_the_dynam
         dynamic = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         for a, b in zip(fixed.run(None, feed), dynamic.run(None, feed), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)  # fused ops round apart
+
+
+def test_a_cuda_device_with_the_cuda_provider_gets_fixed_batch_engines_in_the_asked_replay_mode(
+        default_engine_dir, monkeypatch):
+    """`EngineFolder.onnxruntime_engines` hands each stage's graph, the folder's precision and the
+    replay mode to `OrtCudaEngine` on a CUDA device with the CUDA provider (stood in for here:
+    it needs a GPU), and CPU-provider sessions otherwise."""
+    from runtime.backends import engines as engines_module
+    from runtime.backends.engines import EngineFolder, OnnxRuntimeEngine
+
+    made = []
+    monkeypatch.setattr(engines_module, "OrtCudaEngine", lambda *args: made.append(args) or args)
+    folder = EngineFolder.open(default_engine_dir[0])
+    cuda = folder.onnxruntime_engines(["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda"),
+                                      graphs="torch")
+    assert set(cuda) == set(folder.stages) and len(made) == len(folder.stages)
+    for path, sig, device, dtype, _, graphs in made:
+        assert path.name == f"{sig.name}.onnx" and device == torch.device("cuda")
+        assert (dtype, graphs) == (torch.float32, "torch")
+    cpu = folder.onnxruntime_engines(["CPUExecutionProvider"], torch.device("cpu"))
+    assert all(isinstance(e, OnnxRuntimeEngine) for e in cpu.values()) and len(made) == len(folder.stages)

@@ -193,12 +193,12 @@ class EngineFolder:
         `providers`, `OrtCudaEngine`s (fixed-batch sessions, the whole graph on the GPU, replayed
         from CUDA graphs as `graphs` says); else sessions of `providers`."""
         sigs = signatures(self.cfg)
-        graphs = {name: next(f for f in self.files(name) if f.suffix == ".onnx") for name in self.stages}
+        paths = {name: next(f for f in self.files(name) if f.suffix == ".onnx") for name in self.stages}
         if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in (providers or []):
             return {name: OrtCudaEngine(path, sigs[name], device, self.float_dtype, self.rebuild_command, graphs)
-                    for name, path in graphs.items()}
+                    for name, path in paths.items()}
         return {name: OnnxRuntimeEngine(path, sigs[name], providers, self.rebuild_command)
-                for name, path in graphs.items()}
+                for name, path in paths.items()}
 
     def tensorrt_engines(self, device: torch.device) -> dict[str, Engine]:
         from runtime.backends import tensorrt as tensorrt_engine
