@@ -40,7 +40,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 import cpp_ext  # noqa: E402
-from benchmarks.timing import ForwardTimer, forward_flops, graph_ms, matmul_peak_tflops, wall_ms  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    ForwardTimer,
+    event_ms,
+    forward_flops,
+    graph_ms,
+    matmul_peak_tflops,
+    wall_ms,
+)
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
 from models.unclip import UnCLIPModel  # noqa: E402
@@ -173,21 +180,6 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
     if best is not None:
         result["batches"] = best["batches"]
     return result
-
-
-def event_ms(fn, runs: int = 20) -> float:
-    """Median milliseconds of `fn()` between CUDA events, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _loop_ms(pipe, n: int) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""GPU timing helpers for the benchmarks: wall time of whole calls, CUDA-event time of one
-forward replayed from a CUDA graph, per-module forward times through hooks, FLOP counts and the
+"""GPU timing helpers for the benchmarks: wall time of whole calls, CUDA-event time of a call
+and of one forward replayed from a CUDA graph, per-module forward times through hooks, FLOP counts and the
 measured dense fp16 matmul peak."""
 
 from __future__ import annotations
@@ -26,6 +26,21 @@ def wall_ms(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]
     return times
 
 
+def event_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` between CUDA events on the current stream, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
     """Median milliseconds of one `fn()` replayed from a CUDA graph (launch overhead excluded)."""
     side = torch.cuda.Stream()
@@ -36,17 +51,7 @@ def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times)
+    return event_ms(graph.replay, replays, warmup=1)
 
 
 class ForwardTimer:

@@ -142,10 +142,9 @@ class UnCLIP(ImageTools):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
         if max_batch is not None:
             check_int("max_batch", max_batch, 1, 1 << 20)
-        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
-        if prior_dtype is not None and prior_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"prior_dtype must be float32, float16, bfloat16 or float64, got {prior_dtype}")
+        for name, value in (("dtype", dtype), ("prior_dtype", prior_dtype)):
+            if value is not None and value not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {value}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)

@@ -43,10 +43,10 @@ class ServeOptions:
         sources = [n for n in ("model", "karlo", "diffusers", "random_weights") if getattr(self, n)]
         if len(sources) > 1:
             raise ValueError(f"give one model source, not {' and '.join('--' + s.replace('_', '-') for s in sources)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.prior_dtype is not None and self.prior_dtype not in DTYPES:
-            raise ValueError(f"--prior-dtype must be one of {', '.join(DTYPES)}, got {self.prior_dtype!r}")
+        for name in ("dtype", "prior_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, got {value!r}")
         for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
