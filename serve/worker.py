@@ -38,6 +38,7 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     """The replica's `UnCLIP` per prior kind ("diffusion", and "ar" where the model has one)."""
     from runtime import UnCLIP
     from runtime.__main__ import DTYPES
+    from runtime.backends.choose import choose_backend
     from runtime.pipeline import DEFAULT_MODEL, load_folder
 
     kind, folder = options.model_source
@@ -63,7 +64,7 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend}
-    torch_backend = options.backend == "torch" or (options.backend == "auto" and options.engine_dir is None)
+    torch_backend = choose_backend(options.backend, options.engine_dir, torch.device(device)) == "torch"
     if options.prior_dtype or torch_backend:
         # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
         # batch size: in fp32 a request's embedding does not depend on the requests beside it
