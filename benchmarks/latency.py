@@ -10,7 +10,9 @@ optionally under `torch.compile(mode="reduce-overhead")` (`--peer-compile`; minu
 `--backends torch onnxruntime` adds ours on ONNX Runtime's CUDA provider: the same weights
 exported to fp16 graphs in a temporary folder, run by `runtime.backends.ort_cuda` (fixed-batch
 sessions, ONNX Runtime's own CUDA graphs); its memory is the device's used memory (ONNX Runtime
-allocates outside torch).
+allocates outside torch); and ours with `backend="auto"` on that folder, which on a GPU with the
+CUDA provider times each stage on both backends and runs it on the faster (what it picked is
+printed and written).
 
 Reported per system and batch (default steps 25/25/7, guidance 4/8): end-to-end ms (median of
 `--runs` after warm-up, with the spread), images/s, the first call (ours: graph capture),
@@ -24,6 +26,7 @@ Prints a table and writes JSON (atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -179,7 +182,40 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
                key=lambda m: m["batches"][args.batch[0]]["ms"])
     if best is not None:
         result["batches"] = best["batches"]
+    pipe.engines.clear()  # its sessions' memory, before the next system loads
+    result["auto"] = bench_ours_auto(model, folder, args)
     return result
+
+
+def bench_ours_auto(model: UnCLIPModel, folder: Path, args: argparse.Namespace) -> dict:
+    """Ours with `backend="auto"` and the fp16 engine folder: on a GPU with ONNX Runtime's CUDA
+    provider, each stage on whichever backend measured faster at start-up; what it picked and
+    the end-to-end time."""
+    from runtime import UnCLIP
+
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    try:
+        start = time.perf_counter()
+        pipe = UnCLIP(model, engine_dir=folder, backend="auto", device="cuda", progress=False)
+        entry = {"backend": pipe.backend, "choose_s": time.perf_counter() - start,
+                 "choice": [dataclasses.asdict(c) for c in pipe.backend_choice], "batches": {}}
+        print("auto picked:", pipe.backend, *(c.describe() for c in pipe.backend_choice), sep="\n  ", flush=True)
+        for n in args.batch:
+            def run(n=n):
+                return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+
+            timed = _time_calls(run, args.runs, n, 0)
+            timed["peak_gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30
+            timed["forward_ms"] = {}
+            for name, rows in stage_rows(pipe.cfg).items():
+                x = stage_inputs(pipe, name, rows * n)
+                timed["forward_ms"][name] = event_ms(lambda name=name, x=x: pipe.engines[name](*x))
+            entry["batches"][n] = timed
+        print("auto:", {n: f"{b['ms']:.1f} ms" for n, b in entry["batches"].items()}, flush=True)
+    except Exception as exc:  # reported, not fatal to the other systems
+        entry = {"error": f"{type(exc).__name__}: {exc}"}
+    return entry
 
 
 def _loop_ms(pipe, n: int) -> dict[str, float]:
@@ -333,6 +369,7 @@ def table(results: dict) -> str:
         peer_ms = results.get("peer_eager", {}).get("batches", {}).get(n, {}).get("ms")
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
+                           ("ours_auto", "unclip-rt auto (per-stage choice)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -375,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
+        results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
     if args.peer == "eager":
         results["peer_eager"] = bench_peer(peer, args, compiled=False)
         if args.peer_compile:

@@ -1,6 +1,7 @@
 """GPU timing helpers for the benchmarks: wall time of whole calls, CUDA-event time of a call
-and of one forward replayed from a CUDA graph, per-module forward times through hooks, FLOP counts and the
-measured dense fp16 matmul peak."""
+and of one forward replayed from a CUDA graph (`runtime.timing`'s, which the runtime's measured
+backend choice uses too), per-module forward times through hooks, FLOP counts and the measured
+dense fp16 matmul peak."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from runtime.timing import event_ms, graph_ms
+
+__all__ = ["ForwardTimer", "event_ms", "forward_flops", "graph_ms", "matmul_peak_tflops", "wall_ms"]
 
 
 def wall_ms(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
@@ -24,34 +29,6 @@ def wall_ms(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return times
-
-
-def event_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of `fn()` between CUDA events on the current stream, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
-    """Median milliseconds of one `fn()` replayed from a CUDA graph (launch overhead excluded)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return event_ms(graph.replay, replays, warmup=1)
 
 
 class ForwardTimer:

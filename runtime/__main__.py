@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from runtime.cli.common import as_cli_message, check_writable, output_paths
+from runtime.cli.common import BACKEND_CHOICES, as_cli_message, check_writable, output_paths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the text encoder and the prior (default: --dtype)")
     p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)

@@ -32,8 +32,9 @@ from models.fused.options import DEFAULT as DEFAULT_FUSED
 from models.fused.options import FusedOptions
 from models.layers import work_dtype
 from models.unclip import UnCLIPModel
-from runtime.backends.choose import choose_backend, open_engines
-from runtime.backends.engines import Engine
+from runtime.backends.choose import choose_backend, measured_engines, open_engines
+from runtime.backends.engines import Engine, EngineFolder
+from runtime.backends.measured import StageChoice
 from runtime.backends.signatures import super_res_stages
 from runtime.batch_invariance import row_invariant
 from runtime.call_limits import MAX_GUIDANCE, check_host_memory, check_noise, default_chunk, host_bytes_per_image
@@ -101,7 +102,10 @@ class UnCLIP(ImageTools):
         :param engine_dir: a folder built by `python -m export.build_engines` from this model; its
             manifest must match the model's config and weights, or it is refused as stale.
         :param backend: "torch" (the modules), "onnxruntime" or "tensorrt" (the engines of
-            `engine_dir`), or "auto": the fastest this machine can run (see docs/engines.md, "Backends").
+            `engine_dir`), "measured" (each stage on torch or on ONNX Runtime with the folder's
+            graph, whichever is faster here, timed at start-up; `backend_choice` says what ran
+            where and why), or "auto": the fastest this machine can run (see docs/engines.md,
+            "Backends"; on a GPU with ONNX Runtime's CUDA provider and an engine folder, "measured").
         :param device: where to run (default: CUDA if available, else CPU).
         :param dtype: network dtype for the torch backend (float32 default, float16, bfloat16;
             float64 for reference checks). Engines run in the precision they were built in; a
@@ -149,8 +153,16 @@ class UnCLIP(ImageTools):
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
         self.progress = progress
-        self.backend = choose_backend(backend, engine_dir, self.device)
-        if self.backend == "torch":
+        self.backend = choose_backend(backend, engine_dir, self.device, dtype)
+        self.backend_choice: list[StageChoice] = []  # per stage, where the backend is `measured`
+        if self.backend in ("torch", "measured"):
+            folder = None
+            if self.backend == "measured":
+                if prior_dtype is not None:
+                    raise ValueError("prior_dtype is for the torch backend; the measured backend runs every stage "
+                                     "in the engine folder's precision")
+                folder = _checked_folder(model, engine_dir, dtype)
+                dtype = folder.float_dtype
             self.dtype = dtype or torch.float32
             self.prior_dtype = prior_dtype or self.dtype
             self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype, self.prior_dtype)
@@ -158,8 +170,14 @@ class UnCLIP(ImageTools):
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
             self.channels_last = bool(channels_last)
-            self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device, self.channels_last,
-                                                           fused or DEFAULT_FUSED)
+            if folder is None:
+                self.engines: dict[str, Engine] = open_engines("torch", self.model, None, self.device,
+                                                               self.channels_last, fused or DEFAULT_FUSED)
+            else:
+                self.engines, self.backend_choice = measured_engines(self.model, folder, self.device,
+                                                                     self.channels_last, fused or DEFAULT_FUSED)
+                log.info("backend measured on %s: %s", self.device,
+                         "; ".join(c.describe() for c in self.backend_choice))
             self.constants = ModelConstants.from_model(self.model).to(self.device)
             engine_limit = None
         else:
@@ -492,16 +510,20 @@ def _engines_for(
 ) -> tuple[dict[str, Engine], ModelConstants, torch.dtype, int | None]:
     """The engines of a folder checked against `model`, its constants, its precision and the most
     images per call its engines take (TensorRT plans: the `--max-batch` they were built for)."""
-    from runtime.backends.engines import EngineFolder
+    folder = _checked_folder(model, engine_dir, dtype)
+    engines = open_engines(backend, None, folder, device)
+    limit = folder.manifest.get("max_images") if backend == "tensorrt" else None
+    return engines, folder.constants().to(device), folder.float_dtype, limit
 
+
+def _checked_folder(model: UnCLIPModel, engine_dir: str | Path, dtype: torch.dtype | None) -> EngineFolder:
+    """The engine folder at `engine_dir`, checked against `model` and the asked `dtype`."""
     folder = EngineFolder.open(engine_dir)
     folder.check_model(model)
     if dtype is not None and dtype != folder.float_dtype:
         raise ValueError(f"{engine_dir} holds {folder.manifest['precision']} engines; leave dtype unset or pass "
                          f"{folder.float_dtype}, or build the other precision with {folder.rebuild_command}")
-    engines = open_engines(backend, None, folder, device)
-    limit = folder.manifest.get("max_images") if backend == "tensorrt" else None
-    return engines, folder.constants().to(device), folder.float_dtype, limit
+    return folder
 
 
 CONDITIONING_MODULES = ("clip", "prior", "ar_prior")  # the stages `prior_dtype` sets

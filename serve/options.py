@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("auto", "torch", "measured", "onnxruntime", "tensorrt")  # UnCLIP's (this module stays light)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     src.add_argument("--random-weights", metavar="CONFIG",
                      help="a config preset (karlo, default, tiny) with random weights: for load tests, not images")
     p.add_argument("--engine-dir", help="engine folder built by python -m export.build_engines")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--device", help="cuda or cpu (default: cuda on replicas with a GPU)")
     p.add_argument("--dtype", choices=DTYPES, help="network dtype (default float16 on a GPU, float32 on a CPU)")
     p.add_argument("--prior-dtype", choices=DTYPES,

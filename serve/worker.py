@@ -64,7 +64,7 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend}
-    torch_backend = choose_backend(options.backend, options.engine_dir, torch.device(device)) == "torch"
+    torch_backend = choose_backend(options.backend, options.engine_dir, torch.device(device), dtype) == "torch"
     if options.prior_dtype or torch_backend:
         # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
         # batch size: in fp32 a request's embedding does not depend on the requests beside it

@@ -7,6 +7,9 @@ import re
 import tempfile
 from pathlib import Path
 
+# `UnCLIP(backend=...)`'s choices (runtime.backends.choose.CHOICES), for the parsers; auto first.
+BACKEND_CHOICES = ("auto", "torch", "measured", "onnxruntime", "tensorrt")
+
 # The public API's argument names → this command's flags, so an error names what the user typed.
 FLAG_NAMES = {"num_images_per_prompt": "--num-images", "prior_steps": "--prior-steps",
               "decoder_steps": "--decoder-steps", "super_res_steps": "--super-res-steps",

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from runtime.cli.common import BACKEND_CHOICES
+
 TOOLS = ("variations", "interpolate", "text-diff", "invert")
 
 
@@ -41,7 +43,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         s.add_argument("-o", "--output", required=True)
         s.add_argument("--model", default=None, help="model folder (default: the shipped model)")
         s.add_argument("--engine-dir", default=None)
-        s.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"))
+        s.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
         s.add_argument("--device", default=None)
         s.add_argument("--no-progress", action="store_true")
         if s is not n:

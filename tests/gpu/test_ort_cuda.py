@@ -1,7 +1,7 @@
 """The exported graphs on ONNX Runtime's CUDA provider (`runtime.backends.ort_cuda`): the whole
-graph on the GPU (no Memcpy node in any stage), the torch image on the default model, fp16 graphs
-at Karlo size against fp32 torch per stage, and ONNX Runtime's CUDA-graph replay against an eager
-run. Skipped without a CUDA GPU or without onnxruntime-gpu."""
+graph on the GPU (no Memcpy node in any stage), the torch image on the default model, `auto`'s
+per-stage choice by measurement, fp16 graphs at Karlo size against fp32 torch per stage, and ONNX
+Runtime's CUDA-graph replay against an eager run. Skipped without a CUDA GPU or without onnxruntime-gpu."""
 
 from __future__ import annotations
 
@@ -61,6 +61,31 @@ def test_the_cuda_provider_gives_the_torch_image_on_the_default_model(default_en
     values = [psnr(a, b) for a, b in zip(images, torch_images, strict=True)]
     print("ORT CUDA (fp32 graphs) against torch fp32, PSNR:", [round(v, 1) for v in values])
     assert min(values) >= 40
+
+
+def test_auto_measures_each_stage_and_gives_the_torch_image(default_engines, no_tf32):
+    """On a GPU with the CUDA provider, `auto` with an engine folder is `measured`: every stage is
+    timed on both backends (every graph runs and is captured, so none is left out for failing),
+    the engines are the ones it picked, and the loops, captured whole with whichever engines,
+    give the torch image."""
+    from runtime import UnCLIP
+
+    prompts = ["a red circle on a blue background", "a yellow star on a white background"]
+    torch_images = UnCLIP(device="cuda", progress=False).generate(prompts, seed=3, output_type="pt").images
+    pipe = UnCLIP(engine_dir=default_engines / "fp32", device="cuda", progress=False)
+    assert pipe.backend == "measured" and pipe.graphs is not None
+    print("auto on this GPU (fp32 graphs):", *(c.describe() for c in pipe.backend_choice), sep="\n  ")
+    for c in pipe.backend_choice:
+        assert c.onnxruntime_ms is not None, c.note
+        kind = "OrtCudaEngine" if c.backend == "onnxruntime" else "TorchEngine"
+        assert type(pipe.engines[c.stage]).__name__ == kind
+    values = [psnr(a, b) for a, b in zip(pipe.generate(prompts, seed=3, output_type="pt").images, torch_images,
+                                         strict=True)]
+    print("measured backend against torch fp32, PSNR:", [round(v, 1) for v in values])
+    assert min(values) >= 40
+    fp16 = UnCLIP(engine_dir=default_engines / "fp16", device="cuda", progress=False)
+    print("auto on this GPU (fp16 graphs):", *(c.describe() for c in fp16.backend_choice), sep="\n  ")
+    assert fp16.backend == "measured" and fp16.dtype == torch.float16
 
 
 @pytest.mark.parametrize("graphs", ["onnxruntime", "torch"])
