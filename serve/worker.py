@@ -153,6 +153,7 @@ class ImageWorker:
             "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."),
             "prior_dtype": str(self.pipe.prior_dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "backend": self.pipe.backend, "stage_backends": {c.stage: c.backend for c in self.pipe.backend_choice},
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
             "created": int(self.started), "queued_jobs": len(self.batcher.pending),
             "served_images": self.served_images, "calls": self.calls,

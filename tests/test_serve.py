@@ -43,7 +43,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lone(server):
     """The reference: `UnCLIP` in this process at the replica's torch thread count."""
-    threads = server.get("/health")["torch_threads"]
+    health = server.get("/health")
+    assert health["backend"] == "torch" and health["stage_backends"] == {}  # what the replica says runs it
+    threads = health["torch_threads"]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     yield UnCLIP(device="cpu", progress=False)
