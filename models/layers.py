@@ -79,6 +79,14 @@ class GroupNorm32(nn.GroupNorm):
         return y.to(x.dtype)
 
 
+def pointwise_rows(conv: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A 1-wide 1-D convolution applied to token rows `[..., C]` (channels last) as the linear
+    map it is; a layer standing in for `nn.Conv1d` (e.g. `models.fp8.Fp8Conv`) supplies `rows`."""
+    if isinstance(conv, nn.Conv1d):
+        return F.linear(rows, conv.weight[:, :, 0], conv.bias)
+    return conv.rows(rows)
+
+
 def resample(x: torch.Tensor, up: bool = False, down: bool = False) -> torch.Tensor:
     """Nearest 2x upsampling (`up`) or 2x2 average pooling (`down`), the UNets' two resamplings."""
     if up:

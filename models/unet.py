@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.configs import UNetConfig
-from models.layers import GroupNorm32, resample, timestep_embedding, work_dtype, zero_init
+from models.layers import GroupNorm32, pointwise_rows, resample, timestep_embedding, work_dtype, zero_init
 
 
 class ResBlock(nn.Module):
@@ -85,7 +85,7 @@ class AttentionBlock(nn.Module):
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project context [B, N, W] to per-head keys and values, each [B, heads, N, ch]."""
         b, n, _ = context.shape
-        kv = F.linear(context, self.encoder_kv.weight[:, :, 0], self.encoder_kv.bias)
+        kv = pointwise_rows(self.encoder_kv, context)
         kv = kv.view(b, n, self.heads, -1).transpose(1, 2)
         return kv.chunk(2, dim=-1)
 
@@ -105,7 +105,7 @@ class AttentionBlock(nn.Module):
         """
         b, c, hgt, wid = x.shape
         h = self.norm(x).view(b, c, -1)
-        qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, HW, 3C]
+        qkv = pointwise_rows(self.qkv, h.transpose(1, 2))  # [B, HW, 3C]
         qkv = qkv.view(b, hgt * wid, self.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
         q, k, v = qkv.chunk(3, dim=-1)
         ek, ev = self.context_keys_values(context, context_kv, q.dtype)
@@ -118,7 +118,7 @@ class AttentionBlock(nn.Module):
                 bias = context_bias.padded(hgt * wid, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, HW, ch]
         out = out.transpose(2, 3).reshape(b, c, -1)
-        out = F.conv1d(out, self.proj_out.weight, self.proj_out.bias)
+        out = self.proj_out(out)
         return x + out.view(b, c, hgt, wid)
 
     def context_keys_values(self, context: torch.Tensor | None, context_kv: torch.Tensor | None,

@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
+    p.add_argument("--precision", choices=("fp8",), default=None,
+                   help="fp8: the UNets' convolutions and attention projections with e4m3 weights and inputs "
+                        "(docs/fp8.md); default: every network in --dtype")
+    p.add_argument("--fp8-scales", default=None,
+                   help="--precision fp8: 'dynamic' (each input's own), or a scales file (default: the model "
+                        "folder's fp8_scales.safetensors where it has one, else dynamic)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype),
               "prior_dtype": DTYPES.get(args.prior_dtype), "progress": not args.no_progress,
-              "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior}
+              "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior,
+              "precision": args.precision, "fp8_scales": args.fp8_scales}
     try:
         if args.karlo:
             pipe = UnCLIP.from_karlo(args.karlo, trust_pickle=args.trust_pickle, **common)

@@ -14,6 +14,7 @@ before any network runs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -95,6 +96,8 @@ class UnCLIP(ImageTools):
         prior: str = "diffusion",
         fused: FusedOptions | None = None,
         prior_dtype: torch.dtype | None = None,
+        precision: str | None = None,
+        fp8_scales: str | Path | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -131,15 +134,29 @@ class UnCLIP(ImageTools):
             float16 `dtype` makes an image's embedding independent of the batch it runs in: the
             prior's guided loop amplifies rounding, and fp16 kernels round differently at different
             batch sizes. A service that joins requests runs so (docs/serving.md).
+        :param precision: None (the networks in `dtype`) or "fp8": the large linear maps — the
+            UNets' convolutions and attention projections, the prior's transformer linears
+            (`models.fp8.policy`) — with e4m3 weights (a scale per output channel) and e4m3
+            inputs (a scale per tensor), everything else in `dtype`; torch backend. Its error
+            against fp32 is measured in docs/fp8.md.
+        :param fp8_scales: the activation scales of `precision="fp8"`: None — calibrated ones
+            from the model folder's `fp8_scales.safetensors` where it has one (the default model
+            does; `python -m runtime.fp8_calibration` writes it), else each input's own;
+            "dynamic" — each input's own; or the path of a scales file for these weights.
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if fused is not None and not isinstance(fused, FusedOptions):
             raise TypeError(f"fused must be a models.fused.FusedOptions or None, got {type(fused).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision is None and fp8_scales is not None:
+            raise ValueError("fp8_scales is for precision='fp8'")
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
             model = DEFAULT_MODEL
+        model_folder = Path(model) if isinstance(model, (str, Path)) else None
         if isinstance(model, (str, Path)):
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
@@ -153,6 +170,11 @@ class UnCLIP(ImageTools):
         self.cfg: UnCLIPConfig = model.cfg
         self.tokenizer = KarloTokenizer(self.cfg.clip.context_length)
         self.progress = progress
+        if precision == "fp8" and (backend not in ("torch", "auto") or engine_dir is not None):
+            raise ValueError("precision='fp8' runs the torch modules: leave engine_dir unset and backend torch or auto")
+        if precision == "fp8" and dtype == torch.float64:
+            raise ValueError("precision='fp8' takes dtype float32, float16 or bfloat16 (not float64) for what "
+                             "stays unquantised")
         self.backend = choose_backend(backend, engine_dir, self.device, dtype)
         self.backend_choice: list[StageChoice] = []  # per stage, where the backend is `measured`
         if self.backend in ("torch", "measured"):
@@ -166,6 +188,9 @@ class UnCLIP(ImageTools):
             self.dtype = dtype or torch.float32
             self.prior_dtype = prior_dtype or self.dtype
             self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype, self.prior_dtype)
+            self.precision, self.fp8_scales = precision, None
+            if precision == "fp8":
+                self.model, self.fp8_scales = _fp8_model(self.model, model, model_folder, fp8_scales)
             if channels_last is None:
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
@@ -187,6 +212,7 @@ class UnCLIP(ImageTools):
             self.engines, self.constants, self.dtype, engine_limit = _engines_for(
                 model, engine_dir, self.backend, self.device, dtype)
             self.prior_dtype = self.dtype
+            self.precision, self.fp8_scales = None, None
             self.model = None  # the engines run every stage; the torch modules are not kept
             self.channels_last = False
         limits = [v for v in (max_batch, engine_limit) if v is not None]
@@ -524,6 +550,33 @@ def _checked_folder(model: UnCLIPModel, engine_dir: str | Path, dtype: torch.dty
         raise ValueError(f"{engine_dir} holds {folder.manifest['precision']} engines; leave dtype unset or pass "
                          f"{folder.float_dtype}, or build the other precision with {folder.rebuild_command}")
     return folder
+
+
+PRECISIONS = (None, "fp8")
+
+
+def _fp8_model(converted: UnCLIPModel, original: UnCLIPModel, folder: Path | None,
+               scales: str | Path | None) -> tuple[UnCLIPModel, str]:
+    """`converted` (or a copy, if it is the caller's model) with its FP8 layers
+    (`models.fp8.policy.convert`), and where its activation scales come from."""
+    from models import fp8
+    from models.checkpoint import weights_sha256
+    from models.fp8.scales import SCALES_FILE, load_scales
+
+    path = None
+    if scales is None and folder is not None and (folder / SCALES_FILE).is_file():
+        path = folder / SCALES_FILE
+    elif scales is not None and scales != "dynamic":
+        path = Path(scales)
+        if not path.is_file():
+            raise FileNotFoundError(f"fp8_scales: {path} is not a file "
+                                    "(write one with python -m runtime.fp8_calibration)")
+    input_scales = None
+    if path is not None:
+        input_scales = load_scales(path, weights_sha256(original), fp8.fp8_layer_names(converted))
+    model = copy.deepcopy(converted) if converted is original else converted
+    fp8.convert(model, input_scales=input_scales)
+    return model, f"calibrated ({path})" if path is not None else "dynamic"
 
 
 CONDITIONING_MODULES = ("clip", "prior", "ar_prior")  # the stages `prior_dtype` sets

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpp_ext
+from models.fp8.policy import holds_fp8
 from models.fused.availability import fused_kernels_available
 from models.fused.derived import derived
 from models.fused.linear_plan import SKINNY_GELU, FewRowsLinear, few_rows_linear, skinny_fits
@@ -31,9 +32,9 @@ def attention_head_fits(head: int) -> bool:
 
 def serves(prior: Prior, x_t: torch.Tensor) -> bool:
     """Whether the fused step runs `prior` on `x_t`: the kernels serve it, heads the attention
-    kernel takes, rows of at most 8192."""
+    kernel takes, rows of at most 8192, no FP8 layers (the fused step reads the weights itself)."""
     cfg = prior.cfg
-    return (fused_kernels_available(x_t, prior.positional_embedding)
+    return (fused_kernels_available(x_t, prior.positional_embedding) and not holds_fp8(prior)
             and attention_head_fits(cfg.width // cfg.heads) and cfg.width <= 8192)
 
 

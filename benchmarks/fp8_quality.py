@@ -1,0 +1,163 @@
+"""How far FP8 (`UnCLIP(precision="fp8")`) moves the outputs, on the same noise.
+
+    python benchmarks/fp8_quality.py [--device cpu] [--seeds 4] [--karlo-stages] [--out FILE.json]
+
+1. The shipped default model on its held-out prompts (`train.evaluate`: 16 combinations × seeds):
+   foreground, shape and background accuracy read from the pixels for the reference dtype and
+   for FP8 with activation scales measured per input ("dynamic") and calibrated (the model
+   folder's `fp8_scales.safetensors`, when it has one), and the PSNR of every FP8 image against
+   the reference image of the same prompt and seed.
+2. Which networks carry the error: each group of `models.fp8.policy` converted alone (the prior,
+   the decoder, the super-resolution chain), on the first eight held-out images: PSNR and the
+   image embeddings' relative error.
+3. `--karlo-stages`: Karlo's architecture with random weights, one forward of the prior step
+   (batch 2), the decoder step (batch 2) and the first super-resolution stage (batch 1) with all
+   their layers in FP8 against the same forward in the reference dtype: relative error
+   (‖FP8 − ref‖ / ‖ref‖).
+On a GPU `--reference-dtype float16` compares with the fp16 pipeline; the CPU reference is fp32.
+Writes JSON atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from models import fp8  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
+from models.fp8.policy import GROUPS  # noqa: E402
+from models.fp8.scales import SCALES_FILE  # noqa: E402
+from runtime import UnCLIP  # noqa: E402
+from runtime.pipeline import DEFAULT_MODEL, load_folder  # noqa: E402
+from train.data import HELD_OUT, canonical_caption  # noqa: E402
+from train.evaluate import evaluate  # noqa: E402
+from train.evaluate_upsampler import psnr  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACCURACIES = ("fg_accuracy", "shape_accuracy", "bg_accuracy")
+
+
+def _psnrs(a: torch.Tensor, b: torch.Tensor) -> dict:
+    values = [psnr(x, y) for x, y in zip(a, b, strict=True)]
+    return {"psnr_min": min(values), "psnr_median": statistics.median(values), "psnr_mean": statistics.fmean(values),
+            "share_at_least_30db": sum(v >= 30 for v in values) / len(values)}
+
+
+def held_out(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 1: accuracies of the reference and of FP8, and PSNR of FP8 against the reference."""
+    model = load_folder(args.model)
+    out = {}
+    runs = {"reference": {}, "fp8_dynamic": {"precision": "fp8", "fp8_scales": "dynamic"}}
+    if (Path(args.model) / SCALES_FILE).is_file():
+        runs["fp8_calibrated"] = {"precision": "fp8", "fp8_scales": Path(args.model) / SCALES_FILE}
+    images = {}
+    for name, kw in runs.items():
+        pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False, **kw)
+        start = time.perf_counter()
+        result = evaluate(pipe, seeds=args.seeds, batch=args.batch)
+        images[name] = result.pop("_images")
+        out[name] = {k: result[k] for k in ACCURACIES} | {"seconds": time.perf_counter() - start}
+        if name != "reference":
+            out[name] |= _psnrs(images["reference"], images[name])
+        print(name, {k: round(v, 3) for k, v in out[name].items()}, flush=True)
+        del pipe
+        gc.collect()
+    return out
+
+
+def by_group(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 2: each group of layers in FP8 alone."""
+    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
+    model = load_folder(args.model)
+    kw = {"seed": 1000, "output_type": "pt", "return_image_embeds": True}
+    ref = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False).generate(prompts, **kw)
+    out = {}
+    for groups in [(g,) for g in GROUPS] + [tuple(fp8.policy.DEFAULT_GROUPS)]:
+        pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
+        names = fp8.convert(pipe.model, groups=groups)
+        got = pipe.generate(prompts, **kw)
+        embed = ((got.image_embeds - ref.image_embeds).norm(dim=-1) / ref.image_embeds.norm(dim=-1)).max().item()
+        key = "+".join(groups)
+        out[key] = {"layers": len(names), "embedding_rel_error_max": embed} | _psnrs(ref.images, got.images)
+        print("FP8 in", key, {k: round(v, 4) for k, v in out[key].items()}, flush=True)
+    return out
+
+
+def karlo_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 3: per-stage relative error at Karlo size (random weights, every layer of the policy)."""
+    from export.build_engines import fill_zero_layers
+    from models.configs import KARLO
+    from models.prior import Prior
+    from models.unclip import UnCLIPModel
+    from models.unet import UNet
+    from runtime.backends.signatures import signatures, stage_module
+
+    out = {}
+    sigs = signatures(KARLO)
+    builders = {"prior_step": ("prior", lambda: Prior(KARLO.prior), ("prior",)),
+                "decoder_step": ("decoder.unet", lambda: UNet(KARLO.decoder.unet), ("decoder",)),
+                "super_res_first": ("super_res.0.first_steps", lambda: UNet(KARLO.super_res[0].unet), ("super_res",))}
+    for stage, (path, build, groups) in builders.items():
+        torch.manual_seed(0)
+        model = UnCLIPModel.empty(KARLO, with_vision=False, with_ar_prior=False)  # no memory: only `path` is real
+        parent_name, _, child = path.rpartition(".")
+        with torch.device(args.device):
+            network = fill_zero_layers(build()).to(dtype).eval()
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, network)
+        module = stage_module(model, stage)
+        batch = 1 if stage.startswith("super_res") else 2
+        inputs = sigs[stage].sample_inputs(batch, dtype, args.device, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            start = time.perf_counter()
+            ref = module(*inputs.values())[0].float()
+            fp8.convert(model, groups=groups)
+            got = module(*inputs.values())[0].float()
+        out[stage] = {"batch": batch, "rel_error": ((got - ref).norm() / ref.norm()).item(),
+                      "seconds": time.perf_counter() - start}
+        print(stage, out[stage], flush=True)
+        del model, module, network
+        gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reference-dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--karlo-stages", action="store_true")
+    p.add_argument("--skip-held-out", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.reference_dtype]
+    result = {"device": args.device, "reference_dtype": args.reference_dtype, "torch": torch.__version__,
+              "policy": list(fp8.policy.DEFAULT_GROUPS)}
+    if args.device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name()
+    if not args.skip_held_out:
+        result["held_out"] = held_out(args, dtype)
+        result["by_group"] = by_group(args, dtype)
+    if args.karlo_stages:
+        result["karlo_stages"] = karlo_stages(args, dtype)
+    if args.out:
+        text = json.dumps(result, indent=2)
+        atomic_write(Path(args.out), lambda path: path.write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""FP8 (`models.fp8`, `UnCLIP(precision="fp8")`): the e4m3 format and its saturation, the FP8
+layers against the product of their read-back operands, the conversion policy, the activation
+scales file (calibrated once, refused when it is not for these weights or was changed), and the
+pipeline end to end on the default model against fp32. The quality study is
+`benchmarks/fp8_quality.py` (docs/fp8.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from export.build_engines import random_model
+from models import fp8
+from models.checkpoint import weights_sha256
+from models.file_integrity import IntegrityError
+from models.fp8.e4m3 import E4M3, E4M3_MAX, channel_scales, dequantize, quantize, tensor_scale
+from models.fp8.layers import Fp8Conv, Fp8Linear
+from models.fp8.scales import SCALES_FILE, load_scales, observe, save_scales
+from runtime import UnCLIP
+from runtime.pipeline import DEFAULT_MODEL, load_folder
+from tests.metrics import psnr
+
+PROMPTS = ["a red circle on a blue background", "a small green square on a yellow background"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_folder(DEFAULT_MODEL)
+
+
+def test_e4m3_round_trips_its_values_and_saturates_instead_of_overflowing():
+    grid = torch.tensor([0.0, 1.0, -1.5, 0.875, 448.0, -448.0, 2.0**-9])  # e4m3 values
+    assert torch.equal(quantize(grid, torch.tensor(1.0)).float(), grid)
+    big = quantize(torch.tensor([1e4, -1e4, float("inf")]), torch.tensor(1.0))
+    assert big.dtype == E4M3 and torch.equal(big.float(), torch.tensor([448.0, -448.0, 448.0]))
+    w = torch.randn(6, 5, 3, 3)
+    s = channel_scales(w)
+    q = quantize(w, s.view(-1, 1, 1, 1))
+    assert torch.equal(q.float().abs().flatten(1).amax(1), torch.full((6,), E4M3_MAX))  # each channel's max → 448
+    back = dequantize(q, s.view(-1, 1, 1, 1), torch.float32)
+    assert ((back - w).abs() <= w.abs() * 2**-4 + 1e-6 * s.view(-1, 1, 1, 1)).all()  # 3 mantissa bits: ≤ half an ulp
+    x = torch.randn(4, 7) * 30
+    assert tensor_scale(x) == x.abs().amax() / E4M3_MAX
+
+
+def _reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product from its read-back operands, in float64."""
+    scale = layer.input_scale.double() if layer.calibrated else tensor_scale(x).double()
+    xr = quantize(x, scale.float()).double() * scale
+    view = (-1,) + (1,) * (layer.weight_q.dim() - 1)
+    w = layer.weight_q.double() * layer.weight_scale.double().view(view)
+    b = None if layer.bias is None else layer.bias.double()
+    if isinstance(layer, Fp8Linear):
+        return nn.functional.linear(xr, w, b)
+    conv = nn.functional.conv2d if w.dim() == 4 else nn.functional.conv1d
+    return conv(xr, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+@pytest.mark.parametrize("features", [(64, 48), (20, 12)])  # a `_scaled_mm` shape, and one it does not take
+def test_an_fp8_linear_is_the_product_of_its_e4m3_operands(features):
+    torch.manual_seed(0)
+    k, n = features
+    dense = nn.Linear(k, n)
+    layer = Fp8Linear.from_float(dense)
+    x = torch.randn(3, 5, k)
+    got = layer(x)
+    assert got.shape == (3, 5, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
+    rel = ((got - dense(x)).norm() / dense(x).norm()).item()
+    assert 1e-3 < rel < 0.1  # quantised (not the dense layer), and close to it
+    layer.set_input_scale(float(x.abs().amax()) / E4M3_MAX / 4)  # a calibrated range four times too small
+    torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(layer(x)).all()  # saturated, not overflowed
+
+
+def test_fp8_convolutions_are_the_product_of_their_e4m3_operands_in_either_layout():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    layer = Fp8Conv.from_float(conv)
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5, atol=1e-5)
+    last = layer(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(last, layer(x), rtol=1e-5, atol=1e-5)
+    pointwise = Fp8Conv.from_float(nn.Conv1d(32, 48, 1))
+    t = torch.randn(2, 32, 10)
+    torch.testing.assert_close(pointwise(t).double(), _reference(pointwise, t), rtol=1e-5, atol=1e-5)
+    # the attention blocks' token-row form is the same map
+    torch.testing.assert_close(pointwise.rows(t.transpose(1, 2)), pointwise(t).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        layer.rows(t)
+
+
+def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
+    layer = Fp8Linear.from_float(nn.Linear(32, 16))
+    layer.half()
+    assert layer.weight_q.dtype == E4M3 and layer.weight_scale.dtype == torch.float32
+    assert layer.input_scale.dtype == torch.float32 and layer.bias.dtype == torch.float16
+
+
+def test_the_policy_converts_the_large_maps_and_keeps_each_unets_first_and_last_convolution():
+    from models.fp8.policy import GROUPS
+
+    model = random_model("tiny")
+    names = fp8.fp8_layer_names(model, GROUPS)
+    assert fp8.fp8_layer_names(model) == [n for n in names if not n.startswith("prior.")]  # the default
+    assert names and not any(n.startswith(("clip.", "decoder.text_proj", "ar_prior")) for n in names)
+    assert "decoder.unet.input_blocks.0.0" not in names and "decoder.unet.out.2" not in names
+    prior = [n for n in names if n.startswith("prior.")]
+    assert prior and all(n.startswith("prior.transformer.resblocks.") for n in prior)
+    assert any(".attn." in n for n in prior) and any(".mlp." in n for n in prior)
+    assert any(n.endswith(".qkv") for n in names) and any(n.startswith("super_res.0.") for n in names)
+    reference = copy.deepcopy(model)
+    converted = fp8.convert(model)
+    assert converted == [n for n in names if not n.startswith("prior.")]
+    assert all(isinstance(model.get_submodule(n), (Fp8Linear, Fp8Conv)) for n in converted)
+    assert fp8.holds_fp8(model.decoder.unet) and not fp8.holds_fp8(model.prior)
+    # what is not converted is untouched
+    assert torch.equal(model.decoder.unet.out[2].weight, reference.decoder.unet.out[2].weight)
+    with pytest.raises(ValueError, match="unknown FP8 group"):
+        fp8.convert(model, groups=("clip",))
+
+
+def test_fp8_generation_stays_near_fp32_and_is_not_fp32(default_model):
+    kw = {"seed": 3, "decoder_steps": 10, "super_res_steps": 3, "output_type": "pt", "return_image_embeds": True}
+    ref = UnCLIP(copy.deepcopy(default_model), device="cpu", progress=False).generate(PROMPTS, **kw)
+    pipe = UnCLIP(copy.deepcopy(default_model), device="cpu", progress=False, precision="fp8", fp8_scales="dynamic")
+    assert pipe.precision == "fp8" and pipe.fp8_scales == "dynamic"
+    out = pipe.generate(PROMPTS, **kw)
+    values = [psnr(a, b) for a, b in zip(ref.images, out.images, strict=True)]
+    print("FP8 (dynamic) against fp32, PSNR:", [round(v, 1) for v in values])
+    assert min(values) >= 20 and max(values) < 60, values  # near, and quantised
+    # the prior stays in the model's dtype under the default policy: the same image embeddings
+    torch.testing.assert_close(out.image_embeds, ref.image_embeds, rtol=0, atol=0)
+
+
+def test_the_scales_file_round_trips_and_is_refused_for_other_weights_or_edits(default_model, tmp_path):
+    model = copy.deepcopy(default_model)
+    names = fp8.fp8_layer_names(model)
+    scales = {n: 0.01 * (i + 1) for i, n in enumerate(names)}
+    sha = weights_sha256(model)
+    path = tmp_path / SCALES_FILE
+    save_scales(path, scales, sha, note="test")
+    assert load_scales(path, sha, names) == pytest.approx(scales, rel=1e-6)
+    with pytest.raises(IntegrityError, match="other weights"):
+        load_scales(path, "0" * 64, names)
+    with pytest.raises(IntegrityError, match="no scale for 1"):
+        load_scales(path, sha, [*names, "decoder.unet.extra"])
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors[names[0]] = tensors[names[0]] * 2
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(IntegrityError, match="differ from what was written"):
+        load_scales(path, sha, names)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(IntegrityError, match="unreadable"):
+        load_scales(path, sha, names)
+
+
+def test_calibration_gives_every_layer_a_scale_and_the_folder_records_the_file(tmp_path):
+    from models.checkpoint import save_model
+    from runtime.fp8_calibration import calibrate_folder
+
+    model = random_model("tiny")
+    folder = tmp_path / "model"
+    save_model(model, model.cfg, folder)
+    path = calibrate_folder(folder, PROMPTS, batch=1)
+    assert json.loads((folder / "checksums.json").read_text())["sha256"].keys() >= {SCALES_FILE}
+    pipe = UnCLIP(folder, device="cpu", progress=False, precision="fp8")  # finds the file by itself
+    assert pipe.fp8_scales == f"calibrated ({path})"
+    layers = {n: m for n, m in pipe.model.named_modules() if isinstance(m, (Fp8Linear, Fp8Conv))}
+    assert layers and all(m.calibrated for m in layers.values())
+    kw = {"seed": 3, "output_type": "pt"}
+    dynamic = UnCLIP(folder, device="cpu", progress=False, precision="fp8", fp8_scales="dynamic")
+    values = [psnr(a, b) for a, b in zip(dynamic.generate(PROMPTS, **kw).images, pipe.generate(PROMPTS, **kw).images,
+                                          strict=True)]
+    print("tiny model, calibrated against dynamic FP8 scales, PSNR:", [round(v, 1) for v in values])
+    assert min(values) >= 20
+    # the folder's checksums now guard the scales file as well
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(IntegrityError, match=SCALES_FILE):
+        UnCLIP(folder, device="cpu", progress=False, precision="fp8")
+
+
+def test_observe_records_the_largest_input_of_every_layer_that_ran():
+    torch.manual_seed(0)
+    net = nn.Sequential(Fp8Linear.from_float(nn.Linear(16, 16)), Fp8Linear.from_float(nn.Linear(16, 16)))
+    x = torch.randn(4, 16) * 3
+    with observe(net) as scales:
+        net[0](x)
+        net[0](x / 2)
+    assert scales == {"0": pytest.approx(float(x.abs().amax()) / E4M3_MAX)}  # the second layer never ran
+
+
+def test_precision_arguments_are_checked(default_model, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        UnCLIP(default_model, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="fp8_scales is for precision='fp8'"):
+        UnCLIP(default_model, device="cpu", fp8_scales="dynamic")
+    with pytest.raises(ValueError, match="leave engine_dir unset"):
+        UnCLIP(default_model, device="cpu", precision="fp8", engine_dir=tmp_path)
+    with pytest.raises(ValueError, match="leave engine_dir unset"):
+        UnCLIP(default_model, device="cpu", precision="fp8", backend="onnxruntime")
+    with pytest.raises(ValueError, match="float64"):
+        UnCLIP(default_model, device="cpu", precision="fp8", dtype=torch.float64)
+    with pytest.raises(FileNotFoundError, match="fp8_calibration"):
+        UnCLIP(default_model, device="cpu", precision="fp8", fp8_scales=tmp_path / "absent.safetensors")
+    before = weights_sha256(default_model)
+    UnCLIP(default_model, device="cpu", progress=False, precision="fp8", fp8_scales="dynamic")
+    assert weights_sha256(default_model) == before  # the caller's model is not converted
+    assert not any(isinstance(m, (Fp8Linear, Fp8Conv)) for m in default_model.modules())
+
+
+def test_the_command_line_generates_in_fp8_and_names_its_flags_in_errors(tmp_path, capsys):
+    from PIL import Image
+
+    from runtime.__main__ import main
+
+    out = tmp_path / "fp8.png"
+    assert main(["a red circle on a blue background", "--precision", "fp8", "--fp8-scales", "dynamic",
+                 "--decoder-steps", "3", "--super-res-steps", "2", "--no-progress", "--device", "cpu",
+                 "-o", str(out)]) == 0
+    assert Image.open(out).size == (256, 256)
+    assert main(["a red circle", "--fp8-scales", "dynamic", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--fp8-scales is for" in capsys.readouterr().err
