@@ -107,7 +107,7 @@ def karlo_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     out = {}
     sigs = signatures(KARLO)
     builders = {"prior_step": ("prior", lambda: Prior(KARLO.prior), ("prior",)),
-                "decoder_step": ("decoder.unet", lambda: UNet(KARLO.decoder.unet), ("decoder",)),
+                "decoder_step": ("decoder.unet", lambda: UNet(KARLO.decoder), ("decoder",)),
                 "super_res_first": ("super_res.0.first_steps", lambda: UNet(KARLO.super_res[0].unet), ("super_res",))}
     for stage, (path, build, groups) in builders.items():
         torch.manual_seed(0)
@@ -148,14 +148,13 @@ def main(argv: list[str] | None = None) -> int:
               "policy": list(fp8.policy.DEFAULT_GROUPS)}
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
-    if not args.skip_held_out:
-        result["held_out"] = held_out(args, dtype)
-        result["by_group"] = by_group(args, dtype)
-    if args.karlo_stages:
-        result["karlo_stages"] = karlo_stages(args, dtype)
-    if args.out:
-        text = json.dumps(result, indent=2)
-        atomic_write(Path(args.out), lambda path: path.write_text(text))
+    parts = [] if args.skip_held_out else [("held_out", held_out), ("by_group", by_group)]
+    parts += [("karlo_stages", karlo_stages)] if args.karlo_stages else []
+    for key, part in parts:
+        result[key] = part(args, dtype)
+        if args.out:  # after every part: a later part that fails leaves the earlier ones written
+            text = json.dumps(result, indent=2)
+            atomic_write(Path(args.out), lambda path, text=text: path.write_text(text))
     return 0
 
 

@@ -47,6 +47,7 @@ from benchmarks.timing import (  # noqa: E402
     ForwardTimer,
     event_ms,
     forward_flops,
+    fp8_matmul_peak_tflops,
     graph_ms,
     matmul_peak_tflops,
     wall_ms,
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
+    p.add_argument("--precision", nargs="+", choices=["fp16", "fp8"], default=["fp16"],
+                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), dynamic activation scales)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
@@ -111,13 +114,16 @@ def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
     return list(sig.sample_inputs(batch, torch.float16, "cuda", torch.Generator().manual_seed(0)).values())
 
 
-def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool) -> dict:
+def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, precision: str | None = None) -> dict:
     from runtime import UnCLIP
     from runtime.sampling.update import implementation
 
-    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs)
-    weights = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
-    result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {}}
+    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs,
+                  precision=precision, **({"fp8_scales": "dynamic"} if precision == "fp8" else {}))
+    tensors = [*pipe.model.parameters(), *pipe.model.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {},
+              "precision": precision or "fp16"}
     for n in args.batch:
         def run(n=n):
             return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
@@ -308,7 +314,8 @@ def _summary(times: list[float], n: int) -> dict:
             "images_per_s": n * 1e3 / median}
 
 
-def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float) -> dict:
+def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float,
+               fp8_peak_tflops: float | None = None) -> dict:
     """FLOPs per forward of each stage (ours, fp16) at each batch, the run's total and its floor."""
     from runtime import UnCLIP
 
@@ -322,7 +329,7 @@ def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float) -> di
         steps[first], rows[first] = stage.steps - len(last), 1
         steps.update({name: 1 for name in last})
         rows.update({name: 1 for name in last})
-    out = {"peak_tflops": peak_tflops, "batches": {}}
+    out = {"peak_tflops": peak_tflops, "fp8_peak_tflops": fp8_peak_tflops, "batches": {}}
     # Counted on the reference path: the fused kernels do the same arithmetic, but torch's FLOP
     # counter sees only its own operators (a prior step made wholly of cpp_ext linears counts 0).
     kernels, cpp_ext.kernels = cpp_ext.kernels, None
@@ -336,6 +343,8 @@ def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float) -> di
             out["batches"][n] = {"gflop_per_forward": {k: v / 1e9 for k, v in per_forward.items()},
                                  "tflop_per_call": total / 1e12,
                                  "floor_ms": total / (peak_tflops * 1e12) * 1e3}
+            if fp8_peak_tflops:  # every FLOP at the FP8 GEMM rate: a floor no mixed-precision run reaches
+                out["batches"][n]["floor_ms_fp8"] = total / (fp8_peak_tflops * 1e12) * 1e3
     finally:
         cpp_ext.kernels = kernels
     return out
@@ -362,7 +371,8 @@ def table(results: dict) -> str:
     lines = [f"GPU: {results['gpu']}; fp16; steps 25/25/7; matmul peak {floor['peak_tflops']:.0f} TFLOP/s"]
     for n in results["batch"]:
         f = floor["batches"][n]
-        lines.append(f"\n{n} image(s): {f['tflop_per_call']:.1f} TFLOP, FLOP floor {f['floor_ms']:.0f} ms")
+        fp8_floor = f" (at the FP8 GEMM rate {f['floor_ms_fp8']:.0f} ms)" if "floor_ms_fp8" in f else ""
+        lines.append(f"\n{n} image(s): {f['tflop_per_call']:.1f} TFLOP, FLOP floor {f['floor_ms']:.0f} ms{fp8_floor}")
         chain = results.get("super_res_stages", ["super_res_first"])
         lines.append(f"{'system':34} {'ms (min-max)':>22} {'img/s':>6} {'x eager peer':>12} {'share':>6} "
                      f"{'peak GiB':>8}  forward ms (prior b2 / decoder b2 / super-res b1, each stage)")
@@ -370,6 +380,7 @@ def table(results: dict) -> str:
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
+                           ("ours_fp8", "unclip-rt FP8 (UNets; emulated convs)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -405,11 +416,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(get_config(args.config).super_res)}; run it with --peer none")
     peer, model = build(args)
     results["super_res_stages"] = [super_res_stages(model.cfg, i)[0] for i in range(len(model.cfg.super_res))]
-    results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops())
+    results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops(),
+                                  fp8_matmul_peak_tflops() if "fp8" in args.precision else None)
     results["ours"] = bench_ours(model, args, graphs=True)
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
+    if "fp8" in args.precision:
+        try:
+            results["ours_fp8"] = bench_ours(model, args, graphs=True, precision="fp8")
+            results["ours_fp8"].pop("cache_savings", None)
+        except Exception as exc:  # reported, not fatal to the other systems
+            results["ours_fp8"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print("FP8:", results["ours_fp8"]["error"], flush=True)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from runtime.timing import event_ms, graph_ms
 
-__all__ = ["ForwardTimer", "event_ms", "forward_flops", "graph_ms", "matmul_peak_tflops", "wall_ms"]
+__all__ = ["ForwardTimer", "event_ms", "forward_flops", "fp8_matmul_peak_tflops", "graph_ms", "matmul_peak_tflops",
+           "wall_ms"]
 
 
 def wall_ms(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
@@ -83,4 +84,15 @@ def matmul_peak_tflops(n: int = 8192, replays: int = 20) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.float16)
     out = torch.empty(n, n, device="cuda", dtype=torch.float16)
     ms = graph_ms(lambda: torch.matmul(a, b, out=out), replays)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def fp8_matmul_peak_tflops(n: int = 8192, replays: int = 20) -> float:
+    """Measured dense FP8 (e4m3, fp32 accumulation, fp16 out) GEMM throughput through
+    `torch._scaled_mm` with per-row and per-column scales, as `models.fp8.Fp8Linear` calls it."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    scale_a = torch.ones(n, 1, device="cuda")
+    scale_b = torch.ones(1, n, device="cuda")
+    ms = graph_ms(lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float16), replays)
     return 2 * n**3 / (ms * 1e-3) / 1e12

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import cpp_ext
+from models import fp8
 from models.checkpoint import load_tensors
 from models.clip import KarloTokenizer
 from models.config_schema import read_config
@@ -157,6 +158,8 @@ class UnCLIP(ImageTools):
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
             model = DEFAULT_MODEL
         model_folder = Path(model) if isinstance(model, (str, Path)) else None
+        if precision is None and isinstance(model, UnCLIPModel) and fp8.fp8_layers(model):
+            precision = "fp8"  # a model converted by another UnCLIP: it runs as it is
         if isinstance(model, (str, Path)):
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
@@ -559,10 +562,13 @@ def _fp8_model(converted: UnCLIPModel, original: UnCLIPModel, folder: Path | Non
                scales: str | Path | None) -> tuple[UnCLIPModel, str]:
     """`converted` (or a copy, if it is the caller's model) with its FP8 layers
     (`models.fp8.policy.convert`), and where its activation scales come from."""
-    from models import fp8
     from models.checkpoint import weights_sha256
     from models.fp8.scales import SCALES_FILE, load_scales
 
+    if fp8.fp8_layers(converted):  # a model another UnCLIP converted (a service's second prior shares it)
+        if scales is not None:
+            raise ValueError("fp8_scales: this model's FP8 layers are converted already, with their own scales")
+        return converted, "as converted"
     path = None
     if scales is None and folder is not None and (folder / SCALES_FILE).is_file():
         path = folder / SCALES_FILE
@@ -591,7 +597,7 @@ def _converted(model: UnCLIPModel, device: torch.device, dtype: torch.dtype,
     prior_dtype = prior_dtype or dtype
 
     def wanted(name: str, t: torch.Tensor) -> torch.dtype:
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.dtype == torch.float8_e4m3fn:  # FP8 layers keep their e4m3 weights
             return t.dtype
         return prior_dtype if name.split(".", 1)[0] in CONDITIONING_MODULES else dtype
 

@@ -28,6 +28,7 @@ class ServeOptions:
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     dtype: str | None = None
     prior_dtype: str | None = None  # None: float32 on the torch backend (joined requests get their lone images)
+    precision: str | None = None  # "fp8": UnCLIP(precision="fp8") (the model folder's calibrated scales, if any)
     replicas: int | None = None  # None: one per GPU of the cluster, one on a machine without GPUs
     cpus_per_replica: float | None = None  # None: 2 beside a GPU, else the machine's cores / replicas
     max_batch: int = 8  # images per generate call
@@ -48,6 +49,8 @@ class ServeOptions:
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, got {value!r}")
+        if self.precision not in (None, "fp8"):
+            raise ValueError(f"--precision must be fp8 or unset, got {self.precision!r}")
         for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -107,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     p.add_argument("--prior-dtype", choices=DTYPES,
                    help="dtype of the text encoder and the prior (default float32 on the torch backend, so that "
                         "a request batched with others gets the images it would get alone)")
+    p.add_argument("--precision", choices=("fp8",), help="fp8: the UNets in FP8 (docs/fp8.md); default: --dtype")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU; one without GPUs)")
     p.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica reserves (and its torch threads)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per batched call ({d.max_batch})")

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,13 +64,19 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
         model = load_folder(folder or DEFAULT_MODEL)
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
-              "backend": options.backend}
+              "backend": options.backend, "precision": options.precision}
     torch_backend = choose_backend(options.backend, options.engine_dir, torch.device(device), dtype) == "torch"
     if options.prior_dtype or torch_backend:
         # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
         # batch size: in fp32 a request's embedding does not depend on the requests beside it
         common["prior_dtype"] = DTYPES[options.prior_dtype or "float32"]
-    pipes = {"diffusion": UnCLIP(model, prior="diffusion", **common)}
+    scales = None  # FP8: the model folder's calibrated activation scales, where it has them
+    if options.precision == "fp8" and kind == "model":
+        from models.fp8.scales import SCALES_FILE
+
+        path = Path(folder or DEFAULT_MODEL) / SCALES_FILE
+        scales = path if path.is_file() else None
+    pipes = {"diffusion": UnCLIP(model, prior="diffusion", fp8_scales=scales, **common)}
     try:
         converted = pipes["diffusion"].model  # on the device in its dtype already: shared, not copied
         pipes["ar"] = UnCLIP(converted if converted is not None else model, prior="ar", **common)
@@ -153,7 +160,8 @@ class ImageWorker:
             "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."),
             "prior_dtype": str(self.pipe.prior_dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-            "backend": self.pipe.backend, "stage_backends": {c.stage: c.backend for c in self.pipe.backend_choice},
+            "precision": self.pipe.precision or "", "backend": self.pipe.backend,
+            "stage_backends": {c.stage: c.backend for c in self.pipe.backend_choice},
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,
             "created": int(self.started), "queued_jobs": len(self.batcher.pending),
             "served_images": self.served_images, "calls": self.calls,

@@ -94,6 +94,27 @@ def test_fp8_convolutions_are_the_product_of_their_e4m3_operands_in_either_layou
         layer.rows(t)
 
 
+@pytest.mark.parametrize(("kernel", "padding"), [(3, 1), (1, 0)])
+def test_the_gemm_way_of_a_convolution_gives_the_read_back_way(kernel, padding):
+    """The FP8 GEMM over gathered neighbourhoods (what CUDA runs) against the read-back
+    convolution (the same quantised operands): fp32 rounding apart, in either input layout."""
+    torch.manual_seed(0)
+    layer = Fp8Conv.from_float(nn.Conv2d(32, 48, kernel, padding=padding))
+    assert layer.gemm_shape()
+    x = torch.randn(2, 32, 9, 7)
+    want = layer(x, "readback")
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        got = layer(inp, "gemm")
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer(x).data_ptr() != got.data_ptr()  # "auto" on the CPU reads back
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    odd = Fp8Conv.from_float(nn.Conv2d(32, 48, 3, padding=1, stride=2))
+    assert not odd.gemm_shape()
+    with pytest.raises(ValueError, match="FP8 GEMM way takes"):
+        odd(x, "gemm")
+
+
 def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
     layer = Fp8Linear.from_float(nn.Linear(32, 16))
     layer.half()

@@ -205,6 +205,19 @@ def test_a_replica_runs_the_text_encoder_and_the_prior_in_fp32_unless_told_other
     assert pipes["diffusion"].prior_dtype == torch.bfloat16
 
 
+def test_an_fp8_replica_converts_the_model_once_for_both_priors():
+    from serve.worker import load_pipelines
+
+    with pytest.raises(ValueError, match="--precision must be fp8"):
+        ServeOptions(precision="int8")
+    assert parse_args(["--precision", "fp8"]).precision == "fp8"
+    pipes = load_pipelines(ServeOptions(device="cpu", precision="fp8"))  # the default model: both priors
+    assert sorted(pipes) == ["ar", "diffusion"]
+    assert pipes["ar"].model is pipes["diffusion"].model  # shared, not converted twice
+    assert pipes["diffusion"].fp8_scales.startswith("calibrated") and pipes["ar"].fp8_scales == "as converted"
+    assert {p.precision for p in pipes.values()} == {"fp8"}
+
+
 def test_replicas_follow_the_gpus_and_cpus():
     from serve.app import plan_placement
 

@@ -4,6 +4,6 @@ replace them (`layers`) and activation scales calibrated once per model (`scales
 The reference modules are untouched: conversion swaps layers in a model copy."""
 
 from models.fp8.layers import Fp8Conv, Fp8Linear
-from models.fp8.policy import convert, fp8_layer_names, holds_fp8
+from models.fp8.policy import convert, fp8_layer_names, fp8_layers, holds_fp8
 
-__all__ = ["Fp8Conv", "Fp8Linear", "convert", "fp8_layer_names", "holds_fp8"]
+__all__ = ["Fp8Conv", "Fp8Linear", "convert", "fp8_layer_names", "fp8_layers", "holds_fp8"]

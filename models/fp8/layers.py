@@ -3,20 +3,31 @@ scale per tensor: calibrated, or measured on each call) before the product.
 
 `Fp8Linear` multiplies through `torch._scaled_mm` (FP8 operands, fp32 accumulation, both scales
 applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM itself.
-`Fp8Conv` (1-D and 2-D) reads back both quantised operands in the input's dtype and convolves
-them with torch's convolution: the same quantisation, and in fp32 the same products, as an FP8
-implicit-GEMM convolution, without its speed (torch has no FP8 convolution).
+`Fp8Conv` has two ways to compute, with the same quantisation (torch has no FP8 convolution):
+- "gemm" (2-D 1×1 and 3×3 stride-1 convolutions): the e4m3 input gathered into its 3×3
+  neighbourhoods (one row of 9·C bytes per output pixel, channels last; a 1×1 needs no gather)
+  and multiplied with `torch._scaled_mm`, the weight laid out tap-major to match. The gather
+  writes 9 bytes per input byte, which an implicit-GEMM kernel would not, but in e4m3 that is
+  less than the fp16 convolution reads, and the product runs at the FP8 GEMM rate.
+- "readback": both operands read back in the input's dtype and convolved with torch's
+  convolution (any shape; in fp32 the same products as the FP8 GEMM).
+`CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback".
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fp8.e4m3 import channel_scales, dequantize, quantize, tensor_scale
+from models.fp8.e4m3 import E4M3, channel_scales, dequantize, quantize, tensor_scale
 
 _GEMM_MULTIPLE = 16  # `_scaled_mm` needs K and N multiples of 16
+# (device type, output dtype) → whether `_scaled_mm` with row-wise scales ran there (absent: not tried)
+_SCALED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+log = logging.getLogger(__name__)
 
 
 class _Fp8Layer(nn.Module):
@@ -81,10 +92,16 @@ def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Te
     q, scale = layer._input(x)
     rows = q.reshape(-1, q.shape[-1])
     n, k = weight_q.shape
-    if k % _GEMM_MULTIPLE == 0 and n % _GEMM_MULTIPLE == 0:
-        out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
-                               scale_b=layer.weight_scale.view(1, n), out_dtype=x.dtype)
-    else:
+    out = None
+    if k % _GEMM_MULTIPLE == 0 and n % _GEMM_MULTIPLE == 0 and _SCALED_MM_WORKS.get((x.device.type, x.dtype), True):
+        try:
+            out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
+                                   scale_b=layer.weight_scale.view(1, n), out_dtype=x.dtype)
+        except RuntimeError as exc:  # this build or GPU lacks the row-wise scaled GEMM for this dtype
+            _SCALED_MM_WORKS[(x.device.type, x.dtype)] = False
+            log.warning("torch._scaled_mm (row-wise scales, %s out) unavailable on %s: %s; FP8 linears read their "
+                        "operands back instead", x.dtype, x.device, str(exc).splitlines()[0] if str(exc) else exc)
+    if out is None:
         weight = layer.dequantized_weight(x.dtype).reshape(n, k)
         out = F.linear(dequantize(rows, scale, x.dtype), weight)
     if layer.bias is not None:
@@ -103,6 +120,22 @@ class Fp8Linear(_Fp8Layer):
         return _gemm(self, x, self.weight_q)
 
 
+CONV_PATH = "auto"  # "auto", "gemm" or "readback" (module docstring)
+
+
+def _gathered_rows(q: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """The e4m3 input `q` [B, C, H, W] as GEMM rows [B·H·W, taps·C] for a stride-1 convolution of
+    `kernel` (1×1, or 3×3 with zero padding 1): each output pixel's neighbourhood, tap-major."""
+    b, c, h, w = q.shape
+    nhwc = q.permute(0, 2, 3, 1)
+    if kernel == (1, 1):
+        return nhwc.reshape(b * h * w, c)
+    # bytes, not e4m3: padding and stacking are byte copies (e4m3 zero is the zero byte)
+    padded = F.pad(nhwc.contiguous().view(torch.uint8), (0, 0, 1, 1, 1, 1))
+    taps = [padded[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)]
+    return torch.stack(taps, dim=3).view(q.dtype).reshape(b * h * w, 9 * c)
+
+
 class Fp8Conv(_Fp8Layer):
     """`nn.Conv1d` or `nn.Conv2d` with e4m3 operands; a 1-wide 1-D convolution also takes token
     rows with the channels last (`rows`), as the attention blocks apply theirs."""
@@ -117,12 +150,50 @@ class Fp8Conv(_Fp8Layer):
             raise ValueError(f"FP8 convolution supports zero padding only, got {conv.padding_mode!r}")
         return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gemm_shape(self) -> bool:
+        """Whether the "gemm" way takes this convolution (2-D, stride 1, no groups or dilation,
+        1×1 unpadded or 3×3 padded by 1, channel counts the FP8 GEMM takes)."""
+        w = self.weight_q
+        if w.dim() != 4 or self.groups != 1 or tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1):
+            return False
+        kernel, padding = tuple(w.shape[2:]), tuple(self.padding)
+        fits = (kernel, padding) in (((1, 1), (0, 0)), ((3, 3), (1, 1)))
+        k = w.shape[1] * w.shape[2] * w.shape[3]
+        return fits and k % _GEMM_MULTIPLE == 0 and w.shape[0] % _GEMM_MULTIPLE == 0
+
+    def tap_major_weight(self) -> torch.Tensor:
+        """The e4m3 weight as [N, taps·C], tap-major like `_gathered_rows` (kept)."""
+        key = (E4M3, self.weight_q.device)
+        if key not in self._read:
+            w = self.weight_q.view(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            self._read[key] = w.view(E4M3).reshape(w.shape[0], -1)
+        return self._read[key]
+
+    def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        path = path or CONV_PATH
+        if path == "auto":
+            path = "gemm" if x.is_cuda and x.dim() == 4 and self.gemm_shape() else "readback"
+        if path == "gemm":
+            return self._gemm_forward(x)
         q, scale = self._input(x)
         conv = F.conv2d if self.weight_q.dim() == 4 else F.conv1d
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return conv(dequantize(q, scale, x.dtype), self.dequantized_weight(x.dtype), bias, self.stride,
                     self.padding, self.dilation, self.groups)
+
+    def _gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gemm_shape():
+            raise ValueError(f"the FP8 GEMM way takes 1×1 and padded 3×3 stride-1 2-D convolutions, not "
+                             f"{tuple(self.weight_q.shape)} stride {self.stride} padding {self.padding}")
+        q, scale = self._input(x)
+        b, _, h, w = x.shape
+        rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
+        n = self.weight_q.shape[0]
+        out = torch._scaled_mm(rows, self.tap_major_weight().t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
+                               scale_b=self.weight_scale.view(1, n), out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(b, h, w, n).permute(0, 3, 1, 2)  # channels-last memory
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """This 1-wide 1-D convolution as a linear map of rows `x [..., C]` (an FP8 GEMM)."""

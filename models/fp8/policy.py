@@ -83,6 +83,11 @@ def convert(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS,
     return converted
 
 
+def fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The FP8 layers of `model`, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Conv))}
+
+
 def holds_fp8(module: nn.Module) -> bool:
     """Whether `convert` put FP8 layers into `module` (a UNet or the prior): the fused path, which
     reads layers' weights directly, then leaves it to the reference forward."""

@@ -23,14 +23,10 @@ from torch import nn
 from models.atomic_files import atomic_write
 from models.file_integrity import IntegrityError, sha256_json
 from models.fp8.e4m3 import E4M3_MAX
-from models.fp8.layers import Fp8Conv, Fp8Linear
+from models.fp8.policy import fp8_layers
 
 SCALES_FILE = "fp8_scales.safetensors"
 FORMAT = "unclip-rt fp8 input scales 1"
-
-
-def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear | Fp8Conv]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Conv))}
 
 
 @contextlib.contextmanager

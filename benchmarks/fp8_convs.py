@@ -1,0 +1,78 @@
+"""The UNets' 3×3 convolutions in fp16 (cuDNN) against the FP8 ways of `models.fp8.Fp8Conv`, one
+process, CUDA events, each replayed from a CUDA graph:
+
+    python benchmarks/fp8_convs.py [--out FILE.json]
+
+Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 channels-last
+(benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
+`torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone), the FP8 GEMM of the
+same size as the floor of that way, and the "readback" way. TFLOP/s counts 2·M·N·K of the
+convolution for every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.timing import graph_ms  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
+from models.fp8.e4m3 import quantize, tensor_scale  # noqa: E402
+from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
+
+SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
+
+
+def bench(batch: int, channels: int, size: int) -> dict:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.float16)
+    x = x.to(memory_format=torch.channels_last)
+    layer = Fp8Conv.from_float(conv).cuda()
+    layer.bias = layer.bias.half()
+    flop = 2 * batch * size * size * channels * channels * 9
+    scale = tensor_scale(x)
+    rows = _gathered_rows(quantize(x, scale), (3, 3))
+    weight = layer.tap_major_weight()
+    a_scale = scale.expand(rows.shape[0], 1).contiguous()
+    b_scale = layer.weight_scale.view(1, -1)
+    times = {
+        "cudnn_fp16": graph_ms(lambda: conv(x)),
+        "fp8_gemm_way": graph_ms(lambda: layer(x, "gemm")),
+        "fp8_quantise_and_gather": graph_ms(lambda: _gathered_rows(quantize(x, tensor_scale(x)), (3, 3))),
+        "fp8_gemm_alone": graph_ms(lambda: torch._scaled_mm(rows, weight.t(), scale_a=a_scale, scale_b=b_scale,
+                                                            out_dtype=torch.float16)),
+        "fp8_readback_way": graph_ms(lambda: layer(x, "readback")),
+    }
+    err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
+    out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9, "fp8_rel_error": err}
+    out |= {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
+    print(out["shape"], {k: f"{v['us']:.0f} µs ({v['tflops']:.0f} TFLOP/s)" for k, v in out.items()
+                         if isinstance(v, dict)}, f"rel error {err:.1e}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shapes": [bench(*s) for s in SHAPES]}
+    if args.out:
+        text = json.dumps(result, indent=1)
+        atomic_write(Path(args.out), lambda path: path.write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""FP8 on the GPU (`models.fp8`, `UnCLIP(precision="fp8")`): the linear layers through the FP8
+GEMM itself (`torch._scaled_mm`, not the read-back fallback) and the convolutions in both layouts
+against the product of their e4m3 operands; the pipeline's CUDA-graph replay against its eager run;
+and FP8 against fp16 on the default model (images) and at Karlo size (one forward per stage)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models.fp8 import layers as fp8_layers
+from models.fp8.e4m3 import quantize, tensor_scale
+from tests.gpu.common import rel
+from tests.metrics import psnr
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+PROMPTS = ["a red circle on a blue background", "a yellow star on a white background"]
+
+
+def _reference(layer, x):
+    scale = tensor_scale(x).double()
+    xr = quantize(x, scale.float()).double() * scale
+    view = (-1,) + (1,) * (layer.weight_q.dim() - 1)
+    w = layer.weight_q.double() * layer.weight_scale.double().view(view)
+    b = None if layer.bias is None else layer.bias.double()
+    if isinstance(layer, fp8_layers.Fp8Linear):
+        return nn.functional.linear(xr, w, b)
+    return nn.functional.conv2d(xr, w, b, layer.stride, layer.padding)
+
+
+def test_an_fp8_linear_runs_the_fp8_gemm_and_gives_the_product_of_its_operands():
+    torch.manual_seed(0)
+    layer = fp8_layers.Fp8Linear.from_float(nn.Linear(1024, 2048)).cuda().half()
+    x = torch.randn(2, 77, 1024, device="cuda", dtype=torch.float16)
+    got = layer(x)
+    assert fp8_layers._SCALED_MM_WORKS.get(("cuda", torch.float16)) is True  # the FP8 GEMM ran
+    assert rel(got, _reference(layer, x)) <= 2e-3  # fp16 output rounding
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_fp8_convolution_gives_the_product_of_its_operands(channels_last):
+    torch.manual_seed(0)
+    layer = fp8_layers.Fp8Conv.from_float(nn.Conv2d(320, 320, 3, padding=1)).cuda().half()
+    x = torch.randn(2, 320, 32, 32, device="cuda", dtype=torch.float16)
+    if channels_last:
+        layer.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    assert layer.gemm_shape()
+    got = layer(x)  # "auto": the FP8 GEMM over gathered neighbourhoods on CUDA
+    torch.testing.assert_close(got, layer(x, "gemm"), rtol=0, atol=0)
+    assert rel(got, _reference(layer, x)) <= 2e-3
+    assert rel(layer(x, "readback"), _reference(layer, x)) <= 2e-3
+
+
+def test_fp8_loops_replay_their_eager_run_and_stay_near_fp16(no_tf32):
+    from runtime import UnCLIP
+
+    kw = {"seed": 3, "output_type": "pt"}
+    fp16 = UnCLIP(device="cuda", dtype=torch.float16, progress=False).generate(PROMPTS, **kw).images
+    graphed = UnCLIP(device="cuda", dtype=torch.float16, progress=False, precision="fp8")
+    assert graphed.graphs is not None and graphed.fp8_scales.startswith("calibrated")
+    eager = UnCLIP(device="cuda", dtype=torch.float16, progress=False, precision="fp8", cuda_graphs=False)
+    a, b = graphed.generate(PROMPTS, **kw).images, eager.generate(PROMPTS, **kw).images
+    again = graphed.generate(PROMPTS, **kw).images
+    assert torch.equal(a, again)  # a replay repeats itself
+    replay = [psnr(x, y) for x, y in zip(a, b, strict=True)]
+    against_fp16 = [psnr(x, y) for x, y in zip(a, fp16, strict=True)]
+    print("FP8 replay against eager FP8, PSNR:", [round(v, 1) for v in replay])
+    print("FP8 (calibrated) against fp16, PSNR:", [round(v, 1) for v in against_fp16])
+    assert min(replay) >= 40
+    assert min(against_fp16) >= 20
+
+
+def test_fp8_stages_at_karlo_size_against_fp16():
+    from export.build_engines import random_model
+    from models import fp8
+    from runtime.backends.signatures import signatures, stage_module
+
+    model = random_model("karlo", device="cuda").half()
+    sigs = signatures(model.cfg)
+    errors = {}
+    for stage, batch in (("decoder_step", 2), ("super_res_first", 1)):
+        module = stage_module(model, stage)
+        inputs = sigs[stage].sample_inputs(batch, torch.float16, "cuda", torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = module(*inputs.values())[0].float()
+            converted = copy.deepcopy(model)
+            fp8.convert(converted)
+            got = stage_module(converted, stage)(*inputs.values())[0].float()
+        errors[stage] = float((got - ref).norm() / ref.norm())
+        del converted
+    print("FP8 against fp16 at Karlo size, relative error:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert all(e < 0.15 for e in errors.values()), errors  # CPU, fp32 reference: 9.4e-2 and 1.1e-1
