@@ -5,9 +5,10 @@ process, CUDA events, each replayed from a CUDA graph:
 
 Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 channels-last
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
-`torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone), the FP8 GEMM of the
-same size as the floor of that way, and the "readback" way. TFLOP/s counts 2·M·N·K of the
-convolution for every column.
+`torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone, the floor of that
+way), the "readback" way, and the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3
+operands (the "implicit" way) and with fp16 operands (against cuDNN: issue #33's first part).
+TFLOP/s counts 2·M·N·K of the convolution for every column.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from benchmarks.timing import graph_ms  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
 from models.fp8.e4m3 import quantize, tensor_scale  # noqa: E402
+from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # noqa: E402
 from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
 
 SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
@@ -39,6 +41,10 @@ def bench(batch: int, channels: int, size: int) -> dict:
     x = x.to(memory_format=torch.channels_last)
     layer = Fp8Conv.from_float(conv).cuda()
     layer.bias = layer.bias.half()
+    weight_fp16, bias = tap_major(conv.weight.detach()), conv.bias.detach()
+    for way in ("gemm", "implicit"):  # autotuning and first-use layouts before any capture
+        layer(x, way)
+    conv2d_nhwc(x, weight_fp16, 3, bias, out_dtype=torch.float16)
     flop = 2 * batch * size * size * channels * channels * 9
     scale = tensor_scale(x)
     rows = _gathered_rows(quantize(x, scale), (3, 3))
@@ -52,6 +58,8 @@ def bench(batch: int, channels: int, size: int) -> dict:
         "fp8_gemm_alone": graph_ms(lambda: torch._scaled_mm(rows, weight.t(), scale_a=a_scale, scale_b=b_scale,
                                                             out_dtype=torch.float16)),
         "fp8_readback_way": graph_ms(lambda: layer(x, "readback")),
+        "fp8_implicit_gemm": graph_ms(lambda: layer(x, "implicit")),
+        "fp16_implicit_gemm": graph_ms(lambda: conv2d_nhwc(x, weight_fp16, 3, bias, out_dtype=torch.float16)),
     }
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
     out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9, "fp8_rel_error": err}

@@ -14,6 +14,8 @@
    (batch 2), the decoder step (batch 2) and the first super-resolution stage (batch 1) with all
    their layers in FP8 against the same forward in the reference dtype: relative error
    (‖FP8 − ref‖ / ‖ref‖).
+4. `--perturbation`: how an FP8 network carries a change of 1e-7 in its input, layer by layer
+   (the default model's decoder step), against the same change in the reference dtype.
 On a GPU `--reference-dtype float16` compares with the fp16 pipeline; the CPU reference is fp32.
 Writes JSON atomically.
 """
@@ -132,6 +134,43 @@ def karlo_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     return out
 
 
+def perturbation(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 4: how an FP8 network carries a tiny change. The default model's decoder step on
+    random inputs of its signature, and again with its image input multiplied by (1 + 1e-7·N(0, 1)):
+    the output's relative change in `dtype` and in FP8, and in FP8 every FP8 layer's input and
+    output change in order."""
+    from runtime.backends.signatures import signatures, stage_module
+
+    model = load_folder(args.model).to(device=args.device, dtype=dtype).eval()
+    converted = copy.deepcopy(model)
+    fp8.convert(converted)
+    sig = signatures(model.cfg)["decoder_step"]
+    inputs = list(sig.sample_inputs(2, dtype, args.device, torch.Generator().manual_seed(1)).values())
+    noise = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(2)).to(inputs[0])
+    nudged = [inputs[0] * (1 + 1e-7 * noise), *inputs[1:]]
+    trace: list[list] = [[], []]
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: trace[run].append((n, i[0].float(), o.float())))
+             for n, m in fp8.fp8_layers(converted).items()]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.no_grad():
+        plain = [stage_module(model, "decoder_step")(*x)[0] for x in (inputs, nudged)]
+        run = 0
+        first = stage_module(converted, "decoder_step")(*inputs)[0]
+        run = 1
+        second = stage_module(converted, "decoder_step")(*nudged)[0]
+    for h in hooks:
+        h.remove()
+    layers = [{"layer": n, "input_change": rel(i1, i0), "output_change": rel(o1, o0)}
+              for (n, i0, o0), (_, i1, o1) in zip(trace[0], trace[1], strict=True)]
+    out = {"input_change": 1e-7, "reference_output_change": rel(plain[1], plain[0]),
+           "fp8_output_change": rel(second, first), "fp8_vs_reference": rel(first, plain[0]), "layers": layers}
+    print("decoder step, input × (1 + 1e-7·N):", {k: f"{v:.1e}" for k, v in out.items() if k != "layers"}, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -141,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--karlo-stages", action="store_true")
     p.add_argument("--skip-held-out", action="store_true")
+    p.add_argument("--perturbation", action="store_true", help="part 4 (module docstring)")
+    p.add_argument("--update", action="store_true", help="keep the other parts of an existing --out file")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dtype = DTYPES[args.reference_dtype]
@@ -150,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     parts = [] if args.skip_held_out else [("held_out", held_out), ("by_group", by_group)]
     parts += [("karlo_stages", karlo_stages)] if args.karlo_stages else []
+    parts += [("perturbation", perturbation)] if args.perturbation else []
+    if args.update and args.out and Path(args.out).is_file():
+        result = json.loads(Path(args.out).read_text()) | result
     for key, part in parts:
         result[key] = part(args, dtype)
         if args.out:  # after every part: a later part that fails leaves the earlier ones written

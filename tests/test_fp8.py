@@ -158,6 +158,27 @@ def test_fp8_generation_stays_near_fp32_and_is_not_fp32(default_model):
     torch.testing.assert_close(out.image_embeds, ref.image_embeds, rtol=0, atol=0)
 
 
+def test_the_gemm_way_through_whole_unets_gives_the_read_back_images(default_model, monkeypatch):
+    """What CUDA runs (every fitting convolution as the FP8 GEMM, channels-last UNets) against the
+    read-back convolutions, on the CPU. Layer by layer they agree to fp32 rounding (the tests
+    above), but an FP8 network turns any rounding difference into other e4m3 roundings
+    downstream (a 1e-7 change of a decoder step's input moves its FP8 output by 8.7e-2, its
+    fp32 output by 8e-7; docs/fp8.md), so whole images agree as two FP8 runs do; a layout or
+    gather error would give unrelated images (below 15 dB)."""
+    from models.fp8 import layers
+
+    kw = {"seed": 4, "decoder_steps": 8, "super_res_steps": 3, "output_type": "pt"}
+    pipe = UnCLIP(copy.deepcopy(default_model), device="cpu", progress=False, precision="fp8", channels_last=True)
+    convs = [m for m in pipe.model.modules() if isinstance(m, Fp8Conv)]
+    assert sum(m.gemm_shape() for m in convs) > len(convs) // 2
+    want = pipe.generate(PROMPTS, **kw).images
+    monkeypatch.setattr(layers, "CONV_PATH", "gemm")
+    got = pipe.generate(PROMPTS, **kw).images
+    values = [psnr(a, b) for a, b in zip(want, got, strict=True)]
+    print("FP8 GEMM way against read-back, whole pipeline, PSNR:", [round(v, 1) for v in values])
+    assert min(values) >= 25
+
+
 def test_the_scales_file_round_trips_and_is_refused_for_other_weights_or_edits(default_model, tmp_path):
     model = copy.deepcopy(default_model)
     names = fp8.fp8_layer_names(model)
@@ -251,3 +272,39 @@ def test_the_command_line_generates_in_fp8_and_names_its_flags_in_errors(tmp_pat
     assert Image.open(out).size == (256, 256)
     assert main(["a red circle", "--fp8-scales", "dynamic", "-o", str(tmp_path / "x.png")]) == 2
     assert "--fp8-scales is for" in capsys.readouterr().err
+
+
+IMPLICIT_CHECK = """
+import torch
+from torch import nn
+from models.fp8.layers import Fp8Conv
+from models.fp8.implicit_gemm import conv2d_nhwc, tap_major
+torch.manual_seed(0)
+for kernel, padding in ((3, 1), (1, 0)):
+    layer = Fp8Conv.from_float(nn.Conv2d(48, 32, kernel, padding=padding))
+    x = torch.randn(2, 48, 7, 9).to(memory_format=torch.channels_last)
+    want, got = layer(x, "readback"), layer(x, "implicit")
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    w = torch.randn(32, 48, kernel, kernel).half()
+    half = conv2d_nhwc(x.half(), tap_major(w), kernel, out_dtype=torch.float32, tuned=False)
+    torch.testing.assert_close(half, nn.functional.conv2d(x.half().float(), w.float(), padding=padding),
+                               rtol=1e-4, atol=1e-3)
+print("ok")
+"""
+
+
+def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp16():
+    """The Triton kernel (`models.fp8.implicit_gemm`) in Triton's interpreter on the CPU: e4m3
+    operands with their scales against the read-back convolution, fp16 operands against torch's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", IMPLICIT_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

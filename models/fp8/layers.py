@@ -9,9 +9,13 @@ applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM 
   and multiplied with `torch._scaled_mm`, the weight laid out tap-major to match. The gather
   writes 9 bytes per input byte, which an implicit-GEMM kernel would not, but in e4m3 that is
   less than the fp16 convolution reads, and the product runs at the FP8 GEMM rate.
+- "implicit" (the same shapes): the implicit-GEMM Triton kernel of `models.fp8.implicit_gemm`,
+  which reads the neighbourhoods straight from the input instead of gathering them.
 - "readback": both operands read back in the input's dtype and convolved with torch's
   convolution (any shape; in fp32 the same products as the FP8 GEMM).
-`CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback".
+`CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback";
+"gemm" or "implicit" is that way wherever the shape allows, on any device (the CPU tests run them
+so; "implicit" on a CPU needs `TRITON_INTERPRET=1`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class _Fp8Layer(nn.Module):
         self.calibrated = False  # host-side copy of `input_scale`'s state: no device read per call
         self.observed_amax: torch.Tensor | None = None  # while calibrating: the largest |input| seen
         self.observing = False
-        self._read: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # the weight read back, per dtype
+        self._read: dict[tuple, torch.Tensor] = {}  # the weight read back (per dtype) or laid out for a GEMM
 
     def _apply(self, fn, recurse=True):
         # a dtype conversion of the model (`.half()`, `.to(dtype)`) must leave the e4m3 weight and
@@ -120,7 +124,7 @@ class Fp8Linear(_Fp8Layer):
         return _gemm(self, x, self.weight_q)
 
 
-CONV_PATH = "auto"  # "auto", "gemm" or "readback" (module docstring)
+CONV_PATH = "auto"  # "auto", "gemm", "implicit" or "readback" (module docstring)
 
 
 def _gathered_rows(q: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
@@ -170,22 +174,32 @@ class Fp8Conv(_Fp8Layer):
         return self._read[key]
 
     def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        path = path or CONV_PATH
-        if path == "auto":
-            path = "gemm" if x.is_cuda and x.dim() == 4 and self.gemm_shape() else "readback"
-        if path == "gemm":
-            return self._gemm_forward(x)
+        """`path`: "gemm", "implicit" or "readback" for this call (strict); None: `CONV_PATH`, where
+        "gemm", "implicit" and "auto" (on CUDA: "gemm") mean that way wherever the shape allows."""
+        if path is None:
+            wanted = "gemm" if CONV_PATH == "auto" and x.is_cuda else CONV_PATH
+            path = wanted if wanted in ("gemm", "implicit") and x.dim() == 4 and self.gemm_shape() else "readback"
+        if path in ("gemm", "implicit"):
+            return self._gemm_forward(x, implicit=path == "implicit")
         q, scale = self._input(x)
         conv = F.conv2d if self.weight_q.dim() == 4 else F.conv1d
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return conv(dequantize(q, scale, x.dtype), self.dequantized_weight(x.dtype), bias, self.stride,
                     self.padding, self.dilation, self.groups)
 
-    def _gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _gemm_forward(self, x: torch.Tensor, implicit: bool = False) -> torch.Tensor:
         if not self.gemm_shape():
             raise ValueError(f"the FP8 GEMM way takes 1×1 and padded 3×3 stride-1 2-D convolutions, not "
                              f"{tuple(self.weight_q.shape)} stride {self.stride} padding {self.padding}")
         q, scale = self._input(x)
+        if implicit:
+            from models.fp8.implicit_gemm import conv2d_nhwc  # Triton: imported where it runs
+
+            key = (E4M3, self.weight_q.device, "kn")
+            if key not in self._read:
+                self._read[key] = self.tap_major_weight().t().contiguous()
+            return conv2d_nhwc(q, self._read[key], self.weight_q.shape[2], self.bias, a_scale=scale,
+                               b_scale=self.weight_scale, out_dtype=x.dtype, tuned=x.is_cuda)
         b, _, h, w = x.shape
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
         n = self.weight_q.shape[0]

@@ -1,0 +1,119 @@
+"""A convolution as an implicit GEMM in Triton: channels-last input, 1×1 or 3×3 (padding 1,
+stride 1) kernels, e4m3 or fp16 operands, fp32 accumulation.
+
+Rows are output pixels, columns output channels, and the reduction runs over the kernel's taps
+and the input channels (tap-major, the weight laid out [taps·C, N] to match): each step loads a
+tile of input pixels shifted by one tap straight from the NHWC tensor, masked at the borders
+(the zero padding), so no gathered copy of the input is ever written. The epilogue applies the
+scales (e4m3: the input's per-tensor scale times the weight's per-output-channel scale) and the
+bias, and stores NHWC in the output dtype.
+
+`models.fp8.layers.Fp8Conv` runs e4m3 convolutions through it where `CONV_PATH` says
+"implicit"; `benchmarks/fp8_convs.py` times it, in both operand types, against cuDNN's fp16
+convolution. Under `TRITON_INTERPRET=1` it runs on the CPU (how CI checks it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H, W, C, N,
+                 KS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped launch order: neighbouring programs share weight columns in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = H * W
+    image = offs_m // hw
+    y = (offs_m % hw) // W
+    x = offs_m % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KS * KS):
+        yy = y + (tap // KS - KS // 2)
+        xx = x + (tap % KS - KS // 2)
+        inside = (offs_m < M) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        base = ((image * H + yy) * W + xx).to(tl.int64) * C
+        for c0 in range(0, C, BLOCK_K):
+            offs_k = c0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + base[:, None] + offs_k[None, :],
+                        mask=inside[:, None] & (offs_k[None, :] < C), other=0.0)
+            rows = (tap * C + offs_k).to(tl.int64)
+            b = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(offs_k[:, None] < C) & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc)
+    if SCALED:
+        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc * tl.load(a_scale_ptr) * b_scale[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED"])(_conv_kernel)
+
+
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight [N, C, k, k] laid out [k·k·C, N] (tap-major rows, output channels contiguous)."""
+    n = weight.shape[0]
+    raw = weight.view(torch.uint8) if weight.element_size() == 1 else weight
+    laid = raw.permute(2, 3, 1, 0).contiguous()  # [k, k, C, N]
+    return (laid.view(weight.dtype) if weight.element_size() == 1 else laid).reshape(-1, n)
+
+
+def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: torch.Tensor | None = None,
+                a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float16, tuned: bool = True,
+                block: tuple[int, int, int] = (32, 32, 32)) -> torch.Tensor:
+    """The stride-1 convolution of `x` [B, C, H, W] (channels-last memory; e4m3 or fp16) with the
+    tap-major weight `weight_kn` [kernel²·C, N] (`tap_major`), padding kernel // 2: out [B, N, H, W]
+    in `out_dtype`, channels-last. With `a_scale` (a 0-d fp32 tensor) and `b_scale` ([N] fp32) the
+    products are scaled by both, as e4m3 operands need. `tuned` picks the tile by autotuning on
+    first use per shape (on a GPU); else `block` (BLOCK_M, BLOCK_N, BLOCK_K), as the CPU checks use."""
+    if kernel not in (1, 3):
+        raise ValueError(f"kernel must be 1 or 3, got {kernel}")
+    b, c, h, w = x.shape
+    n = weight_kn.shape[1]
+    if weight_kn.shape[0] != kernel * kernel * c:
+        raise ValueError(f"weight rows {weight_kn.shape[0]} ≠ kernel² · channels {kernel * kernel * c}")
+    if (a_scale is None) != (b_scale is None):
+        raise ValueError("a_scale and b_scale go together")
+    nhwc = x.permute(0, 2, 3, 1)
+    if not nhwc.is_contiguous():
+        nhwc = nhwc.contiguous()
+    m = b * h * w
+    out = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    dummy = out  # unused pointer arguments (their branch is compiled out)
+    args = (nhwc, weight_kn.contiguous(), out, bias if bias is not None else dummy,
+            a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy, m, h, w, c, n)
+    flags = {"KS": kernel, "HAS_BIAS": bias is not None, "SCALED": a_scale is not None}
+    if tuned:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _tuned[grid](*args, **flags)
+    else:
+        bm, bn, bk = block
+        _conv_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn,
+                                                                BLOCK_K=bk, GROUP_M=4)
+    return out.view(b, h, w, n).permute(0, 3, 1, 2)
