@@ -115,6 +115,26 @@ def test_the_gemm_way_of_a_convolution_gives_the_read_back_way(kernel, padding):
         odd(x, "gemm")
 
 
+def test_without_a_row_wise_scaled_gemm_the_layers_read_their_operands_back(monkeypatch, caplog):
+    from models.fp8 import layers
+
+    torch.manual_seed(0)
+    linear = Fp8Linear.from_float(nn.Linear(64, 48))
+    conv = Fp8Conv.from_float(nn.Conv2d(32, 48, 3, padding=1))
+    x, img = torch.randn(5, 64), torch.randn(2, 32, 6, 6)
+    want_linear, want_conv = linear(x), conv(img, "readback")
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("scaled_mm: row-wise scaling is not supported for this output type")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing)
+    monkeypatch.setattr(layers, "_SCALED_MM_WORKS", {})
+    torch.testing.assert_close(linear(x), want_linear, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv(img, "gemm"), want_conv, rtol=0, atol=0)
+    assert layers._SCALED_MM_WORKS == {("cpu", torch.float32): False}
+    assert sum("unavailable" in r.message for r in caplog.records) == 1  # said once
+
+
 def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
     layer = Fp8Linear.from_float(nn.Linear(32, 16))
     layer.half()

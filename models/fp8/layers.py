@@ -90,6 +90,26 @@ class _Fp8Layer(nn.Module):
         return self.weight_q.shape[0]
 
 
+def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+                 x: torch.Tensor) -> torch.Tensor | None:
+    """e4m3 `rows` [M, K] times e4m3 `weight_q` [N, K] transposed, scaled per row by `scale` and per
+    column by `weight_scale`, in x's dtype, through `torch._scaled_mm`; None where this build or
+    device lacks the row-wise scaled GEMM for that dtype (found once, with a warning)."""
+    key = (x.device.type, x.dtype)
+    if not _SCALED_MM_WORKS.get(key, True):
+        return None
+    try:
+        out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
+                               scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
+    except RuntimeError as exc:
+        _SCALED_MM_WORKS[key] = False
+        log.warning("torch._scaled_mm (row-wise scales, %s out) unavailable on %s: %s; FP8 layers read their "
+                    "operands back instead", x.dtype, x.device, str(exc).splitlines()[0] if str(exc) else exc)
+        return None
+    _SCALED_MM_WORKS[key] = True
+    return out
+
+
 def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
     """`x [..., K]` through `layer`'s e4m3 weight `weight_q [N, K]` (its bias added) in x's dtype:
     `torch._scaled_mm` where K and N are multiples of 16, else the operands read back."""
@@ -97,14 +117,8 @@ def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Te
     rows = q.reshape(-1, q.shape[-1])
     n, k = weight_q.shape
     out = None
-    if k % _GEMM_MULTIPLE == 0 and n % _GEMM_MULTIPLE == 0 and _SCALED_MM_WORKS.get((x.device.type, x.dtype), True):
-        try:
-            out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
-                                   scale_b=layer.weight_scale.view(1, n), out_dtype=x.dtype)
-        except RuntimeError as exc:  # this build or GPU lacks the row-wise scaled GEMM for this dtype
-            _SCALED_MM_WORKS[(x.device.type, x.dtype)] = False
-            log.warning("torch._scaled_mm (row-wise scales, %s out) unavailable on %s: %s; FP8 linears read their "
-                        "operands back instead", x.dtype, x.device, str(exc).splitlines()[0] if str(exc) else exc)
+    if k % _GEMM_MULTIPLE == 0 and n % _GEMM_MULTIPLE == 0:
+        out = _scaled_rows(rows, weight_q, scale, layer.weight_scale, x)
     if out is None:
         weight = layer.dequantized_weight(x.dtype).reshape(n, k)
         out = F.linear(dequantize(rows, scale, x.dtype), weight)
@@ -203,8 +217,9 @@ class Fp8Conv(_Fp8Layer):
         b, _, h, w = x.shape
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
         n = self.weight_q.shape[0]
-        out = torch._scaled_mm(rows, self.tap_major_weight().t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
-                               scale_b=self.weight_scale.view(1, n), out_dtype=x.dtype)
+        out = _scaled_rows(rows, self.tap_major_weight(), scale, self.weight_scale, x)
+        if out is None:  # no row-wise scaled GEMM here: the read-back convolution
+            return self.forward(x, "readback")
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(b, h, w, n).permute(0, 3, 1, 2)  # channels-last memory
