@@ -13,7 +13,7 @@
 3. `--karlo-stages`: Karlo's architecture with random weights, one forward of the prior step
    (batch 2), the decoder step (batch 2) and the first super-resolution stage (batch 1) with all
    their layers in FP8 against the same forward in the reference dtype: relative error
-   (‖FP8 − ref‖ / ‖ref‖).
+   (‖FP8 − ref‖ / ‖ref‖); and the same on the default model's trained weights.
 4. `--perturbation`: how an FP8 network carries a change of 1e-7 in its input, layer by layer
    (the default model's decoder step), against the same change in the reference dtype.
 On a GPU `--reference-dtype float16` compares with the fp16 pipeline; the CPU reference is fp32.
@@ -134,6 +134,28 @@ def karlo_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     return out
 
 
+def default_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 3b: the same per-stage error on the shipped default model's trained weights (the 256 →
+    1024 stage at 4 tiles)."""
+    from runtime.backends.signatures import signatures, stage_module
+
+    model = load_folder(args.model).to(device=args.device, dtype=dtype).eval()
+    converted = copy.deepcopy(model)
+    fp8.convert(converted, groups=GROUPS)
+    sigs = signatures(model.cfg)
+    out = {}
+    for stage, batch in (("prior_step", 2), ("decoder_step", 2), ("super_res_first", 1), ("super_res_2_first", 4)):
+        if stage not in sigs:
+            continue
+        inputs = list(sigs[stage].sample_inputs(batch, dtype, args.device, torch.Generator().manual_seed(1)).values())
+        with torch.no_grad():
+            ref = stage_module(model, stage)(*inputs)[0].float()
+            got = stage_module(converted, stage)(*inputs)[0].float()
+        out[stage] = {"batch": batch, "rel_error": float((got - ref).norm() / ref.norm())}
+    print("default model stages:", {k: f"{v['rel_error']:.1e}" for k, v in out.items()}, flush=True)
+    return out
+
+
 def perturbation(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """Part 4: how an FP8 network carries a tiny change. The default model's decoder step on
     random inputs of its signature, and again with its image input multiplied by (1 + 1e-7·N(0, 1)):
@@ -191,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     parts = [] if args.skip_held_out else [("held_out", held_out), ("by_group", by_group)]
     parts += [("karlo_stages", karlo_stages)] if args.karlo_stages else []
+    parts += [("default_stages", default_stages)] if args.karlo_stages else []
     parts += [("perturbation", perturbation)] if args.perturbation else []
     if args.update and args.out and Path(args.out).is_file():
         result = json.loads(Path(args.out).read_text()) | result
