@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
-    p.add_argument("--precision", nargs="+", choices=["fp16", "fp8"], default=["fp16"],
-                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), dynamic activation scales)")
+    p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-super-res"], default=["fp16"],
+                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), decoder and super-res, dynamic "
+                        "activation scales; fp8-super-res: the super-res chain only)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
@@ -114,12 +115,14 @@ def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
     return list(sig.sample_inputs(batch, torch.float16, "cuda", torch.Generator().manual_seed(0)).values())
 
 
-def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, precision: str | None = None) -> dict:
+def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, precision: str | None = None,
+               fp8_networks: list[str] | None = None) -> dict:
     from runtime import UnCLIP
     from runtime.sampling.update import implementation
 
+    fp8 = {"fp8_scales": "dynamic", "fp8_networks": fp8_networks} if precision == "fp8" else {}
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs,
-                  precision=precision, **({"fp8_scales": "dynamic"} if precision == "fp8" else {}))
+                  precision=precision, **fp8)
     tensors = [*pipe.model.parameters(), *pipe.model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {},
@@ -380,7 +383,8 @@ def table(results: dict) -> str:
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
-                           ("ours_fp8", "unclip-rt FP8 (UNets; emulated convs)"),
+                           ("ours_fp8", "unclip-rt FP8 (decoder + super-res)"),
+                           ("ours_fp8_sr", "unclip-rt FP8 (super-res only)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -417,18 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     peer, model = build(args)
     results["super_res_stages"] = [super_res_stages(model.cfg, i)[0] for i in range(len(model.cfg.super_res))]
     results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops(),
-                                  fp8_matmul_peak_tflops() if "fp8" in args.precision else None)
+                                  fp8_matmul_peak_tflops() if set(args.precision) - {"fp16"} else None)
     results["ours"] = bench_ours(model, args, graphs=True)
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
-    if "fp8" in args.precision:
+    for variant, key, networks in (("fp8", "ours_fp8", None), ("fp8-super-res", "ours_fp8_sr", ["super_res"])):
+        if variant not in args.precision:
+            continue
         try:
-            results["ours_fp8"] = bench_ours(model, args, graphs=True, precision="fp8")
-            results["ours_fp8"].pop("cache_savings", None)
+            results[key] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks)
+            results[key].pop("cache_savings", None)
         except Exception as exc:  # reported, not fatal to the other systems
-            results["ours_fp8"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print("FP8:", results["ours_fp8"]["error"], flush=True)
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{variant}:", results[key]["error"], flush=True)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")

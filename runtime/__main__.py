@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8-scales", default=None,
                    help="--precision fp8: 'dynamic' (each input's own), or a scales file (default: the model "
                         "folder's fp8_scales.safetensors where it has one, else dynamic)")
+    p.add_argument("--fp8-networks", nargs="+", choices=("decoder", "super_res", "prior"), default=None,
+                   help="--precision fp8: which networks (default: decoder super_res)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype),
               "prior_dtype": DTYPES.get(args.prior_dtype), "progress": not args.no_progress,
               "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior,
-              "precision": args.precision, "fp8_scales": args.fp8_scales}
+              "precision": args.precision, "fp8_scales": args.fp8_scales, "fp8_networks": args.fp8_networks}
     try:
         if args.karlo:
             pipe = UnCLIP.from_karlo(args.karlo, trust_pickle=args.trust_pickle, **common)

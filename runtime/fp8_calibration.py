@@ -57,13 +57,14 @@ def calibrate(pipe: UnCLIP, prompts: list[str], seed: int = 0, batch: int = 8, f
 
 
 def calibrate_folder(folder: Path, prompts: list[str], device: str | None = None, seed: int = 0,
-                     batch: int = 8) -> Path:
-    """Calibrate the model of `folder` and write `folder/fp8_scales.safetensors`, adding it to the
-    folder's checksums."""
+                     batch: int = 8, networks: list[str] | None = None) -> Path:
+    """Calibrate the model of `folder` (its FP8 `networks`, default decoder and super-res) and
+    write `folder/fp8_scales.safetensors`, adding it to the folder's checksums."""
     model = load_folder(folder)
-    pipe = UnCLIP(model, device=device, progress=False, precision="fp8", fp8_scales="dynamic")
+    pipe = UnCLIP(model, device=device, progress=False, precision="fp8", fp8_scales="dynamic",
+                  fp8_networks=networks)
     scales = calibrate(pipe, prompts, seed, batch)
-    note = json.dumps({"prompts": prompts, "seed": seed, "device": str(pipe.device),
+    note = json.dumps({"prompts": prompts, "seed": seed, "device": str(pipe.device), "networks": networks,
                        "dtype": str(pipe.dtype).removeprefix("torch.")})
     path = folder / SCALES_FILE
     save_scales(path, scales, weights_sha256(model), note)
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--networks", nargs="+", choices=("decoder", "super_res", "prior"), default=None,
+                   help="the FP8 networks to calibrate (default: decoder super_res, as UnCLIP converts)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prompts = list(GENERIC_PROMPTS)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --prompts: {exc}", file=sys.stderr)
             return 2
     try:
-        path = calibrate_folder(Path(args.model), prompts, args.device, args.seed, args.batch)
+        path = calibrate_folder(Path(args.model), prompts, args.device, args.seed, args.batch, args.networks)
     except (ValueError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -99,6 +99,7 @@ class UnCLIP(ImageTools):
         prior_dtype: torch.dtype | None = None,
         precision: str | None = None,
         fp8_scales: str | Path | None = None,
+        fp8_networks: Sequence[str] | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -144,6 +145,8 @@ class UnCLIP(ImageTools):
             from the model folder's `fp8_scales.safetensors` where it has one (the default model
             does; `python -m runtime.fp8_calibration` writes it), else each input's own;
             "dynamic" — each input's own; or the path of a scales file for these weights.
+        :param fp8_networks: which networks `precision="fp8"` converts, of "decoder", "super_res"
+            and "prior" (None: decoder and super-res; docs/fp8.md measures each).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -151,8 +154,12 @@ class UnCLIP(ImageTools):
             raise TypeError(f"fused must be a models.fused.FusedOptions or None, got {type(fused).__name__}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision is None and fp8_scales is not None:
-            raise ValueError("fp8_scales is for precision='fp8'")
+        given = [name for name, value in (("fp8_scales", fp8_scales), ("fp8_networks", fp8_networks))
+                 if value is not None]
+        if precision is None and given:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for precision='fp8'")
+        if fp8_networks is not None:
+            fp8_networks = fp8.check_groups(fp8_networks)
         if model is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise FileNotFoundError(NO_DEFAULT_MODEL)
@@ -193,7 +200,8 @@ class UnCLIP(ImageTools):
             self.model: UnCLIPModel | None = _converted(model, self.device, self.dtype, self.prior_dtype)
             self.precision, self.fp8_scales = precision, None
             if precision == "fp8":
-                self.model, self.fp8_scales = _fp8_model(self.model, model, model_folder, fp8_scales)
+                self.model, self.fp8_scales = _fp8_model(self.model, model, model_folder, fp8_scales,
+                                                          fp8_networks or fp8.DEFAULT_GROUPS)
             if channels_last is None:
                 channels_last = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
                                  and cpp_ext.kernels is not None)
@@ -559,7 +567,7 @@ PRECISIONS = (None, "fp8")
 
 
 def _fp8_model(converted: UnCLIPModel, original: UnCLIPModel, folder: Path | None,
-               scales: str | Path | None) -> tuple[UnCLIPModel, str]:
+               scales: str | Path | None, groups: tuple[str, ...]) -> tuple[UnCLIPModel, str]:
     """`converted` (or a copy, if it is the caller's model) with its FP8 layers
     (`models.fp8.policy.convert`), and where its activation scales come from."""
     from models.checkpoint import weights_sha256
@@ -579,9 +587,9 @@ def _fp8_model(converted: UnCLIPModel, original: UnCLIPModel, folder: Path | Non
                                     "(write one with python -m runtime.fp8_calibration)")
     input_scales = None
     if path is not None:
-        input_scales = load_scales(path, weights_sha256(original), fp8.fp8_layer_names(converted))
+        input_scales = load_scales(path, weights_sha256(original), fp8.fp8_layer_names(converted, groups))
     model = copy.deepcopy(converted) if converted is original else converted
-    fp8.convert(model, input_scales=input_scales)
+    fp8.convert(model, groups, input_scales=input_scales)
     return model, f"calibrated ({path})" if path is not None else "dynamic"
 
 

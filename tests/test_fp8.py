@@ -161,7 +161,7 @@ def test_the_policy_converts_the_large_maps_and_keeps_each_unets_first_and_last_
     assert fp8.holds_fp8(model.decoder.unet) and not fp8.holds_fp8(model.prior)
     # what is not converted is untouched
     assert torch.equal(model.decoder.unet.out[2].weight, reference.decoder.unet.out[2].weight)
-    with pytest.raises(ValueError, match="unknown FP8 group"):
+    with pytest.raises(ValueError, match="unknown FP8 network"):
         fp8.convert(model, groups=("clip",))
 
 
@@ -266,6 +266,17 @@ def test_precision_arguments_are_checked(default_model, tmp_path):
         UnCLIP(default_model, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="fp8_scales is for precision='fp8'"):
         UnCLIP(default_model, device="cpu", fp8_scales="dynamic")
+    with pytest.raises(ValueError, match="unknown FP8 network"):
+        UnCLIP(default_model, device="cpu", precision="fp8", fp8_networks=["unet"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        UnCLIP(default_model, device="cpu", precision="fp8", fp8_networks="decoder")
+    # the shipped scales cover the default networks only: the prior needs its own calibration
+    with pytest.raises(IntegrityError, match="no scale for 16"):
+        UnCLIP(default_model, device="cpu", precision="fp8", fp8_networks=["prior", "decoder"],
+               fp8_scales=DEFAULT_MODEL / SCALES_FILE)
+    only_sr = UnCLIP(default_model, device="cpu", progress=False, precision="fp8", fp8_networks=["super_res"],
+                     fp8_scales=DEFAULT_MODEL / SCALES_FILE)
+    assert not fp8.holds_fp8(only_sr.model.decoder.unet) and fp8.holds_fp8(only_sr.model.super_res[0].first_steps)
     with pytest.raises(ValueError, match="leave engine_dir unset"):
         UnCLIP(default_model, device="cpu", precision="fp8", engine_dir=tmp_path)
     with pytest.raises(ValueError, match="leave engine_dir unset"):

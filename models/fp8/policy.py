@@ -26,12 +26,20 @@ _UNET_KEPT = ("input_blocks.0.0", "out.2")  # a UNet's first and last convolutio
 _MARK = "_holds_fp8"
 
 
+def check_groups(groups) -> tuple[str, ...]:
+    """`groups` as a tuple of known group names (a `ValueError` naming the unknown ones)."""
+    if isinstance(groups, str) or not all(isinstance(g, str) for g in groups) or not groups:
+        raise ValueError(f"FP8 networks must be a non-empty list of {', '.join(GROUPS)}, got {groups!r}")
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown FP8 network(s) {unknown}; choose from {', '.join(GROUPS)}")
+    return tuple(dict.fromkeys(groups))
+
+
 def _roots(model: nn.Module, groups: tuple[str, ...]) -> dict[str, nn.Module]:
     """The converted networks by qualified name: UNets and the prior's block stack."""
     roots: dict[str, nn.Module] = {}
-    unknown = sorted(set(groups) - set(GROUPS))
-    if unknown:
-        raise ValueError(f"unknown FP8 group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    groups = check_groups(groups)
     if "prior" in groups:
         roots["prior.transformer"] = model.prior.transformer
     if "decoder" in groups:

@@ -15,7 +15,8 @@ FLAG_NAMES = {"num_images_per_prompt": "--num-images", "prior_steps": "--prior-s
               "decoder_steps": "--decoder-steps", "super_res_steps": "--super-res-steps",
               "prior_guidance_scale": "--prior-guidance-scale", "decoder_guidance_scale": "--decoder-guidance-scale",
               "similarity_quantiles": "--similarity", "top_k": "--top-k", "top_p": "--top-p",
-              "temperature": "--temperature", "fp8_scales": "--fp8-scales", "precision": "--precision"}
+              "temperature": "--temperature", "fp8_scales": "--fp8-scales", "precision": "--precision",
+              "fp8_networks": "--fp8-networks"}
 
 
 def as_cli_message(exc: BaseException) -> str:
