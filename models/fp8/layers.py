@@ -6,9 +6,9 @@ applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM 
 `Fp8Conv` has two ways to compute, with the same quantisation (torch has no FP8 convolution):
 - "gemm" (2-D 1×1 and 3×3 stride-1 convolutions): the e4m3 input gathered into its 3×3
   neighbourhoods (one row of 9·C bytes per output pixel, channels last; a 1×1 needs no gather)
-  and multiplied with `torch._scaled_mm`, the weight laid out tap-major to match. The gather
-  writes 9 bytes per input byte, which an implicit-GEMM kernel would not, but in e4m3 that is
-  less than the fp16 convolution reads, and the product runs at the FP8 GEMM rate.
+  and multiplied with `torch._scaled_mm`, the weight laid out tap-major to match: the product
+  runs at the FP8 GEMM rate, at the cost of a copy of nine bytes per input byte that an
+  implicit-GEMM kernel would not write (`benchmarks/fp8_convs.py` times both parts).
 - "implicit" (the same shapes): the implicit-GEMM Triton kernel of `models.fp8.implicit_gemm`,
   which reads the neighbourhoods straight from the input instead of gathering them.
 - "readback": both operands read back in the input's dtype and convolved with torch's
