@@ -62,8 +62,11 @@ def held_out(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     model = load_folder(args.model)
     out = {}
     runs = {"reference": {}, "fp8_dynamic": {"precision": "fp8", "fp8_scales": "dynamic"}}
+    unets = {"precision": "fp8", "fp8_networks": ["decoder", "super_res"]}
     if (Path(args.model) / SCALES_FILE).is_file():
         runs["fp8_calibrated"] = {"precision": "fp8", "fp8_scales": Path(args.model) / SCALES_FILE}
+        runs["fp8_unets_calibrated"] = unets | {"fp8_scales": Path(args.model) / SCALES_FILE}
+    runs["fp8_unets_dynamic"] = unets | {"fp8_scales": "dynamic"}
     images = {}
     for name, kw in runs.items():
         pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False, **kw)
@@ -86,7 +89,7 @@ def by_group(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     kw = {"seed": 1000, "output_type": "pt", "return_image_embeds": True}
     ref = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False).generate(prompts, **kw)
     out = {}
-    for groups in [(g,) for g in GROUPS] + [tuple(fp8.policy.DEFAULT_GROUPS)]:
+    for groups in [(g,) for g in GROUPS] + [("decoder", "super_res")]:
         pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
         names = fp8.convert(pipe.model, groups=groups)
         got = pipe.generate(prompts, **kw)
@@ -156,6 +159,29 @@ def default_stages(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     return out
 
 
+def grid(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """`--grid PATH`: the first eight held-out prompts (rows) in the reference dtype, with the
+    default FP8 networks (the super-res chain) and with the decoder too in FP8 (columns), same
+    seed; PNG."""
+    import os
+
+    from train.evaluate import save_grid
+
+    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
+    runs = {"reference": {}, "fp8": {"precision": "fp8"},
+            "fp8_unets": {"precision": "fp8", "fp8_networks": ["decoder", "super_res"]}}
+    images = []
+    for kw in runs.values():
+        pipe = UnCLIP(args.model, device=args.device, dtype=dtype, progress=False, **kw)
+        images.append(pipe.generate(prompts, seed=1000, output_type="pt").images.cpu())
+    path = Path(args.grid)
+    tmp = path.with_name(f".{path.stem}.partial.png")  # PIL names the format by the suffix
+    save_grid(torch.stack(images, dim=1).flatten(0, 1), len(prompts), tmp)
+    os.replace(tmp, path)
+    print("wrote", path, flush=True)
+    return {"path": str(path), "columns": list(runs), "rows": prompts, "seed": 1000}
+
+
 def perturbation(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """Part 4: how an FP8 network carries a tiny change. The default model's decoder step on
     random inputs of its signature, and again with its image input multiplied by (1 + 1e-7·N(0, 1)):
@@ -203,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--karlo-stages", action="store_true")
     p.add_argument("--skip-held-out", action="store_true")
     p.add_argument("--perturbation", action="store_true", help="part 4 (module docstring)")
+    p.add_argument("--grid", default=None, help="also write a PNG grid: 8 prompts × reference, FP8, FP8 UNets")
     p.add_argument("--update", action="store_true", help="keep the other parts of an existing --out file")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parts += [("karlo_stages", karlo_stages)] if args.karlo_stages else []
     parts += [("default_stages", default_stages)] if args.karlo_stages else []
     parts += [("perturbation", perturbation)] if args.perturbation else []
+    parts += [("grid", grid)] if args.grid else []
     if args.update and args.out and Path(args.out).is_file():
         result = json.loads(Path(args.out).read_text()) | result
     for key, part in parts:

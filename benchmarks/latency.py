@@ -77,9 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
-    p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-super-res"], default=["fp16"],
-                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), decoder and super-res, dynamic "
-                        "activation scales; fp8-super-res: the super-res chain only)")
+    p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
+                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8, "
+                        "dynamic activation scales; fp8-unets: the decoder too)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
@@ -383,8 +383,8 @@ def table(results: dict) -> str:
         for key, label in (("ours", "unclip-rt (fp16, graphs, fused)"), ("ours_eager", "unclip-rt eager (no graphs)"),
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
-                           ("ours_fp8", "unclip-rt FP8 (decoder + super-res)"),
-                           ("ours_fp8_sr", "unclip-rt FP8 (super-res only)"),
+                           ("ours_fp8", "unclip-rt FP8 (super-res)"),
+                           ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
-    for variant, key, networks in (("fp8", "ours_fp8", None), ("fp8-super-res", "ours_fp8_sr", ["super_res"])):
+    fp8_variants = (("fp8", "ours_fp8", None), ("fp8-unets", "ours_fp8_unets", ["decoder", "super_res"]))
+    for variant, key, networks in fp8_variants:
         if variant not in args.precision:
             continue
         try:

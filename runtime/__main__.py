@@ -58,13 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
     p.add_argument("--precision", choices=("fp8",), default=None,
-                   help="fp8: the UNets' convolutions and attention projections with e4m3 weights and inputs "
-                        "(docs/fp8.md); default: every network in --dtype")
+                   help="fp8: the super-res UNets' (or --fp8-networks') convolutions and attention projections with "
+                        "e4m3 weights and inputs (docs/fp8.md); default: every network in --dtype")
     p.add_argument("--fp8-scales", default=None,
                    help="--precision fp8: 'dynamic' (each input's own), or a scales file (default: the model "
                         "folder's fp8_scales.safetensors where it has one, else dynamic)")
     p.add_argument("--fp8-networks", nargs="+", choices=("decoder", "super_res", "prior"), default=None,
-                   help="--precision fp8: which networks (default: decoder super_res)")
+                   help="--precision fp8: which networks (default: super_res; docs/fp8.md)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 

@@ -58,7 +58,7 @@ def calibrate(pipe: UnCLIP, prompts: list[str], seed: int = 0, batch: int = 8, f
 
 def calibrate_folder(folder: Path, prompts: list[str], device: str | None = None, seed: int = 0,
                      batch: int = 8, networks: list[str] | None = None) -> Path:
-    """Calibrate the model of `folder` (its FP8 `networks`, default decoder and super-res) and
+    """Calibrate the model of `folder` (its FP8 `networks`, default the super-res chain) and
     write `folder/fp8_scales.safetensors`, adding it to the folder's checksums."""
     model = load_folder(folder)
     pipe = UnCLIP(model, device=device, progress=False, precision="fp8", fp8_scales="dynamic",
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--networks", nargs="+", choices=("decoder", "super_res", "prior"), default=None,
-                   help="the FP8 networks to calibrate (default: decoder super_res, as UnCLIP converts)")
+                   help="the FP8 networks to calibrate (default: super_res, as UnCLIP converts by default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prompts = list(GENERIC_PROMPTS)

@@ -136,9 +136,9 @@ class UnCLIP(ImageTools):
             float16 `dtype` makes an image's embedding independent of the batch it runs in: the
             prior's guided loop amplifies rounding, and fp16 kernels round differently at different
             batch sizes. A service that joins requests runs so (docs/serving.md).
-        :param precision: None (the networks in `dtype`) or "fp8": the large linear maps — the
-            UNets' convolutions and attention projections, the prior's transformer linears
-            (`models.fp8.policy`) — with e4m3 weights (a scale per output channel) and e4m3
+        :param precision: None (the networks in `dtype`) or "fp8": the large linear maps of
+            `fp8_networks` (`models.fp8.policy`: the UNets' convolutions and attention
+            projections, the prior's transformer linears) with e4m3 weights (a scale per output channel) and e4m3
             inputs (a scale per tensor), everything else in `dtype`; torch backend. Its error
             against fp32 is measured in docs/fp8.md.
         :param fp8_scales: the activation scales of `precision="fp8"`: None — calibrated ones
@@ -146,7 +146,7 @@ class UnCLIP(ImageTools):
             does; `python -m runtime.fp8_calibration` writes it), else each input's own;
             "dynamic" — each input's own; or the path of a scales file for these weights.
         :param fp8_networks: which networks `precision="fp8"` converts, of "decoder", "super_res"
-            and "prior" (None: decoder and super-res; docs/fp8.md measures each).
+            and "prior" (None: the super-res chain; docs/fp8.md measures each).
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")

@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     p.add_argument("--prior-dtype", choices=DTYPES,
                    help="dtype of the text encoder and the prior (default float32 on the torch backend, so that "
                         "a request batched with others gets the images it would get alone)")
-    p.add_argument("--precision", choices=("fp8",), help="fp8: the UNets in FP8 (docs/fp8.md); default: --dtype")
+    p.add_argument("--precision", choices=("fp8",), help="fp8: the super-res UNets in FP8 (docs/fp8.md)")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU; one without GPUs)")
     p.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica reserves (and its torch threads)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per batched call ({d.max_batch})")

@@ -101,9 +101,9 @@ def test_fp8_stages_at_karlo_size_against_fp16():
         with torch.no_grad():
             ref = module(*inputs.values())[0].float()
             converted = copy.deepcopy(model)
-            fp8.convert(converted)
+            fp8.convert(converted, groups=("decoder", "super_res"))
             got = stage_module(converted, stage)(*inputs.values())[0].float()
         errors[stage] = float((got - ref).norm() / ref.norm())
         del converted
     print("FP8 against fp16 at Karlo size, relative error:", {k: f"{v:.2e}" for k, v in errors.items()})
-    assert all(e < 0.15 for e in errors.values()), errors  # CPU, fp32 reference: 9.4e-2 and 1.1e-1
+    assert all(0 < e < 0.15 for e in errors.values()), errors  # CPU, fp32 reference: 9.4e-2 and 1.1e-1
