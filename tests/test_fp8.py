@@ -135,6 +135,34 @@ def test_without_a_row_wise_scaled_gemm_the_layers_read_their_operands_back(monk
     assert sum("unavailable" in r.message for r in caplog.records) == 1  # said once
 
 
+def test_a_build_with_bfloat16_only_row_wise_results_still_runs_the_fp8_gemm(monkeypatch, caplog):
+    """Some builds take row-wise scales only with a bfloat16 result: the GEMM still runs (its
+    result cast), within bfloat16 rounding of the direct call."""
+    from models.fp8 import layers
+
+    torch.manual_seed(0)
+    linear = Fp8Linear.from_float(nn.Linear(64, 48))
+    x = torch.randn(5, 64)
+    want = linear(x)
+    real, calls = torch._scaled_mm, []
+
+    def bf16_only(*args, out_dtype=None, **kwargs):
+        calls.append(out_dtype)
+        if out_dtype != torch.bfloat16:
+            raise RuntimeError("Only bf16 high precision output types are supported for row-wise scaling.")
+        return real(*args, out_dtype=out_dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", bf16_only)
+    monkeypatch.setattr(layers, "_SCALED_MM_WORKS", {})
+    got = linear(x)
+    assert got.dtype == torch.float32 and calls == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    linear(x)
+    assert calls[2:] == [torch.bfloat16]  # found once: later calls go straight to bfloat16
+    assert layers._SCALED_MM_WORKS == {("cpu", torch.float32): "bfloat16"}
+    assert sum("bfloat16 result only" in r.message for r in caplog.records) == 1
+
+
 def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
     layer = Fp8Linear.from_float(nn.Linear(32, 16))
     layer.half()

@@ -29,8 +29,9 @@ from torch import nn
 from models.fp8.e4m3 import E4M3, channel_scales, dequantize, quantize, tensor_scale
 
 _GEMM_MULTIPLE = 16  # `_scaled_mm` needs K and N multiples of 16
-# (device type, output dtype) → whether `_scaled_mm` with row-wise scales ran there (absent: not tried)
-_SCALED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+# (device type, output dtype) → how `_scaled_mm` with row-wise scales runs there: True (directly),
+# "bfloat16" (with a bfloat16 result, cast), False (not at all); absent: not tried yet
+_SCALED_MM_WORKS: dict[tuple[str, torch.dtype], bool | str] = {}
 log = logging.getLogger(__name__)
 
 
@@ -93,21 +94,35 @@ class _Fp8Layer(nn.Module):
 def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                  x: torch.Tensor) -> torch.Tensor | None:
     """e4m3 `rows` [M, K] times e4m3 `weight_q` [N, K] transposed, scaled per row by `scale` and per
-    column by `weight_scale`, in x's dtype, through `torch._scaled_mm`; None where this build or
-    device lacks the row-wise scaled GEMM for that dtype (found once, with a warning)."""
+    column by `weight_scale`, in x's dtype, through `torch._scaled_mm`. Where this build takes
+    row-wise scales only with a bfloat16 result, the GEMM writes bfloat16 and it is cast (a
+    rounding far below FP8's own); None where it has no row-wise scaled GEMM at all. What works is
+    found once per (device type, dtype), with a warning when it is not the direct call."""
     key = (x.device.type, x.dtype)
-    if not _SCALED_MM_WORKS.get(key, True):
+    known = _SCALED_MM_WORKS.get(key)
+    if known is False:
         return None
-    try:
-        out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
-                               scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
-    except RuntimeError as exc:
-        _SCALED_MM_WORKS[key] = False
-        log.warning("torch._scaled_mm (row-wise scales, %s out) unavailable on %s: %s; FP8 layers read their "
-                    "operands back instead", x.dtype, x.device, str(exc).splitlines()[0] if str(exc) else exc)
-        return None
-    _SCALED_MM_WORKS[key] = True
-    return out
+    tries = [x.dtype] + ([torch.bfloat16] if x.dtype != torch.bfloat16 else [])
+    if known == "bfloat16":
+        tries = [torch.bfloat16]
+    scale_a = scale.expand(rows.shape[0], 1).contiguous()
+    for out_dtype in tries:
+        try:
+            out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale_a, scale_b=weight_scale.view(1, -1),
+                                   out_dtype=out_dtype)
+        except RuntimeError as exc:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            continue
+        if known is None:
+            _SCALED_MM_WORKS[key] = True if out_dtype == x.dtype else "bfloat16"
+            if out_dtype != x.dtype:
+                log.warning("torch._scaled_mm takes row-wise scales with a bfloat16 result only on %s; FP8 "
+                            "layers cast it to %s", x.device, x.dtype)
+        return out.to(x.dtype)
+    _SCALED_MM_WORKS[key] = False
+    log.warning("torch._scaled_mm (row-wise scales) unavailable on %s: %s; FP8 layers read their operands back "
+                "instead", x.device, problem)
+    return None
 
 
 def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:

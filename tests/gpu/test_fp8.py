@@ -36,8 +36,10 @@ def test_an_fp8_linear_runs_the_fp8_gemm_and_gives_the_product_of_its_operands()
     layer = fp8_layers.Fp8Linear.from_float(nn.Linear(1024, 2048)).cuda().half()
     x = torch.randn(2, 77, 1024, device="cuda", dtype=torch.float16)
     got = layer(x)
-    assert fp8_layers._SCALED_MM_WORKS.get(("cuda", torch.float16)) is True  # the FP8 GEMM ran
-    assert rel(got, _reference(layer, x)) <= 2e-3  # fp16 output rounding
+    how = fp8_layers._SCALED_MM_WORKS.get(("cuda", torch.float16))
+    print("torch._scaled_mm with row-wise scales and an fp16 result:", how)
+    assert how in (True, "bfloat16")  # the FP8 GEMM ran (directly, or with a bfloat16 result)
+    assert rel(got, _reference(layer, x)) <= (2e-3 if how is True else 8e-3)  # fp16 (bf16) output rounding
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
