@@ -339,15 +339,29 @@ def test_the_command_line_generates_in_fp8_and_names_its_flags_in_errors(tmp_pat
 IMPLICIT_CHECK = """
 import torch
 from torch import nn
+from models.fp8.e4m3 import quantize
 from models.fp8.layers import Fp8Conv
 from models.fp8.implicit_gemm import conv2d_nhwc, tap_major
 torch.manual_seed(0)
 for kernel, padding in ((3, 1), (1, 0)):
     layer = Fp8Conv.from_float(nn.Conv2d(48, 32, kernel, padding=padding))
-    x = torch.randn(2, 48, 7, 9).to(memory_format=torch.channels_last)
+    # inputs on the e4m3 grid of a power-of-two scale, a few far beyond its range: the kernel's own
+    # quantisation (divide, saturate, cast) must give the read-back way's operands exactly; how
+    # a value between two e4m3 numbers rounds is the hardware's cast (the interpreter's cast
+    # mis-rounds values just below a power of two, so rounding is left to the GPU test)
+    scale = 2.0**-6
+    x = quantize(torch.randn(2, 48, 7, 9), torch.tensor(scale)).float() * scale
+    x[0, 0, 0, :3] = torch.tensor([1e3, -1e3, 50.0])
+    x = x.to(memory_format=torch.channels_last)
+    layer.set_input_scale(scale)
     want, got = layer(x, "readback"), layer(x, "implicit")
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    q, s = layer._input(torch.randn(2, 48, 7, 9).to(memory_format=torch.channels_last))
+    pre = conv2d_nhwc(q, tap_major(layer.weight_q), kernel, layer.bias, a_scale=s, b_scale=layer.weight_scale,
+                      out_dtype=torch.float32, tuned=False)  # e4m3 input given: no quantisation in the kernel
+    ref = nn.functional.conv2d(q.float() * s, layer.dequantized_weight(torch.float32), layer.bias, padding=padding)
+    torch.testing.assert_close(pre, ref, rtol=1e-5, atol=1e-4)
     w = torch.randn(32, 48, kernel, kernel).half()
     half = conv2d_nhwc(x.half(), tap_major(w), kernel, out_dtype=torch.float32, tuned=False)
     torch.testing.assert_close(half, nn.functional.conv2d(x.half().float(), w.float(), padding=padding),
@@ -357,8 +371,9 @@ print("ok")
 
 
 def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp16():
-    """The Triton kernel (`models.fp8.implicit_gemm`) in Triton's interpreter on the CPU: e4m3
-    operands with their scales against the read-back convolution, fp16 operands against torch's."""
+    """The Triton kernel (`models.fp8.implicit_gemm`) in Triton's interpreter on the CPU: the input
+    quantised inside the kernel, and given already quantised, against the read-back convolution;
+    fp16 operands against torch's."""
     import os
     import subprocess
     import sys

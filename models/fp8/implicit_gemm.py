@@ -4,7 +4,8 @@ stride 1) kernels, e4m3 or fp16 operands, fp32 accumulation.
 Rows are output pixels, columns output channels, and the reduction runs over the kernel's taps
 and the input channels (tap-major, the weight laid out [taps·C, N] to match): each step loads a
 tile of input pixels shifted by one tap straight from the NHWC tensor, masked at the borders
-(the zero padding), so no gathered copy of the input is ever written. The epilogue applies the
+(the zero padding), so no gathered copy of the input is ever written; an input in fp16 or fp32
+with an e4m3 weight is quantised as it is loaded, so no quantised copy either. The epilogue applies the
 scales (e4m3: the input's per-tensor scale times the weight's per-output-channel scale) and the
 bias, and stores NHWC in the output dtype.
 
@@ -29,7 +30,7 @@ _CONFIGS = [
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H, W, C, N,
-                 KS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                 KS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, QUANTIZE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: neighbouring programs share weight columns in L2
     pid = tl.program_id(0)
@@ -57,6 +58,9 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
             offs_k = c0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + base[:, None] + offs_k[None, :],
                         mask=inside[:, None] & (offs_k[None, :] < C), other=0.0)
+            if QUANTIZE:  # the input's own dtype in memory, e4m3 in registers: no quantised copy
+                a = tl.clamp(a.to(tl.float32) / tl.load(a_scale_ptr), -448.0, 448.0)
+                a = a.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's cast rounds
             rows = (tap * C + offs_k).to(tl.int64)
             b = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(offs_k[:, None] < C) & (offs_n[None, :] < N), other=0.0)
@@ -70,7 +74,7 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-_tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED"])(_conv_kernel)
+_tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED", "QUANTIZE"])(_conv_kernel)
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
@@ -88,7 +92,9 @@ def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: tor
     """The stride-1 convolution of `x` [B, C, H, W] (channels-last memory; e4m3 or fp16) with the
     tap-major weight `weight_kn` [kernel²·C, N] (`tap_major`), padding kernel // 2: out [B, N, H, W]
     in `out_dtype`, channels-last. With `a_scale` (a 0-d fp32 tensor) and `b_scale` ([N] fp32) the
-    products are scaled by both, as e4m3 operands need. `tuned` picks the tile by autotuning on
+    products are scaled by both, as e4m3 operands need; an e4m3 weight with an `x` of another
+    dtype quantises `x` as it loads it (x / a_scale, saturated to ±448, rounded to e4m3), so no
+    quantised copy of the input is written. `tuned` picks the tile by autotuning on
     first use per shape (on a GPU); else `block` (BLOCK_M, BLOCK_N, BLOCK_K), as the CPU checks use."""
     if kernel not in (1, 3):
         raise ValueError(f"kernel must be 1 or 3, got {kernel}")
@@ -106,7 +112,8 @@ def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: tor
     dummy = out  # unused pointer arguments (their branch is compiled out)
     args = (nhwc, weight_kn.contiguous(), out, bias if bias is not None else dummy,
             a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy, m, h, w, c, n)
-    flags = {"KS": kernel, "HAS_BIAS": bias is not None, "SCALED": a_scale is not None}
+    quantize = a_scale is not None and x.dtype != weight_kn.dtype
+    flags = {"KS": kernel, "HAS_BIAS": bias is not None, "SCALED": a_scale is not None, "QUANTIZE": quantize}
     if tuned:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

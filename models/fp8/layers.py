@@ -10,7 +10,8 @@ applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM 
   runs at the FP8 GEMM rate, at the cost of a copy of nine bytes per input byte that an
   implicit-GEMM kernel would not write (`benchmarks/fp8_convs.py` times both parts).
 - "implicit" (the same shapes): the implicit-GEMM Triton kernel of `models.fp8.implicit_gemm`,
-  which reads the neighbourhoods straight from the input instead of gathering them.
+  which reads the neighbourhoods straight from the unquantised input and quantises them as it
+  loads them: neither a gathered nor a quantised copy is written.
 - "readback": both operands read back in the input's dtype and convolved with torch's
   convolution (any shape; in fp32 the same products as the FP8 GEMM).
 `CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback";
@@ -67,12 +68,16 @@ class _Fp8Layer(nn.Module):
         self.input_scale.fill_(float("nan") if scale is None else scale)
         self.calibrated = scale is not None
 
-    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e4m3 input, its scale)."""
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's scale (calibrated, or its own), recording its range while calibrating."""
         if self.observing:
             amax = x.detach().float().abs().amax()
             self.observed_amax = amax if self.observed_amax is None else torch.maximum(self.observed_amax, amax)
-        scale = self.input_scale if self.calibrated else tensor_scale(x)
+        return self.input_scale if self.calibrated else tensor_scale(x)
+
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e4m3 input, its scale)."""
+        scale = self._input_scale(x)
         return quantize(x, scale), scale
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -220,15 +225,15 @@ class Fp8Conv(_Fp8Layer):
         if not self.gemm_shape():
             raise ValueError(f"the FP8 GEMM way takes 1×1 and padded 3×3 stride-1 2-D convolutions, not "
                              f"{tuple(self.weight_q.shape)} stride {self.stride} padding {self.padding}")
-        q, scale = self._input(x)
-        if implicit:
+        if implicit:  # the kernel quantises the input as it loads it
             from models.fp8.implicit_gemm import conv2d_nhwc  # Triton: imported where it runs
 
             key = (E4M3, self.weight_q.device, "kn")
             if key not in self._read:
                 self._read[key] = self.tap_major_weight().t().contiguous()
-            return conv2d_nhwc(q, self._read[key], self.weight_q.shape[2], self.bias, a_scale=scale,
+            return conv2d_nhwc(x, self._read[key], self.weight_q.shape[2], self.bias, a_scale=self._input_scale(x),
                                b_scale=self.weight_scale, out_dtype=x.dtype, tuned=x.is_cuda)
+        q, scale = self._input(x)
         b, _, h, w = x.shape
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
         n = self.weight_q.shape[0]
