@@ -170,18 +170,8 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
             pipe.engines = EngineFolder.open(folder).onnxruntime_engines(["CUDAExecutionProvider"],
                                                                          torch.device("cuda"), graphs=mode)
             pipe.graphs = GraphCache("cuda") if mode == "torch" else None
-            entry = {"engines": sorted({type(e).__name__ for e in pipe.engines.values()}), "batches": {}}
-            for n in args.batch:
-                def run(n=n):
-                    return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
-
-                timed = _time_calls(run, args.runs, n, 0)
-                timed["peak_gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30  # device memory in use
-                timed["forward_ms"] = {}
-                for name, rows in stage_rows(pipe.cfg).items():
-                    x = stage_inputs(pipe, name, rows * n)
-                    timed["forward_ms"][name] = event_ms(lambda name=name, x=x: pipe.engines[name](*x))
-                entry["batches"][n] = timed
+            entry = {"engines": sorted({type(e).__name__ for e in pipe.engines.values()}),
+                     "batches": _engine_batches(pipe, args, free_before)}
         except Exception as exc:  # a mode that cannot run here is reported, not fatal to the others
             entry = {"error": f"{type(exc).__name__}: {exc}"}
         result["modes"][mode] = entry
@@ -210,21 +200,30 @@ def bench_ours_auto(model: UnCLIPModel, folder: Path, args: argparse.Namespace) 
         entry = {"backend": pipe.backend, "choose_s": time.perf_counter() - start,
                  "choice": [dataclasses.asdict(c) for c in pipe.backend_choice], "batches": {}}
         print("auto picked:", pipe.backend, *(c.describe() for c in pipe.backend_choice), sep="\n  ", flush=True)
-        for n in args.batch:
-            def run(n=n):
-                return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
-
-            timed = _time_calls(run, args.runs, n, 0)
-            timed["peak_gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30
-            timed["forward_ms"] = {}
-            for name, rows in stage_rows(pipe.cfg).items():
-                x = stage_inputs(pipe, name, rows * n)
-                timed["forward_ms"][name] = event_ms(lambda name=name, x=x: pipe.engines[name](*x))
-            entry["batches"][n] = timed
+        entry["batches"] = _engine_batches(pipe, args, free_before)
         print("auto:", {n: f"{b['ms']:.1f} ms" for n, b in entry["batches"].items()}, flush=True)
     except Exception as exc:  # reported, not fatal to the other systems
         entry = {"error": f"{type(exc).__name__}: {exc}"}
     return entry
+
+
+def _engine_batches(pipe, args: argparse.Namespace, free_before: int) -> dict:
+    """Per batch of `args.batch`: end-to-end times of `pipe` (`_time_calls`), the device memory in use
+    since `free_before` (engines outside torch allocate there), and each stage's forward ms between
+    CUDA events."""
+    batches = {}
+    for n in args.batch:
+        def run(n=n):
+            return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+
+        timed = _time_calls(run, args.runs, n, 0)
+        timed["peak_gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30
+        timed["forward_ms"] = {}
+        for name, rows in stage_rows(pipe.cfg).items():
+            x = stage_inputs(pipe, name, rows * n)
+            timed["forward_ms"][name] = event_ms(lambda name=name, x=x: pipe.engines[name](*x))
+        batches[n] = timed
+    return batches
 
 
 def _loop_ms(pipe, n: int) -> dict[str, float]:

@@ -571,15 +571,15 @@ def _fp8_model(converted: UnCLIPModel, original: UnCLIPModel, folder: Path | Non
     """`converted` (or a copy, if it is the caller's model) with its FP8 layers
     (`models.fp8.policy.convert`), and where its activation scales come from."""
     from models.checkpoint import weights_sha256
-    from models.fp8.scales import SCALES_FILE, load_scales
+    from models.fp8.scales import folder_scales, load_scales
 
     if fp8.fp8_layers(converted):  # a model another UnCLIP converted (a service's second prior shares it)
         if scales is not None:
             raise ValueError("fp8_scales: this model's FP8 layers are converted already, with their own scales")
         return converted, "as converted"
     path = None
-    if scales is None and folder is not None and (folder / SCALES_FILE).is_file():
-        path = folder / SCALES_FILE
+    if scales is None and folder is not None:
+        path = folder_scales(folder)
     elif scales is not None and scales != "dynamic":
         path = Path(scales)
         if not path.is_file():

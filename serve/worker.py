@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,10 +71,9 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
         common["prior_dtype"] = DTYPES[options.prior_dtype or "float32"]
     scales = None  # FP8: the model folder's calibrated activation scales, where it has them
     if options.precision == "fp8" and kind == "model":
-        from models.fp8.scales import SCALES_FILE
+        from models.fp8.scales import folder_scales
 
-        path = Path(folder or DEFAULT_MODEL) / SCALES_FILE
-        scales = path if path.is_file() else None
+        scales = folder_scales(folder or DEFAULT_MODEL)
     pipes = {"diffusion": UnCLIP(model, prior="diffusion", fp8_scales=scales, **common)}
     try:
         converted = pipes["diffusion"].model  # on the device in its dtype already: shared, not copied

@@ -134,6 +134,13 @@ def test_without_a_row_wise_scaled_gemm_the_layers_read_their_operands_back(monk
     assert layers._SCALED_MM_WORKS == {("cpu", torch.float32): False}
     assert sum("unavailable" in r.message for r in caplog.records) == 1  # said once
 
+    def no_gather(*args):
+        raise AssertionError("gathered rows for a GEMM known to be absent")
+
+    monkeypatch.setattr(layers, "_gathered_rows", no_gather)
+    monkeypatch.setattr(layers, "CONV_PATH", "gemm")
+    torch.testing.assert_close(conv(img), want_conv, rtol=0, atol=0)  # straight to the read-back way
+
 
 def test_a_build_with_bfloat16_only_row_wise_results_still_runs_the_fp8_gemm(monkeypatch, caplog):
     """Some builds take row-wise scales only with a bfloat16 result: the GEMM still runs (its

@@ -212,10 +212,15 @@ class Fp8Conv(_Fp8Layer):
         "gemm", "implicit" and "auto" (on CUDA: "gemm") mean that way wherever the shape allows."""
         if path is None:
             wanted = "gemm" if CONV_PATH == "auto" and x.is_cuda else CONV_PATH
+            if wanted == "gemm" and _SCALED_MM_WORKS.get((x.device.type, x.dtype)) is False:
+                wanted = "readback"  # no scaled GEMM on this build: gathering would be wasted
             path = wanted if wanted in ("gemm", "implicit") and x.dim() == 4 and self.gemm_shape() else "readback"
         if path in ("gemm", "implicit"):
             return self._gemm_forward(x, implicit=path == "implicit")
-        q, scale = self._input(x)
+        return self._readback(*self._input(x), x)
+
+    def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of the e4m3 input `q` (scale `scale`) read back in x's dtype."""
         conv = F.conv2d if self.weight_q.dim() == 4 else F.conv1d
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return conv(dequantize(q, scale, x.dtype), self.dequantized_weight(x.dtype), bias, self.stride,
@@ -238,8 +243,8 @@ class Fp8Conv(_Fp8Layer):
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
         n = self.weight_q.shape[0]
         out = _scaled_rows(rows, self.tap_major_weight(), scale, self.weight_scale, x)
-        if out is None:  # no row-wise scaled GEMM here: the read-back convolution
-            return self.forward(x, "readback")
+        if out is None:  # no row-wise scaled GEMM here: the read-back convolution of the same input
+            return self._readback(q, scale, x)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(b, h, w, n).permute(0, 3, 1, 2)  # channels-last memory

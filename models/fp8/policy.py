@@ -86,7 +86,6 @@ def convert(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS,
                 fp8.set_input_scale(input_scales[qualified])
             setattr(parent, child, fp8)
             converted.append(qualified)
-        setattr(root, _MARK, True)
     for owner in (model.prior, model.decoder.unet, *(s.first_steps for s in model.super_res),
                   *(s.last_step for s in model.super_res if s.last_step is not None)):
         if any(isinstance(m, (Fp8Linear, Fp8Conv)) for m in owner.modules()):

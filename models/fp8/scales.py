@@ -29,6 +29,12 @@ SCALES_FILE = "fp8_scales.safetensors"
 FORMAT = "unclip-rt fp8 input scales 1"
 
 
+def folder_scales(folder: str | Path) -> Path | None:
+    """A model folder's calibrated scales file, or None where it has none."""
+    path = Path(folder) / SCALES_FILE
+    return path if path.is_file() else None
+
+
 @contextlib.contextmanager
 def observe(model: nn.Module) -> Iterator[dict[str, float]]:
     """While inside, every FP8 layer of `model` records its largest input magnitude; on leaving,
