@@ -30,7 +30,8 @@ def max_relative_error(got: np.ndarray, ref: np.ndarray) -> float:
 
 def check_graph(
     model: UnCLIPModel, sig: StageSignature, path: Path, dtype: torch.dtype = torch.float32,
-    batches: tuple[int, ...] = (1, 3), providers: tuple[str, ...] = ("CPUExecutionProvider",), seed: int = 1,
+    batches: tuple[int, ...] = (1, 3),
+    providers: tuple[str | tuple[str, dict[str, str]], ...] = ("CPUExecutionProvider",), seed: int = 1,
 ) -> float:
     """Largest relative error of the graph's outputs against the float32 torch module, over
     `batches`. Raises `onnx.checker.ValidationError` for an invalid graph."""

@@ -189,3 +189,12 @@ def test_every_stage_trains_and_assembles_a_loadable_model(tmp_path):
     big = pipe.generate("a red circle", seed=0, decoder_steps=2, super_res_steps=[2, 2], size=1024,
                         output_type="pt").images
     assert big.shape == (1, 3, 1024, 1024) and torch.isfinite(big).all()
+
+
+def test_clip_retrieval_reads_a_half_precision_pipeline_like_a_float_one():
+    """`train.evaluate.retrieval_top1` hands CLIP's image tower pixels in the tower's own dtype
+    (its preprocessing gives fp32), so an fp16 pipeline is scored, and scored as the fp32 one is."""
+    from train.evaluate import retrieval_top1
+
+    half = retrieval_top1(UnCLIP(dtype=torch.float16, progress=False))
+    assert half == retrieval_top1(UnCLIP(progress=False))

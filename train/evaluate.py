@@ -43,8 +43,9 @@ def retrieval_top1(pipe: UnCLIP, per_combo: int = 4, seed: int = 0) -> float:
     rng = random.Random(seed)
     scenes = [sample_scene(rng, c) for c in HELD_OUT for _ in range(per_combo)]
     clip = pipe.model.clip
-    images = render(scenes, clip.cfg.image_size, pipe.device).to(pipe.dtype)
-    img = F.normalize(clip.encode_image(clip.preprocess((images + 1) / 2)).float(), dim=-1)
+    images = render(scenes, clip.cfg.image_size, pipe.device)
+    pixels = clip.preprocess((images + 1) / 2).to(next(clip.parameters()).dtype)  # preprocess gives fp32
+    img = F.normalize(clip.encode_image(pixels).float(), dim=-1)
     txt = F.normalize(pipe.encode_prompts([canonical_caption(c) for c in HELD_OUT]).embed.float(), dim=-1)
     best = (txt @ img.t()).argmax(dim=1).cpu()
     return sum(scenes[int(b)].combo == c for b, c in zip(best, HELD_OUT, strict=True)) / len(HELD_OUT)

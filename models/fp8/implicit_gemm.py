@@ -2,12 +2,14 @@
 stride 1) kernels, e4m3 or fp16 operands, fp32 accumulation.
 
 Rows are output pixels, columns output channels, and the reduction runs over the kernel's taps
-and the input channels (tap-major, the weight laid out [taps·C, N] to match): each step loads a
-tile of input pixels shifted by one tap straight from the NHWC tensor, masked at the borders
-(the zero padding), so no gathered copy of the input is ever written; an input in fp16 or fp32
-with an e4m3 weight is quantised as it is loaded, so no quantised copy either. The epilogue applies the
-scales (e4m3: the input's per-tensor scale times the weight's per-output-channel scale) and the
-bias, and stores NHWC in the output dtype.
+and the input channels (tap-major, the weight laid out [N, taps·C] to match, the reduction
+contiguous as Hopper's FP8 MMA wants its operands): one loop covers the whole reduction, each
+step loading the input elements its indices name straight from the NHWC tensor (a fixed offset
+from each output pixel, masked at the borders: the zero padding), so no gathered copy of the
+input is ever written; an input in fp16 or fp32 with an e4m3 weight is quantised as it is
+loaded, so no quantised copy either. e4m3 products are promoted to fp32 once per tile. The
+epilogue applies the scales (e4m3: the input's per-tensor scale times the weight's
+per-output-channel scale) and the bias, and stores NHWC in the output dtype.
 
 `models.fp8.layers.Fp8Conv` runs e4m3 convolutions through it where `CONV_PATH` says
 "implicit"; `benchmarks/fp8_convs.py` times it, in both operand types, against cuDNN's fp16
@@ -44,26 +46,35 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    hw = H * W
-    image = offs_m // hw
-    y = (offs_m % hw) // W
+    y = (offs_m % (H * W)) // W
     x = offs_m % W
+    pixel = offs_m.to(tl.int64) * C  # where each output pixel's own input pixel starts
+    taps_c = KS * KS * C
+    if QUANTIZE:
+        inv_scale = 1.0 / tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KS * KS):
-        yy = y + (tap // KS - KS // 2)
-        xx = x + (tap % KS - KS // 2)
-        inside = (offs_m < M) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        base = ((image * H + yy) * W + xx).to(tl.int64) * C
-        for c0 in range(0, C, BLOCK_K):
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + base[:, None] + offs_k[None, :],
-                        mask=inside[:, None] & (offs_k[None, :] < C), other=0.0)
-            if QUANTIZE:  # the input's own dtype in memory, e4m3 in registers: no quantised copy
-                a = tl.clamp(a.to(tl.float32) / tl.load(a_scale_ptr), -448.0, 448.0)
-                a = a.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's cast rounds
-            rows = (tap * C + offs_k).to(tl.int64)
-            b = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                        mask=(offs_k[:, None] < C) & (offs_n[None, :] < N), other=0.0)
+    # one loop over the whole reduction (taps × channels), so the load pipeline runs across taps;
+    # each reduction index k is a tap (dy, dx) and a channel, and its input element sits at a
+    # fixed offset from the output pixel's own: ((dy·W + dx)·C + channel)
+    for k0 in range(0, taps_c, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tap = offs_k // C
+        dy = tap // KS - KS // 2
+        dx = tap % KS - KS // 2
+        shift = (dy * W + dx) * C + offs_k % C
+        yy = y[:, None] + dy[None, :]
+        xx = x[:, None] + dx[None, :]
+        inside = (offs_m[:, None] < M) & (offs_k[None, :] < taps_c) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        a = tl.load(x_ptr + pixel[:, None] + shift[None, :], mask=inside, other=0.0)
+        if QUANTIZE:  # the input's own dtype in memory, e4m3 in registers: no quantised copy
+            a = tl.clamp(a.to(tl.float32) * inv_scale, -448.0, 448.0)
+            a = a.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's cast rounds
+        # the weight is [N, taps·C]: a K-contiguous tile, the operand order Hopper's FP8 MMA takes
+        b = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * taps_c + offs_k[:, None],
+                    mask=(offs_k[:, None] < taps_c) & (offs_n[None, :] < N), other=0.0)
+        if SCALED:  # e4m3 products: promote to fp32 once per tile (Hopper's FP8 MMA accumulates in less)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
             acc = tl.dot(a, b, acc)
     if SCALED:
         b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -78,19 +89,19 @@ _tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED", "QUANTIZE"])(_
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """A conv weight [N, C, k, k] laid out [k·k·C, N] (tap-major rows, output channels contiguous)."""
-    n = weight.shape[0]
+    """A conv weight [N, C, k, k] laid out [N, k·k·C] (each output channel's taps in order, the
+    input channels contiguous within a tap): the reduction dimension contiguous."""
     raw = weight.view(torch.uint8) if weight.element_size() == 1 else weight
-    laid = raw.permute(2, 3, 1, 0).contiguous()  # [k, k, C, N]
-    return (laid.view(weight.dtype) if weight.element_size() == 1 else laid).reshape(-1, n)
+    laid = raw.permute(0, 2, 3, 1).contiguous()  # [N, k, k, C]
+    return (laid.view(weight.dtype) if weight.element_size() == 1 else laid).reshape(weight.shape[0], -1)
 
 
-def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: torch.Tensor | None = None,
+def conv2d_nhwc(x: torch.Tensor, weight_nk: torch.Tensor, kernel: int, bias: torch.Tensor | None = None,
                 a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float16, tuned: bool = True,
                 block: tuple[int, int, int] = (32, 32, 32)) -> torch.Tensor:
     """The stride-1 convolution of `x` [B, C, H, W] (channels-last memory; e4m3 or fp16) with the
-    tap-major weight `weight_kn` [kernel²·C, N] (`tap_major`), padding kernel // 2: out [B, N, H, W]
+    tap-major weight `weight_nk` [N, kernel²·C] (`tap_major`), padding kernel // 2: out [B, N, H, W]
     in `out_dtype`, channels-last. With `a_scale` (a 0-d fp32 tensor) and `b_scale` ([N] fp32) the
     products are scaled by both, as e4m3 operands need; an e4m3 weight with an `x` of another
     dtype quantises `x` as it loads it (x / a_scale, saturated to ±448, rounded to e4m3), so no
@@ -99,9 +110,9 @@ def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: tor
     if kernel not in (1, 3):
         raise ValueError(f"kernel must be 1 or 3, got {kernel}")
     b, c, h, w = x.shape
-    n = weight_kn.shape[1]
-    if weight_kn.shape[0] != kernel * kernel * c:
-        raise ValueError(f"weight rows {weight_kn.shape[0]} ≠ kernel² · channels {kernel * kernel * c}")
+    n = weight_nk.shape[0]
+    if weight_nk.shape[1] != kernel * kernel * c:
+        raise ValueError(f"weight columns {weight_nk.shape[1]} ≠ kernel² · channels {kernel * kernel * c}")
     if (a_scale is None) != (b_scale is None):
         raise ValueError("a_scale and b_scale go together")
     nhwc = x.permute(0, 2, 3, 1)
@@ -110,9 +121,9 @@ def conv2d_nhwc(x: torch.Tensor, weight_kn: torch.Tensor, kernel: int, bias: tor
     m = b * h * w
     out = torch.empty((m, n), device=x.device, dtype=out_dtype)
     dummy = out  # unused pointer arguments (their branch is compiled out)
-    args = (nhwc, weight_kn.contiguous(), out, bias if bias is not None else dummy,
+    args = (nhwc, weight_nk.contiguous(), out, bias if bias is not None else dummy,
             a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy, m, h, w, c, n)
-    quantize = a_scale is not None and x.dtype != weight_kn.dtype
+    quantize = a_scale is not None and x.dtype != weight_nk.dtype
     flags = {"KS": kernel, "HAS_BIAS": bias is not None, "SCALED": a_scale is not None, "QUANTIZE": quantize}
     if tuned:
         def grid(meta):

@@ -231,13 +231,11 @@ class Fp8Conv(_Fp8Layer):
             raise ValueError(f"the FP8 GEMM way takes 1×1 and padded 3×3 stride-1 2-D convolutions, not "
                              f"{tuple(self.weight_q.shape)} stride {self.stride} padding {self.padding}")
         if implicit:  # the kernel quantises the input as it loads it
-            from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # Triton: imported where it runs
+            from models.fp8.implicit_gemm import conv2d_nhwc  # Triton: imported where it runs
 
-            key = (E4M3, self.weight_q.device, "kn")
-            if key not in self._read:
-                self._read[key] = tap_major(self.weight_q)
-            return conv2d_nhwc(x, self._read[key], self.weight_q.shape[2], self.bias, a_scale=self._input_scale(x),
-                               b_scale=self.weight_scale, out_dtype=x.dtype, tuned=x.is_cuda)
+            return conv2d_nhwc(x, self.tap_major_weight(), self.weight_q.shape[2], self.bias,
+                               a_scale=self._input_scale(x), b_scale=self.weight_scale, out_dtype=x.dtype,
+                               tuned=x.is_cuda)
         q, scale = self._input(x)
         b, _, h, w = x.shape
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))

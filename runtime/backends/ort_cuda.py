@@ -60,9 +60,12 @@ GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels fro
 def cuda_provider(device: torch.device, cuda_graph: bool,
                   stream: torch.cuda.Stream | None = None) -> tuple[str, dict[str, str]]:
     """The CUDA provider entry: on `device`, on `stream` (default torch's current one), ONNX
-    Runtime's own CUDA graph capture when `cuda_graph`."""
+    Runtime's own CUDA graph capture when `cuda_graph`. fp32 matrix products use TF32 exactly when
+    torch's do (`torch.backends.cuda.matmul.allow_tf32`; ONNX Runtime's own default is on), so
+    an fp32 engine computes what the torch stage it replaces computes."""
     stream = stream or torch.cuda.current_stream(device)
     return ("CUDAExecutionProvider", {
+        "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0",
         "device_id": str(device.index or 0),
         "has_user_compute_stream": "1",
         "user_compute_stream": str(stream.cuda_stream),

@@ -89,6 +89,7 @@ def test_fp8_loops_replay_their_eager_run_and_stay_near_fp16(no_tf32):
     assert min(against_fp16) >= 20
 
 
+@pytest.mark.usefixtures("large_gpu_memory")
 def test_fp8_stages_at_karlo_size_against_fp16():
     from export.build_engines import random_model
     from models import fp8

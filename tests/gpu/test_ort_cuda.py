@@ -117,6 +117,7 @@ def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
                 assert torch.equal(a, c), (name, seed)
 
 
+@pytest.mark.usefixtures("large_gpu_memory")
 def test_fp16_graphs_at_karlo_size_stay_within_2e2_of_fp32_torch(tmp_path, no_tf32):
     from export.build_engines import build, random_model
     from runtime.backends.engines import EngineFolder, TorchEngine

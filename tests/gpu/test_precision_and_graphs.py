@@ -44,6 +44,7 @@ def test_fp16_default_model_matches_fp32_on_the_same_noise():
 
 @pytest.mark.slow
 @torch.no_grad()
+@pytest.mark.usefixtures("large_gpu_memory")
 def test_karlo_size_stages_in_fp16_stay_within_1e2_of_fp32():
     from export.build_engines import random_model
     from runtime.backends.engines import TorchEngine

@@ -55,6 +55,7 @@ def test_half_precision_networks_run_end_to_end(ours, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("large_gpu_memory")
 def test_karlo_sized_stages_match_diffusers(no_tf32):
     """At Karlo's real shapes (random weights), each converted stage matches diffusers' forward."""
     import torch.nn.functional as F

@@ -48,6 +48,7 @@ def test_cuda_graph_replay_of_a_two_stage_chain_gives_the_eager_images(name, dty
 
 @pytest.mark.slow
 @torch.no_grad()
+@pytest.mark.usefixtures("large_gpu_memory")
 def test_the_papers_1024_stage_in_fp16_stays_within_1e2_of_fp32(no_tf32):
     from runtime.backends.engines import TorchEngine
     from runtime.backends.signatures import signatures
