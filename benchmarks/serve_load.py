@@ -15,9 +15,10 @@ reported (`x-unclip-batch-images`), and errors by HTTP status. `--warmup` reques
 of CONFIG, fp16, the server's steps from `--extra`): a lone `UnCLIP.generate` of one image and one
 call of `--offline-batch` images, so the served figures come with their offline reference from the
 same run (served images/s over offline images/s, served p50 over the lone call). The reference is
-the runtime's fastest setting, every network in fp16; the same calls with the service's setting
-(the text encoder and the prior in fp32, `prior_dtype`) are timed beside it ("service_precision")
-so that the cost of that setting shows apart from the service's own.
+the runtime's fastest setting, every network in fp16 at the call's own batch; the same calls with
+the service's settings as its /health reports them (the text encoder and the prior at the fixed
+`prior_batch`, in `prior_dtype`) are timed beside it ("service_settings"), so that the cost of
+those settings shows apart from the service's own.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def split_latency(ok: list[dict]) -> dict[str, float | None]:
 
 
 def offline(config: str, batches: list[int], extra: dict, prompt: str, runs: int = 5,
-            threads: int | None = None, prior_dtype: str | None = None) -> dict:
+            threads: int | None = None, prior_dtype: str | None = None, prior_batch: int | None = None) -> dict:
     """Median wall ms of `UnCLIP.generate` per batch size, in this process, fp16 on the GPU (the
-    text encoder and the prior in `prior_dtype`, default fp16 too)."""
+    text encoder and the prior in `prior_dtype`, default fp16 too, at `prior_batch` rows, default
+    the call's own)."""
     import torch
 
     if threads:
@@ -186,7 +188,7 @@ def offline(config: str, batches: list[int], extra: dict, prompt: str, runs: int
     with torch.device("cuda"):
         model = UnCLIPModel(get_config(config))
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False,
-                  prior_dtype=getattr(torch, prior_dtype) if prior_dtype else None)
+                  prior_dtype=getattr(torch, prior_dtype) if prior_dtype else None, prior_batch=prior_batch)
     steps = {k: v for k, v in extra.items() if k.endswith(("_steps", "_scale"))}
     out = {}
     for n in batches:
@@ -239,19 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     if args.offline:
         reference = offline(args.offline, args.offline_batch, args.extra, args.prompt, threads=args.offline_threads)
-        service_precision = offline(args.offline, args.offline_batch, args.extra, args.prompt,
-                                    threads=args.offline_threads, prior_dtype="float32")
+        service_settings = offline(args.offline, args.offline_batch, args.extra, args.prompt,
+                                   threads=args.offline_threads, prior_dtype=health.get("prior_dtype"),
+                                   prior_batch=health.get("prior_batch"))
     levels = [run_level(client, args, c) for c in args.concurrency]
     result = {"url": args.url, "server": health, "n": args.n, "extra": args.extra, "levels": levels}
     if reference is not None:
         result["offline"] = {"config": args.offline, "torch_threads": args.offline_threads, "batches": reference,
-                             "service_precision": service_precision}
+                             "service_settings": service_settings}
         for lv in levels:
             lone, full = reference[str(min(args.offline_batch))], reference[str(max(args.offline_batch))]
             p50 = lv["latency_s"]["p50"]
             lv["vs_offline"] = {"images_per_s_ratio": lv["images_per_s"] / full["images_per_s"],
                                 "p50_over_lone": p50 * 1e3 / lone["ms"] if p50 else None}
-        for name, runs in (("offline", reference), ("offline, prior in fp32", service_precision)):
+        settings = f"prior batch {health.get('prior_batch')}, prior {health.get('prior_dtype')}"
+        for name, runs in (("offline", reference), (f"offline, the service's settings ({settings})", service_settings)):
             print(f"{name}:", {k: f"{v['ms']:.1f} ms, {v['images_per_s']:.2f} images/s" for k, v in runs.items()})
     print(table(levels))
     if reference is not None:

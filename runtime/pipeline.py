@@ -45,6 +45,7 @@ from runtime.image_tools import ImageTools
 from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
 from runtime.sampling import loops
 from runtime.sampling.ar_loop import ARNoise, ARSettings, sample_ar_prior
+from runtime.sampling.fixed_batch import in_fixed_batches
 from runtime.sampling.graphs import GraphCache
 from runtime.sampling.inputs import SamplingNoise, StageNoise, TextConditioning, to_device
 from runtime.sampling.loops import PendingChecks
@@ -100,6 +101,7 @@ class UnCLIP(ImageTools):
         precision: str | None = None,
         fp8_scales: str | Path | None = None,
         fp8_networks: Sequence[str] | None = None,
+        prior_batch: int | None = None,
     ) -> None:
         """
         :param model: an `UnCLIPModel`, or a folder with `config.json` + `model.safetensors`;
@@ -147,6 +149,13 @@ class UnCLIP(ImageTools):
             "dynamic" — each input's own; or the path of a scales file for these weights.
         :param fp8_networks: which networks `precision="fp8"` converts, of "decoder", "super_res"
             and "prior" (None: the super-res chain; docs/fp8.md measures each).
+        :param prior_batch: run the text encoder and the prior on exactly this many prompts /
+            images per call (fewer padded, more in several calls; None: as many as the call has).
+            Their rows never mix, so at a fixed batch every row takes the same kernels: an image's
+            embedding is then the same alone or batched with others on any device and dtype (the
+            prior's guided loop amplifies the rounding differences other batch sizes would bring).
+            A service that joins requests sets it to its batch limit (docs/serving.md); the
+            padding rows cost little next to the decoder and super-res, which run unpadded.
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -171,8 +180,9 @@ class UnCLIP(ImageTools):
             model = load_folder(model)
         if not isinstance(model, UnCLIPModel):
             raise TypeError(f"model must be an UnCLIPModel or a folder path, got {type(model).__name__}")
-        if max_batch is not None:
-            check_int("max_batch", max_batch, 1, 1 << 20)
+        for name, value in (("max_batch", max_batch), ("prior_batch", prior_batch)):
+            if value is not None:
+                check_int(name, value, 1, 1 << 20)
         for name, value in (("dtype", dtype), ("prior_dtype", prior_dtype)):
             if value is not None and value not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {value}")
@@ -229,6 +239,7 @@ class UnCLIP(ImageTools):
         limits = [v for v in (max_batch, engine_limit) if v is not None]
         self.max_batch: int | None = min(limits) if limits else None
         self.prior = prior
+        self.prior_batch = prior_batch
         if prior == "ar":
             _check_ar_prior(self.engines, self.constants, engine_dir)
         self.graphs = _graph_cache(cuda_graphs, self.device, self.engines)
@@ -279,7 +290,11 @@ class UnCLIP(ImageTools):
                             decode(list(ids[keep:])).strip(), decode(list(ids[:keep])).strip())
         tokens = to_device(tok.tokens, self.device)
         engine = self.engines["clip_text"]
-        embed, seq = engine(tokens) if self.graphs is None else self.graphs.run(("clip_text",), engine, (tokens,))
+
+        def encode(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return engine(tokens) if self.graphs is None else self.graphs.run(("clip_text",), engine, (tokens,))
+
+        embed, seq = in_fixed_batches(encode, len(prompts), self.prior_batch, tokens)
         work = work_dtype(self.dtype)
         text = TextConditioning(embed.to(work), seq.to(work), to_device(tok.mask, self.device))
         if prompts == [""]:
@@ -484,11 +499,16 @@ class UnCLIP(ImageTools):
         `table`'s steps. `generate` calls it; `train.evaluate` times it alone. `pending`: leave the
         non-finite check with it (read once per run)."""
         cfg, e = self.cfg, self.engines
-        if ar_settings is not None:
-            return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], self.constants, text, noise, ar_settings,
-                                   cfg.ar_prior.similarity_buckets, self.progress, self.graphs, pending)[0]
-        return loops.sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
-                                  uncond, table, noise.to(self.device), scale, self.progress, self.graphs, pending)
+
+        def run(text: TextConditioning, uncond: TextConditioning | None, noise: StageNoise | ARNoise) -> torch.Tensor:
+            if ar_settings is not None:
+                return sample_ar_prior(e["ar_prior_context"], e["ar_prior_step"], self.constants, text, noise,
+                                       ar_settings, cfg.ar_prior.similarity_buckets, self.progress, self.graphs,
+                                       pending)[0]
+            return loops.sample_prior(e["prior_context"], e["prior_step"], cfg.prior.diffusion, self.constants, text,
+                                      uncond, table, noise.to(self.device), scale, self.progress, self.graphs, pending)
+
+        return in_fixed_batches(run, text.embed.shape[0], self.prior_batch, text, uncond, noise)
 
     def _ar_settings(
         self, temperature: float | None, top_k: int | None, top_p: float | None,

@@ -27,7 +27,8 @@ class ServeOptions:
     backend: str = "auto"
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     dtype: str | None = None
-    prior_dtype: str | None = None  # None: float32 on the torch backend (joined requests get their lone images)
+    prior_dtype: str | None = None  # None: --dtype
+    prior_batch: int | None = None  # None: max_batch (the text encoder and the prior at one batch: joined = lone)
     precision: str | None = None  # "fp8": UnCLIP(precision="fp8") (the model folder's calibrated scales, if any)
     replicas: int | None = None  # None: one per GPU of the cluster, one on a machine without GPUs
     cpus_per_replica: float | None = None  # None: 2 beside a GPU, else the machine's cores / replicas
@@ -51,8 +52,10 @@ class ServeOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPES)}, got {value!r}")
         if self.precision not in (None, "fp8"):
             raise ValueError(f"--precision must be fp8 or unset, got {self.precision!r}")
-        for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0)):
+        for name, low in (("max_batch", 1), ("max_queued", 1), ("port", 0), ("prior_batch", 1)):
             value = getattr(self, name)
+            if value is None and name == "prior_batch":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 1):
@@ -107,9 +110,10 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--device", help="cuda or cpu (default: cuda on replicas with a GPU)")
     p.add_argument("--dtype", choices=DTYPES, help="network dtype (default float16 on a GPU, float32 on a CPU)")
-    p.add_argument("--prior-dtype", choices=DTYPES,
-                   help="dtype of the text encoder and the prior (default float32 on the torch backend, so that "
-                        "a request batched with others gets the images it would get alone)")
+    p.add_argument("--prior-dtype", choices=DTYPES, help="dtype of the text encoder and the prior (default: --dtype)")
+    p.add_argument("--prior-batch", type=int,
+                   help="batch the text encoder and the prior always run at (default: --max-batch), so that a "
+                        "request batched with others gets the images it would get alone")
     p.add_argument("--precision", choices=("fp8",), help="fp8: the super-res UNets in FP8 (docs/fp8.md)")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU; one without GPUs)")
     p.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica reserves (and its torch threads)")

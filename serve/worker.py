@@ -38,7 +38,6 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     """The replica's `UnCLIP` per prior kind ("diffusion", and "ar" where the model has one)."""
     from runtime import UnCLIP
     from runtime.__main__ import DTYPES
-    from runtime.backends.choose import choose_backend
     from runtime.pipeline import DEFAULT_MODEL, load_folder
 
     kind, folder = options.model_source
@@ -64,11 +63,11 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     dtype = DTYPES[options.dtype] if options.dtype else (torch.float16 if device.startswith("cuda") else None)
     common = {"device": device, "dtype": dtype, "progress": False, "engine_dir": options.engine_dir,
               "backend": options.backend, "precision": options.precision}
-    torch_backend = choose_backend(options.backend, options.engine_dir, torch.device(device), dtype) == "torch"
-    if options.prior_dtype or torch_backend:
-        # the prior's guided loop amplifies rounding, and fp16 kernels round differently at each
-        # batch size: in fp32 a request's embedding does not depend on the requests beside it
-        common["prior_dtype"] = DTYPES[options.prior_dtype or "float32"]
+    # the prior's guided loop amplifies rounding, and kernels round differently at each batch size:
+    # at one fixed batch a request's embedding does not depend on the requests beside it
+    common["prior_batch"] = options.prior_batch or options.max_batch
+    if options.prior_dtype:
+        common["prior_dtype"] = DTYPES[options.prior_dtype]
     scales = None  # FP8: the model folder's calibrated activation scales, where it has them
     if options.precision == "fp8" and kind == "model":
         from models.fp8.scales import folder_scales
@@ -157,7 +156,8 @@ class ImageWorker:
             "model_id": self.options.model_id, "size": cfg.default_image_size, "sizes": list(cfg.image_sizes),
             "priors": sorted(self.pipes), "defaults": _defaults(cfg), "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."),
-            "prior_dtype": str(self.pipe.prior_dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+            "prior_dtype": str(self.pipe.prior_dtype).removeprefix("torch."), "prior_batch": self.pipe.prior_batch,
+            "torch_threads": torch.get_num_threads(),
             "precision": self.pipe.precision or "", "backend": self.pipe.backend,
             "stage_backends": {c.stage: c.backend for c in self.pipe.backend_choice},
             "max_batch": self.options.max_batch, "pid": os.getpid(), "node_id": self.node_id, "replica": self.replica,

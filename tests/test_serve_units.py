@@ -190,19 +190,23 @@ def test_options_are_checked_and_parsed():
         parse_args(["--replicas", "0"])
 
 
-def test_a_replica_runs_the_text_encoder_and_the_prior_in_fp32_unless_told_otherwise():
-    """The service's precision rule (`serve.worker.load_pipelines`): on the torch backend the
-    conditioning stages run in fp32 whatever `--dtype` is, so that a request batched with others
-    gets the embedding it would get alone; `--prior-dtype` overrides it."""
+def test_a_replica_runs_the_text_encoder_and_the_prior_at_one_fixed_batch():
+    """The service's batching rule (`serve.worker.load_pipelines`): the conditioning stages always
+    run at `--prior-batch` rows (default `--max-batch`), so that a request batched with others gets
+    the embedding it would get alone; `--prior-dtype` (default: `--dtype`) sets their dtype."""
     import torch
 
     from serve.worker import load_pipelines
 
-    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16"))
-    assert {(p.dtype, p.prior_dtype) for p in pipes.values()} == {(torch.bfloat16, torch.float32)}
+    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", max_batch=6))
+    assert {(p.dtype, p.prior_dtype, p.prior_batch) for p in pipes.values()} == {(torch.bfloat16, torch.bfloat16, 6)}
+    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", prior_dtype="float32",
+                                        prior_batch=3))
+    assert (pipes["diffusion"].prior_dtype, pipes["diffusion"].prior_batch) == (torch.float32, 3)
     assert next(pipes["diffusion"].model.prior.parameters()).dtype == torch.float32
-    pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", prior_dtype="bfloat16"))
-    assert pipes["diffusion"].prior_dtype == torch.bfloat16
+    assert parse_args(["--prior-batch", "4"]).prior_batch == 4
+    with pytest.raises(ValueError, match="--prior-batch must be an integer >= 1"):
+        ServeOptions(prior_batch=0)
 
 
 def test_an_fp8_replica_converts_the_model_once_for_both_priors():

@@ -21,6 +21,7 @@ import torch
 
 from runtime.backends.engines import Engine
 from runtime.constants import ModelConstants
+from runtime.sampling.fixed_batch import pad_rows
 from runtime.sampling.graphs import GraphCache
 from runtime.sampling.inputs import TextConditioning, to_device
 from runtime.sampling.loops import PendingChecks, check_finite, progress_bar
@@ -49,6 +50,10 @@ class ARNoise:
 
     def rows(self, start: int, stop: int) -> ARNoise:
         return ARNoise(self.similarity[start:stop].contiguous(), self.codes[start:stop].contiguous())
+
+    def padded(self, rows: int) -> ARNoise:
+        """The noise of `rows` images: the last one's repeated (`runtime.sampling.fixed_batch`)."""
+        return ARNoise(pad_rows(self.similarity, rows), pad_rows(self.codes, rows))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.sampling.fixed_batch import pad_rows
+
 
 @dataclass(frozen=True)
 class TextConditioning:
@@ -31,6 +33,10 @@ class TextConditioning:
     def cat(parts: Iterable[TextConditioning]) -> TextConditioning:
         parts = list(parts)
         return TextConditioning(*(torch.cat([getattr(p, f) for p in parts]) for f in ("embed", "tokens", "mask")))
+
+    def padded(self, rows: int) -> TextConditioning:
+        """`rows` rows: the last repeated (`runtime.sampling.fixed_batch`)."""
+        return TextConditioning(*(pad_rows(t, rows) for t in (self.embed, self.tokens, self.mask)))
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,12 @@ class StageNoise:
         init, steps = self.init[start:stop], self.steps[:, start:stop]
         whole = init.is_contiguous() and steps.is_contiguous()  # no copy: still pinned if it was
         return StageNoise(init.contiguous(), steps.contiguous(), self.pinned and whole)
+
+    def padded(self, rows: int) -> StageNoise:
+        """The noise of `rows` images: the last one's repeated (`runtime.sampling.fixed_batch`),
+        still page-locked if it was."""
+        return StageNoise(pad_rows(self.init, rows, 0, self.pinned), pad_rows(self.steps, rows, 1, self.pinned),
+                          self.pinned)
 
 
 @dataclass(frozen=True)
