@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="network dtype of the torch backend (default float32; engines keep their own)")
     p.add_argument("--prior-dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the text encoder and the prior (default: --dtype)")
+    p.add_argument("--prior-batch", type=int, default=None,
+                   help="batch the text encoder and the prior always run at (a service's --max-batch gives its images)")
     p.add_argument("--engine-dir", default=None, help="engine folder built by python -m export.build_engines")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="what runs the stages (default auto: see docs/engines.md, Backends)")
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     common = {"device": args.device, "dtype": DTYPES.get(args.dtype),
-              "prior_dtype": DTYPES.get(args.prior_dtype), "progress": not args.no_progress,
+              "prior_dtype": DTYPES.get(args.prior_dtype), "prior_batch": args.prior_batch,
+              "progress": not args.no_progress,
               "engine_dir": args.engine_dir, "backend": args.backend, "prior": args.prior,
               "precision": args.precision, "fp8_scales": args.fp8_scales, "fp8_networks": args.fp8_networks}
     try:

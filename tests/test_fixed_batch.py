@@ -105,3 +105,13 @@ def test_the_autoregressive_prior_runs_at_the_fixed_batch_too():
 def test_prior_batch_is_checked():
     with pytest.raises(ValueError, match="prior_batch"):
         UnCLIP(prior_batch=0)
+
+
+def test_the_cli_takes_a_prior_batch_and_refuses_a_bad_one(tmp_path, capsys):
+    from runtime.__main__ import main
+
+    args = ["a red circle", "--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2", "--no-progress"]
+    assert main([*args, "--prior-batch", "0", "-o", str(tmp_path / "bad.png")]) == 2
+    assert "prior_batch must be an integer" in capsys.readouterr().err
+    assert main([*args, "--prior-batch", "3", "-o", str(tmp_path / "ok.png")]) == 0
+    assert (tmp_path / "ok.png").is_file()
