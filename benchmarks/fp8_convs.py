@@ -1,7 +1,7 @@
 """The UNets' 3×3 convolutions in fp16 (cuDNN) against the FP8 ways of `models.fp8.Fp8Conv`, one
 process, CUDA events, each replayed from a CUDA graph:
 
-    python benchmarks/fp8_convs.py [--out FILE.json]
+    python benchmarks/fp8_convs.py [--out FILE.json] [--cudnn-benchmark-limit 0 --only cudnn]
 
 Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 channels-last
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
@@ -69,13 +69,36 @@ def bench(batch: int, channels: int, size: int) -> dict:
     return out
 
 
+def cudnn_only(batch: int, channels: int, size: int) -> dict:
+    """cuDNN's fp16 channels-last convolution alone, as `bench` times it (for other cuDNN settings)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.float16)
+    x = x.to(memory_format=torch.channels_last)
+    conv(x)
+    flop = 2 * batch * size * size * channels * channels * 9
+    ms = graph_ms(lambda: conv(x))
+    out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9,
+           "cudnn_fp16": {"us": ms * 1e3, "tflops": flop / (ms * 1e-3) / 1e12}}
+    print(out["shape"], f"cudnn_fp16 {ms * 1e3:.0f} µs ({out['cudnn_fp16']['tflops']:.0f} TFLOP/s)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                   help="cuDNN plans torch's benchmark mode tries per shape (torch's default 10; 0: every plan "
+                        "cuDNN's heuristics list)")
+    p.add_argument("--only", choices=("cudnn",), default=None, help="cudnn: time cuDNN's fp16 convolution alone")
     args = p.parse_args(argv)
     torch.backends.cudnn.benchmark = True
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    bench_shape = cudnn_only if args.only == "cudnn" else bench
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shapes": [bench(*s) for s in SHAPES]}
+              "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
+              "shapes": [bench_shape(*s) for s in SHAPES]}
     if args.out:
         text = json.dumps(result, indent=1)
         atomic_write(Path(args.out), lambda path: path.write_text(text))
