@@ -24,6 +24,8 @@ def cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
+    if os.environ.get("UNCLIP_RT_CUTLASS") == "only":  # the CUTLASS convolution alone, the kernels untouched
+        return cutlass_extensions(CUDAExtension), {"build_ext": BuildExtension}
     sources = ["bindings.cpp", "guided_update.cu", "group_norm.cu", "group_norm_stats.cu", "group_norm_normalize.cu",
                "group_norm_one_pass.cu", "residual.cu", "prior_step.cu", "attention_kv.cu", "layer_norm.cu",
                "skinny_linear.cu", "skinny_staged.cu"]
@@ -32,7 +34,36 @@ def cuda_extensions() -> tuple[list, dict]:
                                  "cpp_ext/wide_stats.cuh", "cpp_ext/tensor_core.cuh",
                                  "cpp_ext/group_norm_parts.cuh"],
                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
-    return [ext], {"build_ext": BuildExtension}
+    return [ext, *cutlass_extensions(CUDAExtension)], {"build_ext": BuildExtension}
+
+
+def cutlass_include() -> str | None:
+    """CUTLASS's C++ headers: UNCLIP_RT_CUTLASS_INCLUDE (a CUTLASS checkout's include/), else as
+    the `nvidia-cutlass` wheel ships them, else None."""
+    import importlib.util
+
+    given = os.environ.get("UNCLIP_RT_CUTLASS_INCLUDE")
+    if given:
+        return given if os.path.isfile(os.path.join(given, "cutlass", "cutlass.h")) else None
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    include = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    return include if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")) else None
+
+
+def cutlass_extensions(CUDAExtension) -> list:
+    """The CUTLASS Hopper convolution (cpp_ext/cutlass/), opt-in with UNCLIP_RT_CUTLASS=1 (=only: it alone) and
+    CUTLASS's headers at hand (`cutlass_include`): sm_90a only (wgmma and TMA), minutes of compilation."""
+    include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
+    if include is None:
+        return []
+    sources = ["bindings.cpp", "config_0.cu", "config_1.cu", "config_2.cu"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a"]
+    return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
+                          include_dirs=[include, os.path.abspath("cpp_ext/cutlass")],
+                          depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_shape.h"],
+                          extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})]
 
 
 EXTENSIONS, COMMANDS = cuda_extensions()

@@ -7,7 +7,8 @@ Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 ch
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
 `torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone, the floor of that
 way), the "readback" way, and the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3
-operands (the "implicit" way) and with fp16 operands (against cuDNN: issue #33's first part).
+operands (the "implicit" way) and with fp16 operands (against cuDNN: issue #33's first part), and
+CUTLASS's Hopper implicit GEMM in fp16 (`models.fused.implicit_conv`) where it was built.
 TFLOP/s counts 2·M·N·K of the convolution for every column.
 """
 
@@ -30,6 +31,7 @@ from models.checkpoint import atomic_write  # noqa: E402
 from models.fp8.e4m3 import quantize, tensor_scale  # noqa: E402
 from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # noqa: E402
 from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
+from models.fused import implicit_conv  # noqa: E402
 
 SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
 
@@ -61,11 +63,19 @@ def bench(batch: int, channels: int, size: int) -> dict:
         "fp8_implicit_gemm": graph_ms(lambda: layer(x, "implicit")),
         "fp16_implicit_gemm": graph_ms(lambda: conv2d_nhwc(x, weight_fp16, 3, bias, out_dtype=torch.float16)),
     }
+    if implicit_conv.serves(x, conv.weight):  # the CUTLASS Hopper kernel, where it was built
+        weight_cl = conv.weight.detach()
+        implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture
+        times["cutlass_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight_cl, bias, 1))
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
     out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9, "fp8_rel_error": err}
+    if "cutlass_fp16" in times:
+        ref, got = conv(x).float(), implicit_conv.conv2d(x, weight_cl, bias, 1).float()
+        out["cutlass_rel_error"] = float((got - ref).norm() / ref.norm())
     out |= {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
     print(out["shape"], {k: f"{v['us']:.0f} µs ({v['tflops']:.0f} TFLOP/s)" for k, v in out.items()
-                         if isinstance(v, dict)}, f"rel error {err:.1e}", flush=True)
+                         if isinstance(v, dict)}, f"rel error {err:.1e}",
+          f"cutlass rel error {out.get('cutlass_rel_error', float('nan')):.1e}", flush=True)
     return out
 
 

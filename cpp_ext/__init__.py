@@ -3,7 +3,8 @@
 
 `kernels` is the compiled module, or None when it was not built (a CPU-only install, or no nvcc):
 then `runtime.sampling.update` runs its torch reference instead, and `runtime.sampling.update.implementation()` says
-which one runs.
+which one runs. `cutlass_conv` is the CUTLASS Hopper convolution (`cpp_ext/cutlass/`,
+`models.fused.implicit_conv`), or None: it is built only on request (UNCLIP_RT_CUTLASS=1).
 """
 
 from __future__ import annotations
@@ -14,3 +15,8 @@ try:
 except ImportError as exc:  # not built here: the torch reference runs instead
     kernels = None
     IMPORT_ERROR = str(exc)
+
+try:  # the CUTLASS Hopper convolution: built only with UNCLIP_RT_CUTLASS=1 (setup.py)
+    from cpp_ext import _cutlass_conv as cutlass_conv
+except ImportError:
+    cutlass_conv = None

@@ -1,0 +1,77 @@
+// Python bindings of the CUTLASS Hopper convolution (module cpp_ext._cutlass_conv): checks the
+// tensors, allocates the channels-last output and the workspace from torch's allocator, and
+// launches the chosen tile configuration on torch's current stream (so CUDA graphs capture it).
+#include <string>
+#include <vector>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "conv_shape.h"
+
+namespace uc = unclip_cutlass;
+
+namespace {
+
+const uc::Config& config_at(int64_t index) {
+  static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2()};
+  TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", uc::kConfigs, "), got ", index);
+  return configs[index];
+}
+
+void check_nhwc_half(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kHalf && t.dim() == 4, name,
+              " must be a 4-D float16 CUDA tensor");
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
+}
+
+}  // namespace
+
+// out = conv2d(x, weight, bias, padding) for stride 1, dilation 1, one group; fp16 channels-last.
+torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                     int64_t pad_h, int64_t pad_w, int64_t config) {
+  check_nhwc_half(x, "x");
+  check_nhwc_half(weight, "weight");
+  const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
+  TORCH_CHECK(weight.size(1) == c, "weight has ", weight.size(1), " input channels, x has ", c);
+  TORCH_CHECK(c % 8 == 0 && k % 8 == 0, "channel counts must be multiples of 8, got ", c, " and ", k);
+  TORCH_CHECK(x.device() == weight.device(), "x and weight must be on one device");
+  const auto ho = h + 2 * pad_h - r + 1, wo = w + 2 * pad_w - s + 1;
+  TORCH_CHECK(ho > 0 && wo > 0, "padding too small for the kernel");
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == torch::kHalf && bias->numel() == k &&
+                    bias->is_contiguous() && bias->device() == x.device(),
+                "bias must be a contiguous float16 CUDA tensor of ", k, " values on x's device");
+    bias_ptr = bias->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({n, k, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uc::ConvShape shape{static_cast<int>(n), static_cast<int>(h), static_cast<int>(w), static_cast<int>(c),
+                            static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
+                            static_cast<int>(pad_h), static_cast<int>(pad_w)};
+  const auto& cfg = config_at(config);
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t bytes = cfg.workspace_bytes(shape, sm_count);
+  torch::Tensor workspace;
+  if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
+  const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
+                         bytes > 0 ? workspace.data_ptr() : nullptr, sm_count, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", rc,
+              " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
+  return out;
+}
+
+std::vector<std::string> configs() {
+  std::vector<std::string> names;
+  for (int i = 0; i < uc::kConfigs; ++i) names.emplace_back(config_at(i).name);
+  return names;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv2d", &conv2d, "fp16 channels-last 2-D convolution, stride 1 (CUTLASS, Hopper)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("config"));
+  m.def("configs", &configs, "the instantiated tile configurations, by index");
+}

@@ -1,0 +1,102 @@
+// A 2-D convolution (fprop, stride 1, any padding) as CUTLASS 3's Hopper implicit GEMM: the
+// activation read by TMA in im2col mode (no gathered copy), wgmma on fp16 operands with fp32
+// accumulation, the per-output-channel bias added in the epilogue, fp16 NHWC out. One
+// instantiation per tile shape (config_N.cu); cpp_ext/cutlass/bindings.cpp picks among them.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/conv/convnd_problem_shape.hpp"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/kernel_hardware_info.h"
+
+#include "conv_shape.h"
+
+namespace unclip_cutlass {
+
+template <int TileM, int TileN, int TileK, int ClusterM>
+struct Fprop {
+  using ElementAct = cutlass::half_t;
+  using ElementFlt = cutlass::half_t;
+  using ElementOut = cutlass::half_t;
+  using ElementAcc = float;
+  using ElementCompute = float;
+  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<TileK>>>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
+  static constexpr int kAlign = 8;  // fp16 elements in 16 bytes: channel counts must be multiples of it
+
+  using Bias = cutlass::epilogue::fusion::LinCombPerColBias<ElementOut, ElementCompute, ElementOut, ElementOut,
+                                                            ElementCompute>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
+      ElementOut, cutlass::layout::TensorNHWC, kAlign,
+      ElementOut, cutlass::layout::TensorNHWC, kAlign,
+      cutlass::epilogue::TmaWarpSpecialized, Bias>::CollectiveOp;
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop,
+      ElementAct, cutlass::layout::TensorNHWC, kAlign,
+      ElementFlt, cutlass::layout::TensorNHWC, kAlign,
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
+  using ProblemShape = typename Mainloop::ProblemShape;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+
+  static typename Conv::Arguments arguments(ConvShape const& p, void const* x, void const* weight, void const* bias,
+                                            void* out, int sm_count) {
+    ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.k, p.r, p.s, p.c},
+                       {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1}, 1);
+    typename Kernel::StrideC stride_c;
+    typename Kernel::StrideD stride_d;
+    // the output's strides, innermost pixel mode first, as CUTLASS's own conv examples fill them
+    cute::for_each(cute::make_seq<cute::rank<0>(typename Kernel::StrideC{})>{}, [&](auto i) {
+      cute::get<0, i>(stride_c) = shape.stride_C[ProblemShape::RankT - 2 - i];
+    });
+    cute::for_each(cute::make_seq<cute::rank<0>(typename Kernel::StrideD{})>{}, [&](auto i) {
+      cute::get<0, i>(stride_d) = shape.stride_C[ProblemShape::RankT - 2 - i];
+    });
+    auto* out_ptr = static_cast<ElementOut*>(out);
+    typename Conv::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        shape,
+        {static_cast<ElementAct const*>(x), static_cast<ElementFlt const*>(weight)},
+        {{}, out_ptr, stride_c, out_ptr, stride_d}};  // C is never read: beta is 0
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.thread.bias_ptr = static_cast<ElementOut const*>(bias);
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+
+  // 0 on success, else a cutlass::Status (as int): 1000 + status when the shape is not
+  // implementable, 2000 + status when initialisation failed, 3000 + status when the launch failed.
+  static int run(ConvShape const& p, void const* x, void const* weight, void const* bias, void* out,
+                 void* workspace, int sm_count, cudaStream_t stream) {
+    auto args = arguments(p, x, weight, bias, out, sm_count);
+    Conv conv;
+    cutlass::Status status = conv.can_implement(args);
+    if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
+    status = conv.initialize(args, workspace, stream);
+    if (status != cutlass::Status::kSuccess) return 2000 + static_cast<int>(status);
+    status = conv.run(stream);
+    if (status != cutlass::Status::kSuccess) return 3000 + static_cast<int>(status);
+    return 0;
+  }
+
+  static size_t workspace_bytes(ConvShape const& p, int sm_count) {
+    static uint16_t dummy[8];
+    return Conv::get_workspace_size(arguments(p, dummy, dummy, dummy, dummy, sm_count));
+  }
+};
+
+}  // namespace unclip_cutlass

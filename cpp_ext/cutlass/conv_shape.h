@@ -1,0 +1,30 @@
+// What the CUTLASS convolution's host code shares with its bindings (no CUTLASS headers: the
+// bindings compile as plain C++).
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_runtime.h>
+
+namespace unclip_cutlass {
+
+// The shape of one call: NHWC activation, KRSC weight, symmetric padding, stride and dilation 1.
+struct ConvShape {
+  int n, h, w, c, k, r, s, pad_h, pad_w;
+};
+
+// One instantiated tile shape: its name, its launch (0, or an error code: see Fprop::run) and
+// the workspace it needs. config_N.cu defines entry N.
+struct Config {
+  const char* name;
+  int (*run)(ConvShape const&, void const* x, void const* weight, void const* bias, void* out, void* workspace,
+             int sm_count, cudaStream_t stream);
+  size_t (*workspace_bytes)(ConvShape const&, int sm_count);
+};
+
+constexpr int kConfigs = 3;
+Config config_0();
+Config config_1();
+Config config_2();
+
+}  // namespace unclip_cutlass
