@@ -238,6 +238,9 @@ class UnCLIP(ImageTools):
             self.channels_last = False
         limits = [v for v in (max_batch, engine_limit) if v is not None]
         self.max_batch: int | None = min(limits) if limits else None
+        if prior_batch is not None and engine_limit is not None and prior_batch > engine_limit:
+            raise ValueError(f"prior_batch {prior_batch} is beyond the engines' batch limit {engine_limit} "
+                             "(the engine folder's --max-batch)")
         self.prior = prior
         self.prior_batch = prior_batch
         if prior == "ar":
