@@ -14,6 +14,12 @@ from dataclasses import dataclass
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "measured", "onnxruntime", "tensorrt")  # UnCLIP's (this module stays light)
 
+# The text encoder and the prior always run at this many images (`UnCLIP(prior_batch=...)`): a
+# request's images then do not depend on what shares its call. Small, because a lone request
+# pays for the padding rows (the prior's step is weight-bound, so few extra rows cost little) and
+# a full call of --max-batch images runs the prior in --max-batch / this many calls.
+DEFAULT_PRIOR_BATCH = 4
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -28,7 +34,7 @@ class ServeOptions:
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     dtype: str | None = None
     prior_dtype: str | None = None  # None: --dtype
-    prior_batch: int | None = None  # None: max_batch (the text encoder and the prior at one batch: joined = lone)
+    prior_batch: int | None = None  # None: DEFAULT_PRIOR_BATCH, at most max_batch (joined requests = lone ones)
     precision: str | None = None  # "fp8": UnCLIP(precision="fp8") (the model folder's calibrated scales, if any)
     replicas: int | None = None  # None: one per GPU of the cluster, one on a machine without GPUs
     cpus_per_replica: float | None = None  # None: 2 beside a GPU, else the machine's cores / replicas
@@ -112,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> ServeOptions:
     p.add_argument("--dtype", choices=DTYPES, help="network dtype (default float16 on a GPU, float32 on a CPU)")
     p.add_argument("--prior-dtype", choices=DTYPES, help="dtype of the text encoder and the prior (default: --dtype)")
     p.add_argument("--prior-batch", type=int,
-                   help="batch the text encoder and the prior always run at (default: --max-batch), so that a "
-                        "request batched with others gets the images it would get alone")
+                   help=f"batch the text encoder and the prior always run at (default {DEFAULT_PRIOR_BATCH}, at "
+                        "most --max-batch), so that a request batched with others gets the images it would get alone")
     p.add_argument("--precision", choices=("fp8",), help="fp8: the super-res UNets in FP8 (docs/fp8.md)")
     p.add_argument("--replicas", type=int, help="model replicas (default: one per GPU; one without GPUs)")
     p.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica reserves (and its torch threads)")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from serve.batcher import Batcher, BatchInfo, DeadlineExceeded, Job
 from serve.metrics import WorkerMetrics
-from serve.options import ServeOptions
+from serve.options import DEFAULT_PRIOR_BATCH, ServeOptions
 
 log = logging.getLogger("serve.worker")
 
@@ -65,7 +65,7 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
               "backend": options.backend, "precision": options.precision}
     # the prior's guided loop amplifies rounding, and kernels round differently at each batch size:
     # at one fixed batch a request's embedding does not depend on the requests beside it
-    common["prior_batch"] = options.prior_batch or options.max_batch
+    common["prior_batch"] = options.prior_batch or min(DEFAULT_PRIOR_BATCH, options.max_batch)
     if options.prior_dtype:
         common["prior_dtype"] = DTYPES[options.prior_dtype]
     scales = None  # FP8: the model folder's calibrated activation scales, where it has them

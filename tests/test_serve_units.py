@@ -192,14 +192,18 @@ def test_options_are_checked_and_parsed():
 
 def test_a_replica_runs_the_text_encoder_and_the_prior_at_one_fixed_batch():
     """The service's batching rule (`serve.worker.load_pipelines`): the conditioning stages always
-    run at `--prior-batch` rows (default `--max-batch`), so that a request batched with others gets
-    the embedding it would get alone; `--prior-dtype` (default: `--dtype`) sets their dtype."""
+    run at `--prior-batch` rows (default `DEFAULT_PRIOR_BATCH`, at most `--max-batch`), so that a
+    request batched with others gets the embedding it would get alone; `--prior-dtype` (default:
+    `--dtype`) sets their dtype."""
     import torch
 
+    from serve.options import DEFAULT_PRIOR_BATCH
     from serve.worker import load_pipelines
 
     pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", max_batch=6))
-    assert {(p.dtype, p.prior_dtype, p.prior_batch) for p in pipes.values()} == {(torch.bfloat16, torch.bfloat16, 6)}
+    assert {(p.dtype, p.prior_dtype, p.prior_batch) for p in pipes.values()} == {(torch.bfloat16, torch.bfloat16,
+                                                                                  DEFAULT_PRIOR_BATCH)}
+    assert load_pipelines(ServeOptions(random_weights="tiny", device="cpu", max_batch=2))["diffusion"].prior_batch == 2
     pipes = load_pipelines(ServeOptions(random_weights="tiny", device="cpu", dtype="bfloat16", prior_dtype="float32",
                                         prior_batch=3))
     assert (pipes["diffusion"].prior_dtype, pipes["diffusion"].prior_batch) == (torch.float32, 3)

@@ -1,6 +1,6 @@
 """The service on a GPU: concurrent requests batched into one fp16 call give each request's lone
 `UnCLIP.generate` images (the service's settings: fp16 networks, the text encoder and the prior
-at the fixed batch `--max-batch`) within fp16 kernel differences (PSNR >= 40 dB)."""
+at the fixed batch `--prior-batch`, 4) within fp16 kernel differences (PSNR >= 40 dB)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_batched_requests_on_the_gpu_match_their_lone_generate(tmp_path):
     finally:
         server.stop()
     assert max(batch for batch, _ in answers) > 2
-    pipe = UnCLIP(device="cuda", dtype=torch.float16, prior_batch=8, progress=False)
+    pipe = UnCLIP(device="cuda", dtype=torch.float16, prior_batch=4, progress=False)
     pipe32 = UnCLIP(device="cuda", dtype=torch.float32, progress=False)
 
     def pixels(images) -> list[torch.Tensor]:  # PIL images → [H, W, 3] in [0, 1], what psnr takes
