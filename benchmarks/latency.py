@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
+    p.add_argument("--cutlass-convs", action="store_true",
+                   help="also ours with the residual blocks' 3x3 convolutions on CUTLASS (where it is built)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
                    help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8, "
                         "dynamic activation scales; fp8-unets: the decoder too)")
@@ -116,13 +118,13 @@ def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
 
 
 def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, precision: str | None = None,
-               fp8_networks: list[str] | None = None) -> dict:
+               fp8_networks: list[str] | None = None, fused=None) -> dict:
     from runtime import UnCLIP
     from runtime.sampling.update import implementation
 
     fp8 = {"fp8_scales": "dynamic", "fp8_networks": fp8_networks} if precision == "fp8" else {}
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs,
-                  precision=precision, **fp8)
+                  precision=precision, fused=fused, **fp8)
     tensors = [*pipe.model.parameters(), *pipe.model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {},
@@ -383,6 +385,7 @@ def table(results: dict) -> str:
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
                            ("ours_fp8", "unclip-rt FP8 (super-res)"),
+                           ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
@@ -425,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
+    if args.cutlass_convs:
+        from models.fused import FusedOptions
+
+        results["ours_cutlass"] = bench_ours(model, args, graphs=True, fused=FusedOptions(cutlass_convs=True))
+        results["ours_cutlass"].pop("cache_savings", None)
     fp8_variants = (("fp8", "ours_fp8", None), ("fp8-unets", "ours_fp8_unets", ["decoder", "super_res"]))
     for variant, key, networks in fp8_variants:
         if variant not in args.precision:

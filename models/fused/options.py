@@ -24,6 +24,9 @@ class FusedOptions:
         timestep's embedding instead of running the sinusoid and the time MLP.
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
+    :param cutlass_convs: the residual blocks' 3×3 convolutions on CUTLASS's Hopper implicit GEMM
+        (`models.fused.implicit_conv`) where it is built and serves, instead of cuDNN. Off by
+        default until it is measured faster (`benchmarks/latency.py --cutlass-convs`).
     """
 
     join_stats: bool = True
@@ -31,6 +34,7 @@ class FusedOptions:
     input_bias_in_conv: bool = True
     time_table: bool = True
     staged_weights: bool = True
+    cutlass_convs: bool = False
 
 
 DEFAULT = FusedOptions()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpp_ext
+from models.fused import implicit_conv
 from models.fused.availability import layout
 from models.fused.norms import NormInput, bias_residual, group_norm, plain
 from models.fused.options import DEFAULT, FusedOptions
@@ -95,6 +96,14 @@ def _concat_in_norm(block: ResBlock, x: SkipConcat) -> bool:
             and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0 and not (block.up or block.down))
 
 
+def _conv3x3(x: torch.Tensor, weight: torch.Tensor, options: FusedOptions) -> torch.Tensor:
+    """A residual block's bias-free 3×3 convolution (padding 1): on CUTLASS's Hopper implicit GEMM
+    where `options.cutlass_convs` asks for it and it serves, else cuDNN's."""
+    if options.cutlass_convs:
+        return implicit_conv.conv2d(x, weight, None, 1)
+    return F.conv2d(x, weight, None, padding=1)
+
+
 def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProjections,
               options: FusedOptions = DEFAULT, defer_bias: bool = False,
               stats: bool = False) -> torch.Tensor | DeferredBias | NormInput:
@@ -113,13 +122,13 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
     if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
         normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight, norm_in.bias,
                                                       norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
-        h = F.conv2d(normed, conv_in.weight, None, padding=1)
+        h = _conv3x3(normed, conv_in.weight, options)
     elif (block.up or block.down) and identity_skip:
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
-        h = F.conv2d(group_norm(norm_in, x, up=block.up, down=block.down), conv_in.weight, None, padding=1)
+        h = _conv3x3(group_norm(norm_in, x, up=block.up, down=block.down), conv_in.weight, options)
         x = plain(x)
     else:
-        h = F.conv2d(resample(group_norm(norm_in, x), block.up, block.down), conv_in.weight, None, padding=1)
+        h = _conv3x3(resample(group_norm(norm_in, x), block.up, block.down), conv_in.weight, options)
         x = resample(plain(x), block.up, block.down)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
@@ -127,7 +136,7 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         h = group_norm(norm_out, h, scale, shift, silu=True, add_bias=conv_in.bias)
     else:
         h = group_norm(norm_out, h, add=emb_out, add_bias=conv_in.bias)
-    h = F.conv2d(h, conv_out.weight, None, padding=1)
+    h = _conv3x3(h, conv_out.weight, options)
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
     if defer_bias and options.defer_bias and layout(h) == layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]:
