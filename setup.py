@@ -59,7 +59,10 @@ def cutlass_extensions(CUDAExtension) -> list:
     if include is None:
         return []
     sources = ["bindings.cpp", "config_0.cu", "config_1.cu", "config_2.cu"]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a"]
+    # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
                           include_dirs=[include, os.path.abspath("cpp_ext/cutlass")],
                           depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_shape.h"],
