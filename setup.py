@@ -37,24 +37,27 @@ def cuda_extensions() -> tuple[list, dict]:
     return [ext, *cutlass_extensions(CUDAExtension)], {"build_ext": BuildExtension}
 
 
-def cutlass_include() -> str | None:
-    """CUTLASS's C++ headers: UNCLIP_RT_CUTLASS_INCLUDE (a CUTLASS checkout's include/), else as
-    the `nvidia-cutlass` wheel ships them, else None."""
+def cutlass_include() -> list[str] | None:
+    """CUTLASS's C++ header folders (include/ and tools/util/include/, which its conv collectives
+    also need): under UNCLIP_RT_CUTLASS_ROOT (a CUTLASS checkout), else as the `nvidia-cutlass`
+    wheel ships them; None when they are not there."""
     import importlib.util
 
-    given = os.environ.get("UNCLIP_RT_CUTLASS_INCLUDE")
-    if given:
-        return given if os.path.isfile(os.path.join(given, "cutlass", "cutlass.h")) else None
-    spec = importlib.util.find_spec("cutlass_library")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    include = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
-    return include if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")) else None
+    root = os.environ.get("UNCLIP_RT_CUTLASS_ROOT")
+    if not root:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    found = os.path.isfile(os.path.join(dirs[0], "cutlass", "cutlass.h")) and os.path.isfile(
+        os.path.join(dirs[1], "cutlass", "util", "packed_stride.hpp"))
+    return dirs if found else None
 
 
 def cutlass_extensions(CUDAExtension) -> list:
     """The CUTLASS Hopper convolution (cpp_ext/cutlass/), opt-in with UNCLIP_RT_CUTLASS=1 (=only: it alone) and
-    CUTLASS's headers at hand (`cutlass_include`): sm_90a only (wgmma and TMA), minutes of compilation."""
+    CUTLASS's headers at hand (`cutlass_include`): sm_90a only (wgmma and TMA), a minute or two of nvcc per file."""
     include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
     if include is None:
         return []
@@ -64,7 +67,7 @@ def cutlass_extensions(CUDAExtension) -> list:
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
-                          include_dirs=[include, os.path.abspath("cpp_ext/cutlass")],
+                          include_dirs=[*include, os.path.abspath("cpp_ext/cutlass")],
                           depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_shape.h"],
                           extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})]
 

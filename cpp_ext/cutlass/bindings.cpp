@@ -4,8 +4,9 @@
 #include <string>
 #include <vector>
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/extension.h>
 
 #include "conv_shape.h"
@@ -53,12 +54,15 @@ torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const 
                             static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
                             static_cast<int>(pad_h), static_cast<int>(pad_w)};
   const auto& cfg = config_at(config);
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sm_count = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
+              "cannot read the device's SM count");
   const size_t bytes = cfg.workspace_bytes(shape, sm_count);
   torch::Tensor workspace;
   if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
-                         bytes > 0 ? workspace.data_ptr() : nullptr, sm_count, at::cuda::getCurrentCUDAStream());
+                         bytes > 0 ? workspace.data_ptr() : nullptr, sm_count,
+                         c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", rc,
               " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
   return out;

@@ -8,15 +8,18 @@
 
 #include <cuda_runtime.h>
 
-#include "cute/tensor.hpp"
+// In the order CUTLASS's own conv tests include them: the collective builders rely on what the
+// adapter and kernel headers bring in (cutlass::KernelHardwareInfo among others).
 #include "cutlass/cutlass.h"
-#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/kernel_hardware_info.h"
 #include "cutlass/conv/convnd_problem_shape.hpp"
 #include "cutlass/conv/device/conv_universal_adapter.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/operations.hpp"
-#include "cutlass/kernel_hardware_info.h"
 
 #include "conv_shape.h"
 
