@@ -8,7 +8,8 @@ Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 ch
 `torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone, the floor of that
 way), the "readback" way, and the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3
 operands (the "implicit" way) and with fp16 operands (against cuDNN: issue #33's first part), and
-CUTLASS's Hopper implicit GEMM in fp16 (`models.fused.implicit_conv`) where it was built.
+CUTLASS's Hopper implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in
+e4m3 as `Fp8Conv`'s "cutlass" way (input quantisation included).
 TFLOP/s counts 2·M·N·K of the convolution for every column.
 """
 
@@ -27,11 +28,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.timing import graph_ms  # noqa: E402
+from models import implicit_conv  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
 from models.fp8.e4m3 import quantize, tensor_scale  # noqa: E402
 from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # noqa: E402
 from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
-from models.fused import implicit_conv  # noqa: E402
 
 SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
 
@@ -63,6 +64,9 @@ def bench(batch: int, channels: int, size: int) -> dict:
         "fp8_implicit_gemm": graph_ms(lambda: layer(x, "implicit")),
         "fp16_implicit_gemm": graph_ms(lambda: conv2d_nhwc(x, weight_fp16, 3, bias, out_dtype=torch.float16)),
     }
+    if implicit_conv.serves_e4m3(channels, channels):  # CUTLASS with e4m3 operands: quantise + conv + epilogue
+        layer(x, "cutlass")  # picks its tile configuration (timed) before capture
+        times["cutlass_e4m3_way"] = graph_ms(lambda: layer(x, "cutlass"))
     if implicit_conv.serves(x, conv.weight):  # the CUTLASS Hopper kernel, where it was built
         weight_cl = conv.weight.detach()
         implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture

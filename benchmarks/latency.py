@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["eager", "none"], default="eager", help="run diffusers' UnCLIPPipeline")
     p.add_argument("--peer-compile", action="store_true", help="also the peer under torch.compile(reduce-overhead)")
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
+    p.add_argument("--fp8-conv-path", choices=["auto", "gemm", "implicit", "cutlass"], default=None,
+                   help="how the FP8 rows run their convolutions (models.fp8.layers.CONV_PATH; default auto)")
     p.add_argument("--cutlass-convs", action="store_true",
                    help="also ours with the residual blocks' 3x3 convolutions on CUTLASS (where it is built)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
@@ -433,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
 
         results["ours_cutlass"] = bench_ours(model, args, graphs=True, fused=FusedOptions(cutlass_convs=True))
         results["ours_cutlass"].pop("cache_savings", None)
+    if args.fp8_conv_path:
+        from models.fp8 import layers as fp8_layers
+
+        fp8_layers.CONV_PATH = args.fp8_conv_path
+        results["fp8_conv_path"] = args.fp8_conv_path
     fp8_variants = (("fp8", "ours_fp8", None), ("fp8-unets", "ours_fp8_unets", ["decoder", "super_res"]))
     for variant, key, networks in fp8_variants:
         if variant not in args.precision:

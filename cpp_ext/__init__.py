@@ -4,7 +4,7 @@
 `kernels` is the compiled module, or None when it was not built (a CPU-only install, or no nvcc):
 then `runtime.sampling.update` runs its torch reference instead, and `runtime.sampling.update.implementation()` says
 which one runs. `cutlass_conv` is the CUTLASS Hopper convolution (`cpp_ext/cutlass/`,
-`models.fused.implicit_conv`), or None: it is built only on request (UNCLIP_RT_CUTLASS=1).
+`models.implicit_conv`), or None: it is built only on request (UNCLIP_RT_CUTLASS=1).
 """
 
 from __future__ import annotations

@@ -392,3 +392,17 @@ def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp
     done = subprocess.run([sys.executable, "-c", IMPLICIT_CHECK], env=env, capture_output=True, text=True,
                           timeout=300, cwd=root)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_cutlass_way_reads_back_where_its_kernel_does_not_serve(monkeypatch):
+    """`Fp8Conv(x, "cutlass")` and `CONV_PATH = "cutlass"` on the CPU (no CUTLASS kernel here):
+    the read-back convolution, exactly."""
+    torch.manual_seed(0)
+    from models.fp8 import layers
+
+    layer = Fp8Conv.from_float(nn.Conv2d(32, 16, 3, padding=1))
+    x = torch.randn(2, 32, 8, 8)
+    want = layer(x, "readback")
+    assert torch.equal(layer(x, "cutlass"), want)
+    monkeypatch.setattr(layers, "CONV_PATH", "cutlass")
+    assert torch.equal(layer(x), want)

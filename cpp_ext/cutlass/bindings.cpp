@@ -1,6 +1,6 @@
 // Python bindings of the CUTLASS Hopper convolution (module cpp_ext._cutlass_conv): checks the
 // tensors, allocates the channels-last output and the workspace from torch's allocator, and
-// launches the chosen tile configuration on torch's current stream (so CUDA graphs capture it).
+// launches the chosen configuration on torch's current stream (so CUDA graphs capture it).
 #include <string>
 #include <vector>
 
@@ -16,40 +16,39 @@ namespace uc = unclip_cutlass;
 namespace {
 
 const uc::Config& config_at(int64_t index) {
-  static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2()};
+  static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2(), uc::config_3(),
+                                                   uc::config_4()};
   TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", uc::kConfigs, "), got ", index);
   return configs[index];
 }
 
-void check_nhwc_half(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kHalf && t.dim() == 4, name,
-              " must be a 4-D float16 CUDA tensor");
+void check_nhwc(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.dim() == 4, name, " must be a 4-D ",
+              c10::toString(dtype), " CUDA tensor");
   TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
 }
 
-}  // namespace
+void check_channel_vector(const c10::optional<torch::Tensor>& t, const char* name, torch::ScalarType dtype,
+                          int64_t k, const torch::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->is_cuda() && t->scalar_type() == dtype && t->numel() == k && t->is_contiguous() &&
+                  t->device() == x.device(),
+              name, " must be a contiguous ", c10::toString(dtype), " CUDA tensor of ", k, " values on x's device");
+}
 
-// out = conv2d(x, weight, bias, padding) for stride 1, dilation 1, one group; fp16 channels-last.
-torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                     int64_t pad_h, int64_t pad_w, int64_t config) {
-  check_nhwc_half(x, "x");
-  check_nhwc_half(weight, "weight");
+// The launch both entry points share: shapes checked, output and workspace allocated.
+torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const float* scale, const void* bias,
+                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t align) {
   const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
   TORCH_CHECK(weight.size(1) == c, "weight has ", weight.size(1), " input channels, x has ", c);
-  TORCH_CHECK(c % 8 == 0 && k % 8 == 0, "channel counts must be multiples of 8, got ", c, " and ", k);
+  TORCH_CHECK(c % align == 0 && k % 8 == 0, "channel counts must be multiples of ", align, " (in) and 8 (out), got ",
+              c, " and ", k);
   TORCH_CHECK(x.device() == weight.device(), "x and weight must be on one device");
   const auto ho = h + 2 * pad_h - r + 1, wo = w + 2 * pad_w - s + 1;
   TORCH_CHECK(ho > 0 && wo > 0, "padding too small for the kernel");
-  const void* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == torch::kHalf && bias->numel() == k &&
-                    bias->is_contiguous() && bias->device() == x.device(),
-                "bias must be a contiguous float16 CUDA tensor of ", k, " values on x's device");
-    bias_ptr = bias->data_ptr();
-  }
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({n, k, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto out = torch::empty({n, k, ho, wo}, x.options().dtype(torch::kHalf).memory_format(at::MemoryFormat::ChannelsLast));
   const uc::ConvShape shape{static_cast<int>(n), static_cast<int>(h), static_cast<int>(w), static_cast<int>(c),
                             static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
                             static_cast<int>(pad_h), static_cast<int>(pad_w)};
@@ -60,12 +59,37 @@ torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const 
   const size_t bytes = cfg.workspace_bytes(shape, sm_count);
   torch::Tensor workspace;
   if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
+  const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias, out.data_ptr(),
                          bytes > 0 ? workspace.data_ptr() : nullptr, sm_count,
                          c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", rc,
               " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
   return out;
+}
+
+}  // namespace
+
+// out = conv2d(x, weight, bias, padding) for stride 1, dilation 1, one group; fp16 channels-last.
+torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                     int64_t pad_h, int64_t pad_w, int64_t config) {
+  TORCH_CHECK(!config_at(config).e4m3, "configuration ", config_at(config).name, " takes e4m3 operands (conv2d_e4m3)");
+  check_nhwc(x, "x", torch::kHalf);
+  check_nhwc(weight, "weight", torch::kHalf);
+  check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
+  return launch(x, weight, nullptr, bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w, config, 8);
+}
+
+// out = scale[k] · conv2d(x_q, weight_q)[k] + bias[k], e4m3 operands (x_q, weight_q), fp32
+// accumulation, fp16 channels-last out; `scale` is the input's scale times each channel's weight scale.
+torch::Tensor conv2d_e4m3(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias, int64_t pad_h, int64_t pad_w, int64_t config) {
+  TORCH_CHECK(config_at(config).e4m3, "configuration ", config_at(config).name, " takes fp16 operands (conv2d)");
+  check_nhwc(x, "x", torch::kFloat8_e4m3fn);
+  check_nhwc(weight, "weight", torch::kFloat8_e4m3fn);
+  check_channel_vector(scale, "scale", torch::kFloat, weight.size(0), x);
+  check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
+  return launch(x, weight, scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w,
+                config, 16);
 }
 
 std::vector<std::string> configs() {
@@ -77,5 +101,8 @@ std::vector<std::string> configs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d", &conv2d, "fp16 channels-last 2-D convolution, stride 1 (CUTLASS, Hopper)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("config"));
-  m.def("configs", &configs, "the instantiated tile configurations, by index");
+  m.def("conv2d_e4m3", &conv2d_e4m3, "e4m3 channels-last 2-D convolution with per-channel scales, fp16 out",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"),
+        py::arg("config"));
+  m.def("configs", &configs, "the instantiated configurations, by index (names start with f16_ or e4m3_)");
 }

@@ -1,11 +1,11 @@
-// Tile 128x128x64, cluster 1x1x1 of the CUTLASS convolution (conv_fprop.cuh).
+// f16 operands, tile 128x128x64, cluster 1x1x1 of the CUTLASS convolution (conv_fprop.cuh).
 #include "conv_fprop.cuh"
 
 namespace unclip_cutlass {
 
 Config config_0() {
-  using F = Fprop<128, 128, 64, 1>;
-  return {"128x128x64_c1x1", &F::run, &F::workspace_bytes};
+  using F = Fprop<cutlass::half_t, 128, 128, 64, 1>;
+  return {"f16_128x128x64_c1x1", false, &F::run, &F::workspace_bytes};
 }
 
 }  // namespace unclip_cutlass

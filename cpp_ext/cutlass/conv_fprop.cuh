@@ -1,7 +1,8 @@
 // A 2-D convolution (fprop, stride 1, any padding) as CUTLASS 3's Hopper implicit GEMM: the
-// activation read by TMA in im2col mode (no gathered copy), wgmma on fp16 operands with fp32
-// accumulation, the per-output-channel bias added in the epilogue, fp16 NHWC out. One
-// instantiation per tile shape (config_N.cu); cpp_ext/cutlass/bindings.cpp picks among them.
+// activation read by TMA in im2col mode (no gathered copy), wgmma on fp16 or e4m3 operands with
+// fp32 accumulation, fp16 NHWC out. The epilogue multiplies each output channel by its scale
+// (e4m3: the input's scale times the channel's weight scale; fp16: none) and adds its bias. One
+// instantiation per operand type and tile shape (config_N.cu); bindings.cpp picks among them.
 #pragma once
 
 #include <cstdint>
@@ -20,30 +21,34 @@
 #include "cutlass/conv/collective/collective_builder.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/thread/activation.h"
 
 #include "conv_shape.h"
 
 namespace unclip_cutlass {
 
-template <int TileM, int TileN, int TileK, int ClusterM>
+template <class Element, int TileM, int TileN, int TileK, int ClusterM>
 struct Fprop {
-  using ElementAct = cutlass::half_t;
-  using ElementFlt = cutlass::half_t;
+  using ElementAct = Element;
+  using ElementFlt = Element;
   using ElementOut = cutlass::half_t;
   using ElementAcc = float;
   using ElementCompute = float;
   using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<TileK>>>;
   using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
-  static constexpr int kAlign = 8;  // fp16 elements in 16 bytes: channel counts must be multiples of it
+  // 16 bytes of operand per access: channel counts must be multiples of it (8 fp16, 16 e4m3)
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignOut = 8;
 
-  using Bias = cutlass::epilogue::fusion::LinCombPerColBias<ElementOut, ElementCompute, ElementOut, ElementOut,
-                                                            ElementCompute>;
+  // D = per-channel scale · acc + per-channel bias (the scale a vector, or 1 without one)
+  using Scaled = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<
+      cutlass::epilogue::thread::Identity, ElementOut, ElementCompute, ElementOut, ElementOut, ElementCompute>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
-      ElementOut, cutlass::layout::TensorNHWC, kAlign,
-      ElementOut, cutlass::layout::TensorNHWC, kAlign,
-      cutlass::epilogue::TmaWarpSpecialized, Bias>::CollectiveOp;
+      ElementOut, cutlass::layout::TensorNHWC, kAlignOut,
+      ElementOut, cutlass::layout::TensorNHWC, kAlignOut,
+      cutlass::epilogue::TmaWarpSpecialized, Scaled>::CollectiveOp;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop,
       ElementAct, cutlass::layout::TensorNHWC, kAlign,
@@ -55,8 +60,8 @@ struct Fprop {
   using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 
-  static typename Conv::Arguments arguments(ConvShape const& p, void const* x, void const* weight, void const* bias,
-                                            void* out, int sm_count) {
+  static typename Conv::Arguments arguments(ConvShape const& p, void const* x, void const* weight, float const* scale,
+                                            void const* bias, void* out, int sm_count) {
     ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.k, p.r, p.s, p.c},
                        {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1}, 1);
     typename Kernel::StrideC stride_c;
@@ -74,18 +79,20 @@ struct Fprop {
         shape,
         {static_cast<ElementAct const*>(x), static_cast<ElementFlt const*>(weight)},
         {{}, out_ptr, stride_c, out_ptr, stride_d}};  // C is never read: beta is 0
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
-    args.epilogue.thread.bias_ptr = static_cast<ElementOut const*>(bias);
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.alpha_ptr = scale;  // per output channel; null: the scalar 1
+    fusion.beta = 0.0f;
+    fusion.bias_ptr = static_cast<ElementOut const*>(bias);
     args.hw_info.sm_count = sm_count;
     return args;
   }
 
   // 0 on success, else a cutlass::Status (as int): 1000 + status when the shape is not
   // implementable, 2000 + status when initialisation failed, 3000 + status when the launch failed.
-  static int run(ConvShape const& p, void const* x, void const* weight, void const* bias, void* out,
+  static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
                  void* workspace, int sm_count, cudaStream_t stream) {
-    auto args = arguments(p, x, weight, bias, out, sm_count);
+    auto args = arguments(p, x, weight, scale, bias, out, sm_count);
     Conv conv;
     cutlass::Status status = conv.can_implement(args);
     if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
@@ -98,7 +105,7 @@ struct Fprop {
 
   static size_t workspace_bytes(ConvShape const& p, int sm_count) {
     static uint16_t dummy[8];
-    return Conv::get_workspace_size(arguments(p, dummy, dummy, dummy, dummy, sm_count));
+    return Conv::get_workspace_size(arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count));
   }
 };
 

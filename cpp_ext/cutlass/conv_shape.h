@@ -13,18 +13,22 @@ struct ConvShape {
   int n, h, w, c, k, r, s, pad_h, pad_w;
 };
 
-// One instantiated tile shape: its name, its launch (0, or an error code: see Fprop::run) and
-// the workspace it needs. config_N.cu defines entry N.
+// One instantiated configuration: its name, its operand type (e4m3 or fp16), its launch (0, or
+// an error code: see Fprop::run; `scale`: one float per output channel, or null) and the
+// workspace it needs. config_N.cu defines entry N.
 struct Config {
   const char* name;
-  int (*run)(ConvShape const&, void const* x, void const* weight, void const* bias, void* out, void* workspace,
-             int sm_count, cudaStream_t stream);
+  bool e4m3;
+  int (*run)(ConvShape const&, void const* x, void const* weight, float const* scale, void const* bias, void* out,
+             void* workspace, int sm_count, cudaStream_t stream);
   size_t (*workspace_bytes)(ConvShape const&, int sm_count);
 };
 
-constexpr int kConfigs = 3;
+constexpr int kConfigs = 5;
 Config config_0();
 Config config_1();
 Config config_2();
+Config config_3();
+Config config_4();
 
 }  // namespace unclip_cutlass

@@ -16,7 +16,8 @@ applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM 
   convolution (any shape; in fp32 the same products as the FP8 GEMM).
 `CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback";
 "gemm" or "implicit" is that way wherever the shape allows, on any device (the CPU tests run them
-so; "implicit" on a CPU needs `TRITON_INTERPRET=1`).
+so; "implicit" on a CPU needs `TRITON_INTERPRET=1`); "cutlass" is CUTLASS's Hopper implicit GEMM
+where it is built and serves (`models.implicit_conv`), else the read-back way.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Fp8Linear(_Fp8Layer):
         return _gemm(self, x, self.weight_q)
 
 
-CONV_PATH = "auto"  # "auto", "gemm", "implicit" or "readback" (module docstring)
+CONV_PATH = "auto"  # "auto", "gemm", "implicit", "cutlass" or "readback" (module docstring)
 
 
 def _gathered_rows(q: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
@@ -208,16 +209,39 @@ class Fp8Conv(_Fp8Layer):
         return self._read[key]
 
     def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        """`path`: "gemm", "implicit" or "readback" for this call (strict); None: `CONV_PATH`, where
-        "gemm", "implicit" and "auto" (on CUDA: "gemm") mean that way wherever the shape allows."""
+        """`path`: "gemm", "implicit", "cutlass" or "readback" for this call (strict; "cutlass" reads
+        back where its kernel does not serve); None: `CONV_PATH`, where "gemm", "implicit",
+        "cutlass" and "auto" (on CUDA: "gemm") mean that way wherever the shape allows."""
         if path is None:
             wanted = "gemm" if CONV_PATH == "auto" and x.is_cuda else CONV_PATH
             if wanted == "gemm" and _SCALED_MM_WORKS.get((x.device.type, x.dtype)) is False:
                 wanted = "readback"  # no scaled GEMM on this build: gathering would be wasted
-            path = wanted if wanted in ("gemm", "implicit") and x.dim() == 4 and self.gemm_shape() else "readback"
+            allowed = wanted in ("gemm", "implicit", "cutlass") and x.dim() == 4 and self.gemm_shape()
+            path = wanted if allowed else "readback"
+        if path == "cutlass":
+            return self._cutlass_forward(x)
         if path in ("gemm", "implicit"):
             return self._gemm_forward(x, implicit=path == "implicit")
         return self._readback(*self._input(x), x)
+
+    def _cutlass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution on CUTLASS's Hopper implicit GEMM with e4m3 operands
+        (`models.implicit_conv`): the input quantised channels-last, the scales and the bias
+        in the kernel's epilogue; the read-back way where that kernel does not serve."""
+        from models import implicit_conv
+
+        w = self.weight_q
+        if not (x.is_cuda and x.dim() == 4 and self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])):
+            return self._readback(*self._input(x), x)
+        q, scale = self._input(x)
+        q = q.contiguous(memory_format=torch.channels_last)
+        key = (E4M3, w.device, "krsc")
+        if key not in self._read:  # the weight channels-last, as the kernel reads it (kept)
+            self._read[key] = w.view(torch.uint8).contiguous(memory_format=torch.channels_last).view(E4M3)
+        bias = None if self.bias is None else self.bias.to(torch.float16)
+        out = implicit_conv.conv2d_e4m3(q, self._read[key], scale.float() * self.weight_scale.float(), bias,
+                                        tuple(self.padding))
+        return out if x.dtype == torch.float16 else out.to(x.dtype)
 
     def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The convolution of the e4m3 input `q` (scale `scale`) read back in x's dtype."""

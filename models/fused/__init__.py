@@ -15,7 +15,6 @@ fusions off for tests and benchmarks.
   prior_step.py    the prior's cached denoising step
   unet_blocks.py   the UNet's ResBlock and attention block, and their block protocol
   unet_forward.py  the UNet's forward
-  implicit_conv.py fp16 convolutions on CUTLASS's Hopper implicit GEMM (opt-in build; not yet used by the UNets)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class FusedOptions:
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
     :param cutlass_convs: the residual blocks' 3×3 convolutions on CUTLASS's Hopper implicit GEMM
-        (`models.fused.implicit_conv`) where it is built and serves, instead of cuDNN. Off by
+        (`models.implicit_conv`) where it is built and serves, instead of cuDNN. Off by
         default until it is measured faster (`benchmarks/latency.py --cutlass-convs`).
     """
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpp_ext
-from models.fused import implicit_conv
+from models import implicit_conv
 from models.fused.availability import layout
 from models.fused.norms import NormInput, bias_residual, group_norm, plain
 from models.fused.options import DEFAULT, FusedOptions

@@ -1,11 +1,14 @@
-"""The CUTLASS Hopper convolution (`cpp_ext._cutlass_conv`, `models.fused.implicit_conv`) against
-cuDNN's on the UNets' shapes: every tile configuration, with and without bias, and a CUDA-graph
-replay equal to the eager call. Skipped where it was not built (UNCLIP_RT_CUTLASS=1)."""
+"""The CUTLASS Hopper convolution (`cpp_ext._cutlass_conv`, `models.implicit_conv`) against
+cuDNN's on the UNets' shapes: every fp16 tile configuration, with and without bias, a CUDA-graph
+replay equal to the eager call, the fused UNet with it; the e4m3 configurations against the
+product of their operands, and `Fp8Conv`'s "cutlass" way against its read-back way. Skipped
+where it was not built (UNCLIP_RT_CUTLASS=1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cpp_ext
@@ -25,6 +28,8 @@ def test_every_configuration_gives_cudnns_convolution(batch, cin, cout, size, ke
     x = torch.randn(batch, cin, size, size, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     want = conv(x)
     for config, name in enumerate(cpp_ext.cutlass_conv.configs()):
+        if not name.startswith("f16_"):
+            continue
         got = cpp_ext.cutlass_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), kernel // 2, kernel // 2,
                                           config)
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -34,7 +39,7 @@ def test_every_configuration_gives_cudnns_convolution(batch, cin, cout, size, ke
 
 
 def test_the_wrapper_picks_a_configuration_and_replays_from_a_cuda_graph():
-    from models.fused import implicit_conv
+    from models import implicit_conv
 
     conv = nn.Conv2d(320, 320, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
     x = torch.randn(1, 320, 32, 32, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
@@ -73,4 +78,36 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
         assert not calls
         got = fused.unet_forward(unet, x, t, options=FusedOptions(cutlass_convs=True))
     assert calls  # the residual blocks' convolutions ran on CUTLASS
+    assert rel(got, want) <= 5e-3
+
+
+@pytest.mark.parametrize(("batch", "cin", "cout", "size", "kernel"), [(1, 320, 320, 64, 3), (2, 192, 384, 16, 1)])
+def test_every_e4m3_configuration_gives_the_product_of_its_operands(batch, cin, cout, size, kernel):
+    from models.fp8.e4m3 import E4M3
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size, device="cuda").to(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, kernel, kernel, device="cuda").to(memory_format=torch.channels_last) / 8
+    xq, wq = x.to(E4M3), w.to(E4M3)  # on the grid already: the kernel's operands, exactly
+    scale = torch.rand(cout, device="cuda") + 0.5
+    bias = torch.randn(cout, device="cuda").half()
+    ref = F.conv2d(xq.double(), wq.double(), padding=kernel // 2) * scale.double()[:, None, None] \
+        + bias.double()[:, None, None]
+    names = cpp_ext.cutlass_conv.configs()
+    e4m3 = [i for i, name in enumerate(names) if name.startswith("e4m3_")]
+    assert e4m3
+    for config in e4m3:
+        got = cpp_ext.cutlass_conv.conv2d_e4m3(xq, wq, scale, bias, kernel // 2, kernel // 2, config)
+        assert got.dtype == torch.float16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert rel(got, ref) <= 5e-3, names[config]
+
+
+def test_the_fp8_layers_cutlass_way_gives_their_read_back_way():
+    from models.fp8 import layers as fp8_layers
+
+    torch.manual_seed(0)
+    layer = fp8_layers.Fp8Conv.from_float(nn.Conv2d(320, 320, 3, padding=1)).cuda().half()
+    x = torch.randn(2, 320, 32, 32, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    got, want = layer(x, "cutlass"), layer(x, "readback")
+    assert got.is_contiguous(memory_format=torch.channels_last)
     assert rel(got, want) <= 5e-3

@@ -1,0 +1,105 @@
+"""Convolutions through CUTLASS's Hopper implicit GEMM (`cpp_ext._cutlass_conv`): the
+activation read by TMA in im2col mode (no gathered copy), wgmma with fp32 accumulation, a
+per-channel scale and bias in the epilogue, channels-last in and out; fp16 operands (`conv2d`) or
+e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
+
+The kernel comes in a few tile configurations per operand type; which is fastest depends on the
+shape, so the first call of each shape times every configuration of its type (CUDA events,
+outside any CUDA-graph capture) and keeps the fastest. `conv2d` falls back to torch's (cuDNN's)
+convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last, stride or
+dilation other than 1, groups, channel counts not multiples of 8. It is built only on request
+(UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers); `benchmarks/fp8_convs.py`
+times it against cuDNN, and the UNets take it only where asked (`FusedOptions.cutlass_convs`,
+`models.fp8.layers.CONV_PATH = "cutlass"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import cpp_ext
+
+_best: dict[tuple, int] = {}  # (kind, shape of x, shape of weight, padding) → fastest configuration
+
+
+def serves(x: torch.Tensor, weight: torch.Tensor, stride=1, dilation=1, groups: int = 1) -> bool:
+    """Whether the CUTLASS kernel runs this fp16 convolution."""
+    return (cpp_ext.cutlass_conv is not None and x.is_cuda and x.dtype == torch.float16
+            and weight.dtype == torch.float16 and x.dim() == 4 and weight.dim() == 4 and groups == 1
+            and stride in (1, (1, 1)) and dilation in (1, (1, 1))
+            and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and weight.is_contiguous(memory_format=torch.channels_last))
+
+
+def serves_e4m3(channels_in: int, channels_out: int) -> bool:
+    """Whether the kernel is built and takes e4m3 convolutions of these channel counts."""
+    return cpp_ext.cutlass_conv is not None and channels_in % 16 == 0 and channels_out % 8 == 0
+
+
+def _configs(kind: str) -> list[int]:
+    return [i for i, name in enumerate(cpp_ext.cutlass_conv.configs()) if name.startswith(kind + "_")]
+
+
+def _fastest(kind: str, key: tuple, launch: Callable[[int], torch.Tensor]) -> int:
+    """The configuration of `kind` ("f16", "e4m3") to run for `key`: timed once per shape over a
+    few launches each, outside any capture (inside one: the first, not remembered)."""
+    if (kind, *key) in _best:
+        return _best[(kind, *key)]
+    configs = _configs(kind)
+    if torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    times = {}
+    for config in configs:
+        try:
+            launch(config)  # first launch: TMA descriptors, caches
+        except RuntimeError:
+            continue  # this tile shape cannot implement the shape
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            launch(config)
+        stop.record()
+        stop.synchronize()
+        times[config] = start.elapsed_time(stop)
+    if not times:
+        raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
+    _best[(kind, *key)] = best = min(times, key=times.__getitem__)
+    return best
+
+
+def _padding(padding: int | tuple[int, int]) -> tuple[int, int]:
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, padding=padding)` (stride 1), on the CUTLASS kernel where it serves."""
+    if not serves(x, weight):
+        return F.conv2d(x, weight, bias, padding=padding)
+    pad = _padding(padding)
+    bias = None if bias is None else bias.to(torch.float16).contiguous()
+    kernel = cpp_ext.cutlass_conv
+
+    def launch(config: int) -> torch.Tensor:
+        return kernel.conv2d(x, weight, bias, *pad, config)
+
+    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch))
+
+
+def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                padding: int | tuple[int, int] = 0) -> torch.Tensor:
+    """scale[k] · (x ⊛ weight)[k] + bias[k] for e4m3 channels-last `x` and `weight` (stride 1),
+    fp32 accumulation, fp16 channels-last out; `scale` [K] fp32 (the input's scale times each
+    channel's weight scale). The caller checks `serves_e4m3` first."""
+    pad = _padding(padding)
+    bias = None if bias is None else bias.to(torch.float16).contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    kernel = cpp_ext.cutlass_conv
+
+    def launch(config: int) -> torch.Tensor:
+        return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, config)
+
+    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch))
