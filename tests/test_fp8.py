@@ -406,3 +406,38 @@ def test_the_cutlass_way_reads_back_where_its_kernel_does_not_serve(monkeypatch)
     assert torch.equal(layer(x, "cutlass"), want)
     monkeypatch.setattr(layers, "CONV_PATH", "cutlass")
     assert torch.equal(layer(x), want)
+
+
+QUANTIZE_CHECK = """
+import torch
+from models.fp8.e4m3 import E4M3, quantize
+from models.fp8.quantize_kernel import quantize_fused
+torch.manual_seed(0)
+scale = torch.tensor(2.0**-4)
+# on the e4m3 grid of a power-of-two scale, a few far beyond its range: division and saturation
+# exact, so the kernel must give torch's bytes (rounding between grid points and NaN are the
+# hardware cast's: the interpreter's own cast mis-rounds and drops NaN, so both are the GPU test's)
+x = quantize(torch.randn(2, 16, 5, 7), scale).float() * scale
+x[0, 0, 0, :2] = torch.tensor([1e3, -1e3])
+for t in (x, x.half(), x.to(memory_format=torch.channels_last), x[:, :, 0]):  # the last not dense: torch's way
+    got, want = quantize_fused(t, scale), quantize(t, scale)
+    assert got.dtype == E4M3 and (got.stride() == t.stride() or not t.is_contiguous())
+    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+print("ok")
+"""
+
+
+def test_the_fused_quantisation_gives_torchs_bytes():
+    """`models.fp8.quantize_kernel` in Triton's interpreter on the CPU against `quantize`: fp32,
+    fp16 and channels-last inputs keep their layout and get the same e4m3 bytes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", QUANTIZE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -77,8 +77,12 @@ class _Fp8Layer(nn.Module):
         return self.input_scale if self.calibrated else tensor_scale(x)
 
     def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e4m3 input, its scale)."""
+        """(e4m3 input, its scale): on a GPU in one pass (`models.fp8.quantize_kernel`)."""
         scale = self._input_scale(x)
+        if x.is_cuda:
+            from models.fp8.quantize_kernel import quantize_fused  # Triton: imported where it runs
+
+            return quantize_fused(x, scale), scale
         return quantize(x, scale), scale
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -110,3 +110,20 @@ def test_fp8_stages_at_karlo_size_against_fp16():
         del converted
     print("FP8 against fp16 at Karlo size, relative error:", {k: f"{v:.2e}" for k, v in errors.items()})
     assert all(0 < e < 0.15 for e in errors.values()), errors  # CPU, fp32 reference: 9.4e-2 and 1.1e-1
+
+
+def test_the_fused_quantisation_gives_torchs_bytes_on_the_gpu():
+    """`models.fp8.quantize_kernel.quantize_fused` on the GPU against `quantize` on any values:
+    rounding between e4m3 numbers, saturation and NaN are the hardware cast's, and must match."""
+    from models.fp8.e4m3 import E4M3, quantize, tensor_scale
+    from models.fp8.quantize_kernel import quantize_fused
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 33, 17, device="cuda") * 3
+    x[0, 0, 0, :4] = torch.tensor([1e4, -1e4, float("nan"), 0.0])
+    scale = tensor_scale(x[1])  # x[0] goes beyond it: saturation
+    for t in (x, x.half(), x.to(memory_format=torch.channels_last).half()):
+        got, want = quantize_fused(t, scale), quantize(t, scale)
+        assert got.dtype == E4M3 and got.stride() == t.stride()
+        g, w = got.float(), want.float()
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0))
