@@ -6,11 +6,12 @@ process, CUDA events, each replayed from a CUDA graph:
 Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 channels-last
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
 `torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone, the floor of that
-way), the "readback" way, and the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3
-operands (the "implicit" way) and with fp16 operands (against cuDNN: issue #33's first part), and
-CUTLASS's Hopper implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in
-e4m3 as `Fp8Conv`'s "cutlass" way (input quantisation included).
-TFLOP/s counts 2·M·N·K of the convolution for every column.
+way; the input's quantisation alone, torch's expression and the one-pass kernel), the "readback"
+way, the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3 operands (the "implicit"
+way) and with fp16 operands (against cuDNN: issue #33's first part), and CUTLASS's Hopper
+implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in e4m3 as `Fp8Conv`'s
+"cutlass" way (input quantisation included). TFLOP/s counts 2·M·N·K of the convolution for every
+column.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from models.checkpoint import atomic_write  # noqa: E402
 from models.fp8.e4m3 import quantize, tensor_scale  # noqa: E402
 from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # noqa: E402
 from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
+from models.fp8.quantize_kernel import quantize_fused  # noqa: E402
 
 SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
 
@@ -58,6 +60,8 @@ def bench(batch: int, channels: int, size: int) -> dict:
         "cudnn_fp16": graph_ms(lambda: conv(x)),
         "fp8_gemm_way": graph_ms(lambda: layer(x, "gemm")),
         "fp8_quantise_and_gather": graph_ms(lambda: _gathered_rows(quantize(x, tensor_scale(x)), (3, 3))),
+        "fp8_quantise_torch": graph_ms(lambda: quantize(x, tensor_scale(x))),
+        "fp8_quantise_fused": graph_ms(lambda: quantize_fused(x, tensor_scale(x))),
         "fp8_gemm_alone": graph_ms(lambda: torch._scaled_mm(rows, weight.t(), scale_a=a_scale, scale_b=b_scale,
                                                             out_dtype=torch.float16)),
         "fp8_readback_way": graph_ms(lambda: layer(x, "readback")),
