@@ -377,10 +377,8 @@ print("ok")
 """
 
 
-def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp16():
-    """The Triton kernel (`models.fp8.implicit_gemm`) in Triton's interpreter on the CPU: the input
-    quantised inside the kernel, and given already quantised, against the read-back convolution;
-    fp16 operands against torch's."""
+def run_interpreted(script: str) -> None:
+    """Run `script` in a fresh Python under Triton's CPU interpreter; it must print "ok"."""
     import os
     import subprocess
     import sys
@@ -389,9 +387,16 @@ def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", IMPLICIT_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=root)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=root)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp16():
+    """The Triton kernel (`models.fp8.implicit_gemm`) in Triton's interpreter on the CPU: the input
+    quantised inside the kernel, and given already quantised, against the read-back convolution;
+    fp16 operands against torch's."""
+    run_interpreted(IMPLICIT_CHECK)
 
 
 def test_the_cutlass_way_reads_back_where_its_kernel_does_not_serve(monkeypatch):
@@ -430,14 +435,4 @@ print("ok")
 def test_the_fused_quantisation_gives_torchs_bytes():
     """`models.fp8.quantize_kernel` in Triton's interpreter on the CPU against `quantize`: fp32,
     fp16 and channels-last inputs keep their layout and get the same e4m3 bytes."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", QUANTIZE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=root)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_interpreted(QUANTIZE_CHECK)
