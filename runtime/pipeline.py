@@ -154,8 +154,9 @@ class UnCLIP(ImageTools):
             Their rows never mix, so at a fixed batch every row takes the same kernels: an image's
             embedding is then the same alone or batched with others on any device and dtype (the
             prior's guided loop amplifies the rounding differences other batch sizes would bring).
-            A service that joins requests sets it to its batch limit (docs/serving.md); the
-            padding rows cost little next to the decoder and super-res, which run unpadded.
+            A service that joins requests sets it (`python -m serve --prior-batch`, default 4;
+            docs/serving.md); the padding rows cost little next to the decoder and super-res,
+            which run unpadded.
         """
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")

@@ -84,8 +84,9 @@ def test_an_fp32_prior_gives_joined_requests_their_lone_images():
 def test_a_fixed_prior_batch_gives_joined_requests_their_lone_images():
     """`UnCLIP(dtype=float16, prior_batch=4)`, the service's setting: the text encoder and the
     prior always run at 4 images, so each row takes the same kernels in the joined call and in the
-    lone ones: the embeddings agree (bit for bit expected; 1e-6 allowed), and the images within 40 dB (the decoder and
-    super-res, which run at the call's own batch, damp what their fp16 kernels change)."""
+    lone ones: the embeddings agree (bit for bit expected; 1e-6 allowed), and the images within
+    40 dB (the decoder and super-res, which run at the call's own batch, damp what their fp16
+    kernels change)."""
     pipe = UnCLIP(device="cuda", dtype=torch.float16, prior_batch=4, progress=False)
     f = batched_against_lone(pipe)
     print(f"fixed prior batch 4, fp16: embedding relative error up to {max(f['embedding']):.1e}; "
