@@ -39,18 +39,30 @@ from models.fp8.quantize_kernel import quantize_fused  # noqa: E402
 SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
 
 
-def bench(batch: int, channels: int, size: int) -> dict:
+def _problem(batch: int, channels: int, size: int) -> tuple[nn.Conv2d, torch.Tensor, int, dict]:
+    """The fp16 channels-last 3×3 convolution of one shape, its input, its FLOPs and the head of its
+    result (label, GFLOP)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
     x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.float16)
     x = x.to(memory_format=torch.channels_last)
+    flop = 2 * batch * size * size * channels * channels * 9
+    return conv, x, flop, {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9}
+
+
+def _timed(times: dict[str, float], flop: int) -> dict:
+    """Each column's ms as µs and TFLOP/s."""
+    return {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
+
+
+def bench(batch: int, channels: int, size: int) -> dict:
+    conv, x, flop, head = _problem(batch, channels, size)
     layer = Fp8Conv.from_float(conv).cuda()
     layer.bias = layer.bias.half()
     weight_fp16, bias = tap_major(conv.weight.detach()), conv.bias.detach()
     for way in ("gemm", "implicit"):  # autotuning and first-use layouts before any capture
         layer(x, way)
     conv2d_nhwc(x, weight_fp16, 3, bias, out_dtype=torch.float16)
-    flop = 2 * batch * size * size * channels * channels * 9
     scale = tensor_scale(x)
     rows = _gathered_rows(quantize(x, scale), (3, 3))
     weight = layer.tap_major_weight()
@@ -76,11 +88,11 @@ def bench(batch: int, channels: int, size: int) -> dict:
         implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture
         times["cutlass_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight_cl, bias, 1))
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
-    out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9, "fp8_rel_error": err}
+    out = head | {"fp8_rel_error": err}
     if "cutlass_fp16" in times:
         ref, got = conv(x).float(), implicit_conv.conv2d(x, weight_cl, bias, 1).float()
         out["cutlass_rel_error"] = float((got - ref).norm() / ref.norm())
-    out |= {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
+    out |= _timed(times, flop)
     print(out["shape"], {k: f"{v['us']:.0f} µs ({v['tflops']:.0f} TFLOP/s)" for k, v in out.items()
                          if isinstance(v, dict)}, f"rel error {err:.1e}",
           f"cutlass rel error {out.get('cutlass_rel_error', float('nan')):.1e}", flush=True)
@@ -89,16 +101,11 @@ def bench(batch: int, channels: int, size: int) -> dict:
 
 def cudnn_only(batch: int, channels: int, size: int) -> dict:
     """cuDNN's fp16 channels-last convolution alone, as `bench` times it (for other cuDNN settings)."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(channels, channels, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, channels, size, size, device="cuda", dtype=torch.float16)
-    x = x.to(memory_format=torch.channels_last)
+    conv, x, flop, head = _problem(batch, channels, size)
     conv(x)
-    flop = 2 * batch * size * size * channels * channels * 9
-    ms = graph_ms(lambda: conv(x))
-    out = {"shape": f"b{batch}, {channels}→{channels} @{size}²", "gflop": flop / 1e9,
-           "cudnn_fp16": {"us": ms * 1e3, "tflops": flop / (ms * 1e-3) / 1e12}}
-    print(out["shape"], f"cudnn_fp16 {ms * 1e3:.0f} µs ({out['cudnn_fp16']['tflops']:.0f} TFLOP/s)", flush=True)
+    out = head | _timed({"cudnn_fp16": graph_ms(lambda: conv(x))}, flop)
+    print(out["shape"], f"cudnn_fp16 {out['cudnn_fp16']['us']:.0f} µs ({out['cudnn_fp16']['tflops']:.0f} TFLOP/s)",
+          flush=True)
     return out
 
 

@@ -23,11 +23,15 @@ def channel_scales(weight: torch.Tensor) -> torch.Tensor:
     return (amax / E4M3_MAX).clamp_min(_TINY)
 
 
+def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """fp32 scalar: the largest |x|, as the infinity norm, one reduction that reads `x` once (exact
+    in x's own dtype; NaN stays NaN)."""
+    return torch.linalg.vector_norm(x.detach(), ord=float("inf")).float()
+
+
 def tensor_scale(x: torch.Tensor) -> torch.Tensor:
-    """fp32 scalar scale of a whole tensor: its largest magnitude / 448. The largest magnitude is
-    the infinity norm, one reduction that reads `x` once (exact in x's own dtype; NaN stays NaN)."""
-    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf")).float()
-    return (amax / E4M3_MAX).clamp_min(_TINY)
+    """fp32 scalar scale of a whole tensor: its largest magnitude / 448."""
+    return (largest_magnitude(x) / E4M3_MAX).clamp_min(_TINY)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

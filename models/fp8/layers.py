@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fp8.e4m3 import E4M3, channel_scales, dequantize, quantize, tensor_scale
+from models.fp8.e4m3 import E4M3, channel_scales, dequantize, largest_magnitude, quantize, tensor_scale
 
 _GEMM_MULTIPLE = 16  # `_scaled_mm` needs K and N multiples of 16
 # (device type, output dtype) → how `_scaled_mm` with row-wise scales runs there: True (directly),
@@ -72,7 +72,7 @@ class _Fp8Layer(nn.Module):
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The input's scale (calibrated, or its own), recording its range while calibrating."""
         if self.observing:
-            amax = x.detach().float().abs().amax()
+            amax = largest_magnitude(x)
             self.observed_amax = amax if self.observed_amax is None else torch.maximum(self.observed_amax, amax)
         return self.input_scale if self.calibrated else tensor_scale(x)
 
@@ -239,11 +239,11 @@ class Fp8Conv(_Fp8Layer):
             return self._readback(*self._input(x), x)
         q, scale = self._input(x)
         q = q.contiguous(memory_format=torch.channels_last)
-        key = (E4M3, w.device, "krsc")
-        if key not in self._read:  # the weight channels-last, as the kernel reads it (kept)
-            self._read[key] = w.view(torch.uint8).contiguous(memory_format=torch.channels_last).view(E4M3)
+        n, c, kh, kw = w.shape
+        # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
+        weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
         bias = None if self.bias is None else self.bias.to(torch.float16)
-        out = implicit_conv.conv2d_e4m3(q, self._read[key], scale.float() * self.weight_scale.float(), bias,
+        out = implicit_conv.conv2d_e4m3(q, weight, scale.float() * self.weight_scale.float(), bias,
                                         tuple(self.padding))
         return out if x.dtype == torch.float16 else out.to(x.dtype)
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from models.fp8.e4m3 import E4M3, E4M3_MAX, quantize
 
 BLOCK = 4096
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (CI's check), as Triton reads it
 
 
 @triton.jit
@@ -40,8 +41,7 @@ def dense(x: torch.Tensor) -> bool:
 def quantize_fused(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`quantize(x, scale)` for a per-tensor `scale` (one fp32 value on x's device): one kernel
     where `x` is dense on a GPU (or under Triton's interpreter), else torch's expression."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (CI's check)
-    if scale.numel() != 1 or not dense(x) or not (x.is_cuda or interpreted) or x.numel() == 0:
+    if scale.numel() != 1 or not dense(x) or not (x.is_cuda or _INTERPRETED) or x.numel() == 0:
         return quantize(x, scale)
     q = torch.empty_like(x, dtype=E4M3)  # the same strides: storage order in, storage order out
     scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
