@@ -9,6 +9,8 @@ which one runs. `cutlass_conv` is the CUTLASS Hopper convolution (`cpp_ext/cutla
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (the extensions link to torch's libraries, which importing torch loads)
+
 try:
     from cpp_ext import _C as kernels
     IMPORT_ERROR: str | None = None

@@ -33,8 +33,9 @@ def check_graph(
     batches: tuple[int, ...] = (1, 3),
     providers: tuple[str | tuple[str, dict[str, str]], ...] = ("CPUExecutionProvider",), seed: int = 1,
 ) -> float:
-    """Largest relative error of the graph's outputs against the float32 torch module, over
-    `batches`. Raises `onnx.checker.ValidationError` for an invalid graph."""
+    """Largest relative error of the graph's outputs against the torch module, over `batches`:
+    the float32 module, or the module in the precision the model is held in (a model held in
+    fp16 is its own reference). Raises `onnx.checker.ValidationError` for an invalid graph."""
     import onnxruntime as ort
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -52,8 +53,10 @@ def check_graph(
                                    model.cfg.clip.vocab_size)
         feed = {k: (v.to(dtype) if v.is_floating_point() else v).numpy() for k, v in inputs.items()}
         got = session.run(sig.output_names, feed)
+        held = next(module.parameters())
         with torch.no_grad():
-            ref = module(*(v.to(next(module.parameters()).device) for v in inputs.values()))
+            ref = module(*(v.to(held.device, held.dtype if v.is_floating_point() else v.dtype)
+                           for v in inputs.values()))
         for g, r in zip(got, ref, strict=True):
             if g.shape != tuple(r.shape):
                 raise AssertionError(f"{sig.name}: output shape {g.shape} != torch {tuple(r.shape)} at batch {batch}")

@@ -81,23 +81,26 @@ class ClipEncoder(nn.Module):
         self.cfg = cfg
         self.model = OpenAIClip(cfg, with_vision=with_vision)
 
-    def reset_causal_mask(self) -> None:
-        """Recreate the text tower's causal mask (a non-persistent buffer) after a meta-device load."""
-        self.model.attn_mask = causal_bias(self.cfg.context_length)
+    def reset_causal_mask(self, device: torch.device | None = None) -> None:
+        """Recreate the text tower's causal mask (a non-persistent buffer) after a meta-device
+        load, on `device` (default: torch's default device, the CPU in place of meta)."""
+        self.model.attn_mask = causal_bias(self.cfg.context_length, device)
 
     @property
     def has_vision(self) -> bool:
         return self.model.visual is not None
 
-    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, tokens: torch.Tensor, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, L] → (text_embed [B, D], text_tokens [B, L, W] after `ln_final`).
 
-        The text transformer runs causally without the padding mask, as in CLIP and Karlo.
+        The text transformer runs causally without the padding mask, as in CLIP and Karlo. `ends`
+        [B] are the EOT tokens' positions, whose features are pooled (default: the largest id's).
         """
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # the EOT token's feature
+        ends = tokens.argmax(dim=-1) if ends is None else ends
+        pooled = x[torch.arange(x.shape[0], device=x.device), ends]  # the EOT token's feature
         return pooled @ m.text_projection, x
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

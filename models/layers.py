@@ -115,10 +115,10 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-def causal_bias(n: int) -> torch.Tensor:
-    """[n, n] additive bias that hides future positions (-inf above the diagonal), on the default
-    device (the CPU in place of meta: see `concrete_default_device`)."""
-    return torch.full((n, n), float("-inf"), device=concrete_default_device()).triu_(1)
+def causal_bias(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """[n, n] additive bias that hides future positions (-inf above the diagonal), on `device`
+    or the default device (the CPU in place of meta: see `concrete_default_device`)."""
+    return torch.full((n, n), float("-inf"), device=device or concrete_default_device()).triu_(1)
 
 
 def concrete_default_device() -> torch.device:

@@ -43,11 +43,14 @@ class UnCLIPModel(nn.Module):
             return cls(cfg, with_vision=with_vision, with_ar_prior=with_ar_prior)
 
     def materialize_buffers(self) -> None:
-        """Recreate the non-persistent buffers (causal masks) after loading into `empty()`."""
-        self.prior.causal_bias = causal_bias(self.cfg.prior.seq_len)
+        """Recreate the non-persistent buffers (causal masks) after loading into `empty()`, on the
+        device the weights were loaded to (a state dict on the GPU gives a model on the GPU)."""
+        device = next(self.parameters()).device
+        device = None if device.type == "meta" else device
+        self.prior.causal_bias = causal_bias(self.cfg.prior.seq_len, device)
         if self.ar_prior is not None:
-            self.ar_prior.causal_bias = causal_bias(self.cfg.ar_prior.seq_len)
-        self.clip.reset_causal_mask()
+            self.ar_prior.causal_bias = causal_bias(self.cfg.ar_prior.seq_len, device)
+        self.clip.reset_causal_mask(device)
 
     @classmethod
     def from_state(cls, cfg: UnCLIPConfig, state: dict, what: str) -> UnCLIPModel:

@@ -92,6 +92,29 @@ def test_fp16_graphs_stay_within_the_stated_tolerance(random_model, tmp_path):
         assert 0 < entry["max_relative_error"] <= TOLERANCE["fp16"]
 
 
+def test_a_model_held_in_fp16_exports_and_checks_against_itself(random_model, tmp_path):
+    """A model whose weights are fp16 already (as a benchmark's model shared with an fp16 peer
+    is) exports fp16 graphs, each checked against the module in fp16: the check feeds the module
+    inputs in the dtype it is held in."""
+    held = copy.deepcopy(random_model).half()
+    manifest = build(held, tmp_path, ["onnxruntime"], fp16=True, stages=["prior", "clip_text"])
+    for entry in manifest["stages"].values():
+        assert 0 < entry["max_relative_error"] <= TOLERANCE["fp16"]
+
+
+def test_every_argmax_in_the_graphs_takes_floats(random_model, tmp_path):
+    """ONNX Runtime's CUDA provider has ArgMax for floating-point inputs only; an ArgMax over the
+    token ids (CLIP's EOT pooling) would run on the CPU between two copies. Every ArgMax of
+    every graph reads a float tensor (the ids cast to float32: exact below 2^24)."""
+    import onnx
+
+    build(random_model, tmp_path, ["onnxruntime"], stages=["clip_text"])
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "clip_text.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    argmax = [n for n in graph.node if n.op_type == "ArgMax"]
+    assert argmax and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in argmax)
+
+
 def test_build_command_errors_are_clear(tmp_path, capsys):
     assert main(["--model", "random:tiny", "--out", str(tmp_path), "--backends", "tensorrt"]) == 2 or \
         __import__("export.tensorrt_build").tensorrt_build.available()

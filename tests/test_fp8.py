@@ -177,6 +177,16 @@ def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
     assert layer.input_scale.dtype == torch.float32 and layer.bias.dtype == torch.float16
 
 
+def test_a_layer_made_from_a_module_keeps_every_buffer_beside_its_weight():
+    """A layer converted where its module lives (the pipeline converts modules already on the GPU)
+    holds all its buffers there, the activation scale included: a scale left on the CPU cannot be
+    read by the GPU's kernels inside a CUDA graph. The meta device stands in for the GPU here."""
+    with torch.device("meta"):
+        conv, linear = nn.Conv2d(16, 16, 3), nn.Linear(32, 16)
+    for layer in (Fp8Conv.from_float(conv), Fp8Linear.from_float(linear)):
+        assert {b.device.type for b in layer.buffers()} == {"meta"}
+
+
 def test_the_policy_converts_the_large_maps_and_keeps_each_unets_first_and_last_convolution():
     from models.fp8.policy import GROUPS
 

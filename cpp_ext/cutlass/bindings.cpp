@@ -13,12 +13,17 @@
 
 namespace uc = unclip_cutlass;
 
+// Error messages take numbers as std::to_string, as the other kernels' bindings do: a message
+// built from strings alone formats no number through a stream inside the extension, which
+// crashed where the toolchain had linked its own copy of the C++ library into it.
+
 namespace {
 
 const uc::Config& config_at(int64_t index) {
   static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2(), uc::config_3(),
                                                    uc::config_4()};
-  TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", uc::kConfigs, "), got ", index);
+  TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", std::to_string(uc::kConfigs), "), got ",
+              std::to_string(index));
   return configs[index];
 }
 
@@ -33,7 +38,8 @@ void check_channel_vector(const c10::optional<torch::Tensor>& t, const char* nam
   if (!t.has_value()) return;
   TORCH_CHECK(t->is_cuda() && t->scalar_type() == dtype && t->numel() == k && t->is_contiguous() &&
                   t->device() == x.device(),
-              name, " must be a contiguous ", c10::toString(dtype), " CUDA tensor of ", k, " values on x's device");
+              name, " must be a contiguous ", c10::toString(dtype), " CUDA tensor of ", std::to_string(k),
+              " values on x's device");
 }
 
 // The launch both entry points share: shapes checked, output and workspace allocated.
@@ -41,9 +47,10 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
                      int64_t pad_h, int64_t pad_w, int64_t config, int64_t align) {
   const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
-  TORCH_CHECK(weight.size(1) == c, "weight has ", weight.size(1), " input channels, x has ", c);
-  TORCH_CHECK(c % align == 0 && k % 8 == 0, "channel counts must be multiples of ", align, " (in) and 8 (out), got ",
-              c, " and ", k);
+  TORCH_CHECK(weight.size(1) == c, "weight has ", std::to_string(weight.size(1)), " input channels, x has ",
+              std::to_string(c));
+  TORCH_CHECK(c % align == 0 && k % 8 == 0, "channel counts must be multiples of ", std::to_string(align),
+              " (in) and 8 (out), got ", std::to_string(c), " and ", std::to_string(k));
   TORCH_CHECK(x.device() == weight.device(), "x and weight must be on one device");
   const auto ho = h + 2 * pad_h - r + 1, wo = w + 2 * pad_w - s + 1;
   TORCH_CHECK(ho > 0 && wo > 0, "padding too small for the kernel");
@@ -62,7 +69,7 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
   const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias, out.data_ptr(),
                          bytes > 0 ? workspace.data_ptr() : nullptr, sm_count,
                          c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
-  TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", rc,
+  TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", std::to_string(rc),
               " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
   return out;
 }

@@ -53,8 +53,10 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
     pixel = offs_m.to(tl.int64) * C  # where each output pixel's own input pixel starts
     taps_c = KS * KS * C
     if QUANTIZE:
-        inv_scale = 1.0 / tl.load(a_scale_ptr)
+        a_scale = tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALED:  # both scales at once: each tile's sum is scaled as it is added (below)
+        ab_scale = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     # one loop over the whole reduction (taps × channels), so the load pipeline runs across taps;
     # each reduction index k is a tap (dy, dx) and a channel, and its input element sits at a
     # fixed offset from the output pixel's own: ((dy·W + dx)·C + channel)
@@ -69,18 +71,19 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
         inside = (offs_m[:, None] < M) & (offs_k[None, :] < taps_c) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         a = tl.load(x_ptr + pixel[:, None] + shift[None, :], mask=inside, other=0.0)
         if QUANTIZE:  # the input's own dtype in memory, e4m3 in registers: no quantised copy
-            a = tl.clamp(a.to(tl.float32) * inv_scale, -448.0, 448.0)
+            # divided, not multiplied by the reciprocal: quantize's own rounding, so the same bytes
+            a = tl.clamp(a.to(tl.float32) / a_scale, -448.0, 448.0)
             a = a.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's cast rounds
         # the weight is [N, taps·C]: a K-contiguous tile, the operand order Hopper's FP8 MMA takes
         b = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * taps_c + offs_k[:, None],
                     mask=(offs_k[:, None] < taps_c) & (offs_n[None, :] < N), other=0.0)
-        if SCALED:  # e4m3 products: promote to fp32 once per tile (Hopper's FP8 MMA accumulates in less)
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        if SCALED:
+            # e4m3 products: Hopper's FP8 MMA keeps its running sum in fewer bits than fp32, so
+            # each tile's products are summed on their own and added to the fp32 total outside
+            # the MMA (scaled first, which also keeps the compiler from folding the add into it)
+            acc += tl.dot(a, b) * ab_scale[None, :]
         else:
             acc = tl.dot(a, b, acc)
-    if SCALED:
-        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc = acc * tl.load(a_scale_ptr) * b_scale[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]

@@ -47,7 +47,7 @@ class _Fp8Layer(nn.Module):
         self.register_buffer("weight_q", quantize(weight, scales.view(view)))
         self.register_buffer("weight_scale", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("input_scale", torch.tensor(float("nan")))
+        self.register_buffer("input_scale", torch.full((), float("nan"), device=weight.device))  # beside the weight
         self.calibrated = False  # host-side copy of `input_scale`'s state: no device read per call
         self.observed_amax: torch.Tensor | None = None  # while calibrating: the largest |input| seen
         self.observing = False

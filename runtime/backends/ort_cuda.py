@@ -141,6 +141,14 @@ class OrtCudaEngine:
             # no stream synchronisation at the end of a run (a sync cannot be captured, and would
             # hold the host): the events in `__call__` order the engine's stream with torch's
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if self.capturable:
+            # Two runs before any capture: the first times cuDNN's algorithms and records the
+            # memory pattern, the second allocates that pattern's block from the arena. A capture
+            # may then run the session, since a run that asks CUDA for memory breaks a capture.
+            with torch.cuda.stream(self._stream):
+                for _ in range(2):
+                    session.run_with_iobinding(binding, self._run_options)
+            self._stream.synchronize()
         return _BatchSession(session, binding, inputs, outputs)
 
     @torch.no_grad()

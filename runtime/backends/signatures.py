@@ -177,7 +177,9 @@ class _ClipText(nn.Module):
         self.clip = model.clip
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.clip.encode_text(tokens)
+        # The EOT position as the argmax of the ids in float32 (exact: ids < 2^24): ONNX Runtime's
+        # CUDA ArgMax takes no integers, and an integer one would run on the CPU with two copies.
+        return self.clip.encode_text(tokens, ends=tokens.float().argmax(dim=-1))
 
 
 class _ClipImage(nn.Module):

@@ -137,3 +137,18 @@ def test_outputs_copied_from_the_gpu_equal_the_cpu_conversion_and_stay_put():
     assert torch.equal(to_output(images.cuda(), "pt"), to_output(images, "pt"))
     for ours, cpu in zip(to_output(images.cuda(), "pil"), to_output(images, "pil"), strict=True):
         assert np.array_equal(np.asarray(ours), np.asarray(cpu)) and ours.size == (24, 16)
+
+
+def test_a_state_dict_on_the_gpu_gives_a_model_whose_causal_masks_are_there_too(ours):
+    """`UnCLIPModel.from_state` with tensors on the GPU: the masks it rebuilds (non-persistent
+    buffers) follow the weights, so the model runs there as loaded (an export or a forward
+    would otherwise meet a mask left on the CPU)."""
+    from models.unclip import UnCLIPModel
+
+    state = {k: v.cuda() for k, v in ours.state_dict().items()}
+    model = UnCLIPModel.from_state(ours.cfg, state, "the tiny model on the GPU")
+    masks = [model.prior.causal_bias, model.clip.model.attn_mask]
+    assert all(m.device.type == "cuda" for m in masks)
+    tokens = torch.randint(0, ours.cfg.clip.vocab_size, (2, ours.cfg.clip.context_length), device="cuda")
+    embed, _ = model.clip.encode_text(tokens)
+    assert embed.is_cuda and torch.isfinite(embed).all()
