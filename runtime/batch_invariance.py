@@ -1,13 +1,16 @@
 """CPU matrix products whose every row is the same whatever else shares the call.
 
 On the CPU, MKL's GEMM sums a row's products in an order that depends on how many rows the call
-has (fewer than four rows, or a tail of a block, take other kernels), so one image's numbers would
-depend on the images batched beside it. Padding a product's rows to a multiple of four puts every
-row through the same kernel; measured here: the row results then agree bit for bit at every row
-count and offset. Under `row_invariant_matmuls()` the runtime's linear layers and 2-D products do
-that, so on the CPU a seed's image is the same alone or batched with other requests (which a
-server that batches requests needs). Convolutions, norms and attention are row-invariant already.
-GPU tensors pass through untouched.
+has: fewer than four rows, the tail of a block, and on some CPUs any call beyond a dozen rows
+take other kernels. So one image's numbers would depend on the images batched beside it. Within
+one call of a given row count, though, a row's result does not depend on its position or on the
+other rows. Under `row_invariant_matmuls()` the runtime's linear layers and 2-D products
+therefore run as calls of exactly `ROW_CHUNK` rows each (the last one padded with zeros): every
+row goes through the same kernel at any batch, so on the CPU a seed's image is the same alone or
+batched with other requests (which a server that batches requests needs). Convolutions, norms
+and attention are row-invariant already. GPU tensors pass through untouched.
+(`tests/test_batch_invariance.py` checks it on the machine that runs the tests; docs/serving.md
+has what was measured.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-ROW_MULTIPLE = 4
+ROW_CHUNK = 16  # rows per product call: fewer calls for long inputs, little padding for short ones
 
 
 def _cpu_float(*tensors) -> bool:
@@ -29,12 +32,15 @@ def _cpu_float(*tensors) -> bool:
 
 
 def padded_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` for 2-D `a` with its rows padded with zeros to a multiple of `ROW_MULTIPLE`."""
+    """`a @ b` for 2-D `a`, as products of `ROW_CHUNK` rows of `a` at a time (the last chunk
+    padded with zero rows)."""
     rows = a.shape[0]
-    pad = (-rows) % ROW_MULTIPLE
+    pad = (-rows) % ROW_CHUNK
     if pad:
         a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-    return torch.mm(a, b)[:rows]
+    if a.shape[0] == ROW_CHUNK:
+        return torch.mm(a, b)[:rows]
+    return torch.cat([torch.mm(chunk, b) for chunk in a.split(ROW_CHUNK)])[:rows]
 
 
 def _flat_product(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ from runtime.backends.engine import EngineError, cast_inputs
 from runtime.backends.signatures import BATCH, StageSignature
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+          "tensor(bool)": torch.bool}
 
 
 def fixed_batch_options(batch: int, cpu_fallback: bool = True):
@@ -127,13 +129,17 @@ class OrtCudaEngine:
                               f"({exc}); rebuild with {self.rebuild}") from exc
         index = self.device.index or 0
         binding = session.io_binding()
+        # buffers bound in the types the graph declares (`copy_` converts on the way in): an fp16
+        # graph keeps some tensors in float32, as the torch stage does (the decoder's context bias)
+        wanted = {i.name: i.type for i in session.get_inputs()}
         inputs, outputs = [], []
         for spec in sig.inputs:
-            x = torch.zeros(spec.concrete(batch), dtype=spec.dtype(self.float_dtype), device=self.device)
+            x = torch.zeros(spec.concrete(batch), dtype=_TORCH[wanted[spec.name]], device=self.device)
             inputs.append(x)
             binding.bind_input(spec.name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        declared = {o.name: o.type for o in session.get_outputs()}
         for spec in sig.outputs:
-            y = torch.empty(spec.concrete(batch), dtype=self.float_dtype, device=self.device)
+            y = torch.empty(spec.concrete(batch), dtype=_TORCH[declared[spec.name]], device=self.device)
             outputs.append(y)
             binding.bind_output(spec.name, "cuda", index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
         if self._run_options is None:

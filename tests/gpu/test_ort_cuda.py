@@ -86,6 +86,7 @@ def test_auto_measures_each_stage_and_gives_the_torch_image(default_engines, no_
     fp16 = UnCLIP(engine_dir=default_engines / "fp16", device="cuda", progress=False)
     print("auto on this GPU (fp16 graphs):", *(c.describe() for c in fp16.backend_choice), sep="\n  ")
     assert fp16.backend == "measured" and fp16.dtype == torch.float16
+    assert all(c.onnxruntime_ms is not None for c in fp16.backend_choice), [c.note for c in fp16.backend_choice]
 
 
 @pytest.mark.parametrize("graphs", ["onnxruntime", "torch"])
