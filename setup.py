@@ -61,7 +61,7 @@ def cutlass_extensions(CUDAExtension) -> list:
     include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
     if include is None:
         return []
-    sources = ["bindings.cpp", *(f"config_{i}.cu" for i in range(5))]
+    sources = ["bindings.cpp", *(f"config_{i}.cu" for i in range(6))]
     # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",

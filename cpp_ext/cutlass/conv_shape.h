@@ -24,11 +24,12 @@ struct Config {
   size_t (*workspace_bytes)(ConvShape const&, int sm_count);
 };
 
-constexpr int kConfigs = 5;
+constexpr int kConfigs = 6;
 Config config_0();
 Config config_1();
 Config config_2();
 Config config_3();
 Config config_4();
+Config config_5();
 
 }  // namespace unclip_cutlass
