@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dynamic activation scales; fp8-unets: the decoder too)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
+    p.add_argument("--ort-engine-dir", type=Path,
+                   help="where the onnxruntime rows' fp16 graphs are built (kept, and reused while the model and "
+                        "settings match: a second run skips the export); default a temporary folder")
     p.add_argument("--first-image", action="store_true", help="time a new process from start to its first image")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -161,7 +164,7 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
     from runtime.backends.signatures import generate_stages
     from runtime.sampling.graphs import GraphCache
 
-    folder = Path(tempfile.mkdtemp(prefix="ort-engines-"))
+    folder = args.ort_engine_dir or Path(tempfile.mkdtemp(prefix="ort-engines-"))
     start = time.perf_counter()
     manifest = build(model, folder, ["onnxruntime"], fp16=True, stages=list(generate_stages(model.cfg)))
     result = {"export_s": time.perf_counter() - start, "modes": {},
