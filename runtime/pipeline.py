@@ -640,8 +640,7 @@ def _converted(model: UnCLIPModel, device: torch.device, dtype: torch.dtype,
     state = {k: v.detach().to(device=device, dtype=wanted(k, v), copy=True) for k, v in model.state_dict().items()}
     copy = UnCLIPModel.empty(model.cfg, with_vision=model.clip.has_vision, with_ar_prior=model.ar_prior is not None)
     copy.load_state_dict(state, assign=True)
-    with torch.device(device):
-        copy.materialize_buffers()
+    copy.materialize_buffers()  # on the loaded weights' device
     for name, part in copy.named_children():  # the materialized buffers too
         part.to(dtype=prior_dtype if name in CONDITIONING_MODULES else dtype)
     return copy.eval()

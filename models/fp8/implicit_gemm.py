@@ -52,11 +52,10 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
     x = offs_m % W
     pixel = offs_m.to(tl.int64) * C  # where each output pixel's own input pixel starts
     taps_c = KS * KS * C
-    if QUANTIZE:
-        a_scale = tl.load(a_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SCALED:  # both scales at once: each tile's sum is scaled as it is added (below)
-        ab_scale = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    if SCALED:  # (QUANTIZE comes with SCALED) both scales at once: each tile's sum is scaled as it is added
+        a_scale = tl.load(a_scale_ptr)
+        ab_scale = a_scale * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     # one loop over the whole reduction (taps × channels), so the load pipeline runs across taps;
     # each reduction index k is a tap (dy, dx) and a channel, and its input element sits at a
     # fixed offset from the output pixel's own: ((dy·W + dx)·C + channel)

@@ -131,15 +131,14 @@ class OrtCudaEngine:
         binding = session.io_binding()
         # buffers bound in the types the graph declares (`copy_` converts on the way in): an fp16
         # graph keeps some tensors in float32, as the torch stage does (the decoder's context bias)
-        wanted = {i.name: i.type for i in session.get_inputs()}
+        declared = {v.name: _TORCH[v.type] for v in [*session.get_inputs(), *session.get_outputs()]}
         inputs, outputs = [], []
         for spec in sig.inputs:
-            x = torch.zeros(spec.concrete(batch), dtype=_TORCH[wanted[spec.name]], device=self.device)
+            x = torch.zeros(spec.concrete(batch), dtype=declared[spec.name], device=self.device)
             inputs.append(x)
             binding.bind_input(spec.name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
-        declared = {o.name: o.type for o in session.get_outputs()}
         for spec in sig.outputs:
-            y = torch.empty(spec.concrete(batch), dtype=_TORCH[declared[spec.name]], device=self.device)
+            y = torch.empty(spec.concrete(batch), dtype=declared[spec.name], device=self.device)
             outputs.append(y)
             binding.bind_output(spec.name, "cuda", index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
         if self._run_options is None:
@@ -151,9 +150,9 @@ class OrtCudaEngine:
             # Two runs before any capture: the first times cuDNN's algorithms and records the
             # memory pattern, the second allocates that pattern's block from the arena. A capture
             # may then run the session, since a run that asks CUDA for memory breaks a capture.
-            with torch.cuda.stream(self._stream):
-                for _ in range(2):
-                    session.run_with_iobinding(binding, self._run_options)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed inputs
+            for _ in range(2):
+                session.run_with_iobinding(binding, self._run_options)  # on the engine's stream
             self._stream.synchronize()
         return _BatchSession(session, binding, inputs, outputs)
 
