@@ -87,6 +87,55 @@ def test_the_fused_unet_gives_the_reference_output(emulated, cfg, layout):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
+def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, monkeypatch):
+    """A UNet holding FP8 layers (`models.fp8`; residual 3×3 convolutions, 1×1 skips, attention
+    projections) takes the fused path, each layer running its own product — bias-free where a
+    fused join adds the bias — and gives the reference forward's output. The e4m3 rounding is
+    switched off here (quantise = divide by the scale) so that the comparison is exact: with it,
+    any fp32 rounding difference moves values across e4m3 steps, noise that would hide a lost
+    bias (the GPU test compares errors against fp16 instead)."""
+    from models.fp8 import layers as fp8_layers
+
+    monkeypatch.setattr(fp8_layers, "quantize", lambda x, scale: x.float() / scale)
+    monkeypatch.setattr(fp8_layers, "dequantize", lambda q, scale, dtype: (q.float() * scale).to(dtype))
+    monkeypatch.setattr(fp8_layers, "channel_scales", lambda w: w.detach().abs().flatten(1).amax(1) / 448)
+    monkeypatch.setitem(fp8_layers._SCALED_MM_WORKS, ("cpu", torch.float32), False)  # products read back
+    unet = _randomised(UNet(cfg), 0)
+    x, t, kw = _unet_inputs(cfg)
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d) and name not in ("input_blocks.0.0", "out.2"):
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, fp8_layers.Fp8Conv.from_float(module))
+    ref = unet(x, t, **kw)
+    unbiased = []
+    real = fp8_layers.Fp8Conv.forward
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("with_bias") is False:
+            unbiased.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "forward", spy)
+    real_rows = fp8_layers.Fp8Conv.rows
+
+    def spy_rows(self, rows, with_bias=True):
+        if not with_bias:
+            unbiased.append(self)
+        return real_rows(self, rows, with_bias)
+
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "rows", spy_rows)
+    unet = unet.to(memory_format=torch.channels_last)
+    got = fused.unet_forward(unet, x.contiguous(memory_format=torch.channels_last), t, **kw)
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    assert emulated["group_norm"] > 0 and emulated["group_norm_concat"] > 0  # the fused blocks ran
+    convs = [m for m in unet.modules() if isinstance(m, fp8_layers.Fp8Conv) and m.weight_q.dim() == 4]
+    assert {id(m) for m in convs} <= {id(m) for m in unbiased}  # every residual/skip conv ran bias-free
+    if cfg.attention_ds:
+        assert any(m.weight_q.dim() == 3 for m in unbiased)  # the attention's output projection
+
+
+@torch.no_grad()
 def test_the_packed_context_keys_give_the_projected_context(emulated):
     """The decoder step's form: context keys/values computed once (`UNet.context_kv`) and read per
     block from the packed tensor, as the reference projecting the context in every block."""

@@ -14,7 +14,9 @@ applied in its epilogue) where the shapes allow, so the product is the FP8 GEMM 
   loads them: neither a gathered nor a quantised copy is written.
 - "readback": both operands read back in the input's dtype and convolved with torch's
   convolution (any shape; in fp32 the same products as the FP8 GEMM).
-`CONV_PATH` picks: "auto" (the default) is "gemm" on CUDA where the shape allows, else "readback";
+`CONV_PATH` picks: "auto" (the default) is, on CUDA where the shape allows, "cutlass" for a 3×3
+convolution where that kernel is built and serves (it is the fastest way measured, docs/fp8.md)
+and "gemm" otherwise (a 1×1 needs no gather: its GEMM is the whole product), else "readback";
 "gemm" or "implicit" is that way wherever the shape allows, on any device (the CPU tests run them
 so; "implicit" on a CPU needs `TRITON_INTERPRET=1`); "cutlass" is CUTLASS's Hopper implicit GEMM
 where it is built and serves (`models.implicit_conv`), else the read-back way.
@@ -135,9 +137,10 @@ def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor
     return None
 
 
-def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
-    """`x [..., K]` through `layer`'s e4m3 weight `weight_q [N, K]` (its bias added) in x's dtype:
-    `torch._scaled_mm` where K and N are multiples of 16, else the operands read back."""
+def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """`x [..., K]` through `layer`'s e4m3 weight `weight_q [N, K]` (its bias added unless not
+    `with_bias`) in x's dtype: `torch._scaled_mm` where K and N are multiples of 16, else the
+    operands read back."""
     q, scale = layer._input(x)
     rows = q.reshape(-1, q.shape[-1])
     n, k = weight_q.shape
@@ -147,7 +150,7 @@ def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor) -> torch.Te
     if out is None:
         weight = layer.dequantized_weight(x.dtype).reshape(n, k)
         out = F.linear(dequantize(rows, scale, x.dtype), weight)
-    if layer.bias is not None:
+    if with_bias and layer.bias is not None:
         out = out + layer.bias.to(x.dtype)
     return out.view(*x.shape[:-1], n)
 
@@ -212,23 +215,34 @@ class Fp8Conv(_Fp8Layer):
             self._read[key] = w.view(E4M3).reshape(w.shape[0], -1)
         return self._read[key]
 
-    def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: str | None = None, with_bias: bool = True) -> torch.Tensor:
         """`path`: "gemm", "implicit", "cutlass" or "readback" for this call (strict; "cutlass" reads
         back where its kernel does not serve); None: `CONV_PATH`, where "gemm", "implicit",
-        "cutlass" and "auto" (on CUDA: "gemm") mean that way wherever the shape allows."""
+        "cutlass" and "auto" (module docstring) mean that way wherever the shape allows.
+        `with_bias=False`: the convolution without its bias (the fused path adds it in a later pass)."""
         if path is None:
-            wanted = "gemm" if CONV_PATH == "auto" and x.is_cuda else CONV_PATH
+            wanted = self._auto_path(x) if CONV_PATH == "auto" and x.is_cuda else CONV_PATH
             if wanted == "gemm" and _SCALED_MM_WORKS.get((x.device.type, x.dtype)) is False:
                 wanted = "readback"  # no scaled GEMM on this build: gathering would be wasted
             allowed = wanted in ("gemm", "implicit", "cutlass") and x.dim() == 4 and self.gemm_shape()
             path = wanted if allowed else "readback"
+        bias = self.bias if with_bias else None
         if path == "cutlass":
-            return self._cutlass_forward(x)
+            return self._cutlass_forward(x, bias)
         if path in ("gemm", "implicit"):
-            return self._gemm_forward(x, implicit=path == "implicit")
-        return self._readback(*self._input(x), x)
+            return self._gemm_forward(x, bias, implicit=path == "implicit")
+        return self._readback(*self._input(x), x, bias)
 
-    def _cutlass_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _auto_path(self, x: torch.Tensor) -> str:
+        """"auto"'s way on CUDA: CUTLASS for a 3×3 it serves, else the GEMM (see the module docstring)."""
+        from models import implicit_conv
+
+        w = self.weight_q
+        if w.dim() == 4 and tuple(w.shape[2:]) == (3, 3) and implicit_conv.serves_e4m3(w.shape[1], w.shape[0]):
+            return "cutlass"
+        return "gemm"
+
+    def _cutlass_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution on CUTLASS's Hopper implicit GEMM with e4m3 operands
         (`models.implicit_conv`): the input quantised channels-last, the scales and the bias
         in the kernel's epilogue; the read-back way where that kernel does not serve."""
@@ -236,32 +250,33 @@ class Fp8Conv(_Fp8Layer):
 
         w = self.weight_q
         if not (x.is_cuda and x.dim() == 4 and self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])):
-            return self._readback(*self._input(x), x)
+            return self._readback(*self._input(x), x, bias)
         q, scale = self._input(x)
         q = q.contiguous(memory_format=torch.channels_last)
         n, c, kh, kw = w.shape
         # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
         weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
-        bias = None if self.bias is None else self.bias.to(torch.float16)
+        bias = None if bias is None else bias.to(torch.float16)
         out = implicit_conv.conv2d_e4m3(q, weight, scale.float() * self.weight_scale.float(), bias,
                                         tuple(self.padding))
         return out if x.dtype == torch.float16 else out.to(x.dtype)
 
-    def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The convolution of the e4m3 input `q` (scale `scale`) read back in x's dtype."""
+    def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution of the e4m3 input `q` (scale `scale`) read back in x's dtype, plus `bias`."""
         conv = F.conv2d if self.weight_q.dim() == 4 else F.conv1d
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
         return conv(dequantize(q, scale, x.dtype), self.dequantized_weight(x.dtype), bias, self.stride,
                     self.padding, self.dilation, self.groups)
 
-    def _gemm_forward(self, x: torch.Tensor, implicit: bool = False) -> torch.Tensor:
+    def _gemm_forward(self, x: torch.Tensor, bias: torch.Tensor | None, implicit: bool = False) -> torch.Tensor:
         if not self.gemm_shape():
             raise ValueError(f"the FP8 GEMM way takes 1×1 and padded 3×3 stride-1 2-D convolutions, not "
                              f"{tuple(self.weight_q.shape)} stride {self.stride} padding {self.padding}")
         if implicit:  # the kernel quantises the input as it loads it
             from models.fp8.implicit_gemm import conv2d_nhwc  # Triton: imported where it runs
 
-            return conv2d_nhwc(x, self.tap_major_weight(), self.weight_q.shape[2], self.bias,
+            return conv2d_nhwc(x, self.tap_major_weight(), self.weight_q.shape[2], bias,
                                a_scale=self._input_scale(x), b_scale=self.weight_scale, out_dtype=x.dtype,
                                tuned=x.is_cuda)
         q, scale = self._input(x)
@@ -270,13 +285,13 @@ class Fp8Conv(_Fp8Layer):
         n = self.weight_q.shape[0]
         out = _scaled_rows(rows, self.tap_major_weight(), scale, self.weight_scale, x)
         if out is None:  # no row-wise scaled GEMM here: the read-back convolution of the same input
-            return self._readback(q, scale, x)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
+            return self._readback(q, scale, x, bias)
+        if bias is not None:
+            out = out + bias.to(x.dtype)
         return out.view(b, h, w, n).permute(0, 3, 1, 2)  # channels-last memory
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
+    def rows(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """This 1-wide 1-D convolution as a linear map of rows `x [..., C]` (an FP8 GEMM)."""
         if self.weight_q.dim() != 3 or self.weight_q.shape[2] != 1 or self.groups != 1:
             raise ValueError("rows() is for 1-wide 1-D convolutions")
-        return _gemm(self, x, self.weight_q[:, :, 0])
+        return _gemm(self, x, self.weight_q[:, :, 0], with_bias)

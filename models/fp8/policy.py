@@ -99,6 +99,7 @@ def fp8_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def holds_fp8(module: nn.Module) -> bool:
-    """Whether `convert` put FP8 layers into `module` (a UNet or the prior): the fused path, which
-    reads layers' weights directly, then leaves it to the reference forward."""
+    """Whether `convert` put FP8 layers into `module` (a UNet or the prior). The prior's fused step
+    reads its linear layers' weights directly, so it leaves a prior holding FP8 layers to the
+    reference forward; the fused UNet runs the FP8 layers' own products."""
     return getattr(module, _MARK, False)

@@ -12,6 +12,9 @@ join reads x resized the same way. Between blocks:
   block's concatenation adds as it copies (no join pass);
 - `NormInput` (`models.fused.norms`): a join's output with the next norm's statistics done;
 - `EmbeddingProjections`: every ResBlock's time-embedding projection from one GEMM.
+
+A block may hold FP8 layers (`models.fp8`) in place of its convolutions and projections: they
+run their own e4m3 products, bias-free where the protocol adds the bias later (`_conv`, `_rows`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 import cpp_ext
 from models import implicit_conv
+from models.fp8.layers import Fp8Conv
 from models.fused.availability import layout
 from models.fused.norms import NormInput, bias_residual, group_norm, plain
 from models.fused.options import DEFAULT, FusedOptions
@@ -96,12 +100,22 @@ def _concat_in_norm(block: ResBlock, x: SkipConcat) -> bool:
             and x.h.shape[1] % 8 == 0 and x.skip.shape[1] % 8 == 0 and not (block.up or block.down))
 
 
-def _conv3x3(x: torch.Tensor, weight: torch.Tensor, options: FusedOptions) -> torch.Tensor:
-    """A residual block's bias-free 3×3 convolution (padding 1): on CUTLASS's Hopper implicit GEMM
-    where `options.cutlass_convs` asks for it and it serves, else cuDNN's."""
-    if options.cutlass_convs:
-        return implicit_conv.conv2d(x, weight, None, 1)
-    return F.conv2d(x, weight, None, padding=1)
+def _conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions) -> torch.Tensor:
+    """A residual block's convolution (3×3 padded by 1, or the 1×1 skip) without its bias: an FP8
+    layer's own product; a 3×3 on CUTLASS's Hopper implicit GEMM where `options.cutlass_convs`
+    asks for it and it serves, else cuDNN's."""
+    if isinstance(conv, Fp8Conv):
+        return conv(x, with_bias=False)
+    if options.cutlass_convs and conv.kernel_size == (3, 3):
+        return implicit_conv.conv2d(x, conv.weight, None, conv.padding)
+    return F.conv2d(x, conv.weight, None, padding=conv.padding)
+
+
+def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """A 1-wide 1-D convolution (an attention block's projection) applied to token rows [..., C]."""
+    if isinstance(conv, Fp8Conv):
+        return conv.rows(rows, with_bias)
+    return F.linear(rows, conv.weight[:, :, 0], conv.bias if with_bias else None)
 
 
 def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProjections,
@@ -118,17 +132,18 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         x = x.tensor()
     norm_in, conv_in = block.in_layers[0], block.in_layers[2]
     norm_out, conv_out = block.out_layers[0], block.out_layers[3]
-    identity_skip = not isinstance(block.skip_connection, nn.Conv2d)
+    skip_conv = block.skip_connection
+    identity_skip = isinstance(skip_conv, nn.Identity)
     if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
         normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight, norm_in.bias,
                                                       norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
-        h = _conv3x3(normed, conv_in.weight, options)
+        h = _conv(conv_in, normed, options)
     elif (block.up or block.down) and identity_skip:
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
-        h = _conv3x3(group_norm(norm_in, x, up=block.up, down=block.down), conv_in.weight, options)
+        h = _conv(conv_in, group_norm(norm_in, x, up=block.up, down=block.down), options)
         x = plain(x)
     else:
-        h = _conv3x3(resample(group_norm(norm_in, x), block.up, block.down), conv_in.weight, options)
+        h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
@@ -136,16 +151,16 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         h = group_norm(norm_out, h, scale, shift, silu=True, add_bias=conv_in.bias)
     else:
         h = group_norm(norm_out, h, add=emb_out, add_bias=conv_in.bias)
-    h = _conv3x3(h, conv_out.weight, options)
+    h = _conv(conv_out, h, options)
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
-    if defer_bias and options.defer_bias and layout(h) == layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]:
+    if (defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d)
+            and layout(h) == layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]):
         # channels-last maps are [pixels, channels] matrices: h += x · W_skipᵀ
         rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-        rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), block.skip_connection.weight.flatten(1).t())
-        return DeferredBias(h, conv_out.bias, block.skip_connection.bias)
-    skip = F.conv2d(x, block.skip_connection.weight, None)
-    return bias_residual(h, skip, conv_out.bias, block.skip_connection.bias, stats=stats, options=options)
+        rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), skip_conv.weight.flatten(1).t())
+        return DeferredBias(h, conv_out.bias, skip_conv.bias)
+    return bias_residual(h, _conv(skip_conv, x, options), conv_out.bias, skip_conv.bias, stats=stats, options=options)
 
 
 class VarlenContext(ContextBias):
@@ -182,7 +197,7 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
     x = plain(x)
     b, c, hgt, wid = x.shape
     h = h.view(b, c, -1)
-    qkv = F.linear(h.transpose(1, 2), block.qkv.weight[:, :, 0], block.qkv.bias)  # [B, HW, 3C]
+    qkv = _rows(block.qkv, h.transpose(1, 2))  # [B, HW, 3C]
     packed = None  # this block's cached context keys/values [B, 2, heads, N, ch], read in place
     if context_kv is not None and block.encoder_kv is not None:
         packed = context_kv[:, :, block.kv_heads].to(qkv.dtype)
@@ -208,7 +223,7 @@ def _project_join(block: AttentionBlock, out: torch.Tensor, x: torch.Tensor, sta
     """Token-major attention output [B, HW, C] → x + proj_out(out): the projection without bias,
     then the bias and the residual in one pass; the result has x's layout."""
     b, c, hgt, wid = x.shape
-    proj = F.linear(out, block.proj_out.weight[:, :, 0]).view(b, hgt, wid, c).permute(0, 3, 1, 2)
+    proj = _rows(block.proj_out, out, with_bias=False).view(b, hgt, wid, c).permute(0, 3, 1, 2)
     return bias_residual(proj, x, block.proj_out.bias, stats=stats, options=options)
 
 

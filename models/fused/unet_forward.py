@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fp8.policy import holds_fp8
 from models.fused.availability import fused_kernels_available, layout
 from models.fused.derived import derived, structural
 from models.fused.norms import NormInput, group_norm, plain
@@ -35,8 +34,8 @@ def unet_forward(
     context_kv: torch.Tensor | None = None, options: FusedOptions = DEFAULT,
 ) -> torch.Tensor:
     """`unet(x, timesteps, emb_add, context, context_bias, context_kv)`: on the kernels where they
-    serve `x` (and no FP8 layers, which the fused blocks would bypass), else the reference forward."""
-    if not fused_kernels_available(x, unet.time_embed[0].weight) or holds_fp8(unet):
+    serve `x` (FP8 layers included: the blocks run their products), else the reference forward."""
+    if not fused_kernels_available(x, unet.time_embed[0].weight):
         return unet(x, timesteps, emb_add, context, context_bias, context_kv)
     emb = unet.time_embedding(timesteps)
     if emb_add is not None:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from models import fused, implicit_conv
 from models.fp8 import layers as fp8_layers
 from models.fp8.e4m3 import quantize, tensor_scale
-from tests.gpu.common import rel
+from tests.gpu.common import needs_kernel, rel
 from tests.metrics import psnr
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,9 +52,17 @@ def test_an_fp8_convolution_gives_the_product_of_its_operands(channels_last):
         layer.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     assert layer.gemm_shape()
-    got = layer(x)  # "auto": the FP8 GEMM over gathered neighbourhoods on CUDA
-    torch.testing.assert_close(got, layer(x, "gemm"), rtol=0, atol=0)
+    got = layer(x)  # "auto": CUTLASS's kernel where built, else the FP8 GEMM over gathered neighbourhoods
+    auto = layer._auto_path(x)
+    assert auto == ("cutlass" if implicit_conv.serves_e4m3(320, 320) else "gemm")
+    torch.testing.assert_close(got, layer(x, auto), rtol=0, atol=0)
     assert rel(got, _reference(layer, x)) <= 2e-3
+    assert rel(layer(x, "gemm"), _reference(layer, x)) <= 2e-3
+    if implicit_conv.serves_e4m3(320, 320):
+        assert rel(layer(x, "cutlass"), _reference(layer, x)) <= 2e-3
+    unbiased = layer(x, auto, with_bias=False)  # the fused path's call: the bias left to a later pass
+    torch.testing.assert_close(unbiased.float() + layer.bias.float().view(1, -1, 1, 1), got.float(),
+                               rtol=0, atol=2e-3 * got.abs().max().item())
     assert rel(layer(x, "readback"), _reference(layer, x)) <= 2e-3
     assert rel(layer(x, "implicit"), _reference(layer, x)) <= 2e-3  # the Triton implicit GEMM
 
@@ -87,6 +96,61 @@ def test_fp8_loops_replay_their_eager_run_and_stay_near_fp16(no_tf32):
     # FP8 runs agree only as such (docs/fp8.md); a capture error would give unrelated images
     assert min(replay) >= 25
     assert min(against_fp16) >= 20
+
+
+@needs_kernel
+@pytest.mark.parametrize("stage", ["super_res", "decoder"])
+def test_the_fused_unet_runs_fp8_layers_as_near_fp16_as_the_reference_forward(ours, stage, monkeypatch):
+    """A UNet holding FP8 layers on the fused path: its blocks run the layers' own e4m3 products
+    without their biases (added by the fused joins), and the output is as near the fp16 network's
+    as the reference forward with the same layers. The two FP8 outputs are compared through their
+    error, not with each other: an FP8 network turns any rounding difference (here, the fused
+    norms') into other e4m3 roundings downstream (docs/fp8.md)."""
+    from models import fp8
+
+    half = copy.deepcopy(ours).cuda().half().to(memory_format=torch.channels_last)
+    converted = copy.deepcopy(half)
+    fp8.convert(converted, groups=("decoder", "super_res"))
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([900, 10]).cuda()
+    cl = torch.channels_last
+    if stage == "super_res":
+        x = torch.randn(2, 6, 64, 64, generator=g).cuda().half().to(memory_format=cl)
+
+        def run(m, fast):
+            unet = m.super_res[0].first_steps
+            return fused.unet_forward(unet, x, t) if fast else unet(x, t)
+    else:
+        cfg = ours.cfg
+        size = cfg.decoder.image_size
+        x = torch.randn(2, 3, size, size, generator=g).cuda().half().to(memory_format=cl)
+        mask = torch.ones(2, cfg.clip.context_length, dtype=torch.bool, device="cuda")
+        mask[1, 5:] = False
+        embeds = [torch.randn(2, cfg.prior.clip_dim, generator=g).cuda().half() for _ in range(2)]
+        tokens = torch.randn(2, cfg.clip.context_length, cfg.clip.text_width, generator=g).cuda().half()
+
+        def run(m, fast):
+            if not fast:
+                return m.decoder(x, t, *embeds, tokens, mask)
+            context, bias, emb_add = m.decoder.text_proj(*embeds, tokens, mask)
+            return fused.unet_forward(m.decoder.unet, x, t, emb_add, context, bias)
+    unbiased_calls = []
+    real_forward = fp8_layers.Fp8Conv.forward
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("with_bias") is False:
+            unbiased_calls.append(self)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "forward", spy)
+    with torch.no_grad():
+        ref16 = run(half, fast=False).float()
+        fused8 = run(converted, fast=True).float()
+        assert unbiased_calls, "the fused path did not run the FP8 layers' products"
+        plain8 = run(converted, fast=False).float()
+    errors = {"fused FP8": rel(fused8, ref16), "reference FP8": rel(plain8, ref16)}
+    print(stage, "against fp16:", {k: f"{v:.2e}" for k, v in errors.items()}, len(unbiased_calls), "unbiased calls")
+    assert 0 < errors["fused FP8"] <= max(1.5 * errors["reference FP8"], 2e-2), errors
 
 
 @pytest.mark.usefixtures("large_gpu_memory")
