@@ -12,7 +12,9 @@ exported to fp16 graphs in a temporary folder, run by `runtime.backends.ort_cuda
 sessions, ONNX Runtime's own CUDA graphs); its memory is the device's used memory (ONNX Runtime
 allocates outside torch); and ours with `backend="auto"` on that folder, which on a GPU with the
 CUDA provider times each stage on both backends and runs it on the faster (what it picked is
-printed and written).
+printed and written). `--precision fp8 fp8-unets` adds ours with FP8 networks, their activation
+scales measured on every call and/or (`--fp8-scales dynamic calibrated`) calibrated once in the
+process and fixed, as a model folder's `fp8_scales.safetensors` fixes them.
 
 Reported per system and batch (default steps 25/25/7, guidance 4/8): end-to-end ms (median of
 `--runs` after warm-up, with the spread), images/s, the first call (ours: graph capture),
@@ -82,8 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-convs", action="store_true",
                    help="also ours with the residual blocks' 3x3 convolutions on CUTLASS (where it is built)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
-                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8, "
-                        "dynamic activation scales; fp8-unets: the decoder too)")
+                   help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8; "
+                        "fp8-unets: the decoder too)")
+    p.add_argument("--fp8-scales", nargs="+", choices=["dynamic", "calibrated"], default=["dynamic"],
+                   help="the FP8 rows' activation scales: measured on every call, and/or calibrated once in "
+                        "this process (runtime.fp8_calibration over two generic prompts, then fixed)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--ort-engine-dir", type=Path,
@@ -122,18 +127,39 @@ def stage_inputs(pipe, name: str, batch: int) -> list[torch.Tensor]:
     return list(sig.sample_inputs(batch, torch.float16, "cuda", torch.Generator().manual_seed(0)).values())
 
 
+def calibrated_scales(model: UnCLIPModel, fp8_networks: list[str] | None, device: str = "cuda",
+                      prompts: int = 2) -> dict[str, float]:
+    """The FP8 activation scales of `model`'s `fp8_networks`, calibrated here as
+    `runtime.fp8_calibration` does (dynamic scales observed over `prompts` generic prompts, at the
+    model's default size and its chain's largest), without graphs (observing is eager work)."""
+    from runtime import UnCLIP
+    from runtime.fp8_calibration import GENERIC_PROMPTS, calibrate
+
+    pipe = UnCLIP(model, device=device, dtype=torch.float16 if device == "cuda" else torch.float32,
+                  progress=False, cuda_graphs=False, precision="fp8", fp8_scales="dynamic", fp8_networks=fp8_networks)
+    return calibrate(pipe, list(GENERIC_PROMPTS[:prompts]), batch=prompts, full_chain_prompts=1)
+
+
 def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, precision: str | None = None,
-               fp8_networks: list[str] | None = None, fused=None) -> dict:
+               fp8_networks: list[str] | None = None, fused=None, input_scales: dict[str, float] | None = None) -> dict:
+    """Ours on the torch backend; `input_scales` (qualified FP8 layer name → scale): the FP8
+    layers' calibrated activation scales, else they measure each input."""
+    from models import fp8 as fp8_package
     from runtime import UnCLIP
     from runtime.sampling.update import implementation
 
     fp8 = {"fp8_scales": "dynamic", "fp8_networks": fp8_networks} if precision == "fp8" else {}
     pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False, cuda_graphs=graphs,
                   precision=precision, fused=fused, **fp8)
+    if input_scales is not None:  # before the first call: the graphs capture the fixed scales
+        for name, layer in fp8_package.fp8_layers(pipe.model).items():
+            layer.set_input_scale(input_scales.get(name))  # a layer calibration never reached: dynamic
     tensors = [*pipe.model.parameters(), *pipe.model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {},
               "precision": precision or "fp16"}
+    if precision == "fp8":
+        result["fp8_scales"] = "calibrated" if input_scales is not None else "dynamic"
     for n in args.batch:
         def run(n=n):
             return pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
@@ -390,8 +416,10 @@ def table(results: dict) -> str:
                            ("ours_onnxruntime", "unclip-rt on ONNX Runtime CUDA"),
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
                            ("ours_fp8", "unclip-rt FP8 (super-res)"),
+                           ("ours_fp8_calibrated", "unclip-rt FP8 (super-res), calib."),
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
+                           ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -447,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     for variant, key, networks in fp8_variants:
         if variant not in args.precision:
             continue
-        try:
-            results[key] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks)
-            results[key].pop("cache_savings", None)
-        except Exception as exc:  # reported, not fatal to the other systems
-            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"{variant}:", results[key]["error"], flush=True)
+        for scales in args.fp8_scales:
+            row = key if scales == "dynamic" else f"{key}_calibrated"
+            try:
+                fixed = calibrated_scales(model, networks) if scales == "calibrated" else None
+                results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
+                                          input_scales=fixed)
+                results[row].pop("cache_savings", None)
+            except Exception as exc:  # reported, not fatal to the other systems
+                results[row] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")

@@ -299,6 +299,22 @@ def test_calibration_gives_every_layer_a_scale_and_the_folder_records_the_file(t
         UnCLIP(folder, device="cpu", progress=False, precision="fp8")
 
 
+def test_the_latency_benchmarks_in_process_calibration_covers_every_fp8_layer():
+    """`benchmarks/latency.py --fp8-scales calibrated`: the scales it calibrates in process name every
+    FP8 layer the timed pipeline holds (none left measuring its inputs) and are the scales
+    `runtime.fp8_calibration` would give for the same prompts."""
+    from benchmarks.latency import calibrated_scales
+    from runtime.fp8_calibration import GENERIC_PROMPTS, calibrate
+
+    model = random_model("tiny")
+    scales = calibrated_scales(model, None, device="cpu")
+    timed = UnCLIP(model, device="cpu", progress=False, precision="fp8", fp8_scales="dynamic")
+    assert set(fp8.fp8_layers(timed.model)) == set(scales) and all(v > 0 for v in scales.values())
+    again = calibrate(UnCLIP(model, device="cpu", progress=False, cuda_graphs=False, precision="fp8",
+                             fp8_scales="dynamic"), list(GENERIC_PROMPTS[:2]), batch=2, full_chain_prompts=1)
+    assert again == pytest.approx(scales)
+
+
 def test_observe_records_the_largest_input_of_every_layer_that_ran():
     torch.manual_seed(0)
     net = nn.Sequential(Fp8Linear.from_float(nn.Linear(16, 16)), Fp8Linear.from_float(nn.Linear(16, 16)))
