@@ -10,7 +10,8 @@ way; the input's quantisation alone, torch's expression and the one-pass kernel)
 way, the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3 operands (the "implicit"
 way) and with fp16 operands (against cuDNN: issue #33's first part), and CUTLASS's Hopper
 implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in e4m3 as `Fp8Conv`'s
-"cutlass" way (input quantisation included). TFLOP/s counts 2·M·N·K of the convolution for every
+"cutlass" way (input quantisation included), with a fixed (calibrated) input scale, and the
+kernel alone on an input quantised beforehand. TFLOP/s counts 2·M·N·K of the convolution for every
 column.
 """
 
@@ -83,6 +84,18 @@ def bench(batch: int, channels: int, size: int) -> dict:
     if implicit_conv.serves_e4m3(channels, channels):  # CUTLASS with e4m3 operands: quantise + conv + epilogue
         layer(x, "cutlass")  # picks its tile configuration (timed) before capture
         times["cutlass_e4m3_way"] = graph_ms(lambda: layer(x, "cutlass"))
+        # its parts: with a calibrated (fixed) scale, no reduction pass for the input's scale; and the
+        # kernel alone on an input already quantised (what a quantisation fused into the op before leaves)
+        fixed = Fp8Conv.from_float(conv).cuda()
+        fixed.bias = fixed.bias.half()
+        fixed.set_input_scale(float(scale))
+        fixed(x, "cutlass")
+        times["cutlass_e4m3_way_fixed_scale"] = graph_ms(lambda: fixed(x, "cutlass"))
+        q = quantize_fused(x, scale).contiguous(memory_format=torch.channels_last)
+        weight_e4m3 = layer.tap_major_weight().view(channels, 3, 3, channels).permute(0, 3, 1, 2)
+        scales = scale.float() * layer.weight_scale.float()
+        times["cutlass_e4m3_alone"] = graph_ms(
+            lambda: implicit_conv.conv2d_e4m3(q, weight_e4m3, scales, layer.bias, (1, 1)))
     if implicit_conv.serves(x, conv.weight):  # the CUTLASS Hopper kernel, where it was built
         weight_cl = conv.weight.detach()
         implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture
