@@ -54,3 +54,27 @@ def default_engine_dir(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["--model", "default", "--out", str(out)]) == 0
     return out, printed.getvalue()
+
+
+@pytest.fixture
+def unbiased_fp8_calls(monkeypatch):
+    """The FP8 layers (`models.fp8.layers.Fp8Conv`) called without their bias while the test
+    runs, in call order: the fused path's calls (`forward(..., with_bias=False)`, `rows(..., False)`)."""
+    from models.fp8 import layers as fp8_layers
+
+    calls = []
+    forward, rows = fp8_layers.Fp8Conv.forward, fp8_layers.Fp8Conv.rows
+
+    def spy_forward(self, *args, with_bias=True, **kwargs):
+        if not with_bias:
+            calls.append(self)
+        return forward(self, *args, with_bias=with_bias, **kwargs)
+
+    def spy_rows(self, x, with_bias=True):
+        if not with_bias:
+            calls.append(self)
+        return rows(self, x, with_bias)
+
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "forward", spy_forward)
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "rows", spy_rows)
+    return calls

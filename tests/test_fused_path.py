@@ -88,7 +88,8 @@ def test_the_fused_unet_gives_the_reference_output(emulated, cfg, layout):
 
 @torch.no_grad()
 @pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
-def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, monkeypatch):
+def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, monkeypatch,
+                                                                    unbiased_fp8_calls):
     """A UNet holding FP8 layers (`models.fp8`; residual 3×3 convolutions, 1×1 skips, attention
     projections) takes the fused path, each layer running its own product — bias-free where a
     fused join adds the bias — and gives the reference forward's output. The e4m3 rounding is
@@ -108,31 +109,14 @@ def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cf
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, fp8_layers.Fp8Conv.from_float(module))
     ref = unet(x, t, **kw)
-    unbiased = []
-    real = fp8_layers.Fp8Conv.forward
-
-    def spy(self, *args, **kwargs):
-        if kwargs.get("with_bias") is False:
-            unbiased.append(self)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(fp8_layers.Fp8Conv, "forward", spy)
-    real_rows = fp8_layers.Fp8Conv.rows
-
-    def spy_rows(self, rows, with_bias=True):
-        if not with_bias:
-            unbiased.append(self)
-        return real_rows(self, rows, with_bias)
-
-    monkeypatch.setattr(fp8_layers.Fp8Conv, "rows", spy_rows)
     unet = unet.to(memory_format=torch.channels_last)
     got = fused.unet_forward(unet, x.contiguous(memory_format=torch.channels_last), t, **kw)
     assert _rel(got, ref) <= 1e-5, _rel(got, ref)
     assert emulated["group_norm"] > 0 and emulated["group_norm_concat"] > 0  # the fused blocks ran
     convs = [m for m in unet.modules() if isinstance(m, fp8_layers.Fp8Conv) and m.weight_q.dim() == 4]
-    assert {id(m) for m in convs} <= {id(m) for m in unbiased}  # every residual/skip conv ran bias-free
+    assert {id(m) for m in convs} <= {id(m) for m in unbiased_fp8_calls}  # every residual/skip conv ran bias-free
     if cfg.attention_ds:
-        assert any(m.weight_q.dim() == 3 for m in unbiased)  # the attention's output projection
+        assert any(m.weight_q.dim() == 3 for m in unbiased_fp8_calls)  # the attention's output projection
 
 
 @torch.no_grad()
