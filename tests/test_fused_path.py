@@ -86,6 +86,17 @@ def test_the_fused_unet_gives_the_reference_output(emulated, cfg, layout):
         assert emulated["group_norm_concat"] == emulated["bias_residual_stats"] == 0
 
 
+def _fp8_without_rounding(monkeypatch) -> None:
+    """FP8 layers made and run with e4m3's rounding switched off (quantise = divide by the scale,
+    products read back in float32): the same operations, exact, for comparing two paths."""
+    from models.fp8 import layers as fp8_layers
+
+    monkeypatch.setattr(fp8_layers, "quantize", lambda x, scale: x.float() / scale)
+    monkeypatch.setattr(fp8_layers, "dequantize", lambda q, scale, dtype: (q.float() * scale).to(dtype))
+    monkeypatch.setattr(fp8_layers, "channel_scales", lambda w: w.detach().abs().flatten(1).amax(1) / 448)
+    monkeypatch.setitem(fp8_layers._SCALED_MM_WORKS, ("cpu", torch.float32), False)  # products read back
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
 def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, monkeypatch,
@@ -98,10 +109,7 @@ def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cf
     bias (the GPU test compares errors against fp16 instead)."""
     from models.fp8 import layers as fp8_layers
 
-    monkeypatch.setattr(fp8_layers, "quantize", lambda x, scale: x.float() / scale)
-    monkeypatch.setattr(fp8_layers, "dequantize", lambda q, scale, dtype: (q.float() * scale).to(dtype))
-    monkeypatch.setattr(fp8_layers, "channel_scales", lambda w: w.detach().abs().flatten(1).amax(1) / 448)
-    monkeypatch.setitem(fp8_layers._SCALED_MM_WORKS, ("cpu", torch.float32), False)  # products read back
+    _fp8_without_rounding(monkeypatch)
     unet = _randomised(UNet(cfg), 0)
     x, t, kw = _unet_inputs(cfg)
     for name, module in list(unet.named_modules()):
@@ -212,4 +220,21 @@ def test_the_runtime_stages_run_the_fused_path_end_to_end(emulated):
     assert emulated["prior_step_attention"] > 0 and emulated["group_norm"] > 0
     cpp_ext.kernels = None  # restored by the fixture's monkeypatch
     want = model.generate("a red circle on a blue background", **kw).images
+    assert psnr(got[0], want[0]) >= 80.0, psnr(got[0], want[0])
+
+
+def test_an_fp8_pipeline_runs_its_unets_on_the_fused_path(emulated, monkeypatch, unbiased_fp8_calls):
+    """`UnCLIP(precision="fp8")` with the kernels emulated: its super-res UNet's FP8 layers run inside
+    the fused blocks, and the images are the reference path's with the same FP8 layers (e4m3
+    rounding switched off, as above, so that the comparison is to float32 rounding)."""
+    from runtime import UnCLIP
+    from tests.metrics import psnr
+
+    _fp8_without_rounding(monkeypatch)
+    pipe = UnCLIP(progress=False, precision="fp8", fp8_scales="dynamic")
+    kw = {"seed": 3, "output_type": "pt", "prior_steps": 4, "decoder_steps": 4, "super_res_steps": 3}
+    got = pipe.generate("a red circle on a blue background", **kw).images
+    assert unbiased_fp8_calls and emulated["group_norm"] > 0
+    cpp_ext.kernels = None  # the reference forward, restored by the fixture's monkeypatch
+    want = pipe.generate("a red circle on a blue background", **kw).images
     assert psnr(got[0], want[0]) >= 80.0, psnr(got[0], want[0])
