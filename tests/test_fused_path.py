@@ -108,12 +108,13 @@ def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cf
     any fp32 rounding difference moves values across e4m3 steps, noise that would hide a lost
     bias (the GPU test compares errors against fp16 instead)."""
     from models.fp8 import layers as fp8_layers
+    from models.fp8.policy import _eligible
 
     _fp8_without_rounding(monkeypatch)
     unet = _randomised(UNet(cfg), 0)
     x, t, kw = _unet_inputs(cfg)
     for name, module in list(unet.named_modules()):
-        if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d) and name not in ("input_blocks.0.0", "out.2"):
+        if _eligible("decoder.unet", name, module):  # the layers `models.fp8.convert` turns into FP8
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, fp8_layers.Fp8Conv.from_float(module))
     ref = unet(x, t, **kw)

@@ -251,15 +251,20 @@ class Fp8Conv(_Fp8Layer):
         w = self.weight_q
         if not (x.is_cuda and x.dim() == 4 and self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])):
             return self._readback(*self._input(x), x, bias)
-        q, scale = self._input(x)
-        q = q.contiguous(memory_format=torch.channels_last)
-        n, c, kh, kw = w.shape
+        out = self.cutlass_product(*self._input(x), bias)
+        return out if x.dtype == torch.float16 else out.to(x.dtype)
+
+    def cutlass_product(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The CUTLASS kernel's convolution of the e4m3 input `q` (scale `scale`), plus `bias`: fp16,
+        channels-last. The caller checks that the kernel serves (`_cutlass_forward`)."""
+        from models import implicit_conv
+
+        n, c, kh, kw = self.weight_q.shape
         # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
         weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
         bias = None if bias is None else bias.to(torch.float16)
-        out = implicit_conv.conv2d_e4m3(q, weight, scale.float() * self.weight_scale.float(), bias,
-                                        tuple(self.padding))
-        return out if x.dtype == torch.float16 else out.to(x.dtype)
+        return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight,
+                                         scale.float() * self.weight_scale.float(), bias, tuple(self.padding))
 
     def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
