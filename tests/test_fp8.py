@@ -170,6 +170,34 @@ def test_a_build_with_bfloat16_only_row_wise_results_still_runs_the_fp8_gemm(mon
     assert sum("bfloat16 result only" in r.message for r in caplog.records) == 1
 
 
+def test_a_calibrated_layer_makes_its_gemm_scales_once_and_remakes_them_for_a_new_scale(monkeypatch):
+    """With a fixed input scale the GEMM's row scales are made once (no kernel per call in a
+    graph); a new calibrated scale replaces them, and a measured scale is made per call."""
+    torch.manual_seed(0)
+    linear = Fp8Linear.from_float(nn.Linear(64, 48))
+    x = torch.randn(5, 64)
+    real, seen = torch._scaled_mm, []
+
+    def recording(*args, scale_a=None, **kwargs):
+        seen.append(scale_a)
+        return real(*args, scale_a=scale_a, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    linear.set_input_scale(0.01)
+    first, again = linear(x), linear(x)
+    assert seen[0] is seen[1] and torch.equal(first, again)
+    linear.set_input_scale(0.02)
+    changed = linear(x)
+    assert seen[2] is not seen[1] and float(seen[2][0, 0]) == pytest.approx(0.02)
+    fresh = Fp8Linear.from_float(nn.Linear(64, 48))
+    fresh.load_state_dict(linear.state_dict())
+    fresh.set_input_scale(0.02)
+    torch.testing.assert_close(changed, fresh(x), rtol=0, atol=0)
+    linear.set_input_scale(None)
+    linear(x), linear(x)
+    assert seen[3] is not seen[4]
+
+
 def test_a_dtype_conversion_keeps_the_e4m3_weight_and_the_fp32_scales():
     layer = Fp8Linear.from_float(nn.Linear(32, 16))
     layer.half()

@@ -70,6 +70,20 @@ class _Fp8Layer(nn.Module):
         """A fixed activation scale (calibrated), or None to measure each input's."""
         self.input_scale.fill_(float("nan") if scale is None else scale)
         self.calibrated = scale is not None
+        for key in [key for key in self._read if key[0] == "fixed"]:
+            del self._read[key]
+
+    def _fixed(self, name: str, scale: torch.Tensor, make) -> torch.Tensor:
+        """`make(scale)`, kept while `scale` is this layer's calibrated one: a fixed scale's
+        products are made once, not by a kernel on every call (`set_input_scale` drops them)."""
+        # made during a graph capture it would live in the graph's memory pool: made there per call
+        capturing = scale.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or not (self.calibrated and scale is self.input_scale):
+            return make(scale)
+        key = ("fixed", name, scale.device)
+        if key not in self._read:
+            self._read[key] = make(scale)
+        return self._read[key]
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The input's scale (calibrated, or its own), recording its range while calibrating."""
@@ -103,10 +117,10 @@ class _Fp8Layer(nn.Module):
         return self.weight_q.shape[0]
 
 
-def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, layer: _Fp8Layer,
                  x: torch.Tensor) -> torch.Tensor | None:
     """e4m3 `rows` [M, K] times e4m3 `weight_q` [N, K] transposed, scaled per row by `scale` and per
-    column by `weight_scale`, in x's dtype, through `torch._scaled_mm`. Where this build takes
+    column by `layer.weight_scale`, in x's dtype, through `torch._scaled_mm`. Where this build takes
     row-wise scales only with a bfloat16 result, the GEMM writes bfloat16 and it is cast (a
     rounding far below FP8's own); None where it has no row-wise scaled GEMM at all. What works is
     found once per (device type, dtype), with a warning when it is not the direct call."""
@@ -117,7 +131,9 @@ def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor
     tries = [x.dtype] + ([torch.bfloat16] if x.dtype != torch.bfloat16 else [])
     if known == "bfloat16":
         tries = [torch.bfloat16]
-    scale_a = scale.expand(rows.shape[0], 1).contiguous()
+    m = rows.shape[0]
+    scale_a = layer._fixed(f"rows{m}", scale, lambda s: s.expand(m, 1).contiguous())
+    weight_scale = layer.weight_scale
     for out_dtype in tries:
         try:
             out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale_a, scale_b=weight_scale.view(1, -1),
@@ -146,7 +162,7 @@ def _gemm(layer: _Fp8Layer, x: torch.Tensor, weight_q: torch.Tensor, with_bias: 
     n, k = weight_q.shape
     out = None
     if k % _GEMM_MULTIPLE == 0 and n % _GEMM_MULTIPLE == 0:
-        out = _scaled_rows(rows, weight_q, scale, layer.weight_scale, x)
+        out = _scaled_rows(rows, weight_q, scale, layer, x)
     if out is None:
         weight = layer.dequantized_weight(x.dtype).reshape(n, k)
         out = F.linear(dequantize(rows, scale, x.dtype), weight)
@@ -263,8 +279,9 @@ class Fp8Conv(_Fp8Layer):
         # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
         weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
         bias = None if bias is None else bias.to(torch.float16)
-        return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight,
-                                         scale.float() * self.weight_scale.float(), bias, tuple(self.padding))
+        scales = self._fixed("cutlass", scale, lambda s: s.float() * self.weight_scale.float())
+        return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
+                                         tuple(self.padding))
 
     def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
@@ -288,7 +305,7 @@ class Fp8Conv(_Fp8Layer):
         b, _, h, w = x.shape
         rows = _gathered_rows(q, tuple(self.weight_q.shape[2:]))
         n = self.weight_q.shape[0]
-        out = _scaled_rows(rows, self.tap_major_weight(), scale, self.weight_scale, x)
+        out = _scaled_rows(rows, self.tap_major_weight(), scale, self, x)
         if out is None:  # no row-wise scaled GEMM here: the read-back convolution of the same input
             return self._readback(q, scale, x, bias)
         if bias is not None:
