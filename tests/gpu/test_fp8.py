@@ -182,3 +182,91 @@ def test_the_fused_quantisation_gives_torchs_bytes_on_the_gpu():
         assert got.dtype == E4M3 and got.stride() == t.stride()
         g, w = got.float(), want.float()
         assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0))
+
+
+def _same_e4m3(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal e4m3 tensors, NaN where the other is NaN."""
+    g, w = got.float(), want.float()
+    return torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 320, 64, 64), (2, 640, 32, 32), (2, 128, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_norm_writes_the_quantised_input_byte_for_byte(shape, dtype):
+    """`group_norm_e4m3` gives the bytes of quantising the three-pass norm's output
+    (`quantize_fused`), with FiLM + SiLU, with the additions before the norm, and with a producer's
+    statistics; values beyond the scale saturate and a NaN stays NaN, as there."""
+    import cpp_ext
+    from models.fp8.quantize_kernel import quantize_fused
+
+    k = cpp_ext.kernels
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    b, c = shape[:2]
+    cl = torch.channels_last
+    x = (torch.randn(shape, generator=g, device="cuda") * 3 + 1).to(dtype).contiguous(memory_format=cl)
+    weight = (1 + 0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
+    bias = (0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
+    film = (0.2 * torch.randn(b, 2 * c, generator=g, device="cuda")).to(dtype)
+    scale, shift = film.chunk(2, dim=1)
+    add = torch.randn(b, c, generator=g, device="cuda").to(dtype)
+    add_bias = torch.randn(c, generator=g, device="cuda").to(dtype)
+    qs = torch.tensor(2.5 / 448, device="cuda")  # normalised values beyond 2.5 saturate
+    cases = {"film_silu": dict(scale=scale, shift=shift, silu=True, add_bias=add_bias),
+             "add": dict(add=add, add_bias=add_bias), "plain": dict()}
+    for name, kw in cases.items():
+        want = quantize_fused(k.group_norm(x, 32, weight, bias, one_pass_mode=0, **kw), qs)
+        got = k.group_norm_e4m3(x, 32, weight, bias, qs, **kw)
+        assert got.dtype == torch.float8_e4m3fn and got.is_contiguous(memory_format=cl), name
+        assert _same_e4m3(got, want), (name, (got.float() - want.float()).abs().nan_to_num(0.0).max())
+        assert (got.float().abs() == 448).any(), name  # the saturation was exercised
+    y, partial = k.bias_residual_stats(x.clone(), x, bias, None, 32)  # a join hands its statistics on
+    want = quantize_fused(k.group_norm(y, 32, weight, bias, one_pass_mode=0), qs)
+    assert _same_e4m3(k.group_norm_e4m3(y, 32, weight, bias, qs, partial=partial), want)
+    x_nan = x.clone()
+    x_nan[0, 0, 0, 0] = float("nan")
+    got = k.group_norm_e4m3(x_nan, 32, weight, bias, qs)
+    assert _same_e4m3(got, quantize_fused(k.group_norm(x_nan, 32, weight, bias, one_pass_mode=0), qs))
+    assert got[0, : c // 32].float().isnan().all() and not got[0, c // 32 :].float().isnan().any()
+
+
+@needs_kernel
+def test_calibrated_fp8_convolutions_read_the_norms_e4m3_output_with_the_same_result(monkeypatch):
+    """On the fused path with calibrated scales, the FP8 3×3 convolutions (CUTLASS way) take their
+    input quantised by the norm before them: the same bytes as quantising in a pass of their own,
+    so a super-res-like UNet's output equals the path without that fusion exactly."""
+    import cpp_ext
+    from models.configs import UNetConfig
+    from models.fp8.policy import _eligible
+    from models.fused import FusedOptions
+    from models.unet import UNet
+
+    if not implicit_conv.serves_e4m3(128, 128):
+        pytest.skip("the CUTLASS e4m3 convolution is not built")
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=128, in_channels=6, out_channels=3, model_channels=128, channel_mult=(1, 2),
+                     num_res_blocks=2)
+    unet = UNet(cfg).eval()
+    for p in unet.parameters():  # no zero-initialised layer: every convolution matters
+        nn.init.normal_(p, std=0.02)
+    for i, (name, module) in enumerate(list(unet.named_modules())):
+        if _eligible("super_res.0.first_steps", name, module):
+            parent, _, child = name.rpartition(".")
+            layer = fp8_layers.Fp8Conv.from_float(module)
+            layer.set_input_scale(0.004 + 0.001 * (i % 5))
+            setattr(unet.get_submodule(parent) if parent else unet, child, layer)
+    unet = unet.cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 6, 128, 128, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([900], device="cuda")
+    real, calls = cpp_ext.kernels.group_norm_e4m3, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with torch.no_grad():
+        off = fused.unet_forward(unet, x, t, options=FusedOptions(norm_quantizes=False))
+        monkeypatch.setattr(cpp_ext.kernels, "group_norm_e4m3", counted)
+        on = fused.unet_forward(unet, x, t)
+    assert calls, "no norm wrote its convolution's e4m3 input"
+    assert torch.equal(on, off), rel(on.float(), off.float())
