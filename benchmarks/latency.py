@@ -56,7 +56,6 @@ from benchmarks.timing import (  # noqa: E402
 )
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
-from models.fused import FusedOptions  # noqa: E402
 from models.unclip import UnCLIPModel  # noqa: E402
 from runtime.backends.signatures import super_res_stages  # noqa: E402
 
@@ -90,10 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp8-scales", nargs="+", choices=["dynamic", "calibrated"], default=["dynamic"],
                    help="the FP8 rows' activation scales: measured on every call, and/or calibrated once in "
                         "this process (runtime.fp8_calibration over two generic prompts, then fixed)")
-    p.add_argument("--fp8-norm-quantizes", nargs="+", choices=["on", "off"], default=["on"],
-                   help="with calibrated scales: the norms write the FP8 convolutions' e4m3 input (on, the "
-                        "default) and/or the convolutions quantise it themselves (off: FusedOptions(norm_quantizes="
-                        "False)); both for a side-by-side")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
     p.add_argument("--ort-engine-dir", type=Path,
@@ -162,7 +157,7 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, preci
     tensors = [*pipe.model.parameters(), *pipe.model.buffers()]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     result = {"update": implementation("cuda"), "cuda_graphs": graphs, "weights_gib": weights / 2**30, "batches": {},
-              "precision": precision or "fp16", "fused": dataclasses.asdict(fused or FusedOptions())}
+              "precision": precision or "fp16"}
     if precision == "fp8":
         result["fp8_scales"] = "calibrated" if input_scales is not None else "dynamic"
     for n in args.batch:
@@ -422,11 +417,9 @@ def table(results: dict) -> str:
                            ("ours_auto", "unclip-rt auto (per-stage choice)"),
                            ("ours_fp8", "unclip-rt FP8 (super-res)"),
                            ("ours_fp8_calibrated", "unclip-rt FP8 (super-res), calib."),
-                           ("ours_fp8_calibrated_norm_off", "  same, convs quantise their input"),
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
-                           ("ours_fp8_unets_calibrated_norm_off", "  same, convs quantise their input"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -469,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
     if args.cutlass_convs:
+        from models.fused import FusedOptions
+
         results["ours_cutlass"] = bench_ours(model, args, graphs=True, fused=FusedOptions(cutlass_convs=True))
         results["ours_cutlass"].pop("cache_savings", None)
     if args.fp8_conv_path:
@@ -480,20 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     for variant, key, networks in fp8_variants:
         if variant not in args.precision:
             continue
-        runs = [("dynamic", "on")] if "dynamic" in args.fp8_scales else []
-        if "calibrated" in args.fp8_scales:
-            runs += [("calibrated", norm) for norm in args.fp8_norm_quantizes]
-        for scales, norm in runs:
-            row = key if scales == "dynamic" else f"{key}_calibrated" + ("_norm_off" if norm == "off" else "")
+        for scales in args.fp8_scales:
+            row = key if scales == "dynamic" else f"{key}_calibrated"
             try:
                 fixed = calibrated_scales(model, networks) if scales == "calibrated" else None
-                options = FusedOptions(norm_quantizes=norm == "on")
                 results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
-                                          input_scales=fixed, fused=options)
+                                          input_scales=fixed)
                 results[row].pop("cache_savings", None)
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
-                print(f"{variant} ({scales} scales, norm quantising {norm}):", results[row]["error"], flush=True)
+                print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")

@@ -13,11 +13,6 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                       const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
                       const c10::optional<at::Tensor>& partial);
 
-at::Tensor group_norm_e4m3(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& quant_scale, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                           const c10::optional<at::Tensor>& add, double eps, bool silu,
-                           const c10::optional<at::Tensor>& add_bias, const c10::optional<at::Tensor>& partial);
-
 bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
 
 std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
@@ -57,12 +52,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false,
         py::arg("add_bias") = py::none(), py::arg("one_pass_mode") = -1, py::arg("up") = false, py::arg("down") = false,
         py::arg("partial") = py::none());
-  m.def("group_norm_e4m3", &group_norm_e4m3,
-        "group_norm's output (channels-last, no resize) quantised to e4m3 with quant_scale as the FP8 layers "
-        "quantise their input, in its normalising pass",
-        py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("quant_scale"),
-        py::arg("scale") = py::none(), py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5,
-        py::arg("silu") = false, py::arg("add_bias") = py::none(), py::arg("partial") = py::none());
   m.def("group_norm_takes_three_passes", &group_norm_takes_three_passes,
         "whether group_norm (auto mode) runs a channels-last half-precision map of this size in three passes over "
         "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",

@@ -44,7 +44,6 @@ struct GroupNormCall {
   const T* pass1_x = nullptr;  // with `concat`: the concatenation's first part
   Concat<T> concat = {};
   const at::Tensor* given_partial = nullptr;
-  const float* e4m3_scale = nullptr;  // set: y is x's norm quantised to e4m3 with this scale (three passes)
 };
 
 template <typename T>
@@ -68,16 +67,14 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
   const auto resized = [&](int64_t h, int64_t w) {
     return at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   };
-  auto y = call.e4m3_scale ? at::empty_like(x, x.options().dtype(at::kFloat8_e4m3fn))
-           : call.up         ? resized(2 * x.size(2), 2 * x.size(3))
-           : call.down       ? resized(x.size(2) / 2, x.size(3) / 2)
-                             : at::empty_like(x);
+  auto y = call.up     ? resized(2 * x.size(2), 2 * x.size(3))
+           : call.down ? resized(x.size(2) / 2, x.size(3) / 2)
+                       : at::empty_like(x);
   const Film<T> film{call.scale ? reinterpret_cast<const T*>(call.scale->data_ptr()) : nullptr,
                      call.shift ? reinterpret_cast<const T*>(call.shift->data_ptr()) : nullptr,
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
-  if (call.given_partial == nullptr && !call.down && !call.e4m3_scale &&
-      (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
+  if (call.given_partial == nullptr && !call.down && (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
     one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, stream);
     return y;
   }
@@ -90,11 +87,7 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
     partial = statistics_pass<T>(x, add_ptr, s, cg, call.nhwc, elem, stream, call.pass1_x, call.concat);
   }
   coefficients_pass<T>(x, add_ptr, partial, call.weight, call.bias, film, coef, s, call.eps, call.nhwc, stream);
-  if (call.e4m3_scale) {
-    normalize_e4m3_pass<T>(x, coef, y, s, call.silu, call.e4m3_scale, stream);
-  } else {
-    normalize_pass<T>(x, coef, y, s, call.silu, call.nhwc, elem, stream);
-  }
+  normalize_pass<T>(x, coef, y, s, call.silu, call.nhwc, elem, stream);
   return y;
 }
 
@@ -107,14 +100,23 @@ static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
          t.scalar_type() == x.scalar_type() && t.device() == x.device();
 }
 
-namespace {
-
-// group_norm's and group_norm_e4m3's checks and run; `e4m3_scale` null: group_norm's output.
-at::Tensor checked_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                              const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                              const c10::optional<at::Tensor>& add, double eps, bool silu,
-                              const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
-                              const c10::optional<at::Tensor>& partial, const float* e4m3_scale) {
+// y = GroupNorm(x [+ add + add_bias]) * weight + bias [* (1 + scale) + shift] [-> SiLU], x
+// [B, C, *spatial] in NCHW (contiguous) or NHWC (channels_last) memory; weight/bias/add_bias [C],
+// scale/shift/add [B, C] (rows may be strided, e.g. the two halves of one [B, 2C] projection, or
+// broadcast), all in x's dtype. `add` is the ResBlock's time embedding and `add_bias` the bias of
+// the convolution before the norm: both added before the norm without a pass of their own.
+// `up`: write the output nearest-upsampled 2x ([B, C, 2H, 2W], channels_last x only: the up
+// ResBlocks upsample the norm's output before their convolution).
+// `down`: write it 2x2 average-pooled ([B, C, H/2, W/2], channels_last x only: the down ResBlocks).
+// `one_pass_mode`: 1 the one-launch kernel, 0 the three passes, -1 (default) by the group's size.
+// `partial`: x's statistics pass done already, [B * groups, chunks, 2] float32 sums of each
+// chunk of each (sample, group), shifted by the group's first channel at pixel 0 (as
+// bias_residual_stats writes them, when it made x): the norm runs its last two passes only.
+at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                      const c10::optional<at::Tensor>& add, double eps, bool silu,
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
+                      const c10::optional<at::Tensor>& partial) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", std::to_string(x.size(1)), " not divisible by ",
               std::to_string(groups), " groups");
@@ -160,7 +162,6 @@ at::Tensor checked_group_norm(const at::Tensor& x, int64_t groups, const at::Ten
     call.up = up;
     call.down = down;
     call.given_partial = given;
-    call.e4m3_scale = e4m3_scale;
     return group_norm_typed<T>(call);
   };
   switch (x.scalar_type()) {
@@ -169,48 +170,6 @@ at::Tensor checked_group_norm(const at::Tensor& x, int64_t groups, const at::Ten
     case at::kBFloat16: return run(static_cast<__nv_bfloat16*>(nullptr));
     default: TORCH_CHECK(false, "group_norm: x must be float32, float16 or bfloat16");
   }
-}
-
-}  // namespace
-
-// y = GroupNorm(x [+ add + add_bias]) * weight + bias [* (1 + scale) + shift] [-> SiLU], x
-// [B, C, *spatial] in NCHW (contiguous) or NHWC (channels_last) memory; weight/bias/add_bias [C],
-// scale/shift/add [B, C] (rows may be strided, e.g. the two halves of one [B, 2C] projection, or
-// broadcast), all in x's dtype. `add` is the ResBlock's time embedding and `add_bias` the bias of
-// the convolution before the norm: both added before the norm without a pass of their own.
-// `up`: write the output nearest-upsampled 2x ([B, C, 2H, 2W], channels_last x only: the up
-// ResBlocks upsample the norm's output before their convolution).
-// `down`: write it 2x2 average-pooled ([B, C, H/2, W/2], channels_last x only: the down ResBlocks).
-// `one_pass_mode`: 1 the one-launch kernel, 0 the three passes, -1 (default) by the group's size.
-// `partial`: x's statistics pass done already, [B * groups, chunks, 2] float32 sums of each
-// chunk of each (sample, group), shifted by the group's first channel at pixel 0 (as
-// bias_residual_stats writes them, when it made x): the norm runs its last two passes only.
-at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                      const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
-                      const c10::optional<at::Tensor>& partial) {
-  return checked_group_norm(x, groups, weight, bias, scale, shift, add, eps, silu, add_bias, one_pass_mode, up, down,
-                            partial, nullptr);
-}
-
-// group_norm's output (no resize) quantised to e4m3 as `models.fp8.e4m3.quantize` would quantise
-// it with `quant_scale` (one float32 on x's device, read by the kernel: a calibrated scale set
-// after a graph's capture is honoured): round_e4m3(clamp(y / quant_scale, ±448)), y rounded to
-// x's dtype first. For the FP8 convolution that reads the norm's output: its quantising pass and
-// the x-dtype map are not made. Always three passes; x channels-last, 16-byte aligned, channels
-// a multiple of 16 bytes' worth of x's dtype. Returns [B, C, H, W] float8_e4m3fn, channels-last.
-at::Tensor group_norm_e4m3(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& quant_scale, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                           const c10::optional<at::Tensor>& add, double eps, bool silu,
-                           const c10::optional<at::Tensor>& add_bias, const c10::optional<at::Tensor>& partial) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "group_norm_e4m3: x must be a channels-last CUDA map [B, C, H, W]");
-  TORCH_CHECK(quant_scale.is_cuda() && quant_scale.device() == x.device() && quant_scale.numel() == 1 &&
-                  quant_scale.scalar_type() == at::kFloat,
-              "group_norm_e4m3: quant_scale must be one float32 value on x's device");
-  return checked_group_norm(x, groups, weight, bias, scale, shift, add, eps, silu, add_bias, 0, false, false, partial,
-                            quant_scale.data_ptr<float>());
 }
 
 // GroupNorm(cat(first, second, dim=1)) * weight + bias [-> SiLU] and the concatenation itself,

@@ -2,8 +2,6 @@
 // channel) coefficients, optional SiLU, the output optionally resized (nearest 2x up, 2x2 average
 // down) as it is written, vectorised loads, NCHW or NHWC.
 
-#include <cuda_fp8.h>
-
 #include "group_norm_parts.cuh"
 
 namespace unclip_rt::group_norm_parts {
@@ -109,46 +107,6 @@ __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, 
         *reinterpret_cast<Pack<T, VEC>*>(o + s.channels) = out;
         *reinterpret_cast<Pack<T, VEC>*>(o + down_row) = out;
         *reinterpret_cast<Pack<T, VEC>*>(o + down_row + s.channels) = out;
-      });
-}
-
-// VEC e4m3 bytes stored as one aligned vector.
-template <int VEC>
-struct alignas(VEC) E4m3Pack {
-  __nv_fp8_storage_t v[VEC];
-};
-
-// normalize_nhwc writing e4m3: each value rounded to T as that kernel writes it, divided by the
-// FP8 layer's input scale (IEEE division, as `models.fp8.e4m3.quantize` divides), saturated to
-// ±448 with NaN kept, rounded to nearest even: the quantising pass before the convolution,
-// without writing or reading the T map.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) normalize_nhwc_e4m3(const T* __restrict__ x, const float2* __restrict__ coef,
-                                                            __nv_fp8_storage_t* __restrict__ y, Shape s, bool silu,
-                                                            const float* __restrict__ scale) {
-  unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
-  unclip_rt::allow_dependents();
-  const int64_t b = blockIdx.y;
-  const int c0 = threadIdx.x * VEC;
-  float2 cf[VEC];
-  load_coefficients<VEC, true>(coef + b * s.channels + c0, cf);
-  const float divisor = *scale;
-  const int64_t begin = blockIdx.x * s.chunk_len, end = min(s.hw, begin + s.chunk_len);
-  const T* in_sample = x + b * s.hw * s.channels + c0;
-  __nv_fp8_storage_t* out_sample = y + b * s.hw * s.channels + c0;
-  strided_pixels<4>(
-      begin + threadIdx.y, end, blockDim.y,
-      [&](int64_t p) { return *reinterpret_cast<const Pack<T, VEC>*>(in_sample + p * s.channels); },
-      [&](int64_t p, const Pack<T, VEC>& in) {
-        E4m3Pack<VEC> out;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          float v = fmaf(to_float(in.v[k]), cf[k].x, cf[k].y);
-          if (silu) v = unclip_rt::silu_of(v);
-          const float q = __fdiv_rn(to_float(from_float<T>(v)), divisor);
-          out.v[k] = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-        }
-        *reinterpret_cast<E4m3Pack<VEC>*>(out_sample + p * s.channels) = out;
       });
 }
 
@@ -286,32 +244,6 @@ void normalize_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, 
     default: launch_normalize<T, 1>(x, coef, y, s, silu, nhwc, stream); break;
   }
 }
-
-template <typename T>
-void normalize_e4m3_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, Shape& s, bool silu,
-                         const float* scale, cudaStream_t stream) {
-  constexpr int kPack = 16 / sizeof(T);  // elements of a 16-byte input pack
-  TORCH_CHECK(s.channels % kPack == 0 && s.channels / kPack <= 1024 && unclip_rt::aligned16(x) && !s.up && !s.down,
-              "group_norm_e4m3: x must be 16-byte aligned channels-last with channels a multiple of ",
-              std::to_string(kPack), " and at most ", std::to_string(1024 * kPack), ", without a resize");
-  const int lanes = static_cast<int>(s.channels / kPack);
-  const dim3 block(lanes, std::max(1, kThreads / lanes));
-  const auto chunks = unclip_rt::wide_chunks(s.batch, s.hw, unclip_rt::kElementwiseTargetBlocks);
-  s.chunk_len = chunks.chunk_len;
-  const dim3 grid(static_cast<unsigned>(chunks.chunks), static_cast<unsigned>(s.batch));
-  unclip_rt::launch_overlapped(normalize_nhwc_e4m3<T, kPack>, grid, block, 0, stream,
-                               reinterpret_cast<const T*>(x.data_ptr()),
-                               reinterpret_cast<const float2*>(coef.data_ptr<float>()),
-                               reinterpret_cast<__nv_fp8_storage_t*>(y.data_ptr()), s, silu, scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template void normalize_e4m3_pass<float>(const at::Tensor&, const at::Tensor&, at::Tensor&, Shape&, bool,
-                                         const float*, cudaStream_t);
-template void normalize_e4m3_pass<__half>(const at::Tensor&, const at::Tensor&, at::Tensor&, Shape&, bool,
-                                          const float*, cudaStream_t);
-template void normalize_e4m3_pass<__nv_bfloat16>(const at::Tensor&, const at::Tensor&, at::Tensor&, Shape&, bool,
-                                                 const float*, cudaStream_t);
 
 template void normalize_pass<float>(const at::Tensor&, const at::Tensor&, at::Tensor&, Shape&, bool, bool, int,
                                       cudaStream_t);

@@ -167,15 +167,6 @@ template <typename T>
 void normalize_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, Shape& s, bool silu, bool nhwc,
                     int elem, cudaStream_t stream);
 
-// Pass 3 writing e4m3 (group_norm_normalize.cu): round_e4m3(clamp(T(x * A + B [SiLU]) / *scale,
-// ±448)) for NHWC x in normalize_pass's wide geometry (channels a multiple of a 16-byte pack, at
-// most 1024 packs, 16-byte aligned), no resize: the quantised input of the FP8 convolution that
-// reads y next, bit for bit what quantising the pass's T output gives. y: [B, C, H, W]
-// channels-last, one byte per element.
-template <typename T>
-void normalize_e4m3_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, Shape& s, bool silu,
-                         const float* scale, cudaStream_t stream);
-
 // The one-launch norm for small groups (group_norm_one_pass.cu): statistics and normalising in
 // one block per (sample, group).
 template <typename T>

@@ -70,20 +70,6 @@ def group_norm(x, groups, weight, bias, scale=None, shift=None, add=None, eps=1e
     return _like(y.to(x.dtype), x)
 
 
-def group_norm_e4m3(x, groups, weight, bias, quant_scale, scale=None, shift=None, add=None, eps=1e-5, silu=False,
-                    add_bias=None, partial=None):
-    """`group_norm`'s output, rounded to x's dtype, quantised as the FP8 layers quantise their input
-    (`models.fp8.layers.quantize`, looked up per call so that a test's stand-in applies here too)."""
-    from models.fp8 import layers
-
-    _count("group_norm_e4m3")
-    if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        raise RuntimeError("group_norm_e4m3: x must be a channels-last map")
-    calls["group_norm"] -= 1  # counted as this call, not as a plain norm
-    y = group_norm(x, groups, weight, bias, scale, shift, add, eps, silu, add_bias, 0, False, False, partial)
-    return layers.quantize(y, quant_scale).contiguous(memory_format=torch.channels_last)
-
-
 def group_norm_takes_three_passes(channels, groups, hw):
     """The emulation's rule: maps of at least 8×8 with two or more channels a group."""
     return channels // groups >= 2 and hw >= 64

@@ -247,7 +247,7 @@ class Fp8Conv(_Fp8Layer):
             return self._cutlass_forward(x, bias)
         if path in ("gemm", "implicit"):
             return self._gemm_forward(x, bias, implicit=path == "implicit")
-        return self._readback(*self._input(x), x.dtype, bias)
+        return self._readback(*self._input(x), x, bias)
 
     def _auto_path(self, x: torch.Tensor) -> str:
         """"auto"'s way on CUDA: CUTLASS for a 3×3 it serves, else the GEMM (see the module docstring)."""
@@ -266,7 +266,7 @@ class Fp8Conv(_Fp8Layer):
 
         w = self.weight_q
         if not (x.is_cuda and x.dim() == 4 and self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])):
-            return self._readback(*self._input(x), x.dtype, bias)
+            return self._readback(*self._input(x), x, bias)
         out = self.cutlass_product(*self._input(x), bias)
         return out if x.dtype == torch.float16 else out.to(x.dtype)
 
@@ -283,39 +283,13 @@ class Fp8Conv(_Fp8Layer):
         return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
                                          tuple(self.padding))
 
-    def _readback(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+    def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-        """The convolution of the e4m3 input `q` (scale `scale`) read back in `dtype`, plus `bias`."""
+        """The convolution of the e4m3 input `q` (scale `scale`) read back in x's dtype, plus `bias`."""
         conv = F.conv2d if self.weight_q.dim() == 4 else F.conv1d
-        bias = None if bias is None else bias.to(dtype)
-        return conv(dequantize(q, scale, dtype), self.dequantized_weight(dtype), bias, self.stride,
+        bias = None if bias is None else bias.to(x.dtype)
+        return conv(dequantize(q, scale, x.dtype), self.dequantized_weight(x.dtype), bias, self.stride,
                     self.padding, self.dilation, self.groups)
-
-    def takes_quantized(self, x: torch.Tensor) -> bool:
-        """Whether `quantized_forward` gives `self(x)` for an input like `x` quantised beforehand
-        with this layer's calibrated scale (by the op that makes x: `models.fused.norms.
-        group_norm_e4m3`): calibrated and not calibrating, and the way `self(x)` would take quantises
-        its input with that scale and nothing else — on CUDA the CUTLASS way on an fp16 map, on the
-        CPU the read-back way."""
-        if not self.calibrated or self.observing or x.dim() != 4:
-            return False
-        if not x.is_cuda:
-            return CONV_PATH in ("auto", "readback")
-        from models import implicit_conv
-
-        w = self.weight_q
-        way = self._auto_path(x) if CONV_PATH == "auto" else CONV_PATH
-        return (way == "cutlass" and x.dtype == torch.float16 and self.gemm_shape()
-                and implicit_conv.serves_e4m3(w.shape[1], w.shape[0]))
-
-    def quantized_forward(self, q: torch.Tensor, dtype: torch.dtype, with_bias: bool = True) -> torch.Tensor:
-        """`self(x)` (`with_bias` as there) from `q`, x quantised with the calibrated input scale
-        (`takes_quantized(x)` said so): no quantising pass."""
-        bias = self.bias if with_bias else None
-        if q.is_cuda:
-            out = self.cutlass_product(q, self.input_scale, bias)
-            return out if dtype == torch.float16 else out.to(dtype)
-        return self._readback(q, self.input_scale, dtype, bias)
 
     def _gemm_forward(self, x: torch.Tensor, bias: torch.Tensor | None, implicit: bool = False) -> torch.Tensor:
         if not self.gemm_shape():
@@ -333,7 +307,7 @@ class Fp8Conv(_Fp8Layer):
         n = self.weight_q.shape[0]
         out = _scaled_rows(rows, self.tap_major_weight(), scale, self, x)
         if out is None:  # no row-wise scaled GEMM here: the read-back convolution of the same input
-            return self._readback(q, scale, x.dtype, bias)
+            return self._readback(q, scale, x, bias)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.view(b, h, w, n).permute(0, 3, 1, 2)  # channels-last memory

@@ -2,8 +2,7 @@
 
 The group norm kernel fuses what surrounds a norm in a ResBlock: an addition before it (the
 time embedding's projection, a convolution's bias), the affine, a FiLM scale/shift, SiLU, and a
-2x resize of its output (channels-last), or the e4m3 quantisation of its output for the FP8
-convolution that reads it (`group_norm_e4m3`); statistics in float32. The join adds a block's residual
+2x resize of its output (channels-last); statistics in float32. The join adds a block's residual
 and the biases its convolutions ran without in one in-place pass, and may also do the next norm's
 statistics pass (`NormInput`)."""
 
@@ -63,41 +62,6 @@ def group_norm(
     y = cpp_ext.kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, scale, shift, add, norm.eps,
                                    silu, add_bias, -1, fuse_up, fuse_down, partial)
     return resample(y, up and not fuse_up, down and not fuse_down)
-
-
-def writes_e4m3(norm: GroupNorm32, x: torch.Tensor | NormInput) -> bool:
-    """Whether `group_norm_e4m3` serves `x`: the kernels built, a channels-last map whose norm runs
-    three passes (`cpp_ext.kernels.group_norm_takes_three_passes`: on smaller maps the one-launch
-    norm is faster than three passes, and the separate quantising pass costs little), channels a
-    whole number of 16-byte packs (at most 1024), 16-byte aligned."""
-    x = plain(x)
-    if cpp_ext.kernels is None or tracing() or x.dim() != 4 or layout(x) != "nhwc":
-        return False
-    pack = 16 // x.element_size()
-    c, hw = x.shape[1], x.shape[2] * x.shape[3]
-    return (c % pack == 0 and c // pack <= 1024 and x.data_ptr() % 16 == 0
-            and cpp_ext.kernels.group_norm_takes_three_passes(c, norm.num_groups, hw))
-
-
-def group_norm_e4m3(
-    norm: GroupNorm32, x: torch.Tensor | NormInput, quant_scale: torch.Tensor, scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None, silu: bool | None = None, add: torch.Tensor | None = None,
-    add_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`quantize(group_norm(norm, x, scale, shift, silu, add, add_bias), quant_scale)` (no resize)
-    by the kernel's normalising pass: the e4m3 input of the FP8 convolution that reads the norm's
-    output, bit for bit, without the x-dtype map or a quantising pass. The caller checks
-    `writes_e4m3(x)` first."""
-    partial = x.partial if isinstance(x, NormInput) and add is None and add_bias is None else None
-    x = plain(x)
-    silu = norm.silu if silu is None else silu
-    per_sample = x.shape[:2]
-    if scale is not None:
-        scale, shift = _rows(scale, per_sample, x.dtype), _rows(shift, per_sample, x.dtype)
-    if add is not None:
-        add = _rows(add, per_sample, x.dtype)
-    return cpp_ext.kernels.group_norm_e4m3(x, norm.num_groups, norm.weight, norm.bias, quant_scale, scale, shift, add,
-                                          norm.eps, silu, add_bias, partial)
 
 
 def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None,

@@ -27,10 +27,6 @@ class FusedOptions:
     :param cutlass_convs: the residual blocks' 3×3 convolutions on CUTLASS's Hopper implicit GEMM
         (`models.implicit_conv`) where it is built and serves, instead of cuDNN. Off by
         default until it is measured faster (`benchmarks/latency.py --cutlass-convs`).
-    :param norm_quantizes: an FP8 convolution with a calibrated input scale that reads a group
-        norm's output takes it already quantised by that norm's normalising pass
-        (`cpp_ext.kernels.group_norm_e4m3`), where the norm runs three passes, instead of
-        quantising it in a pass of its own.
     """
 
     join_stats: bool = True
@@ -39,7 +35,6 @@ class FusedOptions:
     time_table: bool = True
     staged_weights: bool = True
     cutlass_convs: bool = False
-    norm_quantizes: bool = True
 
 
 DEFAULT = FusedOptions()

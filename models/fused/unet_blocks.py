@@ -30,9 +30,9 @@ import cpp_ext
 from models import implicit_conv
 from models.fp8.layers import Fp8Conv
 from models.fused.availability import layout
-from models.fused.norms import NormInput, bias_residual, group_norm, group_norm_e4m3, plain, writes_e4m3
+from models.fused.norms import NormInput, bias_residual, group_norm, plain
 from models.fused.options import DEFAULT, FusedOptions
-from models.layers import GroupNorm32, resample
+from models.layers import resample
 from models.unet import AttentionBlock, ContextBias, ResBlock
 
 
@@ -111,18 +111,6 @@ def _conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions) -> 
     return F.conv2d(x, conv.weight, None, padding=conv.padding)
 
 
-def _norm_conv(norm: GroupNorm32, conv: nn.Conv2d | Fp8Conv, x: torch.Tensor | NormInput, options: FusedOptions,
-               **norm_args) -> torch.Tensor:
-    """`_conv(conv, group_norm(norm, x, **norm_args))`: for an FP8 layer that takes its input
-    quantised beforehand with its calibrated scale, the norm writes that input
-    (`group_norm_e4m3`, where it serves) and the layer skips its quantising pass."""
-    if (options.norm_quantizes and isinstance(conv, Fp8Conv) and conv.takes_quantized(plain(x))
-            and writes_e4m3(norm, x)):
-        q = group_norm_e4m3(norm, x, conv.input_scale, **norm_args)
-        return conv.quantized_forward(q, plain(x).dtype, with_bias=False)
-    return _conv(conv, group_norm(norm, x, **norm_args), options)
-
-
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """A 1-wide 1-D convolution (an attention block's projection) applied to token rows [..., C]."""
     if isinstance(conv, Fp8Conv):
@@ -154,18 +142,16 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
         h = _conv(conv_in, group_norm(norm_in, x, up=block.up, down=block.down), options)
         x = plain(x)
-    elif not (block.up or block.down):
-        h = _norm_conv(norm_in, conv_in, x, options)
-        x = plain(x)
     else:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
         scale, shift = emb_out.chunk(2, dim=1)
-        h = _norm_conv(norm_out, conv_out, h, options, scale=scale, shift=shift, silu=True, add_bias=conv_in.bias)
+        h = group_norm(norm_out, h, scale, shift, silu=True, add_bias=conv_in.bias)
     else:
-        h = _norm_conv(norm_out, conv_out, h, options, add=emb_out, add_bias=conv_in.bias)
+        h = group_norm(norm_out, h, add=emb_out, add_bias=conv_in.bias)
+    h = _conv(conv_out, h, options)
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
     if (defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d)
