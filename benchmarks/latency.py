@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "this process (runtime.fp8_calibration over two generic prompts, then fixed)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                    help="our backends to time (default torch; onnxruntime: the CUDA provider, onnxruntime-gpu)")
+    p.add_argument("--ort-layouts", nargs="+", choices=["nchw", "nhwc"], default=["nchw"],
+                   help="ONNX Runtime CUDA: the provider's convolution layouts to time (runtime.backends.ort_cuda."
+                        "CONV_LAYOUT; default nchw)")
     p.add_argument("--ort-engine-dir", type=Path,
                    help="where the onnxruntime rows' fp16 graphs are built (kept, and reused while the model and "
                         "settings match: a second run skips the export); default a temporary folder")
@@ -196,7 +199,12 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
     result = {"export_s": time.perf_counter() - start, "modes": {},
               "check_error": {k: v["max_relative_error"] for k, v in manifest["stages"].items()}}
     pipe = UnCLIP(model, engine_dir=folder, backend="onnxruntime", device="cuda", progress=False)
-    for mode in ("onnxruntime", "torch"):
+    from runtime.backends import ort_cuda
+
+    runs = [(mode, layout) for layout in args.ort_layouts for mode in ("onnxruntime", "torch")]
+    for mode, layout in runs:
+        ort_cuda.CONV_LAYOUT = layout
+        key = mode if layout == "nchw" else f"{mode}+nhwc"
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         try:
@@ -207,9 +215,10 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
                      "batches": _engine_batches(pipe, args, free_before)}
         except Exception as exc:  # a mode that cannot run here is reported, not fatal to the others
             entry = {"error": f"{type(exc).__name__}: {exc}"}
-        result["modes"][mode] = entry
+        result["modes"][key] = entry
         timings = {n: f"{b['ms']:.1f} ms" for n, b in entry.get("batches", {}).items()}
-        print(f"ONNX Runtime CUDA, graphs={mode}:", timings or entry.get("error"), flush=True)
+        print(f"ONNX Runtime CUDA, graphs={mode}, layout {layout}:", timings or entry.get("error"), flush=True)
+    ort_cuda.CONV_LAYOUT = "nchw"
     best = min((m for m in result["modes"].values() if "batches" in m), default=None,
                key=lambda m: m["batches"][args.batch[0]]["ms"])
     if best is not None:

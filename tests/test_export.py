@@ -213,3 +213,22 @@ def test_a_cuda_device_with_the_cuda_provider_gets_fixed_batch_engines_in_the_as
         assert (dtype, graphs) == (torch.float32, "torch")
     cpu = folder.onnxruntime_engines(["CPUExecutionProvider"], torch.device("cpu"))
     assert all(isinstance(e, OnnxRuntimeEngine) for e in cpu.values()) and len(made) == len(folder.stages)
+
+
+def test_the_cuda_provider_options_follow_the_asked_convolution_layout(monkeypatch):
+    """`ort_cuda.CONV_LAYOUT` reaches the CUDA provider as its `prefer_nhwc` option (NCHW by
+    default), with the caller's stream and the replay mode; an unknown layout is refused."""
+    from types import SimpleNamespace
+
+    from runtime.backends import ort_cuda
+
+    stream = SimpleNamespace(cuda_stream=1234)
+    name, options = ort_cuda.cuda_provider(torch.device("cuda", 1), cuda_graph=True, stream=stream)
+    assert name == "CUDAExecutionProvider" and options["prefer_nhwc"] == "0"
+    assert options["user_compute_stream"] == "1234" and options["enable_cuda_graph"] == "1"
+    assert options["device_id"] == "1"
+    monkeypatch.setattr(ort_cuda, "CONV_LAYOUT", "nhwc")
+    assert ort_cuda.cuda_provider(torch.device("cuda"), cuda_graph=False, stream=stream)[1]["prefer_nhwc"] == "1"
+    monkeypatch.setattr(ort_cuda, "CONV_LAYOUT", "chwn")
+    with pytest.raises(ValueError, match="CONV_LAYOUT must be 'nchw' or 'nhwc', got 'chwn'"):
+        ort_cuda.cuda_provider(torch.device("cuda"), cuda_graph=False, stream=stream)

@@ -21,6 +21,11 @@ Two ways to replay, chosen by measurement (`graphs`):
   Runtime's memory arena first.
 
 Sessions open on first use of a batch size (each holds its own copy of the weights on the GPU).
+
+`CONV_LAYOUT` picks the provider's layout for convolutions: "nchw" (the graphs' own) or "nhwc"
+(its `prefer_nhwc` option: convolutions and the ops between them in channels-last, with
+transposes at the edges, which cuDNN's fp16 tensor-core kernels read directly), to be chosen by
+measurement (`benchmarks/latency.py --ort-layouts nchw nhwc`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def fixed_batch_options(batch: int, cpu_fallback: bool = True):
 
 
 GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels from a CUDA graph
+CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
 
 
 def cuda_provider(device: torch.device, cuda_graph: bool,
@@ -65,6 +71,8 @@ def cuda_provider(device: torch.device, cuda_graph: bool,
     Runtime's own CUDA graph capture when `cuda_graph`. fp32 matrix products use TF32 exactly when
     torch's do (`torch.backends.cuda.matmul.allow_tf32`; ONNX Runtime's own default is on), so
     an fp32 engine computes what the torch stage it replaces computes."""
+    if CONV_LAYOUT not in ("nchw", "nhwc"):
+        raise ValueError(f"ort_cuda.CONV_LAYOUT must be 'nchw' or 'nhwc', got {CONV_LAYOUT!r}")
     stream = stream or torch.cuda.current_stream(device)
     return ("CUDAExecutionProvider", {
         "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0",
@@ -74,6 +82,7 @@ def cuda_provider(device: torch.device, cuda_graph: bool,
         "enable_cuda_graph": "1" if cuda_graph else "0",
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "cudnn_conv_use_max_workspace": "1",
+        "prefer_nhwc": "1" if CONV_LAYOUT == "nhwc" else "0",
     })
 
 
