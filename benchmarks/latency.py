@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ort-layouts", nargs="+", choices=["nchw", "nhwc"], default=["nchw"],
                    help="ONNX Runtime CUDA: the provider's convolution layouts to time (runtime.backends.ort_cuda."
                         "CONV_LAYOUT; default nchw)")
+    p.add_argument("--ort-unet-fusions", nargs="+", choices=["off", "on"], default=["off"],
+                   help="ONNX Runtime CUDA: without and/or with its own UNet fusions on the UNet stages "
+                        "(runtime.backends.ort_cuda.UNET_FUSIONS; default off)")
     p.add_argument("--ort-engine-dir", type=Path,
                    help="where the onnxruntime rows' fp16 graphs are built (kept, and reused while the model and "
                         "settings match: a second run skips the export); default a temporary folder")
@@ -201,10 +204,11 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
     pipe = UnCLIP(model, engine_dir=folder, backend="onnxruntime", device="cuda", progress=False)
     from runtime.backends import ort_cuda
 
-    runs = [(mode, layout) for layout in args.ort_layouts for mode in ("onnxruntime", "torch")]
-    for mode, layout in runs:
-        ort_cuda.CONV_LAYOUT = layout
-        key = mode if layout == "nchw" else f"{mode}+nhwc"
+    runs = [(mode, layout, fusions) for fusions in args.ort_unet_fusions for layout in args.ort_layouts
+            for mode in ("onnxruntime", "torch")]
+    for mode, layout, fusions in runs:
+        ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = layout, fusions == "on"
+        key = mode + ("+nhwc" if layout == "nhwc" else "") + ("+unet_fusions" if fusions == "on" else "")
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         try:
@@ -217,8 +221,9 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
             entry = {"error": f"{type(exc).__name__}: {exc}"}
         result["modes"][key] = entry
         timings = {n: f"{b['ms']:.1f} ms" for n, b in entry.get("batches", {}).items()}
-        print(f"ONNX Runtime CUDA, graphs={mode}, layout {layout}:", timings or entry.get("error"), flush=True)
-    ort_cuda.CONV_LAYOUT = "nchw"
+        print(f"ONNX Runtime CUDA, graphs={mode}, layout {layout}, UNet fusions {fusions}:",
+              timings or entry.get("error"), flush=True)
+    ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = "nchw", False
     best = min((m for m in result["modes"].values() if "batches" in m), default=None,
                key=lambda m: m["batches"][args.batch[0]]["ms"])
     if best is not None:

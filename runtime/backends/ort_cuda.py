@@ -26,6 +26,14 @@ Sessions open on first use of a batch size (each holds its own copy of the weigh
 (its `prefer_nhwc` option: convolutions and the ops between them in channels-last, with
 transposes at the edges, which cuDNN's fp16 tensor-core kernels read directly), to be chosen by
 measurement (`benchmarks/latency.py --ort-layouts nchw nhwc`).
+
+`UNET_FUSIONS` runs the UNet stages' graphs (the decoder step, the super-res steps) through ONNX
+Runtime's own UNet optimizer (`onnxruntime.transformers.optimizer`, model type "unet") when their
+sessions open: group norms become its CUDA GroupNorm op (SkipGroupNorm where a residual addition
+feeds one directly), and convolutions its channels-last NhwcConv. Those ops exist on the CUDA
+provider only, so the optimised graph is made in memory for the GPU session, never written to the
+engine folder (whose graphs the CPU runs and checks). Off by default until measured
+(`benchmarks/latency.py --ort-unet-fusions off on`).
 """
 
 from __future__ import annotations
@@ -63,6 +71,22 @@ def fixed_batch_options(batch: int, cpu_fallback: bool = True):
 
 GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels from a CUDA graph
 CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
+UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read when a session opens
+
+
+def is_unet_stage(name: str) -> bool:
+    """Whether stage `name` is a UNet's step (the decoder's, a super-res stage's)."""
+    return name == "decoder_step" or name.startswith("super_res")
+
+
+@functools.lru_cache(maxsize=4)
+def unet_fused_graph(path: Path) -> bytes:
+    """The graph at `path` through ONNX Runtime's UNet optimizer (GPU fusions; the session's own
+    graph optimisations still run when it opens), serialised: the sessions of every batch size
+    open from these bytes."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    return optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model.SerializeToString()
 
 
 def cuda_provider(device: torch.device, cuda_graph: bool,
@@ -131,8 +155,8 @@ class OrtCudaEngine:
         _load_cuda_libraries()
         try:
             provider = cuda_provider(self.device, self.graphs == "onnxruntime", self._stream)
-            session = ort.InferenceSession(str(self.path), fixed_batch_options(batch, cpu_fallback=False),
-                                           providers=[provider])
+            graph = unet_fused_graph(self.path) if UNET_FUSIONS and is_unet_stage(sig.name) else str(self.path)
+            session = ort.InferenceSession(graph, fixed_batch_options(batch, cpu_fallback=False), providers=[provider])
         except Exception as exc:  # ORT raises its own exception types
             raise EngineError(f"{self.path}: ONNX Runtime's CUDA provider cannot run it whole at batch {batch} "
                               f"({exc}); rebuild with {self.rebuild}") from exc

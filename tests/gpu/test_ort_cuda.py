@@ -118,6 +118,31 @@ def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
                 assert torch.equal(a, c), (name, seed)
 
 
+def test_onnx_runtimes_unet_fusions_give_the_unfused_graphs_outputs(default_engines, monkeypatch):
+    """With `ort_cuda.UNET_FUSIONS` the UNet steps open from ONNX Runtime's fused graphs (its CUDA
+    GroupNorm and NhwcConv ops, the whole graph on the GPU) and give the plain graphs' outputs to
+    fp16 rounding."""
+    import onnx
+
+    from runtime.backends import ort_cuda
+    from runtime.backends.engines import EngineFolder
+    from runtime.backends.signatures import signatures
+
+    folder = EngineFolder.open(default_engines / "fp16")
+    device = torch.device("cuda")
+    plain = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
+    monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", True)
+    fused = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
+    for name in ("decoder_step", "super_res_first"):
+        sig = signatures(folder.cfg)[name]
+        inputs = tuple(sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(4)).values())
+        want, got = plain[name](*inputs), fused[name](*inputs)
+        ops = {n.op_type for n in onnx.load_from_string(ort_cuda.unet_fused_graph(fused[name].path)).graph.node}
+        assert {"GroupNorm", "NhwcConv"} <= ops
+        for a, b in zip(got, want, strict=True):
+            assert rel(a.float(), b.float()) <= 5e-3, name
+
+
 @pytest.mark.usefixtures("large_gpu_memory")
 def test_fp16_graphs_at_karlo_size_stay_within_2e2_of_fp32_torch(tmp_path, no_tf32):
     from export.build_engines import build, random_model
