@@ -25,6 +25,7 @@ where it is built and serves (`models.implicit_conv`), else the read-back way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ _GEMM_MULTIPLE = 16  # `_scaled_mm` needs K and N multiples of 16
 # "bfloat16" (with a bfloat16 result, cast), False (not at all); absent: not tried yet
 _SCALED_MM_WORKS: dict[tuple[str, torch.dtype], bool | str] = {}
 log = logging.getLogger(__name__)
+
+
+_Maker = Callable[["_Fp8Layer", torch.Tensor], torch.Tensor]  # (layer, input scale) → a product of the scale
 
 
 class _Fp8Layer(nn.Module):
@@ -54,6 +58,7 @@ class _Fp8Layer(nn.Module):
         self.observed_amax: torch.Tensor | None = None  # while calibrating: the largest |input| seen
         self.observing = False
         self._read: dict[tuple, torch.Tensor] = {}  # the weight read back (per dtype) or laid out for a GEMM
+        self._fixed_makers: dict[tuple, _Maker] = {}  # how `_fixed`'s entries of `_read` are made
 
     def _apply(self, fn, recurse=True):
         # a dtype conversion of the model (`.half()`, `.to(dtype)`) must leave the e4m3 weight and
@@ -64,25 +69,29 @@ class _Fp8Layer(nn.Module):
             if getattr(self, name).dtype != dtype:
                 setattr(self, name, getattr(self, name).to(dtype))
         self._read.clear()
+        self._fixed_makers.clear()
         return self
 
     def set_input_scale(self, scale: float | None) -> None:
         """A fixed activation scale (calibrated), or None to measure each input's."""
         self.input_scale.fill_(float("nan") if scale is None else scale)
         self.calibrated = scale is not None
-        for key in [key for key in self._read if key[0] == "fixed"]:
-            del self._read[key]
+        if self.calibrated:  # in place: a captured CUDA graph reads these tensors by address
+            for key, make in self._fixed_makers.items():
+                self._read[key].copy_(make(self, self.input_scale))
 
-    def _fixed(self, name: str, scale: torch.Tensor, make) -> torch.Tensor:
-        """`make(scale)`, kept while `scale` is this layer's calibrated one: a fixed scale's
-        products are made once, not by a kernel on every call (`set_input_scale` drops them)."""
+    def _fixed(self, name: str, scale: torch.Tensor, make: _Maker) -> torch.Tensor:
+        """`make(self, scale)`, kept while `scale` is this layer's calibrated one: a fixed scale's
+        products are made once, not by a kernel on every call (`set_input_scale` remakes them in
+        place)."""
         # made during a graph capture it would live in the graph's memory pool: made there per call
         capturing = scale.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or not (self.calibrated and scale is self.input_scale):
-            return make(scale)
+            return make(self, scale)
         key = ("fixed", name, scale.device)
         if key not in self._read:
-            self._read[key] = make(scale)
+            self._read[key] = make(self, scale)
+            self._fixed_makers[key] = make
         return self._read[key]
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +141,7 @@ def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor
     if known == "bfloat16":
         tries = [torch.bfloat16]
     m = rows.shape[0]
-    scale_a = layer._fixed(f"rows{m}", scale, lambda s: s.expand(m, 1).contiguous())
+    scale_a = layer._fixed(f"rows{m}", scale, lambda _, s: s.expand(m, 1).contiguous())
     weight_scale = layer.weight_scale
     for out_dtype in tries:
         try:
@@ -279,7 +288,7 @@ class Fp8Conv(_Fp8Layer):
         # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
         weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
         bias = None if bias is None else bias.to(torch.float16)
-        scales = self._fixed("cutlass", scale, lambda s: s.float() * self.weight_scale.float())
+        scales = self._fixed("cutlass", scale, lambda layer, s: s.float() * layer.weight_scale.float())
         return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
                                          tuple(self.padding))
 
