@@ -183,3 +183,30 @@ def test_the_fused_quantisation_gives_torchs_bytes_on_the_gpu():
         assert got.dtype == E4M3 and got.stride() == t.stride()
         g, w = got.float(), want.float()
         assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0))
+
+
+def test_a_captured_graph_follows_a_new_calibrated_scale():
+    """A calibrated FP8 convolution captured in a CUDA graph, then given another calibrated scale:
+    the replay uses the new scale (the kept scale products are remade in place) and equals an
+    eager call with it."""
+    torch.manual_seed(0)
+    layer = fp8_layers.Fp8Conv.from_float(nn.Conv2d(320, 320, 3, padding=1)).cuda().half()
+    layer.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 320, 32, 32, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    layer.set_input_scale(float(tensor_scale(x)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        layer(x)  # warm-up: the kept products are made outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = layer(x)
+    layer.set_input_scale(float(tensor_scale(x)) * 0.25)  # most values now saturate
+    graph.replay()
+    with torch.no_grad():
+        want = layer(x)
+    assert torch.equal(out, want)
+    layer.set_input_scale(float(tensor_scale(x)))
+    graph.replay()
+    assert not torch.equal(out, want)
