@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,23 +235,35 @@ def test_the_cuda_provider_options_follow_the_asked_convolution_layout(monkeypat
         ort_cuda.cuda_provider(torch.device("cuda"), cuda_graph=False, stream=stream)
 
 
-def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_into_its_cuda_ops(tmp_path):
+def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_into_its_cuda_ops(tmp_path,
+                                                                                                monkeypatch):
     """`ort_cuda.unet_fused_graph` (the option `UNET_FUSIONS`): ONNX Runtime's UNet optimizer on an
     fp16 decoder step and super-res step of the shipped default model gives a graph with the same
-    inputs and outputs whose group norms and convolutions are its CUDA ops; the stages it applies
-    to are the UNets' steps only."""
+    inputs and outputs whose group norms and convolutions are its CUDA ops — serialised, or past
+    protobuf's limit a copy with external weights; the stages it applies to are the UNets' steps."""
     import onnx
 
     from runtime.backends import ort_cuda
 
+    def load(graph):
+        return onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
+
     assert main(["--out", str(tmp_path), "--fp16", "--stages", "decoder_step,super_res_first"]) == 0
     for name in ("decoder_step", "super_res_first"):
         original = onnx.load(str(tmp_path / f"{name}.onnx"))
-        fused = onnx.load_from_string(ort_cuda.unet_fused_graph(tmp_path / f"{name}.onnx"))
+        made = ort_cuda.unet_fused_graph(tmp_path / f"{name}.onnx")
+        assert isinstance(made, bytes)
+        fused = load(made)
         ops = {n.op_type for n in fused.graph.node}
         assert {"GroupNorm", "NhwcConv"} <= ops, (name, sorted(ops))
         assert len(fused.graph.node) < len(original.graph.node), name
         assert [i.name for i in fused.graph.input] == [i.name for i in original.graph.input]
         assert [o.name for o in fused.graph.output] == [o.name for o in original.graph.output]
+    ort_cuda.unet_fused_graph.cache_clear()
+    monkeypatch.setattr(ort_cuda, "PROTOBUF_BYTES", 1000)  # as if the graph were past protobuf's limit
+    big = ort_cuda.unet_fused_graph(tmp_path / "super_res_first.onnx")
+    ort_cuda.unet_fused_graph.cache_clear()
+    assert isinstance(big, str) and (Path(big).parent / "super_res_first.onnx.data").stat().st_size > 1_000_000
+    assert [n.op_type for n in load(big).graph.node] == [n.op_type for n in fused.graph.node]
     assert [s for s in ("decoder_step", "super_res_first", "super_res_last", "prior_step", "clip_text")
             if ort_cuda.is_unet_stage(s)] == ["decoder_step", "super_res_first", "super_res_last"]

@@ -38,7 +38,10 @@ engine folder (whose graphs the CPU runs and checks). Off by default until measu
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +75,7 @@ def fixed_batch_options(batch: int, cpu_fallback: bool = True):
 GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels from a CUDA graph
 CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
 UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read when a session opens
+PROTOBUF_BYTES = 1_800_000_000  # a serialised graph must stay under protobuf's 2 GiB; past this, weights go beside it
 
 
 def is_unet_stage(name: str) -> bool:
@@ -80,13 +84,23 @@ def is_unet_stage(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def unet_fused_graph(path: Path) -> bytes:
+def unet_fused_graph(path: Path) -> bytes | str:
     """The graph at `path` through ONNX Runtime's UNet optimizer (GPU fusions; the session's own
-    graph optimisations still run when it opens), serialised: the sessions of every batch size
-    open from these bytes."""
+    graph optimisations still run when it opens), for the sessions of every batch size to open
+    from: serialised, or, past protobuf's size limit (`PROTOBUF_BYTES`), the path of a copy with
+    its weights in one external-data file, in a temporary folder of this process."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    return optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model.SerializeToString()
+    model = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
+    if model.ByteSize() <= PROTOBUF_BYTES:
+        return model.SerializeToString()
+    import onnx
+
+    folder = Path(tempfile.mkdtemp(prefix="unclip-ort-unet-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    onnx.save_model(model, str(folder / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+    return str(folder / path.name)
 
 
 def cuda_provider(device: torch.device, cuda_graph: bool,
