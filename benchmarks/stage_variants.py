@@ -25,8 +25,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from export.build_engines import random_model  # noqa: E402
-from runtime.backends.engines import is_unet_stage  # noqa: E402
-from runtime.backends.signatures import signatures, stage_module  # noqa: E402
+from runtime.backends.signatures import is_unet_stage, signatures, stage_module  # noqa: E402
 
 ROWS = {"prior_step": 2, "prior_context": 2, "decoder_step": 2, "decoder_context": 2, "super_res_first": 1,
         "super_res_last": 1, "clip_text": 2}

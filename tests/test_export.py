@@ -244,6 +244,7 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
     import onnx
 
     from runtime.backends import ort_cuda
+    from runtime.backends.signatures import is_unet_stage
 
     def load(graph):
         return onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
@@ -266,4 +267,4 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
     assert isinstance(big, str) and (Path(big).parent / "super_res_first.onnx.data").stat().st_size > 1_000_000
     assert [n.op_type for n in load(big).graph.node] == [n.op_type for n in fused.graph.node]
     assert [s for s in ("decoder_step", "super_res_first", "super_res_last", "prior_step", "clip_text")
-            if ort_cuda.is_unet_stage(s)] == ["decoder_step", "super_res_first", "super_res_last"]
+            if is_unet_stage(s)] == ["decoder_step", "super_res_first", "super_res_last"]

@@ -29,7 +29,7 @@ from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from runtime.backends.engine import Engine, EngineError, cast_inputs
 from runtime.backends.ort_cuda import OrtCudaEngine
-from runtime.backends.signatures import StageSignature, signatures, stage_module
+from runtime.backends.signatures import StageSignature, is_unet_stage, signatures, stage_module
 from runtime.constants import ModelConstants
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
@@ -242,12 +242,6 @@ def _manifest_problem(manifest: dict) -> str | None:
 
 def rebuild_command(folder: Path, source: str | None) -> str:
     return f"python -m export.build_engines --model {source or '<the model>'} --out {folder} --force"
-
-
-def is_unet_stage(name: str) -> bool:
-    """Whether stage `name` runs a UNet (the decoder's, or a super-res stage's): where a
-    channels-last layout can pay."""
-    return name in ("decoder", "decoder_step") or name.startswith("super_res")
 
 
 def torch_engines(model: UnCLIPModel, stages: list[str], channels_last: bool = False,

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from runtime.backends.engine import EngineError, cast_inputs
-from runtime.backends.signatures import BATCH, StageSignature
+from runtime.backends.signatures import BATCH, StageSignature, is_unet_stage
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
@@ -76,11 +76,6 @@ GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels fro
 CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
 UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read when a session opens
 PROTOBUF_BYTES = 1_800_000_000  # a serialised graph must stay under protobuf's 2 GiB; past this, weights go beside it
-
-
-def is_unet_stage(name: str) -> bool:
-    """Whether stage `name` is a UNet's step (the decoder's, a super-res stage's)."""
-    return name == "decoder_step" or name.startswith("super_res")
 
 
 @functools.lru_cache(maxsize=4)

@@ -306,6 +306,12 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts if starts[-1] == size - tile else [*starts, size - tile]
 
 
+def is_unet_stage(name: str) -> bool:
+    """Whether stage `name` runs a UNet (the decoder's, or a super-res stage's): where a
+    channels-last layout and UNet-specific fusions can pay."""
+    return name in ("decoder", "decoder_step") or name.startswith("super_res")
+
+
 def super_res_stages(cfg: UnCLIPConfig, stage: int) -> tuple[str, ...]:
     """The engine stages of super-res stage `stage` (0 the first of the chain): its first-steps
     UNet, then its last-step UNet where it has one. The first stage's names are those of Karlo's
