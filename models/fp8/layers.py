@@ -58,7 +58,7 @@ class _Fp8Layer(nn.Module):
         self.observed_amax: torch.Tensor | None = None  # while calibrating: the largest |input| seen
         self.observing = False
         self._read: dict[tuple, torch.Tensor] = {}  # the weight read back (per dtype) or laid out for a GEMM
-        self._fixed_makers: dict[tuple, _Maker] = {}  # how `_fixed`'s entries of `_read` are made
+        self._fixed_products: dict[tuple, tuple[torch.Tensor, _Maker]] = {}  # `_fixed`'s: (product, its maker)
 
     def _apply(self, fn, recurse=True):
         # a dtype conversion of the model (`.half()`, `.to(dtype)`) must leave the e4m3 weight and
@@ -69,7 +69,7 @@ class _Fp8Layer(nn.Module):
             if getattr(self, name).dtype != dtype:
                 setattr(self, name, getattr(self, name).to(dtype))
         self._read.clear()
-        self._fixed_makers.clear()
+        self._fixed_products.clear()
         return self
 
     def set_input_scale(self, scale: float | None) -> None:
@@ -77,8 +77,8 @@ class _Fp8Layer(nn.Module):
         self.input_scale.fill_(float("nan") if scale is None else scale)
         self.calibrated = scale is not None
         if self.calibrated:  # in place: a captured CUDA graph reads these tensors by address
-            for key, make in self._fixed_makers.items():
-                self._read[key].copy_(make(self, self.input_scale))
+            for product, make in self._fixed_products.values():
+                product.copy_(make(self, self.input_scale))
 
     def _fixed(self, name: str, scale: torch.Tensor, make: _Maker) -> torch.Tensor:
         """`make(self, scale)`, kept while `scale` is this layer's calibrated one: a fixed scale's
@@ -88,11 +88,10 @@ class _Fp8Layer(nn.Module):
         capturing = scale.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or not (self.calibrated and scale is self.input_scale):
             return make(self, scale)
-        key = ("fixed", name, scale.device)
-        if key not in self._read:
-            self._read[key] = make(self, scale)
-            self._fixed_makers[key] = make
-        return self._read[key]
+        key = (name, scale.device)
+        if key not in self._fixed_products:
+            self._fixed_products[key] = (make(self, scale), make)
+        return self._fixed_products[key][0]
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The input's scale (calibrated, or its own), recording its range while calibrating."""
@@ -142,10 +141,9 @@ def _scaled_rows(rows: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor
         tries = [torch.bfloat16]
     m = rows.shape[0]
     scale_a = layer._fixed(f"rows{m}", scale, lambda _, s: s.expand(m, 1).contiguous())
-    weight_scale = layer.weight_scale
     for out_dtype in tries:
         try:
-            out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale_a, scale_b=weight_scale.view(1, -1),
+            out = torch._scaled_mm(rows, weight_q.t(), scale_a=scale_a, scale_b=layer.weight_scale.view(1, -1),
                                    out_dtype=out_dtype)
         except RuntimeError as exc:
             problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -260,21 +258,20 @@ class Fp8Conv(_Fp8Layer):
 
     def _auto_path(self, x: torch.Tensor) -> str:
         """"auto"'s way on CUDA: CUTLASS for a 3×3 it serves, else the GEMM (see the module docstring)."""
+        return "cutlass" if tuple(self.weight_q.shape[2:]) == (3, 3) and self._cutlass_serves() else "gemm"
+
+    def _cutlass_serves(self) -> bool:
+        """Whether CUTLASS's e4m3 kernel is built and takes this convolution (a GEMM-way shape)."""
         from models import implicit_conv
 
         w = self.weight_q
-        if w.dim() == 4 and tuple(w.shape[2:]) == (3, 3) and implicit_conv.serves_e4m3(w.shape[1], w.shape[0]):
-            return "cutlass"
-        return "gemm"
+        return self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])
 
     def _cutlass_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The convolution on CUTLASS's Hopper implicit GEMM with e4m3 operands
         (`models.implicit_conv`): the input quantised channels-last, the scales and the bias
         in the kernel's epilogue; the read-back way where that kernel does not serve."""
-        from models import implicit_conv
-
-        w = self.weight_q
-        if not (x.is_cuda and x.dim() == 4 and self.gemm_shape() and implicit_conv.serves_e4m3(w.shape[1], w.shape[0])):
+        if not (x.is_cuda and x.dim() == 4 and self._cutlass_serves()):
             return self._readback(*self._input(x), x, bias)
         out = self.cutlass_product(*self._input(x), bias)
         return out if x.dtype == torch.float16 else out.to(x.dtype)
