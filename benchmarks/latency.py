@@ -458,6 +458,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save_partial(results: dict, out: Path | None) -> None:
+    """Write the systems measured so far, marked partial, so that a run stopped by a time limit keeps them."""
+    if out is not None:
+        done = {**results, "partial": True}
+        atomic_write(out, lambda path: path.write_text(json.dumps(done, indent=1, default=str)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -473,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
                                   fp8_matmul_peak_tflops() if set(args.precision) - {"fp16"} else None)
     results["ours"] = bench_ours(model, args, graphs=True)
     results["ours"]["cache_savings"] = results["ours"].pop("cache_savings")
+    save_partial(results, args.out)
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
+        save_partial(results, args.out)
     if args.cutlass_convs:
         from models.fused import FusedOptions
 
@@ -499,11 +508,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)
+            save_partial(results, args.out)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
+        save_partial(results, args.out)
     if args.peer == "eager":
         results["peer_eager"] = bench_peer(peer, args, compiled=False)
+        save_partial(results, args.out)
         if args.peer_compile:
             results["peer_compiled"] = bench_peer(peer, args, compiled=True)
     del peer
