@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -186,10 +187,12 @@ def bench_ours(model: UnCLIPModel, args: argparse.Namespace, graphs: bool, preci
     return result
 
 
-def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict:
+def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
+                           measured: Callable[[dict], None] = lambda result: None) -> dict:
     """Ours on ONNX Runtime's CUDA provider: fp16 graphs of `model` exported to a temporary folder,
     replayed both ways `runtime.backends.ort_cuda` offers (ONNX Runtime's own CUDA graph per
-    session; the sessions inside the runtime's loop graphs)."""
+    session; the sessions inside the runtime's loop graphs); `measured` is handed the result so
+    far after each variant."""
     from export.build_engines import build
     from runtime import UnCLIP
     from runtime.backends.engines import EngineFolder
@@ -223,6 +226,7 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace) -> dict
         timings = {n: f"{b['ms']:.1f} ms" for n, b in entry.get("batches", {}).items()}
         print(f"ONNX Runtime CUDA, graphs={mode}, layout {layout}, UNet fusions {fusions}:",
               timings or entry.get("error"), flush=True)
+        measured(result)
     ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = "nchw", False
     best = min((m for m in result["modes"].values() if "batches" in m), default=None,
                key=lambda m: m["batches"][args.batch[0]]["ms"])
@@ -510,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)
             save_partial(results, args.out)
     if "onnxruntime" in args.backends:
-        results["ours_onnxruntime"] = bench_ours_onnxruntime(model, args)
+        results["ours_onnxruntime"] = bench_ours_onnxruntime(
+            model, args, lambda part: save_partial({**results, "ours_onnxruntime": part}, args.out))
         results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
         save_partial(results, args.out)
     if args.peer == "eager":

@@ -268,3 +268,18 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
     assert [n.op_type for n in load(big).graph.node] == [n.op_type for n in fused.graph.node]
     assert [s for s in ("decoder_step", "super_res_first", "super_res_last", "prior_step", "clip_text")
             if is_unet_stage(s)] == ["decoder_step", "super_res_first", "super_res_last"]
+
+
+def test_unet_fusions_without_onnx_runtimes_optimizer_say_what_is_missing(tmp_path, monkeypatch):
+    """An onnxruntime install without its `transformers` package (a trimmed copy) cannot make the
+    fused graphs: `UNET_FUSIONS` then fails with an EngineError naming the package and the way
+    out, not as a graph the CUDA provider "cannot run whole"."""
+    import sys
+
+    from runtime.backends import ort_cuda
+    from runtime.backends.engine import EngineError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.transformers.optimizer", None)  # import raises ImportError
+    ort_cuda.unet_fused_graph.cache_clear()
+    with pytest.raises(EngineError, match=r"UNET_FUSIONS needs .*onnxruntime\.transformers.*leave UNET_FUSIONS off"):
+        ort_cuda.unet_fused_graph(tmp_path / "decoder_step.onnx")

@@ -84,7 +84,12 @@ def unet_fused_graph(path: Path) -> bytes | str:
     graph optimisations still run when it opens), for the sessions of every batch size to open
     from: serialised, or, past protobuf's size limit (`PROTOBUF_BYTES`), the path of a copy with
     its weights in one external-data file, in a temporary folder of this process."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as exc:  # the optimizer ships inside the onnxruntime wheels; a trimmed install lacks it
+        raise EngineError(f"ort_cuda.UNET_FUSIONS needs ONNX Runtime's UNet optimizer (onnxruntime.transformers, "
+                          f"part of the onnxruntime-gpu wheel), which this installation lacks ({exc}): reinstall "
+                          f"onnxruntime-gpu, or leave UNET_FUSIONS off") from exc
 
     model = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
     if model.ByteSize() <= PROTOBUF_BYTES:
@@ -162,9 +167,9 @@ class OrtCudaEngine:
 
         sig = self.signature
         _load_cuda_libraries()
+        provider = cuda_provider(self.device, self.graphs == "onnxruntime", self._stream)
+        graph = unet_fused_graph(self.path) if UNET_FUSIONS and is_unet_stage(sig.name) else str(self.path)
         try:
-            provider = cuda_provider(self.device, self.graphs == "onnxruntime", self._stream)
-            graph = unet_fused_graph(self.path) if UNET_FUSIONS and is_unet_stage(sig.name) else str(self.path)
             session = ort.InferenceSession(graph, fixed_batch_options(batch, cpu_fallback=False), providers=[provider])
         except Exception as exc:  # ORT raises its own exception types
             raise EngineError(f"{self.path}: ONNX Runtime's CUDA provider cannot run it whole at batch {batch} "
