@@ -98,6 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ort-unet-fusions", nargs="+", choices=["off", "on"], default=["off"],
                    help="ONNX Runtime CUDA: without and/or with its own UNet fusions on the UNet stages "
                         "(runtime.backends.ort_cuda.UNET_FUSIONS; default off)")
+    p.add_argument("--ort-graphs", nargs="+", choices=["onnxruntime", "torch"], default=["onnxruntime", "torch"],
+                   help="ONNX Runtime CUDA: who replays the sessions' kernels from CUDA graphs (ONNX Runtime's own "
+                        "per session, or the runtime's loop graphs; runtime.backends.ort_cuda.GRAPHS; default both)")
+    p.add_argument("--ort-auto", choices=["on", "off"], default="on",
+                   help="ONNX Runtime CUDA: also time backend='auto' with the same graphs (default on)")
     p.add_argument("--ort-engine-dir", type=Path,
                    help="where the onnxruntime rows' fp16 graphs are built (kept, and reused while the model and "
                         "settings match: a second run skips the export); default a temporary folder")
@@ -208,7 +213,7 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
     from runtime.backends import ort_cuda
 
     runs = [(mode, layout, fusions) for fusions in args.ort_unet_fusions for layout in args.ort_layouts
-            for mode in ("onnxruntime", "torch")]
+            for mode in args.ort_graphs]
     for mode, layout, fusions in runs:
         ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = layout, fusions == "on"
         key = mode + ("+nhwc" if layout == "nhwc" else "") + ("+unet_fusions" if fusions == "on" else "")
@@ -233,7 +238,8 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
     if best is not None:
         result["batches"] = best["batches"]
     pipe.engines.clear()  # its sessions' memory, before the next system loads
-    result["auto"] = bench_ours_auto(model, folder, args)
+    if args.ort_auto == "on":
+        result["auto"] = bench_ours_auto(model, folder, args)
     return result
 
 
@@ -516,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(
             model, args, lambda part: save_partial({**results, "ours_onnxruntime": part}, args.out))
-        results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
+        if "auto" in results["ours_onnxruntime"]:
+            results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
         save_partial(results, args.out)
     if args.peer == "eager":
         results["peer_eager"] = bench_peer(peer, args, compiled=False)

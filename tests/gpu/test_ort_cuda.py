@@ -1,7 +1,10 @@
 """The exported graphs on ONNX Runtime's CUDA provider (`runtime.backends.ort_cuda`): the whole
 graph on the GPU (no Memcpy node in any stage), the torch image on the default model, `auto`'s
 per-stage choice by measurement, fp16 graphs at Karlo size against fp32 torch per stage, and ONNX
-Runtime's CUDA-graph replay against an eager run. Skipped without a CUDA GPU or without onnxruntime-gpu."""
+Runtime's CUDA-graph replay against an eager run. Skipped without a CUDA GPU or without onnxruntime-gpu.
+Run this file serially (no `-n`): each worker would export the default model's graphs and open
+ONNX Runtime sessions at once, and four workers on a 16-core machine had not finished a test in
+five minutes where one runs the file in about six."""
 
 from __future__ import annotations
 
