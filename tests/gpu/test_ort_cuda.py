@@ -2,9 +2,8 @@
 graph on the GPU (no Memcpy node in any stage), the torch image on the default model, `auto`'s
 per-stage choice by measurement, fp16 graphs at Karlo size against fp32 torch per stage, and ONNX
 Runtime's CUDA-graph replay against an eager run. Skipped without a CUDA GPU or without onnxruntime-gpu.
-Run this file serially (no `-n`): each worker would export the default model's graphs and open
-ONNX Runtime sessions at once, and four workers on a 16-core machine had not finished a test in
-five minutes, where one worker runs five of them in two and a half."""
+Run this file serially (no `-n`): parallel workers each export the default model's graphs and open
+ONNX Runtime sessions at once, which made it far slower (docs/results/gpu_suite_h100.txt, run 4)."""
 
 from __future__ import annotations
 
