@@ -77,7 +77,10 @@ def _from_array(array: np.ndarray, what: str) -> torch.Tensor:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"{what}: expected an H×W or H×W×C array with C in 1, 3, 4, got shape {array.shape}")
-    return _from_tensor(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1), what)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch tensors are writable views: a read-only buffer (e.g. PIL's) is copied first
+        array = array.copy()
+    return _from_tensor(torch.from_numpy(array).permute(2, 0, 1), what)
 
 
 def _from_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
