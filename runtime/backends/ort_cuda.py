@@ -30,7 +30,9 @@ measurement (`benchmarks/latency.py --ort-layouts nchw nhwc`).
 `UNET_FUSIONS` runs the UNet stages' graphs (the decoder step, the super-res steps) through ONNX
 Runtime's own UNet optimizer (`onnxruntime.transformers.optimizer`, model type "unet") when their
 sessions open: group norms become its CUDA GroupNorm op (SkipGroupNorm where a residual addition
-feeds one directly), and convolutions its channels-last NhwcConv. Those ops exist on the CUDA
+feeds one directly), and convolutions its channels-last NhwcConv; then each GroupNorm reads and
+writes the activations' dtype instead of the float32 copy the export makes for it
+(`ort_norm_dtype`). Those ops exist on the CUDA
 provider only, so the optimised graph is made in memory for the GPU session, never written to the
 engine folder (whose graphs the CPU runs and checks). Off by default until measured
 (`benchmarks/latency.py --ort-unet-fusions off on`).
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from runtime.backends.engine import EngineError, cast_inputs
+from runtime.backends.ort_norm_dtype import norms_in_activation_dtype
 from runtime.backends.signatures import BATCH, StageSignature, is_unet_stage
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
@@ -92,6 +95,7 @@ def unet_fused_graph(path: Path) -> bytes | str:
                           f"onnxruntime-gpu, or leave UNET_FUSIONS off") from exc
 
     model = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
+    norms_in_activation_dtype(model.graph)
     if model.ByteSize() <= PROTOBUF_BYTES:
         return model.SerializeToString()
     import onnx
