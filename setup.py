@@ -61,14 +61,15 @@ def cutlass_extensions(CUDAExtension) -> list:
     include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
     if include is None:
         return []
-    sources = ["bindings.cpp", *(f"config_{i}.cu" for i in range(6))]
+    sources = ["bindings.cpp", *(f"config_{i}.cu" for i in range(8))]
     # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
                           include_dirs=[*include, os.path.abspath("cpp_ext/cutlass")],
-                          depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_shape.h"],
+                          depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_fprop_persistent.cuh",
+                                   "cpp_ext/cutlass/conv_shape.h"],
                           extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})]
 
 

@@ -11,8 +11,9 @@ way, the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3 operands (t
 way) and with fp16 operands (against cuDNN: issue #33's first part), and CUTLASS's Hopper
 implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in e4m3 as `Fp8Conv`'s
 "cutlass" way (input quantisation included), with a fixed (calibrated) input scale, and the
-kernel alone on an input quantised beforehand. TFLOP/s counts 2·M·N·K of the convolution for every
-column.
+kernel alone on an input quantised beforehand; and every built CUTLASS configuration alone on the
+shape (`cutlass_configurations_us`), the persistent ones beside the rest. TFLOP/s counts 2·M·N·K of
+the convolution for every column.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def _timed(times: dict[str, float], flop: int) -> dict:
     return {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
 
 
+def _per_configuration(launches: dict) -> dict[str, float]:
+    """Each built CUTLASS configuration's µs on one shape (graph replay), by name, for the operand
+    kinds in `launches` ("f16", "e4m3": a launch taking the configuration's index); a configuration
+    that cannot implement the shape is left out."""
+    import cpp_ext
+
+    out = {}
+    for index, name in enumerate(cpp_ext.cutlass_conv.configs()):
+        launch = launches.get(name.split("_")[0])
+        if launch is None:
+            continue
+        try:
+            launch(index)
+        except RuntimeError:
+            continue
+        out[name] = graph_ms(lambda launch=launch, index=index: launch(index)) * 1e3
+    return out
+
+
 def bench(batch: int, channels: int, size: int) -> dict:
     conv, x, flop, head = _problem(batch, channels, size)
     layer = Fp8Conv.from_float(conv).cuda()
@@ -96,15 +116,28 @@ def bench(batch: int, channels: int, size: int) -> dict:
         weight_cl = conv.weight.detach()
         implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture
         times["cutlass_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight_cl, bias, 1))
+    launches = {}
+    if "cutlass_e4m3_alone" in times:
+        import cpp_ext
+
+        n, c, kh, kw = layer.weight_q.shape
+        wq = layer.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
+        scales = (scale.float() * layer.weight_scale.float()).contiguous()
+        launches["e4m3"] = lambda i: cpp_ext.cutlass_conv.conv2d_e4m3(q, wq, scales, layer.bias, 1, 1, i)
+    if "cutlass_fp16" in times:
+        import cpp_ext
+
+        launches["f16"] = lambda i: cpp_ext.cutlass_conv.conv2d(x, weight_cl, bias, 1, 1, i)
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
-    out = head | {"fp8_rel_error": err}
+    out = head | {"fp8_rel_error": err, "cutlass_configurations_us": _per_configuration(launches)}
     if "cutlass_fp16" in times:
         ref, got = conv(x).float(), implicit_conv.conv2d(x, weight_cl, bias, 1).float()
         out["cutlass_rel_error"] = float((got - ref).norm() / ref.norm())
     out |= _timed(times, flop)
     print(out["shape"], {k: f"{v['us']:.0f} µs ({v['tflops']:.0f} TFLOP/s)" for k, v in out.items()
-                         if isinstance(v, dict)}, f"rel error {err:.1e}",
-          f"cutlass rel error {out.get('cutlass_rel_error', float('nan')):.1e}", flush=True)
+                         if isinstance(v, dict) and "us" in v}, f"rel error {err:.1e}",
+          f"cutlass rel error {out.get('cutlass_rel_error', float('nan')):.1e}",
+          {k: f"{v:.0f} µs" for k, v in out["cutlass_configurations_us"].items()}, flush=True)
     return out
 
 

@@ -20,8 +20,8 @@ namespace uc = unclip_cutlass;
 namespace {
 
 const uc::Config& config_at(int64_t index) {
-  static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2(),
-                                                   uc::config_3(), uc::config_4(), uc::config_5()};
+  static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2(), uc::config_3(),
+                                                   uc::config_4(), uc::config_5(), uc::config_6(), uc::config_7()};
   TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", std::to_string(uc::kConfigs), "), got ",
               std::to_string(index));
   return configs[index];

@@ -24,12 +24,14 @@ struct Config {
   size_t (*workspace_bytes)(ConvShape const&, int sm_count);
 };
 
-constexpr int kConfigs = 6;
+constexpr int kConfigs = 8;
 Config config_0();
 Config config_1();
 Config config_2();
 Config config_3();
 Config config_4();
 Config config_5();
+Config config_6();
+Config config_7();
 
 }  // namespace unclip_cutlass

@@ -1,0 +1,195 @@
+// The same convolution as conv_fprop.cuh on CUTLASS 3's persistent cooperative Hopper GEMM kernel:
+// two consumer warp groups share one 256-row tile (or 128, 64 rows each) and each CTA stays
+// resident, taking output tiles from the tile scheduler, so one tile's epilogue overlaps the next
+// tile's loads. CUTLASS's SM90 convolutions offer only the plain warp-specialised kernel (its
+// dispatch policy refuses the persistent schedules); its conv mainloop already speaks the GEMM
+// kernels' mainloop protocol (load_init / load / mma / mma_tail), so it runs inside the GEMM
+// kernel once three things are adapted, which ConvMainloop below does:
+//   - the kernel's problem shape is the mainloop's own linearised (M, N, (C, S, R), 1) shape, and
+//     the convolution's full shape (padding, strides) travels in the mainloop's arguments, to make
+//     the im2col TMA descriptor;
+//   - the cooperative kernel indexes a batch (L) mode of the loaded tensors, which an im2col load
+//     has not: load_init appends a unit mode and load takes it off again;
+//   - the kernel checks the operands' strides for GEMM rank (3); the mainloop names such strides.
+// The output is NHWC with stride 1, i.e. a row-major (N·P·Q) × K matrix: the epilogue is the plain
+// GEMM epilogue with the same per-channel scale and bias.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/kernel_hardware_info.h"
+#include "cutlass/conv/convnd_problem_shape.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "conv_shape.h"
+
+namespace unclip_cutlass {
+
+// The cooperative GEMM schedule under another name: the conv dispatch policy refuses its own
+// cooperative tag, not this one.
+struct ConvCooperativeSchedule : cutlass::gemm::KernelTmaWarpSpecializedCooperative {};
+
+template <class Base>
+struct ConvMainloop : Base {
+  using ConvShapeT = typename Base::ProblemShape;
+  // (M, N, K, L) with the mainloop's own M, N and (C, S, R) modes and a run-time L, as the GEMM
+  // epilogue's descriptors are declared (the mainloop's own L is a static 1)
+  using KShape = cute::remove_cvref_t<decltype(cute::get<2>(Base::get_problem_shape_MNKL(ConvShapeT{})))>;
+  using ProblemShapeMNKL = cute::tuple<int, int, KShape, int>;
+
+  static ProblemShapeMNKL problem_shape(ConvShapeT const& conv) {
+    auto mnkl = Base::get_problem_shape_MNKL(conv);
+    return {static_cast<int>(cute::get<0>(mnkl)), static_cast<int>(cute::get<1>(mnkl)), cute::get<2>(mnkl), 1};
+  }
+  using StrideA = cute::Stride<int64_t, cute::_1, int64_t>;  // for the kernel's rank check only
+  using StrideB = cute::Stride<int64_t, cute::_1, int64_t>;
+  using typename Base::Params;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+  static constexpr int NumProducerThreadEvents = 1;  // one elected thread issues each stage's TMA loads
+
+  struct Arguments {
+    ConvShapeT conv{};
+    typename Base::Arguments operands{};
+  };
+
+  static constexpr Params to_underlying_arguments(ProblemShapeMNKL const&, Arguments const& args, void* workspace) {
+    return Base::to_underlying_arguments(args.conv, args.operands, workspace);
+  }
+
+  static bool can_implement(ProblemShapeMNKL const&, Arguments const& args) {
+    return Base::can_implement(args.conv, args.operands);
+  }
+
+  template <class ProblemShape>
+  CUTLASS_DEVICE auto load_init(ProblemShape const& problem_shape_MNKL, Params const& params) {
+    auto [gA_mk, gB_nk] = Base::load_init(problem_shape_MNKL, params);
+    return cute::make_tuple(with_unit_mode(gA_mk), with_unit_mode(gB_nk));
+  }
+
+  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState state,
+                           cute::tuple<TensorA, TensorB> const& inputs, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
+                           TensorStorage& shared_tensors) {
+    using cute::_;
+    auto a = cute::get<0>(inputs)(_, _, _, _, 0);
+    auto b = cute::get<1>(inputs)(_, _, _, _, 0);
+    Base::load(params, pipeline, state, cute::make_tuple(a, b), blk_coord, k_tile_iter, k_tile_count, thread_idx,
+               block_rank_in_cluster, shared_tensors);
+  }
+
+ private:
+  // The tensor with a trailing mode of size 1 (its coordinates unchanged); an im2col TMA
+  // tensor's layout is a composed layout, whose outer layout takes the mode.
+  template <class Tensor>
+  CUTLASS_DEVICE static auto with_unit_mode(Tensor const& t) {
+    auto const& layout = t.layout();
+    if constexpr (cute::is_composed_layout<cute::remove_cvref_t<decltype(layout)>>::value) {
+      return cute::make_tensor(t.data(), cute::make_composed_layout(
+          layout.layout_a(), layout.offset(), cute::append(layout.layout_b(), cute::Layout<cute::_1, cute::_0>{})));
+    } else {
+      return cute::make_tensor(t.data(), cute::append(layout, cute::Layout<cute::_1, cute::_0>{}));
+    }
+  }
+};
+
+template <class Element, int TileM, int TileN, int TileK, int ClusterM>
+struct FpropPersistent {
+  using ElementAct = Element;
+  using ElementFlt = Element;
+  using ElementOut = cutlass::half_t;
+  using ElementAcc = float;
+  using ElementCompute = float;
+  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<TileK>>>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignOut = 8;
+
+  using Scaled = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<
+      cutlass::epilogue::thread::Identity, ElementOut, ElementCompute, ElementOut, ElementOut, ElementCompute>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
+      ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      ElementOut, cutlass::layout::RowMajor, kAlignOut,
+      cutlass::epilogue::TmaWarpSpecializedCooperative, Scaled>::CollectiveOp;
+
+  // The builder's pieces for the cooperative arrangement (two warp groups along M), assembled
+  // under the renamed schedule.
+  using Builder = cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop,
+      ElementAct, cutlass::layout::TensorNHWC, kAlign,
+      ElementFlt, cutlass::layout::TensorNHWC, kAlign,
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90Cooperative>;
+  using Policy = cutlass::conv::MainloopSm90TmaGmmaWarpSpecializedImplicitGemm<
+      cutlass::conv::Operator::kFprop, Builder::PipelineStages, Builder::NumSpatialDimensions, ClusterShape,
+      ConvCooperativeSchedule>;
+  using Mainloop = ConvMainloop<cutlass::conv::collective::CollectiveConv<
+      Policy, TileShape, ElementAct, ElementFlt, typename Builder::TiledMma,
+      cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Builder::GmemTiledCopyA,
+                                                                   typename Builder::SmemLayoutA>,
+      cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Builder::GmemTiledCopyB,
+                                                                   typename Builder::SmemLayoutB>>>;
+  using ProblemShape = typename Mainloop::ProblemShapeMNKL;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(ConvShape const& p, void const* x, void const* weight, float const* scale,
+                                            void const* bias, void* out, int sm_count) {
+    typename Mainloop::ConvShapeT conv(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c},
+                                       {p.k, p.r, p.s, p.c}, {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1},
+                                       1);
+    const ProblemShape shape = Mainloop::problem_shape(conv);
+    const int rows = static_cast<int>(cute::get<0>(shape));  // N·P·Q output pixels
+    auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(rows, p.k, 1));
+    auto* out_ptr = static_cast<ElementOut*>(out);
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        shape,
+        {conv, {static_cast<ElementAct const*>(x), static_cast<ElementFlt const*>(weight)}},
+        {{}, out_ptr, stride_d, out_ptr, stride_d}};  // C is never read: beta is 0
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.alpha_ptr = scale;
+    fusion.beta = 0.0f;
+    fusion.bias_ptr = static_cast<ElementOut const*>(bias);
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+
+  // Return codes as Fprop::run's (conv_fprop.cuh).
+  static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
+                 void* workspace, int sm_count, cudaStream_t stream) {
+    auto args = arguments(p, x, weight, scale, bias, out, sm_count);
+    Gemm gemm;
+    cutlass::Status status = gemm.can_implement(args);
+    if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
+    status = gemm.initialize(args, workspace, stream);
+    if (status != cutlass::Status::kSuccess) return 2000 + static_cast<int>(status);
+    status = gemm.run(stream);
+    if (status != cutlass::Status::kSuccess) return 3000 + static_cast<int>(status);
+    return 0;
+  }
+
+  static size_t workspace_bytes(ConvShape const& p, int sm_count) {
+    static uint16_t dummy[8];
+    return Gemm::get_workspace_size(arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count));
+  }
+};
+
+}  // namespace unclip_cutlass
