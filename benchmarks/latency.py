@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
     p.add_argument("--fp8-conv-path", choices=["auto", "gemm", "implicit", "cutlass"], default=None,
                    help="how the FP8 rows run their convolutions (models.fp8.layers.CONV_PATH; default auto)")
+    p.add_argument("--cutlass-persistent", action="store_true",
+                   help="let the CUTLASS convolutions (FP8's and --cutlass-convs') choose among the persistent-kernel "
+                        "configurations too (models.implicit_conv.PERSISTENT), for every system of the run")
     p.add_argument("--cutlass-convs", action="store_true",
                    help="also ours with the residual blocks' 3x3 convolutions on CUTLASS (where it is built)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
@@ -484,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer != "none" and len(get_config(args.config).super_res) != 1 and not args.diffusers:
         raise SystemExit(f"--config {args.config}: diffusers' UnCLIPPipeline has one super-res stage, this config "
                          f"{len(get_config(args.config).super_res)}; run it with --peer none")
+    if args.cutlass_persistent:
+        from models import implicit_conv
+
+        implicit_conv.PERSISTENT = results["cutlass_persistent"] = True
     peer, model = build(args)
     results["super_res_stages"] = [super_res_stages(model.cfg, i)[0] for i in range(len(model.cfg.super_res))]
     results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops(),

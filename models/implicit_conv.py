@@ -5,7 +5,11 @@ e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
 
 The kernel comes in a few tile configurations per operand type; which is fastest depends on the
 shape, so the first call of each shape times every configuration of its type (CUDA events,
-outside any CUDA-graph capture) and keeps the fastest. `conv2d` falls back to torch's (cuDNN's)
+outside any CUDA-graph capture) and keeps the fastest. The configurations on CUTLASS's persistent
+cooperative kernel (names ending "_persistent") join that choice only with `PERSISTENT` set: they
+are new, and a configuration enters the runtime's choice once the GPU tests have run it
+(`tests/gpu/test_cutlass_conv.py` and `benchmarks/fp8_convs.py` run every configuration
+regardless). `conv2d` falls back to torch's (cuDNN's)
 convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last, stride or
 dilation other than 1, groups, channel counts not multiples of 8. It is built only on request
 (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers); `benchmarks/fp8_convs.py`
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 import cpp_ext
 
 _best: dict[tuple, int] = {}  # (kind, shape of x, shape of weight, padding) → fastest configuration
+PERSISTENT = False  # whether the persistent-kernel configurations join the choice (module docstring)
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor, stride=1, dilation=1, groups: int = 1) -> bool:
@@ -41,7 +46,9 @@ def serves_e4m3(channels_in: int, channels_out: int) -> bool:
 
 
 def _configs(kind: str) -> list[int]:
-    return [i for i, name in enumerate(cpp_ext.cutlass_conv.configs()) if name.startswith(kind + "_")]
+    """The configurations of `kind` the choice takes (the persistent ones with `PERSISTENT` only)."""
+    return [i for i, name in enumerate(cpp_ext.cutlass_conv.configs())
+            if name.startswith(kind + "_") and (PERSISTENT or not name.endswith("_persistent"))]
 
 
 def _fastest(kind: str, key: tuple, launch: Callable[[int], torch.Tensor]) -> int:
