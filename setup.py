@@ -68,8 +68,8 @@ def cutlass_extensions(CUDAExtension) -> list:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
                           include_dirs=[*include, os.path.abspath("cpp_ext/cutlass")],
-                          depends=["cpp_ext/cutlass/conv_fprop.cuh", "cpp_ext/cutlass/conv_fprop_persistent.cuh",
-                                   "cpp_ext/cutlass/conv_shape.h"],
+                          depends=[f"cpp_ext/cutlass/{name}" for name in (
+                              "conv_fprop.cuh", "conv_fprop_persistent.cuh", "device_run.cuh", "conv_shape.h")],
                           extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})]
 
 

@@ -24,6 +24,7 @@
 #include "cutlass/epilogue/thread/activation.h"
 
 #include "conv_shape.h"
+#include "device_run.cuh"
 
 namespace unclip_cutlass {
 
@@ -88,19 +89,10 @@ struct Fprop {
     return args;
   }
 
-  // 0 on success, else a cutlass::Status (as int): 1000 + status when the shape is not
-  // implementable, 2000 + status when initialisation failed, 3000 + status when the launch failed.
+  // 0, or the error code of `run_adapter` (device_run.cuh)
   static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
                  void* workspace, int sm_count, cudaStream_t stream) {
-    auto args = arguments(p, x, weight, scale, bias, out, sm_count);
-    Conv conv;
-    cutlass::Status status = conv.can_implement(args);
-    if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
-    status = conv.initialize(args, workspace, stream);
-    if (status != cutlass::Status::kSuccess) return 2000 + static_cast<int>(status);
-    status = conv.run(stream);
-    if (status != cutlass::Status::kSuccess) return 3000 + static_cast<int>(status);
-    return 0;
+    return run_adapter<Conv>(arguments(p, x, weight, scale, bias, out, sm_count), workspace, stream);
   }
 
   static size_t workspace_bytes(ConvShape const& p, int sm_count) {

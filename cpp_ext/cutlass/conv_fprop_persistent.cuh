@@ -33,6 +33,7 @@
 #include "cutlass/util/packed_stride.hpp"
 
 #include "conv_shape.h"
+#include "device_run.cuh"
 
 namespace unclip_cutlass {
 
@@ -172,18 +173,10 @@ struct FpropPersistent {
     return args;
   }
 
-  // Return codes as Fprop::run's (conv_fprop.cuh).
+  // 0, or the error code of `run_adapter` (device_run.cuh)
   static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
                  void* workspace, int sm_count, cudaStream_t stream) {
-    auto args = arguments(p, x, weight, scale, bias, out, sm_count);
-    Gemm gemm;
-    cutlass::Status status = gemm.can_implement(args);
-    if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
-    status = gemm.initialize(args, workspace, stream);
-    if (status != cutlass::Status::kSuccess) return 2000 + static_cast<int>(status);
-    status = gemm.run(stream);
-    if (status != cutlass::Status::kSuccess) return 3000 + static_cast<int>(status);
-    return 0;
+    return run_adapter<Gemm>(arguments(p, x, weight, scale, bias, out, sm_count), workspace, stream);
   }
 
   static size_t workspace_bytes(ConvShape const& p, int sm_count) {
