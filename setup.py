@@ -69,7 +69,7 @@ def cutlass_extensions(CUDAExtension) -> list:
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],
                           include_dirs=[*include, os.path.abspath("cpp_ext/cutlass")],
                           depends=[f"cpp_ext/cutlass/{name}" for name in (
-                              "conv_fprop.cuh", "conv_fprop_persistent.cuh", "device_run.cuh", "conv_shape.h")],
+                              "conv_fprop.cuh", "conv_fprop_persistent.cuh", "conv_common.cuh", "conv_shape.h")],
                           extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})]
 
 

@@ -15,25 +15,11 @@
 // GEMM epilogue with the same per-channel scale and bias.
 #pragma once
 
-#include <cstdint>
-
-#include <cuda_runtime.h>
-
-#include "cutlass/cutlass.h"
-#include "cute/tensor.hpp"
-#include "cutlass/numeric_types.h"
-#include "cutlass/kernel_hardware_info.h"
-#include "cutlass/conv/convnd_problem_shape.hpp"
-#include "cutlass/conv/collective/collective_builder.hpp"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/operations.hpp"
-#include "cutlass/epilogue/thread/activation.h"
+#include "conv_common.cuh"
+#include "conv_shape.h"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
-
-#include "conv_shape.h"
-#include "device_run.cuh"
 
 namespace unclip_cutlass {
 
@@ -108,39 +94,20 @@ struct ConvMainloop : Base {
 };
 
 template <class Element, int TileM, int TileN, int TileK, int ClusterM>
-struct FpropPersistent {
-  using ElementAct = Element;
-  using ElementFlt = Element;
-  using ElementOut = cutlass::half_t;
-  using ElementAcc = float;
-  using ElementCompute = float;
-  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Shape<cute::Int<TileK>>>;
-  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
-  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
-  static constexpr int kAlignOut = 8;
-
-  using Scaled = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<
-      cutlass::epilogue::thread::Identity, ElementOut, ElementCompute, ElementOut, ElementOut, ElementCompute>;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
-      ElementOut, cutlass::layout::RowMajor, kAlignOut,
-      ElementOut, cutlass::layout::RowMajor, kAlignOut,
-      cutlass::epilogue::TmaWarpSpecializedCooperative, Scaled>::CollectiveOp;
+struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, ClusterM>> {
+  using T = ConvTypes<Element, TileM, TileN, TileK, ClusterM>;
+  using Epilogue =
+      typename T::template EpilogueOn<cutlass::layout::RowMajor, cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
   // The builder's pieces for the cooperative arrangement (two warp groups along M), assembled
   // under the renamed schedule.
-  using Builder = cutlass::conv::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop,
-      ElementAct, cutlass::layout::TensorNHWC, kAlign,
-      ElementFlt, cutlass::layout::TensorNHWC, kAlign,
-      ElementAcc, TileShape, ClusterShape,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90Cooperative>;
+  using Builder = typename T::template MainloopBuilder<cutlass::conv::KernelImplicitTmaWarpSpecializedSm90Cooperative,
+                                                      Epilogue>;
   using Policy = cutlass::conv::MainloopSm90TmaGmmaWarpSpecializedImplicitGemm<
-      cutlass::conv::Operator::kFprop, Builder::PipelineStages, Builder::NumSpatialDimensions, ClusterShape,
+      cutlass::conv::Operator::kFprop, Builder::PipelineStages, Builder::NumSpatialDimensions, typename T::ClusterShape,
       ConvCooperativeSchedule>;
   using Mainloop = ConvMainloop<cutlass::conv::collective::CollectiveConv<
-      Policy, TileShape, ElementAct, ElementFlt, typename Builder::TiledMma,
+      Policy, typename T::TileShape, Element, Element, typename Builder::TiledMma,
       cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Builder::GmemTiledCopyA,
                                                                    typename Builder::SmemLayoutA>,
       cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Builder::GmemTiledCopyB,
@@ -148,40 +115,24 @@ struct FpropPersistent {
   using ProblemShape = typename Mainloop::ProblemShapeMNKL;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static typename Gemm::Arguments arguments(ConvShape const& p, void const* x, void const* weight, float const* scale,
-                                            void const* bias, void* out, int sm_count) {
+  static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,
+                                               float const* scale, void const* bias, void* out, int sm_count) {
     typename Mainloop::ConvShapeT conv(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c},
                                        {p.k, p.r, p.s, p.c}, {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1},
                                        1);
     const ProblemShape shape = Mainloop::problem_shape(conv);
     const int rows = static_cast<int>(cute::get<0>(shape));  // N·P·Q output pixels
     auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(rows, p.k, 1));
-    auto* out_ptr = static_cast<ElementOut*>(out);
-    typename Gemm::Arguments args{
+    auto* out_ptr = static_cast<typename T::ElementOut*>(out);
+    typename Adapter::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         shape,
-        {conv, {static_cast<ElementAct const*>(x), static_cast<ElementFlt const*>(weight)}},
+        {conv, {static_cast<typename T::ElementAct const*>(x), static_cast<typename T::ElementFlt const*>(weight)}},
         {{}, out_ptr, stride_d, out_ptr, stride_d}};  // C is never read: beta is 0
-    auto& fusion = args.epilogue.thread;
-    fusion.alpha = 1.0f;
-    fusion.alpha_ptr = scale;
-    fusion.beta = 0.0f;
-    fusion.bias_ptr = static_cast<ElementOut const*>(bias);
-    args.hw_info.sm_count = sm_count;
+    scale_and_bias<typename T::ElementOut>(args, scale, bias, sm_count);
     return args;
-  }
-
-  // 0, or the error code of `run_adapter` (device_run.cuh)
-  static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
-                 void* workspace, int sm_count, cudaStream_t stream) {
-    return run_adapter<Gemm>(arguments(p, x, weight, scale, bias, out, sm_count), workspace, stream);
-  }
-
-  static size_t workspace_bytes(ConvShape const& p, int sm_count) {
-    static uint16_t dummy[8];
-    return Gemm::get_workspace_size(arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count));
   }
 };
 

@@ -14,7 +14,7 @@ struct ConvShape {
 };
 
 // One instantiated configuration: its name, its operand type (e4m3 or fp16), its launch (0, or
-// an error code: see run_adapter in device_run.cuh; `scale`: one float per output channel, or null) and the
+// an error code: see Launches::run in conv_common.cuh; `scale`: one float per output channel, or null) and the
 // workspace it needs. config_N.cu defines entry N.
 struct Config {
   const char* name;
