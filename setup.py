@@ -5,6 +5,7 @@ Extras: `[onnx]` ONNX export + ONNX Runtime (CPU), `[onnx-gpu]` ONNX Runtime CUD
 (diffusers is the reference there), `[bench]` the peer pipelines used by `benchmarks/latency.py`.
 """
 
+import glob
 import os
 
 from setuptools import find_packages, setup
@@ -61,7 +62,8 @@ def cutlass_extensions(CUDAExtension) -> list:
     include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
     if include is None:
         return []
-    sources = ["bindings.cpp", *(f"config_{i}.cu" for i in range(8))]
+    configs = sorted(glob.glob("config_*.cu", root_dir="cpp_ext/cutlass"), key=lambda n: int(n[7:-3]))
+    sources = ["bindings.cpp", *configs]  # config_N.cu, one per entry of conv_shape.h's kConfigs
     # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",

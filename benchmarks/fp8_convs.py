@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
 from models import implicit_conv  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
@@ -62,8 +63,6 @@ def _per_configuration(launches: dict) -> dict[str, float]:
     """Each built CUTLASS configuration's µs on one shape (graph replay), by name, for the operand
     kinds in `launches` ("f16", "e4m3": a launch taking the configuration's index); a configuration
     that cannot implement the shape is left out."""
-    import cpp_ext
-
     out = {}
     for index, name in enumerate(cpp_ext.cutlass_conv.configs()):
         launch = launches.get(name.split("_")[0])
@@ -118,15 +117,9 @@ def bench(batch: int, channels: int, size: int) -> dict:
         times["cutlass_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight_cl, bias, 1))
     launches = {}
     if "cutlass_e4m3_alone" in times:
-        import cpp_ext
-
-        n, c, kh, kw = layer.weight_q.shape
-        wq = layer.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
-        scales = (scale.float() * layer.weight_scale.float()).contiguous()
+        wq, scales = layer.cutlass_operands(scale)
         launches["e4m3"] = lambda i: cpp_ext.cutlass_conv.conv2d_e4m3(q, wq, scales, layer.bias, 1, 1, i)
     if "cutlass_fp16" in times:
-        import cpp_ext
-
         launches["f16"] = lambda i: cpp_ext.cutlass_conv.conv2d(x, weight_cl, bias, 1, 1, i)
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
     out = head | {"fp8_rel_error": err, "cutlass_configurations_us": _per_configuration(launches)}

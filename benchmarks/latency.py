@@ -217,6 +217,7 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
 
     runs = [(mode, layout, fusions) for fusions in args.ort_unet_fusions for layout in args.ort_layouts
             for mode in args.ort_graphs]
+    settings = ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS  # put back after the variants
     for mode, layout, fusions in runs:
         ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = layout, fusions == "on"
         key = mode + ("+nhwc" if layout == "nhwc" else "") + ("+unet_fusions" if fusions == "on" else "")
@@ -235,7 +236,7 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
         print(f"ONNX Runtime CUDA, graphs={mode}, layout {layout}, UNet fusions {fusions}:",
               timings or entry.get("error"), flush=True)
         measured(result)
-    ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = "nchw", False
+    ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = settings
     best = min((m for m in result["modes"].values() if "batches" in m), default=None,
                key=lambda m: m["batches"][args.batch[0]]["ms"])
     if best is not None:
@@ -471,11 +472,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: dict, out: Path | None) -> None:
+    """The results as JSON at `out` (atomically), where one is given."""
+    if out is not None:
+        atomic_write(out, lambda path: path.write_text(json.dumps(results, indent=1, default=str)))
+
+
 def save_partial(results: dict, out: Path | None) -> None:
     """Write the systems measured so far, marked partial, so that a run stopped by a time limit keeps them."""
-    if out is not None:
-        done = {**results, "partial": True}
-        atomic_write(out, lambda path: path.write_text(json.dumps(done, indent=1, default=str)))
+    write_results({**results, "partial": True}, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,9 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         results["first_image"] = first_image(model)
     text = table(results)
     print(text)
-    if args.out:
-        results["table"] = text
-        atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1, default=str)))
+    write_results({**results, "table": text}, args.out)
     return 0
 
 

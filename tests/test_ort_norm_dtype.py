@@ -9,7 +9,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from runtime.backends.ort_norm_dtype import norms_in_activation_dtype  # noqa: E402
+from runtime.backends.ort_norm_dtype import links, norms_in_activation_dtype  # noqa: E402
 
 
 def _graph(extra_reader: bool):
@@ -67,7 +67,7 @@ def _reads_float32_copy(norm, producer: dict) -> bool:
 
 def _feeds_float32_arithmetic(norm, readers: dict) -> bool:
     """Whether a Mul reads `norm`'s output through the Transpose after it."""
-    return any(r.op_type == "Mul" for t in readers[norm.output[0]] for r in readers.get(t.output[0], []))
+    return any(r.op_type == "Mul" for t in readers[norm.output[0]] for r in readers[t.output[0]])
 
 
 def test_the_default_models_fused_unet_steps_keep_float32_norms_only_before_float32_arithmetic(tmp_path):
@@ -83,11 +83,7 @@ def test_the_default_models_fused_unet_steps_keep_float32_norms_only_before_floa
         graph = optimize_model(str(tmp_path / f"{name}.onnx"), model_type="unet", opt_level=0, use_gpu=True).model.graph
         norms = [n for n in graph.node if n.op_type == "GroupNorm"]
         changed = norms_in_activation_dtype(graph)
-        producer = {o: n for n in graph.node for o in n.output}
-        readers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                readers.setdefault(i, []).append(n)
+        producer, readers = links(graph)
         kept = [n for n in norms if _reads_float32_copy(n, producer)]
         assert changed == len(norms) - len(kept) > 0, name
         assert all(_feeds_float32_arithmetic(n, readers) for n in kept), name

@@ -281,13 +281,18 @@ class Fp8Conv(_Fp8Layer):
         channels-last. The caller checks that the kernel serves (`_cutlass_forward`)."""
         from models import implicit_conv
 
+        weight, scales = self.cutlass_operands(scale)
+        bias = None if bias is None else bias.to(torch.float16)
+        return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
+                                         tuple(self.padding))
+
+    def cutlass_operands(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the CUTLASS kernel reads besides the input (input scale `scale`): the e4m3 weight as
+        channels-last [N, C, kh, kw] and the epilogue's per-channel scales (input · weight)."""
         n, c, kh, kw = self.weight_q.shape
         # the tap-major weight's bytes are the channels-last [N, C, kh, kw] the kernel reads: a view
         weight = self.tap_major_weight().view(n, kh, kw, c).permute(0, 3, 1, 2)
-        bias = None if bias is None else bias.to(torch.float16)
-        scales = self._fixed("cutlass", scale, lambda layer, s: s.float() * layer.weight_scale.float())
-        return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
-                                         tuple(self.padding))
+        return weight, self._fixed("cutlass", scale, lambda layer, s: s.float() * layer.weight_scale.float())
 
     def _readback(self, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,14 +27,20 @@ def _cast_to(node) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None)
 
 
-def norms_in_activation_dtype(graph) -> int:
-    """Rewrite `graph` (an onnx GraphProto, in place) as the module docstring says; the number of
-    GroupNorm ops that now read their input's own dtype."""
+def links(graph) -> tuple[dict, defaultdict]:
+    """The node that writes each value of `graph`, and the nodes that read it (a list, empty for none)."""
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = defaultdict(list)
+    readers: defaultdict[str, list] = defaultdict(list)
     for node in graph.node:
         for name in node.input:
             readers[name].append(node)
+    return producer, readers
+
+
+def norms_in_activation_dtype(graph) -> int:
+    """Rewrite `graph` (an onnx GraphProto, in place) as the module docstring says; the number of
+    GroupNorm ops that now read their input's own dtype."""
+    producer, readers = links(graph)
     outputs = {o.name for o in graph.output}
 
     def cast_only(name: str, through_transpose: bool) -> bool:
