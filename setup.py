@@ -64,8 +64,11 @@ def cutlass_extensions(CUDAExtension) -> list:
         return []
     configs = sorted(glob.glob("config_*.cu", root_dir="cpp_ext/cutlass"), key=lambda n: int(n[7:-3]))
     sources = ["bindings.cpp", *configs]  # config_N.cu, one per entry of conv_shape.h's kConfigs
-    # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off
+    # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off;
+    # CuTe's extended wgmma shapes give tiles whose width is no power of two (160) one instruction
+    # of that width instead of five narrow ones
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
+            "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [CUDAExtension("cpp_ext._cutlass_conv", [f"cpp_ext/cutlass/{name}" for name in sources],

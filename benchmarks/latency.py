@@ -531,17 +531,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)
             save_partial(results, args.out)
+    # The eager peer before ONNX Runtime's rows and the compiled peer last: the longest systems come
+    # after the quick ones, so a run stopped early keeps the comparison it most needs.
+    if args.peer == "eager":
+        results["peer_eager"] = bench_peer(peer, args, compiled=False)
+        save_partial(results, args.out)
     if "onnxruntime" in args.backends:
         results["ours_onnxruntime"] = bench_ours_onnxruntime(
             model, args, lambda part: save_partial({**results, "ours_onnxruntime": part}, args.out))
         if "auto" in results["ours_onnxruntime"]:
             results["ours_auto"] = results["ours_onnxruntime"].pop("auto")
         save_partial(results, args.out)
-    if args.peer == "eager":
-        results["peer_eager"] = bench_peer(peer, args, compiled=False)
-        save_partial(results, args.out)
-        if args.peer_compile:
-            results["peer_compiled"] = bench_peer(peer, args, compiled=True)
+    if args.peer == "eager" and args.peer_compile:
+        results["peer_compiled"] = bench_peer(peer, args, compiled=True)
     del peer
     torch.cuda.empty_cache()
     if args.first_image:

@@ -13,6 +13,9 @@
 //   - the kernel checks the operands' strides for GEMM rank (3); the mainloop names such strides.
 // The output is NHWC with stride 1, i.e. a row-major (N·P·Q) × K matrix: the epilogue is the plain
 // GEMM epilogue with the same per-channel scale and bias.
+// The tile scheduler is a parameter: the persistent one (whole output tiles, each CTA taking the
+// next) or stream-K, which also splits a tile's K loop between CTAs when the output has too few
+// tiles to fill the GPU evenly (its partial sums meet in the workspace).
 #pragma once
 
 #include "conv_common.cuh"
@@ -93,8 +96,9 @@ struct ConvMainloop : Base {
   }
 };
 
-template <class Element, int TileM, int TileN, int TileK, int ClusterM>
-struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, ClusterM>> {
+template <class Element, int TileM, int TileN, int TileK, int ClusterM,
+          class Scheduler = cutlass::gemm::PersistentScheduler>
+struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, ClusterM, Scheduler>> {
   using T = ConvTypes<Element, TileM, TileN, TileK, ClusterM>;
   using Epilogue =
       typename T::template EpilogueOn<cutlass::layout::RowMajor, cutlass::epilogue::TmaWarpSpecializedCooperative>;
@@ -113,8 +117,7 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
       cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Builder::GmemTiledCopyB,
                                                                    typename Builder::SmemLayoutB>>>;
   using ProblemShape = typename Mainloop::ProblemShapeMNKL;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, Scheduler>;
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,

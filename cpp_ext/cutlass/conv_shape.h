@@ -24,7 +24,7 @@ struct Config {
   size_t (*workspace_bytes)(ConvShape const&, int sm_count);
 };
 
-constexpr int kConfigs = 8;
+constexpr int kConfigs = 12;
 Config config_0();
 Config config_1();
 Config config_2();
@@ -33,5 +33,9 @@ Config config_4();
 Config config_5();
 Config config_6();
 Config config_7();
+Config config_8();
+Config config_9();
+Config config_10();
+Config config_11();
 
 }  // namespace unclip_cutlass

@@ -1,0 +1,13 @@
+// e4m3 operands, tile 256x160x128, cluster 1x1x1, on the persistent cooperative kernel
+// (conv_fprop_persistent.cuh), with a tile as wide as half of 320 output channels (a quarter of
+// 640, a sixth of 960), where 128 leaves a sixth of the last tile idle.
+#include "conv_fprop_persistent.cuh"
+
+namespace unclip_cutlass {
+
+Config config_9() {
+  using F = FpropPersistent<cutlass::float_e4m3_t, 256, 160, 128, 1>;
+  return {"e4m3_256x160x128_c1x1_persistent", true, &F::run, &F::workspace_bytes};
+}
+
+}  // namespace unclip_cutlass
