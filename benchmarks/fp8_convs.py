@@ -9,7 +9,8 @@ Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 ch
 way; the input's quantisation alone, torch's expression and the one-pass kernel), the "readback"
 way, the Triton implicit GEMM (`models.fp8.implicit_gemm`) with e4m3 operands (the "implicit"
 way) and with fp16 operands (against cuDNN: issue #33's first part), and CUTLASS's Hopper
-implicit GEMM (`models.implicit_conv`) where it was built: in fp16, and in e4m3 as `Fp8Conv`'s
+implicit GEMM (`models.implicit_conv`) where it was built: in fp16 (the wrapper, which keeps cuDNN
+where cuDNN wins its race), and in e4m3 as `Fp8Conv`'s
 "cutlass" way (input quantisation included), with a fixed (calibrated) input scale, and the
 kernel alone on an input quantised beforehand; and every built CUTLASS configuration alone on the
 shape (`cutlass_configurations_us`), the persistent ones beside the rest. TFLOP/s counts 2·M·N·K of
@@ -113,7 +114,7 @@ def bench(batch: int, channels: int, size: int) -> dict:
         times["cutlass_e4m3_alone"] = graph_ms(lambda: layer.cutlass_product(q, scale, layer.bias))
     if implicit_conv.serves(x, conv.weight):  # the CUTLASS Hopper kernel, where it was built
         weight_cl = conv.weight.detach()
-        implicit_conv.conv2d(x, weight_cl, bias, 1)  # picks its tile configuration (timed) before capture
+        implicit_conv.conv2d(x, weight_cl, bias, 1)  # its race (cuDNN and every configuration) before capture
         times["cutlass_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight_cl, bias, 1))
     launches = {}
     if "cutlass_e4m3_alone" in times:
@@ -156,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     bench_shape = cudnn_only if args.only == "cudnn" else bench
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
-              "shapes": [bench_shape(*s) for s in SHAPES]}
+    # no autograd: the layers' cached operands are then plain tensors (`copy.deepcopy` takes them)
+    with torch.no_grad():
+        result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit,
+                  "shapes": [bench_shape(*s) for s in SHAPES]}
     if args.out:
         text = json.dumps(result, indent=1)
         atomic_write(Path(args.out), lambda path: path.write_text(text))

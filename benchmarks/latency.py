@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -82,9 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-eager", action="store_true", help="also ours without CUDA graphs")
     p.add_argument("--fp8-conv-path", choices=["auto", "gemm", "implicit", "cutlass"], default=None,
                    help="how the FP8 rows run their convolutions (models.fp8.layers.CONV_PATH; default auto)")
-    p.add_argument("--cutlass-persistent", action="store_true",
-                   help="let the CUTLASS convolutions (FP8's and --cutlass-convs') choose among the persistent-kernel "
-                        "configurations too (models.implicit_conv.PERSISTENT), for every system of the run")
+    p.add_argument("--cutlass-plain", action="store_true",
+                   help="leave the persistent-kernel configurations out of the CUTLASS convolutions' choice (FP8's "
+                        "and --cutlass-convs'; models.implicit_conv.PERSISTENT off), for every system of the run")
     p.add_argument("--cutlass-convs", action="store_true",
                    help="also ours with the residual blocks' 3x3 convolutions on CUTLASS (where it is built)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
@@ -221,8 +222,8 @@ def bench_ours_onnxruntime(model: UnCLIPModel, args: argparse.Namespace,
     for mode, layout, fusions in runs:
         ort_cuda.CONV_LAYOUT, ort_cuda.UNET_FUSIONS = layout, fusions == "on"
         key = mode + ("+nhwc" if layout == "nhwc" else "") + ("+unet_fusions" if fusions == "on" else "")
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
+        pipe.engines = {}  # the last variant's sessions, released before this one's baseline
+        free_before = free_device_memory()
         try:
             pipe.engines = EngineFolder.open(folder).onnxruntime_engines(["CUDAExecutionProvider"],
                                                                          torch.device("cuda"), graphs=mode)
@@ -253,8 +254,7 @@ def bench_ours_auto(model: UnCLIPModel, folder: Path, args: argparse.Namespace) 
     the end-to-end time."""
     from runtime import UnCLIP
 
-    torch.cuda.synchronize()
-    free_before = torch.cuda.mem_get_info()[0]
+    free_before = free_device_memory()
     try:
         start = time.perf_counter()
         pipe = UnCLIP(model, engine_dir=folder, backend="auto", device="cuda", progress=False)
@@ -268,10 +268,19 @@ def bench_ours_auto(model: UnCLIPModel, folder: Path, args: argparse.Namespace) 
     return entry
 
 
+def free_device_memory() -> int:
+    """Free device bytes once what earlier systems left is released (unreferenced sessions
+    collected, torch's cached blocks returned): the baseline of a system's memory in use."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
 def _engine_batches(pipe, args: argparse.Namespace, free_before: int) -> dict:
     """Per batch of `args.batch`: end-to-end times of `pipe` (`_time_calls`), the device memory in use
-    since `free_before` (engines outside torch allocate there), and each stage's forward ms between
-    CUDA events."""
+    since `free_before` (`free_device_memory`; engines outside torch allocate there), and each
+    stage's forward ms between CUDA events."""
     batches = {}
     for n in args.batch:
         def run(n=n):
@@ -472,6 +481,19 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cutlass_choice() -> dict[str, str]:
+    """What the CUTLASS convolutions' per-shape race kept in this process (`models.implicit_conv`):
+    "kind x-shape w-shape" → the configuration's name, or "cudnn"."""
+    import cpp_ext
+    from models import implicit_conv
+
+    if cpp_ext.cutlass_conv is None:
+        return {}
+    names = cpp_ext.cutlass_conv.configs()
+    return {f"{kind} x{list(x)} w{list(w)}": "cudnn" if best == implicit_conv.CUDNN else names[best]
+            for (kind, x, w, _), best in implicit_conv._best.items()}
+
+
 def write_results(results: dict, out: Path | None) -> None:
     """The results as JSON at `out` (atomically), where one is given."""
     if out is not None:
@@ -492,10 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer != "none" and len(get_config(args.config).super_res) != 1 and not args.diffusers:
         raise SystemExit(f"--config {args.config}: diffusers' UnCLIPPipeline has one super-res stage, this config "
                          f"{len(get_config(args.config).super_res)}; run it with --peer none")
-    if args.cutlass_persistent:
-        from models import implicit_conv
+    from models import implicit_conv
 
-        implicit_conv.PERSISTENT = results["cutlass_persistent"] = True
+    implicit_conv.PERSISTENT = results["cutlass_persistent"] = not args.cutlass_plain
     peer, model = build(args)
     results["super_res_stages"] = [super_res_stages(model.cfg, i)[0] for i in range(len(model.cfg.super_res))]
     results["flops"] = flop_floor(model, args.batch, matmul_peak_tflops(),
@@ -548,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     if args.first_image:
         results["first_image"] = first_image(model)
+    results["cutlass_choice"] = cutlass_choice()
     text = table(results)
     print(text)
     write_results({**results, "table": text}, args.out)

@@ -3,18 +3,18 @@ activation read by TMA in im2col mode (no gathered copy), wgmma with fp32 accumu
 per-channel scale and bias in the epilogue, channels-last in and out; fp16 operands (`conv2d`) or
 e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
 
-The kernel comes in a few tile configurations per operand type; which is fastest depends on the
-shape, so the first call of each shape times every configuration of its type (CUDA events,
-outside any CUDA-graph capture) and keeps the fastest. The configurations on CUTLASS's persistent
-cooperative kernel (names ending "_persistent") join that choice only with `PERSISTENT` set: they
-are new, and a configuration enters the runtime's choice once the GPU tests have run it
-(`tests/gpu/test_cutlass_conv.py` and `benchmarks/fp8_convs.py` run every configuration
-regardless). `conv2d` falls back to torch's (cuDNN's)
-convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last, stride or
-dilation other than 1, groups, channel counts not multiples of 8. It is built only on request
-(UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers); `benchmarks/fp8_convs.py`
-times it against cuDNN, and the UNets take it only where asked (`FusedOptions.cutlass_convs`,
-`models.fp8.layers.CONV_PATH = "cutlass"`).
+The kernel comes in a few tile configurations per operand type, on CUTLASS's plain
+warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", one
+of them with the stream-K scheduler); which is fastest depends on the shape, so the first call of
+each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture)
+and keeps the fastest. For fp16 cuDNN's convolution runs in that race too, so a shape where
+cuDNN is faster keeps it. `PERSISTENT = False` leaves the persistent configurations out (to
+measure what they add: `benchmarks/latency.py --cutlass-plain`). `conv2d` falls back to torch's
+(cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last,
+stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
+request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers);
+`benchmarks/fp8_convs.py` times every configuration against cuDNN, and the UNets take it only
+where asked (`FusedOptions.cutlass_convs`, `models.fp8.layers.CONV_PATH = "cutlass"`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import cpp_ext
 
 _best: dict[tuple, int] = {}  # (kind, shape of x, shape of weight, padding) → fastest configuration
-PERSISTENT = False  # whether the persistent-kernel configurations join the choice (module docstring)
+PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
+CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor, stride=1, dilation=1, groups: int = 1) -> bool:
@@ -51,12 +52,13 @@ def _configs(kind: str) -> list[int]:
             if name.startswith(kind + "_") and (PERSISTENT or not name.endswith("_persistent"))]
 
 
-def _fastest(kind: str, key: tuple, launch: Callable[[int], torch.Tensor]) -> int:
-    """The configuration of `kind` ("f16", "e4m3") to run for `key`: timed once per shape over a
-    few launches each, outside any capture (inside one: the first, not remembered)."""
+def _fastest(kind: str, key: tuple, launch: Callable[[int], torch.Tensor], others: tuple[int, ...] = ()) -> int:
+    """The configuration of `kind` ("f16", "e4m3") or of `others` (entries such as `CUDNN`, which
+    `launch` also takes; the first of them is the fallback) to run for `key`: timed once per shape
+    over a few launches each, outside any capture (inside one: the fallback, not remembered)."""
     if (kind, *key) in _best:
         return _best[(kind, *key)]
-    configs = _configs(kind)
+    configs = [*others, *_configs(kind)]
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
     times = {}
@@ -91,9 +93,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     kernel = cpp_ext.cutlass_conv
 
     def launch(config: int) -> torch.Tensor:
+        if config == CUDNN:
+            return F.conv2d(x, weight, bias, padding=pad)
         return kernel.conv2d(x, weight, bias, *pad, config)
 
-    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch))
+    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, others=(CUDNN,)))
 
 
 def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

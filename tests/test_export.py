@@ -46,6 +46,33 @@ def test_every_stage_module_matches_its_declared_signature(random_model):
     assert sigs["decoder"].max_batch(4) == 8 and sigs["super_res_first"].max_batch(4) == 4
 
 
+def test_the_unet_and_prior_step_stages_hand_their_fused_options_on(random_model, monkeypatch):
+    """`stage_module(..., options)` passes the fused path's switches to the forward of every stage
+    that runs it (the decoder step, each super-res UNet, the prior step): a switch such as
+    `cutlass_convs` given to `UnCLIP(fused=...)` reaches the UNets it is for."""
+    from models import fused
+    from models.fused import FusedOptions
+
+    options = FusedOptions(cutlass_convs=True, defer_bias=False)
+    seen = {}
+    unet_forward, prior_step = fused.unet_forward, fused.prior_step
+
+    def spy(real, key):
+        def call(*args, **kwargs):
+            seen[key] = kwargs.get("options", args[-1] if key == "prior" else None)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(fused, "unet_forward", spy(unet_forward, "unet"))
+    monkeypatch.setattr(fused, "prior_step", spy(prior_step, "prior"))
+    for name in ("decoder_step", "super_res_first", "super_res_last", "prior_step"):
+        seen.clear()
+        inputs = signatures(random_model.cfg)[name].sample_inputs(1, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            stage_module(random_model, name, options)(*inputs.values())
+        assert seen == {"prior" if name == "prior_step" else "unet": options}, name
+
+
 def test_build_exports_and_checks_every_stage_then_skips_an_unchanged_model(random_model, tmp_path, caplog):
     out = tmp_path / "engines"
     manifest = build(random_model, out, ["onnxruntime"])
@@ -237,26 +264,32 @@ def test_the_cuda_provider_options_follow_the_asked_convolution_layout(monkeypat
 
 def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_into_its_cuda_ops(tmp_path,
                                                                                                 monkeypatch):
-    """`ort_cuda.unet_fused_graph` (the option `UNET_FUSIONS`): ONNX Runtime's UNet optimizer on an
-    fp16 decoder step and super-res step of the shipped default model gives a graph with the same
-    inputs and outputs whose group norms and convolutions are its CUDA ops — serialised, or past
-    protobuf's limit a copy with external weights; the stages it applies to are the UNets' steps."""
+    """`ort_cuda.unet_fused_graph` (the option `UNET_FUSIONS`): ONNX Runtime's UNet optimizer on the
+    fp16 decoder step and super-res step of a model whose norms its CUDA GroupNorm takes gives a
+    graph with the same inputs and outputs whose group norms and convolutions are its CUDA ops —
+    serialised, or past protobuf's limit a copy with external weights; the stages it applies to are
+    the UNets' steps. The shipped default model's norms (one channel per group) it refuses, saying why."""
     import onnx
 
+    from export.build_engines import random_model
     from runtime.backends import ort_cuda
+    from runtime.backends.ort_fused_norms import refused_norms
     from runtime.backends.signatures import is_unet_stage
+    from tests.model_configs import wide_default_config
 
     def load(graph):
         return onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
 
-    assert main(["--out", str(tmp_path), "--fp16", "--stages", "decoder_step,super_res_first"]) == 0
-    for name in ("decoder_step", "super_res_first"):
+    stages = ["decoder_step", "super_res_first"]
+    build(random_model(wide_default_config()), tmp_path, ["onnxruntime"], fp16=True, stages=stages)
+    for name in stages:
         original = onnx.load(str(tmp_path / f"{name}.onnx"))
         made = ort_cuda.unet_fused_graph(tmp_path / f"{name}.onnx")
         assert isinstance(made, bytes)
         fused = load(made)
         ops = {n.op_type for n in fused.graph.node}
         assert {"GroupNorm", "NhwcConv"} <= ops, (name, sorted(ops))
+        assert not refused_norms(fused.graph)
         assert len(fused.graph.node) < len(original.graph.node), name
         assert [i.name for i in fused.graph.input] == [i.name for i in original.graph.input]
         assert [o.name for o in fused.graph.output] == [o.name for o in original.graph.output]
@@ -268,6 +301,11 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
     assert [n.op_type for n in load(big).graph.node] == [n.op_type for n in fused.graph.node]
     assert [s for s in ("decoder_step", "super_res_first", "super_res_last", "prior_step", "clip_text")
             if is_unet_stage(s)] == ["decoder_step", "super_res_first", "super_res_last"]
+
+    shipped = tmp_path / "shipped"
+    assert main(["--out", str(shipped), "--fp16", "--stages", "decoder_step"]) == 0
+    with pytest.raises(ort_cuda.FusionsRefused, match=r"even number of channels per group.*32 channels in 32 groups"):
+        ort_cuda.unet_fused_graph(shipped / "decoder_step.onnx")
 
 
 def test_unet_fusions_without_onnx_runtimes_optimizer_say_what_is_missing(tmp_path, monkeypatch):

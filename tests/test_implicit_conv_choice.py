@@ -1,5 +1,5 @@
 """`models.implicit_conv`'s configuration choice, with the CUTLASS extension stood in for (it is
-GPU-only): a kind's configurations by name, the persistent-kernel ones only with `PERSISTENT`."""
+GPU-only): a kind's configurations by name, the persistent-kernel ones unless `PERSISTENT` is off."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ NAMES = ["f16_128x128x64_c1x1", "e4m3_128x128x128_c1x1", "f16_256x128x64_c1x1_pe
          "e4m3_256x128x128_c1x1_persistent"]
 
 
-def test_the_persistent_configurations_join_the_choice_only_when_asked(monkeypatch):
+def test_the_persistent_configurations_join_the_choice_unless_switched_off(monkeypatch):
+    assert implicit_conv.PERSISTENT  # on by default
     monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", SimpleNamespace(configs=lambda: NAMES))
     monkeypatch.setattr(implicit_conv, "PERSISTENT", False)
     assert implicit_conv._configs("f16") == [0] and implicit_conv._configs("e4m3") == [1]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from runtime.backends.engine import EngineError, cast_inputs
+from runtime.backends.ort_fused_norms import float32_initializers, refused_norms
 from runtime.backends.ort_norm_dtype import norms_in_activation_dtype
 from runtime.backends.signatures import BATCH, StageSignature, is_unet_stage
 
@@ -79,6 +81,11 @@ GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels fro
 CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
 UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read when a session opens
 PROTOBUF_BYTES = 1_800_000_000  # a serialised graph must stay under protobuf's 2 GiB; past this, weights go beside it
+log = logging.getLogger(__name__)
+
+
+class FusionsRefused(EngineError):
+    """ONNX Runtime's fused graph of a UNet stage has norms its CUDA kernel cannot run (`ort_fused_norms`)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,7 +93,8 @@ def unet_fused_graph(path: Path) -> bytes | str:
     """The graph at `path` through ONNX Runtime's UNet optimizer (GPU fusions; the session's own
     graph optimisations still run when it opens), for the sessions of every batch size to open
     from: serialised, or, past protobuf's size limit (`PROTOBUF_BYTES`), the path of a copy with
-    its weights in one external-data file, in a temporary folder of this process."""
+    its weights in one external-data file, in a temporary folder of this process. Raises
+    `FusionsRefused` where the fused norms are ones the CUDA kernel cannot run."""
     try:
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as exc:  # the optimizer ships inside the onnxruntime wheels; a trimmed install lacks it
@@ -94,7 +102,13 @@ def unet_fused_graph(path: Path) -> bytes | str:
                           f"part of the onnxruntime-gpu wheel), which this installation lacks ({exc}): reinstall "
                           f"onnxruntime-gpu, or leave UNET_FUSIONS off") from exc
 
-    model = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
+    with float32_initializers():
+        model = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
+    refused = refused_norms(model.graph)
+    if refused:
+        raise FusionsRefused(f"{path.name}: ONNX Runtime's CUDA GroupNorm takes an even number of channels per "
+                             f"group, at most 512; {len(refused)} fused norms have other counts "
+                             f"({'; '.join(refused[:3])}{'; ...' if len(refused) > 3 else ''})")
     norms_in_activation_dtype(model.graph)
     if model.ByteSize() <= PROTOBUF_BYTES:
         return model.SerializeToString()
@@ -159,6 +173,24 @@ class OrtCudaEngine:
         self._stream = torch.cuda.Stream(self.device)
         self._sessions: dict[int, _BatchSession] = {}
         self._run_options = None
+        self.fusions = "not opened"  # whether the sessions run ONNX Runtime's fused UNet graph (`_graph`)
+
+    def _graph(self) -> bytes | str:
+        """What the sessions open: with `UNET_FUSIONS`, a UNet stage's fused graph, unless its norms
+        are ones ONNX Runtime's CUDA kernel refuses (then the plain graph, said once in the log and
+        in `fusions`); else the exported graph."""
+        if not (UNET_FUSIONS and is_unet_stage(self.signature.name)):
+            self.fusions = "off"
+            return str(self.path)
+        try:
+            graph = unet_fused_graph(self.path)
+        except FusionsRefused as exc:
+            if not self.fusions.startswith("refused"):
+                log.warning("%s; %s runs its unfused graph", exc, self.signature.name)
+            self.fusions = f"refused: {exc}"
+            return str(self.path)
+        self.fusions = "on"
+        return graph
 
     def session(self, batch: int) -> _BatchSession:
         """The session of `batch`, opened (and bound) on first use."""
@@ -172,7 +204,7 @@ class OrtCudaEngine:
         sig = self.signature
         _load_cuda_libraries()
         provider = cuda_provider(self.device, self.graphs == "onnxruntime", self._stream)
-        graph = unet_fused_graph(self.path) if UNET_FUSIONS and is_unet_stage(sig.name) else str(self.path)
+        graph = self._graph()
         try:
             session = ort.InferenceSession(graph, fixed_batch_options(batch, cpu_fallback=False), providers=[provider])
         except Exception as exc:  # ORT raises its own exception types

@@ -237,12 +237,13 @@ class _DecoderContext(nn.Module):
 
 
 class _DecoderStep(nn.Module):
-    def __init__(self, model: UnCLIPModel) -> None:
+    def __init__(self, model: UnCLIPModel, options: FusedOptions) -> None:
         super().__init__()
-        self.decoder = model.decoder
+        self.decoder, self.options = model.decoder, options
 
     def forward(self, x_t, timesteps, emb_add, context_kv, context_bias) -> tuple[torch.Tensor]:
-        return (fused.unet_forward(self.decoder.unet, x_t, timesteps, emb_add, None, context_bias, context_kv),)
+        return (fused.unet_forward(self.decoder.unet, x_t, timesteps, emb_add, None, context_bias, context_kv,
+                                   options=self.options),)
 
 
 class _ARPriorContext(nn.Module):
@@ -264,12 +265,12 @@ class _ARPriorStep(nn.Module):
 
 
 class _SuperRes(nn.Module):
-    def __init__(self, model: UnCLIPModel, stage: int, last: bool) -> None:
+    def __init__(self, model: UnCLIPModel, stage: int, last: bool, options: FusedOptions) -> None:
         super().__init__()
-        self.unet = model.super_res[stage].unet(last)
+        self.unet, self.options = model.super_res[stage].unet(last), options
 
     def forward(self, x_t, timesteps, low_res_up) -> tuple[torch.Tensor]:
-        return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps),)
+        return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps, options=self.options),)
 
 
 def stage_module(model: UnCLIPModel, name: str, options: FusedOptions = DEFAULT_FUSED) -> nn.Module:
@@ -283,8 +284,8 @@ def stage_module(model: UnCLIPModel, name: str, options: FusedOptions = DEFAULT_
         "prior_step": lambda: _PriorStep(model, options),
         "decoder": lambda: _Decoder(model),
         "decoder_context": lambda: _DecoderContext(model),
-        "decoder_step": lambda: _DecoderStep(model),
-        **{name: functools.partial(_SuperRes, model, i, name.endswith("_last"))
+        "decoder_step": lambda: _DecoderStep(model, options),
+        **{name: functools.partial(_SuperRes, model, i, name.endswith("_last"), options)
            for i in range(len(model.super_res)) for name in super_res_stages(model.cfg, i)},
         "ar_prior_context": lambda: _ARPriorContext(model),
         "ar_prior_step": lambda: _ARPriorStep(model),

@@ -120,32 +120,44 @@ def test_a_cuda_graph_replay_equals_an_eager_run(default_engines, graphs):
                 assert torch.equal(a, c), (name, seed)
 
 
-def test_onnx_runtimes_unet_fusions_give_the_unfused_graphs_outputs(default_engines, monkeypatch):
-    """With `ort_cuda.UNET_FUSIONS` the UNet steps open from ONNX Runtime's fused graphs (its CUDA
-    GroupNorm and NhwcConv ops, the whole graph on the GPU) and give the plain graphs' outputs to
-    fp16 rounding. Skipped where the onnxruntime install lacks its optimizer package."""
+def test_onnx_runtimes_unet_fusions_give_the_unfused_graphs_outputs(default_engines, tmp_path, monkeypatch):
+    """With `ort_cuda.UNET_FUSIONS` the UNet steps of a model whose norms ONNX Runtime's CUDA
+    GroupNorm takes (64-channel UNets) open from its fused graphs (its GroupNorm and NhwcConv ops,
+    the whole graph on the GPU) and give the plain graphs' outputs to fp16 rounding; the shipped
+    default model's (one channel per group) fall back to their plain graphs, saying so. Skipped
+    where the onnxruntime install lacks its optimizer package."""
     import onnx
 
     pytest.importorskip("onnxruntime.transformers.optimizer")
+    from export.build_engines import build, random_model
     from runtime.backends import ort_cuda
     from runtime.backends.engines import EngineFolder
     from runtime.backends.signatures import signatures
+    from tests.model_configs import wide_default_config
 
-    folder = EngineFolder.open(default_engines / "fp16")
+    stages = ["decoder_step", "super_res_first"]
+    build(random_model(wide_default_config()), tmp_path, ["onnxruntime"], fp16=True, stages=stages)
     device = torch.device("cuda")
-    plain = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
-    monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", True)
-    fused = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
-    for name in ("decoder_step", "super_res_first"):
-        sig = signatures(folder.cfg)[name]
-        inputs = tuple(sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(4)).values())
-        want, got = plain[name](*inputs), fused[name](*inputs)
-        graph = ort_cuda.unet_fused_graph(fused[name].path)
-        graph = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
-        ops = {n.op_type for n in graph.graph.node}
-        assert {"GroupNorm", "NhwcConv"} <= ops
-        for a, b in zip(got, want, strict=True):
-            assert rel(a.float(), b.float()) <= 5e-3, name
+    for root, fuses in ((tmp_path, True), (default_engines / "fp16", False)):
+        folder = EngineFolder.open(root)
+        monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", False)
+        plain = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
+        monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", True)
+        fused = folder.onnxruntime_engines(["CUDAExecutionProvider"], device, graphs="none")
+        for name in stages:
+            sig = signatures(folder.cfg)[name]
+            inputs = tuple(sig.sample_inputs(2, torch.float16, "cuda", torch.Generator().manual_seed(4)).values())
+            want, got = plain[name](*inputs), fused[name](*inputs)
+            if not fuses:
+                assert fused[name].fusions.startswith("refused: ") and "channels per group" in fused[name].fusions
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), name
+                continue
+            assert fused[name].fusions == "on", name
+            graph = ort_cuda.unet_fused_graph(fused[name].path)
+            graph = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
+            assert {"GroupNorm", "NhwcConv"} <= {n.op_type for n in graph.graph.node}
+            for a, b in zip(got, want, strict=True):
+                assert rel(a.float(), b.float()) <= 5e-3, name
 
 
 @pytest.mark.usefixtures("large_gpu_memory")
