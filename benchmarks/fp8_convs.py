@@ -3,7 +3,7 @@ process, CUDA events, each replayed from a CUDA graph:
 
     python benchmarks/fp8_convs.py [--out FILE.json] [--cudnn-benchmark-limit 0 --only cudnn]
 
-Per shape (the super-res and decoder shapes of issue #33's table): cuDNN fp16 channels-last
+Per shape (issue #33's table, then each decoder level at batch 2): cuDNN fp16 channels-last
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
 `torch._scaled_mm`, bias) and its parts (quantise + gather; the GEMM alone, the floor of that
 way; the input's quantisation alone, torch's expression and the one-pass kernel), the "readback"
@@ -41,7 +41,9 @@ from models.fp8.implicit_gemm import conv2d_nhwc, tap_major  # noqa: E402
 from models.fp8.layers import Fp8Conv, _gathered_rows  # noqa: E402
 from models.fp8.quantize_kernel import quantize_fused  # noqa: E402
 
-SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64)]  # batch, channels, size
+# batch, channels, size: the super-res UNet's levels, then the decoder's at batch 2 (guidance), 64² down to 8²
+SHAPES = [(1, 320, 256), (4, 320, 256), (1, 640, 128), (1, 960, 64), (2, 768, 64),
+          (2, 320, 64), (2, 640, 32), (2, 960, 16), (2, 1280, 8)]
 
 
 def _problem(batch: int, channels: int, size: int) -> tuple[nn.Conv2d, torch.Tensor, int, dict]:

@@ -22,7 +22,8 @@ namespace {
 const uc::Config& config_at(int64_t index) {
   static const uc::Config configs[uc::kConfigs] = {uc::config_0(), uc::config_1(), uc::config_2(), uc::config_3(),
                                                    uc::config_4(), uc::config_5(), uc::config_6(), uc::config_7(),
-                                                   uc::config_8(), uc::config_9(), uc::config_10(), uc::config_11()};
+                                                   uc::config_8(), uc::config_9(), uc::config_10(), uc::config_11(),
+                                                   uc::config_12(), uc::config_13()};
   TORCH_CHECK(index >= 0 && index < uc::kConfigs, "config must be in [0, ", std::to_string(uc::kConfigs), "), got ",
               std::to_string(index));
   return configs[index];

@@ -24,7 +24,7 @@ struct Config {
   size_t (*workspace_bytes)(ConvShape const&, int sm_count);
 };
 
-constexpr int kConfigs = 12;
+constexpr int kConfigs = 14;
 Config config_0();
 Config config_1();
 Config config_2();
@@ -37,5 +37,7 @@ Config config_8();
 Config config_9();
 Config config_10();
 Config config_11();
+Config config_12();
+Config config_13();
 
 }  // namespace unclip_cutlass
