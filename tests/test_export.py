@@ -286,6 +286,8 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
         original = onnx.load(str(tmp_path / f"{name}.onnx"))
         made = ort_cuda.unet_fused_graph(tmp_path / f"{name}.onnx")
         assert isinstance(made, bytes)
+        if name == "decoder_step":
+            made_decoder = made
         fused = load(made)
         ops = {n.op_type for n in fused.graph.node}
         assert {"GroupNorm", "NhwcConv"} <= ops, (name, sorted(ops))
@@ -294,9 +296,11 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
         assert [i.name for i in fused.graph.input] == [i.name for i in original.graph.input]
         assert [o.name for o in fused.graph.output] == [o.name for o in original.graph.output]
     ort_cuda.unet_fused_graph.cache_clear()
+    limit = ort_cuda.PROTOBUF_BYTES
     monkeypatch.setattr(ort_cuda, "PROTOBUF_BYTES", 1000)  # as if the graph were past protobuf's limit
     big = ort_cuda.unet_fused_graph(tmp_path / "super_res_first.onnx")
     ort_cuda.unet_fused_graph.cache_clear()
+    monkeypatch.setattr(ort_cuda, "PROTOBUF_BYTES", limit)
     assert isinstance(big, str) and (Path(big).parent / "super_res_first.onnx.data").stat().st_size > 1_000_000
     assert [n.op_type for n in load(big).graph.node] == [n.op_type for n in fused.graph.node]
     assert [s for s in ("decoder_step", "super_res_first", "super_res_last", "prior_step", "clip_text")
@@ -306,6 +310,16 @@ def test_onnx_runtimes_unet_fusions_turn_the_unet_steps_norms_and_convolutions_i
     assert main(["--out", str(shipped), "--fp16", "--stages", "decoder_step"]) == 0
     with pytest.raises(ort_cuda.FusionsRefused, match=r"even number of channels per group.*32 channels in 32 groups"):
         ort_cuda.unet_fused_graph(shipped / "decoder_step.onnx")
+    # what a session opens: the fused graph, the plain one where the norms are refused, the plain one
+    # for a stage the fusions are not for or with the option off
+    monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", True)
+    assert ort_cuda.session_graph(tmp_path / "decoder_step.onnx", "decoder_step") == (made_decoder, "on")
+    graph, fusions = ort_cuda.session_graph(shipped / "decoder_step.onnx", "decoder_step")
+    assert graph == str(shipped / "decoder_step.onnx") and fusions.startswith("refused: ")
+    assert "32 channels in 32 groups" in fusions
+    assert ort_cuda.session_graph(tmp_path / "x.onnx", "prior_step") == (str(tmp_path / "x.onnx"), "off")
+    monkeypatch.setattr(ort_cuda, "UNET_FUSIONS", False)
+    assert ort_cuda.session_graph(tmp_path / "decoder_step.onnx", "decoder_step")[1] == "off"
 
 
 def test_unet_fusions_without_onnx_runtimes_optimizer_say_what_is_missing(tmp_path, monkeypatch):

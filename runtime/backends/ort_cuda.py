@@ -121,6 +121,18 @@ def unet_fused_graph(path: Path) -> bytes | str:
     return str(folder / path.name)
 
 
+def session_graph(path: Path, stage: str) -> tuple[bytes | str, str]:
+    """What a session of `stage` opens and whether it is fused: with `UNET_FUSIONS`, a UNet stage's
+    fused graph ("on"), unless its norms are ones ONNX Runtime's CUDA kernel refuses (then the
+    plain graph, "refused: " and why); else the exported graph ("off")."""
+    if not (UNET_FUSIONS and is_unet_stage(stage)):
+        return str(path), "off"
+    try:
+        return unet_fused_graph(path), "on"
+    except FusionsRefused as exc:
+        return str(path), f"refused: {exc}"
+
+
 def cuda_provider(device: torch.device, cuda_graph: bool,
                   stream: torch.cuda.Stream | None = None) -> tuple[str, dict[str, str]]:
     """The CUDA provider entry: on `device`, on `stream` (default torch's current one), ONNX
@@ -176,20 +188,11 @@ class OrtCudaEngine:
         self.fusions = "not opened"  # whether the sessions run ONNX Runtime's fused UNet graph (`_graph`)
 
     def _graph(self) -> bytes | str:
-        """What the sessions open: with `UNET_FUSIONS`, a UNet stage's fused graph, unless its norms
-        are ones ONNX Runtime's CUDA kernel refuses (then the plain graph, said once in the log and
-        in `fusions`); else the exported graph."""
-        if not (UNET_FUSIONS and is_unet_stage(self.signature.name)):
-            self.fusions = "off"
-            return str(self.path)
-        try:
-            graph = unet_fused_graph(self.path)
-        except FusionsRefused as exc:
-            if not self.fusions.startswith("refused"):
-                log.warning("%s; %s runs its unfused graph", exc, self.signature.name)
-            self.fusions = f"refused: {exc}"
-            return str(self.path)
-        self.fusions = "on"
+        """What the sessions open (`session_graph`), said once in the log where fusions are refused."""
+        graph, fusions = session_graph(self.path, self.signature.name)
+        if fusions.startswith("refused") and not self.fusions.startswith("refused"):
+            log.warning("%s; %s runs its unfused graph", fusions.removeprefix("refused: "), self.signature.name)
+        self.fusions = fusions
         return graph
 
     def session(self, batch: int) -> _BatchSession:
