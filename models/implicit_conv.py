@@ -4,8 +4,8 @@ per-channel scale and bias in the epilogue, channels-last in and out; fp16 opera
 e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
 
 The kernel comes in a few tile configurations per operand type, on CUTLASS's plain
-warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", one
-of them with the stream-K scheduler); which is fastest depends on the shape, so the first call of
+warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", some
+with the stream-K scheduler); which is fastest depends on the shape, so the first call of
 each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture)
 and keeps the fastest. For fp16 cuDNN's convolution runs in that race too, so a shape where
 cuDNN is faster keeps it. `PERSISTENT = False` leaves the persistent configurations out (to

@@ -34,8 +34,9 @@ feeds one directly), and convolutions its channels-last NhwcConv; then each Grou
 writes the activations' dtype instead of the float32 copy the export makes for it
 (`ort_norm_dtype`). Those ops exist on the CUDA
 provider only, so the optimised graph is made in memory for the GPU session, never written to the
-engine folder (whose graphs the CPU runs and checks). Off by default until measured
-(`benchmarks/latency.py --ort-unet-fusions off on`).
+engine folder (whose graphs the CPU runs and checks). A model whose norms the CUDA GroupNorm
+cannot take (`ort_fused_norms`: an odd number of channels per group) keeps its plain graphs.
+Off by default until measured (`benchmarks/latency.py --ort-unet-fusions off on`).
 """
 
 from __future__ import annotations
