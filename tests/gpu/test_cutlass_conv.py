@@ -133,6 +133,29 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
     assert rel(got, want) <= 1e-2
 
 
+@pytest.mark.skipif(cpp_ext.kernels is None, reason="cpp_ext not built")
+def test_the_runtime_runs_its_unets_convolutions_through_the_race_when_asked(monkeypatch):
+    """`UnCLIP(fused=FusedOptions(cutlass_convs=True))` on the default model in fp16 with CUDA
+    graphs: the decoder's and super-res UNets' residual-block convolutions go through
+    `implicit_conv` (each shape's race ran: cuDNN against the configurations), and the image is
+    the cuDNN runtime's to fp16 rounding through the sampling loops (fp16 against fp32 gives
+    31.6 dB on this model: a summation order alone should change the image less)."""
+    from models import implicit_conv
+    from models.fused import FusedOptions
+    from runtime import UnCLIP
+    from tests.metrics import psnr
+
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    plain = UnCLIP(device="cuda", dtype=torch.float16, progress=False)
+    want = plain.generate("a red circle on a blue background", seed=0, output_type="pt").images
+    assert not implicit_conv._best
+    raced = UnCLIP(device="cuda", dtype=torch.float16, progress=False, fused=FusedOptions(cutlass_convs=True))
+    got = raced.generate("a red circle on a blue background", seed=0, output_type="pt").images
+    channels = {key[2][1] for key in implicit_conv._best}  # every input channel count the race saw
+    assert implicit_conv._best and channels >= {32, 64}, implicit_conv._best
+    assert psnr(got, want) >= 30
+
+
 @pytest.mark.parametrize(("batch", "cin", "cout", "size", "kernel"), [(1, 320, 320, 64, 3), (2, 192, 384, 16, 1)])
 def test_every_e4m3_configuration_gives_the_product_of_its_operands(batch, cin, cout, size, kernel):
     from models.fp8.e4m3 import E4M3
