@@ -80,7 +80,7 @@ def fixed_batch_options(batch: int, cpu_fallback: bool = True):
 
 GRAPHS = ("onnxruntime", "torch", "none")  # who replays a session's kernels from a CUDA graph
 CONV_LAYOUT = "nchw"  # "nchw" or "nhwc" (module docstring): read when a session opens
-UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read when a session opens
+UNET_FUSIONS = False  # ONNX Runtime's UNet fusions for the UNet stages (module docstring): read at an engine's opening
 PROTOBUF_BYTES = 1_800_000_000  # a serialised graph must stay under protobuf's 2 GiB; past this, weights go beside it
 log = logging.getLogger(__name__)
 
@@ -187,14 +187,17 @@ class OrtCudaEngine:
         self._sessions: dict[int, _BatchSession] = {}
         self._run_options = None
         self.fusions = "not opened"  # whether the sessions run ONNX Runtime's fused UNet graph (`_graph`)
+        self._source: bytes | str | None = None
 
     def _graph(self) -> bytes | str:
-        """What the sessions open (`session_graph`), said once in the log where fusions are refused."""
-        graph, fusions = session_graph(self.path, self.signature.name)
-        if fusions.startswith("refused") and not self.fusions.startswith("refused"):
-            log.warning("%s; %s runs its unfused graph", fusions.removeprefix("refused: "), self.signature.name)
-        self.fusions = fusions
-        return graph
+        """What every batch size's session opens (`session_graph`), settled at the first: a refusal
+        is said once in the log, and its optimisation not run again."""
+        if self._source is None:
+            self._source, self.fusions = session_graph(self.path, self.signature.name)
+            if self.fusions.startswith("refused"):
+                log.warning("%s; %s runs its unfused graph", self.fusions.removeprefix("refused: "),
+                            self.signature.name)
+        return self._source
 
     def session(self, batch: int) -> _BatchSession:
         """The session of `batch`, opened (and bound) on first use."""

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-FLOAT = 1  # onnx.TensorProto.FLOAT
+from runtime.backends.ort_norm_dtype import FLOAT, int_attribute
+
 NORM_OPS = ("GroupNorm", "SkipGroupNorm")
 MAX_CHANNELS_PER_GROUP = 512
 
@@ -53,7 +54,7 @@ def refused_norms(graph) -> list[str]:
     for node in graph.node:
         if node.op_type not in NORM_OPS:
             continue
-        groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+        groups = int_attribute(node, "groups") or 0
         gamma = tensors.get(node.input[1])
         channels = int(np.prod(gamma.dims)) if gamma is not None else 0
         per_group = channels // groups if groups and channels % groups == 0 else 0

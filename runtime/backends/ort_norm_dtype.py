@@ -20,11 +20,14 @@ from collections import defaultdict
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
+def int_attribute(node, name: str) -> int | None:
+    """The integer attribute `name` of an onnx node, None where it has none."""
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
 def _cast_to(node) -> int | None:
     """The `to` of a Cast node, else None."""
-    if node.op_type != "Cast":
-        return None
-    return next((a.i for a in node.attribute if a.name == "to"), None)
+    return int_attribute(node, "to") if node.op_type == "Cast" else None
 
 
 def links(graph) -> tuple[dict, defaultdict]:
