@@ -4,8 +4,6 @@ per group, or more than 512), on hand-built graphs."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -25,27 +23,55 @@ def _norm_graph(channels: int, groups: int):
                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], [gamma, beta])
 
 
-def test_the_optimizers_float32_initializers_take_fp16_values_converted():
-    """A fusion adding a float32 initializer from fp16 values (the fused norms' scale and shift
-    where the graph's own are fp16): within `float32_initializers` the tensor holds those values
-    as float32, and the optimizer's own method is back in place after."""
-    pytest.importorskip("onnxruntime.transformers.fusion_base")
-    from onnxruntime.transformers.fusion_base import Fusion
+def _fp16_norm_pattern(channels: int = 64, groups: int = 32):
+    """The exporter's group norm in fp16, as the optimizer's GroupNorm fusion matches it:
+    x → Reshape(0, groups, -1) → InstanceNormalization(ones, zeros) → Reshape(Shape(x)) → Mul(gamma)
+    → Add(beta), gamma and beta fp16 initializers of shape (channels, 1, 1)."""
+    rng = np.random.default_rng(0)
+    gamma = (rng.standard_normal((channels, 1, 1)) + 1).astype(np.float16)
+    beta = rng.standard_normal((channels, 1, 1)).astype(np.float16)
+    inits = [numpy_helper.from_array(np.array([0, groups, -1], np.int64), "groups_shape"),
+             numpy_helper.from_array(np.ones(groups, np.float16), "ones"),
+             numpy_helper.from_array(np.zeros(groups, np.float16), "zeros"),
+             numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")]
+    nodes = [helper.make_node("Reshape", ["x", "groups_shape"], ["grouped"]),
+             helper.make_node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normed"], epsilon=1e-5),
+             helper.make_node("Shape", ["x"], ["x_shape"]),
+             helper.make_node("Reshape", ["normed", "x_shape"], ["back"]),
+             helper.make_node("Mul", ["back", "gamma"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "beta"], ["y"])]
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, gamma, beta
 
-    from runtime.backends.ort_fused_norms import float32_initializers
 
-    added = []
-    fusion = SimpleNamespace(model=SimpleNamespace(add_initializer=lambda t, graph: added.append(t)),
-                             this_graph_name=None)
-    values = np.arange(320, dtype=np.float16) / 8
-    original = Fusion.add_initializer
+def test_the_optimizers_group_norm_fusion_takes_fp16_affines_within_float32_initializers(tmp_path):
+    """ONNX Runtime's UNet optimizer on an fp16 group norm: it declares the fused norm's scale
+    and shift float32 but hands over the fp16 values, which `onnx.helper.make_tensor` refuses
+    ("Raw data size does not match"); within `float32_initializers` the fused GroupNorm holds the
+    graph's values as float32, and the optimizer's own method is back in place after."""
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from runtime.backends.ort_fused_norms import _fusion_base_classes, float32_initializers
+
+    model, gamma, beta = _fp16_norm_pattern()
+    path = tmp_path / "norm.onnx"
+    onnx.save(model, str(path))
+    originals = [cls.__dict__["add_initializer"] for cls in _fusion_base_classes()]
+    with pytest.raises(ValueError, match="Raw data size does not match"):
+        optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True)
     with float32_initializers():
-        Fusion.add_initializer(fusion, "gamma", TensorProto.FLOAT, [320], values)
-        Fusion.add_initializer(fusion, "kept", TensorProto.FLOAT16, [320], values)  # declared fp16: as it is
-    assert Fusion.add_initializer is original
-    gamma, kept = (numpy_helper.to_array(t) for t in added)
-    assert gamma.dtype == np.float32 and np.array_equal(gamma, values.astype(np.float32))
-    assert kept.dtype == np.float16 and np.array_equal(kept, values)
+        fused = optimize_model(str(path), model_type="unet", opt_level=0, use_gpu=True).model
+    assert [cls.__dict__["add_initializer"] for cls in _fusion_base_classes()] == originals
+    norms = [n for n in fused.graph.node if n.op_type == "GroupNorm"]
+    assert len(norms) == 1 and not any(n.op_type == "InstanceNormalization" for n in fused.graph.node)
+    tensors = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+    scale, shift = tensors[norms[0].input[1]], tensors[norms[0].input[2]]
+    assert scale.dtype == np.float32 and np.array_equal(scale, gamma.reshape(-1).astype(np.float32))
+    assert shift.dtype == np.float32 and np.array_equal(shift, beta.reshape(-1).astype(np.float32))
 
 
 @pytest.mark.parametrize(("channels", "groups", "refused"),

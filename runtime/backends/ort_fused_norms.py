@@ -15,6 +15,7 @@ to settle before a CUDA session can run them.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,25 +26,39 @@ NORM_OPS = ("GroupNorm", "SkipGroupNorm")
 MAX_CHANNELS_PER_GROUP = 512
 
 
+def _fusion_base_classes() -> list[type]:
+    """Every loaded copy of the optimizer's `Fusion` base class. Its package puts its own folder
+    on `sys.path` and its fusions import `fusion_base` by that bare name, so the class they derive
+    from is not `onnxruntime.transformers.fusion_base.Fusion` but a second module's copy."""
+    import onnxruntime.transformers.optimizer  # noqa: F401  (loads the fusions, and with them their `fusion_base`)
+
+    modules = {id(m): m for name in ("fusion_base", "onnxruntime.transformers.fusion_base")
+               if (m := sys.modules.get(name)) is not None}
+    return list({id(m.Fusion): m.Fusion for m in modules.values()}.values())
+
+
 @contextlib.contextmanager
 def float32_initializers() -> Iterator[None]:
-    """Within the block, the optimizer's fusions (`onnxruntime.transformers.fusion_base.Fusion`)
-    convert an array they add as a float32 initializer to float32 (not this process's other users
-    of the optimizer: it is meant for one optimisation at a time, which is how `ort_cuda` calls it)."""
-    from onnxruntime.transformers import fusion_base
+    """Within the block, the optimizer's fusions convert an array they add as a float32
+    initializer to float32 (`Fusion.add_initializer`, in every loaded copy of the class; not this
+    process's other users of the optimizer: it is meant for one optimisation at a time, which is how
+    `ort_cuda` calls it)."""
+    patched = []
+    for cls in _fusion_base_classes():
+        original = cls.__dict__["add_initializer"]
 
-    original = fusion_base.Fusion.add_initializer
+        def add_initializer(self, name, data_type, dims, vals, raw=True, _original=original):
+            if data_type == FLOAT and isinstance(vals, np.ndarray) and vals.dtype != np.float32:
+                vals = vals.astype(np.float32)
+            return _original(self, name, data_type, dims, vals, raw)
 
-    def add_initializer(self, name, data_type, dims, vals, raw=True):
-        if data_type == FLOAT and isinstance(vals, np.ndarray) and vals.dtype != np.float32:
-            vals = vals.astype(np.float32)
-        return original(self, name, data_type, dims, vals, raw)
-
-    fusion_base.Fusion.add_initializer = add_initializer
+        cls.add_initializer = add_initializer
+        patched.append((cls, original))
     try:
         yield
     finally:
-        fusion_base.Fusion.add_initializer = original
+        for cls, original in patched:
+            cls.add_initializer = original
 
 
 def refused_norms(graph) -> list[str]:
