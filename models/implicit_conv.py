@@ -13,8 +13,9 @@ measure what they add: `benchmarks/latency.py --cutlass-plain`). `conv2d` falls 
 (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last,
 stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
 request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers);
-`benchmarks/fp8_convs.py` times every configuration against cuDNN, and the UNets take it only
-where asked (`FusedOptions.cutlass_convs`, `models.fp8.layers.CONV_PATH = "cutlass"`).
+`benchmarks/fp8_convs.py` times every configuration against cuDNN; the fused UNets' residual
+blocks take `conv2d` by default (`FusedOptions.cutlass_convs`), the FP8 layers the e4m3 one where
+`models.fp8.layers.CONV_PATH` picks "cutlass".
 """
 
 from __future__ import annotations

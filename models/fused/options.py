@@ -24,9 +24,10 @@ class FusedOptions:
         timestep's embedding instead of running the sinusoid and the time MLP.
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
-    :param cutlass_convs: the residual blocks' 3×3 convolutions on CUTLASS's Hopper implicit GEMM
-        (`models.implicit_conv`) where it is built and serves, instead of cuDNN. Off by
-        default until it is measured faster (`benchmarks/latency.py --cutlass-convs`).
+    :param cutlass_convs: the residual blocks' 3×3 convolutions through `models.implicit_conv`'s
+        per-shape choice between CUTLASS's Hopper implicit GEMM and cuDNN, where the CUTLASS
+        kernel is built and serves (elsewhere cuDNN's, as without it); off: cuDNN's always
+        (`benchmarks/latency.py --cudnn-convs` times both).
     """
 
     join_stats: bool = True
@@ -34,7 +35,7 @@ class FusedOptions:
     input_bias_in_conv: bool = True
     time_table: bool = True
     staged_weights: bool = True
-    cutlass_convs: bool = False
+    cutlass_convs: bool = True
 
 
 DEFAULT = FusedOptions()
