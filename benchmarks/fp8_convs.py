@@ -13,7 +13,8 @@ implicit GEMM (`models.implicit_conv`) where it was built: in fp16 (the wrapper,
 where cuDNN wins its race), and in e4m3 as `Fp8Conv`'s
 "cutlass" way (input quantisation included), with a fixed (calibrated) input scale, and the
 kernel alone on an input quantised beforehand; and every built CUTLASS configuration alone on the
-shape (`cutlass_configurations_us`), the persistent ones beside the rest. TFLOP/s counts 2·M·N·K of
+shape (`cutlass_configurations_us`), the persistent ones beside the rest, the stream-K ones also
+in split-K mode (`SPLITS`). TFLOP/s counts 2·M·N·K of
 the convolution for every column.
 """
 
@@ -62,20 +63,28 @@ def _timed(times: dict[str, float], flop: int) -> dict:
     return {k: {"us": v * 1e3, "tflops": flop / (v * 1e-3) / 1e12} for k, v in times.items()}
 
 
+SPLITS = (2, 4, 8, 16)  # the split-K counts each stream-K configuration is also timed with
+
+
 def _per_configuration(launches: dict) -> dict[str, float]:
     """Each built CUTLASS configuration's µs on one shape (graph replay), by name, for the operand
-    kinds in `launches` ("f16", "e4m3": a launch taking the configuration's index); a configuration
-    that cannot implement the shape is left out."""
+    kinds in `launches` ("f16", "e4m3": a launch taking the configuration's index and a split
+    count, 0 for the configuration's own schedule); the stream-K ones also in split-K mode with each
+    count of `SPLITS` (name + "_split" + count); an entry that cannot implement the shape is left
+    out."""
     out = {}
+    splittable = set(cpp_ext.cutlass_conv.split_configs())
     for index, name in enumerate(cpp_ext.cutlass_conv.configs()):
         launch = launches.get(name.split("_")[0])
         if launch is None:
             continue
-        try:
-            launch(index)
-        except RuntimeError:
-            continue
-        out[name] = graph_ms(lambda launch=launch, index=index: launch(index)) * 1e3
+        for splits in (0, *(SPLITS if index in splittable else ())):
+            try:
+                launch(index, splits)
+            except RuntimeError:
+                continue
+            label = f"{name}_split{splits}" if splits else name
+            out[label] = graph_ms(lambda launch=launch, index=index, splits=splits: launch(index, splits)) * 1e3
     return out
 
 
@@ -121,9 +130,9 @@ def bench(batch: int, channels: int, size: int) -> dict:
     launches = {}
     if "cutlass_e4m3_alone" in times:
         wq, scales = layer.cutlass_operands(scale)
-        launches["e4m3"] = lambda i: cpp_ext.cutlass_conv.conv2d_e4m3(q, wq, scales, layer.bias, 1, 1, i)
+        launches["e4m3"] = lambda i, s: cpp_ext.cutlass_conv.conv2d_e4m3(q, wq, scales, layer.bias, 1, 1, i, s)
     if "cutlass_fp16" in times:
-        launches["f16"] = lambda i: cpp_ext.cutlass_conv.conv2d(x, weight_cl, bias, 1, 1, i)
+        launches["f16"] = lambda i, s: cpp_ext.cutlass_conv.conv2d(x, weight_cl, bias, 1, 1, i, s)
     err = float((layer(x, "gemm").float() - conv(x).float()).norm() / conv(x).float().norm())
     out = head | {"fp8_rel_error": err, "cutlass_configurations_us": _per_configuration(launches)}
     if "cutlass_fp16" in times:

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-plain", action="store_true",
                    help="leave the persistent-kernel configurations out of the CUTLASS convolutions' choice (FP8's "
                         "and fp16's; models.implicit_conv.PERSISTENT off), for every system of the run")
+    p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
+                   help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
+                        "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
@@ -457,6 +460,7 @@ def table(results: dict) -> str:
                            ("ours_fp8_calibrated", "unclip-rt FP8 (super-res), calib."),
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
+                           ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
@@ -483,6 +487,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_with_splits(model: UnCLIPModel, args: argparse.Namespace) -> dict:
+    """Ours in fp16 with `args.cutlass_splits` in the convolutions' race (`implicit_conv.SPLITS`):
+    the choices made without them are set aside first, so that every shape races with them, and
+    put back after for the rows that follow; what this row kept is in its `cutlass_choice`."""
+    from models import implicit_conv
+
+    kept = dict(implicit_conv._best)
+    implicit_conv._best.clear()
+    implicit_conv.SPLITS = tuple(args.cutlass_splits)
+    try:
+        result = bench_ours(model, args, graphs=True)
+        result.pop("cache_savings", None)
+        result["cutlass_splits"] = list(args.cutlass_splits)
+        result["cutlass_choice"] = cutlass_choice()
+    finally:
+        implicit_conv.SPLITS = ()
+        implicit_conv._best.clear()
+        implicit_conv._best.update(kept)
+    return result
+
+
 def cutlass_choice() -> dict[str, str]:
     """What the CUTLASS convolutions' per-shape race kept in this process (`models.implicit_conv`):
     "kind x-shape w-shape" → the configuration's name, or "cudnn"."""
@@ -491,8 +516,7 @@ def cutlass_choice() -> dict[str, str]:
 
     if cpp_ext.cutlass_conv is None:
         return {}
-    names = cpp_ext.cutlass_conv.configs()
-    return {f"{kind} x{list(x)} w{list(w)}": "cudnn" if best == implicit_conv.CUDNN else names[best]
+    return {f"{kind} x{list(x)} w{list(w)}": implicit_conv.describe(best)
             for (kind, x, w, _), best in implicit_conv._best.items()}
 
 
@@ -528,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     save_partial(results, args.out)
     if args.ours_eager:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
+        save_partial(results, args.out)
+    if args.cutlass_splits:
+        results["ours_splits"] = bench_with_splits(model, args)
         save_partial(results, args.out)
     if args.cudnn_convs:
         from models.fused import FusedOptions

@@ -9,7 +9,11 @@ with the stream-K scheduler); which is fastest depends on the shape, so the firs
 each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture)
 and keeps the fastest. For fp16 cuDNN's convolution runs in that race too, so a shape where
 cuDNN is faster keeps it. `PERSISTENT = False` leaves the persistent configurations out (to
-measure what they add: `benchmarks/latency.py --cutlass-plain`). `conv2d` falls back to torch's
+measure what they add: `benchmarks/latency.py --cutlass-plain`). `SPLITS` adds the stream-K
+configurations in split-K mode, each split count an entry of the race (`(configuration,
+splits)`): for shapes with fewer output tiles than the GPU has SMs, where a tile's long K loop
+runs on one SM while most idle (the decoder's small maps); empty by default until measured
+(`benchmarks/latency.py --cutlass-splits`). `conv2d` falls back to torch's
 (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last,
 stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
 request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers);
@@ -27,8 +31,10 @@ import torch.nn.functional as F
 
 import cpp_ext
 
-_best: dict[tuple, int] = {}  # (kind, shape of x, shape of weight, padding) → fastest configuration
+Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
+_best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
+SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
 
 
@@ -47,13 +53,30 @@ def serves_e4m3(channels_in: int, channels_out: int) -> bool:
     return cpp_ext.cutlass_conv is not None and channels_in % 16 == 0 and channels_out % 8 == 0
 
 
-def _configs(kind: str) -> list[int]:
-    """The configurations of `kind` the choice takes (the persistent ones with `PERSISTENT` only)."""
-    return [i for i, name in enumerate(cpp_ext.cutlass_conv.configs())
-            if name.startswith(kind + "_") and (PERSISTENT or not name.endswith("_persistent"))]
+def _configs(kind: str) -> list[Entry]:
+    """The entries of `kind` the choice takes: its configurations (the persistent ones with
+    `PERSISTENT` only), then its stream-K ones once per count of `SPLITS`."""
+    names = cpp_ext.cutlass_conv.configs()
+    own = [i for i, name in enumerate(names)
+           if name.startswith(kind + "_") and (PERSISTENT or not name.endswith("_persistent"))]
+    split = [(i, s) for i in (cpp_ext.cutlass_conv.split_configs() if SPLITS else ()) if i in own for s in SPLITS]
+    return [*own, *split]
 
 
-def _fastest(kind: str, key: tuple, launch: Callable[[int], torch.Tensor], others: tuple[int, ...] = ()) -> int:
+def describe(entry: Entry) -> str:
+    """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count."""
+    if entry == CUDNN:
+        return "cudnn"
+    names = cpp_ext.cutlass_conv.configs()
+    return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
+
+
+def _split(entry: Entry) -> tuple[int, int]:
+    """(configuration, splits) of a CUTLASS entry (splits 0: its own schedule)."""
+    return entry if isinstance(entry, tuple) else (entry, 0)
+
+
+def _fastest(kind: str, key: tuple, launch: Callable[[Entry], torch.Tensor], others: tuple[Entry, ...] = ()) -> Entry:
     """The configuration of `kind` ("f16", "e4m3") or of `others` (entries such as `CUDNN`, which
     `launch` also takes; the first of them is the fallback) to run for `key`: timed once per shape
     over a few launches each, outside any capture (inside one: the fallback, not remembered)."""
@@ -93,10 +116,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(config: int) -> torch.Tensor:
-        if config == CUDNN:
+    def launch(entry: Entry) -> torch.Tensor:
+        if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        return kernel.conv2d(x, weight, bias, *pad, config)
+        return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
 
     return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, others=(CUDNN,)))
 
@@ -111,7 +134,7 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     scale = scale.to(torch.float32).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(config: int) -> torch.Tensor:
-        return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, config)
+    def launch(entry: Entry) -> torch.Tensor:
+        return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
 
     return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch))

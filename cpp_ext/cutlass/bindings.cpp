@@ -46,7 +46,7 @@ void check_channel_vector(const c10::optional<torch::Tensor>& t, const char* nam
 
 // The launch both entry points share: shapes checked, output and workspace allocated.
 torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const float* scale, const void* bias,
-                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t align) {
+                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t align, int64_t splits) {
   const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
   TORCH_CHECK(weight.size(1) == c, "weight has ", std::to_string(weight.size(1)), " input channels, x has ",
@@ -62,14 +62,17 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
                             static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
                             static_cast<int>(pad_h), static_cast<int>(pad_w)};
   const auto& cfg = config_at(config);
+  TORCH_CHECK(splits >= 0 && splits <= 64, "splits must be in [0, 64], got ", std::to_string(splits));
+  TORCH_CHECK(splits == 0 || cfg.takes_splits, "configuration ", cfg.name,
+              " takes no split count (only the stream-K ones do)");
   int sm_count = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
               "cannot read the device's SM count");
-  const size_t bytes = cfg.workspace_bytes(shape, sm_count);
+  const size_t bytes = cfg.workspace_bytes(shape, sm_count, static_cast<int>(splits));
   torch::Tensor workspace;
   if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias, out.data_ptr(),
-                         bytes > 0 ? workspace.data_ptr() : nullptr, sm_count,
+                         bytes > 0 ? workspace.data_ptr() : nullptr, sm_count, static_cast<int>(splits),
                          c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", std::to_string(rc),
               " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
@@ -79,26 +82,28 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
 }  // namespace
 
 // out = conv2d(x, weight, bias, padding) for stride 1, dilation 1, one group; fp16 channels-last.
+// `splits` > 0: split-K with that many parts (stream-K configurations only; Config::takes_splits).
 torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                     int64_t pad_h, int64_t pad_w, int64_t config) {
+                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t splits) {
   TORCH_CHECK(!config_at(config).e4m3, "configuration ", config_at(config).name, " takes e4m3 operands (conv2d_e4m3)");
   check_nhwc(x, "x", torch::kHalf);
   check_nhwc(weight, "weight", torch::kHalf);
   check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
-  return launch(x, weight, nullptr, bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w, config, 8);
+  return launch(x, weight, nullptr, bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w, config, 8, splits);
 }
 
 // out = scale[k] · conv2d(x_q, weight_q)[k] + bias[k], e4m3 operands (x_q, weight_q), fp32
 // accumulation, fp16 channels-last out; `scale` is the input's scale times each channel's weight scale.
 torch::Tensor conv2d_e4m3(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& bias, int64_t pad_h, int64_t pad_w, int64_t config) {
+                          const c10::optional<torch::Tensor>& bias, int64_t pad_h, int64_t pad_w, int64_t config,
+                          int64_t splits) {
   TORCH_CHECK(config_at(config).e4m3, "configuration ", config_at(config).name, " takes fp16 operands (conv2d)");
   check_nhwc(x, "x", torch::kFloat8_e4m3fn);
   check_nhwc(weight, "weight", torch::kFloat8_e4m3fn);
   check_channel_vector(scale, "scale", torch::kFloat, weight.size(0), x);
   check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
   return launch(x, weight, scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w,
-                config, 16);
+                config, 16, splits);
 }
 
 std::vector<std::string> configs() {
@@ -107,11 +112,21 @@ std::vector<std::string> configs() {
   return names;
 }
 
+std::vector<int64_t> split_configs() {
+  std::vector<int64_t> indices;
+  for (int i = 0; i < uc::kConfigs; ++i) {
+    if (config_at(i).takes_splits) indices.push_back(i);
+  }
+  return indices;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d", &conv2d, "fp16 channels-last 2-D convolution, stride 1 (CUTLASS, Hopper)", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("config"));
+        py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("config"),
+        py::arg("splits") = 0);
   m.def("conv2d_e4m3", &conv2d_e4m3, "e4m3 channels-last 2-D convolution with per-channel scales, fp16 out",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"),
-        py::arg("config"));
+        py::arg("config"), py::arg("splits") = 0);
   m.def("configs", &configs, "the instantiated configurations, by index (names start with f16_ or e4m3_)");
+  m.def("split_configs", &split_configs, "the indices of the configurations that take a split count");
 }

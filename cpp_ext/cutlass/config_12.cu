@@ -8,7 +8,7 @@ namespace unclip_cutlass {
 
 Config config_12() {
   using F = FpropPersistent<cutlass::half_t, 128, 160, 64, 1, cutlass::gemm::StreamKScheduler>;
-  return {"f16_128x160x64_c1x1_streamk_persistent", false, &F::run, &F::workspace_bytes};
+  return {"f16_128x160x64_c1x1_streamk_persistent", false, &F::run, &F::workspace_bytes, F::kTakesSplits};
 }
 
 }  // namespace unclip_cutlass

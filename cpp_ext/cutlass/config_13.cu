@@ -8,7 +8,7 @@ namespace unclip_cutlass {
 
 Config config_13() {
   using F = FpropPersistent<cutlass::float_e4m3_t, 128, 160, 128, 1, cutlass::gemm::StreamKScheduler>;
-  return {"e4m3_128x160x128_c1x1_streamk_persistent", true, &F::run, &F::workspace_bytes};
+  return {"e4m3_128x160x128_c1x1_streamk_persistent", true, &F::run, &F::workspace_bytes, F::kTakesSplits};
 }
 
 }  // namespace unclip_cutlass

@@ -75,8 +75,8 @@ void scale_and_bias(Arguments& args, float const* scale, void const* bias, int s
 template <class Op>
 struct Launches {
   static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
-                 void* workspace, int sm_count, cudaStream_t stream) {
-    auto args = Op::arguments(p, x, weight, scale, bias, out, sm_count);
+                 void* workspace, int sm_count, int splits, cudaStream_t stream) {
+    auto args = Op::arguments(p, x, weight, scale, bias, out, sm_count, splits);
     typename Op::Adapter op;
     cutlass::Status status = op.can_implement(args);
     if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
@@ -87,9 +87,9 @@ struct Launches {
     return 0;
   }
 
-  static size_t workspace_bytes(ConvShape const& p, int sm_count) {
+  static size_t workspace_bytes(ConvShape const& p, int sm_count, int splits) {
     static uint16_t dummy[8];
-    return Op::Adapter::get_workspace_size(Op::arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count));
+    return Op::Adapter::get_workspace_size(Op::arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count, splits));
   }
 };
 

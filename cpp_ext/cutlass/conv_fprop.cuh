@@ -20,8 +20,10 @@ struct Fprop : Launches<Fprop<Element, TileM, TileN, TileK, ClusterM>> {
   using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
   using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 
+  // `splits` is not taken (Config::takes_splits false: the bindings refuse one)
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,
-                                               float const* scale, void const* bias, void* out, int sm_count) {
+                                               float const* scale, void const* bias, void* out, int sm_count,
+                                               int /*splits*/) {
     ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.k, p.r, p.s, p.c},
                        {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1}, 1);
     typename Kernel::StrideC stride_c;

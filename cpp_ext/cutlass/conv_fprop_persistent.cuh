@@ -18,6 +18,8 @@
 // tiles to fill the GPU evenly (its partial sums meet in the workspace).
 #pragma once
 
+#include <type_traits>
+
 #include "conv_common.cuh"
 #include "conv_shape.h"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
@@ -119,9 +121,13 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
   using ProblemShape = typename Mainloop::ProblemShapeMNKL;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, Scheduler>;
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  static constexpr bool kTakesSplits = std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>;
 
+  // `splits` > 0 (stream-K only): split-K with that many parts per output tile instead of the
+  // scheduler's own choice; the parts meet in the workspace in a fixed order (deterministic).
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,
-                                               float const* scale, void const* bias, void* out, int sm_count) {
+                                               float const* scale, void const* bias, void* out, int sm_count,
+                                               int splits) {
     typename Mainloop::ConvShapeT conv(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c},
                                        {p.k, p.r, p.s, p.c}, {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1},
                                        1);
@@ -135,6 +141,12 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
         {conv, {static_cast<typename T::ElementAct const*>(x), static_cast<typename T::ElementFlt const*>(weight)}},
         {{}, out_ptr, stride_d, out_ptr, stride_d}};  // C is never read: beta is 0
     scale_and_bias<typename T::ElementOut>(args, scale, bias, sm_count);
+    if constexpr (kTakesSplits) {
+      if (splits > 0) {
+        args.scheduler.splits = splits;
+        args.scheduler.decomposition_mode = Kernel::TileScheduler::DecompositionMode::SplitK;
+      }
+    }
     return args;
   }
 };

@@ -186,3 +186,66 @@ def test_the_fp8_layers_cutlass_way_gives_their_read_back_way():
     got, want = layer(x, "cutlass"), layer(x, "readback")
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert rel(got, want) <= 5e-3
+
+
+@pytest.mark.parametrize(("batch", "cin", "cout", "size"), [(2, 1280, 1280, 8), (2, 960, 640, 16), (1, 320, 320, 64)])
+def test_every_split_count_gives_the_unsplit_convolution(batch, cin, cout, size):
+    """The stream-K configurations in split-K mode (`splits` 2, 3, 4, 8 and 16 parts per output
+    tile's K loop) on the decoder's small maps, where the GPU has more SMs than output tiles:
+    fp16 within 2e-3 of cuDNN, e4m3 within 5e-3 of the exact product of its operands; the parts
+    meet in a fixed order, so two calls agree bit for bit and a CUDA-graph replay equals the eager
+    call. A configuration without a split count refuses one."""
+    from models.fp8.e4m3 import E4M3
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, 3, 3, device="cuda", dtype=torch.float16) / 30).to(memory_format=torch.channels_last)
+    bias, scale = torch.randn(cout, device="cuda", dtype=torch.float16), torch.rand(cout, device="cuda") + 0.5
+    xq, wq = x.to(E4M3), w.to(E4M3)
+    want = F.conv2d(x, w, bias, padding=1)
+    exact = (F.conv2d(xq.double(), wq.double(), padding=1) * scale.double()[:, None, None]
+             + bias.double()[:, None, None])
+    names = cpp_ext.cutlass_conv.configs()
+    splittable = cpp_ext.cutlass_conv.split_configs()
+    assert splittable and all("streamk" in names[i] for i in splittable)
+    for config in splittable:
+        e4m3 = names[config].startswith("e4m3_")
+        for splits in (2, 3, 4, 8, 16):
+            def call(config=config, splits=splits, e4m3=e4m3):
+                if e4m3:
+                    return cpp_ext.cutlass_conv.conv2d_e4m3(xq, wq, scale, bias, 1, 1, config, splits)
+                return cpp_ext.cutlass_conv.conv2d(x, w, bias, 1, 1, config, splits)
+
+            label = f"{names[config]} splits {splits}"
+            eager = call()
+            assert rel(eager, exact if e4m3 else want) <= (5e-3 if e4m3 else 2e-3), label
+            assert torch.equal(call(), eager), label
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = call()
+            out.fill_(0)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), label
+    plain = next(i for i, name in enumerate(names) if name.startswith("f16_") and i not in splittable)
+    with pytest.raises(RuntimeError, match="takes no split count"):
+        cpp_ext.cutlass_conv.conv2d(x, w, bias, 1, 1, plain, 2)
+
+
+def test_the_race_takes_split_counts_where_asked(monkeypatch):
+    """With `implicit_conv.SPLITS`, each stream-K configuration races once per split count; the
+    kept entry's result is cuDNN's within fp16 tolerance."""
+    from models import implicit_conv
+
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "SPLITS", (2, 4, 8))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1280, 1280, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1280, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    entries = implicit_conv._configs("f16")
+    assert sum(isinstance(e, tuple) for e in entries) == 3 * sum(
+        cpp_ext.cutlass_conv.configs()[i].startswith("f16_") for i in cpp_ext.cutlass_conv.split_configs())
+    got = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
+    (key, chosen), = implicit_conv._best.items()
+    print("2x1280@8² kept:", implicit_conv.describe(chosen))
+    assert rel(got, conv(x)) <= 2e-3
