@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 import time
@@ -25,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from export.build_engines import random_model  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
 from runtime.backends.signatures import is_unet_stage, signatures, stage_module  # noqa: E402
 
 ROWS = {"prior_step": 2, "prior_context": 2, "decoder_step": 2, "decoder_context": 2, "super_res_first": 1,
@@ -76,7 +79,38 @@ VARIANTS = {"graph": variant_graph, "channels_last": variant_channels_last, "ind
             "aoti": variant_aoti}
 
 
-def profile(module, inputs, top: int = 12) -> str:
+# kernel families by name, first match wins: what share of a forward each takes (`kernel_shares`)
+KERNEL_FAMILIES = (
+    ("convolution", re.compile(r"fprop|conv|implicit_gemm|_cutlass_conv|cutlass.*Conv", re.I)),
+    ("group norm", re.compile(r"group_norm|groupnorm", re.I)),
+    ("residual join", re.compile(r"bias_residual|residual", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|softmax", re.I)),
+    ("matrix product", re.compile(r"gemm|nvjet|cublas|skinny|linear", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|reduce|copy|cat|fill", re.I)),
+)
+
+
+def kernel_shares(events) -> dict:
+    """The profiled CUDA kernels grouped into `KERNEL_FAMILIES` ("other" for the rest): per family
+    its µs, launches and share of the kernels' total, largest first."""
+    families: dict[str, dict] = {}
+    for event in events:
+        us = event.self_device_time_total
+        if us <= 0:
+            continue
+        name = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(event.key)), "other")
+        entry = families.setdefault(name, {"us": 0.0, "launches": 0})
+        entry["us"] += us
+        entry["launches"] += event.count
+    total = sum(e["us"] for e in families.values())
+    return {"total_us": total, "families": {
+        name: {**e, "share": e["us"] / total} for name, e in sorted(families.items(), key=lambda kv: -kv[1]["us"])}}
+
+
+def profile(module, inputs, top: int = 12) -> tuple[str, dict]:
+    """The top CUDA kernels of one eager forward (a table) and their families' shares. Kernels
+    launched by programmatic dependent launch count their on-GPU wait for the kernel before as
+    theirs: set UNCLIP_RT_NO_PDL=1 for shares that add up to the forward."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -85,7 +119,9 @@ def profile(module, inputs, top: int = 12) -> str:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         module(*inputs)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+    events = prof.key_averages()
+    shares = kernel_shares(events) | {"pdl": os.environ.get("UNCLIP_RT_NO_PDL") is None}
+    return events.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), shares
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 if is_unet_stage(name):
                     module.to(memory_format=torch.channels_last)
                     inputs = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs]
-                print(profile(module, inputs), flush=True)
+                table, row["profile"] = profile(module, inputs)
+                print(table, json.dumps(row["profile"], indent=1), sep="\n", flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        text = json.dumps(results, indent=1)
+        atomic_write(args.out, lambda path: path.write_text(text))
     return 0
 
 
