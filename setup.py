@@ -7,6 +7,7 @@ Extras: `[onnx]` ONNX export + ONNX Runtime (CPU), `[onnx-gpu]` ONNX Runtime CUD
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -59,8 +60,13 @@ def cutlass_include() -> list[str] | None:
 def cutlass_extensions(CUDAExtension) -> list:
     """The CUTLASS Hopper convolution (cpp_ext/cutlass/), opt-in with UNCLIP_RT_CUTLASS=1 (=only: it alone) and
     CUTLASS's headers at hand (`cutlass_include`): sm_90a only (wgmma and TMA), a minute or two of nvcc per file."""
-    include = cutlass_include() if os.environ.get("UNCLIP_RT_CUTLASS") else None
-    if include is None:
+    if not os.environ.get("UNCLIP_RT_CUTLASS"):
+        return []
+    include = cutlass_include()
+    if include is None:  # asked for and not buildable: say so rather than build without it unnoticed
+        print("UNCLIP_RT_CUTLASS is set but CUTLASS's headers were not found (pip install nvidia-cutlass, or point "
+              "UNCLIP_RT_CUTLASS_ROOT at a CUTLASS checkout): building without the CUTLASS convolutions",
+              file=sys.stderr)
         return []
     configs = sorted(glob.glob("config_*.cu", root_dir="cpp_ext/cutlass"), key=lambda n: int(n[7:-3]))
     sources = ["bindings.cpp", *configs]  # config_N.cu, one per entry of conv_shape.h's kConfigs
