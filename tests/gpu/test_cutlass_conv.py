@@ -20,6 +20,18 @@ if cpp_ext.cutlass_conv is None:
                 allow_module_level=True)
 
 
+def replayed(call) -> torch.Tensor:
+    """`call()` captured into a CUDA graph on its own, its output zeroed, then replayed: what the
+    replay wrote."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    out.fill_(0)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.parametrize(("batch", "cin", "cout", "size", "kernel"),
                          [(1, 320, 320, 64, 3), (2, 640, 320, 32, 3), (1, 192, 384, 16, 1), (4, 64, 128, 24, 3)])
 def test_every_configuration_gives_cudnns_convolution(batch, cin, cout, size, kernel):
@@ -75,13 +87,7 @@ def test_every_configuration_replays_from_a_cuda_graph_as_it_runs_eagerly():
             return cpp_ext.cutlass_conv.conv2d(x, w, bias, 1, 1, config)
 
         eager = call()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
-        out.fill_(0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager), name
+        assert torch.equal(replayed(call), eager), name
 
 
 def test_cudnn_runs_in_the_fp16_race_and_the_winner_is_kept(monkeypatch):
@@ -220,13 +226,7 @@ def test_every_split_count_gives_the_unsplit_convolution(batch, cin, cout, size)
             eager = call()
             assert rel(eager, exact if e4m3 else want) <= (5e-3 if e4m3 else 2e-3), label
             assert torch.equal(call(), eager), label
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = call()
-            out.fill_(0)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, eager), label
+            assert torch.equal(replayed(call), eager), label
     plain = next(i for i, name in enumerate(names) if name.startswith("f16_") and i not in splittable)
     with pytest.raises(RuntimeError, match="takes no split count"):
         cpp_ext.cutlass_conv.conv2d(x, w, bias, 1, 1, plain, 2)
