@@ -32,9 +32,8 @@ def _fusion_base_classes() -> list[type]:
     from is not `onnxruntime.transformers.fusion_base.Fusion` but a second module's copy."""
     import onnxruntime.transformers.optimizer  # noqa: F401  (loads the fusions, and with them their `fusion_base`)
 
-    modules = {id(m): m for name in ("fusion_base", "onnxruntime.transformers.fusion_base")
-               if (m := sys.modules.get(name)) is not None}
-    return list({id(m.Fusion): m.Fusion for m in modules.values()}.values())
+    modules = (sys.modules.get(name) for name in ("fusion_base", "onnxruntime.transformers.fusion_base"))
+    return list(dict.fromkeys(m.Fusion for m in modules if m is not None))
 
 
 @contextlib.contextmanager
