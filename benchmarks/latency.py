@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
+    p.add_argument("--fp8-norm-e4m3", action="store_true",
+                   help="also each calibrated FP8 row with the norms writing e4m3 for the FP8 convolutions "
+                        "(FusedOptions(norm_writes_e4m3=True)) instead of fp16 that the convolution quantises")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
                    help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8; "
                         "fp8-unets: the decoder too)")
@@ -461,8 +464,10 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
+                           ("ours_fp8_calibrated_norm_e4m3", "unclip-rt FP8 (s-r), calib., e4m3 norms"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
+                           ("ours_fp8_unets_calibrated_norm_e4m3", "unclip-rt FP8 (d.+s-r), cal., e4m3 n."),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -577,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
                 results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
                                           input_scales=fixed)
                 results[row].pop("cache_savings", None)
+                if fixed is not None and args.fp8_norm_e4m3:
+                    from models.fused import FusedOptions
+
+                    save_partial(results, args.out)
+                    row = f"{row}_norm_e4m3"
+                    results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
+                                              input_scales=fixed, fused=FusedOptions(norm_writes_e4m3=True))
+                    results[row].pop("cache_savings", None)
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)

@@ -15,6 +15,18 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 
 bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
 
+at::Tensor group_norm_coefficients(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
+                                   const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
+                                   const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
+                                   double eps, const c10::optional<at::Tensor>& add_bias,
+                                   const c10::optional<at::Tensor>& partial);
+
+std::vector<at::Tensor> group_norm_concat_coefficients(const at::Tensor& first, const at::Tensor& second,
+                                                       int64_t groups, const at::Tensor& weight,
+                                                       const at::Tensor& bias, double eps,
+                                                       const c10::optional<at::Tensor>& first_bias,
+                                                       const c10::optional<at::Tensor>& first_bias2);
+
 std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
                                           const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
                                           const c10::optional<at::Tensor>& first_bias,
@@ -56,6 +68,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether group_norm (auto mode) runs a channels-last half-precision map of this size in three passes over "
         "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",
         py::arg("channels"), py::arg("groups"), py::arg("hw"));
+  m.def("group_norm_coefficients", &group_norm_coefficients,
+        "group_norm's float32 [B, C, 2] coefficients (A, B): its output before SiLU is x * A + B (no normalising pass)",
+        py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
+        py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5,
+        py::arg("add_bias") = py::none(), py::arg("partial") = py::none());
+  m.def("group_norm_concat_coefficients", &group_norm_concat_coefficients,
+        "[group_norm_coefficients of cat(first, second, dim=1), that concatenation], channels_last half precision",
+        py::arg("first"), py::arg("second"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps") = 1e-5, py::arg("first_bias") = py::none(), py::arg("first_bias2") = py::none());
   m.def("group_norm_concat", &group_norm_concat,
         "[group norm (+ SiLU) of cat(first, second, dim=1), that concatenation], channels_last half precision; the "
         "norm's statistics pass writes the concatenation (first_bias, first_bias2: [C1] added to first's channels)",

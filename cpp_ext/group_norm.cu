@@ -44,6 +44,7 @@ struct GroupNormCall {
   const T* pass1_x = nullptr;  // with `concat`: the concatenation's first part
   Concat<T> concat = {};
   const at::Tensor* given_partial = nullptr;
+  bool coefficients_only = false;  // return pass 2's [B, C, 2] coefficients instead of normalising
 };
 
 template <typename T>
@@ -67,14 +68,16 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
   const auto resized = [&](int64_t h, int64_t w) {
     return at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   };
-  auto y = call.up     ? resized(2 * x.size(2), 2 * x.size(3))
-           : call.down ? resized(x.size(2) / 2, x.size(3) / 2)
-                       : at::empty_like(x);
+  auto y = call.coefficients_only ? at::Tensor()
+           : call.up               ? resized(2 * x.size(2), 2 * x.size(3))
+           : call.down             ? resized(x.size(2) / 2, x.size(3) / 2)
+                                   : at::empty_like(x);
   const Film<T> film{call.scale ? reinterpret_cast<const T*>(call.scale->data_ptr()) : nullptr,
                      call.shift ? reinterpret_cast<const T*>(call.shift->data_ptr()) : nullptr,
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
-  if (call.given_partial == nullptr && !call.down && (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
+  if (!call.coefficients_only && call.given_partial == nullptr && !call.down &&
+      (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
     one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, stream);
     return y;
   }
@@ -87,6 +90,7 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
     partial = statistics_pass<T>(x, add_ptr, s, cg, call.nhwc, elem, stream, call.pass1_x, call.concat);
   }
   coefficients_pass<T>(x, add_ptr, partial, call.weight, call.bias, film, coef, s, call.eps, call.nhwc, stream);
+  if (call.coefficients_only) return coef.view({s.batch, s.channels, 2});
   normalize_pass<T>(x, coef, y, s, call.silu, call.nhwc, elem, stream);
   return y;
 }
@@ -112,11 +116,12 @@ static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
 // `partial`: x's statistics pass done already, [B * groups, chunks, 2] float32 sums of each
 // chunk of each (sample, group), shifted by the group's first channel at pixel 0 (as
 // bias_residual_stats writes them, when it made x): the norm runs its last two passes only.
-at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                      const c10::optional<at::Tensor>& add, double eps, bool silu,
-                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
-                      const c10::optional<at::Tensor>& partial) {
+// `coefficients_only`: group_norm_coefficients's form (no normalising pass).
+static at::Tensor run_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                                 const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                                 const c10::optional<at::Tensor>& add, double eps, bool silu,
+                                 const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
+                                 const c10::optional<at::Tensor>& partial, bool coefficients_only) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
   TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", std::to_string(x.size(1)), " not divisible by ",
               std::to_string(groups), " groups");
@@ -162,6 +167,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
     call.up = up;
     call.down = down;
     call.given_partial = given;
+    call.coefficients_only = coefficients_only;
     return group_norm_typed<T>(call);
   };
   switch (x.scalar_type()) {
@@ -172,6 +178,29 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
   }
 }
 
+at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                      const c10::optional<at::Tensor>& add, double eps, bool silu,
+                      const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
+                      const c10::optional<at::Tensor>& partial) {
+  return run_group_norm(x, groups, weight, bias, scale, shift, add, eps, silu, add_bias, one_pass_mode, up, down,
+                        partial, false);
+}
+
+// group_norm's statistics and coefficients passes without the normalising one: float32
+// [B, C, 2] (A, B) such that group_norm's output (before SiLU) is x * A + B, the affine, the
+// FiLM scale/shift and what is added before the norm folded in. A consumer that normalises as it
+// reads x (the FP8 layers' quantising normalisation, models.fp8.normalize_kernel) takes these
+// instead of a normalised copy.
+at::Tensor group_norm_coefficients(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
+                                   const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
+                                   const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
+                                   double eps, const c10::optional<at::Tensor>& add_bias,
+                                   const c10::optional<at::Tensor>& partial) {
+  return run_group_norm(x, groups, weight, bias, scale, shift, add, eps, false, add_bias, 0, false, false, partial,
+                        true);
+}
+
 // GroupNorm(cat(first, second, dim=1)) * weight + bias [-> SiLU] and the concatenation itself,
 // for channels-last half-precision [B, C1, H, W] and [B, C2, H, W] (C1, C2 multiples of 8): the
 // UNets' output blocks norm their input concatenation and also feed it to their 1x1 skip
@@ -179,10 +208,13 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 // the concatenation as it sums it (no separate concatenation kernel, whose read of both inputs
 // it saves); where it runs one (small maps), torch's concatenation and the one-pass norm.
 // Returns {y, cat}.
-std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
-                                          const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
-                                          const c10::optional<at::Tensor>& first_bias,
-                                          const c10::optional<at::Tensor>& first_bias2) {
+// `coefficients_only`: group_norm_concat_coefficients's form (no normalising pass).
+static std::vector<at::Tensor> run_group_norm_concat(const at::Tensor& first, const at::Tensor& second,
+                                                     int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                                                     double eps, bool silu,
+                                                     const c10::optional<at::Tensor>& first_bias,
+                                                     const c10::optional<at::Tensor>& first_bias2,
+                                                     bool coefficients_only) {
   TORCH_CHECK(unclip_rt::is_nhwc_half(first) && unclip_rt::is_nhwc_half(second) &&
                   first.scalar_type() == second.scalar_type() &&
                   first.device() == second.device(),
@@ -208,8 +240,8 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
       head = (first.to(at::kFloat) + total.view({1, c1, 1, 1})).to(first.scalar_type());
     }
     auto cat = at::cat({head, second}, 1).contiguous(at::MemoryFormat::ChannelsLast);
-    return {group_norm(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, eps, silu, c10::nullopt,
-                       -1, false, false, c10::nullopt),
+    return {run_group_norm(cat, groups, weight, bias, c10::nullopt, c10::nullopt, c10::nullopt, eps, silu,
+                           c10::nullopt, coefficients_only ? 0 : -1, false, false, c10::nullopt, coefficients_only),
             cat};
   }
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == channels && bias.is_contiguous() &&
@@ -232,9 +264,28 @@ std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Ten
     call.one_pass_mode = 0;
     call.pass1_x = reinterpret_cast<const T*>(first.data_ptr());
     call.concat = concat;
+    call.coefficients_only = coefficients_only;
     y = group_norm_typed<T>(call);
   });
   return {y, cat};
+}
+
+std::vector<at::Tensor> group_norm_concat(const at::Tensor& first, const at::Tensor& second, int64_t groups,
+                                          const at::Tensor& weight, const at::Tensor& bias, double eps, bool silu,
+                                          const c10::optional<at::Tensor>& first_bias,
+                                          const c10::optional<at::Tensor>& first_bias2) {
+  return run_group_norm_concat(first, second, groups, weight, bias, eps, silu, first_bias, first_bias2, false);
+}
+
+// group_norm_concat's statistics pass (which writes the concatenation) and coefficients pass
+// without the normalising one: {[B, C1 + C2, 2] float32 coefficients as group_norm_coefficients
+// gives them, the concatenation}.
+std::vector<at::Tensor> group_norm_concat_coefficients(const at::Tensor& first, const at::Tensor& second,
+                                                       int64_t groups, const at::Tensor& weight,
+                                                       const at::Tensor& bias, double eps,
+                                                       const c10::optional<at::Tensor>& first_bias,
+                                                       const c10::optional<at::Tensor>& first_bias2) {
+  return run_group_norm_concat(first, second, groups, weight, bias, eps, false, first_bias, first_bias2, true);
 }
 
 

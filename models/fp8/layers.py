@@ -276,6 +276,22 @@ class Fp8Conv(_Fp8Layer):
         out = self.cutlass_product(*self._input(x), bias)
         return out if x.dtype == torch.float16 else out.to(x.dtype)
 
+    def quantized_input_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scale at which this convolution takes `x`'s kind of input already in e4m3
+        (`product_of_quantized`): its calibrated input scale, where the convolution runs on CUTLASS
+        (a 3×3 it serves, `CONV_PATH` "auto" or "cutlass", an fp16 CUDA map) and is not
+        calibrating (it must see the fp16 input then); else None."""
+        if (self.calibrated and not self.observing and CONV_PATH in ("auto", "cutlass") and x.is_cuda
+                and x.dtype == torch.float16 and x.dim() == 4 and tuple(self.weight_q.shape[2:]) == (3, 3)
+                and self._cutlass_serves()):
+            return self.input_scale
+        return None
+
+    def product_of_quantized(self, q: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """The convolution of an input already quantised at `quantized_input_scale` (e4m3,
+        channels-last), plus the bias unless not `with_bias`: fp16, channels-last."""
+        return self.cutlass_product(q, self.input_scale, self.bias if with_bias else None)
+
     def cutlass_product(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The CUTLASS kernel's convolution of the e4m3 input `q` (scale `scale`), plus `bias`: fp16,
         channels-last. The caller checks that the kernel serves (`_cutlass_forward`)."""

@@ -49,6 +49,18 @@ def group_norm(
     [C] `add_bias`, the resize fused into its writes for channels-last maps. A `NormInput`'s
     statistics replace the kernel's own statistics pass (only without `add` and `add_bias`, which
     change them). `silu` None: the norm's own."""
+    x, partial, silu, scale, shift, add = _arguments(norm, x, scale, shift, silu, add, add_bias)
+    nhwc = layout(x) == "nhwc"
+    fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+    y = cpp_ext.kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, scale, shift, add, norm.eps,
+                                   silu, add_bias, -1, fuse_up, fuse_down, partial)
+    return resample(y, up and not fuse_up, down and not fuse_down)
+
+
+def _arguments(norm: GroupNorm32, x: torch.Tensor | NormInput, scale: torch.Tensor | None, shift: torch.Tensor | None,
+               silu: bool | None, add: torch.Tensor | None, add_bias: torch.Tensor | None):
+    """`group_norm`'s arguments as the kernels take them: (x, its given statistics or None, silu,
+    scale, shift, add), the per-sample rows in x's dtype with their channels contiguous."""
     partial = x.partial if isinstance(x, NormInput) and add is None and add_bias is None else None
     x = plain(x)
     silu = norm.silu if silu is None else silu
@@ -57,11 +69,52 @@ def group_norm(
         scale, shift = _rows(scale, per_sample, x.dtype), _rows(shift, per_sample, x.dtype)
     if add is not None:
         add = _rows(add, per_sample, x.dtype)
-    nhwc = layout(x) == "nhwc"
-    fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
-    y = cpp_ext.kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, scale, shift, add, norm.eps,
-                                   silu, add_bias, -1, fuse_up, fuse_down, partial)
-    return resample(y, up and not fuse_up, down and not fuse_down)
+    return x, partial, silu, scale, shift, add
+
+
+def _writes_e4m3(x: torch.Tensor) -> bool:
+    """Whether the norm can write e4m3 for `x`: the extension has the coefficients pass and the
+    quantising normalisation takes the map (channels-last, on a GPU)."""
+    from models.fp8 import normalize_kernel  # Triton: imported where it may run
+
+    return (cpp_ext.kernels is not None and hasattr(cpp_ext.kernels, "group_norm_coefficients") and x.is_cuda
+            and not tracing() and normalize_kernel.serves(x))
+
+
+def group_norm_e4m3(
+    norm: GroupNorm32, x: torch.Tensor | NormInput, out_scale: torch.Tensor, scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None, silu: bool | None = None, add: torch.Tensor | None = None,
+    add_bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """`quantize(group_norm(norm, x, scale, shift, silu, add, add_bias), out_scale)` without the
+    fp16 output: the kernel's statistics and coefficients passes, then a normalising pass that
+    writes e4m3 (`models.fp8.normalize_kernel`) for an FP8 convolution whose calibrated input
+    scale is `out_scale`. No resize. None where it does not serve (see `_writes_e4m3`): the caller
+    runs `group_norm` and the convolution's own quantisation."""
+    if not _writes_e4m3(plain(x)):
+        return None
+    from models.fp8.normalize_kernel import normalize_quantize
+
+    x, partial, silu, scale, shift, add = _arguments(norm, x, scale, shift, silu, add, add_bias)
+    coef = cpp_ext.kernels.group_norm_coefficients(x, norm.num_groups, norm.weight, norm.bias, scale, shift, add,
+                                                   norm.eps, add_bias, partial)
+    return normalize_quantize(x, coef, out_scale, silu)
+
+
+def group_norm_concat_e4m3(
+    norm: GroupNorm32, first: torch.Tensor, second: torch.Tensor, out_scale: torch.Tensor,
+    first_bias: torch.Tensor | None = None, first_bias2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(`group_norm_e4m3` of cat(first (+ first_bias + first_bias2), second), that concatenation),
+    by `cpp_ext.kernels.group_norm_concat_coefficients` (its statistics pass writes the
+    concatenation) and the quantising normalisation; None where it does not serve."""
+    if not _writes_e4m3(first):
+        return None
+    from models.fp8.normalize_kernel import normalize_quantize
+
+    coef, cat = cpp_ext.kernels.group_norm_concat_coefficients(first, second, norm.num_groups, norm.weight, norm.bias,
+                                                               norm.eps, first_bias, first_bias2)
+    return normalize_quantize(cat, coef, out_scale, norm.silu), cat
 
 
 def bias_residual(h: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, bias2: torch.Tensor | None = None,

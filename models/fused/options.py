@@ -1,4 +1,4 @@
-"""`FusedOptions`: the fused path's individual fusions, each on by default.
+"""`FusedOptions`: the fused path's individual fusions, each on by default but the one not yet measured.
 
 Each switch turns one fusion off so that a test can compare it with the path without it and a
 benchmark can measure what it buys; the functions are the same either way."""
@@ -28,6 +28,10 @@ class FusedOptions:
         per-shape choice between CUTLASS's Hopper implicit GEMM and cuDNN, where the CUTLASS
         kernel is built and serves (elsewhere cuDNN's, as without it); off: cuDNN's always
         (`benchmarks/latency.py --cudnn-convs` times both).
+    :param norm_writes_e4m3: a group norm whose output only an FP8 3×3 convolution reads (with a
+        calibrated input scale, on CUTLASS) writes it in e4m3 at that scale, instead of fp16 that
+        the convolution then quantises in a pass of its own (`norms.group_norm_e4m3`). Off until
+        measured on a GPU (`benchmarks/latency.py --fp8-norm-e4m3`).
     """
 
     join_stats: bool = True
@@ -36,6 +40,7 @@ class FusedOptions:
     time_table: bool = True
     staged_weights: bool = True
     cutlass_convs: bool = True
+    norm_writes_e4m3: bool = False
 
 
 DEFAULT = FusedOptions()

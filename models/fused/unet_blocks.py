@@ -14,12 +14,15 @@ join reads x resized the same way. Between blocks:
 - `EmbeddingProjections`: every ResBlock's time-embedding projection from one GEMM.
 
 A block may hold FP8 layers (`models.fp8`) in place of its convolutions and projections: they
-run their own e4m3 products, bias-free where the protocol adds the bias later (`_conv`, `_rows`).
+run their own e4m3 products, bias-free where the protocol adds the bias later (`_conv`, `_rows`);
+with `FusedOptions.norm_writes_e4m3` a norm whose output only such a 3×3 convolution reads writes
+it in e4m3 at the convolution's calibrated scale (`_norm_conv`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -30,7 +33,14 @@ import cpp_ext
 from models import implicit_conv
 from models.fp8.layers import Fp8Conv
 from models.fused.availability import layout
-from models.fused.norms import NormInput, bias_residual, group_norm, plain
+from models.fused.norms import (
+    NormInput,
+    bias_residual,
+    group_norm,
+    group_norm_concat_e4m3,
+    group_norm_e4m3,
+    plain,
+)
 from models.fused.options import DEFAULT, FusedOptions
 from models.layers import resample
 from models.unet import AttentionBlock, ContextBias, ResBlock
@@ -111,6 +121,27 @@ def _conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions) -> 
     return F.conv2d(x, conv.weight, None, padding=conv.padding)
 
 
+def _e4m3_scale(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions) -> torch.Tensor | None:
+    """The scale at which the norm before `conv` writes e4m3 for it (`options.norm_writes_e4m3`
+    and an FP8 convolution that takes its input so, `Fp8Conv.quantized_input_scale`), else None."""
+    if options.norm_writes_e4m3 and isinstance(conv, Fp8Conv):
+        return conv.quantized_input_scale(x)
+    return None
+
+
+def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions,
+               normed: Callable[[], torch.Tensor],
+               quantized: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+    """`_conv(conv, normed())` for a norm's output `normed()` of the map `x`: where the norm can
+    write e4m3 for `conv` (`_e4m3_scale`), `quantized(scale)` (None where it does not serve) and
+    the convolution of that."""
+    scale = _e4m3_scale(conv, x, options)
+    q = quantized(scale) if scale is not None else None
+    if q is not None:
+        return conv.product_of_quantized(q, with_bias=False)
+    return _conv(conv, normed(), options)
+
+
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """A 1-wide 1-D convolution (an attention block's projection) applied to token rows [..., C]."""
     if isinstance(conv, Fp8Conv):
@@ -135,23 +166,36 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
     skip_conv = block.skip_connection
     identity_skip = isinstance(skip_conv, nn.Identity)
     if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
-        normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight, norm_in.bias,
-                                                      norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
-        h = _conv(conv_in, normed, options)
+        e4m3_scale = _e4m3_scale(conv_in, x.h, options)
+        done = None if e4m3_scale is None else group_norm_concat_e4m3(norm_in, x.h, x.skip, e4m3_scale,
+                                                                      x.h_bias, x.h_bias2)
+        if done is not None:
+            q, x = done
+            h = conv_in.product_of_quantized(q, with_bias=False)
+        else:
+            normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
+                                                          norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
+            h = _conv(conv_in, normed, options)
     elif (block.up or block.down) and identity_skip:
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
         h = _conv(conv_in, group_norm(norm_in, x, up=block.up, down=block.down), options)
         x = plain(x)
-    else:
+    elif block.up or block.down:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
+    else:
+        h = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x),
+                       lambda s: group_norm_e4m3(norm_in, x, s))
+        x = plain(x)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
         scale, shift = emb_out.chunk(2, dim=1)
-        h = group_norm(norm_out, h, scale, shift, silu=True, add_bias=conv_in.bias)
+        norm_args = {"scale": scale, "shift": shift, "silu": True, "add_bias": conv_in.bias}
     else:
-        h = group_norm(norm_out, h, add=emb_out, add_bias=conv_in.bias)
-    h = _conv(conv_out, h, options)
+        norm_args = {"add": emb_out, "add_bias": conv_in.bias}
+    mid = h  # the first convolution's output, without its bias (the norm adds it)
+    h = _norm_conv(conv_out, mid, options, lambda: group_norm(norm_out, mid, **norm_args),
+                   lambda s: group_norm_e4m3(norm_out, mid, s, **norm_args))
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
     if (defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d)

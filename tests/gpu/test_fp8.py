@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import cpp_ext
 from models import fused, implicit_conv
 from models.fp8 import layers as fp8_layers
 from models.fp8.e4m3 import quantize, tensor_scale
@@ -210,3 +211,115 @@ def test_a_captured_graph_follows_a_new_calibrated_scale():
     layer.set_input_scale(float(tensor_scale(x)))
     graph.replay()
     assert not torch.equal(out, want)
+
+
+needs_cutlass = pytest.mark.skipif(cpp_ext.cutlass_conv is None,
+                                   reason="CUTLASS's convolutions not built (UNCLIP_RT_CUTLASS)")
+
+
+def _one_step_apart(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether two e4m3 tensors (read as floats) are at most one e4m3 step apart everywhere: an
+    eighth of the value in the normal range, 2^-9 among the subnormals."""
+    g, w = got.float(), want.float()
+    return bool(((g - w).abs() <= (w.abs() / 8 + 2.0**-9) * 1.001).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 320, 32, 32), (2, 64, 8, 8)])  # three passes; a one-pass size
+def test_the_norm_writes_the_e4m3_input_its_convolution_would_quantise(shape):
+    """`group_norm_e4m3` (`cpp_ext`'s coefficients pass, then the quantising normalisation) against
+    the two-pass way, `quantize_fused` of the fp16 norm: the norm's value rounded once to e4m3
+    where the two-pass way rounds it to fp16 first, so at most one e4m3 step apart and mostly
+    equal — plain, with a FiLM scale/shift, SiLU and a bias added before the norm, and with a
+    per-sample row added."""
+    from models.fp8.e4m3 import E4M3
+    from models.fp8.quantize_kernel import quantize_fused
+    from models.fused.norms import group_norm, group_norm_e4m3
+    from models.layers import GroupNorm32
+
+    torch.manual_seed(0)
+    b, c = shape[:2]
+    cl = torch.channels_last
+    norm = GroupNorm32(c, silu=False).cuda().half()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = (torch.randn(shape, device="cuda") * 2 + 0.5).half().to(memory_format=cl)
+    film = torch.randn(b, 2 * c, device="cuda").half() * 0.3
+    cases = {"plain": {},
+             "film": {"scale": film[:, :c], "shift": film[:, c:], "silu": True,
+                      "add_bias": torch.randn(c, device="cuda").half()},
+             "add": {"add": torch.randn(b, c, device="cuda").half()}}
+    for name, kw in cases.items():
+        y16 = group_norm(norm, x, **kw)
+        out_scale = tensor_scale(y16)
+        q = group_norm_e4m3(norm, x, out_scale, **kw)
+        assert q is not None and q.dtype == E4M3 and q.shape == x.shape and q.is_contiguous(memory_format=cl), name
+        two_pass = quantize_fused(y16, out_scale)
+        same = float((q.float() == two_pass.float()).float().mean())
+        print(name, shape, f"equal bytes {same:.4f}")
+        assert _one_step_apart(q, two_pass) and same > 0.97, (name, same)
+
+
+@needs_kernel
+def test_the_concatenating_norm_writes_e4m3_and_the_same_concatenation():
+    """`group_norm_concat_e4m3`: the concatenation `cpp_ext.kernels.group_norm_concat` writes (the
+    first part's biases added), bit for bit, and its norm's e4m3 within one step of quantising
+    that norm's fp16 output."""
+    from models.fp8.quantize_kernel import quantize_fused
+    from models.fused.norms import group_norm_concat_e4m3
+    from models.layers import GroupNorm32
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    first = torch.randn(1, 320, 32, 32, device="cuda").half().to(memory_format=cl)
+    second = torch.randn(1, 320, 32, 32, device="cuda").half().to(memory_format=cl)
+    bias, bias2 = (torch.randn(320, device="cuda").half() * 0.1 for _ in range(2))
+    norm = GroupNorm32(640, silu=True).cuda().half()
+    y16, cat16 = cpp_ext.kernels.group_norm_concat(first, second, 32, norm.weight, norm.bias, norm.eps, True,
+                                                   bias, bias2)
+    out_scale = tensor_scale(y16)
+    q, cat = group_norm_concat_e4m3(norm, first, second, out_scale, bias, bias2)
+    assert torch.equal(cat, cat16)
+    two_pass = quantize_fused(y16, out_scale)
+    same = float((q.float() == two_pass.float()).float().mean())
+    assert _one_step_apart(q, two_pass) and same > 0.97, same
+
+
+@needs_kernel
+@needs_cutlass
+def test_the_fused_unet_with_e4m3_norms_stays_as_near_fp16(ours, monkeypatch):
+    """The default model's super-res UNet in FP8 with calibrated scales on the fused path, with
+    the norms writing e4m3 for the 3×3 convolutions (`FusedOptions(norm_writes_e4m3=True)`) and
+    without: the option's path runs (the convolutions take quantised inputs), and its output is
+    as near the fp16 network's as without it (FP8 turns the one-rounding-fewer into other e4m3
+    roundings downstream, so the two FP8 outputs are compared through their error)."""
+    from models import fp8
+    from models.fp8.scales import observe
+    from models.fused import FusedOptions
+
+    half = copy.deepcopy(ours).cuda().half().to(memory_format=torch.channels_last)
+    converted = copy.deepcopy(half)
+    fp8.convert(converted, groups=("super_res",))
+    unet16, unet8 = half.super_res[0].first_steps, converted.super_res[0].first_steps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 64, 64, generator=g).cuda().half().to(memory_format=torch.channels_last)
+    t = torch.tensor([900, 10]).cuda()
+    taken = []
+    product = fp8_layers.Fp8Conv.product_of_quantized
+    monkeypatch.setattr(fp8_layers.Fp8Conv, "product_of_quantized",
+                        lambda self, q, with_bias=True: taken.append(self) or product(self, q, with_bias))
+    with torch.no_grad():
+        with observe(converted) as scales:
+            unet8(x, t)
+        layers = fp8.fp8_layers(converted)
+        for name, scale in scales.items():
+            layers[name].set_input_scale(scale)
+        ref16 = fused.unet_forward(unet16, x, t).float()
+        two_pass = fused.unet_forward(unet8, x, t).float()
+        assert not taken
+        one_pass = fused.unet_forward(unet8, x, t, options=FusedOptions(norm_writes_e4m3=True)).float()
+    assert taken, "no convolution took an e4m3 input from its norm"
+    errors = {"two-pass": rel(two_pass, ref16), "e4m3 norms": rel(one_pass, ref16)}
+    print("FP8 super-res against fp16:", {k: f"{v:.2e}" for k, v in errors.items()}, len(taken), "e4m3 inputs")
+    assert 0 < errors["e4m3 norms"] <= max(1.5 * errors["two-pass"], 2e-2), errors
