@@ -16,7 +16,9 @@ runs on one SM while most idle (the decoder's small maps); empty by default unti
 (`benchmarks/latency.py --cutlass-splits`). `conv2d` falls back to torch's
 (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last,
 stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
-request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers);
+request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The race's choices
+are kept on disk (`models.conv_choices`): a later process on the same GPU and software reads them
+instead of timing each shape again;
 `benchmarks/fp8_convs.py` times every configuration against cuDNN; the fused UNets' residual
 blocks take `conv2d` by default (`FusedOptions.cutlass_convs`), the FP8 layers the e4m3 one where
 `models.fp8.layers.CONV_PATH` picks "cutlass".
@@ -30,12 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import cpp_ext
+from models import conv_choices
 
 Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
 _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
+_loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor, stride=1, dilation=1, groups: int = 1) -> bool:
@@ -71,15 +75,50 @@ def describe(entry: Entry) -> str:
     return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
 
 
+def _entry_of(name: str, kind: str) -> Entry | None:
+    """`describe`'s inverse among the entries the race of `kind` takes now (None: not one of them,
+    e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
+    if name == "cudnn":
+        return CUDNN if kind == "f16" else None
+    return next((entry for entry in _configs(kind) if describe(entry) == name), None)
+
+
+def _environment(device: torch.device) -> str:
+    """What a choice depends on besides its shape: the GPU, torch, cuDNN, the configurations built
+    and the race's settings (`conv_choices`' environment)."""
+    props = torch.cuda.get_device_properties(device)
+    return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
+                     f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS))])
+
+
+def _load_stored(environment: str) -> None:
+    """The stored choices of `environment` into `_best` (once per environment and process; what
+    `_best` holds already stays)."""
+    if environment in _loaded:
+        return
+    _loaded.add(environment)
+    for key, name in conv_choices.load(conv_choices.cache_path(), environment).items():
+        entry = _entry_of(name, key[0])
+        if entry is not None:
+            _best.setdefault(key, entry)
+
+
 def _split(entry: Entry) -> tuple[int, int]:
     """(configuration, splits) of a CUTLASS entry (splits 0: its own schedule)."""
     return entry if isinstance(entry, tuple) else (entry, 0)
 
 
-def _fastest(kind: str, key: tuple, launch: Callable[[Entry], torch.Tensor], others: tuple[Entry, ...] = ()) -> Entry:
+def _fastest(kind: str, key: tuple, launch: Callable[[Entry], torch.Tensor], device: torch.device,
+             others: tuple[Entry, ...] = ()) -> Entry:
     """The configuration of `kind` ("f16", "e4m3") or of `others` (entries such as `CUDNN`, which
-    `launch` also takes; the first of them is the fallback) to run for `key`: timed once per shape
-    over a few launches each, outside any capture (inside one: the fallback, not remembered)."""
+    `launch` also takes; the first of them is the fallback) to run for `key` on `device`: stored
+    from an earlier process (`conv_choices`), else timed once per shape over a few launches each,
+    outside any capture (inside one: the fallback, not remembered), and stored."""
+    if (kind, *key) in _best:
+        return _best[(kind, *key)]
+    environment = _environment(device)
+    _load_stored(environment)
     if (kind, *key) in _best:
         return _best[(kind, *key)]
     configs = [*others, *_configs(kind)]
@@ -101,6 +140,7 @@ def _fastest(kind: str, key: tuple, launch: Callable[[Entry], torch.Tensor], oth
     if not times:
         raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
     _best[(kind, *key)] = best = min(times, key=times.__getitem__)
+    conv_choices.save(conv_choices.cache_path(), environment, {(kind, *key): describe(best)})
     return best
 
 
@@ -121,7 +161,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.conv2d(x, weight, bias, padding=pad)
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
 
-    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, others=(CUDNN,)))
+    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)))
 
 
 def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -137,4 +177,4 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     def launch(entry: Entry) -> torch.Tensor:
         return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
 
-    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch))
+    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device))

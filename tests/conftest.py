@@ -3,8 +3,14 @@ folder, and our `UnCLIPModel` converted from that folder. Built once per test se
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The convolution race's choices are not read from or written to the user's cache by the tests
+# (each test that exercises the cache names its own file).
+os.environ.setdefault("UNCLIP_RT_CONV_CACHE", "off")
 
 from models.configs import TINY
 from models.convert.diffusers_folder import load_diffusers

@@ -249,3 +249,29 @@ def test_the_race_takes_split_counts_where_asked(monkeypatch):
     (key, chosen), = implicit_conv._best.items()
     print("2x1280@8² kept:", implicit_conv.describe(chosen))
     assert rel(got, conv(x)) <= 2e-3
+
+
+def test_the_race_stores_its_choice_and_a_new_process_takes_it(monkeypatch, tmp_path):
+    """The first call of a shape races and stores the winner (`models.conv_choices`); with the
+    process's memory cleared, as in a new process, the next call takes the stored entry without
+    timing any candidate, and gives the same output bit for bit."""
+    from models import conv_choices, implicit_conv
+
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv(conv_choices.ENV, str(path))
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "_loaded", set())
+    torch.manual_seed(0)
+    conv = nn.Conv2d(320, 320, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 320, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    first = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
+    (key, chosen), = implicit_conv._best.items()
+    environment = implicit_conv._environment(x.device)
+    assert conv_choices.load(path, environment) == {key: implicit_conv.describe(chosen)}
+    implicit_conv._best.clear()
+    implicit_conv._loaded.clear()
+    timed = []
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kw: timed.append(kw) or pytest.fail("a candidate was timed"))
+    again = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
+    assert implicit_conv._best == {key: chosen} and not timed
+    assert torch.equal(again, first)
