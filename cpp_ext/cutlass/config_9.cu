@@ -1,6 +1,8 @@
 // e4m3 operands, tile 256x160x128, cluster 1x1x1, on the persistent cooperative kernel
 // (conv_fprop_persistent.cuh), with a tile as wide as half of 320 output channels (a quarter of
 // 640, a sixth of 960), where 128 leaves a sixth of the last tile idle.
+// with CUTLASS's grid-dependency waits: launched overlapped (conv_fprop_persistent.cuh)
+#define CUTLASS_ENABLE_GDC_FOR_SM90
 #include "conv_fprop_persistent.cuh"
 
 namespace unclip_cutlass {

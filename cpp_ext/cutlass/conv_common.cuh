@@ -72,17 +72,26 @@ void scale_and_bias(Arguments& args, float const* scale, void const* bias, int s
 // run and workspace_bytes of a convolution type Op (Op::Adapter, Op::arguments): run returns 0 on
 // success, else a cutlass::Status (as int): 1000 + status when the shape is not implementable,
 // 2000 + status when initialisation failed, 3000 + status when the launch failed.
+// An Op with kOverlapped (the persistent GEMM kernel, built with CUTLASS_ENABLE_GDC_FOR_SM90)
+// launches with programmatic dependent launch where `overlap` asks: it may start while the kernel before it on the
+// stream still runs (its set-up overlaps that kernel's tail) and waits on the GPU before it touches
+// global memory; it lets the next kernel start once its CTAs reach their last tile. CUTLASS's
+// convolution kernel has no such waits and launches as usual.
 template <class Op>
 struct Launches {
   static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
-                 void* workspace, int sm_count, int splits, cudaStream_t stream) {
+                 void* workspace, int sm_count, int splits, bool overlap, cudaStream_t stream) {
     auto args = Op::arguments(p, x, weight, scale, bias, out, sm_count, splits);
     typename Op::Adapter op;
     cutlass::Status status = op.can_implement(args);
     if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
     status = op.initialize(args, workspace, stream);
     if (status != cutlass::Status::kSuccess) return 2000 + static_cast<int>(status);
-    status = op.run(stream);
+    if constexpr (Op::kOverlapped) {
+      status = op.run(stream, nullptr, overlap);
+    } else {
+      status = op.run(stream);
+    }
     if (status != cutlass::Status::kSuccess) return 3000 + static_cast<int>(status);
     return 0;
   }

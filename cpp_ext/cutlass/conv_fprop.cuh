@@ -19,6 +19,7 @@ struct Fprop : Launches<Fprop<Element, TileM, TileN, TileK, ClusterM>> {
   using ProblemShape = typename Mainloop::ProblemShape;
   using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
   using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  static constexpr bool kOverlapped = false;  // CUTLASS's conv kernel has no grid-dependency waits
 
   // `splits` is not taken (Config::takes_splits false: the bindings refuse one)
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,

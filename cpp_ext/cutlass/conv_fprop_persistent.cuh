@@ -16,6 +16,11 @@
 // The tile scheduler is a parameter: the persistent one (whole output tiles, each CTA taking the
 // next) or stream-K, which also splits a tile's K loop between CTAs when the output has too few
 // tiles to fill the GPU evenly (its partial sums meet in the workspace).
+// Programmatic dependent launch: a configuration file that defines CUTLASS_ENABLE_GDC_FOR_SM90
+// before including this header gets CUTLASS's grid-dependency waits compiled into its kernel, and
+// only such a kernel may launch overlapped (Launches, kOverlapped). CUTLASS 4.2's stream-K
+// scheduler does not compile with them (its const is_last_tile binds a member to a non-const
+// reference), so the stream-K configurations go without.
 #pragma once
 
 #include <type_traits>
@@ -122,6 +127,11 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, Scheduler>;
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   static constexpr bool kTakesSplits = std::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>;
+#ifdef CUTLASS_ENABLE_GDC_FOR_SM90
+  static constexpr bool kOverlapped = true;  // the kernel waits on the GPU for its producer (Launches)
+#else
+  static constexpr bool kOverlapped = false;
+#endif
 
   // `splits` > 0 (stream-K only): split-K with that many parts per output tile instead of the
   // scheduler's own choice; the parts meet in the workspace in a fixed order (deterministic).

@@ -275,3 +275,37 @@ def test_the_race_stores_its_choice_and_a_new_process_takes_it(monkeypatch, tmp_
     again = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
     assert implicit_conv._best == {key: chosen} and not timed
     assert torch.equal(again, first)
+
+
+@pytest.mark.skipif(cpp_ext.kernels is None, reason="cpp_ext not built")
+def test_overlapped_launches_give_the_serial_chains_results():
+    """The persistent configurations built with CUTLASS's grid-dependency waits launch by
+    programmatic dependent launch (on by default): a chain in which each kernel reads the one
+    before (cpp_ext's group norm, itself overlapped, then the convolution, four times) gives, eager
+    and replayed from a CUDA graph, the same bits as the chain launched serially."""
+    kernel = cpp_ext.cutlass_conv
+    assert kernel.overlapped()
+    names = kernel.configs()
+    persistent = [i for i, n in enumerate(names) if n.startswith("f16_") and n.endswith("_persistent")]
+    torch.manual_seed(0)
+    x = torch.randn(1, 320, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = (torch.randn(320, 320, 3, 3, device="cuda") * 0.02).half().to(memory_format=torch.channels_last)
+    gw, gb = torch.ones(320, device="cuda").half(), torch.zeros(320, device="cuda").half()
+
+    def chain(config):
+        h = x
+        for _ in range(4):
+            h = cpp_ext.kernels.group_norm(h, 32, gw, gb, silu=True)
+            h = kernel.conv2d(h, w, None, 1, 1, config)
+        return h
+
+    try:
+        for config in persistent:
+            kernel.set_overlapped(True)
+            overlapped = [chain(config) for _ in range(3)] + [replayed(lambda config=config: chain(config))]
+            kernel.set_overlapped(False)
+            serial = chain(config)
+            print(names[config], "overlapped = serial:", all(torch.equal(o, serial) for o in overlapped))
+            assert all(torch.equal(o, serial) for o in overlapped), names[config]
+    finally:
+        kernel.set_overlapped(True)
