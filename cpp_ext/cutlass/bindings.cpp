@@ -22,11 +22,16 @@ namespace uc = unclip_cutlass;
 namespace {
 
 // Whether the configurations that take it launch with programmatic dependent launch (the
-// persistent ones): on unless UNCLIP_RT_NO_PDL is set, as cpp_ext's own kernels; `set_overlapped`
-// changes it (a benchmark's comparison; CUDA graphs keep what their capture saw).
+// persistent ones): off until measured on a GPU, never with UNCLIP_RT_NO_PDL set (as cpp_ext's own
+// kernels); `set_overlapped` changes it (CUDA graphs keep what their capture saw).
 std::atomic<bool>& overlapped_setting() {
-  static std::atomic<bool> setting{std::getenv("UNCLIP_RT_NO_PDL") == nullptr};
+  static std::atomic<bool> setting{false};
   return setting;
+}
+
+bool overlap_forbidden() {
+  static const bool forbidden = std::getenv("UNCLIP_RT_NO_PDL") != nullptr;
+  return forbidden;
 }
 
 const uc::Config& config_at(int64_t index) {
@@ -83,7 +88,8 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
   if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias, out.data_ptr(),
                          bytes > 0 ? workspace.data_ptr() : nullptr, sm_count, static_cast<int>(splits),
-                         overlapped_setting().load(), c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
+                         overlapped_setting().load() && !overlap_forbidden(),
+                         c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(rc == 0, "CUTLASS convolution ", cfg.name, " failed: code ", std::to_string(rc),
               " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch)");
   return out;
@@ -139,7 +145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("config"), py::arg("splits") = 0);
   m.def("configs", &configs, "the instantiated configurations, by index (names start with f16_ or e4m3_)");
   m.def("split_configs", &split_configs, "the indices of the configurations that take a split count");
-  m.def("overlapped", [] { return overlapped_setting().load(); },
+  m.def("overlapped", [] { return overlapped_setting().load() && !overlap_forbidden(); },
         "whether the persistent configurations launch with programmatic dependent launch");
   m.def("set_overlapped", [](bool on) { overlapped_setting().store(on); },
         "launch the persistent configurations with programmatic dependent launch (on) or as usual (off)",
