@@ -40,6 +40,19 @@ for silu in (False, True):
     swapped[:, [0, 1]] = coef[:, [1, 0]]
     other = _launch(x, swapped, scale, silu, torch.empty_like(out))
     assert not torch.equal(other[:, :2], out[:, :2]) and torch.equal(other[:, 2:], out[:, 2:])
+# resized as the up and down blocks' norms write: nearest 2x up, the 2x2 mean of the normalised values down
+import torch.nn.functional as F
+x6 = x[:, :, :, :6].contiguous(memory_format=torch.channels_last)  # an even width for down (5 x 6)
+x6 = torch.cat([x6, x6[:, :, :1]], dim=2).contiguous(memory_format=torch.channels_last)  # 6 x 6
+for silu in (False, True):
+    v = x6.float() * coef[..., 0, None, None] + coef[..., 1, None, None]
+    if silu:
+        v = v * torch.sigmoid(v)
+    for resize, want in ((1, F.interpolate(v, scale_factor=2, mode="nearest")), (2, F.avg_pool2d(v, 2))):
+        out = _launch(x6, coef, scale, silu, torch.empty(want.shape).to(memory_format=torch.channels_last), resize)
+        torch.testing.assert_close(out, (want / scale).clamp(-E4M3_MAX, E4M3_MAX), rtol=1e-5, atol=1e-4)
+    assert normalize_quantize(x6, coef, scale, silu, up=True).shape == (b, c, 12, 12)
+    assert normalize_quantize(x6, coef, scale, silu, down=True).shape == (b, c, 3, 3)
 # the e4m3 output on the grid (A a power of two, B zero, x on the grid): exactly torch's bytes
 grid = quantize(torch.randn(b, c, h, w) * 4, torch.tensor(1.0)).float().half().to(memory_format=torch.channels_last)
 exact = torch.stack([torch.full((b, c), 0.25), torch.zeros(b, c)], dim=-1).contiguous()
@@ -53,7 +66,8 @@ print("ok")
 
 def test_the_quantising_normalisation_gives_torchs_values_in_e4m3():
     """`normalize_quantize` in Triton's interpreter: SiLU?(x · A + B) / scale per sample and
-    channel, saturated at ±448, channels-last out; on the e4m3 grid, torch's quantised bytes."""
+    channel, saturated at ±448, channels-last out, also written 2x up and 2x2-averaged down; on the
+    e4m3 grid, torch's quantised bytes."""
     run_interpreted(NORMALIZE_CHECK)
 
 
@@ -68,6 +82,8 @@ def test_the_quantising_normalisation_refuses_what_it_does_not_take():
     assert not serves(x)  # a CPU tensor without the interpreter
     with pytest.raises(ValueError, match="channels-last"):
         normalize_quantize(x, coef, torch.tensor(1.0), False)
+    with pytest.raises(ValueError, match="channels-last"):
+        normalize_quantize(torch.randn(1, 16, 4, 4), coef, torch.tensor(1.0), False, down=True)
 
 
 def test_the_norm_writes_e4m3_only_for_a_calibrated_convolution_on_cutlass():

@@ -84,21 +84,23 @@ def _writes_e4m3(x: torch.Tensor) -> bool:
 def group_norm_e4m3(
     norm: GroupNorm32, x: torch.Tensor | NormInput, out_scale: torch.Tensor, scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None, silu: bool | None = None, add: torch.Tensor | None = None,
-    add_bias: torch.Tensor | None = None,
+    add_bias: torch.Tensor | None = None, up: bool = False, down: bool = False,
 ) -> torch.Tensor | None:
-    """`quantize(group_norm(norm, x, scale, shift, silu, add, add_bias), out_scale)` without the
-    fp16 output: the kernel's statistics and coefficients passes, then a normalising pass that
-    writes e4m3 (`models.fp8.normalize_kernel`) for an FP8 convolution whose calibrated input
-    scale is `out_scale`. No resize. None where it does not serve (see `_writes_e4m3`): the caller
-    runs `group_norm` and the convolution's own quantisation."""
-    if not _writes_e4m3(plain(x)):
+    """`quantize(group_norm(norm, x, scale, shift, silu, add, add_bias, up, down), out_scale)`
+    without the fp16 output: the kernel's statistics and coefficients passes, then a normalising
+    pass that writes e4m3 (`models.fp8.normalize_kernel`, resized as `group_norm` would) for an
+    FP8 convolution whose calibrated input scale is `out_scale`. None where it does not serve (see
+    `_writes_e4m3`; `down` on an odd height or width): the caller runs `group_norm` and the
+    convolution's own quantisation."""
+    t = plain(x)
+    if not _writes_e4m3(t) or (down and (t.shape[2] % 2 or t.shape[3] % 2)):
         return None
     from models.fp8.normalize_kernel import normalize_quantize
 
     x, partial, silu, scale, shift, add = _arguments(norm, x, scale, shift, silu, add, add_bias)
     coef = cpp_ext.kernels.group_norm_coefficients(x, norm.num_groups, norm.weight, norm.bias, scale, shift, add,
                                                    norm.eps, add_bias, partial)
-    return normalize_quantize(x, coef, out_scale, silu)
+    return normalize_quantize(x, coef, out_scale, silu, up=up, down=down)
 
 
 def group_norm_concat_e4m3(

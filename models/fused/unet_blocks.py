@@ -178,7 +178,9 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
             h = _conv(conv_in, normed, options)
     elif (block.up or block.down) and identity_skip:
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
-        h = _conv(conv_in, group_norm(norm_in, x, up=block.up, down=block.down), options)
+        resize = {"up": block.up, "down": block.down}
+        h = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
+                       lambda s: group_norm_e4m3(norm_in, x, s, **resize))
         x = plain(x)
     elif block.up or block.down:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)

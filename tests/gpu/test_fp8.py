@@ -230,8 +230,8 @@ def test_the_norm_writes_the_e4m3_input_its_convolution_would_quantise(shape):
     """`group_norm_e4m3` (`cpp_ext`'s coefficients pass, then the quantising normalisation) against
     the two-pass way, `quantize_fused` of the fp16 norm: the norm's value rounded once to e4m3
     where the two-pass way rounds it to fp16 first, so at most one e4m3 step apart and mostly
-    equal — plain, with a FiLM scale/shift, SiLU and a bias added before the norm, and with a
-    per-sample row added."""
+    equal — plain, with a FiLM scale/shift, SiLU and a bias added before the norm, with a
+    per-sample row added, and written 2x up and 2x2 down as the up and down blocks' norms write."""
     from models.fp8.e4m3 import E4M3
     from models.fp8.quantize_kernel import quantize_fused
     from models.fused.norms import group_norm, group_norm_e4m3
@@ -249,12 +249,13 @@ def test_the_norm_writes_the_e4m3_input_its_convolution_would_quantise(shape):
     cases = {"plain": {},
              "film": {"scale": film[:, :c], "shift": film[:, c:], "silu": True,
                       "add_bias": torch.randn(c, device="cuda").half()},
-             "add": {"add": torch.randn(b, c, device="cuda").half()}}
+             "add": {"add": torch.randn(b, c, device="cuda").half()},
+             "up": {"up": True, "silu": True}, "down": {"down": True, "silu": True}}
     for name, kw in cases.items():
         y16 = group_norm(norm, x, **kw)
         out_scale = tensor_scale(y16)
         q = group_norm_e4m3(norm, x, out_scale, **kw)
-        assert q is not None and q.dtype == E4M3 and q.shape == x.shape and q.is_contiguous(memory_format=cl), name
+        assert q is not None and q.dtype == E4M3 and q.shape == y16.shape and q.is_contiguous(memory_format=cl), name
         two_pass = quantize_fused(y16, out_scale)
         same = float((q.float() == two_pass.float()).float().mean())
         print(name, shape, f"equal bytes {same:.4f}")
