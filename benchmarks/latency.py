@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
+    p.add_argument("--residual-in-conv", action="store_true",
+                   help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
+                        "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
@@ -475,10 +478,15 @@ def table(results: dict) -> str:
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
+                           ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_fp8_calibrated_norm_e4m3", "unclip-rt FP8 (s-r), calib., e4m3 norms"),
+                           ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
+                           ("ours_fp8_calibrated_norm_e4m3_residual_in_conv", "unclip-rt FP8 (s-r), cal., both"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
                            ("ours_fp8_unets_calibrated_norm_e4m3", "unclip-rt FP8 (d.+s-r), cal., e4m3 n."),
+                           ("ours_fp8_unets_calibrated_residual_in_conv", "unclip-rt FP8 (d.+s-r), cal., skips"),
+                           ("ours_fp8_unets_calibrated_norm_e4m3_residual_in_conv", "unclip-rt FP8 (d.+s-r), both"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -525,6 +533,22 @@ def bench_with_splits(model: UnCLIPModel, args: argparse.Namespace) -> dict:
         implicit_conv._best.clear()
         implicit_conv._best.update(kept)
     return result
+
+
+def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(row suffix, FusedOptions) of the extra rows each calibrated FP8 row gets: the norms writing
+    e4m3 (`--fp8-norm-e4m3`), the identity skips in the convolutions' epilogue (`--residual-in-conv`),
+    and both."""
+    from models.fused import FusedOptions
+
+    rows = []
+    if args.fp8_norm_e4m3:
+        rows.append(("norm_e4m3", FusedOptions(norm_writes_e4m3=True)))
+    if args.residual_in_conv:
+        rows.append(("residual_in_conv", FusedOptions(residual_in_conv=True)))
+    if args.fp8_norm_e4m3 and args.residual_in_conv:
+        rows.append(("norm_e4m3_residual_in_conv", FusedOptions(norm_writes_e4m3=True, residual_in_conv=True)))
+    return rows
 
 
 def bench_with_overlap(model: UnCLIPModel, args: argparse.Namespace) -> dict:
@@ -596,6 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cutlass_overlap:
         results["ours_overlap"] = bench_with_overlap(model, args)
         save_partial(results, args.out)
+    if args.residual_in_conv:
+        from models.fused import FusedOptions
+
+        results["ours_residual_in_conv"] = bench_ours(model, args, graphs=True,
+                                                      fused=FusedOptions(residual_in_conv=True))
+        results["ours_residual_in_conv"].pop("cache_savings", None)
+        save_partial(results, args.out)
     if args.cudnn_convs:
         from models.fused import FusedOptions
 
@@ -617,14 +648,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
                                           input_scales=fixed)
                 results[row].pop("cache_savings", None)
-                if fixed is not None and args.fp8_norm_e4m3:
-                    from models.fused import FusedOptions
-
+                for suffix, options in fp8_option_rows(args) if fixed is not None else ():
                     save_partial(results, args.out)
-                    row = f"{row}_norm_e4m3"
-                    results[row] = bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks,
-                                              input_scales=fixed, fused=FusedOptions(norm_writes_e4m3=True))
-                    results[row].pop("cache_savings", None)
+                    results[f"{row}_{suffix}"] = bench_ours(model, args, graphs=True, precision="fp8",
+                                                            fp8_networks=networks, input_scales=fixed, fused=options)
+                    results[f"{row}_{suffix}"].pop("cache_savings", None)
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)

@@ -164,11 +164,36 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)))
 
 
+def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+                    residual: torch.Tensor) -> torch.Tensor | None:
+    """`F.conv2d(x, weight, bias, padding=padding) + residual` with the residual (and the bias) added
+    in the CUTLASS kernel's epilogue, rounded once: where the kernel serves this shape and its
+    per-shape choice is a CUTLASS configuration (`conv2d`'s race); None where cuDNN runs it (the
+    caller adds the residual its own way) or `residual` is not an fp16 channels-last map of the
+    output's shape."""
+    if not serves(x, weight) or not residual_fits(residual, x, weight, padding):
+        return None
+    pad = _padding(padding)
+    bias = None if bias is None else bias.to(torch.float16).contiguous()
+    kernel = cpp_ext.cutlass_conv
+
+    def launch(entry: Entry) -> torch.Tensor:
+        if entry == CUDNN:
+            return F.conv2d(x, weight, bias, padding=pad)
+        return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
+
+    entry = _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,))
+    if entry == CUDNN:
+        return None
+    return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
+
+
 def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                padding: int | tuple[int, int] = 0) -> torch.Tensor:
-    """scale[k] · (x ⊛ weight)[k] + bias[k] for e4m3 channels-last `x` and `weight` (stride 1),
-    fp32 accumulation, fp16 channels-last out; `scale` [K] fp32 (the input's scale times each
-    channel's weight scale). The caller checks `serves_e4m3` first."""
+                padding: int | tuple[int, int] = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """scale[k] · (x ⊛ weight)[k] + bias[k] (+ residual) for e4m3 channels-last `x` and `weight`
+    (stride 1), fp32 accumulation, fp16 channels-last out; `scale` [K] fp32 (the input's scale
+    times each channel's weight scale); `residual`, where given, added in the epilogue (see
+    `residual_fits`). The caller checks `serves_e4m3` first."""
     pad = _padding(padding)
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     scale = scale.to(torch.float32).contiguous()
@@ -177,4 +202,17 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     def launch(entry: Entry) -> torch.Tensor:
         return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
 
-    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device))
+    entry = _fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device)
+    if residual is None:
+        return launch(entry)
+    return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry), residual=residual)
+
+
+def residual_fits(t: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int]) -> bool:
+    """Whether `t` can be the kernel's residual (`conv2d_residual`, `conv2d_e4m3`): fp16,
+    channels-last, 16-byte aligned, of the convolution's output shape (stride 1)."""
+    pad = _padding(padding)
+    out = (x.shape[0], weight.shape[0], x.shape[2] + 2 * pad[0] - weight.shape[2] + 1,
+           x.shape[3] + 2 * pad[1] - weight.shape[3] + 1)
+    return (t.dtype == torch.float16 and t.device == x.device and tuple(t.shape) == out and t.data_ptr() % 16 == 0
+            and t.is_contiguous(memory_format=torch.channels_last))

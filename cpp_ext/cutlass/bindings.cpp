@@ -61,7 +61,8 @@ void check_channel_vector(const c10::optional<torch::Tensor>& t, const char* nam
 
 // The launch both entry points share: shapes checked, output and workspace allocated.
 torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const float* scale, const void* bias,
-                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t align, int64_t splits) {
+                     const c10::optional<torch::Tensor>& residual, int64_t pad_h, int64_t pad_w, int64_t config,
+                     int64_t align, int64_t splits) {
   const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
   TORCH_CHECK(weight.size(1) == c, "weight has ", std::to_string(weight.size(1)), " input channels, x has ",
@@ -73,6 +74,12 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
   TORCH_CHECK(ho > 0 && wo > 0, "padding too small for the kernel");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({n, k, ho, wo}, x.options().dtype(torch::kHalf).memory_format(at::MemoryFormat::ChannelsLast));
+  if (residual.has_value()) {
+    check_nhwc(*residual, "residual", torch::kHalf);
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->device() == x.device() &&
+                    reinterpret_cast<uintptr_t>(residual->data_ptr()) % 16 == 0,
+                "residual must have the output's shape [N, K, P, Q] on x's device, 16-byte aligned");
+  }
   const uc::ConvShape shape{static_cast<int>(n), static_cast<int>(h), static_cast<int>(w), static_cast<int>(c),
                             static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
                             static_cast<int>(pad_h), static_cast<int>(pad_w)};
@@ -86,7 +93,8 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
   const size_t bytes = cfg.workspace_bytes(shape, sm_count, static_cast<int>(splits));
   torch::Tensor workspace;
   if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias, out.data_ptr(),
+  const int rc = cfg.run(shape, x.data_ptr(), weight.data_ptr(), scale, bias,
+                         residual.has_value() ? residual->data_ptr() : nullptr, out.data_ptr(),
                          bytes > 0 ? workspace.data_ptr() : nullptr, sm_count, static_cast<int>(splits),
                          overlapped_setting().load() && !overlap_forbidden(),
                          c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
@@ -97,29 +105,32 @@ torch::Tensor launch(const torch::Tensor& x, const torch::Tensor& weight, const 
 
 }  // namespace
 
-// out = conv2d(x, weight, bias, padding) for stride 1, dilation 1, one group; fp16 channels-last.
-// `splits` > 0: split-K with that many parts (stream-K configurations only; Config::takes_splits).
+// out = conv2d(x, weight, bias, padding) (+ residual) for stride 1, dilation 1, one group; fp16
+// channels-last. `splits` > 0: split-K with that many parts (stream-K configurations only;
+// Config::takes_splits). `residual`: a map of the output's shape added in the epilogue.
 torch::Tensor conv2d(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t splits) {
+                     int64_t pad_h, int64_t pad_w, int64_t config, int64_t splits,
+                     const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(!config_at(config).e4m3, "configuration ", config_at(config).name, " takes e4m3 operands (conv2d_e4m3)");
   check_nhwc(x, "x", torch::kHalf);
   check_nhwc(weight, "weight", torch::kHalf);
   check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
-  return launch(x, weight, nullptr, bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w, config, 8, splits);
+  return launch(x, weight, nullptr, bias.has_value() ? bias->data_ptr() : nullptr, residual, pad_h, pad_w, config, 8,
+                splits);
 }
 
 // out = scale[k] · conv2d(x_q, weight_q)[k] + bias[k], e4m3 operands (x_q, weight_q), fp32
 // accumulation, fp16 channels-last out; `scale` is the input's scale times each channel's weight scale.
 torch::Tensor conv2d_e4m3(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
                           const c10::optional<torch::Tensor>& bias, int64_t pad_h, int64_t pad_w, int64_t config,
-                          int64_t splits) {
+                          int64_t splits, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(config_at(config).e4m3, "configuration ", config_at(config).name, " takes fp16 operands (conv2d)");
   check_nhwc(x, "x", torch::kFloat8_e4m3fn);
   check_nhwc(weight, "weight", torch::kFloat8_e4m3fn);
   check_channel_vector(scale, "scale", torch::kFloat, weight.size(0), x);
   check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
-  return launch(x, weight, scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr, pad_h, pad_w,
-                config, 16, splits);
+  return launch(x, weight, scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr() : nullptr, residual, pad_h,
+                pad_w, config, 16, splits);
 }
 
 std::vector<std::string> configs() {
@@ -139,10 +150,10 @@ std::vector<int64_t> split_configs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d", &conv2d, "fp16 channels-last 2-D convolution, stride 1 (CUTLASS, Hopper)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("config"),
-        py::arg("splits") = 0);
+        py::arg("splits") = 0, py::arg("residual") = py::none());
   m.def("conv2d_e4m3", &conv2d_e4m3, "e4m3 channels-last 2-D convolution with per-channel scales, fp16 out",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"),
-        py::arg("config"), py::arg("splits") = 0);
+        py::arg("config"), py::arg("splits") = 0, py::arg("residual") = py::none());
   m.def("configs", &configs, "the instantiated configurations, by index (names start with f16_ or e4m3_)");
   m.def("split_configs", &split_configs, "the indices of the configurations that take a split count");
   m.def("overlapped", [] { return overlapped_setting().load() && !overlap_forbidden(); },

@@ -58,13 +58,14 @@ struct ConvTypes {
       Schedule>;
 };
 
-// D = scale · acc + bias per output channel (a null scale: the scalar 1); C is never read (beta 0).
+// D = scale · acc + bias per output channel (a null scale: the scalar 1), plus C where the call
+// gives a residual (beta 1: C is the residual, read by the epilogue), else C is never read (beta 0).
 template <class ElementOut, class Arguments>
-void scale_and_bias(Arguments& args, float const* scale, void const* bias, int sm_count) {
+void scale_and_bias(Arguments& args, float const* scale, void const* bias, bool residual, int sm_count) {
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.alpha_ptr = scale;
-  fusion.beta = 0.0f;
+  fusion.beta = residual ? 1.0f : 0.0f;
   fusion.bias_ptr = static_cast<ElementOut const*>(bias);
   args.hw_info.sm_count = sm_count;
 }
@@ -79,9 +80,10 @@ void scale_and_bias(Arguments& args, float const* scale, void const* bias, int s
 // convolution kernel has no such waits and launches as usual.
 template <class Op>
 struct Launches {
-  static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias, void* out,
-                 void* workspace, int sm_count, int splits, bool overlap, cudaStream_t stream) {
-    auto args = Op::arguments(p, x, weight, scale, bias, out, sm_count, splits);
+  static int run(ConvShape const& p, void const* x, void const* weight, float const* scale, void const* bias,
+                 void const* residual, void* out, void* workspace, int sm_count, int splits, bool overlap,
+                 cudaStream_t stream) {
+    auto args = Op::arguments(p, x, weight, scale, bias, residual, out, sm_count, splits);
     typename Op::Adapter op;
     cutlass::Status status = op.can_implement(args);
     if (status != cutlass::Status::kSuccess) return 1000 + static_cast<int>(status);
@@ -98,7 +100,8 @@ struct Launches {
 
   static size_t workspace_bytes(ConvShape const& p, int sm_count, int splits) {
     static uint16_t dummy[8];
-    return Op::Adapter::get_workspace_size(Op::arguments(p, dummy, dummy, nullptr, dummy, dummy, sm_count, splits));
+    return Op::Adapter::get_workspace_size(
+        Op::arguments(p, dummy, dummy, nullptr, dummy, nullptr, dummy, sm_count, splits));
   }
 };
 

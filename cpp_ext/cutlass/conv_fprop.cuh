@@ -1,7 +1,8 @@
 // A 2-D convolution (fprop, stride 1, any padding) as CUTLASS 3's Hopper implicit GEMM: the
 // activation read by TMA in im2col mode (no gathered copy), wgmma on fp16 or e4m3 operands with
 // fp32 accumulation, fp16 NHWC out. The epilogue multiplies each output channel by its scale
-// (e4m3: the input's scale times the channel's weight scale; fp16: none) and adds its bias. One
+// (e4m3: the input's scale times the channel's weight scale; fp16: none) and adds its bias (and
+// a residual map of the output's shape, where given). One
 // instantiation per operand type and tile shape (config_N.cu); bindings.cpp picks among them.
 #pragma once
 
@@ -23,8 +24,8 @@ struct Fprop : Launches<Fprop<Element, TileM, TileN, TileK, ClusterM>> {
 
   // `splits` is not taken (Config::takes_splits false: the bindings refuse one)
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,
-                                               float const* scale, void const* bias, void* out, int sm_count,
-                                               int /*splits*/) {
+                                               float const* scale, void const* bias, void const* residual, void* out,
+                                               int sm_count, int /*splits*/) {
     ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.k, p.r, p.s, p.c},
                        {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1}, 1);
     typename Kernel::StrideC stride_c;
@@ -37,12 +38,14 @@ struct Fprop : Launches<Fprop<Element, TileM, TileN, TileK, ClusterM>> {
       cute::get<0, i>(stride_d) = shape.stride_C[ProblemShape::RankT - 2 - i];
     });
     auto* out_ptr = static_cast<typename T::ElementOut*>(out);
+    // C: the residual (beta 1), else never read (beta 0)
+    auto const* c_ptr = residual != nullptr ? static_cast<typename T::ElementOut const*>(residual) : out_ptr;
     typename Adapter::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         shape,
         {static_cast<typename T::ElementAct const*>(x), static_cast<typename T::ElementFlt const*>(weight)},
-        {{}, out_ptr, stride_c, out_ptr, stride_d}};  // C is never read: beta is 0
-    scale_and_bias<typename T::ElementOut>(args, scale, bias, sm_count);
+        {{}, c_ptr, stride_c, out_ptr, stride_d}};
+    scale_and_bias<typename T::ElementOut>(args, scale, bias, residual != nullptr, sm_count);
     return args;
   }
 };

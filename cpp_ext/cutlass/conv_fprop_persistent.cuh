@@ -12,7 +12,7 @@
 //     has not: load_init appends a unit mode and load takes it off again;
 //   - the kernel checks the operands' strides for GEMM rank (3); the mainloop names such strides.
 // The output is NHWC with stride 1, i.e. a row-major (N·P·Q) × K matrix: the epilogue is the plain
-// GEMM epilogue with the same per-channel scale and bias.
+// GEMM epilogue with the same per-channel scale and bias (and residual, as C).
 // The tile scheduler is a parameter: the persistent one (whole output tiles, each CTA taking the
 // next) or stream-K, which also splits a tile's K loop between CTAs when the output has too few
 // tiles to fill the GPU evenly (its partial sums meet in the workspace).
@@ -136,8 +136,8 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
   // `splits` > 0 (stream-K only): split-K with that many parts per output tile instead of the
   // scheduler's own choice; the parts meet in the workspace in a fixed order (deterministic).
   static typename Adapter::Arguments arguments(ConvShape const& p, void const* x, void const* weight,
-                                               float const* scale, void const* bias, void* out, int sm_count,
-                                               int splits) {
+                                               float const* scale, void const* bias, void const* residual, void* out,
+                                               int sm_count, int splits) {
     typename Mainloop::ConvShapeT conv(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c},
                                        {p.k, p.r, p.s, p.c}, {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {1, 1}, {1, 1},
                                        1);
@@ -145,12 +145,14 @@ struct FpropPersistent : Launches<FpropPersistent<Element, TileM, TileN, TileK, 
     const int rows = static_cast<int>(cute::get<0>(shape));  // N·P·Q output pixels
     auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(rows, p.k, 1));
     auto* out_ptr = static_cast<typename T::ElementOut*>(out);
+    // C: the residual (beta 1, the output's layout), else never read (beta 0)
+    auto const* c_ptr = residual != nullptr ? static_cast<typename T::ElementOut const*>(residual) : out_ptr;
     typename Adapter::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         shape,
         {conv, {static_cast<typename T::ElementAct const*>(x), static_cast<typename T::ElementFlt const*>(weight)}},
-        {{}, out_ptr, stride_d, out_ptr, stride_d}};  // C is never read: beta is 0
-    scale_and_bias<typename T::ElementOut>(args, scale, bias, sm_count);
+        {{}, c_ptr, stride_d, out_ptr, stride_d}};
+    scale_and_bias<typename T::ElementOut>(args, scale, bias, residual != nullptr, sm_count);
     if constexpr (kTakesSplits) {
       if (splits > 0) {
         args.scheduler.splits = splits;

@@ -15,15 +15,17 @@ struct ConvShape {
 
 // One instantiated configuration: its name, its operand type (e4m3 or fp16), its launch (0, or
 // an error code: see Launches::run in conv_common.cuh; `scale`: one float per output channel, or null;
-// `overlap`: programmatic dependent launch where the kernel takes it), the
+// `residual`: an fp16 map of the output's shape added in the epilogue, or null; `overlap`:
+// programmatic dependent launch where the kernel takes it), the
 // workspace it needs, and whether it takes a split count (`splits` > 0: each output tile's K loop
 // cut into that many parts, one CTA each, the stream-K scheduler's split-K mode; 0: the
 // configuration's own schedule). config_N.cu defines entry N.
 struct Config {
   const char* name;
   bool e4m3;
-  int (*run)(ConvShape const&, void const* x, void const* weight, float const* scale, void const* bias, void* out,
-             void* workspace, int sm_count, int splits, bool overlap, cudaStream_t stream);
+  int (*run)(ConvShape const&, void const* x, void const* weight, float const* scale, void const* bias,
+             void const* residual, void* out, void* workspace, int sm_count, int splits, bool overlap,
+             cudaStream_t stream);
   size_t (*workspace_bytes)(ConvShape const&, int sm_count, int splits);
   bool takes_splits = false;
 };

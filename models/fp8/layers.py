@@ -287,20 +287,36 @@ class Fp8Conv(_Fp8Layer):
             return self.input_scale
         return None
 
-    def product_of_quantized(self, q: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    def product_of_quantized(self, q: torch.Tensor, with_bias: bool = True,
+                             residual: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of an input already quantised at `quantized_input_scale` (e4m3,
-        channels-last), plus the bias unless not `with_bias`: fp16, channels-last."""
-        return self.cutlass_product(q, self.input_scale, self.bias if with_bias else None)
+        channels-last), plus the bias unless not `with_bias`, plus `residual` in the kernel's
+        epilogue where given (`implicit_conv.residual_fits`): fp16, channels-last."""
+        return self.cutlass_product(q, self.input_scale, self.bias if with_bias else None, residual)
 
-    def cutlass_product(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The CUTLASS kernel's convolution of the e4m3 input `q` (scale `scale`), plus `bias`: fp16,
-        channels-last. The caller checks that the kernel serves (`_cutlass_forward`)."""
+    def cutlass_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """`self(x) + residual` with the bias and the residual added in the CUTLASS kernel's
+        epilogue (rounded once); None where that kernel does not run this convolution (a 3×3 it
+        serves, an fp16 CUDA map, `CONV_PATH` "auto" or "cutlass") or does not take `residual`."""
+        from models import implicit_conv
+
+        if not (x.is_cuda and x.dim() == 4 and x.dtype == torch.float16 and CONV_PATH in ("auto", "cutlass")
+                and tuple(self.weight_q.shape[2:]) == (3, 3) and self._cutlass_serves()
+                and implicit_conv.residual_fits(residual, x, self.weight_q, self.padding)):
+            return None
+        return self.cutlass_product(*self._input(x), self.bias, residual)
+
+    def cutlass_product(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The CUTLASS kernel's convolution of the e4m3 input `q` (scale `scale`), plus `bias` (and
+        `residual`, in the epilogue): fp16, channels-last. The caller checks that the kernel serves
+        (`_cutlass_forward`) and takes the residual."""
         from models import implicit_conv
 
         weight, scales = self.cutlass_operands(scale)
         bias = None if bias is None else bias.to(torch.float16)
         return implicit_conv.conv2d_e4m3(q.contiguous(memory_format=torch.channels_last), weight, scales, bias,
-                                         tuple(self.padding))
+                                         tuple(self.padding), residual)
 
     def cutlass_operands(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the CUTLASS kernel reads besides the input (input scale `scale`): the e4m3 weight as

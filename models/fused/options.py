@@ -1,4 +1,4 @@
-"""`FusedOptions`: the fused path's individual fusions, each on by default but the one not yet measured.
+"""`FusedOptions`: the fused path's individual fusions, each on by default but those not yet measured.
 
 Each switch turns one fusion off so that a test can compare it with the path without it and a
 benchmark can measure what it buys; the functions are the same either way."""
@@ -32,6 +32,10 @@ class FusedOptions:
         calibrated input scale, on CUTLASS) writes it in e4m3 at that scale, instead of fp16 that
         the convolution then quantises in a pass of its own (`norms.group_norm_e4m3`). Off until
         measured on a GPU (`benchmarks/latency.py --fp8-norm-e4m3`).
+    :param residual_in_conv: a residual block with an identity skip adds its input and its last
+        convolution's bias in that convolution's epilogue (CUTLASS, where the shape's choice is a
+        CUTLASS configuration, fp16 or FP8) instead of a join pass; the next norm then computes its
+        own statistics. Off until measured on a GPU (`benchmarks/latency.py --residual-in-conv`).
     """
 
     join_stats: bool = True
@@ -41,6 +45,7 @@ class FusedOptions:
     staged_weights: bool = True
     cutlass_convs: bool = True
     norm_writes_e4m3: bool = False
+    residual_in_conv: bool = False
 
 
 DEFAULT = FusedOptions()

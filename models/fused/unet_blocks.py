@@ -16,7 +16,9 @@ join reads x resized the same way. Between blocks:
 A block may hold FP8 layers (`models.fp8`) in place of its convolutions and projections: they
 run their own e4m3 products, bias-free where the protocol adds the bias later (`_conv`, `_rows`);
 with `FusedOptions.norm_writes_e4m3` a norm whose output only such a 3×3 convolution reads writes
-it in e4m3 at the convolution's calibrated scale (`_norm_conv`).
+it in e4m3 at the convolution's calibrated scale (`_norm_conv`). With
+`FusedOptions.residual_in_conv` a block with an identity skip adds it, and its last bias, in its
+last convolution's epilogue (CUTLASS) instead of the join pass.
 """
 
 from __future__ import annotations
@@ -130,16 +132,29 @@ def _e4m3_scale(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOption
 
 
 def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions,
-               normed: Callable[[], torch.Tensor],
-               quantized: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+               normed: Callable[[], torch.Tensor], quantized: Callable[[torch.Tensor], torch.Tensor | None],
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """`_conv(conv, normed())` for a norm's output `normed()` of the map `x`: where the norm can
     write e4m3 for `conv` (`_e4m3_scale`), `quantized(scale)` (None where it does not serve) and
-    the convolution of that."""
+    the convolution of that. With `residual`: where the convolution's epilogue can add it, the
+    result holds the bias and the residual; returns (result, whether it does)."""
     scale = _e4m3_scale(conv, x, options)
     q = quantized(scale) if scale is not None else None
     if q is not None:
-        return conv.product_of_quantized(q, with_bias=False)
-    return _conv(conv, normed(), options)
+        if residual is not None and implicit_conv.residual_fits(residual, q, conv.weight_q, conv.padding):
+            return conv.product_of_quantized(q, residual=residual), True
+        return conv.product_of_quantized(q, with_bias=False), False
+    h = normed()
+    if residual is not None:
+        if isinstance(conv, Fp8Conv):
+            joined = conv.cutlass_residual(h, residual)
+        elif options.cutlass_convs and conv.kernel_size == (3, 3):
+            joined = implicit_conv.conv2d_residual(h, conv.weight, conv.bias, conv.padding, residual)
+        else:
+            joined = None
+        if joined is not None:
+            return joined, True
+    return _conv(conv, h, options), False
 
 
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
@@ -179,15 +194,15 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
     elif (block.up or block.down) and identity_skip:
         # the norm writes its output resized and the join reads x resized: neither resized copy is made
         resize = {"up": block.up, "down": block.down}
-        h = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
-                       lambda s: group_norm_e4m3(norm_in, x, s, **resize))
+        h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
+                          lambda s: group_norm_e4m3(norm_in, x, s, **resize))
         x = plain(x)
     elif block.up or block.down:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
     else:
-        h = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x),
-                       lambda s: group_norm_e4m3(norm_in, x, s))
+        h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x),
+                          lambda s: group_norm_e4m3(norm_in, x, s))
         x = plain(x)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
@@ -196,8 +211,12 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
     else:
         norm_args = {"add": emb_out, "add_bias": conv_in.bias}
     mid = h  # the first convolution's output, without its bias (the norm adds it)
-    h = _norm_conv(conv_out, mid, options, lambda: group_norm(norm_out, mid, **norm_args),
-                   lambda s: group_norm_e4m3(norm_out, mid, s, **norm_args))
+    # an identity skip of the output's size may join in the last convolution's epilogue
+    residual = x if options.residual_in_conv and identity_skip and not (block.up or block.down) else None
+    h, joined = _norm_conv(conv_out, mid, options, lambda: group_norm(norm_out, mid, **norm_args),
+                           lambda s: group_norm_e4m3(norm_out, mid, s, **norm_args), residual)
+    if joined:
+        return h
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
     if (defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d)

@@ -122,7 +122,8 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
     t = torch.tensor([900, 10], device="cuda")
     # CUTLASS's configurations only (cuDNN out of the race), so that every served convolution runs on it
     race = implicit_conv._fastest
-    monkeypatch.setattr(implicit_conv, "_fastest", lambda kind, key, launch, others=(): race(kind, key, launch))
+    monkeypatch.setattr(implicit_conv, "_fastest",
+                        lambda kind, key, launch, device, others=(): race(kind, key, launch, device))
     monkeypatch.setattr(implicit_conv, "_best", {})
     calls = []
     kernel = cpp_ext.cutlass_conv.conv2d
@@ -310,3 +311,95 @@ def test_overlapped_launches_give_the_serial_chains_results():
             assert all(torch.equal(o, serial) for o in overlapped), names[config]
     finally:
         kernel.set_overlapped(kept)
+
+
+@pytest.mark.parametrize("kind", ["f16", "e4m3"])
+def test_every_configuration_adds_a_residual_in_its_epilogue(kind):
+    """`residual=`: the epilogue adds an fp16 map of the output's shape (beta 1) to the scaled
+    product and the bias, rounded once: against the exact sum (fp16 operands in float64, e4m3
+    operands exactly), within the output's fp16 rounding; the same configuration without it,
+    plus the residual, agrees to one more rounding. A residual of another shape is refused."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 320, 32, 32, device="cuda").to(memory_format=cl)
+    w = (torch.randn(320, 320, 3, 3, device="cuda") * 0.02).to(memory_format=cl)
+    bias = torch.randn(320, device="cuda").half()
+    residual = torch.randn(2, 320, 32, 32, device="cuda").half().to(memory_format=cl)
+    names = cpp_ext.cutlass_conv.configs()
+    if kind == "e4m3":
+        from models.fp8.e4m3 import quantize
+
+        xq, wq = quantize(x, torch.tensor(1 / 64, device="cuda")), quantize(w, torch.tensor(1 / 4096, device="cuda"))
+        scale = torch.full((320,), 1 / 64 / 4096, device="cuda")
+        product = F.conv2d(xq.double(), wq.double(), padding=1) * scale.double()[:, None, None]
+
+        def run(config, r=None):
+            return cpp_ext.cutlass_conv.conv2d_e4m3(xq, wq, scale, bias, 1, 1, config, residual=r)
+    else:
+        xh, wh = x.half(), w.half()
+        product = F.conv2d(xh.double(), wh.double(), padding=1)
+
+        def run(config, r=None):
+            return cpp_ext.cutlass_conv.conv2d(xh, wh, bias, 1, 1, config, residual=r)
+    exact = product + bias.double()[:, None, None] + residual.double()
+    for config in (i for i, n in enumerate(names) if n.startswith(kind + "_")):
+        got = run(config, residual)
+        assert got.is_contiguous(memory_format=cl)
+        assert rel(got, exact) <= 2e-3, names[config]
+        assert rel(got, run(config).double() + residual.double()) <= 2e-3, names[config]
+    with pytest.raises(RuntimeError, match="residual"):
+        run(0 if kind == "f16" else 1, residual[:, :, :16].contiguous(memory_format=cl))
+
+
+@pytest.mark.skipif(cpp_ext.kernels is None, reason="cpp_ext not built")
+@pytest.mark.parametrize("precision", ["fp16", "fp8"])
+def test_the_fused_unet_joins_its_identity_skips_in_the_convolutions(monkeypatch, precision):
+    """`FusedOptions(residual_in_conv=True)`: the default model's super-res UNet on the fused path
+    (every served 3×3 on CUTLASS; FP8: calibrated scales, the norms writing e4m3 too) adds its
+    identity skips and last biases in the convolutions' epilogue — the residual reaches the kernel —
+    and gives the output without the option to rounding through the UNet (FP8: as near the fp16
+    network's as without it)."""
+    import copy
+
+    from models import fp8, fused, implicit_conv
+    from models.fp8.scales import observe
+    from models.fused import FusedOptions
+    from runtime.pipeline import DEFAULT_MODEL, load_folder
+
+    torch.manual_seed(0)
+    model = load_folder(DEFAULT_MODEL).cuda().half().to(memory_format=torch.channels_last)
+    unet = model.super_res[0].first_steps
+    x = torch.randn(2, 6, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    t = torch.tensor([900, 10], device="cuda")
+    race = implicit_conv._fastest  # CUTLASS's configurations only, as in the test above
+    monkeypatch.setattr(implicit_conv, "_fastest",
+                        lambda kind, key, launch, device, others=(): race(kind, key, launch, device))
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    base = {}
+    unet16 = copy.deepcopy(unet)
+    if precision == "fp8":
+        fp8.convert(model, groups=("super_res",))
+        unet = model.super_res[0].first_steps
+        with torch.no_grad(), observe(model) as scales:
+            unet(x, t)
+        layers = fp8.fp8_layers(model)
+        for name, scale in scales.items():
+            layers[name].set_input_scale(scale)
+        base = {"norm_writes_e4m3": True}
+    joined = []
+    for name in ("conv2d", "conv2d_e4m3"):
+        kernel = getattr(cpp_ext.cutlass_conv, name)
+        monkeypatch.setattr(cpp_ext.cutlass_conv, name, lambda *a, kernel=kernel, **kw: (
+            joined.append(a[0].shape) if kw.get("residual") is not None else None) or kernel(*a, **kw))
+    with torch.no_grad():
+        ref16 = fused.unet_forward(unet16, x, t, options=FusedOptions(cutlass_convs=False))
+        want = fused.unet_forward(unet, x, t, options=FusedOptions(**base))
+        assert not joined
+        got = fused.unet_forward(unet, x, t, options=FusedOptions(residual_in_conv=True, **base))
+    errors = {"joins": rel(want, ref16), "in the epilogue": rel(got, ref16)}
+    print(precision, len(joined), "joins in the epilogue; against fp16 on cuDNN:", errors)
+    assert joined
+    if precision == "fp16":
+        assert rel(got, want) <= 1e-2
+    else:  # FP8 turns a rounding difference into other e4m3 roundings downstream: compared through the error
+        assert errors["in the epilogue"] <= max(1.5 * errors["joins"], 2e-2), errors
