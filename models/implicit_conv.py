@@ -152,20 +152,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.conv2d(x, weight, bias, padding=padding)` (stride 1), on the CUTLASS kernel where it serves."""
     if not serves(x, weight):
         return F.conv2d(x, weight, bias, padding=padding)
-    pad = _padding(padding)
-    bias = None if bias is None else bias.to(torch.float16).contiguous()
-    kernel = cpp_ext.cutlass_conv
-
-    def launch(entry: Entry) -> torch.Tensor:
-        if entry == CUDNN:
-            return F.conv2d(x, weight, bias, padding=pad)
-        return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
-
-    return launch(_fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)))
+    entry, launch = _f16_choice(x, weight, bias, _padding(padding))
+    return launch(entry)
 
 
-def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
-                    residual: torch.Tensor) -> torch.Tensor | None:
+def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    padding: int | tuple[int, int], residual: torch.Tensor) -> torch.Tensor | None:
     """`F.conv2d(x, weight, bias, padding=padding) + residual` with the residual (and the bias) added
     in the CUTLASS kernel's epilogue, rounded once: where the kernel serves this shape and its
     per-shape choice is a CUTLASS configuration (`conv2d`'s race); None where cuDNN runs it (the
@@ -173,19 +165,25 @@ def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     output's shape."""
     if not serves(x, weight) or not residual_fits(residual, x, weight, padding):
         return None
-    pad = _padding(padding)
+    entry, launch = _f16_choice(x, weight, bias, _padding(padding))
+    return None if entry == CUDNN else launch(entry, residual)
+
+
+def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                pad: tuple[int, int]) -> tuple[Entry, Callable[..., torch.Tensor]]:
+    """The fp16 race's entry for this convolution (cuDNN's among them), and the launch of an
+    entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(entry: Entry) -> torch.Tensor:
+    def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
+        if residual is None:
+            return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
+        return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
-    entry = _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,))
-    if entry == CUDNN:
-        return None
-    return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
+    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)), launch
 
 
 def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
