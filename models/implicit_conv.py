@@ -197,13 +197,12 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     scale = scale.to(torch.float32).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(entry: Entry) -> torch.Tensor:
-        return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
+    def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
+        return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry), residual=residual)
 
-    entry = _fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device)
-    if residual is None:
-        return launch(entry)
-    return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry), residual=residual)
+    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device), residual)
 
 
 def residual_fits(t: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int]) -> bool:

@@ -276,14 +276,17 @@ class Fp8Conv(_Fp8Layer):
         out = self.cutlass_product(*self._input(x), bias)
         return out if x.dtype == torch.float16 else out.to(x.dtype)
 
+    def _runs_on_cutlass(self, x: torch.Tensor) -> bool:
+        """Whether the fused path's CUTLASS products take this convolution of `x`: a 3×3 the
+        kernel serves, `CONV_PATH` "auto" or "cutlass", an fp16 CUDA map."""
+        return (CONV_PATH in ("auto", "cutlass") and x.is_cuda and x.dtype == torch.float16 and x.dim() == 4
+                and tuple(self.weight_q.shape[2:]) == (3, 3) and self._cutlass_serves())
+
     def quantized_input_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """The scale at which this convolution takes `x`'s kind of input already in e4m3
-        (`product_of_quantized`): its calibrated input scale, where the convolution runs on CUTLASS
-        (a 3×3 it serves, `CONV_PATH` "auto" or "cutlass", an fp16 CUDA map) and is not
-        calibrating (it must see the fp16 input then); else None."""
-        if (self.calibrated and not self.observing and CONV_PATH in ("auto", "cutlass") and x.is_cuda
-                and x.dtype == torch.float16 and x.dim() == 4 and tuple(self.weight_q.shape[2:]) == (3, 3)
-                and self._cutlass_serves()):
+        (`product_of_quantized`): its calibrated input scale, where it runs on CUTLASS
+        (`_runs_on_cutlass`) and is not calibrating (it must see the fp16 input then); else None."""
+        if self.calibrated and not self.observing and self._runs_on_cutlass(x):
             return self.input_scale
         return None
 
@@ -296,13 +299,11 @@ class Fp8Conv(_Fp8Layer):
 
     def cutlass_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """`self(x) + residual` with the bias and the residual added in the CUTLASS kernel's
-        epilogue (rounded once); None where that kernel does not run this convolution (a 3×3 it
-        serves, an fp16 CUDA map, `CONV_PATH` "auto" or "cutlass") or does not take `residual`."""
+        epilogue (rounded once); None where that kernel does not run this convolution
+        (`_runs_on_cutlass`) or does not take `residual`."""
         from models import implicit_conv
 
-        if not (x.is_cuda and x.dim() == 4 and x.dtype == torch.float16 and CONV_PATH in ("auto", "cutlass")
-                and tuple(self.weight_q.shape[2:]) == (3, 3) and self._cutlass_serves()
-                and implicit_conv.residual_fits(residual, x, self.weight_q, self.padding)):
+        if not (self._runs_on_cutlass(x) and implicit_conv.residual_fits(residual, x, self.weight_q, self.padding)):
             return None
         return self.cutlass_product(*self._input(x), self.bias, residual)
 
