@@ -92,15 +92,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
+    p.add_argument("--norm-clusters-off", action="store_true",
+                   help="also ours (fp16) with the group norms in one block per group, never a thread-block cluster "
+                        "(cpp_ext.kernels.set_norm_clusters(1)): what the clusters buy")
     p.add_argument("--residual-in-conv", action="store_true",
                    help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
-    p.add_argument("--fp8-norm-e4m3", action="store_true",
-                   help="also each calibrated FP8 row with the norms writing e4m3 for the FP8 convolutions "
-                        "(FusedOptions(norm_writes_e4m3=True)) instead of fp16 that the convolution quantises")
+    p.add_argument("--fp8-norm-fp16", action="store_true",
+                   help="also each calibrated FP8 row with the norms writing fp16 that the FP8 convolution "
+                        "quantises (FusedOptions(norm_writes_e4m3=False)) instead of e4m3 (the default)")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
                    help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8; "
                         "fp8-unets: the decoder too)")
@@ -480,15 +483,14 @@ def table(results: dict) -> str:
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
+                           ("ours_no_norm_clusters", "unclip-rt, norms without clusters"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
-                           ("ours_fp8_calibrated_norm_e4m3", "unclip-rt FP8 (s-r), calib., e4m3 norms"),
+                           ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
-                           ("ours_fp8_calibrated_norm_e4m3_residual_in_conv", "unclip-rt FP8 (s-r), cal., both"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
-                           ("ours_fp8_unets_calibrated_norm_e4m3", "unclip-rt FP8 (d.+s-r), cal., e4m3 n."),
+                           ("ours_fp8_unets_calibrated_norm_fp16", "unclip-rt FP8 (d.+s-r), cal., fp16 n."),
                            ("ours_fp8_unets_calibrated_residual_in_conv", "unclip-rt FP8 (d.+s-r), cal., skips"),
-                           ("ours_fp8_unets_calibrated_norm_e4m3_residual_in_conv", "unclip-rt FP8 (d.+s-r), both"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -538,34 +540,30 @@ def bench_with_splits(model: UnCLIPModel, args: argparse.Namespace) -> dict:
 
 def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(row suffix, FusedOptions) of the extra rows each calibrated FP8 row gets: the norms writing
-    e4m3 (`--fp8-norm-e4m3`), the identity skips in the convolutions' epilogue (`--residual-in-conv`),
-    and both."""
+    fp16 for the convolutions to quantise (`--fp8-norm-fp16`), and the identity skips in the
+    convolutions' epilogue (`--residual-in-conv`)."""
     from models.fused import FusedOptions
 
     rows = []
-    if args.fp8_norm_e4m3:
-        rows.append(("norm_e4m3", FusedOptions(norm_writes_e4m3=True)))
+    if args.fp8_norm_fp16:
+        rows.append(("norm_fp16", FusedOptions(norm_writes_e4m3=False)))
     if args.residual_in_conv:
         rows.append(("residual_in_conv", FusedOptions(residual_in_conv=True)))
-    if args.fp8_norm_e4m3 and args.residual_in_conv:
-        rows.append(("norm_e4m3_residual_in_conv", FusedOptions(norm_writes_e4m3=True, residual_in_conv=True)))
     return rows
 
 
-def bench_with_overlap(model: UnCLIPModel, args: argparse.Namespace) -> dict:
-    """Ours in fp16 with the persistent CUTLASS convolutions launched by programmatic dependent
-    launch (their graphs captured so); the setting is put back after."""
-    import cpp_ext
-
-    kernel = cpp_ext.cutlass_conv
-    if kernel is None or not hasattr(kernel, "set_overlapped"):
-        return {"error": "the CUTLASS convolutions (with set_overlapped) are not built"}
-    kept = kernel.overlapped()
-    kernel.set_overlapped(True)
+def bench_with_setting(model: UnCLIPModel, args: argparse.Namespace, module: object, setter: str, getter: str,
+                       value: object) -> dict:
+    """Ours in fp16 with a kernel module's setting (`module.setter(value)`, read back by
+    `module.getter()`) in force while its graphs are captured and timed; the setting is put back after."""
+    if module is None or not hasattr(module, setter):
+        return {"error": f"the kernels with {setter} are not built"}
+    kept = getattr(module, getter)()
+    getattr(module, setter)(value)
     try:
         result = bench_ours(model, args, graphs=True)
     finally:
-        kernel.set_overlapped(kept)
+        getattr(module, setter)(kept)
     return result
 
 
@@ -616,8 +614,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_splits(model, args)
         save_partial(results, args.out)
-    if args.cutlass_overlap:
-        results["ours_overlap"] = bench_with_overlap(model, args)
+    if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
+        results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",
+                                                     "overlapped", True)
+        save_partial(results, args.out)
+    if args.norm_clusters_off:
+        results["ours_no_norm_clusters"] = bench_with_setting(model, args, cpp_ext.kernels, "set_norm_clusters",
+                                                              "norm_clusters", 1)
         save_partial(results, args.out)
     if args.residual_in_conv:
         from models.fused import FusedOptions

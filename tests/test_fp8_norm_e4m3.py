@@ -101,4 +101,4 @@ def test_the_norm_writes_e4m3_only_for_a_calibrated_convolution_on_cutlass():
     layer.observing = True
     assert layer.quantized_input_scale(x) is None
     assert group_norm_e4m3(GroupNorm32(32, True), x, torch.tensor(0.01)) is None
-    assert FusedOptions().norm_writes_e4m3 is False
+    assert FusedOptions().norm_writes_e4m3 is True

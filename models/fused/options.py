@@ -30,12 +30,14 @@ class FusedOptions:
         (`benchmarks/latency.py --cudnn-convs` times both).
     :param norm_writes_e4m3: a group norm whose output only an FP8 3×3 convolution reads (with a
         calibrated input scale, on CUTLASS) writes it in e4m3 at that scale, instead of fp16 that
-        the convolution then quantises in a pass of its own (`norms.group_norm_e4m3`). Off until
-        measured on a GPU (`benchmarks/latency.py --fp8-norm-e4m3`).
+        the convolution then quantises in a pass of its own (`norms.group_norm_e4m3`). On: the
+        input crosses memory once as one byte instead of three times (docs/fp8.md;
+        `benchmarks/latency.py --fp8-norm-fp16` times it off).
     :param residual_in_conv: a residual block with an identity skip adds its input and its last
         convolution's bias in that convolution's epilogue (CUTLASS, where the shape's choice is a
         CUTLASS configuration, fp16 or FP8) instead of a join pass; the next norm then computes its
-        own statistics. Off until measured on a GPU (`benchmarks/latency.py --residual-in-conv`).
+        own statistics. Off: measured no faster than the join pass, which also hands the next norm
+        its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
     """
 
     join_stats: bool = True
@@ -44,7 +46,7 @@ class FusedOptions:
     time_table: bool = True
     staged_weights: bool = True
     cutlass_convs: bool = True
-    norm_writes_e4m3: bool = False
+    norm_writes_e4m3: bool = True
     residual_in_conv: bool = False
 
 
