@@ -76,9 +76,14 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
                      call.shift ? reinterpret_cast<const T*>(call.shift->data_ptr()) : nullptr,
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
-  if (!call.coefficients_only && call.given_partial == nullptr && !call.down &&
-      (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
-    one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, stream);
+  const bool one_launch = !call.coefficients_only && call.given_partial == nullptr && !call.down && mode != 0;
+  // a cluster where the map is channels-last half precision, channels in 16-byte packs
+  const int ranks = one_launch && call.nhwc && elem == 2 && unclip_rt::aligned16(x) && unclip_rt::aligned16(y)
+                        ? cluster_ranks(cg, s.hw, s.channels)
+                        : 1;
+  if (one_launch && (mode > 0 || one_pass_by_size(cg, s.hw) || ranks > 1)) {
+    one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, ranks,
+                     stream);
     return y;
   }
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
@@ -232,7 +237,7 @@ static std::vector<at::Tensor> run_group_norm_concat(const at::Tensor& first, co
               "group_norm_concat: first_bias (and first_bias2) must be contiguous [C1] vectors in the inputs' dtype, "
               "first_bias2 only with first_bias");
   const int64_t cg = channels / groups;
-  if (one_pass_by_size(cg, hw) || !wide_geometry_fits(cg, channels, groups)) {  // group_norm_typed's choices
+  if (one_launch_nhwc_half(cg, hw, channels) || !wide_geometry_fits(cg, channels, groups)) {  // group_norm_typed's choices
     at::Tensor head = first;
     if (first_bias) {  // the biases in float, rounded once, as the fused pass adds them
       auto total = first_bias->to(at::kFloat);
@@ -296,5 +301,12 @@ bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw)
   TORCH_CHECK(groups > 0 && channels > 0 && channels % groups == 0 && hw > 0,
               "group_norm_takes_three_passes: channels must be a positive multiple of groups, hw positive");
   const int64_t cg = channels / groups;
-  return !one_pass_by_size(cg, hw) && wide_geometry_fits(cg, channels, groups);
+  return !one_launch_nhwc_half(cg, hw, channels) && wide_geometry_fits(cg, channels, groups);
 }
+
+// The group norm's thread-block clusters (group_norm_parts.cuh): 0 by size (the default), 1
+// never, 2, 4 or 8 blocks per group wherever a cluster serves. CUDA graphs keep the kernels
+// they captured: set this before capturing.
+void set_norm_clusters(int64_t setting) { set_norm_cluster_setting(static_cast<int>(setting)); }
+
+int64_t norm_clusters() { return norm_cluster_setting(); }
