@@ -1,7 +1,9 @@
 """The group norm's thread-block clusters (`cpp_ext.kernels.set_norm_clusters`) at the decoder's
 map sizes: microseconds per norm, replayed from a CUDA graph of many norms in a row (as the
-decoder step's graph runs them), for one block per group (three passes past the one-launch
-kernel's size) and for 2, 4 and 8 blocks per group, and for the by-size default.
+decoder step's graph runs them): the default (one block per group, three passes past the
+one-launch kernel's size), one block in one launch at every size, 2, 4 and 8 blocks per group in
+a cluster, and clusters by size. With UNCLIP_RT_NO_PDL=1 the same without programmatic dependent
+launch.
 
     python benchmarks/norm_clusters.py [--batch 2] [--out FILE.json]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,14 +30,16 @@ from models.checkpoint import atomic_write  # noqa: E402
 # and its output blocks' concatenations
 SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (1280, 32), (1600, 32), (960, 16), (1920, 16), (1280, 8),
           (2560, 8)]
-SETTINGS = {"one block (three passes past 16384 elements)": 1, "2 blocks": 2, "4 blocks": 4, "8 blocks": 8,
-            "by size (default)": 0}
+# name → (set_norm_clusters, one_pass_mode): the default (one block, three passes past 16384
+# elements a group), one block in one launch at every size, clusters
+SETTINGS = {"default": (1, -1), "one launch": (1, 1), "2 blocks": (2, -1), "4 blocks": (4, -1),
+            "8 blocks": (8, -1), "by size": (0, -1)}
 CALLS = 20  # norms per graph replay
 
 
-def time_norm(batch: int, channels: int, size: int, setting: int) -> float:
+def time_norm(batch: int, channels: int, size: int, setting: int, mode: int) -> float:
     """Microseconds of one FiLM + SiLU group norm (the decoder's scale-shift ResBlocks') of a
-    channels-last fp16 [batch, channels, size, size] map under `setting`."""
+    channels-last fp16 [batch, channels, size, size] map under cluster `setting` and `one_pass_mode`."""
     g = torch.Generator(device="cuda").manual_seed(channels + size)
     x = torch.randn(batch, channels, size, size, generator=g, device="cuda").half()
     x = x.to(memory_format=torch.channels_last)
@@ -45,7 +50,7 @@ def time_norm(batch: int, channels: int, size: int, setting: int) -> float:
     try:
         def norms() -> None:
             for _ in range(CALLS):
-                cpp_ext.kernels.group_norm(x, 32, weight, bias, scale, shift, None, 1e-5, True)
+                cpp_ext.kernels.group_norm(x, 32, weight, bias, scale, shift, None, 1e-5, True, one_pass_mode=mode)
 
         return graph_ms(norms, replays=50) * 1e3 / CALLS
     finally:
@@ -60,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     if cpp_ext.kernels is None or not hasattr(cpp_ext.kernels, "set_norm_clusters"):
         raise SystemExit(f"cpp_ext is not built with the norm's clusters: {cpp_ext.IMPORT_ERROR}")
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+                     "pdl": "UNCLIP_RT_NO_PDL" not in os.environ,
                      "calls_per_replay": CALLS, "us": {}}
     for channels, size in SHAPES:
         key = f"{channels} ch @{size}²"
-        row = {name: round(time_norm(args.batch, channels, size, setting), 2) for name, setting in SETTINGS.items()}
+        row = {name: round(time_norm(args.batch, channels, size, *how), 2) for name, how in SETTINGS.items()}
         results["us"][key] = row
-        print(f"{key:>16}  " + "  ".join(f"{name.split(' (')[0]} {us:6.2f}" for name, us in row.items()), flush=True)
+        print(f"{key:>16}  " + "  ".join(f"{name} {us:6.2f}" for name, us in row.items()), flush=True)
     if args.out:
         atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1)))
     return 0

@@ -304,8 +304,8 @@ bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw)
   return !one_launch_nhwc_half(cg, hw, channels) && wide_geometry_fits(cg, channels, groups);
 }
 
-// The group norm's thread-block clusters (group_norm_parts.cuh): 0 by size (the default), 1
-// never, 2, 4 or 8 blocks per group wherever a cluster serves. CUDA graphs keep the kernels
+// The group norm's thread-block clusters (group_norm_parts.cuh): 0 by size, 1 never (the
+// default), 2, 4 or 8 blocks per group wherever a cluster serves. CUDA graphs keep the kernels
 // they captured: set this before capturing.
 void set_norm_clusters(int64_t setting) { set_norm_cluster_setting(static_cast<int>(setting)); }
 

@@ -225,7 +225,9 @@ void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::atomic<int> cluster_setting{0};
+// Never, by default: in the decoder's graphs the clustered kernel measured slower than the three
+// passes it replaces (docs/kernels.md).
+std::atomic<int> cluster_setting{1};
 
 }  // namespace
 

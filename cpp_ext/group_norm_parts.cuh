@@ -42,7 +42,7 @@ constexpr int64_t kClusterMaxElements = 131072;
 constexpr int kClusterMaxRanks = 8;                  // the portable cluster size
 constexpr int64_t kClusterElementsPerBlock = 4096;  // auto: the fewest ranks that keep a block's share at most this
 
-// The clusters' setting (set_norm_clusters): 0 by size (the default), 1 never (one block per
+// The clusters' setting (set_norm_clusters): 0 by size, 1 never (the default: one block per
 // group, three passes past kOnePassMaxElements), 2, 4 or 8 that many blocks wherever a cluster serves.
 int norm_cluster_setting();
 void set_norm_cluster_setting(int setting);
