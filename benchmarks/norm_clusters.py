@@ -1,9 +1,9 @@
 """The group norm's thread-block clusters (`cpp_ext.kernels.set_norm_clusters`) at the decoder's
 map sizes: microseconds per norm, replayed from a CUDA graph of many norms in a row (as the
 decoder step's graph runs them): the default (one block per group, three passes past the
-one-launch kernel's size), one block in one launch at every size, 2, 4 and 8 blocks per group in
-a cluster, and clusters by size. With UNCLIP_RT_NO_PDL=1 the same without programmatic dependent
-launch.
+one-launch kernel's size), one block per group in one launch at every size, the bundled kernel
+(`cpp_ext/group_norm_clusters.cu`) in clusters of 2, 4 and 8 blocks, and by size. With
+UNCLIP_RT_NO_PDL=1 the same without programmatic dependent launch.
 
     python benchmarks/norm_clusters.py [--batch 2] [--out FILE.json]
 """
@@ -30,8 +30,9 @@ from models.checkpoint import atomic_write  # noqa: E402
 # and its output blocks' concatenations
 SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (1280, 32), (1600, 32), (960, 16), (1920, 16), (1280, 8),
           (2560, 8)]
-# name → (set_norm_clusters, one_pass_mode): the default (one block, three passes past 16384
-# elements a group), one block in one launch at every size, clusters
+# name → (set_norm_clusters, one_pass_mode): the default (one block a group, three passes past
+# 16384 elements a group), one block a group in one launch at every size, the bundled kernel in
+# clusters of 2, 4, 8 blocks and by size
 SETTINGS = {"default": (1, -1), "one launch": (1, 1), "2 blocks": (2, -1), "4 blocks": (4, -1),
             "8 blocks": (8, -1), "by size": (0, -1)}
 CALLS = 20  # norms per graph replay

@@ -73,8 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",
         py::arg("channels"), py::arg("groups"), py::arg("hw"));
   m.def("set_norm_clusters", &set_norm_clusters,
-        "the group norm's thread-block clusters on Hopper: 0 by size, 1 never (default: one block per group), "
-        "2, 4 or 8 blocks per group wherever a cluster serves; CUDA graphs keep what they captured",
+        "the group norm's bundled one-launch kernel in thread-block clusters on Hopper (channels-last half "
+        "precision): 0 by size, 1 never (default), 2, 4 or 8 blocks per bundle of groups; CUDA graphs keep what "
+        "they captured",
         py::arg("setting"));
   m.def("norm_clusters", &norm_clusters, "the group norm's cluster setting (set_norm_clusters)");
   m.def("group_norm_coefficients", &group_norm_coefficients,

@@ -77,11 +77,12 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
   const bool one_launch = !call.coefficients_only && call.given_partial == nullptr && !call.down && mode != 0;
-  // a cluster where the map is channels-last half precision, channels in 16-byte packs
-  const int ranks = one_launch && call.nhwc && elem == 2 && unclip_rt::aligned16(x) && unclip_rt::aligned16(y)
+  // the bundled kernel (opt-in) where the map is channels-last half precision in 16-byte packs
+  const int ranks = one_launch && call.nhwc && elem == 2 && s.channels % 8 == 0 && unclip_rt::aligned16(x) &&
+                            unclip_rt::aligned16(y)
                         ? cluster_ranks(cg, s.hw, s.channels)
-                        : 1;
-  if (one_launch && (mode > 0 || one_pass_by_size(cg, s.hw) || ranks > 1)) {
+                        : 0;
+  if (one_launch && (mode > 0 || one_pass_by_size(cg, s.hw) || ranks > 0)) {
     one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, ranks,
                      stream);
     return y;
@@ -304,8 +305,8 @@ bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw)
   return !one_launch_nhwc_half(cg, hw, channels) && wide_geometry_fits(cg, channels, groups);
 }
 
-// The group norm's thread-block clusters (group_norm_parts.cuh): 0 by size, 1 never (the
-// default), 2, 4 or 8 blocks per group wherever a cluster serves. CUDA graphs keep the kernels
+// The group norm's bundled kernel and its thread-block clusters (group_norm_parts.cuh): 0 by
+// size, 1 never (the default), 2, 4 or 8 blocks per bundle wherever the bundled kernel serves. CUDA graphs keep the kernels
 // they captured: set this before capturing.
 void set_norm_clusters(int64_t setting) { set_norm_cluster_setting(static_cast<int>(setting)); }
 

@@ -2,14 +2,8 @@
 // (sample, group) sums its group (shifted, as the statistics pass), folds the sums in a fixed
 // order, then normalises the same elements again (an L1/L2 hit: a group is at most tens of
 // kilobytes). Three launches of a few microseconds each cost more than the work at these sizes.
-// On Hopper a channels-last half-precision group may instead be split over a thread-block cluster
-// (cluster_ranks): each block sums its share of the group's pixels, the blocks fold their sums
-// through distributed shared memory in rank order (every block gets the same statistics, and the
-// same from run to run), and each normalises its share.
-
-#include <cooperative_groups.h>
-
-#include <atomic>
+// The bundled kernel (group_norm_clusters.cu) is the opt-in alternative for channels-last half
+// precision; one_pass_norm hands a map to it where cluster_ranks says so.
 
 #include "group_norm_parts.cuh"
 
@@ -27,43 +21,6 @@ __device__ __forceinline__ float2 one_pass_stats(float2 acc, float2* smem, float
   }
   __syncthreads();
   return *stats;
-}
-
-// one_pass_stats for a block of a cluster whose `ranks` blocks share one group: each block's sum
-// goes to its `partial`, thread 0 of every block folds all of them in rank order, so every
-// block has the same statistics. The second cluster barrier also keeps each block's shared
-// memory alive until the others have read it.
-__device__ __forceinline__ float2 cluster_stats(float2 acc, float2* smem, float2* partial, float2* stats, float pivot,
-                                                float n, float eps, int ranks) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  const float2 block = block_sum(acc, smem);
-  if (threadIdx.x == 0) *partial = block;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    float2 total = make_float2(0.f, 0.f);
-    for (int r = 0; r < ranks; ++r) {
-      const float2 p = *cluster.map_shared_rank(partial, r);
-      total.x += p.x;
-      total.y += p.y;
-    }
-    const float mean_shift = total.x / n;
-    *stats = make_float2(pivot + mean_shift, rsqrtf(fmaxf(total.y / n - mean_shift * mean_shift, 0.f) + eps));
-  }
-  cluster.sync();
-  return *stats;
-#else  // never launched below Hopper (cluster_ranks)
-  return one_pass_stats(acc, smem, stats, pivot, n, eps);
-#endif
-}
-
-__device__ __forceinline__ unsigned rank_in_cluster() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().block_rank();
-#else
-  return 0;
-#endif
 }
 
 template <typename T, int VEC, bool NHWC>
@@ -129,36 +86,29 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass(const T* __restrict_
 // pass's y = x * A + B coefficients (finalize's formula), so an element costs one FMA and no
 // global loads beyond its own. Packs wholly inside the group are stored whole, edge packs
 // element by element (other blocks own their other channels).
-// CLUSTER: `ranks` consecutive blocks (one cluster) share a group, block r its pixels
-// [hw * r / ranks, hw * (r + 1) / ranks); without, ranks is 1.
-template <typename T, bool CLUSTER>
+template <typename T>
 __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __restrict__ x, Add<T> add,
                                                                  const T* __restrict__ weight,
                                                                  const T* __restrict__ bias, Film<T> film,
-                                                                 T* __restrict__ y, Shape s, float eps, bool silu,
-                                                                 int ranks) {
+                                                                 T* __restrict__ y, Shape s, float eps, bool silu) {
   unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
   unclip_rt::allow_dependents();
   __shared__ float2 smem[kOnePassThreads / 32];
   __shared__ float added[kOnePassMaxGroupChannels];
   __shared__ float2 coef[kOnePassMaxGroupChannels];
   __shared__ float2 stats;
-  __shared__ float2 partial;  // CLUSTER: this block's sums, read by the cluster's other blocks
   using P8 = Pack<T, 8>;
-  const int rank = CLUSTER ? static_cast<int>(rank_in_cluster()) : 0;
-  const int64_t row = blockIdx.x / ranks;  // (sample, group)
-  const int64_t b = row / s.groups, g = row % s.groups;
+  const int64_t b = blockIdx.x / s.groups, g = blockIdx.x % s.groups;
   const int cg = static_cast<int>(s.channels / s.groups), c0 = static_cast<int>(g) * cg;
   const int first_pack = c0 / 8, span = (c0 + cg + 7) / 8 - first_pack;  // packs per pixel
-  const int p0 = static_cast<int>(s.hw * rank / ranks), p1 = static_cast<int>(s.hw * (rank + 1) / ranks);
-  const int items = (p1 - p0) * span;
+  const int items = static_cast<int>(s.hw) * span;
   const int64_t sample = b * s.hw * s.channels;
   for (int c = threadIdx.x; c < cg; c += kOnePassThreads) added[c] = add.at(b, c0 + c);
   __syncthreads();
   const float pivot = to_float(x[sample + c0]) + added[0];
   float2 acc = make_float2(0.f, 0.f);
   for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
-    const int local = e / span, pixel = p0 + local, within = (first_pack + e - local * span) * 8 - c0;  // pack's first channel - c0
+    const int pixel = e / span, within = (first_pack + e - pixel * span) * 8 - c0;  // pack's first channel - c0
     const P8 in = *reinterpret_cast<const P8*>(x + sample + static_cast<int64_t>(pixel) * s.channels + c0 + within);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -168,9 +118,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
       acc.y += d * d;
     }
   }
-  const float n = static_cast<float>(cg * s.hw);
-  const float2 st = CLUSTER ? cluster_stats(acc, smem, &partial, &stats, pivot, n, eps, ranks)
-                            : one_pass_stats(acc, smem, &stats, pivot, n, eps);
+  const float2 st = one_pass_stats(acc, smem, &stats, pivot, static_cast<float>(cg * s.hw), eps);
   for (int c = threadIdx.x; c < cg; c += kOnePassThreads) {
     const int64_t cc = c0 + c;
     const float a = st.y * to_float(weight[cc]);
@@ -184,7 +132,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
   }
   __syncthreads();
   for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
-    const int local = e / span, pixel = p0 + local, within = (first_pack + e - local * span) * 8 - c0;
+    const int pixel = e / span, within = (first_pack + e - pixel * span) * 8 - c0;
     const int64_t i = sample + static_cast<int64_t>(pixel) * s.channels + c0 + within;
     const P8 in = *reinterpret_cast<const P8*>(x + i);
     P8 out;
@@ -225,60 +173,28 @@ void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Never, by default: in the decoder's graphs the clustered kernel measured slower than the three
-// passes it replaces (docs/kernels.md).
-std::atomic<int> cluster_setting{1};
-
 }  // namespace
-
-int norm_cluster_setting() { return cluster_setting.load(std::memory_order_relaxed); }
-
-void set_norm_cluster_setting(int setting) {
-  TORCH_CHECK(setting == 0 || setting == 1 || setting == 2 || setting == 4 || setting == 8,
-              "set_norm_clusters: 0 (by size), 1 (never), 2, 4 or 8 blocks per group");
-  cluster_setting.store(setting, std::memory_order_relaxed);
-}
-
-int cluster_ranks(int64_t cg, int64_t hw, int64_t channels) {
-  const int setting = norm_cluster_setting();
-  const int64_t n = cg * hw;
-  if (setting == 1 || channels % 8 != 0 || cg > kOnePassMaxGroupChannels || n > kClusterMaxElements ||
-      hw * ((cg + 14) / 8) >= (int64_t{1} << 31) || unclip_rt::current_device_major() < 9) {
-    return 1;
-  }
-  int ranks = setting;
-  if (setting == 0) {
-    ranks = 1;
-    while (ranks < kClusterMaxRanks && n > ranks * kClusterElementsPerBlock) ranks *= 2;
-  }
-  return hw >= ranks ? ranks : 1;
-}
 
 template <typename T>
 void one_pass_norm(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
                    at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, int elem, int ranks,
                    cudaStream_t stream) {
+  if (ranks > 0) {
+    TORCH_CHECK(nhwc && elem == 2, "group_norm: the bundled kernel needs a channels-last half-precision map");
+    if constexpr (sizeof(T) == 2) bundled_norm<T>(x, add, weight, bias, film, y, s, eps, silu, ranks, stream);
+    return;
+  }
   const int64_t cg = s.channels / s.groups;
   const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
   if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
       s.hw * ((cg + 14) / 8) < (int64_t{1} << 31) && unclip_rt::aligned16(x) && unclip_rt::aligned16(y)) {
-    const auto* xp = reinterpret_cast<const T*>(x.data_ptr());
-    const auto* wp = reinterpret_cast<const T*>(weight.data_ptr());
-    const auto* bp = reinterpret_cast<const T*>(bias.data_ptr());
-    auto* yp = reinterpret_cast<T*>(y.data_ptr());
-    const auto rows = static_cast<unsigned>(s.batch * s.groups);
-    if (ranks > 1) {
-      unclip_rt::launch_overlapped_in_clusters(one_pass_nhwc<T, true>, dim3(rows * ranks), dim3(kOnePassThreads),
-                                               static_cast<unsigned>(ranks), 0, stream, xp, add, wp, bp, film, yp, s,
-                                               static_cast<float>(eps), silu, ranks);
-    } else {
-      unclip_rt::launch_overlapped(one_pass_nhwc<T, false>, dim3(rows), dim3(kOnePassThreads), 0, stream, xp, add, wp,
-                                   bp, film, yp, s, static_cast<float>(eps), silu, 1);
-    }
+    unclip_rt::launch_overlapped(one_pass_nhwc<T>, dim3(static_cast<unsigned>(s.batch * s.groups)), dim3(kOnePassThreads), 0, stream,
+        reinterpret_cast<const T*>(x.data_ptr()), add, reinterpret_cast<const T*>(weight.data_ptr()),
+        reinterpret_cast<const T*>(bias.data_ptr()), film, reinterpret_cast<T*>(y.data_ptr()), s,
+        static_cast<float>(eps), silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  TORCH_CHECK(ranks == 1, "group_norm: a cluster of blocks needs a channels-last half-precision map");
   switch (v) {
     case 8: launch_one_pass<T, 8>(x, add, weight, bias, film, y, s, eps, silu, nhwc, stream); break;
     case 4: launch_one_pass<T, 4>(x, add, weight, bias, film, y, s, eps, silu, nhwc, stream); break;

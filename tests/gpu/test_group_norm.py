@@ -6,6 +6,8 @@ GPU and a built `cpp_ext`."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,12 +117,14 @@ def _norm_kernels(fn) -> list[str]:
 
 
 def _in_a_cluster(name: str) -> bool:
-    return "one_pass_nhwc" in name and ("true>" in name or "Lb1E" in name)
+    """Whether `name` is the bundled kernel launched in clusters (its CLUSTER template argument)."""
+    return "bundled" in name and ("true>" in name or "Lb1E" in name)
 
 
-# the decoder's levels at its guided batch of 2, an output block's concatenation, odd sizes
+# the decoder's levels at its guided batch of 2 (bundles of 4, 2, 4 and 1 groups), an output
+# block's concatenation, odd sizes, groups of 8 (bundles of one), 3 and 2 channels (bundles of 8, 4)
 CLUSTER_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 960, 16, 16), (2, 1280, 8, 8), (2, 960, 64, 64),
-                  (1, 320, 48, 40), (3, 256, 13, 11)]
+                  (1, 320, 48, 40), (3, 256, 13, 11), (2, 96, 12, 12), (2, 64, 20, 20)]
 
 
 @needs_clusters
@@ -128,10 +132,11 @@ CLUSTER_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 960, 16, 16), (2, 1280
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("setting", [0, 2, 4, 8])
 def test_the_norm_in_a_cluster_matches_float32_torch(shape, dtype, setting, norm_clusters):
-    """The one-launch norm split over a thread-block cluster (2, 4 or 8 blocks a group, or as many
-    as the group's size asks for): FiLM, SiLU, the added embedding and the 2x upsampled output
-    against float32 torch, the same bits on a second call, one kernel launch, and that launch the
-    cluster kernel wherever the setting asks for more than one block."""
+    """The bundled one-launch norm (the groups that fill whole 16-byte packs in one block, or split
+    over a thread-block cluster of 2, 4 or 8 blocks, or as many as the bundle's size asks for):
+    FiLM, SiLU, the added embedding and the 2x upsampled output against float32 torch, the same bits
+    on a second call, one kernel launch, the bundled kernel, in clusters wherever more than one
+    block is asked for."""
     norm_clusters(setting)
     g = torch.Generator(device="cuda").manual_seed(sum(shape) + setting)
     b, c, hgt, wid = shape
@@ -156,9 +161,10 @@ def test_the_norm_in_a_cluster_matches_float32_torch(shape, dtype, setting, norm
         assert rel(got.float(), ref) <= tol, (film, silu, with_add, up, rel(got.float(), ref))
         assert torch.equal(got, cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw))  # the fold's fixed order
     names = _norm_kernels(lambda: cpp_ext.kernels.group_norm(x, 32, weight, bias, scale, shift, None, 1e-5, True))
-    assert len(names) == 1, names
-    elements = c // 32 * hgt * wid
-    assert _in_a_cluster(names[0]) == (setting > 1 or elements > 4096), names
+    assert len(names) == 1 and "bundled" in names[0], names
+    cg = c // 32
+    bundle_elements = cg * (8 // math.gcd(cg, 8)) * hgt * wid
+    assert _in_a_cluster(names[0]) == (setting > 1 or bundle_elements > 16384), names
 
 
 @needs_clusters
