@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
     p.add_argument("--norm-clusters", action="store_true",
-                   help="also ours (fp16) with the decoder's group norms in thread-block clusters by size "
-                        "(cpp_ext.kernels.set_norm_clusters(0)) instead of one block per group")
+                   help="also ours (fp16) with the group norms of up to 131072 elements a group (the decoder's) in "
+                        "the bundled kernel, in thread-block clusters by size (cpp_ext.kernels.set_norm_clusters(0)), "
+                        "instead of one block per group")
     p.add_argument("--residual-in-conv", action="store_true",
                    help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
