@@ -120,15 +120,7 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
   }
   const float2 st = one_pass_stats(acc, smem, &stats, pivot, static_cast<float>(cg * s.hw), eps);
   for (int c = threadIdx.x; c < cg; c += kOnePassThreads) {
-    const int64_t cc = c0 + c;
-    const float a = st.y * to_float(weight[cc]);
-    float scale_a = a, shift_b = (added[c] - st.x) * a + to_float(bias[cc]);
-    if (film.scale != nullptr) {
-      const float sc = 1.f + to_float(film.scale[b * film.ld + cc]);
-      scale_a *= sc;
-      shift_b = shift_b * sc + to_float(film.shift[b * film.ld + cc]);
-    }
-    coef[c] = make_float2(scale_a, shift_b);
+    coef[c] = channel_coefficients(st, added[c], weight, bias, film, b, c0 + c);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < items; e += kOnePassThreads) {

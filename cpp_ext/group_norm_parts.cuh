@@ -109,6 +109,22 @@ struct Film {
   int64_t ld;
 };
 
+// Channel c's (of sample b) coefficients of y = x * A + B for the one-launch kernels: the group's
+// statistics st = (mean, 1/std) of x + added, the affine, then FiLM (finalize's formula).
+template <typename T>
+__device__ __forceinline__ float2 channel_coefficients(float2 st, float added, const T* __restrict__ weight,
+                                                       const T* __restrict__ bias, const Film<T>& film, int64_t b,
+                                                       int64_t c) {
+  const float a = st.y * to_float(weight[c]);
+  float scale_a = a, shift_b = (added - st.x) * a + to_float(bias[c]);
+  if (film.scale != nullptr) {
+    const float sc = 1.f + to_float(film.scale[b * film.ld + c]);
+    scale_a *= sc;
+    shift_b = shift_b * sc + to_float(film.shift[b * film.ld + c]);
+  }
+  return make_float2(scale_a, shift_b);
+}
+
 // Block-wide sum of two floats (fixed reduction order: deterministic).
 __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
   for (int offset = 16; offset > 0; offset /= 2) {
