@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(kOnePassThreads) bundled(const T* __restrict__
   unclip_rt::allow_dependents();
   __shared__ float2 smem[kOnePassThreads / 32];
   __shared__ float added[kBundleMaxChannels];
+  __shared__ unsigned char group_of[kBundleMaxChannels];  // each channel's group within the bundle
   __shared__ float2 coef[kBundleMaxChannels];
   __shared__ float2 partial[BUNDLE];  // this block's sums per group (read by the cluster's other blocks)
   __shared__ float2 stats[BUNDLE];
@@ -70,7 +71,10 @@ __global__ void __launch_bounds__(kOnePassThreads) bundled(const T* __restrict__
   const int p0 = static_cast<int>(s.hw * rank / ranks), p1 = static_cast<int>(s.hw * (rank + 1) / ranks);
   const int items = (p1 - p0) * packs;
   const int64_t sample = b * s.hw * s.channels;
-  for (int c = threadIdx.x; c < width; c += kOnePassThreads) added[c] = add.at(b, c0 + c);
+  for (int c = threadIdx.x; c < width; c += kOnePassThreads) {
+    added[c] = add.at(b, c0 + c);
+    group_of[c] = static_cast<unsigned char>(c / cg);
+  }
   __syncthreads();
   // each group's sums are shifted by its first element (pixel 0, its first channel): every block
   // of a cluster uses the same shifts
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(kOnePassThreads) bundled(const T* __restrict__
     const P8 in = *reinterpret_cast<const P8*>(x + sample + static_cast<int64_t>(p0 + local) * s.channels + c0 + first);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const int group = (first + k) / cg;
+      const int group = group_of[first + k];
       const float v = to_float(in.v[k]) + added[first + k];
 #pragma unroll
       for (int g = 0; g < BUNDLE; ++g) {
@@ -123,7 +127,7 @@ __global__ void __launch_bounds__(kOnePassThreads) bundled(const T* __restrict__
     __syncthreads();
   }
   for (int c = threadIdx.x; c < width; c += kOnePassThreads) {
-    coef[c] = channel_coefficients(stats[c / cg], added[c], weight, bias, film, b, c0 + c);
+    coef[c] = channel_coefficients(stats[group_of[c]], added[c], weight, bias, film, b, c0 + c);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
