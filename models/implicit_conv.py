@@ -179,8 +179,6 @@ def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        if residual is None:
-            return kernel.conv2d(x, weight, bias, *pad, *_split(entry))
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
     return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)), launch
@@ -198,8 +196,6 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     kernel = cpp_ext.cutlass_conv
 
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if residual is None:
-            return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry))
         return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry), residual=residual)
 
     return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device), residual)
