@@ -191,18 +191,15 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
             normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
                                                           norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
             h = _conv(conv_in, normed, options)
-    elif (block.up or block.down) and identity_skip:
-        # the norm writes its output resized and the join reads x resized: neither resized copy is made
-        resize = {"up": block.up, "down": block.down}
-        h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
-                          lambda s: group_norm_e4m3(norm_in, x, s, **resize))
-        x = plain(x)
-    elif block.up or block.down:
+    elif (block.up or block.down) and not identity_skip:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
     else:
-        h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x),
-                          lambda s: group_norm_e4m3(norm_in, x, s))
+        # an up or down block's norm writes its output resized and the join reads x resized: neither
+        # resized copy is made
+        resize = {"up": block.up, "down": block.down}
+        h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
+                          lambda s: group_norm_e4m3(norm_in, x, s, **resize))
         x = plain(x)
     emb_out = _emb_out(block, emb)
     if block.scale_shift:
