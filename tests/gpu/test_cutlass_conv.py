@@ -127,7 +127,7 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
     monkeypatch.setattr(implicit_conv, "_best", {})
     calls = []
     kernel = cpp_ext.cutlass_conv.conv2d
-    monkeypatch.setattr(cpp_ext.cutlass_conv, "conv2d", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    monkeypatch.setattr(cpp_ext.cutlass_conv, "conv2d", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
     with torch.no_grad():
         want = fused.unet_forward(unet, x, t, options=FusedOptions(cutlass_convs=False))
         assert not calls
