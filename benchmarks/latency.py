@@ -92,10 +92,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
-    p.add_argument("--norm-clusters", action="store_true",
-                   help="also ours (fp16) with the group norms of up to 131072 elements a group (the decoder's) in "
-                        "the bundled kernel, in thread-block clusters by size (cpp_ext.kernels.set_norm_clusters(0)), "
-                        "instead of one block per group")
     p.add_argument("--residual-in-conv", action="store_true",
                    help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
@@ -484,7 +480,6 @@ def table(results: dict) -> str:
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
-                           ("ours_norm_clusters", "unclip-rt, norms in clusters"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
@@ -618,10 +613,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",
                                                      "overlapped", True)
-        save_partial(results, args.out)
-    if args.norm_clusters:
-        results["ours_norm_clusters"] = bench_with_setting(model, args, cpp_ext.kernels, "set_norm_clusters",
-                                                           "norm_clusters", 0)
         save_partial(results, args.out)
     if args.residual_in_conv:
         from models.fused import FusedOptions

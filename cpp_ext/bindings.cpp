@@ -15,10 +15,6 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 
 bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
 
-void set_norm_clusters(int64_t setting);
-
-int64_t norm_clusters();
-
 at::Tensor group_norm_coefficients(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
                                    const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
                                    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
@@ -72,12 +68,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether group_norm (auto mode) runs a channels-last half-precision map of this size in three passes over "
         "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",
         py::arg("channels"), py::arg("groups"), py::arg("hw"));
-  m.def("set_norm_clusters", &set_norm_clusters,
-        "the group norm's bundled one-launch kernel in thread-block clusters on Hopper (channels-last half "
-        "precision): 0 by size, 1 never (default), 2, 4 or 8 blocks per bundle of groups; CUDA graphs keep what "
-        "they captured",
-        py::arg("setting"));
-  m.def("norm_clusters", &norm_clusters, "the group norm's cluster setting (set_norm_clusters)");
   m.def("group_norm_coefficients", &group_norm_coefficients,
         "group_norm's float32 [B, C, 2] coefficients (A, B): its output before SiLU is x * A + B (no normalising pass)",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),

@@ -76,15 +76,9 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
                      call.shift ? reinterpret_cast<const T*>(call.shift->data_ptr()) : nullptr,
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
-  const bool one_launch = !call.coefficients_only && call.given_partial == nullptr && !call.down && mode != 0;
-  // the bundled kernel (opt-in) where the map is channels-last half precision in 16-byte packs
-  const int ranks = one_launch && call.nhwc && elem == 2 && s.channels % 8 == 0 && unclip_rt::aligned16(x) &&
-                            unclip_rt::aligned16(y)
-                        ? cluster_ranks(cg, s.hw, s.channels)
-                        : 0;
-  if (one_launch && (mode > 0 || one_pass_by_size(cg, s.hw) || ranks > 0)) {
-    one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, ranks,
-                     stream);
+  if (!call.coefficients_only && call.given_partial == nullptr && !call.down &&
+      (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
+    one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, stream);
     return y;
   }
   auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
@@ -238,7 +232,7 @@ static std::vector<at::Tensor> run_group_norm_concat(const at::Tensor& first, co
               "group_norm_concat: first_bias (and first_bias2) must be contiguous [C1] vectors in the inputs' dtype, "
               "first_bias2 only with first_bias");
   const int64_t cg = channels / groups;
-  if (one_launch_nhwc_half(cg, hw, channels) || !wide_geometry_fits(cg, channels, groups)) {  // group_norm_typed's choices
+  if (one_pass_by_size(cg, hw) || !wide_geometry_fits(cg, channels, groups)) {  // group_norm_typed's choices
     at::Tensor head = first;
     if (first_bias) {  // the biases in float, rounded once, as the fused pass adds them
       auto total = first_bias->to(at::kFloat);
@@ -302,12 +296,5 @@ bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw)
   TORCH_CHECK(groups > 0 && channels > 0 && channels % groups == 0 && hw > 0,
               "group_norm_takes_three_passes: channels must be a positive multiple of groups, hw positive");
   const int64_t cg = channels / groups;
-  return !one_launch_nhwc_half(cg, hw, channels) && wide_geometry_fits(cg, channels, groups);
+  return !one_pass_by_size(cg, hw) && wide_geometry_fits(cg, channels, groups);
 }
-
-// The group norm's bundled kernel and its thread-block clusters (group_norm_parts.cuh): 0 by
-// size, 1 never (the default), 2, 4 or 8 blocks per bundle wherever the bundled kernel serves. CUDA graphs keep the kernels
-// they captured: set this before capturing.
-void set_norm_clusters(int64_t setting) { set_norm_cluster_setting(static_cast<int>(setting)); }
-
-int64_t norm_clusters() { return norm_cluster_setting(); }

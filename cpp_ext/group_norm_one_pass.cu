@@ -2,8 +2,6 @@
 // (sample, group) sums its group (shifted, as the statistics pass), folds the sums in a fixed
 // order, then normalises the same elements again (an L1/L2 hit: a group is at most tens of
 // kilobytes). Three launches of a few microseconds each cost more than the work at these sizes.
-// The bundled kernel (group_norm_clusters.cu) is the opt-in alternative for channels-last half
-// precision; one_pass_norm hands a map to it where cluster_ranks says so.
 
 #include "group_norm_parts.cuh"
 
@@ -120,7 +118,15 @@ __global__ void __launch_bounds__(kOnePassThreads) one_pass_nhwc(const T* __rest
   }
   const float2 st = one_pass_stats(acc, smem, &stats, pivot, static_cast<float>(cg * s.hw), eps);
   for (int c = threadIdx.x; c < cg; c += kOnePassThreads) {
-    coef[c] = channel_coefficients(st, added[c], weight, bias, film, b, c0 + c);
+    const int64_t cc = c0 + c;
+    const float a = st.y * to_float(weight[cc]);
+    float scale_a = a, shift_b = (added[c] - st.x) * a + to_float(bias[cc]);
+    if (film.scale != nullptr) {
+      const float sc = 1.f + to_float(film.scale[b * film.ld + cc]);
+      scale_a *= sc;
+      shift_b = shift_b * sc + to_float(film.shift[b * film.ld + cc]);
+    }
+    coef[c] = make_float2(scale_a, shift_b);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < items; e += kOnePassThreads) {
@@ -169,13 +175,7 @@ void launch_one_pass(const at::Tensor& x, Add<T> add, const at::Tensor& weight, 
 
 template <typename T>
 void one_pass_norm(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
-                   at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, int elem, int ranks,
-                   cudaStream_t stream) {
-  if (ranks > 0) {
-    TORCH_CHECK(nhwc && elem == 2, "group_norm: the bundled kernel needs a channels-last half-precision map");
-    if constexpr (sizeof(T) == 2) bundled_norm<T>(x, add, weight, bias, film, y, s, eps, silu, ranks, stream);
-    return;
-  }
+                   at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, int elem, cudaStream_t stream) {
   const int64_t cg = s.channels / s.groups;
   const int v = pick_vec(nhwc ? cg : s.hw, x.data_ptr(), y.data_ptr(), elem);
   if (nhwc && elem == 2 && s.channels % 8 == 0 && cg <= kOnePassMaxGroupChannels &&
@@ -196,10 +196,10 @@ void one_pass_norm(const at::Tensor& x, Add<T> add, const at::Tensor& weight, co
 }
 
 template void one_pass_norm<float>(const at::Tensor&, Add<float>, const at::Tensor&, const at::Tensor&, Film<float>,
-                                     at::Tensor&, const Shape&, double, bool, bool, int, int, cudaStream_t);
+                                     at::Tensor&, const Shape&, double, bool, bool, int, cudaStream_t);
 template void one_pass_norm<__half>(const at::Tensor&, Add<__half>, const at::Tensor&, const at::Tensor&, Film<__half>,
-                                     at::Tensor&, const Shape&, double, bool, bool, int, int, cudaStream_t);
+                                     at::Tensor&, const Shape&, double, bool, bool, int, cudaStream_t);
 template void one_pass_norm<__nv_bfloat16>(const at::Tensor&, Add<__nv_bfloat16>, const at::Tensor&, const at::Tensor&, Film<__nv_bfloat16>,
-                                     at::Tensor&, const Shape&, double, bool, bool, int, int, cudaStream_t);
+                                     at::Tensor&, const Shape&, double, bool, bool, int, cudaStream_t);
 
 }  // namespace unclip_rt::group_norm_parts

@@ -33,32 +33,6 @@ constexpr int64_t kOnePassMaxElements = 16384;  // measured: one launch wins up 
 // Whether groups of `cg` channels over `hw` pixels take the one-launch kernel in auto mode.
 inline bool one_pass_by_size(int64_t cg, int64_t hw) { return cg * hw <= kOnePassMaxElements; }
 
-// The bundled one-launch kernel (group_norm_clusters.cu, channels-last half precision, Hopper,
-// opt-in): a block or a thread-block cluster takes the adjacent groups that fill whole 16-byte
-// packs, each block of a cluster its share of their pixels, the blocks' sums folded through
-// distributed shared memory; groups up to kClusterMaxElements (the decoder's 64x64 and 32x32
-// maps) take one launch instead of three.
-constexpr int64_t kClusterMaxElements = 131072;
-constexpr int kClusterMaxRanks = 8;                   // the portable cluster size
-constexpr int64_t kClusterElementsPerBlock = 16384;  // by size: the fewest blocks that keep a block's share at most this
-constexpr int kBundleMaxChannels = 512;              // a bundle's channels: its shared-memory terms
-
-// The clusters' setting (set_norm_clusters): 0 by size, 1 never (the default), 2, 4 or 8 blocks
-// per bundle wherever the bundled kernel serves.
-int norm_cluster_setting();
-void set_norm_cluster_setting(int setting);
-
-// The blocks per bundle of the bundled kernel for a channels-last half-precision map of
-// `channels` in groups of `cg` over `hw` pixels on the current device: 0 where it does not run
-// (the plain one-launch kernel where one_pass_by_size, else three passes), 1 one block, more a cluster.
-int cluster_ranks(int64_t cg, int64_t hw, int64_t channels);
-
-// Whether a channels-last half-precision map (channels a multiple of 8, 16-byte aligned) takes
-// one launch in auto mode: small groups, or the bundled kernel.
-inline bool one_launch_nhwc_half(int64_t cg, int64_t hw, int64_t channels) {
-  return one_pass_by_size(cg, hw) || cluster_ranks(cg, hw, channels) > 0;
-}
-
 struct Shape {
   int64_t batch, channels, hw;  // x is [batch, channels, hw] (NCHW) or [batch, hw, channels] (NHWC)
   int groups, chunks;
@@ -108,22 +82,6 @@ struct Film {
   const T* shift;
   int64_t ld;
 };
-
-// Channel c's (of sample b) coefficients of y = x * A + B for the one-launch kernels: the group's
-// statistics st = (mean, 1/std) of x + added, the affine, then FiLM (finalize's formula).
-template <typename T>
-__device__ __forceinline__ float2 channel_coefficients(float2 st, float added, const T* __restrict__ weight,
-                                                       const T* __restrict__ bias, const Film<T>& film, int64_t b,
-                                                       int64_t c) {
-  const float a = st.y * to_float(weight[c]);
-  float scale_a = a, shift_b = (added - st.x) * a + to_float(bias[c]);
-  if (film.scale != nullptr) {
-    const float sc = 1.f + to_float(film.scale[b * film.ld + c]);
-    scale_a *= sc;
-    shift_b = shift_b * sc + to_float(film.shift[b * film.ld + c]);
-  }
-  return make_float2(scale_a, shift_b);
-}
 
 // Block-wide sum of two floats (fixed reduction order: deterministic).
 __device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
@@ -209,16 +167,10 @@ template <typename T>
 void normalize_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, Shape& s, bool silu, bool nhwc,
                     int elem, cudaStream_t stream);
 
-// The bundled one-launch norm (group_norm_clusters.cu) in `ranks` blocks per bundle.
-template <typename T>
-void bundled_norm(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
-                  at::Tensor& y, const Shape& s, double eps, bool silu, int ranks, cudaStream_t stream);
-
 // The one-launch norm for small groups (group_norm_one_pass.cu): statistics and normalising in
-// one block per (sample, group); with `ranks` > 0 (cluster_ranks's answer for x) the bundled one.
+// one block per (sample, group).
 template <typename T>
 void one_pass_norm(const at::Tensor& x, Add<T> add, const at::Tensor& weight, const at::Tensor& bias, Film<T> film,
-                   at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, int elem, int ranks,
-                   cudaStream_t stream);
+                   at::Tensor& y, const Shape& s, double eps, bool silu, bool nhwc, int elem, cudaStream_t stream);
 
 }  // namespace unclip_rt::group_norm_parts

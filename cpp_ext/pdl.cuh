@@ -31,8 +31,11 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// The compute capability's major number of the current device (read once per device).
-inline int current_device_major() {
+// kernel<<<grid, block, smem, stream>>>(args...), overlapping the kernel before it where the
+// device supports it (compute capability 9.0+) and UNCLIP_RT_NO_PDL is not set (read once).
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
   constexpr int kDevices = 64;
   static std::atomic<int> majors[kDevices] = {};  // per device, 0 until read (threads may race: same value)
   int device = 0;
@@ -42,48 +45,18 @@ inline int current_device_major() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     if (device < kDevices) majors[device].store(major, std::memory_order_relaxed);
   }
-  return major;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of `cluster` blocks
-// along x (1: no cluster; more needs compute capability 9.0+ and grid.x a multiple of it),
-// overlapping the kernel before it where the device supports it (compute capability 9.0+) and
-// UNCLIP_RT_NO_PDL is not set (read once).
-template <typename... Params, typename... Args>
-void launch_overlapped_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, unsigned cluster, size_t smem,
-                                   cudaStream_t stream, Args&&... args) {
-  const int major = current_device_major();
-  cudaLaunchAttribute attribute[2];
-  unsigned count = 0;
-  static const bool allowed = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;
-  if (major >= 9 && allowed) {
-    attribute[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[count].val.programmaticStreamSerializationAllowed = 1;
-    ++count;
-  }
-  if (cluster > 1) {
-    attribute[count].id = cudaLaunchAttributeClusterDimension;
-    attribute[count].val.clusterDim.x = cluster;
-    attribute[count].val.clusterDim.y = 1;
-    attribute[count].val.clusterDim.z = 1;
-    ++count;
-  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attribute;
-  config.numAttrs = count;
+  static const bool allowed = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;
+  config.numAttrs = major >= 9 && allowed ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), overlapping the kernel before it as
-// launch_overlapped_in_clusters does.
-template <typename... Params, typename... Args>
-void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
-  launch_overlapped_in_clusters(kernel, grid, block, 1, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace unclip_rt

@@ -1,7 +1,7 @@
-"""Fixtures the GPU tests share: TF32 off on demand; the group norm's cluster setting; the
-memory a test cached given back after it; and one lock that keeps the Karlo- and paper-size
-tests from running at once when pytest-xdist runs the suite in several processes (each such
-test holds tens of GiB, and several at once overflow an 80 GB card)."""
+"""Fixtures the GPU tests share: TF32 off on demand; the memory a test cached given back after
+it; and one lock that keeps the Karlo- and paper-size tests from running at once when
+pytest-xdist runs the suite in several processes (each such test holds tens of GiB, and several
+at once overflow an 80 GB card)."""
 
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture
-def norm_clusters():
-    """`cpp_ext.kernels.set_norm_clusters` for the test (the group norm's thread-block clusters);
-    the setting before it put back after."""
-    import cpp_ext
-
-    kept = cpp_ext.kernels.norm_clusters()
-    yield cpp_ext.kernels.set_norm_clusters
-    cpp_ext.kernels.set_norm_clusters(kept)
 
 
 @pytest.fixture(autouse=True)

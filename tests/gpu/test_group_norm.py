@@ -1,12 +1,9 @@
 """The group norm kernels (`cpp_ext/group_norm.cu`): the norm with its fused addition, FiLM,
-SiLU and resized output against float32 torch, NCHW and channels-last, each pass mode, in a
-thread-block cluster too; the
+SiLU and resized output against float32 torch, NCHW and channels-last, each pass mode; the
 norm that writes the skip concatenation, with the biases deferred to it. Skipped without a CUDA
 GPU and a built `cpp_ext`."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -100,92 +97,6 @@ def test_fused_group_norm_resized_output_and_residual(shape, one_pass_mode, resi
     assert rel(joined, expect) <= 1e-3
     with pytest.raises(RuntimeError, match="needs channels_last"):
         cpp_ext.kernels.group_norm(x.contiguous(), 32, weight, bias, **flags)
-
-
-needs_clusters = pytest.mark.skipif(
-    cpp_ext.kernels is None or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-    reason="the norm's thread-block clusters need a Hopper (sm_90) GPU and a built cpp_ext")
-
-
-def _norm_kernels(fn) -> list[str]:
-    """The names of the group norm kernels one `fn()` launches."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and "group_norm_parts" in e.name]
-
-
-def _in_a_cluster(name: str) -> bool:
-    """Whether `name` is the bundled kernel launched in clusters (its CLUSTER template argument)."""
-    return "bundled" in name and ("true>" in name or "Lb1E" in name)
-
-
-# the decoder's levels at its guided batch of 2 (bundles of 4, 2, 4 and 1 groups), an output
-# block's concatenation, odd sizes, groups of 8 (bundles of one), 3 and 2 channels (bundles of 8, 4)
-CLUSTER_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 960, 16, 16), (2, 1280, 8, 8), (2, 960, 64, 64),
-                  (1, 320, 48, 40), (3, 256, 13, 11), (2, 96, 12, 12), (2, 64, 20, 20)]
-
-
-@needs_clusters
-@pytest.mark.parametrize("shape", CLUSTER_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("setting", [0, 2, 4, 8])
-def test_the_norm_in_a_cluster_matches_float32_torch(shape, dtype, setting, norm_clusters):
-    """The bundled one-launch norm (the groups that fill whole 16-byte packs in one block, or split
-    over a thread-block cluster of 2, 4 or 8 blocks, or as many as the bundle's size asks for):
-    FiLM, SiLU, the added embedding and the 2x upsampled output against float32 torch, the same bits
-    on a second call, one kernel launch, the bundled kernel, in clusters wherever more than one
-    block is asked for."""
-    norm_clusters(setting)
-    g = torch.Generator(device="cuda").manual_seed(sum(shape) + setting)
-    b, c, hgt, wid = shape
-    x = (torch.randn(shape, generator=g, device="cuda") * 3 + 2).to(dtype).to(memory_format=torch.channels_last)
-    weight = (1 + 0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
-    bias = (0.1 * torch.randn(c, generator=g, device="cuda")).to(dtype)
-    scale, shift = ((0.2 * torch.randn(b, c, generator=g, device="cuda")).to(dtype) for _ in range(2))
-    add = torch.randn(b, c, generator=g, device="cuda").to(dtype)
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
-    for film, silu, with_add, up in ((False, False, False, False), (True, True, False, False),
-                                     (False, True, True, False), (True, True, True, True)):
-        v = x.float() + add.float()[:, :, None, None] if with_add else x.float()
-        ref = F.group_norm(v, 32, weight.float(), bias.float(), 1e-5)
-        if film:
-            ref = ref * (1 + scale.float()[:, :, None, None]) + shift.float()[:, :, None, None]
-        ref = F.silu(ref) if silu else ref
-        ref = F.interpolate(ref, scale_factor=2, mode="nearest") if up else ref
-        kw = {"scale": scale if film else None, "shift": shift if film else None, "add": add if with_add else None,
-              "eps": 1e-5, "silu": silu, "up": up}
-        got = cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw)
-        assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
-        assert rel(got.float(), ref) <= tol, (film, silu, with_add, up, rel(got.float(), ref))
-        assert torch.equal(got, cpp_ext.kernels.group_norm(x, 32, weight, bias, **kw))  # the fold's fixed order
-    names = _norm_kernels(lambda: cpp_ext.kernels.group_norm(x, 32, weight, bias, scale, shift, None, 1e-5, True))
-    assert len(names) == 1 and "bundled" in names[0], names
-    cg = c // 32
-    bundle_elements = cg * (8 // math.gcd(cg, 8)) * hgt * wid
-    assert _in_a_cluster(names[0]) == (setting > 1 or bundle_elements > 16384), names
-
-
-@needs_clusters
-def test_the_cluster_setting_decides_which_maps_take_one_launch(norm_clusters):
-    """Without clusters the decoder's 64x64 maps take three passes (and the join before may hand
-    on their statistics); by size they take one launch in a cluster; the super-res UNet's 256x256
-    maps take three passes either way. A setting other than 0, 1, 2, 4, 8 is refused."""
-    x = torch.randn(2, 320, 64, 64, device="cuda").half().to(memory_format=torch.channels_last)
-    weight, bias = torch.ones(320, device="cuda").half(), torch.zeros(320, device="cuda").half()
-    norm_clusters(1)
-    assert cpp_ext.kernels.group_norm_takes_three_passes(320, 32, 64 * 64)
-    three = cpp_ext.kernels.group_norm(x, 32, weight, bias)
-    assert len(_norm_kernels(lambda: cpp_ext.kernels.group_norm(x, 32, weight, bias))) == 3
-    norm_clusters(0)
-    assert cpp_ext.kernels.norm_clusters() == 0
-    assert not cpp_ext.kernels.group_norm_takes_three_passes(320, 32, 64 * 64)
-    assert cpp_ext.kernels.group_norm_takes_three_passes(320, 32, 256 * 256)
-    assert rel(cpp_ext.kernels.group_norm(x, 32, weight, bias), three) <= 2e-3
-    with pytest.raises(RuntimeError, match="2, 4 or 8"):
-        cpp_ext.kernels.set_norm_clusters(3)
-    assert cpp_ext.kernels.norm_clusters() == 0
 
 
 @needs_kernel
