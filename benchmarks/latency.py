@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="also ours (fp16) with the decoder's attention on cuDNN's kernel over the packed keys "
+                        "(FusedOptions(cudnn_attention=True)) instead of flash attention's variable-length form")
     p.add_argument("--residual-in-conv", action="store_true",
                    help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
@@ -481,6 +484,7 @@ def table(results: dict) -> str:
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
+                           ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
@@ -619,6 +623,12 @@ def main(argv: list[str] | None = None) -> int:
 
         results["ours_residual_in_conv"] = bench_ours(model, args, graphs=True,
                                                       fused=FusedOptions(residual_in_conv=True))
+        save_partial(results, args.out)
+    if args.cudnn_attention:
+        from models.fused import FusedOptions
+
+        results["ours_cudnn_attention"] = bench_ours(model, args, graphs=True,
+                                                     fused=FusedOptions(cudnn_attention=True))
         save_partial(results, args.out)
     if args.cudnn_convs:
         from models.fused import FusedOptions

@@ -38,6 +38,11 @@ class FusedOptions:
         CUTLASS configuration, fp16 or FP8) instead of a join pass; the next norm then computes its
         own statistics. Off: measured no faster than the join pass, which also hands the next norm
         its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
+    :param cudnn_attention: the attention blocks with a text context attend over the same packed
+        keys by cuDNN's attention (SDPA's cuDNN backend, the dropped context tokens masked) instead
+        of flash attention's variable-length form. Off until measured in the pipeline
+        (`benchmarks/attention_backends.py` times the kernels alone, `benchmarks/latency.py
+        --cudnn-attention` the pipeline).
     """
 
     join_stats: bool = True
@@ -48,6 +53,7 @@ class FusedOptions:
     cutlass_convs: bool = True
     norm_writes_e4m3: bool = True
     residual_in_conv: bool = False
+    cudnn_attention: bool = False
 
 
 DEFAULT = FusedOptions()

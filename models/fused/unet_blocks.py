@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cpp_ext
 from models import implicit_conv
@@ -247,6 +248,19 @@ class VarlenContext(ContextBias):
             self._offsets[image_keys] = _offsets(b, image_keys, image_keys + n, self.bias.device)
         return self._offsets[image_keys]
 
+    def packed_mask(self, image_keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, 1, image_keys + N] additive mask in `dtype` of the packed keys
+        (`cpp_ext.kernels.pack_attention_kv`: image keys, then the kept context tokens, then the
+        dropped ones): 0 up to each sample's used keys, -inf after."""
+        key = ("packed", image_keys, dtype)
+        if key not in self._padded:
+            b, n = self.bias.shape
+            used = image_keys + self.keep().sum(dim=1, keepdim=True)  # [B, 1]
+            beyond = torch.arange(image_keys + n, device=self.bias.device)[None, :] >= used
+            mask = torch.zeros(b, image_keys + n, device=self.bias.device, dtype=dtype)
+            self._padded[key] = mask.masked_fill_(beyond, float("-inf"))[:, None, None, :]
+        return self._padded[key]
+
 
 def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context: torch.Tensor | None = None,
                     context_bias: VarlenContext | None = None, context_kv: torch.Tensor | None = None,
@@ -268,7 +282,8 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
         ek, ev = block.context_keys_values(context, None, qkv.dtype)
     if ek is not None and _flash_varlen_serves(qkv, c // block.heads):
         packed = torch.stack([ek, ev], dim=1) if packed is None else packed
-        return _project_join(block, _attend_varlen(block, qkv, packed, context_bias), x, stats, options)
+        attended = _attend_varlen(block, qkv, packed, context_bias, options.cudnn_attention)
+        return _project_join(block, attended, x, stats, options)
     qkv = qkv.view(b, hgt * wid, block.heads, -1).transpose(1, 2)  # [B, heads, HW, 3ch]
     q, k, v = qkv.chunk(3, dim=-1)
     bias = None
@@ -289,12 +304,19 @@ def _project_join(block: AttentionBlock, out: torch.Tensor, x: torch.Tensor, sta
     return bias_residual(proj, x, block.proj_out.bias, stats=stats, options=options)
 
 
+# SDPA's backends for `cudnn_attention`, in order: cuDNN's, else the memory-efficient kernel (both
+# take the additive mask; flash's does not)
+CUDNN_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
 def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tensor,
-                   context_bias: VarlenContext | None) -> torch.Tensor:
+                   context_bias: VarlenContext | None, cudnn: bool = False) -> torch.Tensor:
     """Attention over [image keys | context keys] by flash attention's variable-length form:
     `cpp_ext` packs each sample's image keys/values and its context's with the kept tokens first,
     and `seqused_k` (image positions + kept tokens) leaves the padding out, so no additive mask is
-    read. The same function as SDPA with the mask (keys are unordered).
+    read. The same function as SDPA with the mask (keys are unordered). With `cudnn`, SDPA's cuDNN
+    backend attends over the same pack with the padding masked (`VarlenContext.packed_mask`; the
+    memory-efficient kernel where cuDNN refuses the inputs).
 
     :param qkv: [B, HW, 3C] projection output (per head [q|k|v]).
     :param packed: [B, 2, heads, N, ch] context keys (index 0) and values (1).
@@ -304,11 +326,18 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
     n, ch = packed.shape[3], packed.shape[4]
     if context_bias is None:
         keep = torch.ones(b, n, dtype=torch.bool, device=qkv.device)
-        cu_q, cu_k = _offsets(b, hw, n, qkv.device)
+        cu_q, cu_k = _offsets(b, hw, hw + n, qkv.device)
     else:
         keep, (cu_q, cu_k) = context_bias.keep(), context_bias.offsets(hw)
     rows = qkv.reshape(b * hw, c3)
     kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
+    if cudnn:
+        q = rows.view(b, hw, block.heads, 3, ch)[:, :, :, 0].transpose(1, 2)  # [B, heads, HW, ch] views
+        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+        mask = None if context_bias is None else context_bias.packed_mask(hw, qkv.dtype)
+        with sdpa_kernel(CUDNN_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, HW, ch]
+        return out.transpose(1, 2).reshape(b, hw, c3 // 3)
     q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
     out = torch.ops.aten._flash_attention_forward(
         q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,

@@ -11,11 +11,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 import cpp_ext
 from models import fused
 from models.configs import UNetConfig
-from models.fused import FusedOptions
+from models.fused import FusedOptions, unet_blocks
 from models.fused.derived import derived
 from models.fused.unet_blocks import FLASH_VARLEN, VarlenContext, attention_block
 from models.fused.unet_forward import input_conv
@@ -180,14 +181,16 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
 
 @needs_kernel
 @torch.no_grad()
+@pytest.mark.parametrize("cudnn", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7)])
-def test_varlen_flash_attention_block_matches_sdpa(dtype, shape):
+def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, cudnn, monkeypatch):
     """An attention block on the fused path with context through flash attention's varlen form
-    (cpp_ext's pack, padding left out by key counts) against the reference block's SDPA with the
-    additive mask, both against fp32 — with
-    a mask that is not a prefix, a sample that keeps every context token and one that keeps none,
-    given the context or the packed context keys/values."""
+    (cpp_ext's pack, padding left out by key counts) — or, with `cudnn`, SDPA's cuDNN backend over
+    the same pack with the padding masked — against the reference block's SDPA with the additive
+    mask, both against fp32 — with a mask that is not a prefix, a sample that keeps every context
+    token and one that keeps none, given the context or the packed context keys/values; and with
+    the context but no mask (every token kept), against the reference block without one."""
     if not FLASH_VARLEN:
         pytest.skip("this torch has no flash attention varlen form with seqused_k")
     b, c, hgt, wid = shape
@@ -207,12 +210,16 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape):
     half = copy.deepcopy(block).to(dtype)
     xh = x.to(dtype).to(memory_format=torch.channels_last)
     packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
-    fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias)).double()
-    fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed).double()
+    options = FusedOptions(cudnn_attention=cudnn)
+    if cudnn and torch.cuda.get_device_capability() >= (9, 0):  # cuDNN's own kernel, no fallback, on Hopper
+        monkeypatch.setattr(unet_blocks, "CUDNN_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
+    fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias), options=options).double()
+    fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed, options=options).double()
     plain = half(xh, context.to(dtype), bias).double()
+    unmasked = attention_block(half, xh, context.to(dtype), None, options=options).double()
     tol = 1e-2 if dtype == torch.float16 else 3e-2
     errors = {"fused": rel(fast, ref), "fused_kv": rel(fast_kv, ref), "plain": rel(plain, ref),
-              "fused_vs_plain": rel(fast, plain)}
+              "fused_vs_plain": rel(fast, plain), "no_mask": rel(unmasked, block(x, context, None).double())}
     print(shape, dtype, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= tol for e in errors.values()), errors
     assert torch.equal(fast, fast_kv)
