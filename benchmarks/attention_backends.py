@@ -10,6 +10,8 @@ padding is masked), laid out as `cpp_ext.kernels.pack_attention_kv` lays them ou
 
 - "flash varlen": flash attention's variable-length form with per-sample key counts (what
   `models.fused.unet_blocks._attend_varlen` runs), the reference for the others' outputs;
+- "cudnn varlen": cuDNN's attention op given the same offsets and key counts (where this torch's
+  op takes `seqused_k`);
 - "cudnn mask": cuDNN's attention through SDPA with the additive mask broadcast over the queries,
   "cudnn mask full" with it materialised per query, "cudnn mask contiguous" on contiguous copies
   of q, k and v (the copies not timed: whether the pack's strides are what it needs);
@@ -66,8 +68,10 @@ def _problem(batch: int, side: int, heads: int) -> dict:
             "v": kv[..., 1, :].transpose(1, 2)}
 
 
-def _flash_varlen(p: dict) -> Callable[[], torch.Tensor]:
-    """The runtime's call: [B·HW, heads, ch] out, as [B, heads, HW, ch] for comparison."""
+def _varlen(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
+    """The runtime's call, flash attention's variable-length form with per-sample key counts (or,
+    with `cudnn`, cuDNN's attention op given the same offsets and counts, where this torch's op
+    takes `seqused_k`): [B·HW, heads, ch] out, as [B, heads, HW, ch] for comparison."""
     b, hw, heads = p["rows"].shape[:3]
     n = p["kv"].shape[1]
     steps = torch.arange(b + 1, device="cuda", dtype=torch.int32)
@@ -76,8 +80,12 @@ def _flash_varlen(p: dict) -> Callable[[], torch.Tensor]:
     k, v = p["kv"][:, :, :, 0].flatten(0, 1), p["kv"][:, :, :, 1].flatten(0, 1)
 
     def run() -> torch.Tensor:
-        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, hw, n, 0.0, False, False,
-                                                      seqused_k=p["used"])[0]
+        if cudnn:
+            out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, hw, n, False,
+                                                          seqused_k=p["used"])[0]
+        else:
+            out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, hw, n, 0.0, False, False,
+                                                          seqused_k=p["used"])[0]
         return out.view(b, hw, heads, HEAD).transpose(1, 2)
     return run
 
@@ -96,14 +104,16 @@ def _sdpa(p: dict, backend: SDPBackend, mask: str, contiguous: bool = False) -> 
     return run
 
 
-WAYS = {"flash varlen": lambda p: _flash_varlen(p),
+WAYS = {"flash varlen": lambda p: _varlen(p),
+        "cudnn varlen": lambda p: _varlen(p, cudnn=True),
         "cudnn mask": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "broadcast"),
         "cudnn mask full": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "full"),
         "cudnn mask contiguous": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "broadcast", contiguous=True),
         "efficient mask": lambda p: _sdpa(p, SDPBackend.EFFICIENT_ATTENTION, "broadcast"),
         "cudnn all keys": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "none"),
         "flash all keys": lambda p: _sdpa(p, SDPBackend.FLASH_ATTENTION, "none")}
-SAME_FUNCTION = {"flash varlen", "cudnn mask", "cudnn mask full", "cudnn mask contiguous", "efficient mask"}
+SAME_FUNCTION = {"flash varlen", "cudnn varlen", "cudnn mask", "cudnn mask full", "cudnn mask contiguous",
+                 "efficient mask"}
 
 
 def measure(batch: int) -> dict:
@@ -111,7 +121,7 @@ def measure(batch: int) -> dict:
     levels, per_step = {}, dict.fromkeys(WAYS, 0.0)
     for side, heads, blocks in LEVELS:
         p = _problem(batch, side, heads)
-        want = _flash_varlen(p)().float()
+        want = _varlen(p)().float()
         row = {}
         for name, make in WAYS.items():
             try:
@@ -120,7 +130,7 @@ def measure(batch: int) -> dict:
                 entry = {"us": round(graph_ms(fn, replays=50) * 1e3, 2)}
                 if name in SAME_FUNCTION:
                     entry["rel"] = float((got - want).abs().max() / want.abs().max())
-            except RuntimeError as error:  # the backend refuses these inputs
+            except (RuntimeError, TypeError) as error:  # the backend refuses these inputs (or lacks them)
                 entry = {"error": str(error).splitlines()[0][:300]}
             row[name] = entry
             if per_step[name] is not None:
