@@ -314,9 +314,8 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
     """Attention over [image keys | context keys] by flash attention's variable-length form:
     `cpp_ext` packs each sample's image keys/values and its context's with the kept tokens first,
     and `seqused_k` (image positions + kept tokens) leaves the padding out, so no additive mask is
-    read. The same function as SDPA with the mask (keys are unordered). With `cudnn`, SDPA's cuDNN
-    backend attends over the same pack with the padding masked (`VarlenContext.packed_mask`; the
-    memory-efficient kernel where cuDNN refuses the inputs).
+    read. The same function as SDPA with the mask (keys are unordered). With `cudnn`, cuDNN's
+    attention runs over the same pack (`_attend_cudnn`).
 
     :param qkv: [B, HW, 3C] projection output (per head [q|k|v]).
     :param packed: [B, 2, heads, N, ch] context keys (index 0) and values (1).
@@ -332,17 +331,33 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
     rows = qkv.reshape(b * hw, c3)
     kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
     if cudnn:
-        q = rows.view(b, hw, block.heads, 3, ch)[:, :, :, 0].transpose(1, 2)  # [B, heads, HW, ch] views
-        k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-        mask = None if context_bias is None else context_bias.packed_mask(hw, qkv.dtype)
-        with sdpa_kernel(CUDNN_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, HW, ch]
-        return out.transpose(1, 2).reshape(b, hw, c3 // 3)
+        return _attend_cudnn(block, rows, kv, used, (cu_q, cu_k), context_bias).view(b, hw, c3 // 3)
     q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
     out = torch.ops.aten._flash_attention_forward(
         q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,
         seqused_k=used)[0]  # [B·HW, heads, ch]
     return out.view(b, hw, c3 // 3)
+
+
+def _attend_cudnn(block: AttentionBlock, rows: torch.Tensor, kv: torch.Tensor, used: torch.Tensor,
+                  offsets: tuple[torch.Tensor, torch.Tensor], context_bias: VarlenContext | None) -> torch.Tensor:
+    """`_attend_varlen`'s attention on cuDNN's kernel over the same pack: its op with flash's
+    offsets and per-sample key counts where this torch's op takes them (`CUDNN_VARLEN`), else SDPA's
+    cuDNN backend with the padding masked (`VarlenContext.packed_mask`; the memory-efficient kernel
+    where cuDNN refuses the inputs). Token-major and contiguous: [B·HW, heads, ch] or [B, HW, heads, ch]."""
+    b, n = kv.shape[0], kv.shape[1]
+    hw, ch = rows.shape[0] // b, kv.shape[-1]
+    if CUDNN_VARLEN:
+        q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
+        return torch.ops.aten._cudnn_attention_forward(
+            q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), None, *offsets, hw, n, False,
+            seqused_k=used)[0]
+    q = rows.view(b, hw, block.heads, 3, ch)[:, :, :, 0].transpose(1, 2)  # [B, heads, HW, ch] views
+    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    mask = None if context_bias is None else context_bias.packed_mask(hw, rows.dtype)
+    with sdpa_kernel(CUDNN_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, HW, ch]
+    return out.transpose(1, 2).contiguous()
 
 
 def _has_flash_varlen() -> bool:
@@ -354,6 +369,17 @@ def _has_flash_varlen() -> bool:
 
 
 FLASH_VARLEN = _has_flash_varlen()
+
+
+def _has_cudnn_varlen() -> bool:
+    """Whether this torch's cuDNN attention op takes per-sample key counts (`seqused_k`)."""
+    try:
+        return "seqused_k" in str(torch.ops.aten._cudnn_attention_forward.default._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+CUDNN_VARLEN = _has_cudnn_varlen()
 
 
 @functools.cache

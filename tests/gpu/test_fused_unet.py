@@ -181,13 +181,14 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("cudnn", [False, True])
+@pytest.mark.parametrize("way", ["flash", "cudnn", "cudnn_mask"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7)])
-def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, cudnn, monkeypatch):
+def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way, monkeypatch):
     """An attention block on the fused path with context through flash attention's varlen form
-    (cpp_ext's pack, padding left out by key counts) — or, with `cudnn`, SDPA's cuDNN backend over
-    the same pack with the padding masked — against the reference block's SDPA with the additive
+    (cpp_ext's pack, padding left out by key counts) — or cuDNN's attention over the same pack, by
+    its op with the key counts ("cudnn", where this torch has it) or by SDPA's cuDNN backend with the
+    padding masked ("cudnn_mask"; cuDNN's kernel alone on Hopper) — against the reference block's SDPA with the additive
     mask, both against fp32 — with a mask that is not a prefix, a sample that keeps every context
     token and one that keeps none, given the context or the packed context keys/values; and with
     the context but no mask (every token kept), against the reference block without one."""
@@ -210,9 +211,13 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, cudnn, monkeypa
     half = copy.deepcopy(block).to(dtype)
     xh = x.to(dtype).to(memory_format=torch.channels_last)
     packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
-    options = FusedOptions(cudnn_attention=cudnn)
-    if cudnn and torch.cuda.get_device_capability() >= (9, 0):  # cuDNN's own kernel, no fallback, on Hopper
-        monkeypatch.setattr(unet_blocks, "CUDNN_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
+    if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
+        pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
+    if way == "cudnn_mask":
+        monkeypatch.setattr(unet_blocks, "CUDNN_VARLEN", False)
+        if torch.cuda.get_device_capability() >= (9, 0):  # cuDNN's own kernel, no fallback, on Hopper
+            monkeypatch.setattr(unet_blocks, "CUDNN_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
+    options = FusedOptions(cudnn_attention=way != "flash")
     fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias), options=options).double()
     fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed, options=options).double()
     plain = half(xh, context.to(dtype), bias).double()
