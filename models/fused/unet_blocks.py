@@ -360,26 +360,17 @@ def _attend_cudnn(block: AttentionBlock, rows: torch.Tensor, kv: torch.Tensor, u
     return out.transpose(1, 2).contiguous()
 
 
-def _has_flash_varlen() -> bool:
-    """Whether this torch has flash attention's variable-length form with per-sample key counts."""
+def _takes_key_counts(op: str) -> bool:
+    """Whether this torch's attention op `torch.ops.aten.<op>` takes per-sample key counts
+    (`seqused_k`): its variable-length form leaves each sample's padding out."""
     try:
-        return "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema)
+        return "seqused_k" in str(getattr(torch.ops.aten, op).default._schema)
     except (AttributeError, RuntimeError):
         return False
 
 
-FLASH_VARLEN = _has_flash_varlen()
-
-
-def _has_cudnn_varlen() -> bool:
-    """Whether this torch's cuDNN attention op takes per-sample key counts (`seqused_k`)."""
-    try:
-        return "seqused_k" in str(torch.ops.aten._cudnn_attention_forward.default._schema)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-CUDNN_VARLEN = _has_cudnn_varlen()
+FLASH_VARLEN = _takes_key_counts("_flash_attention_forward")
+CUDNN_VARLEN = _takes_key_counts("_cudnn_attention_forward")
 
 
 @functools.cache
