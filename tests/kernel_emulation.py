@@ -151,3 +151,17 @@ def prior_step_attention(qkv, past, keep, heads):
     scores = q @ keys.transpose(-1, -2) / math.sqrt(ch) + bias[:, None]
     out = scores.softmax(-1) @ values  # [B, heads, T, ch]
     return out.permute(0, 2, 1, 3).reshape(b * t, heads * ch).to(qkv.dtype)
+
+
+def pack_attention_kv(rows, packed, keep):
+    """Per sample [image keys/values (from the projection rows [B·HW, heads·3·ch]) | the kept
+    context tokens, in order | the dropped ones] as [B, HW + N, heads, 2, ch], and the used-key
+    counts HW + kept (int32)."""
+    _count("pack_attention_kv")
+    b, heads, ch = packed.shape[0], packed.shape[2], packed.shape[4]
+    hw = rows.shape[0] // b
+    image = rows.view(b, hw, heads, 3, ch)[:, :, :, 1:]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept first, in order
+    context = packed.permute(0, 3, 2, 1, 4)  # [B, N, heads, 2, ch]
+    context = torch.gather(context, 1, order[:, :, None, None, None].expand(-1, -1, heads, 2, ch))
+    return torch.cat([image, context], dim=1).contiguous(), (hw + keep.sum(1)).to(torch.int32)
