@@ -187,11 +187,12 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
 def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way, monkeypatch):
     """An attention block on the fused path with context through flash attention's varlen form
     (cpp_ext's pack, padding left out by key counts) — or cuDNN's attention over the same pack, by
-    its op with the key counts ("cudnn", where this torch has it) or by SDPA's cuDNN backend with the
-    padding masked ("cudnn_mask"; cuDNN's kernel alone on Hopper) — against the reference block's SDPA with the additive
-    mask, both against fp32 — with a mask that is not a prefix, a sample that keeps every context
-    token and one that keeps none, given the context or the packed context keys/values; and with
-    the context but no mask (every token kept), against the reference block without one."""
+    its op with the key counts ("cudnn", where this torch has it) or by SDPA's cuDNN backend with
+    the padding masked ("cudnn_mask"; cuDNN's kernel alone on Hopper) — against the reference
+    block's SDPA with the additive mask, both against fp32 — with a mask that is not a prefix, a
+    sample that keeps every context token and one that keeps none, given the context or the packed
+    context keys/values; and with the context but no mask (every token kept), against the
+    reference block without one."""
     if not FLASH_VARLEN:
         pytest.skip("this torch has no flash attention varlen form with seqused_k")
     b, c, hgt, wid = shape
