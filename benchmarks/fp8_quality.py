@@ -16,6 +16,10 @@
    (‖FP8 − ref‖ / ‖ref‖); and the same on the default model's trained weights.
 4. `--perturbation`: how an FP8 network carries a change of 1e-7 in its input, layer by layer
    (the default model's decoder step), against the same change in the reference dtype.
+5. `--prior-weights`: the prior's transformer linears with their weights alone rounded (int8 or
+   e4m3, one scale per output channel; the activations untouched), the candidate for halving the
+   weight stream that bounds the prior step: held-out accuracy, PSNR against the reference, the
+   image embeddings' relative error, and one Karlo-size prior step's relative error (random weights).
 On a GPU `--reference-dtype float16` compares with the fp16 pipeline; the CPU reference is fp32.
 Writes JSON atomically.
 """
@@ -219,6 +223,71 @@ def perturbation(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     return out
 
 
+def rounded_rows(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """`weight` [out, in] as a weight-only kernel would hold it, read back in its dtype: int8 with a
+    symmetric scale per output row (largest magnitude → 127), or e4m3 with a scale per row
+    (largest magnitude → 448)."""
+    w = weight.float()
+    if kind == "int8":
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+        return ((w / scale).round().clamp(-127, 127) * scale).to(weight.dtype)
+    scale = fp8.e4m3.channel_scales(w).view(-1, 1)
+    return fp8.e4m3.dequantize(fp8.e4m3.quantize(w, scale), scale, weight.dtype)
+
+
+def _round_prior_weights(model, kind: str) -> int:
+    """Every linear layer of the prior's transformer blocks with its weight rounded (`rounded_rows`);
+    the number of layers."""
+    layers = [m for m in model.prior.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(rounded_rows(layer.weight, kind))
+    return len(layers)
+
+
+def prior_weights(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Part 5: the prior's linears with weight-only rounding (module docstring)."""
+    from export.build_engines import fill_zero_layers
+    from models.configs import KARLO
+    from models.prior import Prior
+    from models.unclip import UnCLIPModel
+    from runtime.backends.signatures import signatures, stage_module
+
+    model = load_folder(args.model)
+    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
+    kw = {"seed": 1000, "output_type": "pt", "return_image_embeds": True}
+    pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
+    ref_embeds = pipe.generate(prompts, **kw).image_embeds
+    ref = evaluate(pipe, seeds=args.seeds, batch=args.batch)
+    out = {"reference": {k: ref[k] for k in ACCURACIES}}
+    for kind in ("int8", "e4m3"):
+        pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
+        layers = _round_prior_weights(pipe.model, kind)
+        embeds = pipe.generate(prompts, **kw).image_embeds
+        got = evaluate(pipe, seeds=args.seeds, batch=args.batch)
+        error = ((embeds - ref_embeds).norm(dim=-1) / ref_embeds.norm(dim=-1)).max().item()
+        out[kind] = ({"layers": layers, "embedding_rel_error_max": error} | {k: got[k] for k in ACCURACIES}
+                     | _psnrs(ref["_images"], got["_images"]))
+        print("prior weights", kind, {k: round(v, 4) for k, v in out[kind].items()}, flush=True)
+    # one Karlo-size prior step (batch 2, random weights), each rounding against the unrounded weights
+    torch.manual_seed(0)
+    karlo = UnCLIPModel.empty(KARLO, with_vision=False, with_ar_prior=False)  # no memory: only the prior is real
+    with torch.device(args.device):
+        karlo.prior = fill_zero_layers(Prior(KARLO.prior)).to(dtype).eval()
+    inputs = list(signatures(KARLO)["prior_step"].sample_inputs(2, dtype, args.device,
+                                                                 torch.Generator().manual_seed(1)).values())
+    with torch.no_grad():
+        want = stage_module(karlo, "prior_step")(*inputs)[0].float()
+        kept = copy.deepcopy(karlo.prior.state_dict())
+        for kind in ("int8", "e4m3"):
+            karlo.prior.load_state_dict(kept)
+            _round_prior_weights(karlo, kind)
+            got = stage_module(karlo, "prior_step")(*inputs)[0].float()
+            out[kind]["karlo_prior_step_rel_error"] = float((got - want).norm() / want.norm())
+    print("Karlo prior step:", {k: f"{out[k]['karlo_prior_step_rel_error']:.1e}" for k in ("int8", "e4m3")}, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -229,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--karlo-stages", action="store_true")
     p.add_argument("--skip-held-out", action="store_true")
     p.add_argument("--perturbation", action="store_true", help="part 4 (module docstring)")
+    p.add_argument("--prior-weights", action="store_true", help="part 5 (module docstring)")
     p.add_argument("--grid", default=None, help="also write a PNG grid: 8 prompts × reference, FP8, FP8 UNets")
     p.add_argument("--update", action="store_true", help="keep the other parts of an existing --out file")
     p.add_argument("--out", default=None)
@@ -242,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parts += [("karlo_stages", karlo_stages)] if args.karlo_stages else []
     parts += [("default_stages", default_stages)] if args.karlo_stages else []
     parts += [("perturbation", perturbation)] if args.perturbation else []
+    parts += [("prior_weights", prior_weights)] if args.prior_weights else []
     parts += [("grid", grid)] if args.grid else []
     if args.update and args.out and Path(args.out).is_file():
         result = json.loads(Path(args.out).read_text()) | result
