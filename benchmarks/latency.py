@@ -538,6 +538,18 @@ def bench_with_splits(model: UnCLIPModel, args: argparse.Namespace) -> dict:
     return result
 
 
+def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(result key, FusedOptions) of the extra fp16 rows asked for: the identity skips in the
+    convolutions' epilogue (`--residual-in-conv`), cuDNN's attention (`--cudnn-attention`), cuDNN's
+    convolutions alone (`--cudnn-convs`)."""
+    from models.fused import FusedOptions
+
+    asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
+             ("cudnn_attention", "ours_cudnn_attention", FusedOptions(cudnn_attention=True)),
+             ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)))
+    return [(key, options) for flag, key, options in asked if getattr(args, flag)]
+
+
 def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(row suffix, FusedOptions) of the extra rows each calibrated FP8 row gets: the norms writing
     fp16 for the convolutions to quantise (`--fp8-norm-fp16`), and the identity skips in the
@@ -618,22 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",
                                                      "overlapped", True)
         save_partial(results, args.out)
-    if args.residual_in_conv:
-        from models.fused import FusedOptions
-
-        results["ours_residual_in_conv"] = bench_ours(model, args, graphs=True,
-                                                      fused=FusedOptions(residual_in_conv=True))
+    for key, options in fp16_option_rows(args):  # ours in fp16 with one fusion or kernel choice changed
+        results[key] = bench_ours(model, args, graphs=True, fused=options)
         save_partial(results, args.out)
-    if args.cudnn_attention:
-        from models.fused import FusedOptions
-
-        results["ours_cudnn_attention"] = bench_ours(model, args, graphs=True,
-                                                     fused=FusedOptions(cudnn_attention=True))
-        save_partial(results, args.out)
-    if args.cudnn_convs:
-        from models.fused import FusedOptions
-
-        results["ours_cudnn"] = bench_ours(model, args, graphs=True, fused=FusedOptions(cutlass_convs=False))
     if args.fp8_conv_path:
         from models.fp8 import layers as fp8_layers
 
