@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
+from models.fused.unet_blocks import _offsets  # noqa: E402
 
 HEAD = 64
 CONTEXT = 81  # 77 text tokens and Karlo's 4 extra context tokens
@@ -74,8 +75,7 @@ def _varlen(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
     takes `seqused_k`): [B·HW, heads, ch] out, as [B, heads, HW, ch] for comparison."""
     b, hw, heads = p["rows"].shape[:3]
     n = p["kv"].shape[1]
-    steps = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-    cu_q, cu_k = steps * hw, steps * n
+    cu_q, cu_k = _offsets(b, hw, n, torch.device("cuda"))
     q = p["rows"].view(b * hw, heads, 3, HEAD)[:, :, 0]
     k, v = p["kv"][:, :, :, 0].flatten(0, 1), p["kv"][:, :, :, 1].flatten(0, 1)
 

@@ -21,6 +21,7 @@ from models.fused.derived import derived
 from models.fused.unet_blocks import FLASH_VARLEN, VarlenContext, attention_block
 from models.fused.unet_forward import input_conv
 from models.unet import AttentionBlock, UNet
+from tests import kernel_emulation
 from tests.gpu.common import needs_kernel, rel
 
 pytestmark = pytest.mark.gpu
@@ -162,7 +163,8 @@ def test_output_blocks_defer_their_biases_to_the_next_concatenation(monkeypatch)
 @needs_kernel
 def test_pack_attention_kv_puts_the_kept_context_tokens_first():
     """The decoder attention's key/value pack: image keys/values straight from the projection,
-    then the context tokens with the kept ones first (in order), and the used-key counts — exact."""
+    then the context tokens with the kept ones first (in order), and the used-key counts — exact,
+    and equal to the torch stand-in the CPU-side tests use."""
     b, hw, heads, ch, n = 3, 20, 4, 16, 9
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(b * hw, heads * 3 * ch, generator=g).half().cuda()
@@ -177,6 +179,9 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
         assert torch.equal(kv[i, :hw], qkv.view(b, hw, heads, 3, ch)[i, :, :, 1:])
         assert torch.equal(kv[i, hw:], context[i].permute(2, 1, 0, 3)[order])
     assert used.tolist() == (hw + keep.sum(1)).tolist()
+    # tests/kernel_emulation.py's stand-in (tests/test_attention_ways.py packs with it) gives the same
+    want_kv, want_used = kernel_emulation.pack_attention_kv(qkv, context, keep)
+    assert torch.equal(kv, want_kv) and torch.equal(used, want_used)
 
 
 @needs_kernel
