@@ -61,6 +61,17 @@ def _psnrs(a: torch.Tensor, b: torch.Tensor) -> dict:
             "share_at_least_30db": sum(v >= 30 for v in values) / len(values)}
 
 
+def _first_eight(pipe: UnCLIP):
+    """`pipe`'s output for the first eight held-out prompts at seed 1000, with the image embeddings."""
+    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
+    return pipe.generate(prompts, seed=1000, output_type="pt", return_image_embeds=True)
+
+
+def _embedding_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative error of an image embedding [B, D] against the reference's."""
+    return ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
 def held_out(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """Part 1: accuracies of the reference and of FP8, and PSNR of FP8 against the reference."""
     model = load_folder(args.model)
@@ -88,16 +99,14 @@ def held_out(args: argparse.Namespace, dtype: torch.dtype) -> dict:
 
 def by_group(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     """Part 2: each group of layers in FP8 alone."""
-    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
     model = load_folder(args.model)
-    kw = {"seed": 1000, "output_type": "pt", "return_image_embeds": True}
-    ref = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False).generate(prompts, **kw)
+    ref = _first_eight(UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False))
     out = {}
     for groups in [(g,) for g in GROUPS] + [("decoder", "super_res")]:
         pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
         names = fp8.convert(pipe.model, groups=groups)
-        got = pipe.generate(prompts, **kw)
-        embed = ((got.image_embeds - ref.image_embeds).norm(dim=-1) / ref.image_embeds.norm(dim=-1)).max().item()
+        got = _first_eight(pipe)
+        embed = _embedding_error(got.image_embeds, ref.image_embeds)
         key = "+".join(groups)
         out[key] = {"layers": len(names), "embedding_rel_error_max": embed} | _psnrs(ref.images, got.images)
         print("FP8 in", key, {k: round(v, 4) for k, v in out[key].items()}, flush=True)
@@ -254,18 +263,15 @@ def prior_weights(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     from runtime.backends.signatures import signatures, stage_module
 
     model = load_folder(args.model)
-    prompts = [canonical_caption(c) for c in HELD_OUT[:8]]
-    kw = {"seed": 1000, "output_type": "pt", "return_image_embeds": True}
     pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
-    ref_embeds = pipe.generate(prompts, **kw).image_embeds
+    ref_embeds = _first_eight(pipe).image_embeds
     ref = evaluate(pipe, seeds=args.seeds, batch=args.batch)
     out = {"reference": {k: ref[k] for k in ACCURACIES}}
     for kind in ("int8", "e4m3"):
         pipe = UnCLIP(copy.deepcopy(model), device=args.device, dtype=dtype, progress=False)
         layers = _round_prior_weights(pipe.model, kind)
-        embeds = pipe.generate(prompts, **kw).image_embeds
+        error = _embedding_error(_first_eight(pipe).image_embeds, ref_embeds)
         got = evaluate(pipe, seeds=args.seeds, batch=args.batch)
-        error = ((embeds - ref_embeds).norm(dim=-1) / ref_embeds.norm(dim=-1)).max().item()
         out[kind] = ({"layers": layers, "embedding_rel_error_max": error} | {k: got[k] for k in ACCURACIES}
                      | _psnrs(ref["_images"], got["_images"]))
         print("prior weights", kind, {k: round(v, 4) for k, v in out[kind].items()}, flush=True)
