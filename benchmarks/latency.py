@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
     p.add_argument("--cudnn-attention", action="store_true",
-                   help="also ours (fp16) with the decoder's attention on cuDNN's kernel over the packed keys "
-                        "(FusedOptions(cudnn_attention=True)) instead of flash attention's variable-length form")
+                   help="also ours (fp16) with the decoder's attention on cuDNN's op over the packed keys with "
+                        "per-sample key counts (FusedOptions(cudnn_attention=True); a torch whose op takes "
+                        "seqused_k) instead of flash attention's variable-length form")
     p.add_argument("--residual-in-conv", action="store_true",
                    help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
@@ -133,6 +134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give --random-weights (with --config) or --diffusers DIR")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    from models.fused.unet_blocks import CUDNN_VARLEN
+
+    if args.cudnn_attention and not CUDNN_VARLEN:
+        p.error(f"--cudnn-attention: torch {torch.__version__}'s cuDNN attention op takes no per-sample key "
+                "counts (seqused_k)")
     return args
 
 

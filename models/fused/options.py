@@ -39,11 +39,12 @@ class FusedOptions:
         own statistics. Off: measured no faster than the join pass, which also hands the next norm
         its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
-        keys by cuDNN's attention (its op with per-sample key counts where the torch has one, else
-        SDPA's cuDNN backend with the dropped context tokens masked) instead of flash attention's
-        variable-length form. Off until measured in the pipeline
-        (`benchmarks/attention_backends.py` times the kernels alone, `benchmarks/latency.py
-        --cudnn-attention` the pipeline).
+        keys by cuDNN's attention op with per-sample key counts instead of flash attention's
+        variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
+        runs). Off: not yet measured in the pipeline (the GPU machine's torch has no such op);
+        SDPA's cuDNN backend with the dropped tokens masked instead measured 1.6× slower than
+        flash's form (docs/kernels.md; `benchmarks/attention_backends.py` times the kernels alone,
+        `benchmarks/latency.py --cudnn-attention` the pipeline).
     """
 
     join_stats: bool = True

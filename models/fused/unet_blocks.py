@@ -30,7 +30,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cpp_ext
 from models import implicit_conv
@@ -248,19 +247,6 @@ class VarlenContext(ContextBias):
             self._offsets[image_keys] = _offsets(b, image_keys, image_keys + n, self.bias.device)
         return self._offsets[image_keys]
 
-    def packed_mask(self, image_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, 1, image_keys + N] additive mask in `dtype` of the packed keys
-        (`cpp_ext.kernels.pack_attention_kv`: image keys, then the kept context tokens, then the
-        dropped ones): 0 up to each sample's used keys, -inf after."""
-        key = ("packed", image_keys, dtype)
-        if key not in self._padded:
-            b, n = self.bias.shape
-            used = image_keys + self.keep().sum(dim=1, keepdim=True)  # [B, 1]
-            beyond = torch.arange(image_keys + n, device=self.bias.device)[None, :] >= used
-            mask = torch.zeros(b, image_keys + n, device=self.bias.device, dtype=dtype)
-            self._padded[key] = mask.masked_fill_(beyond, float("-inf"))[:, None, None, :]
-        return self._padded[key]
-
 
 def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context: torch.Tensor | None = None,
                     context_bias: VarlenContext | None = None, context_kv: torch.Tensor | None = None,
@@ -304,18 +290,14 @@ def _project_join(block: AttentionBlock, out: torch.Tensor, x: torch.Tensor, sta
     return bias_residual(proj, x, block.proj_out.bias, stats=stats, options=options)
 
 
-# SDPA's backends for `cudnn_attention`, in order: cuDNN's, else the memory-efficient kernel (both
-# take the additive mask; flash's does not)
-CUDNN_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-
 def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tensor,
                    context_bias: VarlenContext | None, cudnn: bool = False) -> torch.Tensor:
     """Attention over [image keys | context keys] by flash attention's variable-length form:
     `cpp_ext` packs each sample's image keys/values and its context's with the kept tokens first,
     and `seqused_k` (image positions + kept tokens) leaves the padding out, so no additive mask is
     read. The same function as SDPA with the mask (keys are unordered). With `cudnn`, cuDNN's
-    attention runs over the same pack (`_attend_cudnn`).
+    attention runs over the same pack where this torch's op takes per-sample key counts
+    (`_attend_cudnn`), else flash's.
 
     :param qkv: [B, HW, 3C] projection output (per head [q|k|v]).
     :param packed: [B, 2, heads, N, ch] context keys (index 0) and values (1).
@@ -330,8 +312,8 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
         keep, (cu_q, cu_k) = context_bias.keep(), context_bias.offsets(hw)
     rows = qkv.reshape(b * hw, c3)
     kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
-    if cudnn:
-        return _attend_cudnn(block, rows, kv, used, (cu_q, cu_k), context_bias).view(b, hw, c3 // 3)
+    if cudnn and CUDNN_VARLEN:
+        return _attend_cudnn(block, rows, kv, used, (cu_q, cu_k)).view(b, hw, c3 // 3)
     q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
     out = torch.ops.aten._flash_attention_forward(
         q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,
@@ -340,24 +322,16 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
 
 
 def _attend_cudnn(block: AttentionBlock, rows: torch.Tensor, kv: torch.Tensor, used: torch.Tensor,
-                  offsets: tuple[torch.Tensor, torch.Tensor], context_bias: VarlenContext | None) -> torch.Tensor:
+                  offsets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """`_attend_varlen`'s attention on cuDNN's kernel over the same pack: its op with flash's
-    offsets and per-sample key counts where this torch's op takes them (`CUDNN_VARLEN`), else SDPA's
-    cuDNN backend with the padding masked (`VarlenContext.packed_mask`; the memory-efficient kernel
-    where cuDNN refuses the inputs). Token-major and contiguous: [B·HW, heads, ch] or [B, HW, heads, ch]."""
+    offsets and per-sample key counts (`CUDNN_VARLEN`: only a torch whose op takes `seqused_k`).
+    Token-major: [B·HW, heads, ch]."""
     b, n = kv.shape[0], kv.shape[1]
     hw, ch = rows.shape[0] // b, kv.shape[-1]
-    if CUDNN_VARLEN:
-        q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
-        return torch.ops.aten._cudnn_attention_forward(
-            q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), None, *offsets, hw, n, False,
-            seqused_k=used)[0]
-    q = rows.view(b, hw, block.heads, 3, ch)[:, :, :, 0].transpose(1, 2)  # [B, heads, HW, ch] views
-    k, v = kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-    mask = None if context_bias is None else context_bias.packed_mask(hw, rows.dtype)
-    with sdpa_kernel(CUDNN_BACKENDS):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, HW, ch]
-    return out.transpose(1, 2).contiguous()
+    q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
+    return torch.ops.aten._cudnn_attention_forward(
+        q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), None, *offsets, hw, n, False,
+        seqused_k=used)[0]
 
 
 def _takes_key_counts(op: str) -> bool:

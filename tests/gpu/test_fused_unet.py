@@ -11,7 +11,6 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 import cpp_ext
 from models import fused
@@ -179,21 +178,20 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
         assert torch.equal(kv[i, :hw], qkv.view(b, hw, heads, 3, ch)[i, :, :, 1:])
         assert torch.equal(kv[i, hw:], context[i].permute(2, 1, 0, 3)[order])
     assert used.tolist() == (hw + keep.sum(1)).tolist()
-    # tests/kernel_emulation.py's stand-in (tests/test_attention_ways.py packs with it) gives the same
+    # tests/kernel_emulation.py's stand-in (tests/gpu/test_attention_ways.py packs with it) gives the same
     want_kv, want_used = kernel_emulation.pack_attention_kv(qkv, context, keep)
     assert torch.equal(kv, want_kv) and torch.equal(used, want_used)
 
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("way", ["flash", "cudnn", "cudnn_mask"])
+@pytest.mark.parametrize("way", ["flash", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7)])
-def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way, monkeypatch):
+def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     """An attention block on the fused path with context through flash attention's varlen form
     (cpp_ext's pack, padding left out by key counts) — or cuDNN's attention over the same pack, by
-    its op with the key counts ("cudnn", where this torch has it) or by SDPA's cuDNN backend with
-    the padding masked ("cudnn_mask"; cuDNN's kernel alone on Hopper) — against the reference
+    its op with the key counts ("cudnn", where this torch has it) — against the reference
     block's SDPA with the additive mask, both against fp32 — with a mask that is not a prefix, a
     sample that keeps every context token and one that keeps none, given the context or the packed
     context keys/values; and with the context but no mask (every token kept), against the
@@ -219,10 +217,6 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way, monkeypatc
     packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
     if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
         pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
-    if way == "cudnn_mask":
-        monkeypatch.setattr(unet_blocks, "CUDNN_VARLEN", False)
-        if torch.cuda.get_device_capability() >= (9, 0):  # cuDNN's own kernel, no fallback, on Hopper
-            monkeypatch.setattr(unet_blocks, "CUDNN_BACKENDS", [SDPBackend.CUDNN_ATTENTION])
     options = FusedOptions(cudnn_attention=way != "flash")
     fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias), options=options).double()
     fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed, options=options).double()
