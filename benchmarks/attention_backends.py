@@ -8,10 +8,11 @@ keys are the image's own and the 81 context tokens, of which each sample keeps a
 padding is masked), laid out as `cpp_ext.kernels.pack_attention_kv` lays them out: per sample
 [image keys | kept context | dropped context]. Timed on that layout:
 
-- "flash varlen": flash attention's variable-length form with per-sample key counts (what
-  `models.fused.unet_blocks._attend_varlen` runs), the reference for the others' outputs;
-- "cudnn varlen": cuDNN's attention op given the same offsets and key counts (where this torch's
-  op takes `seqused_k`);
+- "flash varlen": flash attention's variable-length form with per-sample key counts
+  (`models.fused.unet_blocks._attend_flash`, what the runtime runs), the reference for the
+  others' outputs;
+- "cudnn varlen": cuDNN's attention op given the same offsets and key counts
+  (`unet_blocks._attend_cudnn`, where this torch's op takes `seqused_k`);
 - "cudnn mask": cuDNN's attention through SDPA with the additive mask broadcast over the queries,
   "cudnn mask full" with it materialised per query, "cudnn mask contiguous" on contiguous copies
   of q, k and v (the copies not timed: whether the pack's strides are what it needs);
@@ -30,6 +31,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
+from models.fused import unet_blocks  # noqa: E402
 from models.fused.unet_blocks import _offsets  # noqa: E402
 
 HEAD = 64
@@ -70,23 +73,16 @@ def _problem(batch: int, side: int, heads: int) -> dict:
 
 
 def _varlen(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
-    """The runtime's call, flash attention's variable-length form with per-sample key counts (or,
-    with `cudnn`, cuDNN's attention op given the same offsets and counts, where this torch's op
-    takes `seqused_k`): [B·HW, heads, ch] out, as [B, heads, HW, ch] for comparison."""
+    """The runtime's call over the pack (`unet_blocks._attend_flash`, or with `cudnn`
+    `_attend_cudnn`, where this torch's op takes `seqused_k`): [B·HW, heads, ch] out, as
+    [B, heads, HW, ch] for comparison."""
     b, hw, heads = p["rows"].shape[:3]
-    n = p["kv"].shape[1]
-    cu_q, cu_k = _offsets(b, hw, n, torch.device("cuda"))
-    q = p["rows"].view(b * hw, heads, 3, HEAD)[:, :, 0]
-    k, v = p["kv"][:, :, :, 0].flatten(0, 1), p["kv"][:, :, :, 1].flatten(0, 1)
+    offsets = _offsets(b, hw, p["kv"].shape[1], torch.device("cuda"))
+    rows, block = p["rows"].flatten(0, 1).flatten(1), SimpleNamespace(heads=heads)
+    attend = unet_blocks._attend_cudnn if cudnn else unet_blocks._attend_flash
 
     def run() -> torch.Tensor:
-        if cudnn:
-            out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, hw, n, False,
-                                                          seqused_k=p["used"])[0]
-        else:
-            out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, hw, n, 0.0, False, False,
-                                                          seqused_k=p["used"])[0]
-        return out.view(b, hw, heads, HEAD).transpose(1, 2)
+        return attend(block, rows, p["kv"], p["used"], offsets).view(b, hw, heads, HEAD).transpose(1, 2)
     return run
 
 

@@ -304,7 +304,7 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
     :return: [B, HW, C] token-major.
     """
     b, hw, c3 = qkv.shape
-    n, ch = packed.shape[3], packed.shape[4]
+    n = packed.shape[3]
     if context_bias is None:
         keep = torch.ones(b, n, dtype=torch.bool, device=qkv.device)
         cu_q, cu_k = _offsets(b, hw, hw + n, qkv.device)
@@ -312,26 +312,35 @@ def _attend_varlen(block: AttentionBlock, qkv: torch.Tensor, packed: torch.Tenso
         keep, (cu_q, cu_k) = context_bias.keep(), context_bias.offsets(hw)
     rows = qkv.reshape(b * hw, c3)
     kv, used = cpp_ext.kernels.pack_attention_kv(rows, packed, keep)  # [B, HW + N, heads, 2, ch]
-    if cudnn and CUDNN_VARLEN:
-        return _attend_cudnn(block, rows, kv, used, (cu_q, cu_k)).view(b, hw, c3 // 3)
+    attend = _attend_cudnn if cudnn and CUDNN_VARLEN else _attend_flash
+    return attend(block, rows, kv, used, (cu_q, cu_k)).view(b, hw, c3 // 3)
+
+
+def _pack_operands(block: AttentionBlock, rows: torch.Tensor,
+                   kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """The variable-length ops' operands from the projection rows [B·HW, heads·3·ch] and the pack
+    [B, HW + N, heads, 2, ch]: queries [B·HW, heads, ch], keys and values [B·(HW + N), heads, ch]
+    (views), and the longest query and key runs HW and HW + N."""
+    b, n = kv.shape[0], kv.shape[1]
+    hw, ch = rows.shape[0] // b, kv.shape[-1]
     q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
-    out = torch.ops.aten._flash_attention_forward(
-        q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), cu_q, cu_k, hw, hw + n, 0.0, False, False,
-        seqused_k=used)[0]  # [B·HW, heads, ch]
-    return out.view(b, hw, c3 // 3)
+    return q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), hw, n
+
+
+def _attend_flash(block: AttentionBlock, rows: torch.Tensor, kv: torch.Tensor, used: torch.Tensor,
+                  offsets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`_attend_varlen`'s attention over the pack: flash attention's variable-length op with the
+    offsets and the per-sample key counts `used`. Token-major: [B·HW, heads, ch]."""
+    q, k, v, hw, n = _pack_operands(block, rows, kv)
+    return torch.ops.aten._flash_attention_forward(q, k, v, *offsets, hw, n, 0.0, False, False, seqused_k=used)[0]
 
 
 def _attend_cudnn(block: AttentionBlock, rows: torch.Tensor, kv: torch.Tensor, used: torch.Tensor,
                   offsets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """`_attend_varlen`'s attention on cuDNN's kernel over the same pack: its op with flash's
-    offsets and per-sample key counts (`CUDNN_VARLEN`: only a torch whose op takes `seqused_k`).
-    Token-major: [B·HW, heads, ch]."""
-    b, n = kv.shape[0], kv.shape[1]
-    hw, ch = rows.shape[0] // b, kv.shape[-1]
-    q = rows.view(b * hw, block.heads, 3, ch)[:, :, 0]
-    return torch.ops.aten._cudnn_attention_forward(
-        q, kv[:, :, :, 0].flatten(0, 1), kv[:, :, :, 1].flatten(0, 1), None, *offsets, hw, n, False,
-        seqused_k=used)[0]
+    """`_attend_flash` on cuDNN's kernel: its op with the same offsets and per-sample key counts
+    (`CUDNN_VARLEN`: only a torch whose op takes `seqused_k`). Token-major: [B·HW, heads, ch]."""
+    q, k, v, hw, n = _pack_operands(block, rows, kv)
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, *offsets, hw, n, False, seqused_k=used)[0]
 
 
 def _takes_key_counts(op: str) -> bool:

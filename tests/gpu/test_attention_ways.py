@@ -19,21 +19,30 @@ from tests import kernel_emulation
 from tests.gpu.common import rel
 
 
-def _check(way: str, masked: bool, device: str, dtype: torch.dtype, tol: float, monkeypatch) -> None:
-    """Batch 3 at 8×8 with 4 heads of 64 and 81 context tokens: the way's output against SDPA over
-    [context | image] keys with the additive mask (float32), with a mask that is not a prefix and
-    samples keeping every token and none — or without a mask, where the key offsets must still step
-    by HW + N a sample."""
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("way", ["flash", "cudnn"])
+def test_every_way_over_the_pack_is_sdpa_over_the_keys(way, masked, monkeypatch):
+    """Each way in fp16 on the GPU, within 5e-3 of float32 SDPA over [context | image] keys with
+    the additive mask: batch 3 at 8×8 with 4 heads of 64 and 81 context tokens, with a mask that is
+    not a prefix and samples keeping every token and none — or without a mask, where the key
+    offsets must still step by HW + N a sample."""
+    if not unet_blocks.FLASH_VARLEN:
+        pytest.skip("this torch has no flash attention varlen form with seqused_k")
+    if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
+        pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
     monkeypatch.setattr(cpp_ext, "kernels", kernel_emulation)
     b, hw, heads, ch, n = 3, 64, 4, 64, 81
-    g = torch.Generator(device=device).manual_seed(7)
-    qkv = torch.randn(b, hw, heads * 3 * ch, generator=g, device=device).to(dtype)
-    packed = torch.randn(b, 2, heads, n, ch, generator=g, device=device).to(dtype)
-    keep = torch.rand(b, n, generator=g, device=device) < 0.5
+    g = torch.Generator(device="cuda").manual_seed(7)
+    qkv = torch.randn(b, hw, heads * 3 * ch, generator=g, device="cuda").half()
+    packed = torch.randn(b, 2, heads, n, ch, generator=g, device="cuda").half()
+    keep = torch.rand(b, n, generator=g, device="cuda") < 0.5
     keep[0], keep[2] = True, False
     if not masked:
         keep[:] = True
-    bias = torch.zeros(b, n, device=device).masked_fill(~keep, float("-inf"))
+    bias = torch.zeros(b, n, device="cuda").masked_fill(~keep, float("-inf"))
     got = _attend_varlen(SimpleNamespace(heads=heads), qkv, packed, VarlenContext(bias) if masked else None,
                          cudnn=way != "flash")
 
@@ -43,19 +52,5 @@ def _check(way: str, masked: bool, device: str, dtype: torch.dtype, tol: float, 
     mask = F.pad(bias, (0, hw))[:, None, None, :] if masked else None
     want = F.scaled_dot_product_attention(per_head[..., 0, :], keys, values, attn_mask=mask)
     want = want.transpose(1, 2).reshape(b, hw, heads * ch)
-    assert got.shape == want.shape and got.dtype == dtype
-    assert rel(got.float(), want) <= tol, rel(got.float(), want)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@torch.no_grad()
-@pytest.mark.parametrize("masked", [True, False])
-@pytest.mark.parametrize("way", ["flash", "cudnn"])
-def test_every_way_over_the_pack_is_sdpa_over_the_keys(way, masked, monkeypatch):
-    """Each way in fp16 on the GPU, within 5e-3 of float32 SDPA."""
-    if not unet_blocks.FLASH_VARLEN:
-        pytest.skip("this torch has no flash attention varlen form with seqused_k")
-    if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
-        pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
-    _check(way, masked, "cuda", torch.float16, 5e-3, monkeypatch)
+    assert got.shape == want.shape and got.dtype == torch.float16
+    assert rel(got.float(), want) <= 5e-3, rel(got.float(), want)
