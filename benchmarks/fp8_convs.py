@@ -1,7 +1,7 @@
 """The UNets' 3×3 convolutions in fp16 (cuDNN) against the FP8 ways of `models.fp8.Fp8Conv`, one
 process, CUDA events, each replayed from a CUDA graph:
 
-    python benchmarks/fp8_convs.py [--out FILE.json] [--cudnn-benchmark-limit 0 --only cudnn]
+    python benchmarks/fp8_convs.py [--out FILE.json] [--cudnn-benchmark-limit 0 --only cudnn|fp16]
 
 Per shape (issue #33's table, then each decoder level at batch 2): cuDNN fp16 channels-last
 (benchmark mode on), the FP8 "gemm" way whole (input quantisation, neighbourhood gather,
@@ -156,18 +156,39 @@ def cudnn_only(batch: int, channels: int, size: int) -> dict:
     return out
 
 
+def fp16_ways(batch: int, channels: int, size: int) -> dict:
+    """The fp16 ways alone: cuDNN's convolution, the GEMM way (`implicit_conv.conv2d_as_gemm`:
+    gathered neighbourhoods, one cuBLAS product) and the runtime's race (`implicit_conv.conv2d`,
+    where the CUTLASS kernel was built), with the race's pick named."""
+    conv, x, flop, head = _problem(batch, channels, size)
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+    times = {"cudnn_fp16": graph_ms(lambda: conv(x)),
+             "gemm_fp16": graph_ms(lambda: implicit_conv.conv2d_as_gemm(x, weight, bias, 1))}
+    out = dict(head)
+    if implicit_conv.serves(x, weight):
+        implicit_conv.conv2d(x, weight, bias, 1)  # the race, before capture
+        times["race_fp16"] = graph_ms(lambda: implicit_conv.conv2d(x, weight, bias, 1))
+        key = ("f16", tuple(x.shape), tuple(weight.shape), (1, 1))
+        out["race_pick"] = implicit_conv.describe(implicit_conv._best[key])
+    out |= _timed(times, flop)
+    print(out["shape"], {k: f"{v['us']:.1f} µs" for k, v in out.items() if isinstance(v, dict)},
+          out.get("race_pick", ""), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                    help="cuDNN plans torch's benchmark mode tries per shape (torch's default 10; 0: every plan "
                         "cuDNN's heuristics list)")
-    p.add_argument("--only", choices=("cudnn",), default=None, help="cudnn: time cuDNN's fp16 convolution alone")
+    p.add_argument("--only", choices=("cudnn", "fp16"), default=None,
+                   help="cudnn: time cuDNN's fp16 convolution alone; fp16: cuDNN, the GEMM way and the race")
     args = p.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
-    bench_shape = cudnn_only if args.only == "cudnn" else bench
+    bench_shape = {"cudnn": cudnn_only, "fp16": fp16_ways}.get(args.only, bench)
     # no autograd: the layers' cached operands are then plain tensors (`copy.deepcopy` takes them)
     with torch.no_grad():
         result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
+    p.add_argument("--gemm-convs-off", action="store_true",
+                   help="also ours (fp16) without the GEMM way in the small maps' convolution race "
+                        "(models.implicit_conv.GEMM_WAY off; every shape raced afresh for that row)")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
@@ -488,6 +491,7 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
+                           ("ours_no_gemm_way", "unclip-rt, no GEMM way in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
@@ -524,21 +528,25 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_with_splits(model: UnCLIPModel, args: argparse.Namespace) -> dict:
-    """Ours in fp16 with `args.cutlass_splits` in the convolutions' race (`implicit_conv.SPLITS`):
-    the choices made without them are set aside first, so that every shape races with them, and
-    put back after for the rows that follow; what this row kept is in its `cutlass_choice`."""
+def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: object) -> dict:
+    """Ours in fp16 with the convolutions' race changed (`models.implicit_conv`'s module settings,
+    e.g. SPLITS=(2, 4) or GEMM_WAY=False): the choices made without them are set aside first, so
+    that every shape races afresh, and put back after with the settings for the rows that follow;
+    what this row kept is in its `cutlass_choice`."""
     from models import implicit_conv
 
     kept = dict(implicit_conv._best)
+    before = {name: getattr(implicit_conv, name) for name in settings}
     implicit_conv._best.clear()
-    implicit_conv.SPLITS = tuple(args.cutlass_splits)
+    for name, value in settings.items():
+        setattr(implicit_conv, name, value)
     try:
         result = bench_ours(model, args, graphs=True)
-        result["cutlass_splits"] = list(args.cutlass_splits)
+        result["race_settings"] = {name: list(v) if isinstance(v, tuple) else v for name, v in settings.items()}
         result["cutlass_choice"] = cutlass_choice()
     finally:
-        implicit_conv.SPLITS = ()
+        for name, value in before.items():
+            setattr(implicit_conv, name, value)
         implicit_conv._best.clear()
         implicit_conv._best.update(kept)
     return result
@@ -630,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
         results["ours_eager"] = bench_ours(model, args, graphs=False)
         save_partial(results, args.out)
     if args.cutlass_splits:
-        results["ours_splits"] = bench_with_splits(model, args)
+        results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
+        save_partial(results, args.out)
+    if args.gemm_convs_off:
+        results["ours_no_gemm_way"] = bench_with_race(model, args, GEMM_WAY=False)
         save_partial(results, args.out)
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",

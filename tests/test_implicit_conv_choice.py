@@ -1,12 +1,15 @@
 """`models.implicit_conv`'s configuration choice, with the CUTLASS extension stood in for (it is
 GPU-only): a kind's configurations by name, the persistent-kernel ones unless `PERSISTENT` is off,
-the stream-K ones again per split count of `SPLITS`, and each entry's name."""
+the stream-K ones again per split count of `SPLITS`, and each entry's name; the GEMM way (on the
+CPU: it is torch alone) and where it joins the race."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from models import implicit_conv
 
@@ -55,3 +58,55 @@ def test_a_residual_fits_only_as_the_convolutions_fp16_channels_last_output():
     assert not implicit_conv.residual_fits(torch.randn(2, 8, 8, 8).half().to(memory_format=cl), x, w, 1)
     assert implicit_conv.conv2d_residual(x, w, None, 1, out) is None
     assert FusedOptions().residual_in_conv is False
+
+
+@pytest.mark.parametrize(("batch", "cin", "cout", "taps", "hw", "padding"),
+                         [(2, 16, 24, 3, (8, 8), 1), (1, 8, 16, 3, (5, 7), 1), (3, 8, 8, 3, (6, 6), 0),
+                          (2, 16, 8, 1, (4, 4), 0)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_gemm_way_gives_torchs_convolution(batch, cin, cout, taps, hw, padding, with_bias):
+    """`conv2d_as_gemm`: the gathered neighbourhoods times the weight's [K, kh·kw·C] view, zeros in
+    the padding, non-square maps, 1×1 and 3×3 kernels, with and without bias, channels-last out;
+    within float32 rounding of float64's convolution, and a weight with its taps transposed does
+    not pass (the tap order is checked, not just the sums)."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(batch, cin, *hw).to(memory_format=cl)
+    w = torch.randn(cout, cin, taps, taps).to(memory_format=cl)
+    bias = torch.randn(cout) if with_bias else None
+    want = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=padding)
+    got = implicit_conv.conv2d_as_gemm(x, w, bias, padding)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=cl)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    if taps > 1:
+        swapped = implicit_conv.conv2d_as_gemm(x, w.transpose(2, 3).contiguous(memory_format=cl), bias, padding)
+        assert (swapped.double() - want).abs().max() > 1e-2 * want.abs().max()
+
+
+def test_the_gemm_way_joins_the_fp16_race_on_small_maps_only(monkeypatch):
+    """The race's entries besides the configurations: cuDNN first (the fallback inside a capture),
+    then the GEMM way where the output has at most `GEMM_ROWS` pixels over the batch and `GEMM_WAY`
+    is on; "gemm" names it both ways."""
+    offered = []
+
+    def fastest(kind, key, launch, device, others=()):
+        offered.append(others)
+        return others[0]
+
+    monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", EXTENSION)
+    monkeypatch.setattr(implicit_conv, "_fastest", fastest)
+    cl = torch.channels_last
+    w = torch.randn(16, 16, 3, 3).half().to(memory_format=cl)
+    small, large = (torch.randn(2, 16, 8, 8).half().to(memory_format=cl),
+                    torch.randn(1, 16, 64, 64).half().to(memory_format=cl))  # 128 and 4096 output pixels
+    assert implicit_conv.GEMM_WAY  # on by default
+    implicit_conv._f16_choice(small, w, None, (1, 1))
+    implicit_conv._f16_choice(large, w, None, (1, 1))
+    monkeypatch.setattr(implicit_conv, "GEMM_WAY", False)
+    implicit_conv._f16_choice(small, w, None, (1, 1))
+    assert offered == [(implicit_conv.CUDNN, implicit_conv.GEMM), (implicit_conv.CUDNN,), (implicit_conv.CUDNN,)]
+    assert implicit_conv._entry_of("gemm", "f16") is None  # not in the race while off
+    monkeypatch.setattr(implicit_conv, "GEMM_WAY", True)
+    assert implicit_conv.describe(implicit_conv.GEMM) == "gemm"
+    assert implicit_conv._entry_of("gemm", "f16") == implicit_conv.GEMM
+    assert implicit_conv._entry_of("gemm", "e4m3") is None
