@@ -89,9 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
-    p.add_argument("--gemm-convs-off", action="store_true",
-                   help="also ours (fp16) without the GEMM way in the small maps' convolution race "
-                        "(models.implicit_conv.GEMM_WAY off; every shape raced afresh for that row)")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
@@ -491,7 +488,6 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
-                           ("ours_no_gemm_way", "unclip-rt, no GEMM way in the race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
@@ -530,7 +526,7 @@ def table(results: dict) -> str:
 
 def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: object) -> dict:
     """Ours in fp16 with the convolutions' race changed (`models.implicit_conv`'s module settings,
-    e.g. SPLITS=(2, 4) or GEMM_WAY=False): the choices made without them are set aside first, so
+    e.g. SPLITS=(2, 4)): the choices made without them are set aside first, so
     that every shape races afresh, and put back after with the settings for the rows that follow;
     what this row kept is in its `cutlass_choice`."""
     from models import implicit_conv
@@ -639,9 +635,6 @@ def main(argv: list[str] | None = None) -> int:
         save_partial(results, args.out)
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
-        save_partial(results, args.out)
-    if args.gemm_convs_off:
-        results["ours_no_gemm_way"] = bench_with_race(model, args, GEMM_WAY=False)
         save_partial(results, args.out)
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",

@@ -8,12 +8,10 @@ warp-specialised kernel and on its persistent cooperative one (names ending "_pe
 with the stream-K scheduler); which is fastest depends on the shape, so the first call of
 each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture)
 and keeps the fastest. For fp16 cuDNN's convolution runs in that race too, so a shape where
-cuDNN is faster keeps it, and so does a third way for the small maps (`GEMM_WAY`): the
-neighbourhoods gathered into a matrix (zero padding included) and one cuBLAS product with the bias
-in its epilogue, offered where the output has at most `GEMM_ROWS` pixels over the batch. Those
-convolutions (the decoder's 16² and 8² maps at its guided batch) have too few row tiles to fill
-the GPU in one implicit GEMM, so their long K loop runs on a few SMs, while cuBLAS splits K over
-the rest; the gathered copy is small there. `PERSISTENT = False` leaves the persistent configurations out (to
+cuDNN is faster keeps it. `conv2d_as_gemm` is the convolution as one explicit product
+(neighbourhoods gathered, cuBLAS), a reference way for the decoder's small maps' benchmarks
+(`benchmarks/conv_split_k.py`); it lost to cuDNN and CUTLASS at every Karlo shape, so it is not
+in the race (docs/kernels.md). `PERSISTENT = False` leaves the persistent configurations out (to
 measure what they add: `benchmarks/latency.py --cutlass-plain`). `SPLITS` adds the stream-K
 configurations in split-K mode, each split count an entry of the race (`(configuration,
 splits)`): for shapes with fewer output tiles than the GPU has SMs, where a tile's long K loop
@@ -39,15 +37,11 @@ import torch.nn.functional as F
 import cpp_ext
 from models import conv_choices
 
-# a configuration's index (CUDNN: cuDNN's, GEMM: the GEMM way's), or (stream-K configuration, splits)
-Entry = int | tuple[int, int]
+Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
 _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-GEMM = -2  # the fp16 race's entry for the gathered neighbourhoods and one cuBLAS product (`conv2d_as_gemm`)
-GEMM_WAY = True  # whether GEMM joins the fp16 race where the output is small enough (module docstring)
-GEMM_ROWS = 2048  # the most output pixels (over the batch) GEMM is offered for: the gathered copy stays small
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 
@@ -77,11 +71,9 @@ def _configs(kind: str) -> list[Entry]:
 
 
 def describe(entry: Entry) -> str:
-    """An entry by name: "cudnn", "gemm", a configuration's name, or that name with "_split" and the count."""
+    """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count."""
     if entry == CUDNN:
         return "cudnn"
-    if entry == GEMM:
-        return "gemm"
     names = cpp_ext.cutlass_conv.configs()
     return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
 
@@ -91,8 +83,6 @@ def _entry_of(name: str, kind: str) -> Entry | None:
     e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
     if name == "cudnn":
         return CUDNN if kind == "f16" else None
-    if name == "gemm":
-        return GEMM if kind == "f16" and GEMM_WAY else None
     return next((entry for entry in _configs(kind) if describe(entry) == name), None)
 
 
@@ -102,7 +92,7 @@ def _environment(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
-                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"gemm {GEMM_WAY}"])
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS))])
 
 
 def _load_stored(environment: str) -> None:
@@ -179,32 +169,22 @@ def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if not serves(x, weight) or not residual_fits(residual, x, weight, padding):
         return None
     entry, launch = _f16_choice(x, weight, bias, _padding(padding))
-    return None if entry in (CUDNN, GEMM) else launch(entry, residual)
+    return None if entry == CUDNN else launch(entry, residual)
 
 
 def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 pad: tuple[int, int]) -> tuple[Entry, Callable[..., torch.Tensor]]:
-    """The fp16 race's entry for this convolution (cuDNN's and, on small maps, the GEMM way's among
-    them), and the launch of an entry, `launch(entry, residual=None)` (a residual: CUTLASS entries
-    only)."""
+    """The fp16 race's entry for this convolution (cuDNN's among them), and the launch of an
+    entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     kernel = cpp_ext.cutlass_conv
 
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        if entry == GEMM:
-            return conv2d_as_gemm(x, weight, bias, pad)
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
-    others = (CUDNN, GEMM) if GEMM_WAY and _output_pixels(x, weight, pad) <= GEMM_ROWS else (CUDNN,)
-    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=others), launch
-
-
-def _output_pixels(x: torch.Tensor, weight: torch.Tensor, pad: tuple[int, int]) -> int:
-    """The convolution's output pixels over the batch (stride 1): the GEMM way's rows."""
-    height, width = x.shape[2] + 2 * pad[0] - weight.shape[2] + 1, x.shape[3] + 2 * pad[1] - weight.shape[3] + 1
-    return x.shape[0] * height * width
+    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)), launch
 
 
 def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,7 +1,7 @@
 """`models.implicit_conv`'s configuration choice, with the CUTLASS extension stood in for (it is
 GPU-only): a kind's configurations by name, the persistent-kernel ones unless `PERSISTENT` is off,
-the stream-K ones again per split count of `SPLITS`, and each entry's name; the GEMM way (on the
-CPU: it is torch alone) and where it joins the race."""
+the stream-K ones again per split count of `SPLITS`, and each entry's name; the convolution as
+one explicit product (`conv2d_as_gemm`, torch alone, so tested on the CPU)."""
 
 from __future__ import annotations
 
@@ -82,31 +82,3 @@ def test_the_gemm_way_gives_torchs_convolution(batch, cin, cout, taps, hw, paddi
         swapped = implicit_conv.conv2d_as_gemm(x, w.transpose(2, 3).contiguous(memory_format=cl), bias, padding)
         assert (swapped.double() - want).abs().max() > 1e-2 * want.abs().max()
 
-
-def test_the_gemm_way_joins_the_fp16_race_on_small_maps_only(monkeypatch):
-    """The race's entries besides the configurations: cuDNN first (the fallback inside a capture),
-    then the GEMM way where the output has at most `GEMM_ROWS` pixels over the batch and `GEMM_WAY`
-    is on; "gemm" names it both ways."""
-    offered = []
-
-    def fastest(kind, key, launch, device, others=()):
-        offered.append(others)
-        return others[0]
-
-    monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", EXTENSION)
-    monkeypatch.setattr(implicit_conv, "_fastest", fastest)
-    cl = torch.channels_last
-    w = torch.randn(16, 16, 3, 3).half().to(memory_format=cl)
-    small, large = (torch.randn(2, 16, 8, 8).half().to(memory_format=cl),
-                    torch.randn(1, 16, 64, 64).half().to(memory_format=cl))  # 128 and 4096 output pixels
-    assert implicit_conv.GEMM_WAY  # on by default
-    implicit_conv._f16_choice(small, w, None, (1, 1))
-    implicit_conv._f16_choice(large, w, None, (1, 1))
-    monkeypatch.setattr(implicit_conv, "GEMM_WAY", False)
-    implicit_conv._f16_choice(small, w, None, (1, 1))
-    assert offered == [(implicit_conv.CUDNN, implicit_conv.GEMM), (implicit_conv.CUDNN,), (implicit_conv.CUDNN,)]
-    assert implicit_conv._entry_of("gemm", "f16") is None  # not in the race while off
-    monkeypatch.setattr(implicit_conv, "GEMM_WAY", True)
-    assert implicit_conv.describe(implicit_conv.GEMM) == "gemm"
-    assert implicit_conv._entry_of("gemm", "f16") == implicit_conv.GEMM
-    assert implicit_conv._entry_of("gemm", "e4m3") is None

@@ -1,6 +1,6 @@
 """The CUTLASS Hopper convolution (`cpp_ext._cutlass_conv`, `models.implicit_conv`) against
 cuDNN's on the UNets' shapes: every fp16 tile configuration, with and without bias, a CUDA-graph
-replay equal to the eager call, the fused UNet with it, the GEMM way of the small maps; the e4m3
+replay equal to the eager call, the fused UNet with it, the convolution as one explicit product; the e4m3
 configurations against the product of their operands, and `Fp8Conv`'s "cutlass" way against its
 read-back way. Skipped where it was not built (UNCLIP_RT_CUTLASS=1)."""
 
@@ -268,26 +268,6 @@ def test_the_gemm_way_gives_cudnns_convolution_and_replays_from_a_cuda_graph(bat
         assert eager.is_contiguous(memory_format=torch.channels_last)
         assert rel(eager, F.conv2d(x, w, b, padding=1)) <= 2e-3
         assert torch.equal(replayed(lambda b=b: implicit_conv.conv2d_as_gemm(x, w, b, 1)), eager)
-
-
-def test_the_race_offers_the_gemm_way_on_small_maps_and_adds_a_residual_itself_there(monkeypatch):
-    """On the decoder's 8² map the race times the GEMM way too; whatever it keeps gives cuDNN's
-    result, and where the GEMM way is kept `conv2d_residual` stands aside (None: the caller adds
-    the residual)."""
-    from models import implicit_conv
-
-    monkeypatch.setattr(implicit_conv, "_best", {})
-    torch.manual_seed(0)
-    conv = nn.Conv2d(1280, 1280, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 1280, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    weight, bias = conv.weight.detach(), conv.bias.detach()
-    got = implicit_conv.conv2d(x, weight, bias, 1)
-    (key, chosen), = implicit_conv._best.items()
-    print("2x1280@8² kept:", implicit_conv.describe(chosen))
-    assert rel(got, conv(x)) <= 2e-3
-    implicit_conv._best[key] = implicit_conv.GEMM
-    assert rel(implicit_conv.conv2d(x, weight, bias, 1), conv(x)) <= 2e-3
-    assert implicit_conv.conv2d_residual(x, weight, bias, 1, torch.zeros_like(got)) is None
 
 
 def test_the_race_stores_its_choice_and_a_new_process_takes_it(monkeypatch, tmp_path):
