@@ -453,6 +453,39 @@ def test_the_implicit_gemm_kernel_gives_the_read_back_convolution_in_e4m3_and_fp
     run_interpreted(IMPLICIT_CHECK)
 
 
+SPLIT_CHECK = """
+import torch
+from torch import nn
+from models.fp8.implicit_gemm import conv2d_nhwc, conv2d_nhwc_split_k, tap_major
+torch.manual_seed(0)
+for kernel, padding in ((3, 1), (1, 0)):
+    x = torch.randn(2, 48, 5, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(40, 48, kernel, kernel)
+    bias = torch.randn(40)
+    want = nn.functional.conv2d(x.double(), w.double(), bias.double(), padding=padding)
+    for splits in (1, 2, 3, 5, 64):
+        got = conv2d_nhwc_split_k(x, tap_major(w), kernel, bias, splits, tuned=False)
+        assert got.dtype == x.dtype and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        assert torch.equal(conv2d_nhwc_split_k(x, tap_major(w), kernel, bias, splits, tuned=False), got)
+    half = conv2d_nhwc_split_k(x.half(), tap_major(w.half()), kernel, None, 3, tuned=False)
+    assert half.dtype == torch.float16
+    ref = nn.functional.conv2d(x.half().float(), w.half().float(), padding=padding)
+    torch.testing.assert_close(half.float(), ref, rtol=2e-3, atol=2e-3)
+    plain = conv2d_nhwc(x, tap_major(w), kernel, bias, out_dtype=torch.float32, tuned=False)
+    torch.testing.assert_close(plain.double(), want, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_the_split_k_kernel_gives_torchs_convolution_for_every_split_count():
+    """`conv2d_nhwc_split_k` in Triton's interpreter on the CPU: 3×3 and 1×1, float32 operands against
+    float64's convolution for 1 to 64 slices (more slices than 32-index steps: the extra ones
+    empty), the same bits on a second call, fp16 operands within fp16 tolerance, and the plain
+    kernel (one slice column) unchanged."""
+    run_interpreted(SPLIT_CHECK)
+
+
 def test_the_cutlass_way_reads_back_where_its_kernel_does_not_serve(monkeypatch):
     """`Fp8Conv(x, "cutlass")` and `CONV_PATH = "cutlass"` on the CPU (no CUTLASS kernel here):
     the read-back convolution, exactly."""
