@@ -45,13 +45,10 @@ COPIES = 4  # distinct weights a replay walks through (more than the 50 MB L2 ho
 def split_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, splits: int) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, padding=1)` with the gathered rows' K split into `splits` slices
     (module docstring)."""
-    b, c, h, w = x.shape
     k = weight.shape[0]
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    sb, sh, sw, sc = padded.stride()
-    rows = padded.as_strided((b, h, w, 3, 3, c), (sb, sh, sw, sh, sw, sc)).reshape(b * h * w, 9 * c)
-    taps = weight.permute(0, 2, 3, 1).reshape(k, 9 * c)
-    part = 9 * c // splits
+    rows, (b, h, w) = implicit_conv.neighbourhood_rows(x, (3, 3), 1)
+    taps = weight.permute(0, 2, 3, 1).reshape(k, -1)
+    part = rows.shape[1] // splits
     a = rows.view(b * h * w, splits, part).transpose(0, 1)  # [S, M, K/S], no copy
     t = taps.view(k, splits, part).permute(1, 2, 0)  # [S, K/S, N], no copy
     partials = torch.bmm(a, t, out_dtype=torch.float32)  # [S, M, N]

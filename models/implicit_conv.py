@@ -229,16 +229,25 @@ def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     order of the channels-last weight's memory, zeros where it reaches into the padding, times the
     weight viewed as [K, kh·kw·C], the bias added in the product's epilogue (`torch.addmm`);
     channels-last out."""
+    rows, (b, oh, ow) = neighbourhood_rows(x, weight.shape[2:], padding)
+    k = weight.shape[0]
+    taps = weight.permute(0, 2, 3, 1).reshape(k, -1)  # a view where the weight is channels-last
+    out = rows @ taps.t() if bias is None else torch.addmm(bias, rows, taps.t())
+    return out.view(b, oh, ow, k).permute(0, 3, 1, 2)
+
+
+def neighbourhood_rows(x: torch.Tensor, kernel: tuple[int, int], padding: int | tuple[int, int]
+                       ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Every output pixel's kh × kw neighbourhood of `x` [B, C, H, W] (stride 1) as a row, (kh, kw,
+    C) order, zeros where it reaches into the padding: [B·OH·OW, kh·kw·C] (a copy), and (B, OH, OW)."""
     ph, pw = _padding(padding)
     b, c, h, w = x.shape
-    k, _, kh, kw = weight.shape
+    kh, kw = kernel
     oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [B, H + 2ph, W + 2pw, C], contiguous
     sb, sh, sw, sc = padded.stride()
     rows = padded.as_strided((b, oh, ow, kh, kw, c), (sb, sh, sw, sh, sw, sc)).reshape(b * oh * ow, kh * kw * c)
-    taps = weight.permute(0, 2, 3, 1).reshape(k, kh * kw * c)  # a view where the weight is channels-last
-    out = rows @ taps.t() if bias is None else torch.addmm(bias, rows, taps.t())
-    return out.view(b, oh, ow, k).permute(0, 3, 1, 2)
+    return rows, (b, oh, ow)
 
 
 def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
