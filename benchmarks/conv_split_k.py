@@ -70,9 +70,8 @@ def measure(batch: int, cin: int, cout: int, side: int) -> dict:
     for s in SPLITS:
         if 9 * cin % s == 0:
             ways[f"split {s}"] = lambda w, s=s: split_gemm(x, w, bias, s)
-    tap_majors = {id(w): tap_major(w) for w in weights}
-    for s in (*SPLITS, 32):
-        ways[f"triton split {s}"] = lambda w, s=s: conv2d_nhwc_split_k(x, tap_majors[id(w)], 3, bias, s)
+    for s in (*SPLITS, 32):  # a channels-last weight is tap-major already: `tap_major` is a view
+        ways[f"triton split {s}"] = lambda w, s=s: conv2d_nhwc_split_k(x, tap_major(w), 3, bias, s)
     want = F.conv2d(x, weights[0], bias, padding=1).float()
     row: dict = {"shape": f"b{batch}, {cin}→{cout} @{side}²"}
     for name, way in ways.items():

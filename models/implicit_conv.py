@@ -20,9 +20,9 @@ runs on one SM while most idle (the decoder's small maps); empty by default unti
 another; `TRITON_SPLITS` adds the Triton implicit GEMM with its reduction split into that many
 slices added in a fixed order (`models.fp8.implicit_gemm.conv2d_nhwc_split_k`, entries
 `(TRITON, slices)`), on maps of at most `SMALL_MAP_ROWS` output pixels; empty by default until
-measured (`benchmarks/conv_split_k.py`, `benchmarks/latency.py --triton-splits`). `conv2d` falls back to torch's
-(cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16 channels-last,
-stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
+measured (`benchmarks/conv_split_k.py`, `benchmarks/latency.py --triton-splits`). `conv2d` falls
+back to torch's (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA
+fp16 channels-last, stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
 request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The race's choices
 are kept on disk (`models.conv_choices`): a later process on the same GPU and software reads them
 instead of timing each shape again;
@@ -107,10 +107,8 @@ def _entry_of(name: str, kind: str) -> Entry | None:
     e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
     if name == "cudnn":
         return CUDNN if kind == "f16" else None
-    if name.startswith("triton_split"):
-        count = name.removeprefix("triton_split")
-        return (TRITON, int(count)) if kind == "f16" and count.isdigit() and int(count) in TRITON_SPLITS else None
-    return next((entry for entry in _configs(kind) if describe(entry) == name), None)
+    triton = [(TRITON, s) for s in TRITON_SPLITS] if kind == "f16" else []
+    return next((entry for entry in (*triton, *_configs(kind)) if describe(entry) == name), None)
 
 
 def _environment(device: torch.device) -> str:

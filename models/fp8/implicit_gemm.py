@@ -100,7 +100,7 @@ def _conv_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, M, H
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-_tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED", "QUANTIZE", "K_SPLIT"])(_conv_kernel)
+_tuned = triton.autotune(_CONFIGS, key=["C", "N", "KS", "SCALED", "QUANTIZE"])(_conv_kernel)
 
 # split-K tiles: the output has few rows (one or a few 64-row tiles), so narrower tiles and more of them
 _SPLIT_CONFIGS = [
@@ -134,6 +134,20 @@ def tap_major(weight: torch.Tensor) -> torch.Tensor:
     return (laid.view(weight.dtype) if weight.element_size() == 1 else laid).reshape(weight.shape[0], -1)
 
 
+def _operands(x: torch.Tensor, weight_nk: torch.Tensor,
+              kernel: int) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
+    """Both wrappers' checks and input: x as a contiguous [B, H, W, C] (a view of channels-last x),
+    x's shape and the output channels; ValueError for a kernel the kernel does not take or a weight
+    that is not [N, kernel²·C]."""
+    if kernel not in (1, 3):
+        raise ValueError(f"kernel must be 1 or 3, got {kernel}")
+    c = x.shape[1]
+    if weight_nk.shape[1] != kernel * kernel * c:
+        raise ValueError(f"weight columns {weight_nk.shape[1]} ≠ kernel² · channels {kernel * kernel * c}")
+    nhwc = x.permute(0, 2, 3, 1)
+    return (nhwc if nhwc.is_contiguous() else nhwc.contiguous()), tuple(x.shape), weight_nk.shape[0]
+
+
 def conv2d_nhwc(x: torch.Tensor, weight_nk: torch.Tensor, kernel: int, bias: torch.Tensor | None = None,
                 a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float16, tuned: bool = True,
@@ -145,17 +159,9 @@ def conv2d_nhwc(x: torch.Tensor, weight_nk: torch.Tensor, kernel: int, bias: tor
     dtype quantises `x` as it loads it (x / a_scale, saturated to ±448, rounded to e4m3), so no
     quantised copy of the input is written. `tuned` picks the tile by autotuning on
     first use per shape (on a GPU); else `block` (BLOCK_M, BLOCK_N, BLOCK_K), as the CPU checks use."""
-    if kernel not in (1, 3):
-        raise ValueError(f"kernel must be 1 or 3, got {kernel}")
-    b, c, h, w = x.shape
-    n = weight_nk.shape[0]
-    if weight_nk.shape[1] != kernel * kernel * c:
-        raise ValueError(f"weight columns {weight_nk.shape[1]} ≠ kernel² · channels {kernel * kernel * c}")
+    nhwc, (b, c, h, w), n = _operands(x, weight_nk, kernel)
     if (a_scale is None) != (b_scale is None):
         raise ValueError("a_scale and b_scale go together")
-    nhwc = x.permute(0, 2, 3, 1)
-    if not nhwc.is_contiguous():
-        nhwc = nhwc.contiguous()
     m = b * h * w
     out = torch.empty((m, n), device=x.device, dtype=out_dtype)
     dummy = out  # unused pointer arguments (their branch is compiled out)
@@ -183,22 +189,14 @@ def conv2d_nhwc_split_k(x: torch.Tensor, weight_nk: torch.Tensor, kernel: int, b
     program column into a float32 partial map [splits, B·H·W, N], then the slices added in order
     with the bias (`_sum_slices`): out [B, N, H, W] in x's dtype, channels-last. The partials cost
     4·splits bytes per output element of memory traffic, small where this pays (few output rows)."""
-    if kernel not in (1, 3):
-        raise ValueError(f"kernel must be 1 or 3, got {kernel}")
     if splits < 1:
         raise ValueError(f"splits must be at least 1, got {splits}")
-    b, c, h, w = x.shape
-    n = weight_nk.shape[0]
+    nhwc, (b, c, h, w), n = _operands(x, weight_nk, kernel)
     taps_c = kernel * kernel * c
-    if weight_nk.shape[1] != taps_c:
-        raise ValueError(f"weight columns {weight_nk.shape[1]} ≠ kernel² · channels {taps_c}")
     step = 128 if tuned else block[2]  # every tile's BLOCK_K divides it, so no step straddles two slices
     k_split = -(-taps_c // splits)
     k_split = -(-k_split // step) * step
     slices = -(-taps_c // k_split)
-    nhwc = x.permute(0, 2, 3, 1)
-    if not nhwc.is_contiguous():
-        nhwc = nhwc.contiguous()
     m = b * h * w
     part = torch.empty((slices, m, n), device=x.device, dtype=torch.float32)
     args = (nhwc, weight_nk.contiguous(), part, part, part, part, m, h, w, c, n, k_split)
