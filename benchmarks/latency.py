@@ -89,9 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
-    p.add_argument("--triton-splits", type=int, nargs="+", default=[],
-                   help="also ours (fp16) with the Triton split-K implicit GEMM in the small maps' convolution race "
-                        "once per slice count given (models.implicit_conv.TRITON_SPLITS; every shape raced afresh)")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
@@ -491,7 +488,6 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
-                           ("ours_triton_splits", "unclip-rt, Triton split-K in race"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
@@ -639,9 +635,6 @@ def main(argv: list[str] | None = None) -> int:
         save_partial(results, args.out)
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
-        save_partial(results, args.out)
-    if args.triton_splits:
-        results["ours_triton_splits"] = bench_with_race(model, args, TRITON_SPLITS=tuple(args.triton_splits))
         save_partial(results, args.out)
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",

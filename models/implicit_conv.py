@@ -15,14 +15,11 @@ in the race (docs/kernels.md). `PERSISTENT = False` leaves the persistent config
 measure what they add: `benchmarks/latency.py --cutlass-plain`). `SPLITS` adds the stream-K
 configurations in split-K mode, each split count an entry of the race (`(configuration,
 splits)`): for shapes with fewer output tiles than the GPU has SMs, where a tile's long K loop
-runs on one SM while most idle (the decoder's small maps); empty by default until measured
-(`benchmarks/latency.py --cutlass-splits`). CUTLASS 4.2's split-K meets its parts one after
-another; `TRITON_SPLITS` adds the Triton implicit GEMM with its reduction split into that many
-slices added in a fixed order (`models.fp8.implicit_gemm.conv2d_nhwc_split_k`, entries
-`(TRITON, slices)`), on maps of at most `SMALL_MAP_ROWS` output pixels; empty by default until
-measured (`benchmarks/conv_split_k.py`, `benchmarks/latency.py --triton-splits`). `conv2d` falls
-back to torch's (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA
-fp16 channels-last, stride or dilation other than 1, groups, channel counts not multiples of 8. It is built only on
+runs on one SM while most idle (the decoder's small maps). It is empty by default: CUTLASS 4.2's
+split-K meets its parts one after another, and it never paid (`benchmarks/latency.py
+--cutlass-splits`; docs/kernels.md). `conv2d` falls back to torch's (cuDNN's) convolution wherever
+the kernel does not serve: not built, not CUDA fp16 channels-last, stride or dilation other than
+1, groups, channel counts not multiples of 8. It is built only on
 request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The race's choices
 are kept on disk (`models.conv_choices`): a later process on the same GPU and software reads them
 instead of timing each shape again;
@@ -46,9 +43,6 @@ _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) �
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-TRITON = -2  # (TRITON, slices): the fp16 race's entry for the Triton split-K implicit GEMM
-TRITON_SPLITS: tuple[int, ...] = ()  # slice counts the Triton split-K entries join the fp16 race with (docstring)
-SMALL_MAP_ROWS = 2048  # the most output pixels (over the batch) the Triton split-K entries are offered for
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 
@@ -77,27 +71,10 @@ def _configs(kind: str) -> list[Entry]:
     return [*own, *split]
 
 
-def _is_triton(entry: Entry) -> bool:
-    return isinstance(entry, tuple) and entry[0] == TRITON
-
-
-def _small_map_entries(x: torch.Tensor, weight: torch.Tensor, pad: tuple[int, int]) -> tuple[Entry, ...]:
-    """The Triton split-K entries the fp16 race takes for this convolution: one per count of
-    `TRITON_SPLITS` where the kernel serves it (a square 1×1 or 3×3 kernel, "same" padding) and
-    the output has at most `SMALL_MAP_ROWS` pixels over the batch; else none."""
-    taps = weight.shape[2]
-    if not TRITON_SPLITS or weight.shape[3] != taps or taps not in (1, 3) or pad != (taps // 2, taps // 2):
-        return ()
-    return tuple((TRITON, s) for s in TRITON_SPLITS) if x.shape[0] * x.shape[2] * x.shape[3] <= SMALL_MAP_ROWS else ()
-
-
 def describe(entry: Entry) -> str:
-    """An entry by name: "cudnn", "triton_split" and the slice count, a configuration's name, or
-    that name with "_split" and the count."""
+    """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count."""
     if entry == CUDNN:
         return "cudnn"
-    if _is_triton(entry):
-        return f"triton_split{entry[1]}"
     names = cpp_ext.cutlass_conv.configs()
     return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
 
@@ -107,8 +84,7 @@ def _entry_of(name: str, kind: str) -> Entry | None:
     e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
     if name == "cudnn":
         return CUDNN if kind == "f16" else None
-    triton = [(TRITON, s) for s in TRITON_SPLITS] if kind == "f16" else []
-    return next((entry for entry in (*triton, *_configs(kind)) if describe(entry) == name), None)
+    return next((entry for entry in _configs(kind) if describe(entry) == name), None)
 
 
 def _environment(device: torch.device) -> str:
@@ -117,8 +93,7 @@ def _environment(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
-                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)),
-                     "triton splits " + ",".join(map(str, TRITON_SPLITS))])
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS))])
 
 
 def _load_stored(environment: str) -> None:
@@ -195,29 +170,22 @@ def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if not serves(x, weight) or not residual_fits(residual, x, weight, padding):
         return None
     entry, launch = _f16_choice(x, weight, bias, _padding(padding))
-    return None if entry == CUDNN or _is_triton(entry) else launch(entry, residual)
+    return None if entry == CUDNN else launch(entry, residual)
 
 
 def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 pad: tuple[int, int]) -> tuple[Entry, Callable[..., torch.Tensor]]:
-    """The fp16 race's entry for this convolution (cuDNN's, and on small maps the Triton split-K
-    ones, among them), and the launch of an entry, `launch(entry, residual=None)` (a residual:
-    CUTLASS entries only)."""
+    """The fp16 race's entry for this convolution (cuDNN's among them), and the launch of an
+    entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     kernel = cpp_ext.cutlass_conv
 
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        if _is_triton(entry):  # Triton: imported where it runs; a channels-last weight is tap-major already
-            from models.fp8.implicit_gemm import conv2d_nhwc_split_k, tap_major
-
-            # autotuned on a GPU; Triton's CPU interpreter (the tests) has no benchmarker: a fixed tile
-            return conv2d_nhwc_split_k(x, tap_major(weight), weight.shape[2], bias, entry[1], tuned=x.is_cuda)
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
-    others = (CUDNN, *_small_map_entries(x, weight, pad))
-    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=others), launch
+    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)), launch
 
 
 def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,8 +1,7 @@
 """`models.implicit_conv`'s configuration choice, with the CUTLASS extension stood in for (it is
 GPU-only): a kind's configurations by name, the persistent-kernel ones unless `PERSISTENT` is off,
-the stream-K ones again per split count of `SPLITS`, the Triton split-K entries on small maps per
-count of `TRITON_SPLITS` (and what they run, in Triton's interpreter), and each entry's name; the
-convolution as one explicit product (`conv2d_as_gemm`, torch alone, so tested on the CPU)."""
+the stream-K ones again per split count of `SPLITS`, and each entry's name; the convolution as
+one explicit product (`conv2d_as_gemm`, torch alone, so tested on the CPU)."""
 
 from __future__ import annotations
 
@@ -82,74 +81,4 @@ def test_the_gemm_way_gives_torchs_convolution(batch, cin, cout, taps, hw, paddi
     if taps > 1:
         swapped = implicit_conv.conv2d_as_gemm(x, w.transpose(2, 3).contiguous(memory_format=cl), bias, padding)
         assert (swapped.double() - want).abs().max() > 1e-2 * want.abs().max()
-
-
-def test_the_triton_split_k_entries_join_the_fp16_race_on_small_maps_only(monkeypatch):
-    """With `TRITON_SPLITS` (empty by default) the race's entries after cuDNN (the fallback inside a
-    capture) include one Triton split-K entry per count, for square 1×1 / 3×3 kernels with "same"
-    padding on maps of at most `SMALL_MAP_ROWS` output pixels; named "triton_split<count>" both
-    ways; a residual is left to the caller there."""
-    offered = []
-
-    def fastest(kind, key, launch, device, others=()):
-        offered.append(others)
-        return others[-1]
-
-    monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", EXTENSION)
-    monkeypatch.setattr(implicit_conv, "_fastest", fastest)
-    cl = torch.channels_last
-    w3, w1 = (torch.randn(16, 16, k, k).half().to(memory_format=cl) for k in (3, 1))
-    small, large = (torch.randn(2, 16, 8, 8).half().to(memory_format=cl),
-                    torch.randn(1, 16, 64, 64).half().to(memory_format=cl))  # 128 and 4096 output pixels
-    assert implicit_conv.TRITON_SPLITS == ()  # off by default
-    implicit_conv._f16_choice(small, w3, None, (1, 1))
-    monkeypatch.setattr(implicit_conv, "TRITON_SPLITS", (4, 16))
-    implicit_conv._f16_choice(small, w3, None, (1, 1))
-    implicit_conv._f16_choice(small, w1, None, (0, 0))
-    implicit_conv._f16_choice(small, w3, None, (0, 0))  # not "same" padding: the kernel does not serve it
-    implicit_conv._f16_choice(large, w3, None, (1, 1))
-    triton = implicit_conv.TRITON
-    cudnn = implicit_conv.CUDNN
-    assert offered == [(cudnn,), (cudnn, (triton, 4), (triton, 16)), (cudnn, (triton, 4), (triton, 16)), (cudnn,),
-                       (cudnn,)]
-    assert implicit_conv.describe((triton, 16)) == "triton_split16"
-    assert implicit_conv._entry_of("triton_split16", "f16") == (triton, 16)
-    assert implicit_conv._entry_of("triton_split8", "f16") is None  # a count not in the race now
-    assert implicit_conv._entry_of("triton_split16", "e4m3") is None
-    monkeypatch.setattr(implicit_conv, "serves", lambda *a, **k: True)
-    out = torch.randn(2, 16, 8, 8).half().to(memory_format=cl)
-    assert implicit_conv.conv2d_residual(small, w3, None, 1, out) is None  # the race kept (TRITON, 16)
-
-
-TRITON_ENTRY_CHECK = """
-import torch
-import torch.nn.functional as F
-from types import SimpleNamespace
-from models import implicit_conv
-implicit_conv.cpp_ext.cutlass_conv = SimpleNamespace(configs=lambda: [], split_configs=lambda: [])
-implicit_conv.TRITON_SPLITS = (3,)
-implicit_conv._fastest = lambda kind, key, launch, device, others=(): others[-1]
-torch.manual_seed(0)
-cl = torch.channels_last
-x = torch.randn(2, 16, 5, 6).to(memory_format=cl)
-for taps, pad in ((3, (1, 1)), (1, (0, 0))):
-    w = torch.randn(24, 16, taps, taps).to(memory_format=cl)
-    bias = torch.randn(24)
-    entry, launch = implicit_conv._f16_choice(x, w, bias, pad)
-    assert entry == (implicit_conv.TRITON, 3)
-    got = launch(entry)
-    want = F.conv2d(x.double(), w.double(), bias.double(), padding=pad)
-    assert got.is_contiguous(memory_format=cl)
-    # float32 operands: Triton's dot rounds them to TF32 (as the interpreter emulates), hence 1e-4
-    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
-print("ok")
-"""
-
-
-def test_a_triton_split_k_entry_runs_the_split_k_convolution():
-    """What the race launches for a Triton entry, in Triton's interpreter on the CPU (float32 here):
-    the split-K convolution of the channels-last weight as it is (tap-major already), 3×3 and 1×1."""
-    from tests.test_fp8 import run_interpreted
-
-    run_interpreted(TRITON_ENTRY_CHECK)
 

@@ -270,28 +270,6 @@ def test_the_gemm_way_gives_cudnns_convolution_and_replays_from_a_cuda_graph(bat
         assert torch.equal(replayed(lambda b=b: implicit_conv.conv2d_as_gemm(x, w, b, 1)), eager)
 
 
-def test_the_race_takes_triton_split_k_entries_on_small_maps_where_asked(monkeypatch):
-    """With `implicit_conv.TRITON_SPLITS` the decoder's 8² convolution also races the Triton
-    split-K implicit GEMM; what is kept gives cuDNN's result, and a Triton entry set by hand gives
-    it too, replayed from a CUDA graph as it ran eagerly."""
-    from models import implicit_conv
-
-    monkeypatch.setattr(implicit_conv, "_best", {})
-    monkeypatch.setattr(implicit_conv, "TRITON_SPLITS", (4, 8, 16))
-    torch.manual_seed(0)
-    conv = nn.Conv2d(1280, 1280, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 1280, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    weight, bias = conv.weight.detach(), conv.bias.detach()
-    got = implicit_conv.conv2d(x, weight, bias, 1)
-    (key, chosen), = implicit_conv._best.items()
-    print("2x1280@8² kept with Triton split-K in the race:", implicit_conv.describe(chosen))
-    assert rel(got, conv(x)) <= 2e-3
-    implicit_conv._best[key] = (implicit_conv.TRITON, 8)
-    eager = implicit_conv.conv2d(x, weight, bias, 1)
-    assert rel(eager, conv(x)) <= 2e-3
-    assert torch.equal(replayed(lambda: implicit_conv.conv2d(x, weight, bias, 1)), eager)
-
-
 def test_the_race_stores_its_choice_and_a_new_process_takes_it(monkeypatch, tmp_path):
     """The first call of a shape races and stores the winner (`models.conv_choices`); with the
     process's memory cleared, as in a new process, the next call takes the stored entry without
