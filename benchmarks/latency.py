@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
+    p.add_argument("--graph-race", action="store_true",
+                   help="also ours (fp16) with the convolutions' race timed from CUDA graphs over operand copies "
+                        "that do not fit the L2 cache (models.implicit_conv.RACE_TIMING='graph'; every shape raced "
+                        "afresh); the races' wall time is in the row's race_s")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
@@ -488,6 +492,7 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
+                           ("ours_graph_race", "unclip-rt, race timed by graphs"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
@@ -528,19 +533,34 @@ def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: ob
     """Ours in fp16 with the convolutions' race changed (`models.implicit_conv`'s module settings,
     e.g. SPLITS=(2, 4)): the choices made without them are set aside first, so
     that every shape races afresh, and put back after with the settings for the rows that follow;
-    what this row kept is in its `cutlass_choice`."""
+    what this row kept is in its `cutlass_choice`, the races' wall time (host clock, all shapes)
+    in its `race_s`."""
     from models import implicit_conv
 
     kept = dict(implicit_conv._best)
     before = {name: getattr(implicit_conv, name) for name in settings}
+    race = implicit_conv._fastest
+    racing = [0.0]
+
+    def timed_race(*a, **kw):
+        known = len(implicit_conv._best)
+        start = time.perf_counter()
+        entry = race(*a, **kw)
+        if len(implicit_conv._best) > known:  # a shape raced now, not one already chosen
+            racing[0] += time.perf_counter() - start
+        return entry
+
     implicit_conv._best.clear()
     for name, value in settings.items():
         setattr(implicit_conv, name, value)
+    implicit_conv._fastest = timed_race
     try:
         result = bench_ours(model, args, graphs=True)
         result["race_settings"] = {name: list(v) if isinstance(v, tuple) else v for name, v in settings.items()}
         result["cutlass_choice"] = cutlass_choice()
+        result["race_s"] = round(racing[0], 2)
     finally:
+        implicit_conv._fastest = race
         for name, value in before.items():
             setattr(implicit_conv, name, value)
         implicit_conv._best.clear()
@@ -635,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
         save_partial(results, args.out)
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
+        save_partial(results, args.out)
+    if args.graph_race:
+        results["ours_graph_race"] = bench_with_race(model, args, RACE_TIMING="graph")
         save_partial(results, args.out)
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",

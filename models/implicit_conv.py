@@ -6,8 +6,11 @@ e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
 The kernel comes in a few tile configurations per operand type, on CUTLASS's plain
 warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", some
 with the stream-K scheduler); which is fastest depends on the shape, so the first call of
-each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture)
-and keeps the fastest. For fp16 cuDNN's convolution runs in that race too, so a shape where
+each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture;
+`RACE_TIMING` says how, `models.race_timing`: "eager", host launches on the one weight, or
+"graph", each entry replayed from a CUDA graph over copies of its operands that do not fit the
+L2 cache together, as the UNets read their weights) and keeps the fastest. For fp16 cuDNN's
+convolution runs in that race too, so a shape where
 cuDNN is faster keeps it. `conv2d_as_gemm` is the convolution as one explicit product
 (neighbourhoods gathered, cuBLAS), a reference way for the decoder's small maps' benchmarks
 (`benchmarks/conv_split_k.py`); it lost to cuDNN and CUTLASS at every Karlo shape, so it is not
@@ -36,13 +39,14 @@ import torch
 import torch.nn.functional as F
 
 import cpp_ext
-from models import conv_choices
+from models import conv_choices, race_timing
 
 Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
 _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
+RACE_TIMING = "eager"  # how the race times its entries: "eager" or "graph" (models.race_timing; module docstring)
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 
@@ -93,7 +97,7 @@ def _environment(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
-                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS))])
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"])
 
 
 def _load_stored(environment: str) -> None:
@@ -113,34 +117,24 @@ def _split(entry: Entry) -> tuple[int, int]:
     return entry if isinstance(entry, tuple) else (entry, 0)
 
 
-def _fastest(kind: str, key: tuple, launch: Callable[[Entry], torch.Tensor], device: torch.device,
+def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operands: tuple[torch.Tensor, ...],
              others: tuple[Entry, ...] = ()) -> Entry:
     """The configuration of `kind` ("f16", "e4m3") or of `others` (entries such as `CUDNN`, which
-    `launch` also takes; the first of them is the fallback) to run for `key` on `device`: stored
-    from an earlier process (`conv_choices`), else timed once per shape over a few launches each,
-    outside any capture (inside one: the fallback, not remembered), and stored."""
+    `launch(entry, *operands)` also takes; the first of them is the fallback) to run for `key` on
+    the operands' device: stored from an earlier process (`conv_choices`), else timed once per
+    shape the `RACE_TIMING` way (`models.race_timing`), outside any capture (inside one: the
+    fallback, not remembered), and stored."""
     if (kind, *key) in _best:
         return _best[(kind, *key)]
-    environment = _environment(device)
+    environment = _environment(operands[0].device)
     _load_stored(environment)
     if (kind, *key) in _best:
         return _best[(kind, *key)]
     configs = [*others, *_configs(kind)]
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
-    times = {}
-    for config in configs:
-        try:
-            launch(config)  # first launch: TMA descriptors, caches
-        except RuntimeError:
-            continue  # this tile shape cannot implement the shape
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            launch(config)
-        stop.record()
-        stop.synchronize()
-        times[config] = start.elapsed_time(stop)
+    timer = race_timing.graph_times if RACE_TIMING == "graph" else race_timing.eager_times
+    times = timer(configs, launch, operands)
     if not times:
         raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
     _best[(kind, *key)] = best = min(times, key=times.__getitem__)
@@ -180,12 +174,16 @@ def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     bias = None if bias is None else bias.to(torch.float16).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def run(entry: Entry, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
-    return _fastest("f16", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device, others=(CUDNN,)), launch
+    def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return run(entry, x, weight, residual)
+
+    key = (tuple(x.shape), tuple(weight.shape), pad)
+    return _fastest("f16", key, run, (x, weight), others=(CUDNN,)), launch
 
 
 def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -227,10 +225,10 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     scale = scale.to(torch.float32).contiguous()
     kernel = cpp_ext.cutlass_conv
 
-    def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def run(entry: Entry, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return kernel.conv2d_e4m3(x, weight, scale, bias, *pad, *_split(entry), residual=residual)
 
-    return launch(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), launch, x.device), residual)
+    return run(_fastest("e4m3", (tuple(x.shape), tuple(weight.shape), pad), run, (x, weight)), x, weight, residual)
 
 
 def residual_fits(t: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int]) -> bool:

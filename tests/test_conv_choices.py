@@ -10,6 +10,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import cpp_ext
 from models import conv_choices, implicit_conv
@@ -94,11 +95,12 @@ def test_a_stored_choice_is_taken_without_racing(fake_build):
                                                ("f16", (2, 64, 8, 8), (64, 64, 3, 3), (1, 1)): "cudnn"})
     raced = []
 
-    def launch(entry):
+    def launch(entry, *operands):
         raced.append(entry)
 
-    assert implicit_conv._fastest("f16", KEY[1:], launch, "cuda", others=(implicit_conv.CUDNN,)) == 1
-    assert implicit_conv._fastest("f16", ((2, 64, 8, 8), (64, 64, 3, 3), (1, 1)), launch, "cuda",
+    operands = (torch.empty(1), torch.empty(1))
+    assert implicit_conv._fastest("f16", KEY[1:], launch, operands, others=(implicit_conv.CUDNN,)) == 1
+    assert implicit_conv._fastest("f16", ((2, 64, 8, 8), (64, 64, 3, 3), (1, 1)), launch, operands,
                                   others=(implicit_conv.CUDNN,)) == implicit_conv.CUDNN
     assert raced == []
 
@@ -115,3 +117,41 @@ def test_stored_names_this_build_lacks_are_dropped(fake_build):
     implicit_conv._loaded.clear()
     implicit_conv._load_stored("fake-gpu")
     assert implicit_conv._best == {OTHER: 2}
+
+
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_a_new_shape_is_timed_the_race_timing_way_and_its_fastest_stored(fake_build, monkeypatch, timing):
+    """A shape with no stored choice: `_fastest` hands every candidate (cuDNN first) and the
+    operands to the timer `RACE_TIMING` names, keeps the entry it timed fastest, and stores that
+    entry's name; the other timer is not called."""
+    calls = []
+
+    def timer(name, times):
+        def timed(entries, launch, operands):
+            calls.append((name, list(entries), operands))
+            return {entry: times[entry] for entry in entries}
+        return timed
+
+    monkeypatch.setattr(implicit_conv.race_timing, "eager_times", timer("eager", {-1: 3.0, 0: 2.0, 1: 1.0}))
+    monkeypatch.setattr(implicit_conv.race_timing, "graph_times", timer("graph", {-1: 1.0, 0: 2.0, 1: 3.0}))
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    operands = (torch.empty(2), torch.empty(3))
+    chosen = implicit_conv._fastest("f16", KEY[1:], lambda entry, *ops: None, operands, others=(implicit_conv.CUDNN,))
+    assert [(name, entries) for name, entries, _ in calls] == [(timing, [implicit_conv.CUDNN, 0, 1])]
+    assert calls[0][2] is operands
+    assert chosen == (1 if timing == "eager" else implicit_conv.CUDNN)
+    assert conv_choices.load(fake_build, "fake-gpu") == {KEY: "f16_256x160x64_c1x1_persistent" if timing == "eager"
+                                                         else "cudnn"}
+
+
+def test_the_race_timing_is_part_of_the_stored_choices_environment(monkeypatch):
+    """Choices raced one way are not taken by a process that races the other way."""
+    props = SimpleNamespace(name="H200", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    monkeypatch.setattr(cpp_ext, "cutlass_conv", SimpleNamespace(configs=lambda: ["f16_a"], split_configs=lambda: []))
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", "eager")
+    eager = implicit_conv._environment("cuda")
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", "graph")
+    assert implicit_conv._environment("cuda") != eager and "race graph" in implicit_conv._environment("cuda")

@@ -90,12 +90,15 @@ def test_every_configuration_replays_from_a_cuda_graph_as_it_runs_eagerly():
         assert torch.equal(replayed(call), eager), name
 
 
-def test_cudnn_runs_in_the_fp16_race_and_the_winner_is_kept(monkeypatch):
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_cudnn_runs_in_the_fp16_race_and_the_winner_is_kept(monkeypatch, timing):
     """`implicit_conv.conv2d` times cuDNN beside every fp16 configuration on a new shape and keeps
-    the fastest: the choice is cuDNN or one of the configurations, its result either's."""
+    the fastest, either way of timing: the choice is cuDNN or one of the configurations, its result
+    either's."""
     from models import implicit_conv
 
     monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
     torch.manual_seed(0)
     conv = nn.Conv2d(320, 320, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
     x = torch.randn(1, 320, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
@@ -123,7 +126,7 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
     # CUTLASS's configurations only (cuDNN out of the race), so that every served convolution runs on it
     race = implicit_conv._fastest
     monkeypatch.setattr(implicit_conv, "_fastest",
-                        lambda kind, key, launch, device, others=(): race(kind, key, launch, device))
+                        lambda kind, key, launch, operands, others=(): race(kind, key, launch, operands))
     monkeypatch.setattr(implicit_conv, "_best", {})
     calls = []
     kernel = cpp_ext.cutlass_conv.conv2d
@@ -141,10 +144,12 @@ def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkey
 
 
 @pytest.mark.skipif(cpp_ext.kernels is None, reason="cpp_ext not built")
-def test_the_runtime_runs_its_unets_convolutions_through_the_race_by_default(monkeypatch):
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_the_runtime_runs_its_unets_convolutions_through_the_race_by_default(monkeypatch, timing):
     """`UnCLIP()` (`FusedOptions.cutlass_convs` on by default) on the default model in fp16 with CUDA
     graphs: the decoder's and super-res UNets' residual-block convolutions go through
-    `implicit_conv` (each shape's race ran: cuDNN against the configurations), and the image is
+    `implicit_conv` (each shape's race ran: cuDNN against the configurations, timed either way; the
+    graph race's own captures come before the runtime's), and the image is
     the cuDNN runtime's (`cutlass_convs=False`) to fp16 rounding through the sampling loops (fp16 against fp32 gives
     31.6 dB on this model: a summation order alone should change the image less)."""
     from models import implicit_conv
@@ -153,6 +158,8 @@ def test_the_runtime_runs_its_unets_convolutions_through_the_race_by_default(mon
     from tests.metrics import psnr
 
     monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
+    monkeypatch.setenv("UNCLIP_RT_CONV_CACHE", "off")  # race every shape in this process
     plain = UnCLIP(device="cuda", dtype=torch.float16, progress=False, fused=FusedOptions(cutlass_convs=False))
     want = plain.generate("a red circle on a blue background", seed=0, output_type="pt").images
     assert not implicit_conv._best
@@ -233,12 +240,15 @@ def test_every_split_count_gives_the_unsplit_convolution(batch, cin, cout, size)
         cpp_ext.cutlass_conv.conv2d(x, w, bias, 1, 1, plain, 2)
 
 
-def test_the_race_takes_split_counts_where_asked(monkeypatch):
-    """With `implicit_conv.SPLITS`, each stream-K configuration races once per split count; the
-    kept entry's result is cuDNN's within fp16 tolerance."""
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_the_race_takes_split_counts_where_asked(monkeypatch, timing):
+    """With `implicit_conv.SPLITS`, each stream-K configuration races once per split count (in the
+    graph race each captured with its workspace); the kept entry's result is cuDNN's within fp16
+    tolerance."""
     from models import implicit_conv
 
     monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
     monkeypatch.setattr(implicit_conv, "SPLITS", (2, 4, 8))
     torch.manual_seed(0)
     conv = nn.Conv2d(1280, 1280, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
@@ -248,7 +258,7 @@ def test_the_race_takes_split_counts_where_asked(monkeypatch):
         cpp_ext.cutlass_conv.configs()[i].startswith("f16_") for i in cpp_ext.cutlass_conv.split_configs())
     got = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
     (key, chosen), = implicit_conv._best.items()
-    print("2x1280@8² kept:", implicit_conv.describe(chosen))
+    print(f"2x1280@8² kept ({timing} race):", implicit_conv.describe(chosen))
     assert rel(got, conv(x)) <= 2e-3
 
 
@@ -392,7 +402,7 @@ def test_the_fused_unet_joins_its_identity_skips_in_the_convolutions(monkeypatch
     t = torch.tensor([900, 10], device="cuda")
     race = implicit_conv._fastest  # CUTLASS's configurations only, as in the test above
     monkeypatch.setattr(implicit_conv, "_fastest",
-                        lambda kind, key, launch, device, others=(): race(kind, key, launch, device))
+                        lambda kind, key, launch, operands, others=(): race(kind, key, launch, operands))
     monkeypatch.setattr(implicit_conv, "_best", {})
     base = {}
     unet16 = copy.deepcopy(unet)
@@ -422,3 +432,55 @@ def test_the_fused_unet_joins_its_identity_skips_in_the_convolutions(monkeypatch
         assert rel(got, want) <= 1e-2
     else:  # FP8 turns a rounding difference into other e4m3 roundings downstream: compared through the error
         assert errors["in the epilogue"] <= max(1.5 * errors["joins"], 2e-2), errors
+
+
+def test_the_graph_race_times_a_launch_as_its_work_and_frees_what_it_made():
+    """`race_timing.graph_times` on a decoder shape: a launch that runs the convolution twice takes
+    well over one that runs it once (the time is the launch's work, per operand copy), every entry
+    that runs gets a time and one that raises is left out, and the copies and graphs are gone after
+    (the memory allocated is as before)."""
+    from models import race_timing
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 1280, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=cl)
+    w = (torch.randn(1280, 1280, 3, 3, device="cuda", dtype=torch.float16) / 100).to(memory_format=cl)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+
+    def launch(entry, x, w):
+        if entry == "refused":
+            raise RuntimeError("this tile shape cannot implement the shape")
+        out = F.conv2d(x, w, padding=1)
+        return F.conv2d(out, w, padding=1) if entry == "twice" else out
+
+    times = race_timing.graph_times(["once", "twice", "refused"], launch, (x, w))
+    assert set(times) == {"once", "twice"} and all(t > 0 for t in times.values())
+    assert times["twice"] > 1.4 * times["once"], times
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_the_e4m3_race_timed_by_graphs_gives_the_product_of_its_operands(monkeypatch):
+    """The e4m3 race with `RACE_TIMING = "graph"`: it keeps one of the e4m3 configurations, whose
+    output is the scaled product of its operands (as the eager race's), and a later CUDA-graph
+    capture of the same call replays it bit for bit."""
+    from models import implicit_conv
+    from models.fp8.e4m3 import E4M3
+
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", "graph")
+    monkeypatch.setenv("UNCLIP_RT_CONV_CACHE", "off")
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 640, 16, 16, device="cuda", dtype=torch.float16).to(memory_format=cl)
+    w = (torch.randn(640, 640, 3, 3, device="cuda", dtype=torch.float16) / 30).to(memory_format=cl)
+    xq, wq = x.to(E4M3), w.to(E4M3)
+    scale = torch.rand(640, device="cuda") + 0.5
+    bias = torch.randn(640, device="cuda", dtype=torch.float16)
+    got = implicit_conv.conv2d_e4m3(xq, wq, scale, bias, 1)
+    (key, chosen), = implicit_conv._best.items()
+    assert key[0] == "e4m3" and implicit_conv.describe(chosen).startswith("e4m3_")
+    want = F.conv2d(xq.double(), wq.double(), padding=1) * scale.double()[:, None, None] + bias.double()[:, None, None]
+    assert rel(got, want) <= 5e-3
+    assert torch.equal(replayed(lambda: implicit_conv.conv2d_e4m3(xq, wq, scale, bias, 1)), got)
