@@ -5,30 +5,29 @@ e4m3 ones (`conv2d_e4m3`, the FP8 path's "cutlass" way, `models.fp8.layers`).
 
 The kernel comes in a few tile configurations per operand type, on CUTLASS's plain
 warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", some
-with the stream-K scheduler); which is fastest depends on the shape, so the first call of
-each shape times every configuration of its type (CUDA events, outside any CUDA-graph capture;
+with the stream-K scheduler); which is fastest depends on the shape, so the first call of each
+shape times every configuration of its type (CUDA events, outside any CUDA-graph capture;
 `RACE_TIMING` says how, `models.race_timing`: "eager", host launches on the one weight, or
 "graph", each entry replayed from a CUDA graph over copies of its operands that do not fit the
 L2 cache together, as the UNets read their weights) and keeps the fastest. For fp16 cuDNN's
-convolution runs in that race too, so a shape where
-cuDNN is faster keeps it. `conv2d_as_gemm` is the convolution as one explicit product
-(neighbourhoods gathered, cuBLAS), a reference way for the decoder's small maps' benchmarks
-(`benchmarks/conv_split_k.py`); it lost to cuDNN and CUTLASS at every Karlo shape, so it is not
-in the race (docs/kernels.md). `PERSISTENT = False` leaves the persistent configurations out (to
-measure what they add: `benchmarks/latency.py --cutlass-plain`). `SPLITS` adds the stream-K
-configurations in split-K mode, each split count an entry of the race (`(configuration,
-splits)`): for shapes with fewer output tiles than the GPU has SMs, where a tile's long K loop
-runs on one SM while most idle (the decoder's small maps). It is empty by default: CUTLASS 4.2's
-split-K meets its parts one after another, and it never paid (`benchmarks/latency.py
---cutlass-splits`; docs/kernels.md). `conv2d` falls back to torch's (cuDNN's) convolution wherever
-the kernel does not serve: not built, not CUDA fp16 channels-last, stride or dilation other than
-1, groups, channel counts not multiples of 8. It is built only on
-request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The race's choices
-are kept on disk (`models.conv_choices`): a later process on the same GPU and software reads them
-instead of timing each shape again;
-`benchmarks/fp8_convs.py` times every configuration against cuDNN; the fused UNets' residual
-blocks take `conv2d` by default (`FusedOptions.cutlass_convs`), the FP8 layers the e4m3 one where
-`models.fp8.layers.CONV_PATH` picks "cutlass".
+convolution runs in that race too, so a shape where cuDNN is faster keeps it. `conv2d_as_gemm`
+is the convolution as one explicit product (neighbourhoods gathered, cuBLAS), a reference way
+for the decoder's small maps' benchmarks (`benchmarks/conv_split_k.py`); it lost to cuDNN and
+CUTLASS at every Karlo shape, so it is not in the race (docs/kernels.md). `PERSISTENT = False`
+leaves the persistent configurations out (to measure what they add: `benchmarks/latency.py
+--cutlass-plain`). `SPLITS` adds the stream-K configurations in split-K mode, each split count
+an entry of the race (`(configuration, splits)`): for shapes with fewer output tiles than the
+GPU has SMs, where a tile's long K loop runs on one SM while most idle (the decoder's small
+maps). It is empty by default: CUTLASS 4.2's split-K meets its parts one after another, and it
+never paid (`benchmarks/latency.py --cutlass-splits`; docs/kernels.md). `conv2d` falls back to
+torch's (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16
+channels-last, stride or dilation other than 1, groups, channel counts not multiples of 8. It is
+built only on request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The
+race's choices are kept on disk (`models.conv_choices`): a later process on the same GPU and
+software reads them instead of timing each shape again; `benchmarks/fp8_convs.py` times every
+configuration against cuDNN; the fused UNets' residual blocks take `conv2d` by default
+(`FusedOptions.cutlass_convs`), the FP8 layers the e4m3 one where `models.fp8.layers.CONV_PATH`
+picks "cutlass".
 """
 
 from __future__ import annotations
