@@ -1,10 +1,14 @@
-"""`models.race_timing`'s count of operand copies (how many sets a graph race cycles through so
-that together they take twice the L2 cache); the timings themselves need a GPU
-(tests/gpu/test_cutlass_conv.py)."""
+"""`models.race_timing`: the count of operand copies (how many sets a graph race cycles through
+so that together they take twice the L2 cache), and the graph race's bookkeeping with the GPU's
+graph and event calls stood in for (what it times, over which copies, in which order, what it
+leaves out); its timings on a GPU: tests/gpu/test_cutlass_conv.py."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,3 +39,97 @@ def test_copies_are_the_fewest_that_cover_the_cache_or_a_bound(operand_bytes, l2
 def test_nonsense_sizes_are_refused(operand_bytes, l2_bytes):
     with pytest.raises(ValueError, match="operand_bytes"):
         copies_for(operand_bytes, l2_bytes)
+
+
+class FakeGpu:
+    """torch.cuda's graph and event calls stood in for on the CPU: a launch advances a clock by its
+    entry's cost, except inside a capture, where it is recorded into the graph and runs (advances
+    the clock) at each replay; events read the clock."""
+
+    def __init__(self, monkeypatch, l2_bytes: int) -> None:
+        self.clock, self.capturing, self.replays = 0.0, None, []
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.calls = []
+
+            def replay(self):
+                fake.replays.append(self)
+                for run in self.calls:
+                    run()
+
+        class Capture:
+            def __init__(self, graph, pool=None):
+                self.graph, self.pool = graph, pool
+
+            def __enter__(self):
+                fake.capturing = self.graph
+
+            def __exit__(self, *exc):
+                fake.capturing = None
+                return False
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = fake.clock
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return other.at - self.at
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: fake.capturing is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=l2_bytes))
+
+    def launch(self, entry_cost: float, on_capture=None):
+        if self.capturing is not None:
+            if on_capture is not None:
+                on_capture()
+            self.capturing.calls.append(lambda: self._advance(entry_cost))
+        else:
+            self._advance(entry_cost)
+
+    def _advance(self, cost: float) -> None:
+        self.clock += cost
+
+
+def test_the_graph_race_times_one_launch_per_copy_in_interleaved_rounds(monkeypatch):
+    """`graph_times` with the GPU's calls stood in for: each entry's time is one launch's (the
+    replay's time over the copies it launched on), the copies are the operands first and then
+    distinct clones of them (`copies_for` of their bytes), the rounds take the entries in turn, and
+    an entry whose eager launch or whose capture raises RuntimeError is left out."""
+    operands = (torch.zeros(64), torch.ones(32))  # 384 bytes
+    gpu = FakeGpu(monkeypatch, l2_bytes=4 * 384)  # twice the cache: 8 copies
+    costs = {"slow": 3.0, "fast": 1.0, "middle": 2.0, "refused": 1.0, "uncapturable": 0.5}
+    seen: dict[str, list[tuple[int, ...]]] = {}
+
+    def launch(entry, *ops):
+        if entry == "refused":
+            raise RuntimeError("this tile shape cannot implement the shape")
+        if gpu.capturing is not None:
+            seen.setdefault(entry, []).append(tuple(t.data_ptr() for t in ops))
+            assert all(torch.equal(t, o) for t, o in zip(ops, operands, strict=True))  # copies of the operands
+
+        def refuse_capture():
+            if entry == "uncapturable":
+                raise RuntimeError("operation not permitted when stream is capturing")
+        gpu.launch(costs[entry], refuse_capture)
+
+    from models import race_timing
+
+    times = race_timing.graph_times(list(costs), launch, operands, rounds=3)
+    assert times == {"slow": 3.0, "fast": 1.0, "middle": 2.0}
+    sets = seen["fast"]
+    assert len(sets) == 8 == race_timing.copies_for(384, 4 * 384)
+    assert sets[0] == tuple(t.data_ptr() for t in operands) and len(set(sets)) == 8  # the operands, then clones
+    assert len(gpu.replays) == 9 and gpu.replays[:3] == gpu.replays[3:6] == gpu.replays[6:]  # rounds in turn
+    assert len({id(g) for g in gpu.replays[:3]}) == 3
