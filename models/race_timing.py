@@ -36,24 +36,35 @@ def copies_for(operand_bytes: int, l2_bytes: int, least: int = 2, most: int = 32
     return max(least, min(most, -(-2 * l2_bytes // operand_bytes)))
 
 
+def _runs(launch: Launch, entry: Hashable, operands: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `entry` takes these operands: its first launch (untimed: TMA descriptors, cuDNN's
+    algorithm search) raises no RuntimeError (which a tile shape that cannot implement the shape
+    does)."""
+    try:
+        launch(entry, *operands)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _elapsed_ms(work: Callable[[], object]) -> float:
+    """Milliseconds between CUDA events around `work()` on the current stream (synchronised)."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop)
+
+
 def eager_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[torch.Tensor, ...],
                 launches: int = 5) -> dict[Hashable, float]:
     """Milliseconds of `launches` host launches of each entry on `operands` (CUDA events), after one
-    untimed launch; an entry whose first launch raises RuntimeError (a tile shape that cannot
-    implement the shape) is left out."""
+    untimed launch; an entry that refuses the operands (`_runs`) is left out."""
     times = {}
     for entry in entries:
-        try:
-            launch(entry, *operands)  # first launch: TMA descriptors, caches
-        except RuntimeError:
-            continue
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            launch(entry, *operands)
-        stop.record()
-        stop.synchronize()
-        times[entry] = start.elapsed_time(stop)
+        if _runs(launch, entry, operands):
+            times[entry] = _elapsed_ms(lambda entry=entry: [launch(entry, *operands) for _ in range(launches)])
     return times
 
 
@@ -61,8 +72,8 @@ def graph_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[tor
                 rounds: int = 3, l2_bytes: int | None = None) -> dict[Hashable, float]:
     """Median milliseconds of one launch of each entry, replayed from a CUDA graph over distinct
     copies of `operands` (`copies_for`; `l2_bytes` defaults to the device's L2 cache), `rounds`
-    interleaved rounds; an entry whose first (eager) launch raises RuntimeError is left out. Outside
-    any capture only."""
+    interleaved rounds; an entry that refuses the operands (`_runs`) or whose capture raises
+    RuntimeError is left out. Outside any capture only."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("graph_times captures graphs of its own: call it outside a CUDA-graph capture")
     device = operands[0].device
@@ -73,9 +84,7 @@ def graph_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[tor
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
     for entry in entries:
-        try:
-            launch(entry, *operands)  # eager first: TMA descriptors, cuDNN's algorithm search, the refusals
-        except RuntimeError:
+        if not _runs(launch, entry, operands):  # eager first: no capture may meet a first call's work
             continue
         graph = torch.cuda.CUDAGraph()
         try:
@@ -88,10 +97,5 @@ def graph_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[tor
     times: dict[Hashable, list[float]] = {entry: [] for entry in graphs}
     for _ in range(rounds):
         for entry, graph in graphs.items():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            stop.record()
-            stop.synchronize()
-            times[entry].append(start.elapsed_time(stop) / len(sets))
+            times[entry].append(_elapsed_ms(graph.replay) / len(sets))
     return {entry: statistics.median(ms) for entry, ms in times.items()}

@@ -133,3 +133,22 @@ def test_the_graph_race_times_one_launch_per_copy_in_interleaved_rounds(monkeypa
     assert sets[0] == tuple(t.data_ptr() for t in operands) and len(set(sets)) == 8  # the operands, then clones
     assert len(gpu.replays) == 9 and gpu.replays[:3] == gpu.replays[3:6] == gpu.replays[6:]  # rounds in turn
     assert len({id(g) for g in gpu.replays[:3]}) == 3
+
+
+def test_the_eager_race_times_its_launches_after_an_untimed_one(monkeypatch):
+    """`eager_times`: each entry's time is its `launches` timed launches (the first, untimed one
+    left out), and an entry whose first launch raises RuntimeError is left out."""
+    gpu = FakeGpu(monkeypatch, l2_bytes=0)
+    costs = {"slow": 3.0, "fast": 1.0, "refused": 1.0}
+    calls = []
+
+    def launch(entry, *ops):
+        calls.append(entry)
+        if entry == "refused":
+            raise RuntimeError("this tile shape cannot implement the shape")
+        gpu.launch(costs[entry])
+
+    from models import race_timing
+
+    assert race_timing.eager_times(list(costs), launch, (torch.zeros(4),), launches=5) == {"slow": 15.0, "fast": 5.0}
+    assert calls == ["slow"] * 6 + ["fast"] * 6 + ["refused"]
