@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also ours (fp16) with the convolutions' race timed from CUDA graphs over operand copies "
                         "that do not fit the L2 cache (models.implicit_conv.RACE_TIMING='graph'; every shape raced "
                         "afresh); the races' wall time is in the row's race_s")
+    p.add_argument("--race-again", action="store_true",
+                   help="also race every shape afresh once more with each timing asked for (the default 'eager', and "
+                        "'graph' with --graph-race), a row each: how often two races of the same entries disagree "
+                        "is in the results' race_agreement")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
@@ -493,6 +497,8 @@ def table(results: dict) -> str:
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_graph_race", "unclip-rt, race timed by graphs"),
+                           ("ours_eager_race_again", "unclip-rt, eager race again"),
+                           ("ours_graph_race_again", "unclip-rt, graph race again"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
@@ -621,6 +627,27 @@ def cutlass_choice() -> dict[str, str]:
             for (kind, x, w, _), best in implicit_conv._best.items()}
 
 
+def fp16_choices(choices: dict[str, str]) -> dict[str, str]:
+    """The fp16 shapes' entries of a `cutlass_choice` (what the fp16 rows race)."""
+    return {shape: entry for shape, entry in choices.items() if shape.startswith("f16 ")}
+
+
+def race_agreement(results: dict) -> dict[str, dict]:
+    """For each pair of rows that raced the same entries the same way (the default row and
+    `ours_eager_race_again`; `ours_graph_race` and `ours_graph_race_again`): how many fp16 shapes
+    both raced and at how many their picks differ."""
+    pairs = {"eager": ("ours", "ours_eager_race_again"), "graph": ("ours_graph_race", "ours_graph_race_again")}
+    agreement = {}
+    for timing, (first, second) in pairs.items():
+        if "cutlass_choice" not in results.get(first, {}) or "cutlass_choice" not in results.get(second, {}):
+            continue
+        a, b = (fp16_choices(results[row]["cutlass_choice"]) for row in (first, second))
+        shared = a.keys() & b.keys()
+        agreement[timing] = {"shapes": len(shared), "differ": sum(a[k] != b[k] for k in shared),
+                             "rows": [first, second]}
+    return agreement
+
+
 def write_results(results: dict, out: Path | None) -> None:
     """The results as JSON at `out` (atomically), where one is given."""
     if out is not None:
@@ -659,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.graph_race:
         results["ours_graph_race"] = bench_with_race(model, args, RACE_TIMING="graph")
         save_partial(results, args.out)
+    if args.race_again:
+        results["ours"]["cutlass_choice"] = fp16_choices(cutlass_choice())
+        for timing in ("eager", "graph") if args.graph_race else ("eager",):
+            results[f"ours_{timing}_race_again"] = bench_with_race(model, args, RACE_TIMING=timing)
+            save_partial(results, args.out)
+        results["race_agreement"] = race_agreement(results)
     if args.cutlass_overlap:  # the persistent CUTLASS convolutions launched by programmatic dependent launch
         results["ours_overlap"] = bench_with_setting(model, args, cpp_ext.cutlass_conv, "set_overlapped",
                                                      "overlapped", True)

@@ -152,3 +152,22 @@ def test_the_eager_race_times_its_launches_after_an_untimed_one(monkeypatch):
 
     assert race_timing.eager_times(list(costs), launch, (torch.zeros(4),), launches=5) == {"slow": 15.0, "fast": 5.0}
     assert calls == ["slow"] * 6 + ["fast"] * 6 + ["refused"]
+
+
+def test_race_agreement_counts_the_fp16_shapes_two_races_of_one_timing_pick_differently():
+    """`latency.py --race-again`'s summary: per timing, the fp16 shapes both rows raced and at how
+    many they differ; e4m3 shapes (the FP8 rows' race) and shapes only one row raced are not
+    counted, and a timing whose second row is missing is left out."""
+    from benchmarks.latency import race_agreement
+
+    first = {"f16 x[1] w[1]": "cudnn", "f16 x[2] w[2]": "f16_a", "f16 x[3] w[3]": "f16_b",
+             "e4m3 x[1] w[1]": "e4m3_a"}
+    again = {"f16 x[1] w[1]": "cudnn", "f16 x[2] w[2]": "f16_b", "e4m3 x[1] w[1]": "e4m3_b",
+             "f16 x[9] w[9]": "f16_a"}
+    results = {"ours": {"cutlass_choice": first}, "ours_eager_race_again": {"cutlass_choice": again},
+               "ours_graph_race": {"cutlass_choice": first}}
+    assert race_agreement(results) == {
+        "eager": {"shapes": 2, "differ": 1, "rows": ["ours", "ours_eager_race_again"]}}
+    results["ours_graph_race_again"] = {"cutlass_choice": dict(first)}
+    assert race_agreement(results)["graph"] == {"shapes": 3, "differ": 0,
+                                                "rows": ["ours_graph_race", "ours_graph_race_again"]}
