@@ -113,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp8-norm-fp16", action="store_true",
                    help="also each calibrated FP8 row with the norms writing fp16 that the FP8 convolution "
                         "quantises (FusedOptions(norm_writes_e4m3=False)) instead of e4m3 (the default)")
+    p.add_argument("--fp8-skips-fp16", action="store_true",
+                   help="also each calibrated FP8 row with the UNets' 1×1 skip convolutions kept in fp16 "
+                        "(models.fp8.policy.SKIP_CONVS off): accumulated into their blocks' last convolution "
+                        "instead of a quantising pass, an e4m3 product and a join")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
                    help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8; "
                         "fp8-unets: the decoder too)")
@@ -504,10 +508,12 @@ def table(results: dict) -> str:
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
+                           ("ours_fp8_calibrated_skips_fp16", "unclip-rt FP8 (s-r), cal., fp16 1x1 skips"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
                            ("ours_fp8_unets_calibrated_norm_fp16", "unclip-rt FP8 (d.+s-r), cal., fp16 n."),
                            ("ours_fp8_unets_calibrated_residual_in_conv", "unclip-rt FP8 (d.+s-r), cal., skips"),
+                           ("ours_fp8_unets_calibrated_skips_fp16", "unclip-rt FP8 (d.+s-r), cal., fp16 1x1"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -598,6 +604,20 @@ def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     if args.residual_in_conv:
         rows.append(("residual_in_conv", FusedOptions(residual_in_conv=True)))
     return rows
+
+
+def bench_fp8_skips_in_dtype(model: UnCLIPModel, args: argparse.Namespace, networks: list[str] | None,
+                             input_scales: dict[str, float]) -> dict:
+    """Ours in FP8 with calibrated scales, the UNets' 1×1 skip convolutions left in fp16
+    (`models.fp8.policy.SKIP_CONVS` off while the pipeline converts its copy; put back after)."""
+    from models.fp8 import policy
+
+    kept = policy.SKIP_CONVS
+    policy.SKIP_CONVS = False
+    try:
+        return bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks, input_scales=input_scales)
+    finally:
+        policy.SKIP_CONVS = kept
 
 
 def bench_with_setting(model: UnCLIPModel, args: argparse.Namespace, module: object, setter: str, getter: str,
@@ -718,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
                     save_partial(results, args.out)
                     results[f"{row}_{suffix}"] = bench_ours(model, args, graphs=True, precision="fp8",
                                                             fp8_networks=networks, input_scales=fixed, fused=options)
+                if fixed is not None and args.fp8_skips_fp16:
+                    save_partial(results, args.out)
+                    results[f"{row}_skips_fp16"] = bench_fp8_skips_in_dtype(model, args, networks, fixed)
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)

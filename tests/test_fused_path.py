@@ -16,7 +16,7 @@ from models.configs import PriorConfig, UNetConfig
 from models.fused import FusedOptions, availability, linear_plan
 from models.fused.derived import derived
 from models.prior import Prior
-from models.unet import UNet
+from models.unet import ResBlock, UNet
 from tests import kernel_emulation
 
 DECODER_LIKE = UNetConfig(image_size=16, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2),
@@ -98,19 +98,23 @@ def _fp8_without_rounding(monkeypatch) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("skips_in_fp8", [True, False], ids=["fp8_skips", "skips_in_dtype"])
 @pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
-def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, monkeypatch,
+def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cfg, skips_in_fp8, monkeypatch,
                                                                     unbiased_fp8_calls):
-    """A UNet holding FP8 layers (`models.fp8`; residual 3×3 convolutions, 1×1 skips, attention
-    projections) takes the fused path, each layer running its own product — bias-free where a
-    fused join adds the bias — and gives the reference forward's output. The e4m3 rounding is
-    switched off here (quantise = divide by the scale) so that the comparison is exact: with it,
-    any fp32 rounding difference moves values across e4m3 steps, noise that would hide a lost
-    bias (the GPU test compares errors against fp16 instead)."""
+    """A UNet holding FP8 layers (`models.fp8`; residual 3×3 convolutions, 1×1 skips unless
+    `policy.SKIP_CONVS` keeps them in dtype, attention projections) takes the fused path, each
+    layer running its own product — bias-free where a fused join adds the bias — and gives the
+    reference forward's output. The e4m3 rounding is switched off here (quantise = divide by the
+    scale) so that the comparison is exact: with it, any fp32 rounding difference moves values
+    across e4m3 steps, noise that would hide a lost bias (the GPU test compares errors against
+    fp16 instead)."""
     from models.fp8 import layers as fp8_layers
+    from models.fp8 import policy
     from models.fp8.policy import _eligible
 
     _fp8_without_rounding(monkeypatch)
+    monkeypatch.setattr(policy, "SKIP_CONVS", skips_in_fp8)
     unet = _randomised(UNet(cfg), 0)
     x, t, kw = _unet_inputs(cfg)
     for name, module in list(unet.named_modules()):
@@ -126,6 +130,9 @@ def test_the_fused_unet_runs_fp8_layers_with_the_reference_products(emulated, cf
     assert {id(m) for m in convs} <= {id(m) for m in unbiased_fp8_calls}  # every residual/skip conv ran bias-free
     if cfg.attention_ds:
         assert any(m.weight_q.dim() == 3 for m in unbiased_fp8_calls)  # the attention's output projection
+    skips = [m.skip_connection for m in unet.modules() if isinstance(m, ResBlock)
+             and not isinstance(m.skip_connection, torch.nn.Identity)]
+    assert skips and all(isinstance(m, fp8_layers.Fp8Conv) == skips_in_fp8 for m in skips)
 
 
 @torch.no_grad()

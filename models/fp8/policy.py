@@ -26,6 +26,11 @@ from models.fp8.layers import Fp8Conv, Fp8Linear
 GROUPS = ("prior", "decoder", "super_res")  # what `groups` may name
 DEFAULT_GROUPS = ("super_res",)  # the decoder in FP8 mottles flat areas visibly (docs/fp8.md)
 _UNET_KEPT = ("input_blocks.0.0", "out.2")  # a UNet's first and last convolution
+# Whether a UNet's residual blocks' 1×1 skip convolutions go to FP8 with the rest. Kept in `dtype`,
+# a skip accumulates into its block's last convolution (one GEMM, no join pass, no quantising pass
+# over its concatenated input); in FP8 it pays both passes for an e4m3 product of a few percent of
+# the block's FLOPs. `benchmarks/latency.py --fp8-skips-fp16` times the two ways.
+SKIP_CONVS = True
 _MARK = "_holds_fp8"
 
 
@@ -58,6 +63,8 @@ def _roots(model: nn.Module, groups: tuple[str, ...]) -> dict[str, nn.Module]:
 def _eligible(root_name: str, name: str, module: nn.Module) -> bool:
     if root_name == "prior.transformer":
         return isinstance(module, nn.Linear)
+    if not SKIP_CONVS and name.endswith(".skip_connection"):
+        return False
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and name not in _UNET_KEPT
 
 
