@@ -349,3 +349,39 @@ def test_the_fused_unet_with_e4m3_norms_stays_as_near_fp16(ours, monkeypatch):
     errors = {"two-pass": rel(two_pass, ref16), "e4m3 norms": rel(one_pass, ref16)}
     print("FP8 super-res against fp16:", {k: f"{v:.2e}" for k, v in errors.items()}, len(taken), "e4m3 inputs")
     assert 0 < errors["e4m3 norms"] <= max(1.5 * errors["two-pass"], 2e-2), errors
+
+
+@needs_kernel
+@needs_cutlass
+def test_the_fused_unet_with_skips_in_fp16_stays_as_near_fp16(ours, monkeypatch):
+    """The default model's super-res UNet in FP8 (calibrated scales, the default fused path) with
+    its 1×1 skips kept in fp16 (`policy.SKIP_CONVS` off: accumulated into the block's last
+    convolution) is at least as near the fp16 network as with the skips in FP8."""
+    from models import fp8
+    from models.fp8 import policy
+    from models.fp8.scales import observe
+
+    half = copy.deepcopy(ours).cuda().half().to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 64, 64, generator=g).cuda().half().to(memory_format=torch.channels_last)
+    t = torch.tensor([900, 10]).cuda()
+    outputs = {}
+    with torch.no_grad():
+        ref16 = fused.unet_forward(half.super_res[0].first_steps, x, t).float()
+        for skips_in_fp8 in (True, False):
+            monkeypatch.setattr(policy, "SKIP_CONVS", skips_in_fp8)
+            converted = copy.deepcopy(half)
+            fp8.convert(converted, groups=("super_res",))
+            unet8 = converted.super_res[0].first_steps
+            skips = [m.skip_connection for m in unet8.modules() if hasattr(m, "skip_connection")
+                     and not isinstance(m.skip_connection, torch.nn.Identity)]
+            assert skips and all(isinstance(s, fp8_layers.Fp8Conv) == skips_in_fp8 for s in skips)
+            with observe(converted) as scales:
+                unet8(x, t)
+            layers = fp8.fp8_layers(converted)
+            for name, scale in scales.items():
+                layers[name].set_input_scale(scale)
+            outputs[skips_in_fp8] = fused.unet_forward(unet8, x, t).float()
+    errors = {"FP8 skips": rel(outputs[True], ref16), "fp16 skips": rel(outputs[False], ref16)}
+    print("FP8 super-res against fp16:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert 0 < errors["fp16 skips"] <= max(1.5 * errors["FP8 skips"], 2e-2), errors
