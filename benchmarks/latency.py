@@ -89,13 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
-    p.add_argument("--graph-race", action="store_true",
-                   help="also ours (fp16) with the convolutions' race timed from CUDA graphs over operand copies "
-                        "that do not fit the L2 cache (models.implicit_conv.RACE_TIMING='graph'; every shape raced "
-                        "afresh); the races' wall time is in the row's race_s")
+    p.add_argument("--eager-race", action="store_true",
+                   help="also ours (fp16) with the convolutions' race timed by host launches on one set of operands "
+                        "(models.implicit_conv.RACE_TIMING='eager', the default before the graph-timed race; every "
+                        "shape raced afresh); the races' wall time is in the row's race_s")
     p.add_argument("--race-again", action="store_true",
-                   help="also race every shape afresh once more with each timing asked for (the default 'eager', and "
-                        "'graph' with --graph-race), a row each: how often two races of the same entries disagree "
+                   help="also race every shape afresh once more with each timing asked for (the default 'graph', and "
+                        "'eager' with --eager-race), a row each: how often two races of the same entries disagree "
                         "is in the results' race_agreement")
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
@@ -113,10 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp8-norm-fp16", action="store_true",
                    help="also each calibrated FP8 row with the norms writing fp16 that the FP8 convolution "
                         "quantises (FusedOptions(norm_writes_e4m3=False)) instead of e4m3 (the default)")
-    p.add_argument("--fp8-skips-fp16", action="store_true",
-                   help="also each calibrated FP8 row with the UNets' 1×1 skip convolutions kept in fp16 "
-                        "(models.fp8.policy.SKIP_CONVS off): accumulated into their blocks' last convolution "
-                        "instead of a quantising pass, an e4m3 product and a join")
+    p.add_argument("--fp8-skips-fp8", action="store_true",
+                   help="also each calibrated FP8 row with the UNets' 1×1 skip convolutions in FP8 too "
+                        "(models.fp8.policy.SKIP_CONVS on; by default they stay in fp16, accumulated into their "
+                        "blocks' last convolution): a quantising pass, an e4m3 product and a join each")
     p.add_argument("--precision", nargs="+", choices=["fp16", "fp8", "fp8-unets"], default=["fp16"],
                    help="our precisions to time (fp8: UnCLIP(precision='fp8'), the super-res chain in FP8; "
                         "fp8-unets: the decoder too)")
@@ -500,6 +500,7 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
+                           ("ours_eager_race", "unclip-rt, race timed eagerly"),
                            ("ours_graph_race", "unclip-rt, race timed by graphs"),
                            ("ours_eager_race_again", "unclip-rt, eager race again"),
                            ("ours_graph_race_again", "unclip-rt, graph race again"),
@@ -508,12 +509,12 @@ def table(results: dict) -> str:
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
-                           ("ours_fp8_calibrated_skips_fp16", "unclip-rt FP8 (s-r), cal., fp16 1x1 skips"),
+                           ("ours_fp8_calibrated_skips_fp8", "unclip-rt FP8 (s-r), cal., FP8 1x1 skips"),
                            ("ours_fp8_unets", "unclip-rt FP8 (decoder + super-res)"),
                            ("ours_fp8_unets_calibrated", "unclip-rt FP8 (dec. + s-r), calib."),
                            ("ours_fp8_unets_calibrated_norm_fp16", "unclip-rt FP8 (d.+s-r), cal., fp16 n."),
                            ("ours_fp8_unets_calibrated_residual_in_conv", "unclip-rt FP8 (d.+s-r), cal., skips"),
-                           ("ours_fp8_unets_calibrated_skips_fp16", "unclip-rt FP8 (d.+s-r), cal., fp16 1x1"),
+                           ("ours_fp8_unets_calibrated_skips_fp8", "unclip-rt FP8 (d.+s-r), cal., FP8 1x1"),
                            ("peer_eager", "diffusers UnCLIPPipeline eager"),
                            ("peer_compiled", "diffusers + torch.compile")):
             entry = results.get(key, {}).get("batches", {}).get(n)
@@ -606,14 +607,14 @@ def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     return rows
 
 
-def bench_fp8_skips_in_dtype(model: UnCLIPModel, args: argparse.Namespace, networks: list[str] | None,
-                             input_scales: dict[str, float]) -> dict:
-    """Ours in FP8 with calibrated scales, the UNets' 1×1 skip convolutions left in fp16
-    (`models.fp8.policy.SKIP_CONVS` off while the pipeline converts its copy; put back after)."""
+def bench_fp8_skips_in_fp8(model: UnCLIPModel, args: argparse.Namespace, networks: list[str] | None,
+                           input_scales: dict[str, float]) -> dict:
+    """Ours in FP8 with calibrated scales, the UNets' 1×1 skip convolutions in FP8 too
+    (`models.fp8.policy.SKIP_CONVS` on while the pipeline converts its copy; put back after)."""
     from models.fp8 import policy
 
     kept = policy.SKIP_CONVS
-    policy.SKIP_CONVS = False
+    policy.SKIP_CONVS = True
     try:
         return bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks, input_scales=input_scales)
     finally:
@@ -653,10 +654,10 @@ def fp16_choices(choices: dict[str, str]) -> dict[str, str]:
 
 
 def race_agreement(results: dict) -> dict[str, dict]:
-    """For each pair of rows that raced the same entries the same way (the default row and
-    `ours_eager_race_again`; `ours_graph_race` and `ours_graph_race_again`): how many fp16 shapes
-    both raced and at how many their picks differ."""
-    pairs = {"eager": ("ours", "ours_eager_race_again"), "graph": ("ours_graph_race", "ours_graph_race_again")}
+    """For each pair of rows that raced the same entries the same way (the default row, graph-timed,
+    and `ours_graph_race_again`; `ours_eager_race` and `ours_eager_race_again`): how many fp16
+    shapes both raced and at how many their picks differ."""
+    pairs = {"graph": ("ours", "ours_graph_race_again"), "eager": ("ours_eager_race", "ours_eager_race_again")}
     agreement = {}
     for timing, (first, second) in pairs.items():
         if "cutlass_choice" not in results.get(first, {}) or "cutlass_choice" not in results.get(second, {}):
@@ -703,12 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
         save_partial(results, args.out)
-    if args.graph_race:
-        results["ours_graph_race"] = bench_with_race(model, args, RACE_TIMING="graph")
+    if args.eager_race:
+        results["ours_eager_race"] = bench_with_race(model, args, RACE_TIMING="eager")
         save_partial(results, args.out)
     if args.race_again:
         results["ours"]["cutlass_choice"] = fp16_choices(cutlass_choice())
-        for timing in ("eager", "graph") if args.graph_race else ("eager",):
+        for timing in ("graph", "eager") if args.eager_race else ("graph",):
             results[f"ours_{timing}_race_again"] = bench_with_race(model, args, RACE_TIMING=timing)
             save_partial(results, args.out)
         results["race_agreement"] = race_agreement(results)
@@ -738,9 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                     save_partial(results, args.out)
                     results[f"{row}_{suffix}"] = bench_ours(model, args, graphs=True, precision="fp8",
                                                             fp8_networks=networks, input_scales=fixed, fused=options)
-                if fixed is not None and args.fp8_skips_fp16:
+                if fixed is not None and args.fp8_skips_fp8:
                     save_partial(results, args.out)
-                    results[f"{row}_skips_fp16"] = bench_fp8_skips_in_dtype(model, args, networks, fixed)
+                    results[f"{row}_skips_fp8"] = bench_fp8_skips_in_fp8(model, args, networks, fixed)
             except Exception as exc:  # reported, not fatal to the other systems
                 results[row] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{variant} ({scales} scales):", results[row]["error"], flush=True)

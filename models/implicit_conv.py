@@ -7,9 +7,9 @@ The kernel comes in a few tile configurations per operand type, on CUTLASS's pla
 warp-specialised kernel and on its persistent cooperative one (names ending "_persistent", some
 with the stream-K scheduler); which is fastest depends on the shape, so the first call of each
 shape times every configuration of its type (CUDA events, outside any CUDA-graph capture;
-`RACE_TIMING` says how, `models.race_timing`: "eager", host launches on the one weight, or
-"graph", each entry replayed from a CUDA graph over copies of its operands that do not fit the
-L2 cache together, as the UNets read their weights) and keeps the fastest. For fp16 cuDNN's
+`RACE_TIMING` says how, `models.race_timing`: "graph", the default, each entry replayed from a
+CUDA graph over copies of its operands that do not fit the L2 cache together, as the UNets run
+and read their weights, or "eager", host launches on the one weight) and keeps the fastest. For fp16 cuDNN's
 convolution runs in that race too, so a shape where cuDNN is faster keeps it. `conv2d_as_gemm`
 is the convolution as one explicit product (neighbourhoods gathered, cuBLAS), a reference way
 for the decoder's small maps' benchmarks (`benchmarks/conv_split_k.py`); it lost to cuDNN and
@@ -45,7 +45,7 @@ _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) â
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-RACE_TIMING = "eager"  # how the race times its entries: "eager" or "graph" (models.race_timing; module docstring)
+RACE_TIMING = "graph"  # how the race times its entries: "graph" or "eager" (models.race_timing; module docstring)
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 

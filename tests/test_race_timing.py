@@ -164,10 +164,10 @@ def test_race_agreement_counts_the_fp16_shapes_two_races_of_one_timing_pick_diff
              "e4m3 x[1] w[1]": "e4m3_a"}
     again = {"f16 x[1] w[1]": "cudnn", "f16 x[2] w[2]": "f16_b", "e4m3 x[1] w[1]": "e4m3_b",
              "f16 x[9] w[9]": "f16_a"}
-    results = {"ours": {"cutlass_choice": first}, "ours_eager_race_again": {"cutlass_choice": again},
-               "ours_graph_race": {"cutlass_choice": first}}
+    results = {"ours": {"cutlass_choice": first}, "ours_graph_race_again": {"cutlass_choice": again},
+               "ours_eager_race": {"cutlass_choice": first}}
     assert race_agreement(results) == {
-        "eager": {"shapes": 2, "differ": 1, "rows": ["ours", "ours_eager_race_again"]}}
-    results["ours_graph_race_again"] = {"cutlass_choice": dict(first)}
-    assert race_agreement(results)["graph"] == {"shapes": 3, "differ": 0,
-                                                "rows": ["ours_graph_race", "ours_graph_race_again"]}
+        "graph": {"shapes": 2, "differ": 1, "rows": ["ours", "ours_graph_race_again"]}}
+    results["ours_eager_race_again"] = {"cutlass_choice": dict(first)}
+    assert race_agreement(results)["eager"] == {"shapes": 3, "differ": 0,
+                                                "rows": ["ours_eager_race", "ours_eager_race_again"]}

@@ -26,11 +26,12 @@ from models.fp8.layers import Fp8Conv, Fp8Linear
 GROUPS = ("prior", "decoder", "super_res")  # what `groups` may name
 DEFAULT_GROUPS = ("super_res",)  # the decoder in FP8 mottles flat areas visibly (docs/fp8.md)
 _UNET_KEPT = ("input_blocks.0.0", "out.2")  # a UNet's first and last convolution
-# Whether a UNet's residual blocks' 1×1 skip convolutions go to FP8 with the rest. Kept in `dtype`,
-# a skip accumulates into its block's last convolution (one GEMM, no join pass, no quantising pass
-# over its concatenated input); in FP8 it pays both passes for an e4m3 product of a few percent of
-# the block's FLOPs. `benchmarks/latency.py --fp8-skips-fp16` times the two ways.
-SKIP_CONVS = True
+# Whether a UNet's residual blocks' 1×1 skip convolutions go to FP8 with the rest: no. Kept in
+# `dtype`, a skip accumulates into its block's last convolution (one GEMM, no join pass, no
+# quantising pass over its concatenated input), where in FP8 it pays both passes for an e4m3
+# product of a few percent of the block's FLOPs; and the skips carry much of FP8's error to the
+# output (docs/fp8.md). `benchmarks/latency.py --fp8-skips-fp8` times them in FP8.
+SKIP_CONVS = False
 _MARK = "_holds_fp8"
 
 
