@@ -2,9 +2,10 @@
 
 The large linear maps go to FP8, where the FLOPs are, by network ("group"):
 - "super_res" (the default) and "decoder" (on request): each UNet's convolutions — the residual
-  blocks' 3×3 and 1×1 skips, the attention blocks' projections (1-D convolutions) — but its first
-  and its last: the first reads the few channels of the noisy image (no GEMM worth quantising),
-  the last writes the predicted noise itself, which the sampler subtracts from the image. The
+  blocks' 3×3 (their 1×1 skips only where `SKIP_CONVS` asks), the attention blocks' projections
+  (1-D convolutions) — but its first and its last: the first reads the few channels of the
+  noisy image (no GEMM worth quantising), the last writes the predicted noise itself, which the
+  sampler subtracts from the image. The
   super-resolution chain in FP8 leaves images within 40 dB of fp32; the decoder in FP8 leaves
   every held-out image's attributes but mottles flat areas visibly (docs/fp8.md), so it is
   asked for, not assumed;
