@@ -5,10 +5,9 @@ The large linear maps go to FP8, where the FLOPs are, by network ("group"):
   blocks' 3×3 (their 1×1 skips only where `SKIP_CONVS` asks), the attention blocks' projections
   (1-D convolutions) — but its first and its last: the first reads the few channels of the
   noisy image (no GEMM worth quantising), the last writes the predicted noise itself, which the
-  sampler subtracts from the image. The
-  super-resolution chain in FP8 leaves images within 40 dB of fp32; the decoder in FP8 leaves
-  every held-out image's attributes but mottles flat areas visibly (docs/fp8.md), so it is
-  asked for, not assumed;
+  sampler subtracts from the image. The super-resolution chain in FP8 leaves images within
+  42 dB of fp16; the decoder in FP8 leaves every held-out image's attributes but mottles flat
+  areas visibly (docs/fp8.md), so it is asked for, not assumed;
 - "prior" (on request), the diffusion prior's transformer blocks' linear
   layers (attention and MLP): its guided loop amplifies their rounding into image embeddings
   about a tenth off on the default model, where the UNets' FP8 leaves the embedding exact (the
