@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -551,7 +552,6 @@ def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: ob
     from models import implicit_conv
 
     kept = dict(implicit_conv._best)
-    before = {name: getattr(implicit_conv, name) for name in settings}
     race = implicit_conv._fastest
     racing = [0.0]
 
@@ -564,18 +564,13 @@ def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: ob
         return entry
 
     implicit_conv._best.clear()
-    for name, value in settings.items():
-        setattr(implicit_conv, name, value)
-    implicit_conv._fastest = timed_race
     try:
-        result = bench_ours(model, args, graphs=True)
+        with mock.patch.multiple(implicit_conv, _fastest=timed_race, **settings):
+            result = bench_ours(model, args, graphs=True)
+            result["cutlass_choice"] = cutlass_choice()
         result["race_settings"] = {name: list(v) if isinstance(v, tuple) else v for name, v in settings.items()}
-        result["cutlass_choice"] = cutlass_choice()
         result["race_s"] = round(racing[0], 2)
     finally:
-        implicit_conv._fastest = race
-        for name, value in before.items():
-            setattr(implicit_conv, name, value)
         implicit_conv._best.clear()
         implicit_conv._best.update(kept)
     return result
@@ -613,12 +608,8 @@ def bench_fp8_skips_in_fp8(model: UnCLIPModel, args: argparse.Namespace, network
     (`models.fp8.policy.SKIP_CONVS` on while the pipeline converts its copy; put back after)."""
     from models.fp8 import policy
 
-    kept = policy.SKIP_CONVS
-    policy.SKIP_CONVS = True
-    try:
+    with mock.patch.object(policy, "SKIP_CONVS", True):
         return bench_ours(model, args, graphs=True, precision="fp8", fp8_networks=networks, input_scales=input_scales)
-    finally:
-        policy.SKIP_CONVS = kept
 
 
 def bench_with_setting(model: UnCLIPModel, args: argparse.Namespace, module: object, setter: str, getter: str,

@@ -171,3 +171,37 @@ def test_race_agreement_counts_the_fp16_shapes_two_races_of_one_timing_pick_diff
     results["ours_eager_race_again"] = {"cutlass_choice": dict(first)}
     assert race_agreement(results)["eager"] == {"shapes": 3, "differ": 0,
                                                 "rows": ["ours_eager_race", "ours_eager_race_again"]}
+
+
+def test_a_race_row_races_afresh_with_its_settings_and_puts_everything_back(monkeypatch):
+    """`latency.py`'s race rows (`bench_with_race`): during the row the settings are in force and
+    no earlier choice is kept; `race_s` counts only the races that chose a new shape; after it the
+    settings, `_fastest` and the earlier choices are back."""
+    from benchmarks import latency
+    from models import implicit_conv
+
+    monkeypatch.setattr(implicit_conv, "_best", {("f16", "earlier"): 1})
+    seen = {}
+
+    def fastest(kind, key, launch, operands, others=()):
+        if (kind, key) not in implicit_conv._best:
+            implicit_conv._best[(kind, key)] = 0
+        return implicit_conv._best[(kind, key)]
+
+    def bench(model, args, graphs):
+        seen.update(timing=implicit_conv.RACE_TIMING, best=dict(implicit_conv._best))
+        implicit_conv._fastest("f16", "new", None, ())
+        implicit_conv._fastest("f16", "new", None, ())  # chosen already: not a race
+        return {}
+
+    monkeypatch.setattr(implicit_conv, "_fastest", fastest)
+    monkeypatch.setattr(latency, "bench_ours", bench)
+    monkeypatch.setattr(latency, "cutlass_choice", lambda: {"f16 new": "f16_a"})
+    before = implicit_conv.RACE_TIMING
+    other = "eager" if before == "graph" else "graph"
+    result = latency.bench_with_race(None, None, RACE_TIMING=other)
+    assert seen == {"timing": other, "best": {}}
+    assert result["race_settings"] == {"RACE_TIMING": other} and result["cutlass_choice"] == {"f16 new": "f16_a"}
+    assert result["race_s"] >= 0
+    assert implicit_conv.RACE_TIMING == before and implicit_conv._fastest is fastest
+    assert implicit_conv._best == {("f16", "earlier"): 1}
