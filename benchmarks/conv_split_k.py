@@ -11,9 +11,17 @@ weights come from memory as in the UNet rather than from the L2 cache):
   Deterministic: the slices meet in a fixed order.
 - "triton split S": the Triton implicit GEMM with its reduction split into S slices
   (`models.fp8.implicit_gemm.conv2d_nhwc_split_k`: no gathered copy, float32 partials, the slices
-  added in order with the bias by a second kernel); autotuned on its first call per shape.
+  added in order with the bias by a second kernel); autotuned on its first call per shape;
+- "race": what the runtime's convolution runs by default (`implicit_conv.conv2d`: the fastest of
+  cuDNN and the CUTLASS configurations for the shape, raced on its first call);
+- "product split S": the CUTLASS extension's split product (`cpp_ext._cutlass_conv.conv2d_split`:
+  the gathered rows and the weight cut into S slices of K, one batched Hopper GEMM into float32
+  parts with every (tile, slice) pair a CTA of its own, the parts added in order with the bias),
+  for the counts `implicit_conv.split_counts` races with and a few more. Needs the extension.
 
-    python benchmarks/conv_split_k.py [--out FILE.json]
+    python benchmarks/conv_split_k.py [--quick] [--out FILE.json]
+
+`--quick` times only cuDNN, the race and the split product.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
 from models import implicit_conv  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
@@ -37,7 +46,8 @@ from models.fp8.implicit_gemm import conv2d_nhwc_split_k, tap_major  # noqa: E40
 
 # (batch, channels in, channels out, side): the decoder's ResBlock convolutions and widest skip
 # concatenations at its guided batch
-SHAPES = [(2, 640, 640, 32), (2, 960, 960, 16), (2, 1920, 960, 16), (2, 1280, 1280, 8), (2, 2560, 1280, 8)]
+SHAPES = [(2, 640, 640, 32), (2, 960, 960, 16), (2, 1920, 960, 16), (2, 1280, 1280, 8), (2, 2560, 1280, 8),
+          (2, 960, 1280, 8), (2, 2240, 1280, 8)]
 SPLITS = (2, 4, 8, 16)
 COPIES = 4  # distinct weights a replay walks through (more than the 50 MB L2 holds at the widest)
 
@@ -56,7 +66,17 @@ def split_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, splits
     return out.view(b, h, w, k).permute(0, 3, 1, 2)
 
 
-def measure(batch: int, cin: int, cout: int, side: int) -> dict:
+def product_counts(batch: int, cin: int, cout: int, side: int) -> list[int]:
+    """The split product's counts to time: those the race takes and 2, 4, 8, 12, 16 where they
+    cut K into aligned parts."""
+    k_total = 9 * cin
+    raced = implicit_conv.split_counts(batch * side * side, cout, k_total,
+                                       torch.cuda.get_device_properties(0).multi_processor_count)
+    fits = [s for s in (2, 4, 8, 12, 16) if k_total % s == 0 and (k_total // s) % 8 == 0]
+    return sorted({*raced, *fits})
+
+
+def measure(batch: int, cin: int, cout: int, side: int, quick: bool = False) -> dict:
     """µs of each way (over `COPIES` weights in turn) and each way's largest difference from cuDNN's
     output relative to its largest magnitude."""
     g = torch.Generator().manual_seed(side + cin)
@@ -65,15 +85,25 @@ def measure(batch: int, cin: int, cout: int, side: int) -> dict:
     weights = [(torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin**0.5)).half().cuda().to(memory_format=cl)
                for _ in range(COPIES)]
     bias = torch.randn(cout, generator=g).half().cuda()
-    ways = {"cudnn": lambda w: F.conv2d(x, w, bias, padding=1),
-            "gemm": lambda w: implicit_conv.conv2d_as_gemm(x, w, bias, 1)}
-    for s in SPLITS:
-        if 9 * cin % s == 0:
-            ways[f"split {s}"] = lambda w, s=s: split_gemm(x, w, bias, s)
-    for s in (*SPLITS, 32):  # a channels-last weight is tap-major already: `tap_major` is a view
-        ways[f"triton split {s}"] = lambda w, s=s: conv2d_nhwc_split_k(x, tap_major(w), 3, bias, s)
+    ways = {"cudnn": lambda w: F.conv2d(x, w, bias, padding=1)}
+    if not quick:
+        ways["gemm"] = lambda w: implicit_conv.conv2d_as_gemm(x, w, bias, 1)
+        for s in SPLITS:
+            if 9 * cin % s == 0:
+                ways[f"split {s}"] = lambda w, s=s: split_gemm(x, w, bias, s)
+        for s in (*SPLITS, 32):  # a channels-last weight is tap-major already: `tap_major` is a view
+            ways[f"triton split {s}"] = lambda w, s=s: conv2d_nhwc_split_k(x, tap_major(w), 3, bias, s)
+    ways["race"] = lambda w: implicit_conv.conv2d(x, w, bias, 1)
+    kernel = cpp_ext.cutlass_conv
+    if kernel is not None and hasattr(kernel, "conv2d_split"):
+        for s in product_counts(batch, cin, cout, side):
+            ways[f"product split {s}"] = lambda w, s=s: kernel.conv2d_split(x, w, bias, 1, 1, s)
     want = F.conv2d(x, weights[0], bias, padding=1).float()
     row: dict = {"shape": f"b{batch}, {cin}→{cout} @{side}²"}
+    if "race" in ways:  # the race's pick, made on the first call below
+        implicit_conv.conv2d(x, weights[0], bias, 1)
+        key = ("f16", tuple(x.shape), tuple(weights[0].shape), (1, 1))
+        row["race pick"] = implicit_conv.describe(implicit_conv._best[key]) if key in implicit_conv._best else None
     for name, way in ways.items():
         try:
             got = way(weights[0]).float()  # the first call: Triton's autotuning, outside the capture
@@ -88,6 +118,7 @@ def measure(batch: int, cin: int, cout: int, side: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="only cuDNN, the race and the split product")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -95,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copies": COPIES, "shapes": []}
     with torch.no_grad():
         for shape in SHAPES:
-            row = measure(*shape)
+            row = measure(*shape, quick=args.quick)
             results["shapes"].append(row)
             print(row["shape"], {k: v for k, v in row.items() if k != "shape" and "difference" not in k},
                   "max difference", max((v for k, v in row.items() if "difference" in k), default=None), flush=True)
