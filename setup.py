@@ -69,7 +69,7 @@ def cutlass_extensions(CUDAExtension) -> list:
               file=sys.stderr)
         return []
     configs = sorted(glob.glob("config_*.cu", root_dir="cpp_ext/cutlass"), key=lambda n: int(n[7:-3]))
-    sources = ["bindings.cpp", "conv_split_gemm.cu", *configs]  # config_N.cu, one per entry of conv_shape.h's kConfigs
+    sources = ["bindings.cpp", *configs]  # config_N.cu, one per entry of conv_shape.h's kConfigs
     # CUTLASS's half types need the CUDA half conversions that torch's extension flags switch off;
     # CuTe's extended wgmma shapes give tiles whose width is no power of two (160) one instruction
     # of that width instead of five narrow ones

@@ -1,4 +1,4 @@
-"""The decoder's small-map 3×3 convolutions (its guided batch of 2 at 32², 16² and 8²) three ways,
+"""The decoder's small-map 3×3 convolutions (its guided batch of 2 at 32², 16² and 8²) several ways,
 to see whether splitting their long K loop over the idle SMs pays (fp16, channels-last, one
 process, each way replayed from a CUDA graph over `COPIES` distinct weights in turn, so the
 weights come from memory as in the UNet rather than from the L2 cache):
@@ -13,15 +13,13 @@ weights come from memory as in the UNet rather than from the L2 cache):
   (`models.fp8.implicit_gemm.conv2d_nhwc_split_k`: no gathered copy, float32 partials, the slices
   added in order with the bias by a second kernel); autotuned on its first call per shape;
 - "race": what the runtime's convolution runs by default (`implicit_conv.conv2d`: the fastest of
-  cuDNN and the CUTLASS configurations for the shape, raced on its first call);
-- "product split S": the CUTLASS extension's split product (`cpp_ext._cutlass_conv.conv2d_split`:
-  the gathered rows and the weight cut into S slices of K, one batched Hopper GEMM into float32
-  parts with every (tile, slice) pair a CTA of its own, the parts added in order with the bias),
-  for the counts `implicit_conv.split_counts` races with and a few more. Needs the extension.
+  cuDNN and the CUTLASS configurations for the shape, raced on its first call; its pick is the
+  row's "race pick").
 
     python benchmarks/conv_split_k.py [--quick] [--out FILE.json]
 
-`--quick` times only cuDNN, the race and the split product.
+`--quick` times only cuDNN and the race. (Session 38's split product, CUTLASS's batched GEMM over
+the gathered rows, was timed here too; it lives on branch `dropped/split-product`.)
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
 from models import implicit_conv  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
@@ -66,16 +63,6 @@ def split_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, splits
     return out.view(b, h, w, k).permute(0, 3, 1, 2)
 
 
-def product_counts(batch: int, cin: int, cout: int, side: int) -> list[int]:
-    """The split product's counts to time: those the race takes and 2, 4, 8, 12, 16 where they
-    cut K into aligned parts."""
-    k_total = 9 * cin
-    raced = implicit_conv.split_counts(batch * side * side, cout, k_total,
-                                       torch.cuda.get_device_properties(0).multi_processor_count)
-    fits = [s for s in (2, 4, 8, 12, 16) if k_total % s == 0 and (k_total // s) % 8 == 0]
-    return sorted({*raced, *fits})
-
-
 def measure(batch: int, cin: int, cout: int, side: int, quick: bool = False) -> dict:
     """µs of each way (over `COPIES` weights in turn) and each way's largest difference from cuDNN's
     output relative to its largest magnitude."""
@@ -94,16 +81,11 @@ def measure(batch: int, cin: int, cout: int, side: int, quick: bool = False) -> 
         for s in (*SPLITS, 32):  # a channels-last weight is tap-major already: `tap_major` is a view
             ways[f"triton split {s}"] = lambda w, s=s: conv2d_nhwc_split_k(x, tap_major(w), 3, bias, s)
     ways["race"] = lambda w: implicit_conv.conv2d(x, w, bias, 1)
-    kernel = cpp_ext.cutlass_conv
-    if kernel is not None and hasattr(kernel, "conv2d_split"):
-        for s in product_counts(batch, cin, cout, side):
-            ways[f"product split {s}"] = lambda w, s=s: kernel.conv2d_split(x, w, bias, 1, 1, s)
     want = F.conv2d(x, weights[0], bias, padding=1).float()
     row: dict = {"shape": f"b{batch}, {cin}→{cout} @{side}²"}
-    if "race" in ways:  # the race's pick, made on the first call below
-        implicit_conv.conv2d(x, weights[0], bias, 1)
-        key = ("f16", tuple(x.shape), tuple(weights[0].shape), (1, 1))
-        row["race pick"] = implicit_conv.describe(implicit_conv._best[key]) if key in implicit_conv._best else None
+    implicit_conv.conv2d(x, weights[0], bias, 1)  # the race's pick (none where the extension is not built)
+    key = ("f16", tuple(x.shape), tuple(weights[0].shape), (1, 1))
+    row["race pick"] = implicit_conv.describe(implicit_conv._best[key]) if key in implicit_conv._best else None
     for name, way in ways.items():
         try:
             got = way(weights[0]).float()  # the first call: Triton's autotuning, outside the capture
@@ -118,7 +100,7 @@ def measure(batch: int, cin: int, cout: int, side: int, quick: bool = False) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="only cuDNN, the race and the split product")
+    p.add_argument("--quick", action="store_true", help="only cuDNN and the race")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")

@@ -90,10 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
-    p.add_argument("--split-gemm", action="store_true",
-                   help="also ours (fp16) with the split product in the race of every shape with few output tiles "
-                        "(models.implicit_conv.SPLIT_GEMM: gathered neighbourhoods, a batched GEMM into float32 "
-                        "parts, their ordered sum; every shape raced afresh for that row)")
     p.add_argument("--eager-race", action="store_true",
                    help="also ours (fp16) with the convolutions' race timed by host launches on one set of operands "
                         "(models.implicit_conv.RACE_TIMING='eager', the default before the graph-timed race; every "
@@ -505,7 +501,6 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
-                           ("ours_split_gemm", "unclip-rt, split product in the race"),
                            ("ours_eager_race", "unclip-rt, race timed eagerly"),
                            ("ours_graph_race", "unclip-rt, race timed by graphs"),
                            ("ours_eager_race_again", "unclip-rt, eager race again"),
@@ -699,9 +694,6 @@ def main(argv: list[str] | None = None) -> int:
         save_partial(results, args.out)
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
-        save_partial(results, args.out)
-    if args.split_gemm:
-        results["ours_split_gemm"] = bench_with_race(model, args, SPLIT_GEMM=True)
         save_partial(results, args.out)
     if args.eager_race:
         results["ours_eager_race"] = bench_with_race(model, args, RACE_TIMING="eager")

@@ -19,11 +19,7 @@ leaves the persistent configurations out (to measure what they add: `benchmarks/
 an entry of the race (`(configuration, splits)`): for shapes with fewer output tiles than the
 GPU has SMs, where a tile's long K loop runs on one SM while most idle (the decoder's small
 maps). It is empty by default: CUTLASS 4.2's split-K meets its parts one after another, and it
-never paid (`benchmarks/latency.py --cutlass-splits`; docs/kernels.md). `SPLIT_GEMM` adds, for
-shapes of few output tiles, the convolution as a split-K product whose parts never wait on each
-other (`cpp_ext._cutlass_conv.conv2d_split`: neighbourhoods gathered, one batched GEMM into float32
-parts, their ordered sum with the bias; entries `(GEMM_SPLIT, parts)`, the counts from
-`split_counts`). `conv2d` falls back to
+never paid (`benchmarks/latency.py --cutlass-splits`; docs/kernels.md). `conv2d` falls back to
 torch's (cuDNN's) convolution wherever the kernel does not serve: not built, not CUDA fp16
 channels-last, stride or dilation other than 1, groups, channel counts not multiples of 8. It is
 built only on request (UNCLIP_RT_CUTLASS=1 at `setup.py build_ext`, with CUTLASS's headers). The
@@ -44,16 +40,11 @@ import torch.nn.functional as F
 import cpp_ext
 from models import conv_choices, race_timing
 
-# a configuration's index (CUDNN: cuDNN's), or (a stream-K configuration or GEMM_SPLIT, splits)
-Entry = int | tuple[int, int]
+Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
 _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-GEMM_SPLIT = -2  # (GEMM_SPLIT, parts): the fp16 convolution as a split-K product (`conv2d_split`)
-SPLIT_GEMM = False  # whether such entries join the fp16 race where `split_counts` offers some
-SPLIT_TILE = 128  # the split product's output tile, rows and columns (cpp_ext/cutlass/conv_split_gemm.cu)
-MIN_PART = 256  # the shortest K loop a part may have: below it a CTA's set-up outweighs its products
 RACE_TIMING = "graph"  # how the race times its entries: "graph" or "eager" (models.race_timing; module docstring)
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
@@ -73,63 +64,30 @@ def serves_e4m3(channels_in: int, channels_out: int) -> bool:
     return cpp_ext.cutlass_conv is not None and channels_in % 16 == 0 and channels_out % 8 == 0
 
 
-def split_counts(rows: int, cols: int, k_total: int, sm_count: int) -> tuple[int, ...]:
-    """The part counts the split product races with for a GEMM of `rows` × `cols` × `k_total`
-    (output pixels × output channels × kh·kw·C): none where its `SPLIT_TILE`-square output tiles
-    already fill half the SMs; else the most parts that keep every (tile, part) pair on an SM of its
-    own, and the most at half that, each cutting K into equal parts of a multiple of 8 (each part's
-    operands 16-byte aligned) and at least `MIN_PART` long."""
-    tiles = -(-rows // SPLIT_TILE) * -(-cols // SPLIT_TILE)
-    if 2 * tiles > sm_count:
-        return ()
-    fits = [s for s in range(2, sm_count // tiles + 1)
-            if k_total % s == 0 and (k_total // s) % 8 == 0 and k_total // s >= MIN_PART]
-    if not fits:
-        return ()
-    half = [s for s in fits if s <= fits[-1] // 2]
-    return (half[-1], fits[-1]) if half else (fits[-1],)
-
-
-def _configs(kind: str, key: tuple | None = None) -> list[Entry]:
-    """The entries of `kind` the choice takes for `key` (x's shape, the weight's, the padding):
-    its configurations (the persistent ones with `PERSISTENT` only), then its stream-K ones once per
-    count of `SPLITS`, then (fp16, `SPLIT_GEMM`, a key given) the split product per count of
-    `split_counts`."""
+def _configs(kind: str) -> list[Entry]:
+    """The entries of `kind` the choice takes: its configurations (the persistent ones with
+    `PERSISTENT` only), then its stream-K ones once per count of `SPLITS`."""
     names = cpp_ext.cutlass_conv.configs()
     own = [i for i, name in enumerate(names)
            if name.startswith(kind + "_") and (PERSISTENT or not name.endswith("_persistent"))]
     split = [(i, s) for i in (cpp_ext.cutlass_conv.split_configs() if SPLITS else ()) if i in own for s in SPLITS]
-    gemm = []
-    if kind == "f16" and SPLIT_GEMM and key is not None and hasattr(cpp_ext.cutlass_conv, "conv2d_split"):
-        gemm = [(GEMM_SPLIT, s) for s in _gemm_split_counts(key)]
-    return [*own, *split, *gemm]
-
-
-def _gemm_split_counts(key: tuple) -> tuple[int, ...]:
-    """`split_counts` for a race key (x's shape, the weight's, the padding) on the current GPU."""
-    (b, c, h, w), (k, _, kh, kw), (ph, pw) = key
-    rows = b * (h + 2 * ph - kh + 1) * (w + 2 * pw - kw + 1)
-    sm_count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return split_counts(rows, k, kh * kw * c, sm_count)
+    return [*own, *split]
 
 
 def describe(entry: Entry) -> str:
-    """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count
-    ("gemm_split" and the count: the split product)."""
+    """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count."""
     if entry == CUDNN:
         return "cudnn"
-    if isinstance(entry, tuple) and entry[0] == GEMM_SPLIT:
-        return f"gemm_split{entry[1]}"
     names = cpp_ext.cutlass_conv.configs()
     return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
 
 
-def _entry_of(name: str, kind: str, key: tuple | None = None) -> Entry | None:
-    """`describe`'s inverse among the entries the race of `kind` takes now for `key` (None: not one
-    of them, e.g. a configuration this build lacks, or a split count the settings leave out)."""
+def _entry_of(name: str, kind: str) -> Entry | None:
+    """`describe`'s inverse among the entries the race of `kind` takes now (None: not one of them,
+    e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
     if name == "cudnn":
         return CUDNN if kind == "f16" else None
-    return next((entry for entry in _configs(kind, key) if describe(entry) == name), None)
+    return next((entry for entry in _configs(kind) if describe(entry) == name), None)
 
 
 def _environment(device: torch.device) -> str:
@@ -138,8 +96,7 @@ def _environment(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
-                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"]
-                    + (["split gemm"] if SPLIT_GEMM else []))
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"])
 
 
 def _load_stored(environment: str) -> None:
@@ -149,7 +106,7 @@ def _load_stored(environment: str) -> None:
         return
     _loaded.add(environment)
     for key, name in conv_choices.load(conv_choices.cache_path(), environment).items():
-        entry = _entry_of(name, key[0], key[1:])
+        entry = _entry_of(name, key[0])
         if entry is not None:
             _best.setdefault(key, entry)
 
@@ -172,7 +129,7 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
     _load_stored(environment)
     if (kind, *key) in _best:
         return _best[(kind, *key)]
-    configs = [*others, *_configs(kind, key)]
+    configs = [*others, *_configs(kind)]
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
     timer = race_timing.graph_times if RACE_TIMING == "graph" else race_timing.eager_times
@@ -219,8 +176,6 @@ def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     def run(entry: Entry, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if entry == CUDNN:
             return F.conv2d(x, weight, bias, padding=pad)
-        if isinstance(entry, tuple) and entry[0] == GEMM_SPLIT:
-            return kernel.conv2d_split(x, weight, bias, *pad, entry[1], residual=residual)
         return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:

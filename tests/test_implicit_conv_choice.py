@@ -1,8 +1,7 @@
 """`models.implicit_conv`'s configuration choice, with the CUTLASS extension stood in for (it is
 GPU-only): a kind's configurations by name, the persistent-kernel ones unless `PERSISTENT` is off,
-the stream-K ones again per split count of `SPLITS`, the split product's entries per shape with
-`SPLIT_GEMM`, and each entry's name; the convolution as one explicit product (`conv2d_as_gemm`,
-torch alone, so tested on the CPU)."""
+the stream-K ones again per split count of `SPLITS`, and each entry's name; the convolution as
+one explicit product (`conv2d_as_gemm`, torch alone, so tested on the CPU)."""
 
 from __future__ import annotations
 
@@ -40,48 +39,6 @@ def test_split_counts_add_the_stream_k_configurations_once_per_count(monkeypatch
     assert [implicit_conv.describe(e) for e in (implicit_conv.CUDNN, 2, (4, 8))] == [
         "cudnn", "f16_256x128x64_c1x1_persistent", "f16_128x160x64_c1x1_streamk_persistent_split8"]
     assert implicit_conv._split((4, 8)) == (4, 8) and implicit_conv._split(2) == (2, 0)
-
-
-@pytest.mark.parametrize(("rows", "cols", "k_total", "want"), [
-    (128, 1280, 9 * 1280, (6, 12)),  # the decoder's 8² level at batch 2: ten tiles, twelve parts fill 120 SMs
-    (128, 1280, 9 * 2560, (6, 12)),  # its widest concatenation
-    (128, 960, 9 * 960, (6, 15)),  # 16 parts would leave parts of 540, not a multiple of 8
-    (512, 960, 9 * 960, (2, 4)),  # 16² at batch 2: 32 tiles
-    (512, 1280, 9 * 1280, (3,)),  # 8² at batch 8: 40 tiles, half of three is no count
-    (1024, 1280, 9 * 1280, ()),  # 80 tiles fill more than half the SMs: nothing to split
-    (128, 64, 9 * 8, ()),  # K too short for parts of MIN_PART
-])
-def test_split_counts_fill_the_sms_with_equal_aligned_parts(rows, cols, k_total, want):
-    got = implicit_conv.split_counts(rows, cols, k_total, 132)
-    assert got == want
-    tiles = -(-rows // implicit_conv.SPLIT_TILE) * -(-cols // implicit_conv.SPLIT_TILE)
-    for parts in got:
-        assert k_total % parts == 0 and (k_total // parts) % 8 == 0 and k_total // parts >= implicit_conv.MIN_PART
-        assert tiles * parts <= 132
-
-
-def test_the_split_product_joins_the_fp16_race_per_shape_when_asked(monkeypatch):
-    """`SPLIT_GEMM` (off by default) adds `(GEMM_SPLIT, parts)` per count of `split_counts` for the
-    key's GEMM (here on a stand-in GPU of 132 SMs), fp16 only, and only where the extension has the
-    split product; its entries name themselves and are found again by name for the same key."""
-    assert implicit_conv.SPLIT_GEMM is False
-    monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", SimpleNamespace(**vars(EXTENSION), conv2d_split=None))
-    monkeypatch.setattr(implicit_conv, "_gemm_split_counts", lambda key: implicit_conv.split_counts(
-        key[0][0] * key[0][2] * key[0][3], key[1][0], 9 * key[0][1], 132))
-    small = ((2, 1280, 8, 8), (1280, 1280, 3, 3), (1, 1))
-    large = ((1, 320, 256, 256), (320, 320, 3, 3), (1, 1))
-    assert implicit_conv._configs("f16", small) == [0, 2, 4]
-    monkeypatch.setattr(implicit_conv, "SPLIT_GEMM", True)
-    g = implicit_conv.GEMM_SPLIT
-    assert implicit_conv._configs("f16", small) == [0, 2, 4, (g, 6), (g, 12)]
-    assert implicit_conv._configs("f16", large) == [0, 2, 4]  # enough tiles already
-    assert implicit_conv._configs("e4m3", small) == [1, 3]
-    assert implicit_conv._configs("f16") == [0, 2, 4]  # no key, no shape to split
-    assert implicit_conv.describe((g, 12)) == "gemm_split12"
-    assert implicit_conv._entry_of("gemm_split12", "f16", small) == (g, 12)
-    assert implicit_conv._entry_of("gemm_split12", "f16", large) is None  # not an entry of that shape's race
-    monkeypatch.setattr(implicit_conv.cpp_ext, "cutlass_conv", EXTENSION)  # a build without the split product
-    assert implicit_conv._configs("f16", small) == [0, 2, 4]
 
 
 def test_a_residual_fits_only_as_the_convolutions_fp16_channels_last_output():

@@ -133,62 +133,6 @@ torch::Tensor conv2d_e4m3(const torch::Tensor& x, const torch::Tensor& weight, c
                 pad_w, config, 16, splits);
 }
 
-// out = conv2d(x, weight, bias, padding) (+ residual) for stride 1, dilation 1, one group, fp16
-// channels-last, as a split-K product of `splits` parts (conv_split_gemm.cu): R·S·C must split into
-// parts of a multiple of 8 (the 16-byte alignment of each part's operands).
-torch::Tensor conv2d_split(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                           int64_t pad_h, int64_t pad_w, int64_t splits,
-                           const c10::optional<torch::Tensor>& residual) {
-  check_nhwc(x, "x", torch::kHalf);
-  check_nhwc(weight, "weight", torch::kHalf);
-  check_channel_vector(bias, "bias", torch::kHalf, weight.size(0), x);
-  const auto n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const auto k = weight.size(0), r = weight.size(2), s = weight.size(3);
-  TORCH_CHECK(weight.size(1) == c, "weight has ", std::to_string(weight.size(1)), " input channels, x has ",
-              std::to_string(c));
-  TORCH_CHECK(c % 8 == 0 && k % 8 == 0, "channel counts must be multiples of 8, got ", std::to_string(c), " and ",
-              std::to_string(k));
-  TORCH_CHECK(x.device() == weight.device(), "x and weight must be on one device");
-  TORCH_CHECK(x.data_ptr() != nullptr && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
-              "x and weight must be 16-byte aligned");
-  const auto k_total = r * s * c;
-  TORCH_CHECK(splits >= 1 && splits <= 64 && k_total % splits == 0 && (k_total / splits) % 8 == 0,
-              "splits must be in [1, 64] and cut R*S*C = ", std::to_string(k_total),
-              " into parts of a multiple of 8, got ", std::to_string(splits));
-  const auto ho = h + 2 * pad_h - r + 1, wo = w + 2 * pad_w - s + 1;
-  TORCH_CHECK(ho > 0 && wo > 0, "padding too small for the kernel");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({n, k, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (residual.has_value()) {
-    check_nhwc(*residual, "residual", torch::kHalf);
-    TORCH_CHECK(residual->sizes() == out.sizes() && residual->device() == x.device() &&
-                    reinterpret_cast<uintptr_t>(residual->data_ptr()) % 16 == 0,
-                "residual must have the output's shape [N, K, P, Q] on x's device, 16-byte aligned");
-  }
-  const uc::ConvShape shape{static_cast<int>(n), static_cast<int>(h), static_cast<int>(w), static_cast<int>(c),
-                            static_cast<int>(k), static_cast<int>(r), static_cast<int>(s),
-                            static_cast<int>(pad_h), static_cast<int>(pad_w)};
-  int sm_count = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
-              "cannot read the device's SM count");
-  const int64_t pixels = n * ho * wo;
-  auto rows = torch::empty({pixels, k_total}, x.options());
-  auto parts = torch::empty({splits, pixels, k}, x.options().dtype(torch::kFloat));
-  const size_t bytes = uc::split_gemm_workspace_bytes(shape, static_cast<int>(splits), sm_count);
-  torch::Tensor workspace;
-  if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = uc::conv_split_gemm(shape, static_cast<int>(splits), x.data_ptr(), weight.data_ptr(),
-                                     bias.has_value() ? bias->data_ptr() : nullptr,
-                                     residual.has_value() ? residual->data_ptr() : nullptr, out.data_ptr(),
-                                     rows.data_ptr(), parts.data_ptr<float>(),
-                                     bytes > 0 ? workspace.data_ptr() : nullptr, sm_count,
-                                     c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
-  TORCH_CHECK(rc == 0, "split-K convolution failed: code ", std::to_string(rc),
-              " (1000+: shape not implementable, 2000+: initialisation, 3000+: launch, 4000+: gather or sum)");
-  return out;
-}
-
 std::vector<std::string> configs() {
   std::vector<std::string> names;
   for (int i = 0; i < uc::kConfigs; ++i) names.emplace_back(config_at(i).name);
@@ -210,11 +154,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_e4m3", &conv2d_e4m3, "e4m3 channels-last 2-D convolution with per-channel scales, fp16 out",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"),
         py::arg("config"), py::arg("splits") = 0, py::arg("residual") = py::none());
-  m.def("conv2d_split", &conv2d_split,
-        "fp16 channels-last 2-D convolution, stride 1, as a split-K product whose parts are summed in a pass "
-        "of their own (CUTLASS's batched GEMM, Hopper)",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"), py::arg("splits"),
-        py::arg("residual") = py::none());
   m.def("configs", &configs, "the instantiated configurations, by index (names start with f16_ or e4m3_)");
   m.def("split_configs", &split_configs, "the indices of the configurations that take a split count");
   m.def("overlapped", [] { return overlapped_setting().load() && !overlap_forbidden(); },

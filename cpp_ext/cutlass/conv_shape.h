@@ -46,20 +46,4 @@ Config config_11();
 Config config_12();
 Config config_13();
 
-// The split-K product of conv_split_gemm.cu: the convolution as a GEMM of `rows` (N·P·Q output
-// pixels) × `cols` (K output channels) × `k_total` (R·S·C), cut into `splits` parts of `k_part`
-// each, every part a batch of one batched GEMM into float32 parts, summed in a pass of their own.
-struct SplitGemmShape {
-  int out_h, out_w, rows, cols, k_total, splits, k_part;
-};
-SplitGemmShape split_gemm_shape(ConvShape const& p, int splits);
-// the batched GEMM's own workspace (the gathered rows and the float32 parts are the caller's)
-size_t split_gemm_workspace_bytes(ConvShape const& p, int splits, int sm_count);
-// out = conv(x, weight) + bias (+ residual): gather into `rows` [rows, k_total] fp16, the GEMM into
-// `parts` [splits, rows, cols] fp32, their ordered sum into `out`; 0 on success, else 1000+/2000+/
-// 3000+ as Launches::run (the GEMM), 4000/4001 when the gather or the sum failed to launch.
-int conv_split_gemm(ConvShape const& p, int splits, void const* x, void const* weight, void const* bias,
-                    void const* residual, void* out, void* rows, float* parts, void* workspace, int sm_count,
-                    cudaStream_t stream);
-
 }  // namespace unclip_cutlass

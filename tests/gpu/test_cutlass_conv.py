@@ -262,69 +262,6 @@ def test_the_race_takes_split_counts_where_asked(monkeypatch, timing):
     assert rel(got, conv(x)) <= 2e-3
 
 
-@pytest.mark.parametrize(("batch", "cin", "cout", "hw", "kernel", "padding"),
-                         [(2, 1280, 1280, (8, 8), 3, 1), (2, 2560, 1280, (8, 8), 3, 1), (2, 960, 960, (16, 16), 3, 1),
-                          (2, 960, 1280, (8, 8), 3, 1), (3, 64, 40, (7, 5), 3, 0), (2, 320, 136, (8, 8), 1, 0)])
-def test_the_split_product_gives_cudnns_convolution(batch, cin, cout, hw, kernel, padding):
-    """`conv2d_split` (neighbourhoods gathered, a batched GEMM into float32 parts, their ordered sum):
-    the decoder's small maps, a non-square unpadded map with an output tile cut short, a 1×1
-    kernel; one part, each count `split_counts` races with and the most K allows; with and without
-    bias, with a residual added in the sum: within 2e-3 of cuDNN; two calls and a CUDA-graph replay
-    agree bit for bit; counts that do not cut K into aligned parts are refused with a message."""
-    from models import implicit_conv
-
-    torch.manual_seed(0)
-    cl = torch.channels_last
-    x = torch.randn(batch, cin, *hw, device="cuda", dtype=torch.float16).to(memory_format=cl)
-    w = (torch.randn(cout, cin, kernel, kernel, device="cuda", dtype=torch.float16) / 30).to(memory_format=cl)
-    bias = torch.randn(cout, device="cuda", dtype=torch.float16)
-    want = F.conv2d(x, w, bias, padding=padding)
-    residual = torch.randn_like(want)
-    k_total = kernel * kernel * cin
-    counts = {1, *implicit_conv._gemm_split_counts((tuple(x.shape), tuple(w.shape), (padding, padding))),
-              max(s for s in range(1, 65) if k_total % s == 0 and (k_total // s) % 8 == 0)}
-    for splits in sorted(counts):
-        def call(splits=splits, b=bias, r=None):
-            return cpp_ext.cutlass_conv.conv2d_split(x, w, b, padding, padding, splits, residual=r)
-
-        label = f"{splits} parts"
-        eager = call()
-        assert eager.shape == want.shape and eager.is_contiguous(memory_format=cl), label
-        assert rel(eager, want) <= 2e-3, label
-        assert rel(call(b=None), F.conv2d(x, w, None, padding=padding)) <= 2e-3, label
-        assert rel(call(r=residual), want + residual) <= 2e-3, label
-        assert torch.equal(call(), eager), label
-        assert torch.equal(replayed(call), eager), label
-    bad = next(s for s in range(2, 65) if k_total % s or (k_total // s) % 8)
-    with pytest.raises(RuntimeError, match="splits must be"):
-        cpp_ext.cutlass_conv.conv2d_split(x, w, bias, padding, padding, bad)
-
-
-@pytest.mark.parametrize("timing", ["eager", "graph"])
-def test_the_race_takes_the_split_product_where_asked(monkeypatch, timing):
-    """With `implicit_conv.SPLIT_GEMM` the decoder's 8² shape races the split product at its counts
-    (in the graph race each captured with its gathered rows and parts); the kept entry's result is
-    cuDNN's within fp16 tolerance, eagerly and replayed."""
-    from models import implicit_conv
-
-    monkeypatch.setattr(implicit_conv, "_best", {})
-    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
-    monkeypatch.setattr(implicit_conv, "SPLIT_GEMM", True)
-    monkeypatch.setenv("UNCLIP_RT_CONV_CACHE", "off")
-    torch.manual_seed(0)
-    conv = nn.Conv2d(1280, 1280, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 1280, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    key = (tuple(x.shape), tuple(conv.weight.shape), (1, 1))
-    gemm = [e for e in implicit_conv._configs("f16", key) if isinstance(e, tuple)]
-    assert gemm and all(e[0] == implicit_conv.GEMM_SPLIT for e in gemm)
-    w, b = conv.weight.detach(), conv.bias.detach()
-    got = implicit_conv.conv2d(x, w, b, 1)
-    (_, chosen), = implicit_conv._best.items()
-    print(f"2x1280@8² kept ({timing} race, split product offered):", implicit_conv.describe(chosen))
-    assert rel(got, conv(x)) <= 2e-3
-    assert torch.equal(replayed(lambda: implicit_conv.conv2d(x, w, b, 1)), got)
-
-
 @pytest.mark.parametrize(("batch", "cin", "cout", "size"), [(2, 1280, 1280, 8), (2, 2560, 1280, 8), (2, 960, 960, 16)])
 def test_the_gemm_way_gives_cudnns_convolution_and_replays_from_a_cuda_graph(batch, cin, cout, size):
     """`conv2d_as_gemm` on the decoder's small maps (one of them its widest skip concatenation):
