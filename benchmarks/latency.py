@@ -502,7 +502,6 @@ def table(results: dict) -> str:
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
                            ("ours_eager_race", "unclip-rt, race timed eagerly"),
-                           ("ours_graph_race", "unclip-rt, race timed by graphs"),
                            ("ours_eager_race_again", "unclip-rt, eager race again"),
                            ("ours_graph_race_again", "unclip-rt, graph race again"),
                            ("ours_overlap", "unclip-rt, CUTLASS with PDL"),
