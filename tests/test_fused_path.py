@@ -78,6 +78,7 @@ def test_the_fused_unet_gives_the_reference_output(emulated, cfg, layout):
     got = fused.unet_forward(unet, x, t, **kw)
     assert _rel(got, ref) <= 1e-5, _rel(got, ref)
     assert emulated["group_norm"] > 0 and emulated["bias_residual_"] + emulated["bias_residual_stats"] > 0
+    assert derived(unet, "time_table").value is not None  # the time embedding was looked up
     if layout == "channels_last":  # the routes that need channels-last maps were taken
         assert emulated["group_norm_concat"] > 0
         assert emulated["bias_residual_stats"] > 0 and emulated["group_norm_partial"] > 0
@@ -148,7 +149,7 @@ def test_the_packed_context_keys_give_the_projected_context(emulated):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("switch", ["join_stats", "defer_bias", "input_bias_in_conv"])
+@pytest.mark.parametrize("switch", ["join_stats", "defer_bias", "input_bias_in_conv", "unet_time_table"])
 def test_each_unet_fusion_switched_off_gives_the_same_output(emulated, switch):
     unet = _randomised(UNet(SUPER_RES_LIKE), 1).to(memory_format=torch.channels_last)
     x, t, _ = _unet_inputs(SUPER_RES_LIKE)
@@ -163,6 +164,30 @@ def test_each_unet_fusion_switched_off_gives_the_same_output(emulated, switch):
     if switch == "defer_bias":  # deferred joins ran no join pass of their own
         assert emulated["bias_residual_"] + emulated["bias_residual_stats"] > (
             counts_on["bias_residual_"] + counts_on["bias_residual_stats"])
+
+
+@torch.no_grad()
+def test_the_unet_time_table_holds_every_timesteps_embedding_and_follows_the_weights(emulated):
+    """`unet_forward.time_table` holds `time_embedding(t)` for every training timestep, is kept
+    while the time MLP stays as it is and rebuilt when it changes; fractional timesteps, which have
+    no row, run the time MLP and still give the reference output."""
+    from models.fused.unet_forward import time_table
+
+    unet = _randomised(UNet(DECODER_LIKE), 3)
+    table = time_table(unet)
+    steps = DECODER_LIKE.diffusion.num_train_timesteps
+    assert table.shape == (steps, DECODER_LIKE.time_embed_dim)
+    t = torch.tensor([0, 1, 420, steps - 1])
+    torch.testing.assert_close(table[t], unet.time_embedding(t), rtol=1e-5, atol=1e-6)
+    assert time_table(unet) is table
+    unet.time_embed[2].bias.add_(1.0)
+    changed = time_table(unet)
+    assert changed is not table
+    torch.testing.assert_close(changed[t], unet.time_embedding(t), rtol=1e-5, atol=1e-6)
+    x, _, kw = _unet_inputs(DECODER_LIKE)
+    fractional = torch.tensor([7.5, 930.25])
+    got = fused.unet_forward(unet, x, fractional, **kw)
+    assert _rel(got, unet(x, fractional, **kw)) <= 1e-5
 
 
 def test_the_fused_unet_leaves_the_reference_alone_without_kernels(monkeypatch):

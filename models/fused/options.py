@@ -22,6 +22,9 @@ class FusedOptions:
         extra input channel of ones).
     :param time_table: the prior's step reads its time token from a table of every training
         timestep's embedding instead of running the sinusoid and the time MLP.
+    :param unet_time_table: the UNets read their time embedding from a table of every training
+        timestep's (`unet_forward.time_table`; integer timesteps) instead of running the sinusoid
+        and the time MLP each forward.
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
     :param cutlass_convs: the residual blocks' 3×3 convolutions through `models.implicit_conv`'s
@@ -51,6 +54,7 @@ class FusedOptions:
     defer_bias: bool = True
     input_bias_in_conv: bool = True
     time_table: bool = True
+    unet_time_table: bool = True
     staged_weights: bool = True
     cutlass_convs: bool = True
     norm_writes_e4m3: bool = True

@@ -3,7 +3,8 @@
 It walks the reference module's blocks with the fused blocks of `unet_blocks`, handing each
 block's result on in the form the next one reads fastest: input blocks' results with their norm
 statistics (`NormInput`), output blocks' results as the next concatenation (`DeferredBias`,
-`SkipConcat`). Around the blocks: every ResBlock's time-embedding projection from one GEMM
+`SkipConcat`). Around the blocks: the time embedding looked up in a table of every training
+timestep's (`time_table`), every ResBlock's time-embedding projection from one GEMM
 (`embedding_projections`) and the first convolution's bias inside its GEMM (`input_conv`).
 """
 
@@ -37,9 +38,12 @@ def unet_forward(
     serve `x` (FP8 layers included: the blocks run their products), else the reference forward."""
     if not fused_kernels_available(x, unet.time_embed[0].weight):
         return unet(x, timesteps, emb_add, context, context_bias, context_kv)
-    emb = unet.time_embedding(timesteps)
-    if emb_add is not None:
-        emb = emb + emb_add
+    table = time_table(unet) if options.unet_time_table and not timesteps.is_floating_point() else None
+    if table is None:
+        emb = unet.time_embedding(timesteps)
+    else:
+        emb = table.index_select(0, timesteps.clamp(0, table.shape[0] - 1))
+    emb = emb + emb_add if emb_add is not None else emb
     emb = F.silu(emb)  # every ResBlock's emb_layers starts with SiLU: applied once here
     emb = embedding_projections(unet, emb) or emb
     bias = VarlenContext(context_bias) if context_bias is not None else None
@@ -120,6 +124,23 @@ def input_conv(unet: UNet, x: torch.Tensor, options: FusedOptions = DEFAULT) -> 
     widened[:, :c].copy_(x)
     widened[:, c:].copy_(fill.view(1, -1, 1, 1).expand(b, -1, height, width))
     return F.conv2d(widened, weight, None, padding=1)
+
+
+def time_table(unet: UNet) -> torch.Tensor | None:
+    """[T, time_embed_dim]: `unet.time_embedding(t)` for every training timestep t of the UNet's
+    diffusion, so that a step looks its embedding up (two small launches) instead of running the
+    sinusoid and the time MLP (about ten). Rows computed together round as the MLP's GEMM rounds at
+    that size, not necessarily as a step's few rows would (within fp16 rounding). Built on first use
+    and again whenever the time MLP's weights change; None while a CUDA graph is being captured
+    without a current table (the caller computes the embedding instead): a graph captured with the
+    table keeps reading it, so capture again after changing those weights, as for any captured step."""
+    params = tuple(unet.time_embed.parameters())
+
+    def build() -> torch.Tensor:
+        t = torch.arange(unet.cfg.diffusion.num_train_timesteps, device=params[0].device)
+        return unet.time_embedding(t)
+
+    return derived(unet, "time_table").get(params, tuple((p.dtype, p.device) for p in params), build)
 
 
 def emb_linears(unet: UNet) -> list[nn.Linear]:

@@ -1,0 +1,145 @@
+"""Where one `generate` call's wall time goes on the GPU: the host's lead before the first
+kernel, the GPU's busy time, every idle gap between kernels (with the kernels around it) and the
+tail after the last kernel; and, per stage, the costliest operations of one eager forward with
+their input shapes. Karlo's architecture with random weights, fp16, the runtime's defaults.
+
+    python benchmarks/timeline.py --batch 1 --out docs/results/timeline.json
+
+A CUDA graph's kernels are recorded by the profiler like any others (CUPTI), so the gaps
+include those inside the loops' graphs: launch latency between dependent kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from export.build_engines import random_model  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
+
+PROMPT = "a high-resolution photograph of a red fox sitting in fresh snow"
+STAGE_ROWS = {"prior_step": 2, "decoder_step": 2, "super_res_first": 1}
+
+
+def _intervals(events) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of every device-side event (kernels, copies, sets), by start."""
+    out = []
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            out.append((e.time_range.start, e.time_range.end, e.name))
+    return sorted(out)
+
+
+def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
+    """One profiled `generate` call: host lead, busy time, idle gaps (largest first) and tail, µs."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("generate_call"):
+            pipe.generate(PROMPT, num_images_per_prompt=batch, seed=1, output_type="np")
+        torch.cuda.synchronize()
+    events = prof.events()
+    call = next(e for e in events if e.name == "generate_call")
+    c0, c1 = call.time_range.start, call.time_range.end
+    spans = [s for s in _intervals(events) if s[0] >= c0 - 1]
+    if not spans:
+        return {"error": "the profiler recorded no device-side events"}
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            if start - cur_end >= gap_us:
+                gaps.append({"us": start - cur_end, "at_ms": (cur_end - c0) / 1e3, "after": cur_name[:90],
+                             "before": name[:90]})
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    first, last = spans[0][0], max(s[1] for s in spans)
+    gaps.sort(key=lambda g: -g["us"])
+    small = sum(g["us"] for g in gaps)
+    return {"call_us": c1 - c0, "host_lead_us": first - c0, "gpu_span_us": last - first, "gpu_busy_us": busy,
+            "gpu_idle_us": (last - first) - busy, "idle_in_gaps_over_threshold_us": small,
+            "gaps_over_threshold": len(gaps), "tail_us": c1 - last, "device_events": len(spans),
+            "largest_gaps": gaps[:top]}
+
+
+def stage_ops(pipe, name: str, batch: int, top: int) -> list[dict]:
+    """The costliest operators of one eager forward of a stage's engine, as the runtime runs it
+    (device time, grouped by input shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = pipe.engines[name]
+    inputs = list(engine.signature.sample_inputs(STAGE_ROWS[name] * batch, torch.float16, "cuda",
+                                                 torch.Generator().manual_seed(0)).values())
+    engine(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        engine(*inputs)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CPU or e.key.startswith("cuda"):
+            continue  # the operators (whose device time includes their kernels'), not the kernels themselves
+        rows.append({"op": e.key[:80], "shapes": str(e.input_shapes)[:200], "calls": e.count,
+                     "device_us": e.device_time_total})
+    rows.sort(key=lambda r: -r["device_us"])
+    return rows[:top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="karlo")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call")
+    p.add_argument("--gap-us", type=float, default=20.0, help="list idle gaps at least this long")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--stages", nargs="*", default=list(STAGE_ROWS), help="stages whose operators are listed")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    from runtime import UnCLIP
+
+    model = random_model(args.config, device="cuda")
+    pipe = UnCLIP(model, device="cuda", dtype=torch.float16, progress=False)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "calls": {}, "stage_ops": {}}
+    for n in args.batch:
+        for _ in range(2):  # capture the graphs, race the convolutions
+            pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+        walls = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - start) * 1e3)
+        entry = call_timeline(pipe, n, args.gap_us, args.top)
+        entry["wall_ms_unprofiled"] = sorted(walls)
+        results["calls"][n] = entry
+        print(n, json.dumps({k: v for k, v in entry.items() if k != "largest_gaps"}), flush=True)
+        for g in entry.get("largest_gaps", [])[:10]:
+            print("  gap", json.dumps(g), flush=True)
+    with torch.no_grad():
+        for name in args.stages:
+            rows = results["stage_ops"][name] = stage_ops(pipe, name, args.batch[0], args.top)
+            print(name, flush=True)
+            for r in rows:
+                print(f"  {r['device_us']:9.1f} us  x{r['calls']:<3} {r['op'][:40]:40} {r['shapes'][:110]}", flush=True)
+    if args.out:
+        text = json.dumps(results, indent=1)
+        atomic_write(args.out, lambda path: path.write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
