@@ -110,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
     p.add_argument("--no-unet-time-table", action="store_true",
                    help="also ours with the UNets running their time MLP each forward (no table)")
+    p.add_argument("--no-loop-projections", action="store_true",
+                   help="also ours with each UNet forward making its own time-embedding projections")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
@@ -510,6 +512,7 @@ def table(results: dict) -> str:
                            ("ours_residual_in_conv", "unclip-rt, skips in the conv epilogue"),
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
                            ("ours_no_unet_time_table", "unclip-rt, UNets without time table"),
+                           ("ours_no_loop_projections", "unclip-rt, projections made per step"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
                            ("ours_fp8_calibrated_skips_fp8", "unclip-rt FP8 (s-r), cal., FP8 1x1 skips"),
@@ -581,13 +584,16 @@ def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: ob
 def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(result key, FusedOptions) of the extra fp16 rows asked for: the identity skips in the
     convolutions' epilogue (`--residual-in-conv`), cuDNN's attention (`--cudnn-attention`), cuDNN's
-    convolutions alone (`--cudnn-convs`), the UNets without their time table (`--no-unet-time-table`)."""
+    convolutions alone (`--cudnn-convs`), the UNets without their time table
+    (`--no-unet-time-table`), each UNet forward making its own time-embedding projections
+    (`--no-loop-projections`)."""
     from models.fused import FusedOptions
 
     asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
              ("cudnn_attention", "ours_cudnn_attention", FusedOptions(cudnn_attention=True)),
              ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)),
-             ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)))
+             ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)),
+             ("no_loop_projections", "ours_no_loop_projections", FusedOptions(loop_projections=False)))
     return [(key, options) for flag, key, options in asked if getattr(args, flag)]
 
 

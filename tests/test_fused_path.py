@@ -190,6 +190,52 @@ def test_the_unet_time_table_holds_every_timesteps_embedding_and_follows_the_wei
     assert _rel(got, unet(x, fractional, **kw)) <= 1e-5
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [DECODER_LIKE, SUPER_RES_LIKE], ids=["decoder_like", "super_res_like"])
+def test_a_loops_projections_made_at_once_give_each_steps_forward(emulated, cfg):
+    """`loop_projections` makes every step's ResBlock projections in one product; a forward given
+    step i's gives the forward that makes its own at timesteps[i] (to float32 rounding), and
+    reads no time embedding of its own."""
+    from models.fused.unet_forward import loop_projections
+
+    unet = _randomised(UNet(cfg), 5).to(memory_format=torch.channels_last)
+    x, _, kw = _unet_inputs(cfg)
+    x = x.contiguous(memory_format=torch.channels_last)
+    timesteps = torch.tensor([999, 958, 500, 41, 0])
+    steps = loop_projections(unet, timesteps, x.shape[0], kw.get("emb_add"))
+    assert steps is not None and len(steps) == len(timesteps)
+    for i in (0, 2, 4):
+        t = timesteps[i].expand(x.shape[0])
+        want = fused.unet_forward(unet, x, t, **kw)
+        got = fused.unet_forward(unet, x, torch.full_like(t, 123), **kw, projections=steps[i])  # t unread
+        assert _rel(got, want) <= 1e-5, (i, _rel(got, want))
+    assert loop_projections(unet, timesteps, 2, kw.get("emb_add"), FusedOptions(loop_projections=False)) is None
+    assert loop_projections(unet, timesteps.float() + 0.5, 2, kw.get("emb_add")) is None
+
+
+def test_the_runtime_loops_make_their_unets_projections_once_per_loop(emulated, monkeypatch):
+    """The decoder's and the super-res stage's loops run their steps from `loop_projections` (one
+    call per loop, one entry per step), and the images are those of steps making their own."""
+    from runtime import UnCLIP
+    from runtime.backends import signatures
+
+    made = []
+    real = signatures.fused.loop_projections
+
+    def spy(unet, timesteps, *args, **kwargs):
+        steps = real(unet, timesteps, *args, **kwargs)
+        made.append((len(timesteps), None if steps is None else len(steps)))
+        return steps
+
+    monkeypatch.setattr(signatures.fused, "loop_projections", spy)
+    kw = {"seed": 5, "output_type": "pt", "prior_steps": 3, "decoder_steps": 4, "super_res_steps": 3}
+    got = UnCLIP(progress=False).generate("a green square", **kw).images
+    assert (4, 4) in made and (3, 3) in made, made  # the decoder's loop; the super-res stage's first steps
+    assert all(n == steps for n, steps in made), made  # every loop prepared, none fell back
+    want = UnCLIP(progress=False, fused=FusedOptions(loop_projections=False)).generate("a green square", **kw).images
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_the_fused_unet_leaves_the_reference_alone_without_kernels(monkeypatch):
     """Without `cpp_ext` (or on the CPU) `unet_forward` is the module's forward, bit for bit."""
     monkeypatch.setattr(cpp_ext, "kernels", None)

@@ -4,7 +4,8 @@ The reference modules (`models.prior`, `models.unet`) read like the architecture
 anywhere; this package runs the same functions faster on CUDA in half precision, walking the
 reference modules' parameters with fused kernels, and falls back to the reference where its
 kernels do not serve (no CUDA, another dtype, `cpp_ext` not built, export or compilation). The
-runtime's stages call `prior_step` and `unet_forward`; `FusedOptions` switches its individual
+runtime's stages call `prior_step` and `unet_forward` (a UNet loop's time-embedding projections made
+before it by `loop_projections`); `FusedOptions` switches its individual
 fusions off for tests and benchmarks.
 
   options.py       FusedOptions, the one set of switches
@@ -22,6 +23,6 @@ from __future__ import annotations
 from models.fused.availability import fused_kernels_available
 from models.fused.options import FusedOptions
 from models.fused.prior_step import prior_step
-from models.fused.unet_forward import unet_forward
+from models.fused.unet_forward import loop_projections, unet_forward
 
-__all__ = ["FusedOptions", "fused_kernels_available", "prior_step", "unet_forward"]
+__all__ = ["FusedOptions", "fused_kernels_available", "loop_projections", "prior_step", "unet_forward"]

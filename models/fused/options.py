@@ -25,6 +25,9 @@ class FusedOptions:
     :param unet_time_table: the UNets read their time embedding from a table of every training
         timestep's (`unet_forward.time_table`; integer timesteps) instead of running the sinusoid
         and the time MLP each forward.
+    :param loop_projections: a sampling loop of a UNet makes every step's ResBlock projections of
+        the time embedding in one GEMM before its first step (`unet_forward.loop_projections`),
+        reading their stacked weights once per loop instead of once per step.
     :param staged_weights: the prior step's linear layers stream their weights through shared
         memory where `linear_plan.staged_plan` allows (Hopper).
     :param cutlass_convs: the residual blocks' 3×3 convolutions through `models.implicit_conv`'s
@@ -55,6 +58,7 @@ class FusedOptions:
     input_bias_in_conv: bool = True
     time_table: bool = True
     unet_time_table: bool = True
+    loop_projections: bool = True
     staged_weights: bool = True
     cutlass_convs: bool = True
     norm_writes_e4m3: bool = True

@@ -5,7 +5,8 @@ block's result on in the form the next one reads fastest: input blocks' results 
 statistics (`NormInput`), output blocks' results as the next concatenation (`DeferredBias`,
 `SkipConcat`). Around the blocks: the time embedding looked up in a table of every training
 timestep's (`time_table`), every ResBlock's time-embedding projection from one GEMM
-(`embedding_projections`) and the first convolution's bias inside its GEMM (`input_conv`).
+(`embedding_projections`; or a sampling loop's, every step's at once: `loop_projections`) and the
+first convolution's bias inside its GEMM (`input_conv`).
 """
 
 from __future__ import annotations
@@ -33,19 +34,15 @@ def unet_forward(
     unet: UNet, x: torch.Tensor, timesteps: torch.Tensor, emb_add: torch.Tensor | None = None,
     context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None,
     context_kv: torch.Tensor | None = None, options: FusedOptions = DEFAULT,
+    projections: EmbeddingProjections | None = None,
 ) -> torch.Tensor:
     """`unet(x, timesteps, emb_add, context, context_bias, context_kv)`: on the kernels where they
-    serve `x` (FP8 layers included: the blocks run their products), else the reference forward."""
+    serve `x` (FP8 layers included: the blocks run their products), else the reference forward.
+    `projections`: this forward's ResBlock projections of its time embedding, already made (one
+    step of `loop_projections`); the fused path then reads them instead of `timesteps` and `emb_add`."""
     if not fused_kernels_available(x, unet.time_embed[0].weight):
         return unet(x, timesteps, emb_add, context, context_bias, context_kv)
-    table = time_table(unet) if options.unet_time_table and not timesteps.is_floating_point() else None
-    if table is None:
-        emb = unet.time_embedding(timesteps)
-    else:
-        emb = table.index_select(0, timesteps.clamp(0, table.shape[0] - 1))
-    emb = emb + emb_add if emb_add is not None else emb
-    emb = F.silu(emb)  # every ResBlock's emb_layers starts with SiLU: applied once here
-    emb = embedding_projections(unet, emb) or emb
+    emb = projections if projections is not None else _projected_embedding(unet, timesteps, emb_add, options)
     bias = VarlenContext(context_bias) if context_bias is not None else None
     hs = []
     first = input_conv(unet, x, options)
@@ -124,6 +121,55 @@ def input_conv(unet: UNet, x: torch.Tensor, options: FusedOptions = DEFAULT) -> 
     widened[:, :c].copy_(x)
     widened[:, c:].copy_(fill.view(1, -1, 1, 1).expand(b, -1, height, width))
     return F.conv2d(widened, weight, None, padding=1)
+
+
+def _silu_embedding(unet: UNet, timesteps: torch.Tensor, emb_add: torch.Tensor | None,
+                    options: FusedOptions) -> torch.Tensor:
+    """SiLU(time embedding + emb_add), the input of every ResBlock's projection (their emb_layers
+    start with SiLU: applied once here); the embedding from `time_table` where it serves."""
+    table = time_table(unet) if options.unet_time_table and not timesteps.is_floating_point() else None
+    if table is None:
+        emb = unet.time_embedding(timesteps)
+    else:
+        emb = table.index_select(0, timesteps.clamp(0, table.shape[0] - 1))
+    return F.silu(emb + emb_add if emb_add is not None else emb)
+
+
+def _projected_embedding(unet: UNet, timesteps: torch.Tensor, emb_add: torch.Tensor | None,
+                         options: FusedOptions) -> torch.Tensor | EmbeddingProjections:
+    """One forward's ResBlock projections (`embedding_projections`), or its SiLU'd embedding where
+    the stacked weights are not at hand (each block then projects its own)."""
+    emb = _silu_embedding(unet, timesteps, emb_add, options)
+    return embedding_projections(unet, emb) or emb
+
+
+def loop_projections(unet: UNet, timesteps: torch.Tensor, batch: int, emb_add: torch.Tensor | None = None,
+                     options: FusedOptions = DEFAULT) -> list[EmbeddingProjections] | None:
+    """Every step's ResBlock projections of a sampling loop from one GEMM: step i's are
+    `unet_forward(..., timesteps[i].expand(batch), emb_add, ...)`'s, for `unet_forward(...,
+    projections=result[i])`. A forward's projections depend only on its timestep and `emb_add`,
+    which a loop knows before it starts, and their stacked weights (the decoder's: 150 MB) are
+    read once for the loop instead of once per step. None where the fused path would not serve
+    the loop's forwards (or `options.loop_projections` is off, or the timesteps are fractional):
+    the steps then make their own.
+
+    :param timesteps: [n] the loop's timesteps (integer), in step order.
+    :param batch: rows per forward.
+    :param emb_add: [batch, time_embed_dim] added to every step's time embedding (the decoder's
+        image conditioning), or None.
+    """
+    weight = unet.time_embed[0].weight
+    if not (options.loop_projections and not timesteps.is_floating_point() and timesteps.dim() == 1
+            and fused_kernels_available(weight, weight)):
+        return None
+    n = timesteps.shape[0]
+    emb = _silu_embedding(unet, timesteps.repeat_interleave(batch), None if emb_add is None else emb_add.repeat(n, 1),
+                          options)
+    stacked = embedding_projections(unet, emb)
+    if stacked is None:
+        return None
+    out = stacked.out.view(n, batch, -1)
+    return [EmbeddingProjections(out[i], stacked.spans) for i in range(n)]
 
 
 def time_table(unet: UNet) -> torch.Tensor | None:

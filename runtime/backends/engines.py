@@ -15,7 +15,9 @@ rebuilds.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from models.fused.options import FusedOptions
 from models.unclip import UnCLIPModel
 from runtime.backends.engine import Engine, EngineError, cast_inputs
 from runtime.backends.ort_cuda import OrtCudaEngine
-from runtime.backends.signatures import StageSignature, is_unet_stage, signatures, stage_module
+from runtime.backends.signatures import LoopStep, StageSignature, is_unet_stage, signatures, stage_module
 from runtime.constants import ModelConstants
 
 MANIFEST = "manifest.json"  # an engine folder's record, written by `python -m export.build_engines`
@@ -62,10 +64,30 @@ class TorchEngine:
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._run(self.module, inputs)
+
+    def _run(self, module: Callable[..., tuple[torch.Tensor, ...]],
+             inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         inputs = cast_inputs(self.signature, inputs, self.float_dtype)
         if self.channels_last:
             inputs = [x.to(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
-        return tuple(self.module(*inputs))
+        return tuple(module(*inputs))
+
+    @torch.no_grad()
+    def prepare_loop(self, timesteps: torch.Tensor, batch: int, *invariant: torch.Tensor) -> LoopStep | None:
+        """The stage's call for each step of a sampling loop over `timesteps` at `batch` rows, with
+        what its module can make for every step at once made now (the UNets' time-embedding
+        projections; `invariant`: the inputs that stay the same over the loop, as the module's
+        `prepare_loop` takes them): `step(i, *inputs)` is `self(*inputs)` at step i. None where
+        the module makes nothing ahead (the loop then calls the engine)."""
+        prepare = getattr(self.module, "prepare_loop", None)
+        if prepare is None:
+            return None
+        invariant = tuple(x.to(self.float_dtype) if x.is_floating_point() else x for x in invariant)
+        run = prepare(timesteps, batch, *invariant)
+        if run is None:
+            return None
+        return lambda i, *inputs: self._run(functools.partial(run, i), inputs)
 
 
 class OnnxRuntimeEngine:

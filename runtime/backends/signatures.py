@@ -21,6 +21,7 @@ precision, eager or graph capture), the reference modules otherwise and always u
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ from models.unclip import UnCLIPModel
 from models.unet import context_heads
 
 BATCH = "batch"  # the one dynamic axis; every other size is fixed by the model's config
+# A stage's call at step i of a prepared loop: step(i, *the stage's inputs) -> its outputs.
+LoopStep = Callable[..., tuple[torch.Tensor, ...]]
 
 Dim = int | str
 
@@ -241,9 +244,15 @@ class _DecoderStep(nn.Module):
         super().__init__()
         self.decoder, self.options = model.decoder, options
 
-    def forward(self, x_t, timesteps, emb_add, context_kv, context_bias) -> tuple[torch.Tensor]:
+    def forward(self, x_t, timesteps, emb_add, context_kv, context_bias, projections=None) -> tuple[torch.Tensor]:
         return (fused.unet_forward(self.decoder.unet, x_t, timesteps, emb_add, None, context_bias, context_kv,
-                                   options=self.options),)
+                                   options=self.options, projections=projections),)
+
+    def prepare_loop(self, timesteps: torch.Tensor, batch: int, emb_add: torch.Tensor) -> LoopStep | None:
+        """`forward` for each step of a loop over `timesteps` at `batch` rows with this `emb_add`,
+        its time-embedding projections made for every step at once (None where they cannot be)."""
+        steps = fused.loop_projections(self.decoder.unet, timesteps, batch, emb_add, self.options)
+        return None if steps is None else lambda i, *inputs: self(*inputs, projections=steps[i])
 
 
 class _ARPriorContext(nn.Module):
@@ -269,8 +278,15 @@ class _SuperRes(nn.Module):
         super().__init__()
         self.unet, self.options = model.super_res[stage].unet(last), options
 
-    def forward(self, x_t, timesteps, low_res_up) -> tuple[torch.Tensor]:
-        return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps, options=self.options),)
+    def forward(self, x_t, timesteps, low_res_up, projections=None) -> tuple[torch.Tensor]:
+        return (fused.unet_forward(self.unet, torch.cat([x_t, low_res_up], dim=1), timesteps, options=self.options,
+                                   projections=projections),)
+
+    def prepare_loop(self, timesteps: torch.Tensor, batch: int) -> LoopStep | None:
+        """`forward` for each step of a loop over `timesteps` at `batch` rows, its time-embedding
+        projections made for every step at once (None where they cannot be)."""
+        steps = fused.loop_projections(self.unet, timesteps, batch, None, self.options)
+        return None if steps is None else lambda i, *inputs: self(*inputs, projections=steps[i])
 
 
 def stage_module(model: UnCLIPModel, name: str, options: FusedOptions = DEFAULT_FUSED) -> nn.Module:

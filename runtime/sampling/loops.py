@@ -30,7 +30,7 @@ from models.configs import DiffusionConfig
 from models.layers import work_dtype
 from models.super_res import upsample_low_res
 from runtime.backends.engines import Engine
-from runtime.backends.signatures import tile_starts
+from runtime.backends.signatures import LoopStep, tile_starts
 from runtime.constants import ModelConstants
 from runtime.sampling.graphs import GraphCache
 from runtime.sampling.inputs import StageNoise, TextConditioning
@@ -130,6 +130,16 @@ class TileBlend:
         for k, (i, j) in enumerate(self.cut):
             out[:, :, i : i + t, j : j + t] += tiles[k] * self.weight
         return out / self.total
+
+
+def loop_steps(engine: Engine, timesteps: torch.Tensor, batch: int, *invariant: torch.Tensor) -> LoopStep:
+    """`engine`'s call at each step of a loop over `timesteps` at `batch` rows, `step(i, *inputs)`:
+    prepared for the whole loop where the engine can (`prepare_loop`: the torch UNets make every
+    step's time-embedding projections at once), else the engine's own call. `invariant`: the
+    inputs the loop keeps (the decoder's `emb_add`)."""
+    prepare = getattr(engine, "prepare_loop", None)
+    step = prepare(timesteps, batch, *invariant) if prepare is not None else None
+    return step if step is not None else (lambda i, *inputs: engine(*inputs))
 
 
 def _run(graphs: GraphCache | None, tag: tuple, loop, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -257,8 +267,9 @@ def sample_decoder(
         emb_add, context_kv, context_bias = decoder_context(embed_in, embed, tokens, mask)
         x, x_in = init, network_input(init, spec.copies, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
+        step = loop_steps(decoder_step, timesteps, x_in.shape[0], emb_add)
         for i in _steps(n, "decoder", progress, graphs):
-            (out,) = decoder_step(x_in, timesteps[i].expand(x_in.shape[0]), emb_add, context_kv, context_bias)
+            (out,) = step(i, x_in, timesteps[i].expand(x_in.shape[0]), emb_add, context_kv, context_bias)
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x.clamp(-1, 1), first_bad
 
@@ -303,11 +314,11 @@ def sample_super_res(
         """Every tile of every image of x, tile-major: [n·B, C, tile, tile]."""
         return torch.cat([x[:, :, i : i + tile, j : j + tile] for i, j in cut])
 
-    def network(engine: Engine, x_in: torch.Tensor, t: torch.Tensor, low_in: torch.Tensor,
+    def network(step: LoopStep, i: int, x_in: torch.Tensor, t: torch.Tensor, low_in: torch.Tensor,
                 blend: TileBlend | None) -> torch.Tensor:
         if blend is None:
-            return engine(x_in, t.expand(b), low_in)[0]
-        (out,) = engine(tiles_of(x_in), t.expand(low_in.shape[0]), low_in)
+            return step(i, x_in, t.expand(b), low_in)[0]
+        (out,) = step(i, tiles_of(x_in), t.expand(low_in.shape[0]), low_in)
         return blend(out.to(work).view(len(cut), b, *out.shape[1:])).to(out.dtype)
 
     def loop(small, init, steps_noise, coefs, timesteps, scale):
@@ -317,9 +328,14 @@ def sample_super_res(
             blend, low_res_up = TileBlend(cut, tile, size, tile_overlap, work, init.device), tiles_of(low_res_up)
         x, x_in = init, network_input(init, 1, net)
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
+        # the first steps' UNet prepared for the loop; a last-step UNet of its own runs once, as it is
+        first = loop_steps(first_steps, timesteps, low_res_up.shape[0])
+        last = first if last_step is first_steps else loop_steps(last_step, timesteps[n - 1 :], low_res_up.shape[0])
         for i in _steps(n, "super-res", progress, graphs):
-            engine = last_step if i == n - 1 else first_steps
-            out = network(engine, x_in, timesteps[i], low_res_up, blend)
+            if i == n - 1 and last is not first:
+                out = network(last, 0, x_in, timesteps[i], low_res_up, blend)
+            else:
+                out = network(first, i, x_in, timesteps[i], low_res_up, blend)
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x.clamp(-1, 1), first_bad
 

@@ -74,6 +74,41 @@ def test_unet_with_the_fused_norm_matches_torch_norms(ours, stage):
 
 @needs_kernel
 @torch.no_grad()
+@pytest.mark.parametrize("stage", ["super_res", "decoder"])
+def test_a_loops_projections_made_at_once_serve_each_step_on_the_gpu(ours, stage):
+    """fp16, channels-last: the UNet's forwards given the time-embedding projections that
+    `loop_projections` made for the whole loop (one product of every step's rows, the time
+    embedding looked up in its table) give each step's forward making its own, and both stay
+    within fp16 rounding of the fp32 forward."""
+    from models.fused.unet_forward import loop_projections
+
+    half = copy.deepcopy(ours).cuda().half().to(memory_format=torch.channels_last)
+    model = copy.deepcopy(ours).cuda()
+    g = torch.Generator().manual_seed(1)
+    timesteps = torch.tensor([999, 750, 333, 0], device="cuda")
+    if stage == "super_res":
+        unet, unet32 = half.super_res[0].first_steps, model.super_res[0].first_steps
+        x = torch.randn(2, 6, 64, 64, generator=g).cuda()
+        emb_add = None
+    else:
+        unet, unet32 = half.decoder.unet, model.decoder.unet
+        x = torch.randn(2, 3, ours.cfg.decoder.image_size, ours.cfg.decoder.image_size, generator=g).cuda()
+        emb_add = torch.randn(2, unet.cfg.time_embed_dim, generator=g).cuda() * 0.1
+    x16 = x.half().to(memory_format=torch.channels_last)
+    emb16 = None if emb_add is None else emb_add.half()
+    steps = loop_projections(unet, timesteps, 2, emb16)
+    assert steps is not None and len(steps) == len(timesteps)
+    for i, step in enumerate(timesteps):
+        t = step.expand(2)
+        own = fused.unet_forward(unet, x16, t, emb16).float()
+        given = fused.unet_forward(unet, x16, t, emb16, projections=steps[i]).float()
+        ref = unet32(x, t, emb_add)
+        assert rel(given, own) <= 5e-3, (i, rel(given, own))
+        assert rel(given, ref) <= 1e-2, (i, rel(given, ref))
+
+
+@needs_kernel
+@torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_first_convolution_adds_its_bias_inside_the_gemm(ours, dtype):
     """`input_conv` (the bias as the centre tap of an extra input channel of ones, zero
