@@ -596,9 +596,9 @@ def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
              ("cudnn_attention", "ours_cudnn_attention", FusedOptions(cudnn_attention=True)),
              ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)),
-             ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)),
+             ("no_small_map_attention", "ours_no_small_map_attention", FusedOptions(small_map_attention=False)),
              ("no_loop_projections", "ours_no_loop_projections", FusedOptions(loop_projections=False)),
-             ("no_small_map_attention", "ours_no_small_map_attention", FusedOptions(small_map_attention=False)))
+             ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)))
     return [(key, options) for flag, key, options in asked if getattr(args, flag)]
 
 
