@@ -15,6 +15,10 @@ class EngineError(RuntimeError):
 
 
 class Engine(Protocol):
+    """A stage's network on one backend. An engine may also offer `prepare_loop(timesteps, batch,
+    *invariant)`, the call for each step of a sampling loop with what it can make for every step
+    at once made beforehand (`runtime.backends.engines.TorchEngine`); the loops use it where present."""
+
     signature: StageSignature
     float_dtype: torch.dtype
     capturable: bool  # runs inside CUDA graph capture (no host sync, works on the current stream)
