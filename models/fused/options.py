@@ -45,8 +45,7 @@ class FusedOptions:
         own statistics. Off: measured no faster than the join pass, which also hands the next norm
         its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
     :param small_map_attention: the attention blocks with a text context on maps of at most
-        `unet_blocks.SMALL_MAP_MAX_POSITIONS` positions (batches of at most `SMALL_MAP_MAX_BATCH`)
-        attend in one kernel of `cpp_ext`'s
+        `unet_blocks.SMALL_MAP_MAX_POSITIONS` positions attend in one kernel of `cpp_ext`'s
         (`small_map_attention`: image keys read from the projection, the kept context tokens from
         the cache) instead of the key pack and flash attention's varlen form (fp16, 64-channel heads).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed

@@ -267,7 +267,7 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
         ek, ev = packed[:, 0], packed[:, 1]
     else:
         ek, ev = block.context_keys_values(context, None, qkv.dtype)
-    if ek is not None and small_map_serves(qkv, c // block.heads, hgt * wid, options, b):
+    if ek is not None and small_map_serves(qkv, c // block.heads, hgt * wid, options):
         packed = torch.stack([ek, ev], dim=1) if packed is None else packed
         keep = context_bias.keep() if context_bias is not None else qkv.new_ones(b, packed.shape[3], dtype=torch.bool)
         attended = cpp_ext.kernels.small_map_attention(qkv.reshape(b * hgt * wid, 3 * c), packed, keep)
@@ -368,22 +368,19 @@ def _flash_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-# Where an attention block attends on `small_map_attention`: maps of at most this many image
-# positions (16x16) and batches of at most this many samples (one guided image). There the key pack
-# and flash attention's tiles cost more than the attention; larger maps, and the batch of four
-# guided images, measured faster on flash attention's varlen form (docs/kernels.md).
+# The most image positions an attention block attends on `small_map_attention` (a 16x16 map): there
+# the key pack and flash attention's tiles cost more than the attention (docs/kernels.md); larger
+# maps stay on flash attention's varlen form.
 SMALL_MAP_MAX_POSITIONS = 256
-SMALL_MAP_MAX_BATCH = 2
 
 
-def small_map_serves(qkv: torch.Tensor, head_channels: int, positions: int, options: FusedOptions,
-                     batch: int = 1) -> bool:
+def small_map_serves(qkv: torch.Tensor, head_channels: int, positions: int, options: FusedOptions) -> bool:
     """Whether an attention block with context runs on `cpp_ext`'s `small_map_attention`: switched
     on, built, CUDA fp16 on sm80+, heads of 64 channels, at most `SMALL_MAP_MAX_POSITIONS` image
-    positions and `SMALL_MAP_MAX_BATCH` samples."""
+    positions."""
     return (options.small_map_attention and hasattr(cpp_ext.kernels, "small_map_attention") and qkv.is_cuda
             and qkv.dtype == torch.float16 and head_channels == 64 and positions <= SMALL_MAP_MAX_POSITIONS
-            and batch <= SMALL_MAP_MAX_BATCH and _flash_capable(qkv.device))
+            and _flash_capable(qkv.device))
 
 
 def _flash_varlen_serves(qkv: torch.Tensor, head_channels: int) -> bool:
