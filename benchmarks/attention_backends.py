@@ -17,10 +17,6 @@ padding is masked), laid out as `cpp_ext.kernels.pack_attention_kv` lays them ou
   "cudnn mask full" with it materialised per query, "cudnn mask contiguous" on contiguous copies
   of q, k and v (the copies not timed: whether the pack's strides are what it needs);
 - "efficient mask": the memory-efficient kernel with the same mask;
-- "pack + flash varlen": the pack (`cpp_ext.kernels.pack_attention_kv`) and flash's form, as the
-  runtime ran every level before `small_map_attention`;
-- "small map": `cpp_ext.kernels.small_map_attention` over the projection's rows and the cache (no
-  pack), what the runtime runs on maps of up to 256 positions;
 - "cudnn all keys" / "flash all keys": no mask (every key attended, the dropped ones too): the
   bound a mask-free layout would give, not the same function (no error is given for them).
 
@@ -45,7 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
 from models.fused import unet_blocks  # noqa: E402
@@ -72,9 +67,7 @@ def _problem(batch: int, side: int, heads: int) -> dict:
     positions = torch.arange(hw + CONTEXT, device="cuda")
     mask = torch.zeros(batch, 1, 1, hw + CONTEXT, device="cuda", dtype=torch.float16)
     mask.masked_fill_(positions[None, None, None, :] >= used[:, None, None, None], float("-inf"))
-    context = kv[:, hw:].permute(0, 3, 2, 1, 4).contiguous()  # the cache: [B, 2, heads, N, ch], kept first
-    keep = torch.arange(CONTEXT, device="cuda")[None] < (used - hw)[:, None]
-    return {"rows": rows, "kv": kv, "used": used, "mask": mask, "context": context, "keep": keep,
+    return {"rows": rows, "kv": kv, "used": used, "mask": mask,
             "q": rows[..., 0, :].transpose(1, 2), "k": kv[..., 0, :].transpose(1, 2),
             "v": kv[..., 1, :].transpose(1, 2)}
 
@@ -90,29 +83,6 @@ def _varlen(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
 
     def run() -> torch.Tensor:
         return attend(block, rows, p["kv"], p["used"], offsets).view(b, hw, heads, HEAD).transpose(1, 2)
-    return run
-
-
-def _packed_varlen(p: dict) -> Callable[[], torch.Tensor]:
-    """The pack from the projection's rows and the cache, then flash's varlen form over it."""
-    b, hw, heads = p["rows"].shape[:3]
-    offsets = _offsets(b, hw, p["kv"].shape[1], torch.device("cuda"))
-    rows, block = p["rows"].flatten(0, 1).flatten(1), SimpleNamespace(heads=heads)
-
-    def run() -> torch.Tensor:
-        kv, used = cpp_ext.kernels.pack_attention_kv(rows, p["context"], p["keep"])
-        return unet_blocks._attend_flash(block, rows, kv, used, offsets).view(b, hw, heads, HEAD).transpose(1, 2)
-    return run
-
-
-def _small_map(p: dict) -> Callable[[], torch.Tensor]:
-    """`small_map_attention` over the projection's rows and the cache."""
-    b, hw, heads = p["rows"].shape[:3]
-    rows = p["rows"].flatten(0, 1).flatten(1)
-
-    def run() -> torch.Tensor:
-        out = cpp_ext.kernels.small_map_attention(rows, p["context"], p["keep"])
-        return out.view(b, hw, heads, HEAD).transpose(1, 2)
     return run
 
 
@@ -137,11 +107,9 @@ WAYS = {"flash varlen": lambda p: _varlen(p),
         "cudnn mask contiguous": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "broadcast", contiguous=True),
         "efficient mask": lambda p: _sdpa(p, SDPBackend.EFFICIENT_ATTENTION, "broadcast"),
         "cudnn all keys": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "none"),
-        "flash all keys": lambda p: _sdpa(p, SDPBackend.FLASH_ATTENTION, "none"),
-        "pack + flash varlen": _packed_varlen,
-        "small map": _small_map}
+        "flash all keys": lambda p: _sdpa(p, SDPBackend.FLASH_ATTENTION, "none")}
 SAME_FUNCTION = {"flash varlen", "cudnn varlen", "cudnn mask", "cudnn mask full", "cudnn mask contiguous",
-                 "efficient mask", "pack + flash varlen", "small map"}
+                 "efficient mask"}
 
 
 def measure(batch: int) -> dict:
@@ -158,7 +126,7 @@ def measure(batch: int) -> dict:
                 entry = {"us": round(graph_ms(fn, replays=50) * 1e3, 2)}
                 if name in SAME_FUNCTION:
                     entry["rel"] = float((got - want).abs().max() / want.abs().max())
-            except (RuntimeError, TypeError, AttributeError) as error:  # refused inputs, or a missing op
+            except (RuntimeError, TypeError) as error:  # the backend refuses these inputs (or lacks them)
                 entry = {"error": str(error).splitlines()[0][:300]}
             row[name] = entry
             if per_step[name] is not None:

@@ -112,8 +112,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also ours with the UNets running their time MLP each forward (no table)")
     p.add_argument("--no-loop-projections", action="store_true",
                    help="also ours with each UNet forward making its own time-embedding projections")
-    p.add_argument("--no-small-map-attention", action="store_true",
-                   help="also ours with the small maps' attention on the key pack and flash attention")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
@@ -515,7 +513,6 @@ def table(results: dict) -> str:
                            ("ours_cudnn_attention", "unclip-rt, cuDNN attention"),
                            ("ours_no_unet_time_table", "unclip-rt, UNets without time table"),
                            ("ours_no_loop_projections", "unclip-rt, projections made per step"),
-                           ("ours_no_small_map_attention", "unclip-rt, small maps on flash attention"),
                            ("ours_fp8_calibrated_norm_fp16", "unclip-rt FP8 (s-r), calib., fp16 norms"),
                            ("ours_fp8_calibrated_residual_in_conv", "unclip-rt FP8 (s-r), cal., skips in conv"),
                            ("ours_fp8_calibrated_skips_fp8", "unclip-rt FP8 (s-r), cal., FP8 1x1 skips"),
@@ -589,14 +586,12 @@ def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     convolutions' epilogue (`--residual-in-conv`), cuDNN's attention (`--cudnn-attention`), cuDNN's
     convolutions alone (`--cudnn-convs`), the UNets without their time table
     (`--no-unet-time-table`), each UNet forward making its own time-embedding projections
-    (`--no-loop-projections`), the small maps' attention on the pack and flash attention
-    (`--no-small-map-attention`)."""
+    (`--no-loop-projections`)."""
     from models.fused import FusedOptions
 
     asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
              ("cudnn_attention", "ours_cudnn_attention", FusedOptions(cudnn_attention=True)),
              ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)),
-             ("no_small_map_attention", "ours_no_small_map_attention", FusedOptions(small_map_attention=False)),
              ("no_loop_projections", "ours_no_loop_projections", FusedOptions(loop_projections=False)),
              ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)))
     return [(key, options) for flag, key, options in asked if getattr(args, flag)]

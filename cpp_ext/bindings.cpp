@@ -44,8 +44,6 @@ at::Tensor prior_step_attention(const at::Tensor& qkv, const at::Tensor& past, c
 std::vector<at::Tensor> pack_attention_kv(const at::Tensor& qkv, const at::Tensor& context_kv,
                                           const at::Tensor& keep);
 
-at::Tensor small_map_attention(const at::Tensor& qkv, const at::Tensor& context_kv, const at::Tensor& keep);
-
 at::Tensor residual_layer_norm(at::Tensor& x, const c10::optional<at::Tensor>& pending, const at::Tensor& weight,
                                const at::Tensor& beta, double eps);
 
@@ -96,9 +94,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("past"), py::arg("keep"), py::arg("heads"));
   m.def("pack_attention_kv", &pack_attention_kv,
         "a decoder step's image and cached context keys/values packed for varlen flash attention (kept tokens first)",
-        py::arg("qkv"), py::arg("context_kv"), py::arg("keep"));
-  m.def("small_map_attention", &small_map_attention,
-        "a decoder attention block of a small map over its image keys and kept cached context keys, one kernel",
         py::arg("qkv"), py::arg("context_kv"), py::arg("keep"));
   m.def("residual_layer_norm", &residual_layer_norm,
         "x += pending bias (in place), then layer norm of x with float32 statistics", py::arg("x"),

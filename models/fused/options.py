@@ -44,10 +44,6 @@ class FusedOptions:
         CUTLASS configuration, fp16 or FP8) instead of a join pass; the next norm then computes its
         own statistics. Off: measured no faster than the join pass, which also hands the next norm
         its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
-    :param small_map_attention: the attention blocks with a text context on maps of at most
-        `unet_blocks.SMALL_MAP_MAX_POSITIONS` positions attend in one kernel of `cpp_ext`'s
-        (`small_map_attention`: image keys read from the projection, the kept context tokens from
-        the cache) instead of the key pack and flash attention's varlen form (fp16, 64-channel heads).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
         keys by cuDNN's attention op with per-sample key counts instead of flash attention's
         variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
@@ -68,7 +64,6 @@ class FusedOptions:
     norm_writes_e4m3: bool = True
     residual_in_conv: bool = False
     cudnn_attention: bool = False
-    small_map_attention: bool = True
 
 
 DEFAULT = FusedOptions()

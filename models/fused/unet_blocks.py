@@ -252,9 +252,8 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
                     context_bias: VarlenContext | None = None, context_kv: torch.Tensor | None = None,
                     options: FusedOptions = DEFAULT, stats: bool = False) -> torch.Tensor | NormInput:
     """`block(x, context, context_bias, context_kv)` on the kernels: the norm's kernel (a
-    `NormInput`'s statistics serve it), token-major attention — on small maps `cpp_ext`'s
-    `small_map_attention` (`small_map_serves`), else flash attention's variable-length form where
-    it runs (`_attend_varlen`), else SDPA — and the output projection without its bias,
+    `NormInput`'s statistics serve it), token-major attention — flash attention's variable-length
+    form where it runs (`_attend_varlen`), else SDPA — and the output projection without its bias,
     then the bias and the residual in one join (with `stats`, maybe also the next norm's statistics)."""
     h = group_norm(block.norm, x)
     x = plain(x)
@@ -267,11 +266,6 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
         ek, ev = packed[:, 0], packed[:, 1]
     else:
         ek, ev = block.context_keys_values(context, None, qkv.dtype)
-    if ek is not None and small_map_serves(qkv, c // block.heads, hgt * wid, options):
-        packed = torch.stack([ek, ev], dim=1) if packed is None else packed
-        keep = context_bias.keep() if context_bias is not None else qkv.new_ones(b, packed.shape[3], dtype=torch.bool)
-        attended = cpp_ext.kernels.small_map_attention(qkv.reshape(b * hgt * wid, 3 * c), packed, keep)
-        return _project_join(block, attended.view(b, hgt * wid, c), x, stats, options)
     if ek is not None and _flash_varlen_serves(qkv, c // block.heads):
         packed = torch.stack([ek, ev], dim=1) if packed is None else packed
         attended = _attend_varlen(block, qkv, packed, context_bias, options.cudnn_attention)
@@ -366,21 +360,6 @@ CUDNN_VARLEN = _takes_key_counts("_cudnn_attention_forward")
 def _flash_capable(device: torch.device) -> bool:
     """Flash attention runs on compute capability 8.0 and newer."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-# The most image positions an attention block attends on `small_map_attention` (a 16x16 map): there
-# the key pack and flash attention's tiles cost more than the attention (docs/kernels.md); larger
-# maps stay on flash attention's varlen form.
-SMALL_MAP_MAX_POSITIONS = 256
-
-
-def small_map_serves(qkv: torch.Tensor, head_channels: int, positions: int, options: FusedOptions) -> bool:
-    """Whether an attention block with context runs on `cpp_ext`'s `small_map_attention`: switched
-    on, built, CUDA fp16 on sm80+, heads of 64 channels, at most `SMALL_MAP_MAX_POSITIONS` image
-    positions."""
-    return (options.small_map_attention and hasattr(cpp_ext.kernels, "small_map_attention") and qkv.is_cuda
-            and qkv.dtype == torch.float16 and head_channels == 64 and positions <= SMALL_MAP_MAX_POSITIONS
-            and _flash_capable(qkv.device))
 
 
 def _flash_varlen_serves(qkv: torch.Tensor, head_channels: int) -> bool:

@@ -220,14 +220,13 @@ def test_pack_attention_kv_puts_the_kept_context_tokens_first():
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("way", ["flash", "cudnn", "small_map"])
+@pytest.mark.parametrize("way", ["flash", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7), (2, 960, 16, 16)])
+@pytest.mark.parametrize("shape", [(2, 640, 32, 32), (3, 128, 8, 8), (3, 64, 5, 7)])
 def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     """An attention block on the fused path with context through flash attention's varlen form
     (cpp_ext's pack, padding left out by key counts) — or cuDNN's attention over the same pack, by
-    its op with the key counts ("cudnn", where this torch has it), or `small_map_attention` over
-    the projection and the cache ("small_map", fp16 maps of up to 256 positions) — against the reference
+    its op with the key counts ("cudnn", where this torch has it) — against the reference
     block's SDPA with the additive mask, both against fp32 — with a mask that is not a prefix, a
     sample that keeps every context token and one that keeps none, given the context or the packed
     context keys/values; and with the context but no mask (every token kept), against the
@@ -253,10 +252,7 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
     if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
         pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
-    small = way == "small_map"
-    if small and not unet_blocks.small_map_serves(xh.new_empty(0), 64, hgt * wid, FusedOptions()):
-        pytest.skip("small_map_attention does not serve these (fp16 maps of up to 256 positions)")
-    options = FusedOptions(cudnn_attention=way == "cudnn", small_map_attention=small)
+    options = FusedOptions(cudnn_attention=way != "flash")
     fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias), options=options).double()
     fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed, options=options).double()
     plain = half(xh, context.to(dtype), bias).double()
@@ -267,35 +263,3 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     print(shape, dtype, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= tol for e in errors.values()), errors
     assert torch.equal(fast, fast_kv)
-    if small:  # the same function as flash attention's varlen form over the pack, to fp16 rounding
-        flash = attention_block(half, xh, None, VarlenContext(bias), packed,
-                                options=FusedOptions(small_map_attention=False)).double()
-        assert rel(fast, flash) <= 2e-3, rel(fast, flash)
-
-
-@needs_kernel
-@torch.no_grad()
-@pytest.mark.parametrize("hw", [1, 35, 64, 100, 256, 1024])
-def test_small_map_attention_is_masked_attention_over_the_projection_and_the_cache(hw):
-    """`small_map_attention` against float64 attention: each query over its sample's image keys
-    (from the QKV rows, per head [q | k | v]) and kept context tokens (from a strided view of a
-    larger cache), a sample keeping every token and one keeping none; positions that are not a
-    multiple of its 64-query tiles and key blocks."""
-    b, heads, ch, n = 3, 3, 64, 81
-    g = torch.Generator().manual_seed(hw)
-    qkv = torch.randn(b * hw, heads * 3 * ch, generator=g).half().cuda()
-    cache = torch.randn(b, 2, heads + 2, n, ch, generator=g).half().cuda()[:, :, 1 : heads + 1]  # strided
-    keep = torch.rand(b, n, generator=g) < 0.5
-    keep[0], keep[2] = True, False
-    keep = keep.cuda()
-    got = cpp_ext.kernels.small_map_attention(qkv, cache, keep)
-    assert got.shape == (b * hw, heads * ch) and got.dtype == torch.float16
-    rows = qkv.double().view(b, hw, heads, 3, ch)
-    q = rows[..., 0, :].transpose(1, 2)
-    k = torch.cat([rows[..., 1, :].transpose(1, 2), cache[:, 0].double()], dim=2)  # [b, heads, hw + n, ch]
-    v = torch.cat([rows[..., 2, :].transpose(1, 2), cache[:, 1].double()], dim=2)
-    masked = torch.cat([torch.zeros(b, hw, dtype=torch.bool, device="cuda"), ~keep], dim=1)
-    scores = (q @ k.transpose(-1, -2)) / ch**0.5
-    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
-    want = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b * hw, heads * ch)
-    assert rel(got, want) <= 2e-3, rel(got, want)
