@@ -330,12 +330,9 @@ def sample_super_res(
         first_bad = torch.full((1,), -1, dtype=torch.int32, device=init.device)
         # the first steps' UNet prepared for the loop; a last-step UNet of its own runs once, as it is
         first = loop_steps(first_steps, timesteps, low_res_up.shape[0])
-        last = first if last_step is first_steps else loop_steps(last_step, timesteps[n - 1 :], low_res_up.shape[0])
+        last = first if last_step is first_steps else (lambda i, *inputs: last_step(*inputs))
         for i in _steps(n, "super-res", progress, graphs):
-            if i == n - 1 and last is not first:
-                out = network(last, 0, x_in, timesteps[i], low_res_up, blend)
-            else:
-                out = network(first, i, x_in, timesteps[i], low_res_up, blend)
+            out = network(last if i == n - 1 else first, i, x_in, timesteps[i], low_res_up, blend)
             x, x_in = guided_update(out, x, steps_noise[i], coefs[i], scale, first_bad, i, spec, net)
         return x.clamp(-1, 1), first_bad
 
