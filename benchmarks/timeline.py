@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"  {r['device_us']:9.1f} us  x{r['calls']:<3} {r['op'][:40]:40} {r['shapes'][:110]}", flush=True)
     if args.out:
-        text = json.dumps(results, indent=1)
-        atomic_write(args.out, lambda path: path.write_text(text))
+        atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1)))
     return 0
 
 

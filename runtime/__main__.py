@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from runtime.cli.common import BACKEND_CHOICES, as_cli_message, check_writable, output_paths
+from runtime.cli.common import BACKEND_CHOICES, as_cli_message, check_image_outputs, output_paths, save_image
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -22,7 +22,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime", description="unCLIP text-to-image")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG path (indexed when several images)")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="output image: .png (default), .jpg, .webp, .bmp or .tif by its suffix; indexed when several")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder with config.json + model.safetensors (default: the shipped model)")
     src.add_argument("--karlo", help="folder with Kakao Brain's original Karlo files")
@@ -77,7 +78,6 @@ def _one_or_each(values: list[int] | None) -> int | list[int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.checkpoint import atomic_write
     from runtime.cli.tools import TOOLS, run
     from runtime.pipeline import UnCLIP
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        check_writable(output_paths(args.output, len(args.prompt) * args.num_images))
+        check_image_outputs(args.output, len(args.prompt) * args.num_images)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = output_paths(args.output, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
         try:
-            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            save_image(image, path)
         except OSError as exc:  # the folder changed since it was checked
             print(f"error: cannot write {path} ({exc.strerror or exc})", file=sys.stderr)
             return 2

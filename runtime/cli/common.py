@@ -1,5 +1,5 @@
-"""What the command lines share: output file names, the check that they can be written, and errors
-as one line naming the command's own flags."""
+"""What the command lines share: output file names, their image format, the check that they can be
+written, and errors as one line naming the command's own flags."""
 
 from __future__ import annotations
 
@@ -27,6 +27,43 @@ def as_cli_message(exc: BaseException) -> str:
     return message
 
 
+# Image formats an output name may ask for, by suffix (Pillow's names); no suffix means PNG. Lossy
+# ones get a high quality setting: the user asked for the format, not for its default compression.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+
+
+def image_format(path: Path) -> str:
+    """The Pillow format an output path names by its suffix (PNG without one); a suffix that names
+    no image format is refused, so `-o out.txt` fails before any work instead of writing a PNG."""
+    suffix = path.suffix.lower()
+    if not suffix:
+        return "PNG"
+    if suffix not in IMAGE_FORMATS:
+        known = ", ".join(sorted(IMAGE_FORMATS))
+        raise ValueError(f"-o {path}: {path.suffix!r} is not an image format this command writes (use {known})")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(image, path: Path) -> None:
+    """Write a PIL image atomically in the format its path names."""
+    from models.atomic_files import atomic_write
+
+    fmt = image_format(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {})))
+
+
+def check_image_outputs(output: str, count: int) -> None:
+    """The whole output check of an image command, before any work: `output` (an existing folder
+    is refused even where several images would be named after it beside it) and the `count`
+    files named after it, by `image_format` and `check_writable`."""
+    paths = output_paths(output, count)
+    check_writable([Path(output), *paths] if count > 1 else paths)
+    for path in paths:
+        image_format(path)
+
+
 def check_writable(paths: list[Path]) -> None:
     """Refuse output paths that cannot be written, before any work: an existing directory, or a
     folder that cannot be made or written (missing folders are created when the images are saved)."""
@@ -46,6 +83,8 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def output_paths(output: str, count: int) -> list[Path]:
+    """The files `count` images go to: `output` itself for one, else `stem-0.suffix`, … (PNG's
+    suffix where `output` has none)."""
     path = Path(output)
     if count == 1:
         return [path]

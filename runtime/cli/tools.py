@@ -5,7 +5,8 @@
     text-diff IMAGE --from CAPTION --to CAPTION [--amounts 0,0.15,0.3,0.45,0.6]  -o out.png
     invert IMAGE [--steps 100]                              -o latent.safetensors
 
-Images are written as `out-0.png`, `out-1.png`, …; `invert` writes z_i and x_T (and the steps
+Images are written as `out-0.png`, `out-1.png`, … (or .jpg, .webp, .bmp, .tif: the format the
+suffix names); `invert` writes z_i and x_T (and the steps
 and guidance that decode them) to a safetensors file.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from runtime.cli.common import BACKEND_CHOICES
 
@@ -52,22 +54,48 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _amounts(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--amounts must be comma-separated numbers, got {text!r}") from exc
+
+
+def _image_count(args: argparse.Namespace) -> int:
+    """How many images a tool writes, 1 to 1024 (the API's bounds, which it checks itself): the
+    names its files get, checked before the model runs."""
+    if args.tool == "variations":
+        count = args.n
+    elif args.tool == "interpolate":
+        count = args.steps
+    else:
+        count = len(_amounts(args.amounts))
+    return min(max(1, count), 1024)
+
+
 def run(argv: list[str]) -> list[str]:
     """Run a tool; returns the paths written."""
     from safetensors.torch import save_file
 
     from models.checkpoint import atomic_write
-    from runtime.cli.common import output_paths
+    from runtime.cli.common import IMAGE_FORMATS, check_image_outputs, check_writable, output_paths, save_image
     from runtime.pipeline import UnCLIP
 
     args = parse(argv)
+    output = Path(args.output)
+    if args.tool == "invert":  # refused before the model loads, as the text-to-image command does
+        if output.suffix.lower() in IMAGE_FORMATS:
+            raise ValueError(f"-o {output}: invert writes a safetensors file of latents, not an image")
+        check_writable([output])
+    else:
+        check_image_outputs(args.output, _image_count(args))
     pipe = UnCLIP(args.model, device=args.device, engine_dir=args.engine_dir, backend=args.backend,
                   progress=not args.no_progress)
     if args.tool == "invert":
         inv = pipe.invert(args.image, steps=args.steps)
         meta = {"steps": str(inv.steps), "guidance_scale": str(inv.guidance_scale), "prompt": json.dumps(inv.prompt)}
         tensors = {"image_embeds": inv.image_embeds.contiguous(), "latents": inv.latents.contiguous()}
-        atomic_write(__import__("pathlib").Path(args.output), lambda p: save_file(tensors, str(p), metadata=meta))
+        atomic_write(output, lambda p: save_file(tensors, str(p), metadata=meta))
         return [args.output]
     common = {"seed": args.seed, "super_res": not args.low_res}
     if args.tool == "variations":
@@ -75,12 +103,9 @@ def run(argv: list[str]) -> list[str]:
     elif args.tool == "interpolate":
         images = pipe.interpolate(args.image_a, args.image_b, steps=args.steps, path=args.path, **common).images
     else:
-        try:
-            amounts = [float(a) for a in args.amounts.split(",")]
-        except ValueError as exc:
-            raise ValueError(f"--amounts must be comma-separated numbers, got {args.amounts!r}") from exc
-        images = pipe.text_diff(args.image, args.from_caption, args.to_caption, amounts=amounts, **common).images
+        images = pipe.text_diff(args.image, args.from_caption, args.to_caption, amounts=_amounts(args.amounts),
+                                **common).images
     paths = output_paths(args.output, len(images))
     for image, path in zip(images, paths, strict=True):
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        save_image(image, path)
     return [str(p) for p in paths]
