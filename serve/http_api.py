@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from serve.encoding import media_type
 from serve.metrics import IngressMetrics
 from serve.options import ServeOptions
 from serve.schemas import APIError, GenerationRequest, VariationRequest, validation_error
@@ -50,6 +51,11 @@ def _replica_lost_errors() -> tuple[type[BaseException], ...]:
         if hasattr(serve_exceptions, name):
             kinds.append(getattr(serve_exceptions, name))
     return tuple(kinds)
+
+
+def _encoding(body: GenerationRequest | VariationRequest) -> dict:
+    """How the replica encodes the request's images (`serve.encoding`): the format and its quality."""
+    return {"output_format": body.output_format or "png", "output_compression": body.output_compression}
 
 
 def _model_entry(info: dict) -> dict:
@@ -203,8 +209,9 @@ class ImagesAPI:
     @staticmethod
     def _images_body(result: dict, response_format: str | None, size: str) -> tuple[dict, dict]:
         as_url = (response_format or "url") == "url"
+        fmt = result["output_format"]
         data = [
-            {"url": f"data:image/png;base64,{b64}"} if as_url else {"b64_json": b64}
+            {"url": f"data:{media_type(fmt)};base64,{b64}"} if as_url else {"b64_json": b64}
             for b64 in result["images"]
         ]
         for index, item in enumerate(data):
@@ -215,7 +222,7 @@ class ImagesAPI:
                    "x-unclip-run-ms": f"{result['run_s'] * 1e3:.1f}",
                    "x-unclip-encode-ms": f"{result['encode_s'] * 1e3:.1f}",
                    "x-unclip-batch-requests": str(result["batch_requests"])}
-        return {"created": int(time.time()), "data": data, "size": size, "output_format": "png"}, headers
+        return {"created": int(time.time()), "data": data, "size": size, "output_format": fmt}, headers
 
     # --- routes -----------------------------------------------------------------------------
     @app.post("/v1/images/generations")
@@ -249,7 +256,8 @@ class ImagesAPI:
                                                       "prior_guidance_scale", "decoder_guidance_scale")
                         if getattr(body, k) is not None}
             settings["size"] = int(size.split("x")[0])
-            payload = {"prompt": body.prompt, "n": body.n or 1, "seed": seed, "prior": prior, "settings": settings}
+            payload = {"prompt": body.prompt, "n": body.n or 1, "seed": seed, "prior": prior, "settings": settings,
+                       **_encoding(body)}
             result = await self._call("generate", payload, deadline)
             return self._images_body(result, body.response_format, size)
 
@@ -304,7 +312,7 @@ class ImagesAPI:
             size = self._check_size(body.size, info, any_stage=False)  # variations: the default size
             seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
             payload = {"image": image, "n": body.n or 1, "seed": seed, "steps": body.decoder_steps,
-                       "decoder_guidance_scale": body.decoder_guidance_scale}
+                       "decoder_guidance_scale": body.decoder_guidance_scale, **_encoding(body)}
             result = await self._call("variations", payload, deadline)
             return self._images_body(result, body.response_format, size)
 

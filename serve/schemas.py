@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_SEED = 2**63 - 1
 MAX_SCALE = 100.0
 SuperResSteps = Annotated[int, Field(ge=2, le=1000, strict=True)]
+OutputFormat = Literal["png", "jpeg", "webp"]  # OpenAI's `output_format` choices (serve.encoding writes them)
 
 
 class APIError(Exception):
@@ -63,7 +64,8 @@ class GenerationRequest(Sampling):
     response_format: Literal["url", "b64_json"] | None = None
     user: str | None = None
     quality: Literal["standard", "auto"] | None = None
-    output_format: Literal["png"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
     stream: Literal[False] | None = None
 
 
@@ -77,6 +79,8 @@ class VariationRequest(BaseModel):
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
     user: str | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     decoder_steps: int | None = Field(None, ge=1, le=1000)
     decoder_guidance_scale: float | None = Field(None, ge=0, le=MAX_SCALE)

@@ -4,16 +4,14 @@ Text-to-image requests with equal sampling settings run as one `generate` call (
 `serve.batcher`); each request's noise is drawn from its own seed exactly as a lone
 `UnCLIP.generate(prompt, num_images_per_prompt=n, seed=seed)` draws it, so its images are that
 call's images (bit for bit on the CPU, where the runtime's products are row-invariant). Variations
-run alone. Noise is drawn and PNGs encoded on helper threads while the runner thread keeps the
+run alone. Noise is drawn and images encoded (`serve.encoding`) on helper threads while the runner thread keeps the
 device busy. Bad input is refused before a job is queued, so one request never fails a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import io
 import logging
 import os
 import time
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 
 from serve.batcher import Batcher, BatchInfo, DeadlineExceeded, Job
+from serve.encoding import encode
 from serve.metrics import WorkerMetrics
 from serve.options import DEFAULT_PRIOR_BATCH, ServeOptions
 
@@ -80,12 +79,6 @@ def load_pipelines(options: ServeOptions) -> dict[str, Any]:
     except ValueError:  # the model has no autoregressive prior (Karlo)
         pass
     return pipes
-
-
-def encode_png(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # lossless either way; level 1 encodes several times faster
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 @dataclass
@@ -188,7 +181,7 @@ class ImageWorker:
                                          steps["super_res_steps"], torch.Generator().manual_seed(seed))
         key = (prior, tuple(sorted(call.items())))  # requests share a call when these are equal
         job = Job(key, n, GenerationJob(request["prompt"], n, seed, steps, noise), _deadline(request))
-        return await self._submit(job, seed, "generation")
+        return await self._submit(job, seed, "generation", request)
 
     async def variations(self, request: dict) -> dict:
         """{image (H×W×3 uint8), n, seed, steps, decoder_guidance_scale, timeout_s} → like `generate`."""
@@ -196,9 +189,11 @@ class ImageWorker:
         job = Job(("variations",), n, VariationJob(request["image"], n, seed, request.get("steps"),
                                                    request.get("decoder_guidance_scale")),
                   _deadline(request), batchable=False)
-        return await self._submit(job, seed, "variation")
+        return await self._submit(job, seed, "variation", request)
 
-    async def _submit(self, job: Job, seed: int, kind: str) -> dict:
+    async def _submit(self, job: Job, seed: int, kind: str, request: dict) -> dict:
+        """Run the job, then encode its images as the request asks (`output_format`, `output_compression`)."""
+        fmt, compression = request.get("output_format", "png"), request.get("output_compression")
         self.metrics.queue_depth.set(len(self.batcher.pending) + 1)
         try:
             images, batch = await self.batcher.submit(job)
@@ -208,16 +203,16 @@ class ImageWorker:
             return _error(str(exc), None)
         start = time.monotonic()
         encoded = await asyncio.get_running_loop().run_in_executor(
-            self._helpers, lambda: [encode_png(im) for im in images])
+            self._helpers, lambda: [encode(im, fmt, compression) for im in images])
         encode_s = time.monotonic() - start
         self.metrics.stage_seconds.observe(batch.queued_s, tags={"stage": "queued"})
         self.metrics.stage_seconds.observe(batch.run_s, tags={"stage": "generate"})
         self.metrics.stage_seconds.observe(encode_s, tags={"stage": "encode"})
         self.metrics.images.inc(len(encoded), tags={"kind": kind})
         self.served_images += len(encoded)
-        return {"images": encoded, "seed": seed, "batch_images": batch.images, "batch_requests": batch.jobs,
-                "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s, "replica": self.replica,
-                "node_id": self.node_id}
+        return {"images": encoded, "output_format": fmt, "seed": seed, "batch_images": batch.images,
+                "batch_requests": batch.jobs, "queued_s": batch.queued_s, "run_s": batch.run_s, "encode_s": encode_s,
+                "replica": self.replica, "node_id": self.node_id}
 
     def _settings(self, pipe, prior: str, given: dict) -> tuple[dict, dict]:
         """The request's steps resolved against the model's defaults (all three, for drawing its

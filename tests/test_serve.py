@@ -133,6 +133,36 @@ def test_a_size_of_the_chain_gives_that_stages_images(server, lone):
     assert server.get("/v1/models")["data"][0]["image_sizes"] == [64, 256, 1024]
 
 
+def test_jpeg_and_webp_answers_are_the_lone_images_encoded_so(server, lone):
+    """`output_format` and `output_compression` (OpenAI's): the lone image, through that format at
+    that quality; the answer and its data URLs name the format; requests asking for different
+    formats still share a call (the format is the encoding's, not the model's)."""
+    want = np.asarray(lone_images(lone, "a red circle", 1, 5, **FAST)[0], dtype=np.float64)
+    asks = [{"output_format": "jpeg"}, {"output_format": "webp", "output_compression": 20},
+            {"output_format": "png", "output_compression": 20}, {"response_format": "url", "output_format": "webp"}]
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda ask: post(server, "/v1/images/generations", {
+            "prompt": "a red circle", "seed": 5, "response_format": "b64_json", **FAST, **ask}), asks))
+    errors = []
+    for ask, (status, _, body) in zip(asks, answers, strict=True):
+        assert status == 200, body
+        fmt = ask["output_format"]
+        assert body["output_format"] == fmt
+        item = body["data"][0]
+        if "url" in item:
+            prefix = f"data:image/{fmt};base64,"
+            assert item["url"].startswith(prefix)
+            raw = base64.b64decode(item["url"][len(prefix):])
+        else:
+            raw = base64.b64decode(item["b64_json"])
+        with Image.open(io.BytesIO(raw)) as image:
+            assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt] and image.size == (256, 256)
+            errors.append(np.abs(np.asarray(image.convert("RGB"), dtype=np.float64) - want).mean())
+    assert errors[2] == 0.0  # PNG: lossless, the compression ignored
+    assert errors[0] < 3.0 and errors[3] < 3.0 and errors[1] > errors[3], errors  # quality 100 vs 20
+    assert max(int(h["x-unclip-batch-requests"]) for _, h, _ in answers) > 1  # formats shared a call
+
+
 def test_different_settings_are_not_batched_together(server):
     jobs = [{"decoder_steps": 2}, {"decoder_steps": 3}]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -151,6 +181,10 @@ def test_different_settings_are_not_batched_together(server):
     ({"prompt": "x", "style": "vivid"}, 400, "style", "Unrecognized request argument"),
     ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "does not exist"),
     ({"prompt": "x", "response_format": "jpeg"}, 400, "response_format", "Invalid value"),
+    ({"prompt": "x", "output_format": "gif"}, 400, "output_format", "Invalid value"),
+    ({"prompt": "x", "output_format": "jpeg", "output_compression": 101}, 400, "output_compression",
+     "less than or equal to 100"),
+    ({"prompt": "x", "output_compression": "50"}, 400, "output_compression", "integer"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ({"prompt": "x", "seed": 2**64}, 400, "seed", "less than or equal to"),
     ({"prompt": "x", "decoder_guidance_scale": 1e308}, 400, "decoder_guidance_scale", "less than or equal to 100"),

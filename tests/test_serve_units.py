@@ -1,5 +1,6 @@
 """The service's parts without Ray: the batcher's grouping, waiting, cancellation and deadlines,
-upload decoding (16-bit, empty, bomb-sized, damaged), options and replica placement."""
+upload decoding (16-bit, empty, bomb-sized, damaged), the answers' image encoding, options and
+replica placement."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from serve.batcher import Batcher, DeadlineExceeded, Job
+from serve.encoding import encode, media_type
 from serve.options import ServeOptions, parse_args
 from serve.uploads import UploadTooLarge, decode_upload
 
@@ -171,6 +173,38 @@ def test_bad_uploads_are_refused_with_the_reason():
     bomb = header[:16] + (20000).to_bytes(4, "big") + (10000).to_bytes(4, "big") + header[24:]
     with pytest.raises(ValueError, match="pixel limit|not a readable"):
         decode_upload(bomb, 1 << 20)
+
+
+def test_images_are_encoded_in_the_asked_format_and_quality():
+    """PNG lossless whatever the compression says; JPEG and WebP at the asked quality (100 by
+    default, as OpenAI's): near the pixels at 100, smaller and further at 10; bad asks refused."""
+    import base64
+
+    rng = np.random.default_rng(0)
+    smooth = np.clip(np.add.outer(np.arange(256), np.arange(256))[..., None] // 2 + rng.integers(0, 8, (256, 256, 3)),
+                     0, 255).astype(np.uint8)
+    image = Image.fromarray(smooth)
+
+    def back(text):
+        raw = base64.b64decode(text)
+        with Image.open(io.BytesIO(raw)) as im:
+            return im.format, np.asarray(im.convert("RGB"), dtype=np.float64), len(raw)
+
+    fmt, pixels, _ = back(encode(image))
+    assert fmt == "PNG" and np.array_equal(pixels, smooth)
+    assert encode(image, "png", 3) == encode(image, "png")  # lossless: the compression is ignored
+    for name, pillow in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        fmt, best, best_bytes = back(encode(image, name))
+        assert fmt == pillow and best.shape == (256, 256, 3)
+        assert encode(image, name) == encode(image, name, 100)  # the default is 100
+        _, worst, worst_bytes = back(encode(image, name, 10))
+        best_err, worst_err = np.abs(best - smooth).mean(), np.abs(worst - smooth).mean()
+        assert best_err < 3.0 and worst_err > best_err and worst_bytes < best_bytes, (name, best_err, worst_err)
+        assert media_type(name) == f"image/{name}"
+    with pytest.raises(ValueError, match="output_format"):
+        encode(image, "gif")
+    with pytest.raises(ValueError, match="output_compression"):
+        encode(image, "jpeg", 101)
 
 
 def test_options_are_checked_and_parsed():
