@@ -99,10 +99,13 @@ class ImagesAPI:
                            param="model", code="model_not_found")
 
     def _check_size(self, size: str | None, info: dict, any_stage: bool = True) -> str:
-        """The request's size as "SxS": the model's default (none given), or with `any_stage` the
-        size after the decoder or any super-res stage of its chain."""
+        """The request's size as "SxS": the model's default (none given, or "auto" as OpenAI's newer
+        models take it), or with `any_stage` the size after the decoder or any super-res stage of
+        its chain."""
         own = f"{info['size']}x{info['size']}"
         allowed = [f"{s}x{s}" for s in info["sizes"]] if any_stage else [own]
+        if size == "auto":
+            return own
         if size is not None and size not in allowed:
             raise APIError(400, f"size must be one of {allowed} (this model's sizes; default '{own}'), got {size!r}",
                            param="size", code="invalid_size")

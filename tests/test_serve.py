@@ -131,6 +131,10 @@ def test_a_size_of_the_chain_gives_that_stages_images(server, lone):
     assert status == 200 and np.array_equal(decode(answer["data"][0]["b64_json"]), lone_images(lone, "a red circle", 1,
                                                                                               3, **FAST)[0])
     assert server.get("/v1/models")["data"][0]["image_sizes"] == [64, 256, 1024]
+    status, _, answer = post(server, "/v1/images/generations", {**body, "size": "auto"})  # the default size
+    assert status == 200 and answer["size"] == "256x256" and np.array_equal(decode(answer["data"][0]["b64_json"]),
+                                                                            lone_images(lone, "a red circle", 1, 3,
+                                                                                        **FAST)[0])
 
 
 def test_jpeg_and_webp_answers_are_the_lone_images_encoded_so(server, lone):
