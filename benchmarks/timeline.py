@@ -30,17 +30,54 @@ PROMPT = "a high-resolution photograph of a red fox sitting in fresh snow"
 STAGE_ROWS = {"prior_step": 2, "decoder_step": 2, "super_res_first": 1}
 
 
-def _intervals(events) -> list[tuple[float, float, str]]:
-    """(start µs, end µs, name) of every device-side event (kernels, copies, sets), by start."""
+GAP_BINS_US = (2.0, 5.0, 20.0, 100.0)  # idle gaps are counted by size: launch latency, then longer waits
+
+
+def device_spans(events) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of the device's own work (kernels, copies, sets), by start. Left
+    out: the profiler's GPU-side ranges of `record_function` annotations, which span every kernel
+    inside them (the runtime's and this script's) and would hide every gap."""
+    annotations = {e.name for e in events if getattr(e, "is_user_annotation", False)}
     out = []
     for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+        if (e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+                and not getattr(e, "is_user_annotation", False) and e.name not in annotations):
             out.append((e.time_range.start, e.time_range.end, e.name))
     return sorted(out)
 
 
+def idle_summary(spans: list[tuple[float, float, str]], origin: float, gap_us: float, top: int) -> dict:
+    """The device's busy time over `spans` (overlapping ones, e.g. kernels launched early by PDL or
+    on a side stream, counted once), its idle gaps counted by size (`GAP_BINS_US`), the largest
+    ones at least `gap_us` long with the work either side, and the longest single spans. µs;
+    `at_ms` from `origin`."""
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_end, cur_name, name))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    first, last = spans[0][0], max(s[1] for s in spans)
+    bins = {}
+    for low, high in zip((0.0, *GAP_BINS_US), (*GAP_BINS_US, float("inf")), strict=True):
+        inside = [g[0] for g in gaps if low <= g[0] < high]
+        bins[f"{low:g}-{high:g}us"] = {"gaps": len(inside), "us": sum(inside)}
+    listed = sorted((g for g in gaps if g[0] >= gap_us), key=lambda g: -g[0])
+    longest = sorted(spans, key=lambda sp: sp[0] - sp[1])[:top]
+    return {"gpu_span_us": last - first, "gpu_busy_us": busy, "gpu_idle_us": (last - first) - busy,
+            "gaps": len(gaps), "gaps_by_size": bins, "device_events": len(spans),
+            "largest_gaps": [{"us": us, "at_ms": (at - origin) / 1e3, "after": a[:90], "before": b[:90]}
+                             for us, at, a, b in listed[:top]],
+            "longest_events": [{"us": end - start, "at_ms": (start - origin) / 1e3, "name": name[:90]}
+                               for start, end, name in longest]}
+
+
 def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
-    """One profiled `generate` call: host lead, busy time, idle gaps (largest first) and tail, µs."""
+    """One profiled `generate` call: host lead, busy time, idle gaps and tail, µs."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.synchronize()
@@ -49,35 +86,20 @@ def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
             pipe.generate(PROMPT, num_images_per_prompt=batch, seed=1, output_type="np")
         torch.cuda.synchronize()
     events = prof.events()
-    call = next(e for e in events if e.name == "generate_call")
+    call = next(e for e in events if e.name == "generate_call" and e.device_type == torch.autograd.DeviceType.CPU)
     c0, c1 = call.time_range.start, call.time_range.end
-    spans = [s for s in _intervals(events) if s[0] >= c0 - 1]
+    spans = [sp for sp in device_spans(events) if sp[0] >= c0 - 1]
     if not spans:
         return {"error": "the profiler recorded no device-side events"}
-    busy, gaps = 0.0, []
-    cur_start, cur_end, cur_name = spans[0]
-    for start, end, name in spans[1:]:
-        if start > cur_end:
-            busy += cur_end - cur_start
-            if start - cur_end >= gap_us:
-                gaps.append({"us": start - cur_end, "at_ms": (cur_end - c0) / 1e3, "after": cur_name[:90],
-                             "before": name[:90]})
-            cur_start = start
-        if end >= cur_end:
-            cur_end, cur_name = end, name
-    busy += cur_end - cur_start
-    first, last = spans[0][0], max(s[1] for s in spans)
-    gaps.sort(key=lambda g: -g["us"])
-    small = sum(g["us"] for g in gaps)
-    return {"call_us": c1 - c0, "host_lead_us": first - c0, "gpu_span_us": last - first, "gpu_busy_us": busy,
-            "gpu_idle_us": (last - first) - busy, "idle_in_gaps_over_threshold_us": small,
-            "gaps_over_threshold": len(gaps), "tail_us": c1 - last, "device_events": len(spans),
-            "largest_gaps": gaps[:top]}
+    summary = idle_summary(spans, c0, gap_us, top)
+    return {"call_us": c1 - c0, "host_lead_us": spans[0][0] - c0, "tail_us": c1 - max(sp[1] for sp in spans),
+            **summary}
 
 
 def stage_ops(pipe, name: str, batch: int, top: int) -> list[dict]:
     """The costliest operators of one eager forward of a stage's engine, as the runtime runs it
-    (device time, grouped by input shapes)."""
+    (device time, grouped by input shapes). The extension's own kernels are called outside torch's
+    operators and are not listed."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = pipe.engines[name]
@@ -90,10 +112,12 @@ def stage_ops(pipe, name: str, batch: int, top: int) -> list[dict]:
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
-        if e.device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CPU or e.key.startswith("cuda"):
-            continue  # the operators (whose device time includes their kernels'), not the kernels themselves
+        # the operators that launched kernels themselves (self time): not the kernels, nor the
+        # operators wrapping those (conv2d → convolution → cudnn_convolution would list one three times)
+        if e.self_device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CPU or e.key.startswith("cuda"):
+            continue
         rows.append({"op": e.key[:80], "shapes": str(e.input_shapes)[:200], "calls": e.count,
-                     "device_us": e.device_time_total})
+                     "device_us": e.self_device_time_total})
     rows.sort(key=lambda r: -r["device_us"])
     return rows[:top]
 
@@ -126,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         entry = call_timeline(pipe, n, args.gap_us, args.top)
         entry["wall_ms_unprofiled"] = sorted(walls)
         results["calls"][n] = entry
-        print(n, json.dumps({k: v for k, v in entry.items() if k != "largest_gaps"}), flush=True)
+        print(n, json.dumps({k: v for k, v in entry.items() if k not in ("largest_gaps", "longest_events")}),
+              flush=True)
         for g in entry.get("largest_gaps", [])[:10]:
             print("  gap", json.dumps(g), flush=True)
+        for e in entry.get("longest_events", [])[:5]:
+            print("  event", json.dumps(e), flush=True)
     with torch.no_grad():
         for name in args.stages:
             rows = results["stage_ops"][name] = stage_ops(pipe, name, args.batch[0], args.top)

@@ -1,0 +1,49 @@
+"""`benchmarks/timeline.py`'s arithmetic on made-up profiler events: what counts as the device's
+work (not the GPU-side ranges of annotations, which span the kernels inside them), busy time with
+overlapping kernels counted once, and the idle gaps by size."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks.timeline import device_spans, idle_summary
+
+CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+
+def event(name, start, end, device=CUDA, annotation=False):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                           is_user_annotation=annotation)
+
+
+def test_annotations_and_host_events_are_not_device_work():
+    events = [
+        event("generate_call", 0, 1000, CPU, annotation=True),
+        event("generate_call", 10, 900, annotation=True),  # its GPU-side range: spans everything
+        event("decoder", 100, 700),  # a GPU-side range of an annotation not flagged as one: by its name
+        event("decoder", 90, 710, CPU, annotation=True),
+        event("kernel_b", 300, 400),
+        event("kernel_a", 10, 200),
+        event("cudaLaunchKernel", 5, 8, CPU),
+        event("empty", 500, 500),
+    ]
+    assert device_spans(events) == [(10, 200, "kernel_a"), (300, 400, "kernel_b")]
+
+
+def test_busy_time_counts_overlaps_once_and_gaps_are_binned():
+    spans = [(0.0, 10.0, "a"), (5.0, 12.0, "b (PDL, early)"), (13.0, 20.0, "c"), (23.5, 30.0, "d"),
+             (40.0, 50.0, "e"), (40.0, 45.0, "f (side stream)"), (200.0, 210.0, "g")]
+    s = idle_summary(spans, origin=0.0, gap_us=5.0, top=3)
+    assert s["gpu_span_us"] == 210.0
+    assert s["gpu_busy_us"] == pytest.approx(12 + 7 + 6.5 + 10 + 10)
+    assert s["gpu_idle_us"] == pytest.approx(1 + 3.5 + 10 + 150)
+    assert s["gaps"] == 4
+    assert s["gaps_by_size"] == {"0-2us": {"gaps": 1, "us": 1.0}, "2-5us": {"gaps": 1, "us": 3.5},
+                                 "5-20us": {"gaps": 1, "us": 10.0}, "20-100us": {"gaps": 0, "us": 0},
+                                 "100-infus": {"gaps": 1, "us": 150.0}}
+    assert [(g["us"], g["after"], g["before"]) for g in s["largest_gaps"]] == [(150.0, "e", "g"), (10.0, "d", "e")]
+    assert s["largest_gaps"][0]["at_ms"] == pytest.approx(0.05)
+    assert [e["name"] for e in s["longest_events"]] == ["a", "e", "g"]
