@@ -17,13 +17,19 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format → Pi
 DEFAULT_COMPRESSION = 100
 
 
-def encode(image: Image.Image, output_format: str = "png", compression: int | None = None) -> str:
-    """One image as base64 text in `output_format` ("png", "jpeg" or "webp")."""
+def check(output_format: str, compression: int | None) -> int:
+    """Refuse a format or compression `encode` cannot honour (before any work); the quality to use."""
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}")
     quality = DEFAULT_COMPRESSION if compression is None else compression
-    if not 0 <= quality <= 100:
-        raise ValueError(f"output_compression must be in [0, 100], got {compression!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise ValueError(f"output_compression must be an integer in [0, 100], got {compression!r}")
+    return quality
+
+
+def encode(image: Image.Image, output_format: str = "png", compression: int | None = None) -> str:
+    """One image as base64 text in `output_format` ("png", "jpeg" or "webp")."""
+    quality = check(output_format, compression)
     options = {"compress_level": 1} if output_format == "png" else {"quality": quality}
     buf = io.BytesIO()
     image.save(buf, format=FORMATS[output_format], **options)

@@ -4,8 +4,8 @@ Text-to-image requests with equal sampling settings run as one `generate` call (
 `serve.batcher`); each request's noise is drawn from its own seed exactly as a lone
 `UnCLIP.generate(prompt, num_images_per_prompt=n, seed=seed)` draws it, so its images are that
 call's images (bit for bit on the CPU, where the runtime's products are row-invariant). Variations
-run alone. Noise is drawn and images encoded (`serve.encoding`) on helper threads while the runner thread keeps the
-device busy. Bad input is refused before a job is queued, so one request never fails a batch.
+run alone. Noise is drawn and images encoded (`serve.encoding`) on helper threads while the runner
+thread keeps the device busy. Bad input is refused before a job is queued, so one request never fails a batch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from serve.batcher import Batcher, BatchInfo, DeadlineExceeded, Job
+from serve.encoding import check as check_encoding
 from serve.encoding import encode
 from serve.metrics import WorkerMetrics
 from serve.options import DEFAULT_PRIOR_BATCH, ServeOptions
@@ -194,6 +195,10 @@ class ImageWorker:
     async def _submit(self, job: Job, seed: int, kind: str, request: dict) -> dict:
         """Run the job, then encode its images as the request asks (`output_format`, `output_compression`)."""
         fmt, compression = request.get("output_format", "png"), request.get("output_compression")
+        try:  # the ingress checked these already; a direct caller hears of a bad ask before the model runs
+            check_encoding(fmt, compression)
+        except ValueError as exc:
+            return _error(str(exc), "output_format" if "output_format" in str(exc) else "output_compression")
         self.metrics.queue_depth.set(len(self.batcher.pending) + 1)
         try:
             images, batch = await self.batcher.submit(job)

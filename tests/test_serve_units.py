@@ -203,8 +203,9 @@ def test_images_are_encoded_in_the_asked_format_and_quality():
         assert media_type(name) == f"image/{name}"
     with pytest.raises(ValueError, match="output_format"):
         encode(image, "gif")
-    with pytest.raises(ValueError, match="output_compression"):
-        encode(image, "jpeg", 101)
+    for bad in (101, -1, 50.0, True):
+        with pytest.raises(ValueError, match="output_compression"):
+            encode(image, "jpeg", bad)
 
 
 def test_options_are_checked_and_parsed():
