@@ -17,13 +17,22 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format → Pi
 DEFAULT_COMPRESSION = 100
 
 
+class EncodingError(ValueError):
+    """A format or compression `encode` cannot honour; `param` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def check(output_format: str, compression: int | None) -> int:
     """Refuse a format or compression `encode` cannot honour (before any work); the quality to use."""
     if output_format not in FORMATS:
-        raise ValueError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}")
+        raise EncodingError(f"output_format must be one of {sorted(FORMATS)}, got {output_format!r}", "output_format")
     quality = DEFAULT_COMPRESSION if compression is None else compression
     if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
-        raise ValueError(f"output_compression must be an integer in [0, 100], got {compression!r}")
+        raise EncodingError(f"output_compression must be an integer in [0, 100], got {compression!r}",
+                            "output_compression")
     return quality
 
 

@@ -168,7 +168,8 @@ class ImageWorker:
             return _error(f"prior {prior!r} is not available for this model (available: {sorted(self.pipes)})",
                           "prior")
         pipe = self.pipes[prior]
-        try:
+        try:  # the ingress checked the encoding already; a direct caller hears of a bad ask here too
+            check_encoding(request.get("output_format", "png"), request.get("output_compression"))
             steps, call = self._settings(pipe, prior, request.get("settings", {}))
             n, seed = int(request["n"]), int(request["seed"])
         except (ValueError, TypeError) as exc:
@@ -186,6 +187,10 @@ class ImageWorker:
 
     async def variations(self, request: dict) -> dict:
         """{image (H×W×3 uint8), n, seed, steps, decoder_guidance_scale, timeout_s} → like `generate`."""
+        try:
+            check_encoding(request.get("output_format", "png"), request.get("output_compression"))
+        except ValueError as exc:
+            return _error(str(exc), getattr(exc, "param", None))
         n, seed = int(request["n"]), int(request["seed"])
         job = Job(("variations",), n, VariationJob(request["image"], n, seed, request.get("steps"),
                                                    request.get("decoder_guidance_scale")),
@@ -193,12 +198,9 @@ class ImageWorker:
         return await self._submit(job, seed, "variation", request)
 
     async def _submit(self, job: Job, seed: int, kind: str, request: dict) -> dict:
-        """Run the job, then encode its images as the request asks (`output_format`, `output_compression`)."""
+        """Run the job, then encode its images as the request asks (`output_format`, `output_compression`,
+        checked by the caller before the job was made)."""
         fmt, compression = request.get("output_format", "png"), request.get("output_compression")
-        try:  # the ingress checked these already; a direct caller hears of a bad ask before the model runs
-            check_encoding(fmt, compression)
-        except ValueError as exc:
-            return _error(str(exc), "output_format" if "output_format" in str(exc) else "output_compression")
         self.metrics.queue_depth.set(len(self.batcher.pending) + 1)
         try:
             images, batch = await self.batcher.submit(job)

@@ -201,11 +201,13 @@ def test_images_are_encoded_in_the_asked_format_and_quality():
         best_err, worst_err = np.abs(best - smooth).mean(), np.abs(worst - smooth).mean()
         assert best_err < 3.0 and worst_err > best_err and worst_bytes < best_bytes, (name, best_err, worst_err)
         assert media_type(name) == f"image/{name}"
-    with pytest.raises(ValueError, match="output_format"):
+    with pytest.raises(ValueError, match="output_format") as refused:
         encode(image, "gif")
+    assert refused.value.param == "output_format"
     for bad in (101, -1, 50.0, True):
-        with pytest.raises(ValueError, match="output_compression"):
+        with pytest.raises(ValueError, match="output_compression") as refused:
             encode(image, "jpeg", bad)
+        assert refused.value.param == "output_compression"
 
 
 def test_options_are_checked_and_parsed():
