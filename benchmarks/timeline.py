@@ -76,6 +76,42 @@ def idle_summary(spans: list[tuple[float, float, str]], origin: float, gap_us: f
                                for start, end, name in longest]}
 
 
+def kernel_name(name: str) -> str:
+    """A kernel's family: its name without template arguments and parameter lists (CUTLASS's and
+    torch's kernels differ only there from one instance to the next); mangled names as they are."""
+    name = name.replace("(anonymous namespace)::", "")
+    for mark in ("<", "("):
+        name = name.split(mark, 1)[0]
+    return name.rsplit("::", 1)[-1].strip() or name
+
+
+def kernel_table(spans: list[tuple[float, float, str]], top: int) -> list[dict]:
+    """Device time by kernel family (`kernel_name`) over `spans` (by start), costliest first:
+    launches, and total and mean µs of each kernel's own time, what it adds after the work before
+    it ended: a kernel launched early (programmatic dependent launch) waits inside its span for
+    its predecessor, and that wait is the predecessor's time. The totals add up to the busy time."""
+    totals: dict[str, list[float]] = {}
+    reached = float("-inf")
+    for start, end, name in spans:
+        entry = totals.setdefault(kernel_name(name), [0, 0.0])
+        entry[0] += 1
+        entry[1] += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    rows = [{"kernel": k[:90], "launches": n, "us": us, "mean_us": us / n} for k, (n, us) in totals.items()]
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
+
+
+def host_lead_ops(events, c0: float, first_kernel: float, top: int) -> list[dict]:
+    """The host's work before the call's first kernel: CPU events that start in that lead, longest
+    first (nested ones included, so a parent and its children both show), µs."""
+    rows = [{"op": e.name[:90], "us": e.time_range.end - e.time_range.start, "at_us": e.time_range.start - c0}
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU and c0 < e.time_range.start < first_kernel]
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
+
+
 def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
     """One profiled `generate` call: host lead, busy time, idle gaps and tail, µs."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -93,7 +129,8 @@ def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
         return {"error": "the profiler recorded no device-side events"}
     summary = idle_summary(spans, c0, gap_us, top)
     return {"call_us": c1 - c0, "host_lead_us": spans[0][0] - c0, "tail_us": c1 - max(sp[1] for sp in spans),
-            **summary}
+            **summary, "kernels": kernel_table(spans, 2 * top),
+            "host_lead_ops": host_lead_ops(events, c0, spans[0][0], top)}
 
 
 def stage_ops(pipe, name: str, batch: int, top: int) -> list[dict]:
@@ -150,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         entry = call_timeline(pipe, n, args.gap_us, args.top)
         entry["wall_ms_unprofiled"] = sorted(walls)
         results["calls"][n] = entry
-        print(n, json.dumps({k: v for k, v in entry.items() if k not in ("largest_gaps", "longest_events")}),
-              flush=True)
+        lists = ("largest_gaps", "longest_events", "kernels", "host_lead_ops")
+        print(n, json.dumps({k: v for k, v in entry.items() if k not in lists}), flush=True)
         for g in entry.get("largest_gaps", [])[:10]:
             print("  gap", json.dumps(g), flush=True)
         for e in entry.get("longest_events", [])[:5]:
             print("  event", json.dumps(e), flush=True)
+        for k in entry.get("kernels", []):
+            print(f"  kernel {k['us']:10.1f} us x{k['launches']:<6} {k['mean_us']:8.2f} {k['kernel']}", flush=True)
+        for o in entry.get("host_lead_ops", [])[:15]:
+            print(f"  lead {o['us']:9.1f} us at {o['at_us']:8.1f} {o['op']}", flush=True)
     with torch.no_grad():
         for name in args.stages:
             rows = results["stage_ops"][name] = stage_ops(pipe, name, args.batch[0], args.top)

@@ -149,7 +149,8 @@ def test_the_packed_context_keys_give_the_projected_context(emulated):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("switch", ["join_stats", "defer_bias", "input_bias_in_conv", "unet_time_table"])
+@pytest.mark.parametrize("switch", ["join_stats", "defer_bias", "input_bias_in_conv", "unet_time_table",
+                                    "fold_upsampling"])
 def test_each_unet_fusion_switched_off_gives_the_same_output(emulated, switch):
     unet = _randomised(UNet(SUPER_RES_LIKE), 1).to(memory_format=torch.channels_last)
     x, t, _ = _unet_inputs(SUPER_RES_LIKE)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.timeline import device_spans, idle_summary
+from benchmarks.timeline import device_spans, host_lead_ops, idle_summary, kernel_table
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -47,3 +47,23 @@ def test_busy_time_counts_overlaps_once_and_gaps_are_binned():
     assert [(g["us"], g["after"], g["before"]) for g in s["largest_gaps"]] == [(150.0, "e", "g"), (10.0, "d", "e")]
     assert s["largest_gaps"][0]["at_ms"] == pytest.approx(0.05)
     assert [e["name"] for e in s["longest_events"]] == ["a", "e", "g"]
+
+
+def test_kernels_are_tabled_by_family_with_overlaps_counted_once():
+    spans = [(0.0, 10.0, "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<A, B>>(Params)"),
+             (8.0, 14.0, "void unclip_rt::(anonymous namespace)::normalize<__half, 8>(float const*, __half*)"),
+             (20.0, 23.0, "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<C, D>>(Params)"),
+             (30.0, 31.0, "void unclip_rt::(anonymous namespace)::normalize<float, 4>(float const*)")]
+    rows = kernel_table(spans, top=5)
+    # the norm launched early (at 8) waited for the product until 10: its own time is 4, not 6
+    assert [(r["kernel"], r["launches"], r["us"]) for r in rows] == [("device_kernel", 2, 13.0), ("normalize", 2, 5.0)]
+    assert rows[1]["mean_us"] == 2.5
+    assert sum(r["us"] for r in rows) == idle_summary(spans, 0.0, 1.0, 1)["gpu_busy_us"]
+    assert kernel_table(spans, top=1) == rows[:1]
+
+
+def test_host_lead_lists_only_cpu_work_before_the_first_kernel():
+    events = [event("tokenize", 10, 400, CPU), event("aten::randn", 450, 460, CPU),
+              event("late_op", 900, 950, CPU), event("kernel", 500, 600)]
+    rows = host_lead_ops(events, c0=0.0, first_kernel=500.0, top=5)
+    assert [(r["op"], r["us"]) for r in rows] == [("tokenize", 390), ("aten::randn", 10)]

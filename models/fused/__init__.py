@@ -14,6 +14,7 @@ fusions off for tests and benchmarks.
   norms.py         group norm and the residual join on the kernels (NormInput: a join's statistics)
   linear_plan.py   which kernel runs each of the prior step's few-row linear layers
   prior_step.py    the prior's cached denoising step
+  upsampled_conv.py  a 3×3 convolution of a 2x-upsampled map, run on the map before upsampling
   unet_blocks.py   the UNet's ResBlock and attention block, and their block protocol
   unet_forward.py  the UNet's forward
 """

@@ -44,6 +44,13 @@ class FusedOptions:
         CUTLASS configuration, fp16 or FP8) instead of a join pass; the next norm then computes its
         own statistics. Off: measured no faster than the join pass, which also hands the next norm
         its statistics (docs/fp8.md; `benchmarks/latency.py --residual-in-conv`).
+    :param fold_upsampling: an up block's first convolution, a 3×3 convolution of its norm's output
+        upsampled 2x, runs as the equivalent 2×2 convolution of the map before upsampling with its
+        four phases' kernels folded (`models.fused.upsampled_conv`: 4/9 of the products, then the
+        phases interleaved in one copy) instead of on the norm's upsampled output. fp16
+        convolutions only (an FP8 one runs as before). Off: the convolution of the upsampled map
+        (docs/kernels.md; `benchmarks/latency.py --no-fold-upsampling` times it,
+        `benchmarks/upsampled_conv.py` the convolutions alone).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
         keys by cuDNN's attention op with per-sample key counts instead of flash attention's
         variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
@@ -64,6 +71,7 @@ class FusedOptions:
     norm_writes_e4m3: bool = True
     residual_in_conv: bool = False
     cudnn_attention: bool = False
+    fold_upsampling: bool = True
 
 
 DEFAULT = FusedOptions()

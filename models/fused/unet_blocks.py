@@ -3,7 +3,9 @@
 A ResBlock's convolutions run without their biases (torch adds a convolution's bias in a pass of
 its own): the first one's joins the second norm's kernel, the last one's (and the skip
 convolution's) the residual join; an up (down) block's norm writes its output resized and its
-join reads x resized the same way. Between blocks:
+join reads x resized the same way (with `FusedOptions.fold_upsampling`, an up block's first
+convolution runs on the norm's output before upsampling instead: `models.fused.upsampled_conv`).
+Between blocks:
 
 - `SkipConcat`: an output block's input, the running activations and the skip, concatenated by
   the block's first norm (`cpp_ext.group_norm_concat`: its statistics pass writes the
@@ -34,6 +36,7 @@ from torch import nn
 import cpp_ext
 from models import implicit_conv
 from models.fp8.layers import Fp8Conv
+from models.fused import upsampled_conv
 from models.fused.availability import layout
 from models.fused.norms import (
     NormInput,
@@ -157,6 +160,18 @@ def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions
     return _conv(conv, h, options), False
 
 
+def _folded_weights(block: ResBlock, x: Activations, options: FusedOptions) -> torch.Tensor | None:
+    """An up block's first convolution's folded weights (`upsampled_conv.folded_weights`) where
+    `options.fold_upsampling` asks for them and the fold serves the block (an fp16 3×3 convolution
+    of a channels-last map); else None."""
+    if not (options.fold_upsampling and block.up and not isinstance(x, SkipConcat)):
+        return None
+    conv, x = block.in_layers[2], plain(x)
+    if not (upsampled_conv.serves(conv, x) and layout(x) == "nhwc"):
+        return None
+    return upsampled_conv.folded_weights(conv, x.dtype)
+
+
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """A 1-wide 1-D convolution (an attention block's projection) applied to token rows [..., C]."""
     if isinstance(conv, Fp8Conv):
@@ -191,6 +206,10 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
             normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
                                                           norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
             h = _conv(conv_in, normed, options)
+    elif (folded := _folded_weights(block, x, options)) is not None:
+        # an up block's first convolution on the norm's output before upsampling (`upsampled_conv`)
+        h = upsampled_conv.conv_of_upsampled(group_norm(norm_in, x), folded, options)
+        x = plain(x) if identity_skip else resample(plain(x), up=True)
     elif (block.up or block.down) and not identity_skip:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)
         x = resample(plain(x), block.up, block.down)
