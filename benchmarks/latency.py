@@ -20,8 +20,9 @@ Reported per system and batch (default steps 25/25/7, guidance 4/8): end-to-end 
 `--runs` after warm-up, with the spread), images/s, the first call (ours: graph capture),
 per-forward ms of each stage, peak GPU memory (its weights + its working memory), and for
 ours the time from a new process to the first image with the model on disk (`--first-image`).
-The FLOP floor comes from torch's FLOP counter over one forward of each stage times the steps,
-at the dense fp16 matmul throughput measured in the same run; "share of peak" = floor / time.
+The FLOP floor comes from torch's FLOP counter over one forward of each stage times the steps
+(the architecture's products as written; ours folds the up blocks' convolutions into fewer), at
+the dense fp16 matmul throughput measured in the same run; "share of peak" = floor / time.
 Prints a table and writes JSON (atomically).
 """
 
@@ -446,8 +447,11 @@ def flop_floor(model: UnCLIPModel, batches: list[int], peak_tflops: float,
         steps.update({name: 1 for name in last})
         rows.update({name: 1 for name in last})
     out = {"peak_tflops": peak_tflops, "fp8_peak_tflops": fp8_peak_tflops, "batches": {}}
-    # Counted on the reference path: the fused kernels do the same arithmetic, but torch's FLOP
-    # counter sees only its own operators (a prior step made wholly of cpp_ext linears counts 0).
+    # Counted on the reference path, the architecture's products as written (what the peers run):
+    # torch's FLOP counter sees only its own operators (a prior step made wholly of cpp_ext linears
+    # counts 0). The fused path does the same arithmetic but for the up blocks' folded
+    # convolutions (`models.fused.upsampled_conv`, 4/9 of theirs), so it runs fewer products than
+    # counted here (docs/kernels.md).
     kernels, cpp_ext.kernels = cpp_ext.kernels, None
     try:
         for n in batches:

@@ -2,7 +2,7 @@
 in torch ops (`tests/kernel_emulation.py`): it must give the reference modules' outputs, with each
 of its fusions on or off, and it must actually take the routes it claims (concatenation in the
 norm, statistics handed from a join to the next norm, deferred biases, the widened input
-convolution, the time table, the skinny and staged linears). The kernels themselves are checked
+convolution, the up blocks' folded convolutions, the time table, the skinny and staged linears). The kernels themselves are checked
 against float64 on the GPU (`tests/gpu/`)."""
 
 from __future__ import annotations
@@ -165,6 +165,22 @@ def test_each_unet_fusion_switched_off_gives_the_same_output(emulated, switch):
     if switch == "defer_bias":  # deferred joins ran no join pass of their own
         assert emulated["bias_residual_"] + emulated["bias_residual_stats"] > (
             counts_on["bias_residual_"] + counts_on["bias_residual_stats"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cutlass_convs", [True, False])
+def test_the_fused_unet_with_folded_up_convolutions_gives_the_reference_output(emulated, cutlass_convs):
+    unet = _randomised(UNet(SUPER_RES_LIKE), 2)
+    x, t, _ = _unet_inputs(SUPER_RES_LIKE)
+    ref = unet(x, t)
+    unet = unet.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    got = fused.unet_forward(unet, x, t, options=FusedOptions(fold_upsampling=True, cutlass_convs=cutlass_convs))
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    ups = [m for m in unet.modules() if isinstance(m, ResBlock) and m.up]
+    assert len(ups) == 2
+    assert all(derived(m.in_layers[2], "folded_weights").value is not None for m in ups)  # the route was taken
+    assert _rel(fused.unet_forward(unet, x, t, options=FusedOptions(fold_upsampling=False)), ref) <= 1e-5
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """`models.fused.upsampled_conv`: a 3×3 convolution of a nearest-2x-upsampled map as the folded
 2×2 convolution of the map before upsampling, against the convolution of the upsampled map (in
-float64, exact up to summation order), and the fused UNet taking that route (`FusedOptions.
-fold_upsampling`, the default) against the reference forward. The GPU test runs it in fp16 on CUTLASS and
-cuDNN (`tests/gpu/test_upsampled_conv.py`)."""
+float64, exact up to summation order); the fused UNet taking that route (`FusedOptions.
+fold_upsampling`, the default) is checked in `tests/test_fused_path.py`, in fp16 on CUTLASS and
+cuDNN in `tests/gpu/test_upsampled_conv.py`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models import fused
 from models.fused import FusedOptions, upsampled_conv
-from models.fused.derived import derived
-from models.unet import ResBlock, UNet
-from tests.test_fused_path import SUPER_RES_LIKE, _randomised, _rel, _unet_inputs, emulated  # noqa: F401
 
 PLAIN = FusedOptions(fold_upsampling=True, cutlass_convs=False)
 
@@ -90,19 +86,3 @@ def test_the_folded_weights_follow_the_convolutions_weight():
     conv.weight.mul_(2.0)  # written in place: folded again
     again = upsampled_conv.folded_weights(conv, torch.float32)
     torch.testing.assert_close(again, 2 * first)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("cutlass_convs", [True, False])
-def test_the_fused_unet_with_folded_up_convolutions_gives_the_reference_output(emulated, cutlass_convs):  # noqa: F811
-    unet = _randomised(UNet(SUPER_RES_LIKE), 2)
-    x, t, _ = _unet_inputs(SUPER_RES_LIKE)
-    ref = unet(x, t)
-    unet = unet.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-    got = fused.unet_forward(unet, x, t, options=FusedOptions(fold_upsampling=True, cutlass_convs=cutlass_convs))
-    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
-    ups = [m for m in unet.modules() if isinstance(m, ResBlock) and m.up]
-    assert len(ups) == 2
-    assert all(derived(m.in_layers[2], "folded_weights").value is not None for m in ups)  # the route was taken
-    assert _rel(fused.unet_forward(unet, x, t, options=FusedOptions(fold_upsampling=False)), ref) <= 1e-5
