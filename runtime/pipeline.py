@@ -42,7 +42,7 @@ from runtime.batch_invariance import row_invariant
 from runtime.call_limits import MAX_GUIDANCE, check_host_memory, check_noise, default_chunk, host_bytes_per_image
 from runtime.constants import ModelConstants
 from runtime.image_tools import ImageTools
-from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, to_output
+from runtime.outputs import OUTPUT_TYPES, UnCLIPOutput, queue_host_copy, queue_output
 from runtime.sampling import loops
 from runtime.sampling.ar_loop import ARNoise, ARSettings, sample_ar_prior
 from runtime.sampling.fixed_batch import in_fixed_batches
@@ -67,6 +67,11 @@ NO_DEFAULT_MODEL = (
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks of a run's results as one batch (the tensor itself for one chunk: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_prompts(prompt) -> list[str]:
@@ -477,11 +482,15 @@ class UnCLIP(ImageTools):
             if return_decoder_images:
                 all_small.append(small)
             all_embeds.append(image_embeds)
+        # the outputs' conversions and downloads are queued behind the last loop before the one
+        # host wait (the non-finite records' read), so the GPU runs them without host gaps
+        images = queue_output(_joined(all_images), output_type)
+        small = queue_output(_joined(all_small), output_type) if return_decoder_images else None
+        embeds = queue_host_copy(_joined(all_embeds)) if return_image_embeds else None
         if pending is not None:
             pending.check()
-        images, image_embeds = torch.cat(all_images), torch.cat(all_embeds)
-        small = to_output(torch.cat(all_small), output_type) if return_decoder_images else None
-        return UnCLIPOutput(to_output(images, output_type), image_embeds.cpu() if return_image_embeds else None, small)
+        return UnCLIPOutput(images.result(), embeds[0] if embeds is not None else None,
+                            small.result() if small is not None else None)
 
     def _step_table(self, stage: str, steps: int, diffusion: DiffusionConfig | None = None) -> StepTable:
         """The stage's ancestral step table on the device, built once per step count (a host →

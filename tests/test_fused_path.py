@@ -2,8 +2,8 @@
 in torch ops (`tests/kernel_emulation.py`): it must give the reference modules' outputs, with each
 of its fusions on or off, and it must actually take the routes it claims (concatenation in the
 norm, statistics handed from a join to the next norm, deferred biases, the widened input
-convolution, the up blocks' folded convolutions, the time table, the skinny and staged linears). The kernels themselves are checked
-against float64 on the GPU (`tests/gpu/`)."""
+convolution, the up blocks' folded convolutions, the time table, the skinny and staged linears).
+The kernels themselves are checked against float64 on the GPU (`tests/gpu/`)."""
 
 from __future__ import annotations
 

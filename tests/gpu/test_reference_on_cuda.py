@@ -124,7 +124,7 @@ def test_outputs_copied_from_the_gpu_equal_the_cpu_conversion_and_stay_put():
     """`to_output` copies through page-locked memory that torch reuses once a result is dropped:
     each type equals the CPU conversion of the same images, and a result the caller still holds is
     not overwritten by the next call."""
-    from runtime.pipeline import to_output
+    from runtime.outputs import to_output
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 16, 24, generator=g) * 2.4 - 1.2  # some outside [-1, 1]: the clamp matters
@@ -137,6 +137,21 @@ def test_outputs_copied_from_the_gpu_equal_the_cpu_conversion_and_stay_put():
     assert torch.equal(to_output(images.cuda(), "pt"), to_output(images, "pt"))
     for ours, cpu in zip(to_output(images.cuda(), "pil"), to_output(images, "pil"), strict=True):
         assert np.array_equal(np.asarray(ours), np.asarray(cpu)) and ours.size == (24, 16)
+
+
+def test_an_output_queued_behind_slow_gpu_work_is_read_once_it_has_landed():
+    """`queue_output` returns before the GPU has made the images (no host wait); `result` waits for
+    the copy: the values are the last kernel's, not what the page-locked buffer held before."""
+    from runtime.outputs import queue_output, to_output
+
+    torch.cuda.synchronize()
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # tens of milliseconds of work queued ahead of the images
+        a = torch.tanh(a @ a / 64)
+    images = a.flatten()[: 2 * 3 * 64 * 64].reshape(2, 3, 64, 64) * 2
+    queued = queue_output(images, "np")
+    got = queued.result()  # before anything else waits for the GPU
+    assert np.array_equal(got, to_output(images.cpu(), "np"))
 
 
 def test_a_state_dict_on_the_gpu_gives_a_model_whose_causal_masks_are_there_too(ours):
