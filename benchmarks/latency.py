@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-fold-upsampling", action="store_true",
                    help="also ours with the up blocks' first convolutions on the upsampled map "
                         "(FusedOptions(fold_upsampling=False)) instead of folded onto the map before it")
+    p.add_argument("--fold-race", action="store_true",
+                   help="also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
+                        "faster (FusedOptions(fold_race=True))")
     p.add_argument("--cudnn-convs", action="store_true",
                    help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
                         "CUTLASS kernel buys where it is built")
@@ -593,7 +596,8 @@ def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
     convolutions' epilogue (`--residual-in-conv`), cuDNN's attention (`--cudnn-attention`), cuDNN's
     convolutions alone (`--cudnn-convs`), the UNets without their time table
     (`--no-unet-time-table`), each UNet forward making its own time-embedding projections
-    (`--no-loop-projections`), the up blocks' convolutions on the upsampled map (`--no-fold-upsampling`)."""
+    (`--no-loop-projections`), the up blocks' convolutions on the upsampled map
+    (`--no-fold-upsampling`), folded where a race finds the fold faster (`--fold-race`)."""
     from models.fused import FusedOptions
 
     asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
@@ -601,7 +605,8 @@ def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
              ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)),
              ("no_loop_projections", "ours_no_loop_projections", FusedOptions(loop_projections=False)),
              ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)),
-             ("no_fold_upsampling", "ours_no_fold_upsampling", FusedOptions(fold_upsampling=False)))
+             ("no_fold_upsampling", "ours_no_fold_upsampling", FusedOptions(fold_upsampling=False)),
+             ("fold_race", "ours_fold_race", FusedOptions(fold_race=True)))
     return [(key, options) for flag, key, options in asked if getattr(args, flag)]
 
 

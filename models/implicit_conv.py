@@ -99,6 +99,12 @@ def _environment(device: torch.device) -> str:
                      f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"])
 
 
+def environment(device: torch.device) -> str:
+    """What a choice of a race on `device` depends on besides its shape (`_environment`): for other
+    races stored beside the convolutions' (`models.fused.upsampled_conv`)."""
+    return _environment(device)
+
+
 def _load_stored(environment: str) -> None:
     """The stored choices of `environment` into `_best` (once per environment and process; what
     `_best` holds already stays)."""

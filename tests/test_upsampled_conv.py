@@ -86,3 +86,54 @@ def test_the_folded_weights_follow_the_convolutions_weight():
     conv.weight.mul_(2.0)  # written in place: folded again
     again = upsampled_conv.folded_weights(conv, torch.float32)
     torch.testing.assert_close(again, 2 * first)
+
+
+@pytest.fixture
+def fold_race(monkeypatch, tmp_path):
+    """`fold_pays` on the CPU: a fresh process's state, the choices file in `tmp_path`, the
+    environment named, and the graph race replaced by `times` (way → ms), which also checks that
+    both ways it is handed compute the convolution of the upsampled map."""
+    from models import conv_choices, implicit_conv, race_timing
+
+    monkeypatch.setattr(upsampled_conv, "_chosen", {})
+    monkeypatch.setattr(upsampled_conv, "_loaded", set())
+    monkeypatch.setenv(conv_choices.ENV, str(tmp_path / "choices.json"))
+    monkeypatch.setattr(implicit_conv, "_environment", lambda device: "fake-gpu")
+    state = {"times": {"folded": 1.0, "plain": 2.0}, "races": 0}
+
+    def fake_graph_times(ways, launch, operands):
+        state["races"] += 1
+        sample, upsampled, weight, folded = operands
+        outputs = [launch(way, *operands) for way in ways]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[1], F.conv2d(upsampled, weight, padding=1))
+        return dict(state["times"])
+
+    monkeypatch.setattr(race_timing, "graph_times", fake_graph_times)
+    return state
+
+
+def _race_operands(channels: int = 8, side: int = 5):
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(2, channels, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, channels, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    return y, weight, upsampled_conv.fold_weights(weight)
+
+
+@pytest.mark.parametrize(("folded_ms", "pays"), [(1.0, True), (3.0, False)])
+def test_the_fold_runs_where_its_race_finds_it_faster_and_the_choice_is_kept(fold_race, folded_ms, pays):
+    fold_race["times"] = {"folded": folded_ms, "plain": 2.0}
+    y, weight, folded = _race_operands()
+    options = FusedOptions()
+    assert upsampled_conv.fold_pays(y, weight, folded, options) is pays
+    assert upsampled_conv.fold_pays(y, weight, folded, options) is pays and fold_race["races"] == 1  # kept
+    # a new process reads the stored choice instead of racing again
+    upsampled_conv._chosen.clear()
+    upsampled_conv._loaded.clear()
+    fold_race["times"] = {"folded": 2.0 if pays else 1.0, "plain": 1.5}  # would now pick the other way
+    assert upsampled_conv.fold_pays(y, weight, folded, options) is pays and fold_race["races"] == 1
+    # another shape, or cuDNN alone, races on its own
+    y2, weight2, folded2 = _race_operands(side=6)
+    upsampled_conv.fold_pays(y2, weight2, folded2, options)
+    upsampled_conv.fold_pays(y, weight, folded, FusedOptions(cutlass_convs=False))
+    assert fold_race["races"] == 3

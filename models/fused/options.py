@@ -51,6 +51,10 @@ class FusedOptions:
         convolutions only (an FP8 one runs as before). Off: the convolution of the upsampled map
         (docs/kernels.md; `benchmarks/latency.py --no-fold-upsampling` times it,
         `benchmarks/upsampled_conv.py` the convolutions alone).
+    :param fold_race: with `fold_upsampling`, a shape's up convolution is folded only where a race of
+        both ways on that shape finds the fold faster (`upsampled_conv.fold_pays`, kept beside the
+        convolutions' choices); off: wherever the fold serves. Off: not yet measured in the
+        pipeline (written after the fold measured slower at one shape, docs/kernels.md).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
         keys by cuDNN's attention op with per-sample key counts instead of flash attention's
         variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
@@ -72,6 +76,7 @@ class FusedOptions:
     residual_in_conv: bool = False
     cudnn_attention: bool = False
     fold_upsampling: bool = True
+    fold_race: bool = False
 
 
 DEFAULT = FusedOptions()

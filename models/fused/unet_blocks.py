@@ -163,13 +163,17 @@ def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions
 def _folded_weights(block: ResBlock, x: Activations, options: FusedOptions) -> torch.Tensor | None:
     """An up block's first convolution's folded weights (`upsampled_conv.folded_weights`) where
     `options.fold_upsampling` asks for them and the fold serves the block (an fp16 3×3 convolution
-    of a channels-last map); else None."""
+    of a channels-last map) — with `options.fold_race`, where it is also the faster way for the
+    shape (`upsampled_conv.fold_pays`); else None."""
     if not (options.fold_upsampling and block.up and not isinstance(x, SkipConcat)):
         return None
     conv, x = block.in_layers[2], plain(x)
     if not (upsampled_conv.serves(conv, x) and layout(x) == "nhwc"):
         return None
-    return upsampled_conv.folded_weights(conv, x.dtype)
+    folded = upsampled_conv.folded_weights(conv, x.dtype)
+    if folded is not None and options.fold_race and x.is_cuda:
+        return folded if upsampled_conv.fold_pays(x, conv.weight.detach(), folded, options) else None
+    return folded
 
 
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:

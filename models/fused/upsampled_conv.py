@@ -11,6 +11,11 @@ map. That product is 4/9 of the 3×3 one at twice the size (the UNets' up blocks
 Karlo super-res forward's products), and the upsampled input is never written. The folded
 weights are summed in float32 and rounded once to the weights' dtype, so the result equals the
 reference within that dtype's rounding, not bit for bit.
+
+Where the map is small the folded product is no shorter than the plain one and the copy is extra
+(the decoder's 8×8 maps at its guided batch of two, docs/kernels.md); with
+`FusedOptions.fold_race` the fold runs only where a race of both ways on the shape (`fold_pays`)
+finds it faster.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import implicit_conv
+from models import conv_choices, implicit_conv, race_timing
 from models.fused.availability import layout
 from models.fused.derived import derived
 from models.fused.options import FusedOptions
@@ -27,6 +32,8 @@ from models.fused.options import FusedOptions
 # FOLD[a][u, t]: how much of the 3×3 kernel's row (column) t the 2×2 kernel's row u of phase a holds
 FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # the phases' order along the folded output channels
+_chosen: dict[tuple, bool] = {}  # fold_pays' race key → whether the fold runs
+_loaded: set[str] = set()  # the environments whose stored choices this process has read
 
 
 def serves(conv: nn.Module, y: torch.Tensor) -> bool:
@@ -94,8 +101,48 @@ def conv_of_upsampled(y: torch.Tensor, folded: torch.Tensor, options: FusedOptio
     """`conv(upsample(y))` without the convolution's bias, from its folded weights `folded`
     (`folded_weights`): the 2×2 product on CUTLASS's implicit GEMM or cuDNN, whichever the
     shape's race keeps (`options.cutlass_convs`; else cuDNN's), then `interleave`."""
+    return interleave(_product(y, folded, options))
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, options: FusedOptions) -> torch.Tensor:
+    """`x`'s convolution by `weight` padded by 1 (the 3×3 one of an upsampled map, or the fold's
+    2×2 one), on the race of CUTLASS and cuDNN (`options.cutlass_convs`) or cuDNN's."""
     if options.cutlass_convs:
-        out = implicit_conv.conv2d(y, folded, None, (1, 1))
-    else:
-        out = F.conv2d(y, folded, None, padding=1)
-    return interleave(out)
+        return implicit_conv.conv2d(x, weight, None, (1, 1))
+    return F.conv2d(x, weight, None, padding=1)
+
+
+def fold_pays(y: torch.Tensor, weight: torch.Tensor, folded: torch.Tensor, options: FusedOptions) -> bool:
+    """Whether the fold (`conv_of_upsampled(y, folded)`) is faster than the convolution of the
+    upsampled map for maps of `y`'s shape, dtype and device: raced once per shape on operands of
+    its kind, each way replayed from CUDA graphs (`models.race_timing.graph_times`; each way's own
+    convolution choices made at its first, untimed launch), and kept beside the convolutions'
+    choices (`models.conv_choices`, the same environment); a later process reads it. Inside a
+    CUDA-graph capture that finds no choice: the fold (the race cannot run there)."""
+    kind = "fold" if options.cutlass_convs else "fold_cudnn"
+    key = (kind, tuple(y.shape), tuple(weight.shape), (1, 1))
+    if key in _chosen:
+        return _chosen[key]
+    environment = implicit_conv.environment(y.device)
+    if environment not in _loaded:
+        _loaded.add(environment)
+        for stored, name in conv_choices.load(conv_choices.cache_path(), environment).items():
+            if stored[0] in ("fold", "fold_cudnn") and name in ("folded", "plain"):
+                _chosen.setdefault(stored, name == "folded")
+        if key in _chosen:
+            return _chosen[key]
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    sample = torch.randn(y.shape, dtype=y.dtype, device=y.device).contiguous(memory_format=torch.channels_last)
+    upsampled = F.interpolate(sample, scale_factor=2, mode="nearest").contiguous(memory_format=torch.channels_last)
+
+    def launch(way: str, sample: torch.Tensor, upsampled: torch.Tensor, weight: torch.Tensor,
+               folded: torch.Tensor) -> torch.Tensor:
+        if way == "folded":
+            return conv_of_upsampled(sample, folded, options)
+        return _product(upsampled, weight, options)
+
+    times = race_timing.graph_times(("folded", "plain"), launch, (sample, upsampled, weight, folded))
+    _chosen[key] = pays = times.get("folded", float("inf")) <= times.get("plain", float("inf"))
+    conv_choices.save(conv_choices.cache_path(), environment, {key: "folded" if pays else "plain"})
+    return pays

@@ -108,3 +108,26 @@ def test_the_fused_unet_with_folded_up_convolutions_matches_fp32(ours, stage):
     errors = {"folded": rel(folded, ref), "unfolded": rel(plain, ref), "folded vs unfolded": rel(folded, plain)}
     print(stage, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= 1e-2 for e in errors.values()), errors
+
+
+@needs_kernel
+@torch.no_grad()
+def test_the_fold_race_picks_a_way_per_shape_and_either_gives_the_reference(ours, monkeypatch):
+    """`FusedOptions(fold_race=True)`: each up block's shape raced once (both ways from CUDA
+    graphs), the fused super-res UNet then as close to fp32 as with the fold everywhere."""
+    from models import conv_choices
+
+    monkeypatch.setenv(conv_choices.ENV, "off")
+    monkeypatch.setattr(upsampled_conv, "_chosen", {})
+    unet = copy.deepcopy(ours.super_res[0].first_steps).cuda()
+    half = copy.deepcopy(unet).half().to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, unet.cfg.in_channels, unet.cfg.image_size, unet.cfg.image_size, generator=g).cuda()
+    t = torch.tensor([500, 3]).cuda()
+    ref = unet(x, t)
+    raced = fused.unet_forward(half, x.half().to(memory_format=torch.channels_last), t,
+                               options=FusedOptions(fold_race=True)).float()
+    ups = [m for m in half.modules() if isinstance(m, ResBlock) and m.up]
+    assert len(upsampled_conv._chosen) == len(ups)  # one race per up block (their maps' sizes differ)
+    print("fold race picks:", upsampled_conv._chosen)
+    assert rel(raced, ref) <= 1e-2
