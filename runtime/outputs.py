@@ -20,39 +20,50 @@ class UnCLIPOutput:
     decoder_images: list[Image.Image] | np.ndarray | torch.Tensor | None = None  # the 64² stage, when asked
 
 
-class QueuedOutput:
-    """Images on their way to the host in an output type (`queue_output`): their device work and
-    their copy into page-locked memory queued on the device's stream without a host wait, so a
-    run can queue its outputs while the GPU still works and wait once for everything (`result`)."""
+class QueuedCopy:
+    """A tensor on its way to the host (`queue_host_copy`): `result` waits for the copy, if the
+    device has not made it yet."""
 
-    def __init__(self, host: torch.Tensor, output_type: str, done: torch.cuda.Event | None) -> None:
-        self._host, self._output_type, self._done = host, output_type, done
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        self._host, self._done = host, done
 
-    def result(self):
-        """The images in the output type, once the copy has landed (waits for it, if still queued)."""
+    def result(self) -> torch.Tensor:
         if self._done is not None:
             self._done.synchronize()
-        if self._output_type == "pt":
-            return self._host
-        if self._output_type == "np":
-            return self._host.numpy()
-        return [Image.fromarray(a) for a in self._host.numpy()]
+        return self._host
 
 
-def queue_host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A contiguous copy of `t` in host memory, and the event after which it is there (None: there
-    already). From a GPU it lands in page-locked memory from torch's caching host allocator, reused
-    once the caller drops the result (a numpy view keeps its tensor alive), queued without a host
-    wait: a copy into fresh pageable memory would pay the allocation, its page faults and a staged
-    copy, most of a GPU-bound call's last stretch, and wait for the GPU's queue."""
+def queue_host_copy(t: torch.Tensor) -> QueuedCopy:
+    """A contiguous copy of `t` in host memory. From a GPU it lands in page-locked memory from
+    torch's caching host allocator, reused once the caller drops the result (a numpy view keeps its
+    tensor alive), and is queued on the device's stream without a host wait: a copy into fresh
+    pageable memory would pay the allocation, its page faults and a staged copy, most of a
+    GPU-bound call's last stretch, and wait for the GPU's queue."""
     t = t.contiguous()
     if not t.is_cuda:
-        return t.cpu(), None
+        return QueuedCopy(t.cpu(), None)
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(t.device))
-    return host, done
+    return QueuedCopy(host, done)
+
+
+class QueuedOutput:
+    """Images on their way to the host in an output type (`queue_output`): their conversion and
+    download queued without a host wait, so a run can queue its outputs while the GPU still works
+    and wait once (`result`)."""
+
+    def __init__(self, copy: QueuedCopy, output_type: str) -> None:
+        self._copy, self._output_type = copy, output_type
+
+    def result(self):
+        host = self._copy.result()
+        if self._output_type == "pt":
+            return host
+        if self._output_type == "np":
+            return host.numpy()
+        return [Image.fromarray(a) for a in host.numpy()]
 
 
 def queue_output(images: torch.Tensor, output_type: str) -> QueuedOutput:
@@ -61,16 +72,11 @@ def queue_output(images: torch.Tensor, output_type: str) -> QueuedOutput:
     same rounding as numpy's)."""
     images = (images * 0.5 + 0.5).clamp(0, 1)
     if output_type == "pt":
-        return QueuedOutput(*_host(images, output_type))
+        return QueuedOutput(queue_host_copy(images), output_type)
     if output_type == "np":
-        return QueuedOutput(*_host(images.permute(0, 2, 3, 1), output_type))
+        return QueuedOutput(queue_host_copy(images.permute(0, 2, 3, 1)), output_type)
     quantised = (images.float() * 255).round().to(torch.uint8)
-    return QueuedOutput(*_host(quantised.permute(0, 2, 3, 1), output_type))
-
-
-def _host(t: torch.Tensor, output_type: str) -> tuple[torch.Tensor, str, torch.cuda.Event | None]:
-    host, done = queue_host_copy(t)
-    return host, output_type, done
+    return QueuedOutput(queue_host_copy(quantised.permute(0, 2, 3, 1)), output_type)
 
 
 def to_output(images: torch.Tensor, output_type: str):

@@ -489,7 +489,7 @@ class UnCLIP(ImageTools):
         embeds = queue_host_copy(_joined(all_embeds)) if return_image_embeds else None
         if pending is not None:
             pending.check()
-        return UnCLIPOutput(images.result(), embeds[0] if embeds is not None else None,
+        return UnCLIPOutput(images.result(), embeds.result() if embeds is not None else None,
                             small.result() if small is not None else None)
 
     def _step_table(self, stage: str, steps: int, diffusion: DiffusionConfig | None = None) -> StepTable:

@@ -140,9 +140,10 @@ def test_outputs_copied_from_the_gpu_equal_the_cpu_conversion_and_stay_put():
 
 
 def test_an_output_queued_behind_slow_gpu_work_is_read_once_it_has_landed():
-    """`queue_output` returns before the GPU has made the images (no host wait); `result` waits for
-    the copy: the values are the last kernel's, not what the page-locked buffer held before."""
-    from runtime.outputs import queue_output, to_output
+    """`queue_output` and `queue_host_copy` return before the GPU has made their tensors (no host
+    wait); `result` waits for the copy: the values are the last kernel's, not what the page-locked
+    buffer held before."""
+    from runtime.outputs import queue_host_copy, queue_output, to_output
 
     torch.cuda.synchronize()
     a = torch.randn(4096, 4096, device="cuda")
@@ -150,8 +151,10 @@ def test_an_output_queued_behind_slow_gpu_work_is_read_once_it_has_landed():
         a = torch.tanh(a @ a / 64)
     images = a.flatten()[: 2 * 3 * 64 * 64].reshape(2, 3, 64, 64) * 2
     queued = queue_output(images, "np")
-    got = queued.result()  # before anything else waits for the GPU
+    rows = queue_host_copy(images[:, 0, 0] * 3)  # queued after the images: waited for on its own
+    got, got_rows = queued.result(), rows.result()  # before anything else waits for the GPU
     assert np.array_equal(got, to_output(images.cpu(), "np"))
+    assert torch.equal(got_rows, images[:, 0, 0].cpu() * 3)
 
 
 def test_a_state_dict_on_the_gpu_gives_a_model_whose_causal_masks_are_there_too(ours):
