@@ -72,6 +72,32 @@ def stage_rows(cfg) -> dict[str, int]:
     return {"prior_step": 2, "decoder_step": 2, **chain, "clip_text": 2}
 
 
+# The extra fp16 rows of ours with one fusion or kernel choice changed: (flag, result key, the
+# FusedOptions fields it sets, the flag's help).
+FP16_OPTION_ROWS = (
+    ("--cudnn-attention", "ours_cudnn_attention", {"cudnn_attention": True},
+     "also ours (fp16) with the decoder's attention on cuDNN's op over the packed keys with "
+     "per-sample key counts (FusedOptions(cudnn_attention=True); a torch whose op takes "
+     "seqused_k) instead of flash attention's variable-length form"),
+    ("--residual-in-conv", "ours_residual_in_conv", {"residual_in_conv": True},
+     "also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
+     "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass"),
+    ("--no-unet-time-table", "ours_no_unet_time_table", {"unet_time_table": False},
+     "also ours with the UNets running their time MLP each forward (no table)"),
+    ("--no-loop-projections", "ours_no_loop_projections", {"loop_projections": False},
+     "also ours with each UNet forward making its own time-embedding projections"),
+    ("--no-fold-upsampling", "ours_no_fold_upsampling", {"fold_upsampling": False},
+     "also ours with the up blocks' first convolutions on the upsampled map "
+     "(FusedOptions(fold_upsampling=False)) instead of folded onto the map before it"),
+    ("--fold-race", "ours_fold_race", {"fold_race": True},
+     "also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
+     "faster (FusedOptions(fold_race=True))"),
+    ("--cudnn-convs", "ours_cudnn", {"cutlass_convs": False},
+     "also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
+     "CUTLASS kernel buys where it is built"),
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="karlo", help="model config for --random-weights (default karlo)")
@@ -102,26 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-overlap", action="store_true",
                    help="also ours (fp16) with the persistent CUTLASS convolutions launched by programmatic "
                         "dependent launch (cpp_ext._cutlass_conv.set_overlapped(True)): what the overlap buys")
-    p.add_argument("--cudnn-attention", action="store_true",
-                   help="also ours (fp16) with the decoder's attention on cuDNN's op over the packed keys with "
-                        "per-sample key counts (FusedOptions(cudnn_attention=True); a torch whose op takes "
-                        "seqused_k) instead of flash attention's variable-length form")
-    p.add_argument("--residual-in-conv", action="store_true",
-                   help="also ours (fp16, and each calibrated FP8 row) with the identity skips added in the last "
-                        "convolution's epilogue (FusedOptions(residual_in_conv=True)) instead of a join pass")
-    p.add_argument("--no-unet-time-table", action="store_true",
-                   help="also ours with the UNets running their time MLP each forward (no table)")
-    p.add_argument("--no-loop-projections", action="store_true",
-                   help="also ours with each UNet forward making its own time-embedding projections")
-    p.add_argument("--no-fold-upsampling", action="store_true",
-                   help="also ours with the up blocks' first convolutions on the upsampled map "
-                        "(FusedOptions(fold_upsampling=False)) instead of folded onto the map before it")
-    p.add_argument("--fold-race", action="store_true",
-                   help="also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
-                        "faster (FusedOptions(fold_race=True))")
-    p.add_argument("--cudnn-convs", action="store_true",
-                   help="also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
-                        "CUTLASS kernel buys where it is built")
+    for flag, _, _, text in FP16_OPTION_ROWS:
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--fp8-norm-fp16", action="store_true",
                    help="also each calibrated FP8 row with the norms writing fp16 that the FP8 convolution "
                         "quantises (FusedOptions(norm_writes_e4m3=False)) instead of e4m3 (the default)")
@@ -592,22 +600,11 @@ def bench_with_race(model: UnCLIPModel, args: argparse.Namespace, **settings: ob
 
 
 def fp16_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
-    """(result key, FusedOptions) of the extra fp16 rows asked for: the identity skips in the
-    convolutions' epilogue (`--residual-in-conv`), cuDNN's attention (`--cudnn-attention`), cuDNN's
-    convolutions alone (`--cudnn-convs`), the UNets without their time table
-    (`--no-unet-time-table`), each UNet forward making its own time-embedding projections
-    (`--no-loop-projections`), the up blocks' convolutions on the upsampled map
-    (`--no-fold-upsampling`), folded where a race finds the fold faster (`--fold-race`)."""
+    """(result key, FusedOptions) of the extra fp16 rows asked for (`FP16_OPTION_ROWS`)."""
     from models.fused import FusedOptions
 
-    asked = (("residual_in_conv", "ours_residual_in_conv", FusedOptions(residual_in_conv=True)),
-             ("cudnn_attention", "ours_cudnn_attention", FusedOptions(cudnn_attention=True)),
-             ("cudnn_convs", "ours_cudnn", FusedOptions(cutlass_convs=False)),
-             ("no_loop_projections", "ours_no_loop_projections", FusedOptions(loop_projections=False)),
-             ("no_unet_time_table", "ours_no_unet_time_table", FusedOptions(unet_time_table=False)),
-             ("no_fold_upsampling", "ours_no_fold_upsampling", FusedOptions(fold_upsampling=False)),
-             ("fold_race", "ours_fold_race", FusedOptions(fold_race=True)))
-    return [(key, options) for flag, key, options in asked if getattr(args, flag)]
+    return [(key, FusedOptions(**changes)) for flag, key, changes, _ in FP16_OPTION_ROWS
+            if getattr(args, flag[2:].replace("-", "_"))]
 
 
 def fp8_option_rows(args: argparse.Namespace) -> list[tuple[str, object]]:
