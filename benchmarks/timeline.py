@@ -1,7 +1,8 @@
 """Where one `generate` call's wall time goes on the GPU: the host's lead before the first
-kernel, the GPU's busy time, every idle gap between kernels (with the kernels around it) and the
-tail after the last kernel; and, per stage, the costliest operations of one eager forward with
-their input shapes. Karlo's architecture with random weights, fp16, the runtime's defaults.
+kernel (and, without the profiler, before the first graph replay), the GPU's busy time, every
+idle gap between kernels (with the kernels around it) and the tail after the last kernel; and,
+per stage, the costliest operations of one eager forward with their input shapes. Karlo's
+architecture with random weights, fp16, the runtime's defaults.
 
     python benchmarks/timeline.py --batch 1 --out docs/results/timeline.json
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,6 +114,36 @@ def host_lead_ops(events, c0: float, first_kernel: float, top: int) -> list[dict
     return rows[:top]
 
 
+def time_to_first_replay(call: Callable[[], object], runs: int = 5) -> list[float]:
+    """Milliseconds from the start of `call()` to its first CUDA-graph replay (host time, no
+    profiler), each of `runs` calls: the host's lead before the GPU's main work, measured without
+    the profiler's own work in it (the text encoder's replay is a call's first; only uploads come
+    before it). Sorted; a call that replays no graph is left out."""
+    graph_type = torch.cuda.CUDAGraph
+    original = graph_type.replay
+    first: list[float] = []
+
+    def replay(graph):
+        if not first:
+            first.append(time.perf_counter())
+        return original(graph)
+
+    leads = []
+    graph_type.replay = replay
+    try:
+        for _ in range(runs):
+            first.clear()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if first:
+                leads.append((first[0] - start) * 1e3)
+    finally:
+        graph_type.replay = original
+    return sorted(leads)
+
+
 def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
     """One profiled `generate` call: host lead, busy time, idle gaps and tail, µs."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -186,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             walls.append((time.perf_counter() - start) * 1e3)
         entry = call_timeline(pipe, n, args.gap_us, args.top)
         entry["wall_ms_unprofiled"] = sorted(walls)
+        entry["ms_to_first_replay_unprofiled"] = time_to_first_replay(
+            lambda n=n: pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np"))
         results["calls"][n] = entry
         lists = ("largest_gaps", "longest_events", "kernels", "host_lead_ops")
         print(n, json.dumps({k: v for k, v in entry.items() if k not in lists}), flush=True)

@@ -67,3 +67,33 @@ def test_host_lead_lists_only_cpu_work_before_the_first_kernel():
               event("late_op", 900, 950, CPU), event("kernel", 500, 600)]
     rows = host_lead_ops(events, c0=0.0, first_kernel=500.0, top=5)
     assert [(r["op"], r["us"]) for r in rows] == [("tokenize", 390), ("aten::randn", 10)]
+
+
+def test_the_time_to_the_first_replay_is_taken_from_the_calls_start_without_the_profiler(monkeypatch):
+    """`time_to_first_replay` stamps a call's first CUDA-graph replay (host time) and puts
+    `CUDAGraph.replay` back after, also when the call raises."""
+    import time
+
+    from benchmarks.timeline import time_to_first_replay
+
+    replays = []
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(graph))
+    patched = torch.cuda.CUDAGraph.replay
+
+    def call():
+        time.sleep(0.02)
+        torch.cuda.CUDAGraph.replay("first")
+        time.sleep(0.05)
+        torch.cuda.CUDAGraph.replay("second")
+
+    leads = time_to_first_replay(call, runs=3)
+    assert len(leads) == 3 and all(19 <= ms < 45 for ms in leads), leads  # the first replay's, not the second's
+    assert replays == ["first", "second"] * 3 and torch.cuda.CUDAGraph.replay is patched
+    assert time_to_first_replay(lambda: None, runs=2) == []  # no replay: nothing to report
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        time_to_first_replay(failing, runs=1)
+    assert torch.cuda.CUDAGraph.replay is patched
