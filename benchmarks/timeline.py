@@ -114,11 +114,12 @@ def host_lead_ops(events, c0: float, first_kernel: float, top: int) -> list[dict
     return rows[:top]
 
 
-def time_to_first_replay(call: Callable[[], object], runs: int = 5) -> list[float]:
-    """Milliseconds from the start of `call()` to its first CUDA-graph replay (host time, no
-    profiler), each of `runs` calls: the host's lead before the GPU's main work, measured without
-    the profiler's own work in it (the text encoder's replay is a call's first; only uploads come
-    before it). Sorted; a call that replays no graph is left out."""
+def unprofiled_calls(call: Callable[[], object], runs: int = 5) -> tuple[list[float], list[float]]:
+    """`runs` calls of `call()` without the profiler: each one's wall milliseconds (synchronised),
+    and the milliseconds from its start to its first CUDA-graph replay on the host's clock: the
+    host's lead before the GPU's main work without the profiler's own work in it (the text
+    encoder's replay is a call's first; only uploads come before it). Both sorted; a call that
+    replays no graph has no lead."""
     graph_type = torch.cuda.CUDAGraph
     original = graph_type.replay
     first: list[float] = []
@@ -128,7 +129,7 @@ def time_to_first_replay(call: Callable[[], object], runs: int = 5) -> list[floa
             first.append(time.perf_counter())
         return original(graph)
 
-    leads = []
+    walls, leads = [], []
     graph_type.replay = replay
     try:
         for _ in range(runs):
@@ -137,11 +138,14 @@ def time_to_first_replay(call: Callable[[], object], runs: int = 5) -> list[floa
                 torch.cuda.synchronize()
             start = time.perf_counter()
             call()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            walls.append((time.perf_counter() - start) * 1e3)
             if first:
                 leads.append((first[0] - start) * 1e3)
     finally:
         graph_type.replay = original
-    return sorted(leads)
+    return sorted(walls), sorted(leads)
 
 
 def call_timeline(pipe, batch: int, gap_us: float, top: int) -> dict:
@@ -209,17 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.batch:
         for _ in range(2):  # capture the graphs, race the convolutions
             pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
-        walls = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np")
-            torch.cuda.synchronize()
-            walls.append((time.perf_counter() - start) * 1e3)
+        walls, leads = unprofiled_calls(lambda n=n: pipe.generate(PROMPT, num_images_per_prompt=n, seed=0,
+                                                                  output_type="np"))
         entry = call_timeline(pipe, n, args.gap_us, args.top)
-        entry["wall_ms_unprofiled"] = sorted(walls)
-        entry["ms_to_first_replay_unprofiled"] = time_to_first_replay(
-            lambda n=n: pipe.generate(PROMPT, num_images_per_prompt=n, seed=0, output_type="np"))
+        entry["wall_ms_unprofiled"], entry["ms_to_first_replay_unprofiled"] = walls, leads
         results["calls"][n] = entry
         lists = ("largest_gaps", "longest_events", "kernels", "host_lead_ops")
         print(n, json.dumps({k: v for k, v in entry.items() if k not in lists}), flush=True)

@@ -69,12 +69,12 @@ def test_host_lead_lists_only_cpu_work_before_the_first_kernel():
     assert [(r["op"], r["us"]) for r in rows] == [("tokenize", 390), ("aten::randn", 10)]
 
 
-def test_the_time_to_the_first_replay_is_taken_from_the_calls_start_without_the_profiler(monkeypatch):
-    """`time_to_first_replay` stamps a call's first CUDA-graph replay (host time) and puts
-    `CUDAGraph.replay` back after, also when the call raises."""
+def test_unprofiled_calls_time_each_call_and_its_first_replay_from_its_start(monkeypatch):
+    """`unprofiled_calls` times each call and stamps its first CUDA-graph replay (host time), and
+    puts `CUDAGraph.replay` back after, also when the call raises."""
     import time
 
-    from benchmarks.timeline import time_to_first_replay
+    from benchmarks.timeline import unprofiled_calls
 
     replays = []
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(graph))
@@ -86,14 +86,15 @@ def test_the_time_to_the_first_replay_is_taken_from_the_calls_start_without_the_
         time.sleep(0.05)
         torch.cuda.CUDAGraph.replay("second")
 
-    leads = time_to_first_replay(call, runs=3)
+    walls, leads = unprofiled_calls(call, runs=3)
+    assert len(walls) == 3 and all(70 <= ms for ms in walls), walls  # the whole call
     assert len(leads) == 3 and all(19 <= ms < 45 for ms in leads), leads  # the first replay's, not the second's
     assert replays == ["first", "second"] * 3 and torch.cuda.CUDAGraph.replay is patched
-    assert time_to_first_replay(lambda: None, runs=2) == []  # no replay: nothing to report
+    assert unprofiled_calls(lambda: None, runs=2)[1] == []  # no replay: no lead to report
 
     def failing():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        time_to_first_replay(failing, runs=1)
+        unprofiled_calls(failing, runs=1)
     assert torch.cuda.CUDAGraph.replay is patched
