@@ -14,6 +14,7 @@ import io
 from PIL import Image
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # output_format → Pillow's name
+DEFAULT_FORMAT = "png"
 DEFAULT_COMPRESSION = 100
 
 
@@ -23,6 +24,11 @@ class EncodingError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def requested(request: dict) -> tuple[str, int | None]:
+    """(output_format, output_compression) a replica request asks for, the format defaulted."""
+    return request.get("output_format", DEFAULT_FORMAT), request.get("output_compression")
 
 
 def check(output_format: str, compression: int | None) -> int:
@@ -36,7 +42,7 @@ def check(output_format: str, compression: int | None) -> int:
     return quality
 
 
-def encode(image: Image.Image, output_format: str = "png", compression: int | None = None) -> str:
+def encode(image: Image.Image, output_format: str = DEFAULT_FORMAT, compression: int | None = None) -> str:
     """One image as base64 text in `output_format` ("png", "jpeg" or "webp")."""
     quality = check(output_format, compression)
     options = {"compress_level": 1} if output_format == "png" else {"quality": quality}

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from serve.encoding import media_type
+from serve.encoding import DEFAULT_FORMAT, media_type
 from serve.metrics import IngressMetrics
 from serve.options import ServeOptions
 from serve.schemas import APIError, GenerationRequest, VariationRequest, validation_error
@@ -55,7 +55,7 @@ def _replica_lost_errors() -> tuple[type[BaseException], ...]:
 
 def _encoding(body: GenerationRequest | VariationRequest) -> dict:
     """How the replica encodes the request's images (`serve.encoding`): the format and its quality."""
-    return {"output_format": body.output_format or "png", "output_compression": body.output_compression}
+    return {"output_format": body.output_format or DEFAULT_FORMAT, "output_compression": body.output_compression}
 
 
 def _model_entry(info: dict) -> dict:

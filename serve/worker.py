@@ -24,7 +24,7 @@ from PIL import Image
 
 from serve.batcher import Batcher, BatchInfo, DeadlineExceeded, Job
 from serve.encoding import check as check_encoding
-from serve.encoding import encode
+from serve.encoding import encode, requested
 from serve.metrics import WorkerMetrics
 from serve.options import DEFAULT_PRIOR_BATCH, ServeOptions
 
@@ -169,7 +169,7 @@ class ImageWorker:
                           "prior")
         pipe = self.pipes[prior]
         try:  # the ingress checked the encoding already; a direct caller hears of a bad ask here too
-            check_encoding(request.get("output_format", "png"), request.get("output_compression"))
+            check_encoding(*requested(request))
             steps, call = self._settings(pipe, prior, request.get("settings", {}))
             n, seed = int(request["n"]), int(request["seed"])
         except (ValueError, TypeError) as exc:
@@ -188,7 +188,7 @@ class ImageWorker:
     async def variations(self, request: dict) -> dict:
         """{image (H×W×3 uint8), n, seed, steps, decoder_guidance_scale, timeout_s} → like `generate`."""
         try:
-            check_encoding(request.get("output_format", "png"), request.get("output_compression"))
+            check_encoding(*requested(request))
         except ValueError as exc:
             return _error(str(exc), getattr(exc, "param", None))
         n, seed = int(request["n"]), int(request["seed"])
@@ -200,7 +200,7 @@ class ImageWorker:
     async def _submit(self, job: Job, seed: int, kind: str, request: dict) -> dict:
         """Run the job, then encode its images as the request asks (`output_format`, `output_compression`,
         checked by the caller before the job was made)."""
-        fmt, compression = request.get("output_format", "png"), request.get("output_compression")
+        fmt, compression = requested(request)
         self.metrics.queue_depth.set(len(self.batcher.pending) + 1)
         try:
             images, batch = await self.batcher.submit(job)
