@@ -89,6 +89,9 @@ FP16_OPTION_ROWS = (
     ("--no-fold-upsampling", "ours_no_fold_upsampling", {"fold_upsampling": False},
      "also ours with the up blocks' first convolutions on the upsampled map "
      "(FusedOptions(fold_upsampling=False)) instead of folded onto the map before it"),
+    ("--interleave-in-norm", "ours_interleave_in_norm", {"interleave_in_norm": True},
+     "also ours with the up blocks' folded products read in place by the next norm "
+     "(FusedOptions(interleave_in_norm=True)) instead of interleaved by a copy of their own"),
     ("--fold-race", "ours_fold_race", {"fold_race": True},
      "also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
      "faster (FusedOptions(fold_race=True))"),

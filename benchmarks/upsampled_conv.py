@@ -3,9 +3,11 @@ Karlo's shapes: "plain", the convolution of the upsampled map (the fused path's 
 map, so its upsampling costs no pass of its own) through the runtime's per-shape race of cuDNN
 and CUTLASS; "folded" (`models.fused.upsampled_conv`), the 2×2 convolution of the map before
 upsampling with the four phases' kernels folded (same race), then the interleave copy, each part
-timed too. fp16, channels-last, each way replayed from a CUDA graph over `COPIES` distinct
-weights in turn (from memory, as in the UNet, not from the L2 cache); µs and TFLOP/s of the 3×3
-convolution's products.
+timed too. Then the block's second norm (plain, with the bias and embedding added, SiLU) of the
+folded product both ways: of the interleaved copy (the copy timed with it), and reading the
+product in place (`cpp_ext.kernels.group_norm_phased`, where it serves: three-pass maps). fp16,
+channels-last, each way replayed from a CUDA graph over `COPIES` distinct weights in turn (from
+memory, as in the UNet, not from the L2 cache); µs and TFLOP/s of the 3×3 convolution's products.
 
     python benchmarks/upsampled_conv.py [--out FILE.json]
 """
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import cpp_ext  # noqa: E402
 from benchmarks.timing import graph_ms  # noqa: E402
 from models import implicit_conv  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
@@ -71,9 +74,35 @@ def rows(batch: int, channels: int, side: int, replays: int) -> dict:
     def rel_err(out: torch.Tensor) -> float:
         return float((out.float() - ref).abs().max() / ref.abs().max())
 
+    times.update(_second_norm_times(product, each))
     return {**times, "speedup": times["plain_us"] / times["folded_us"],
             "plain_tflops": flop / times["plain_us"] / 1e6, "race_picks": picks,
             "rel_err_folded": rel_err(got), "rel_err_plain": rel_err(plain_out)}
+
+
+def _second_norm_times(product: torch.Tensor, each) -> dict:
+    """µs of the up block's second norm of the folded `product`: after the interleave's copy
+    ("interleave_norm_us") and reading the product in place ("norm_in_place_us", where
+    `group_norm_phased` serves), and their outputs' largest difference; {} without the kernels."""
+    if cpp_ext.kernels is None or not hasattr(cpp_ext.kernels, "group_norm_phased"):
+        return {}
+    batch, k = product.shape[0], product.shape[1] // 4
+    g = torch.Generator(device="cuda").manual_seed(1)
+    terms = {"weight": 1 + 0.1 * torch.randn(k, device="cuda", generator=g, dtype=torch.float16),
+             "bias": 0.1 * torch.randn(k, device="cuda", generator=g, dtype=torch.float16),
+             "add": 0.1 * torch.randn(batch, k, device="cuda", generator=g, dtype=torch.float16),
+             "add_bias": 0.1 * torch.randn(k, device="cuda", generator=g, dtype=torch.float16),
+             "eps": 1e-5, "silu": True}
+
+    def of_copy(p: torch.Tensor) -> torch.Tensor:
+        return cpp_ext.kernels.group_norm(upsampled_conv.interleave(p), 32, **terms)
+
+    out = {"interleave_norm_us": each(of_copy, [product])}
+    if cpp_ext.kernels.group_norm_phased_serves(product, 32):
+        out["norm_in_place_us"] = each(lambda p: cpp_ext.kernels.group_norm_phased(p, 32, **terms), [product])
+        diff = cpp_ext.kernels.group_norm_phased(product, 32, **terms).float() - of_copy(product).float()
+        out["norm_in_place_max_diff"] = float(diff.abs().max())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

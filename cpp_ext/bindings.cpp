@@ -15,6 +15,13 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 
 bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
 
+bool group_norm_phased_serves(const at::Tensor& product, int64_t groups);
+
+at::Tensor group_norm_phased(const at::Tensor& product, int64_t groups, const at::Tensor& weight,
+                             const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
+                             const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
+                             double eps, bool silu, const c10::optional<at::Tensor>& add_bias);
+
 at::Tensor group_norm_coefficients(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
                                    const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
                                    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
@@ -68,6 +75,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether group_norm (auto mode) runs a channels-last half-precision map of this size in three passes over "
         "the wide statistics geometry: the maps whose statistics bias_residual_stats computes for it",
         py::arg("channels"), py::arg("groups"), py::arg("hw"));
+  m.def("group_norm_phased", &group_norm_phased,
+        "group_norm (three passes) of the upsampled map an up block's folded product [B, 4K, H+1, W+1] stands for, "
+        "read in place (no interleave copy): [B, K, 2H, 2W], channels_last half precision",
+        py::arg("product"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),
+        py::arg("shift") = py::none(), py::arg("add") = py::none(), py::arg("eps") = 1e-5, py::arg("silu") = false,
+        py::arg("add_bias") = py::none());
+  m.def("group_norm_phased_serves", &group_norm_phased_serves,
+        "whether group_norm_phased takes this folded product in these groups and the map's norm runs three passes",
+        py::arg("product"), py::arg("groups"));
   m.def("group_norm_coefficients", &group_norm_coefficients,
         "group_norm's float32 [B, C, 2] coefficients (A, B): its output before SiLU is x * A + B (no normalising pass)",
         py::arg("x"), py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("scale") = py::none(),

@@ -20,6 +20,8 @@
 
 #include "group_norm_parts.cuh"
 
+bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
+
 namespace {
 
 using namespace unclip_rt::group_norm_parts;
@@ -45,6 +47,7 @@ struct GroupNormCall {
   Concat<T> concat = {};
   const at::Tensor* given_partial = nullptr;
   bool coefficients_only = false;  // return pass 2's [B, C, 2] coefficients instead of normalising
+  bool phased = false;  // x is an up block's folded product; the map normalised is its interleave (Shape::phased)
 };
 
 template <typename T>
@@ -55,20 +58,23 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
                        call.add_bias ? reinterpret_cast<const T*>(call.add_bias->data_ptr()) : nullptr};
   Shape s{};
   s.batch = x.size(0);
-  s.channels = x.size(1);
-  s.hw = x.numel() / (s.batch * s.channels);
+  s.channels = call.phased ? x.size(1) / 4 : x.size(1);
+  s.hw = call.phased ? 4 * (x.size(2) - 1) * (x.size(3) - 1) : x.numel() / (s.batch * x.size(1));
   s.groups = static_cast<int>(call.groups);
+  s.phased = call.phased;
   const int64_t cg = s.channels / call.groups;
   const int elem = static_cast<int>(x.element_size());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   s.up = call.up;
   s.down = call.down;
-  s.width = x.size(-1);
+  s.width = call.phased ? 2 * (x.size(3) - 1) : x.size(-1);
   // keeps x's memory format; 2x the height and width with `up`, half with `down`
   const auto resized = [&](int64_t h, int64_t w) {
     return at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   };
   auto y = call.coefficients_only ? at::Tensor()
+           : call.phased           ? at::empty({s.batch, s.channels, s.hw / s.width, s.width},
+                                               x.options().memory_format(at::MemoryFormat::ChannelsLast))
            : call.up               ? resized(2 * x.size(2), 2 * x.size(3))
            : call.down             ? resized(x.size(2) / 2, x.size(3) / 2)
                                    : at::empty_like(x);
@@ -76,12 +82,12 @@ at::Tensor group_norm_typed(const GroupNormCall<T>& call) {
                      call.shift ? reinterpret_cast<const T*>(call.shift->data_ptr()) : nullptr,
                      call.scale ? call.scale->stride(0) : 0};
   const int mode = call.one_pass_mode;
-  if (!call.coefficients_only && call.given_partial == nullptr && !call.down &&
+  if (!call.coefficients_only && call.given_partial == nullptr && !call.down && !call.phased &&
       (mode > 0 || (mode < 0 && one_pass_by_size(cg, s.hw)))) {
     one_pass_norm<T>(x, add_ptr, call.weight, call.bias, film, y, s, call.eps, call.silu, call.nhwc, elem, stream);
     return y;
   }
-  auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));
+  auto coef = at::empty({s.batch * s.channels, 2}, x.options().dtype(at::kFloat));  // [B * C, 2]
   at::Tensor partial;
   if (call.given_partial != nullptr) {  // pass 1 was done by the producer of x (bias_residual_stats)
     partial = *call.given_partial;
@@ -185,6 +191,63 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                       const c10::optional<at::Tensor>& partial) {
   return run_group_norm(x, groups, weight, bias, scale, shift, add, eps, silu, add_bias, one_pass_mode, up, down,
                         partial, false);
+}
+
+// group_norm (three passes) of the map an up block's folded convolution stands for, read from its
+// product before the interleave (models/fused/upsampled_conv.py): `product` [B, 4K, H + 1, W + 1]
+// channels-last half precision, whose phase (a, c) channels [(2a + c)K, +K) at pixel (i + a, j + c)
+// are the map's pixel (2i + a, 2j + c); the output is the norm of that map, [B, K, 2H, 2W]
+// channels-last. The statistics and normalising passes read each pixel where the product holds
+// it, so the interleave's copy is never written. K a multiple of 8 whose groups the wide
+// statistics geometry serves (wide_geometry_fits); scale/shift/add/add_bias as group_norm's.
+// Whether group_norm_phased takes `product` in `groups` groups and the map's norm would run three
+// passes in auto mode (group_norm_takes_three_passes; a small map's one-launch norm of the
+// interleaved copy is the faster way there): what its callers check first.
+bool group_norm_phased_serves(const at::Tensor& product, int64_t groups) {
+  if (!unclip_rt::is_nhwc_half(product) || product.size(1) % 32 != 0 || product.size(2) < 2 || product.size(3) < 2 ||
+      groups <= 0 || (product.size(1) / 4) % groups != 0)
+    return false;
+  return group_norm_takes_three_passes(product.size(1) / 4, groups, 4 * (product.size(2) - 1) * (product.size(3) - 1));
+}
+
+at::Tensor group_norm_phased(const at::Tensor& product, int64_t groups, const at::Tensor& weight,
+                             const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
+                             const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
+                             double eps, bool silu, const c10::optional<at::Tensor>& add_bias) {
+  TORCH_CHECK(group_norm_phased_serves(product, groups),
+              "group_norm_phased: product must be an aligned channels_last half-precision CUDA tensor "
+              "[B, 4K, H + 1, W + 1] with K a multiple of 8 in groups the three-pass norm's wide statistics "
+              "serve (group_norm_phased_serves)");
+  const int64_t k = product.size(1) / 4;
+  // the per-channel and per-sample arguments are checked against the map normalised, [B, K, 2H, 2W]
+  const auto map = product.narrow(1, 0, k);
+  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, map); };
+  TORCH_CHECK(per_channel(weight) && per_channel(bias) && (!add_bias || per_channel(*add_bias)),
+              "group_norm_phased: weight, bias and add_bias must be [K] in the product's dtype");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm_phased: give both scale and shift, or neither");
+  if (scale) {
+    TORCH_CHECK(per_sample_rows(*scale, map) && per_sample_rows(*shift, map) && scale->stride(0) == shift->stride(0),
+                "group_norm_phased: scale and shift must be [B, K] in the product's dtype, channels contiguous, "
+                "one row stride");
+  }
+  TORCH_CHECK(!add || per_sample_rows(*add, map), "group_norm_phased: add must be [B, K] in the product's dtype");
+  const c10::cuda::CUDAGuard guard(product.device());
+  at::Tensor y;
+  unclip_rt::dispatch_half_like(product, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    GroupNormCall<T> call{product, groups, weight, bias};
+    call.scale = scale;
+    call.shift = shift;
+    call.add = add;
+    call.add_bias = add_bias;
+    call.eps = eps;
+    call.silu = silu;
+    call.nhwc = true;
+    call.one_pass_mode = 0;
+    call.phased = true;
+    y = group_norm_typed<T>(call);
+  });
+  return y;
 }
 
 // group_norm's statistics and coefficients passes without the normalising one: float32

@@ -73,7 +73,8 @@ __device__ __forceinline__ void strided_pixels(int64_t first, int64_t end, int64
 // registers and walks the pixels begin + r, begin + r + rows, ... of its chunk, four loads in
 // flight (strided_pixels). `normalize` (one pack per thread) spent 64-bit index divisions and
 // four coefficient loads per pack: compute-bound well below the DRAM bandwidth.
-template <typename T, int VEC>
+// PHASED: x is an up block's folded product (Shape::phased), read in place through pixel_offset.
+template <typename T, int VEC, bool PHASED>
 __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, const float2* __restrict__ coef,
                                                        T* __restrict__ y, Shape s, bool silu) {
   unclip_rt::wait_for_producers();  // pdl.cuh: nothing is read or written before
@@ -87,7 +88,10 @@ __global__ void __launch_bounds__(1024) normalize_nhwc(const T* __restrict__ x, 
   const int width = static_cast<int>(s.width), height = static_cast<int>(s.hw / s.width);  // of x
   strided_pixels<4>(
       begin + threadIdx.y, end, blockDim.y,
-      [&](int64_t p) { return *reinterpret_cast<const Pack<T, VEC>*>(in_sample + p * s.channels); },
+      [&](int64_t p) {
+        const T* at = PHASED ? x + pixel_offset(s, b, p) + c0 : in_sample + p * s.channels;
+        return *reinterpret_cast<const Pack<T, VEC>*>(at);
+      },
       [&](int64_t p, const Pack<T, VEC>& in) {
         Pack<T, VEC> out;
 #pragma unroll
@@ -228,12 +232,15 @@ void normalize_pass(const at::Tensor& x, const at::Tensor& coef, at::Tensor& y, 
     auto* yp = reinterpret_cast<T*>(y.data_ptr());
     if (s.down) {
       unclip_rt::launch_overlapped(normalize_down_nhwc<T, kPack>, grid, block, 0, stream, xp, cp, yp, s, silu);
+    } else if (s.phased) {
+      unclip_rt::launch_overlapped(normalize_nhwc<T, kPack, true>, grid, block, 0, stream, xp, cp, yp, s, silu);
     } else {
-      unclip_rt::launch_overlapped(normalize_nhwc<T, kPack>, grid, block, 0, stream, xp, cp, yp, s, silu);
+      unclip_rt::launch_overlapped(normalize_nhwc<T, kPack, false>, grid, block, 0, stream, xp, cp, yp, s, silu);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
+  TORCH_CHECK(!s.phased, "group_norm: the phased read needs the channels-last 16-byte pass");
   // Pass 3 vector width: NHWC packs run along channels (within one sample: VEC | channels);
   // NCHW packs along pixels of one channel (VEC | hw).
   const int nvec = pick_vec(nhwc ? s.channels : s.hw, x.data_ptr(), y.data_ptr(), elem);

@@ -41,7 +41,24 @@ struct Shape {
   int64_t width;  // NHWC with `up`: the input's width (hw = height * width)
   bool up;        // NHWC only: write the output nearest-upsampled 2x (the UNets' up ResBlocks)
   bool down;      // NHWC only: write the output 2x2 average-pooled (the UNets' down ResBlocks)
+  // NHWC only: x is an up block's folded product (models/fused/upsampled_conv.py) before its
+  // interleave, [batch, H + 1, W + 1, 4 * channels], and the map normalised is the upsampled one
+  // it stands for, [batch, hw = 2H * 2W, channels] of width `width` = 2W (pixel_offset)
+  bool phased = false;
 };
+
+// Where pixel p of sample b starts in x: [batch, hw, channels] channels-last, or with s.phased the
+// folded product, whose phase (a, c) channels [(2a + c) * channels, +channels) at pixel
+// (i + a, j + c) hold the upsampled map's pixel (2i + a, 2j + c) — the interleave models/fused/
+// upsampled_conv.py's `interleave` makes, read in place so that copy is never written.
+__device__ __forceinline__ int64_t pixel_offset(const Shape& s, int64_t b, int64_t p) {
+  if (!s.phased) return (b * s.hw + p) * s.channels;
+  const int out_w = static_cast<int>(s.width), py = static_cast<int>(p) / out_w;  // hw < 2^31
+  const int px = static_cast<int>(p) - py * out_w;
+  const int a = py & 1, c = px & 1, fw = out_w / 2 + 1;
+  const int64_t folded_hw = static_cast<int64_t>(s.hw / s.width / 2 + 1) * fw;
+  return ((b * folded_hw + static_cast<int64_t>((py >> 1) + a) * fw + (px >> 1) + c) * 4 + 2 * a + c) * s.channels;
+}
 
 // Store the output pack of the input pack at `in_index` (of sample b): at the same place, or
 // (NHWC with s.up) at the four output pixels it covers after a nearest 2x upsampling.
@@ -114,7 +131,7 @@ struct Concat {
   const T* first_bias2 = nullptr;
   // where channels [c, c + 8) of pixel p of sample b are read from (c a multiple of 8, first too)
   __device__ __forceinline__ const T* at(const T* x, int64_t b, int64_t p, int64_t c, const Shape& s) const {
-    if (second == nullptr) return x + (b * s.hw + p) * s.channels + c;
+    if (second == nullptr) return x + pixel_offset(s, b, p) + c;
     return c < first ? x + (b * s.hw + p) * first + c
                      : second + (b * s.hw + p) * (s.channels - first) + (c - first);
   }

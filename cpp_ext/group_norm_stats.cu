@@ -160,7 +160,7 @@ __global__ void finalize(const T* __restrict__ x, Add<T> add, const float2* __re
   }
   const int64_t b = row / s.groups, g = row % s.groups;
   const int64_t cg = s.channels / s.groups;
-  float pivot = NHWC ? to_float(x[b * s.hw * s.channels + g * cg]) : to_float(x[row * cg * s.hw]);
+  float pivot = NHWC ? to_float(x[pixel_offset(s, b, 0) + g * cg]) : to_float(x[row * cg * s.hw]);
   pivot += add.at(b, g * cg);
   const float n = static_cast<float>(cg * s.hw);
   const float mean_shift = sum / n;
@@ -222,7 +222,7 @@ at::Tensor statistics_pass(const at::Tensor& x, Add<T> add_ptr, Shape& s, int64_
     s.chunks = static_cast<int>((row_len + s.chunk_len - 1) / s.chunk_len);
   }
   auto partial = at::empty({s.batch * groups, s.chunks, 2}, x.options().dtype(at::kFloat));
-  const bool wide = concat.second != nullptr ||
+  const bool wide = concat.second != nullptr || s.phased ||  // the phased read: the wide pass only
                     (nhwc && cg % 8 != 0 && wide_geometry_fits(cg, s.channels, groups) &&
                      unclip_rt::aligned16(x) && elem == 2);
   if (wide) {

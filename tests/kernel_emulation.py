@@ -75,6 +75,32 @@ def group_norm_takes_three_passes(channels, groups, hw):
     return channels // groups >= 2 and hw >= 64
 
 
+def group_norm_phased_serves(product, groups):
+    """The emulation's rule: a channels-last folded product whose K channels are a multiple of 8,
+    in maps the emulated norm runs in three passes."""
+    k = product.shape[1] // 4
+    return (product.dim() == 4 and product.shape[1] % 4 == 0 and k % 8 == 0 and k % groups == 0
+            and product.is_contiguous(memory_format=torch.channels_last) and not product.is_contiguous()
+            and group_norm_takes_three_passes(k, groups, 4 * (product.shape[2] - 1) * (product.shape[3] - 1)))
+
+
+def group_norm_phased(product, groups, weight, bias, scale=None, shift=None, add=None, eps=1e-5, silu=False,
+                      add_bias=None):
+    """`group_norm` of the upsampled map the folded product stands for: phase (a, b)'s channels at
+    pixel (i + a, j + b) are the map's pixel (2i + a, 2j + b) — gathered here phase by phase."""
+    _count("group_norm_phased")
+    if not group_norm_phased_serves(product, groups):
+        raise RuntimeError("group_norm_phased: a product the kernel does not take")
+    b, k4, h1, w1 = product.shape
+    k, h, w = k4 // 4, h1 - 1, w1 - 1
+    x = product.new_empty((b, k, 2 * h, 2 * w))
+    for phase, (ra, cb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        x[:, :, ra::2, cb::2] = product[:, phase * k:(phase + 1) * k, ra:ra + h, cb:cb + w]
+    calls["group_norm"] -= 1  # counted as the phased call only
+    return group_norm(x.contiguous(memory_format=torch.channels_last), groups, weight, bias, scale, shift, add,
+                      eps, silu, add_bias)
+
+
 def group_norm_concat(first, second, groups, weight, bias, eps=1e-5, silu=False, first_bias=None, first_bias2=None):
     _count("group_norm_concat")
     h = first.float()

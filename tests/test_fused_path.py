@@ -175,8 +175,12 @@ def test_the_fused_unet_with_folded_up_convolutions_gives_the_reference_output(e
     ref = unet(x, t)
     unet = unet.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-    got = fused.unet_forward(unet, x, t, options=FusedOptions(fold_upsampling=True, cutlass_convs=cutlass_convs))
-    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    for interleave_in_norm in (True, False):
+        emulated.clear()
+        options = FusedOptions(fold_upsampling=True, cutlass_convs=cutlass_convs, interleave_in_norm=interleave_in_norm)
+        got = fused.unet_forward(unet, x, t, options=options)
+        assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+        assert emulated["group_norm_phased"] == (2 if interleave_in_norm else 0)  # each up block's second norm
     ups = [m for m in unet.modules() if isinstance(m, ResBlock) and m.up]
     assert len(ups) == 2
     assert all(derived(m.in_layers[2], "folded_weights").value is not None for m in ups)  # the route was taken

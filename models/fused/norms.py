@@ -15,6 +15,7 @@ import torch
 import cpp_ext
 from models.fused.availability import layout, same_layout
 from models.fused.options import FusedOptions
+from models.fused.upsampled_conv import Phased
 from models.layers import NORM_GROUPS, GroupNorm32, resample, tracing
 
 
@@ -39,7 +40,7 @@ def _rows(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tenso
 
 
 def group_norm(
-    norm: GroupNorm32, x: torch.Tensor | NormInput, scale: torch.Tensor | None = None,
+    norm: GroupNorm32, x: torch.Tensor | NormInput | Phased, scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None, silu: bool | None = None, add: torch.Tensor | None = None,
     add_bias: torch.Tensor | None = None, up: bool = False, down: bool = False,
 ) -> torch.Tensor:
@@ -48,7 +49,15 @@ def group_norm(
     `shift` (strided rows read in place, e.g. the two halves of one [B, 2C] projection), per-channel
     [C] `add_bias`, the resize fused into its writes for channels-last maps. A `NormInput`'s
     statistics replace the kernel's own statistics pass (only without `add` and `add_bias`, which
-    change them). `silu` None: the norm's own."""
+    change them). A `Phased` map is read in place from its folded product where
+    `cpp_ext.kernels.group_norm_phased` serves it (`_phased_serves`), else interleaved first.
+    `silu` None: the norm's own."""
+    if isinstance(x, Phased):
+        if not (up or down) and _phased_serves(norm, x):
+            scale, shift, add = _sample_rows(x.shape[:2], x.product.dtype, scale, shift, add)
+            return cpp_ext.kernels.group_norm_phased(x.product, norm.num_groups, norm.weight, norm.bias, scale, shift,
+                                                     add, norm.eps, norm.silu if silu is None else silu, add_bias)
+        x = x.tensor()
     x, partial, silu, scale, shift, add = _arguments(norm, x, scale, shift, silu, add, add_bias)
     nhwc = layout(x) == "nhwc"
     fuse_up, fuse_down = up and nhwc, down and nhwc and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
@@ -64,12 +73,24 @@ def _arguments(norm: GroupNorm32, x: torch.Tensor | NormInput, scale: torch.Tens
     partial = x.partial if isinstance(x, NormInput) and add is None and add_bias is None else None
     x = plain(x)
     silu = norm.silu if silu is None else silu
-    per_sample = x.shape[:2]
-    if scale is not None:
-        scale, shift = _rows(scale, per_sample, x.dtype), _rows(shift, per_sample, x.dtype)
-    if add is not None:
-        add = _rows(add, per_sample, x.dtype)
+    scale, shift, add = _sample_rows(x.shape[:2], x.dtype, scale, shift, add)
     return x, partial, silu, scale, shift, add
+
+
+def _sample_rows(per_sample: torch.Size, dtype: torch.dtype, *rows: torch.Tensor | None) -> tuple:
+    """Each of `rows` (None stays None) as [B, C] rows `per_sample` in `dtype` (`_rows`)."""
+    return tuple(None if t is None else _rows(t, per_sample, dtype) for t in rows)
+
+
+def _phased_serves(norm: GroupNorm32, x: Phased) -> bool:
+    """Whether `cpp_ext.kernels.group_norm_phased` reads the `Phased` map `x` in place: built, the
+    norm's weights in the product's dtype, and the kernel's own rule
+    (`group_norm_phased_serves`: a channels-last half-precision product, K a multiple of 8, a map
+    whose norm runs three passes; a small map's one-launch norm of the interleaved copy is left
+    as it is)."""
+    return (cpp_ext.kernels is not None and hasattr(cpp_ext.kernels, "group_norm_phased") and not tracing()
+            and norm.weight.dtype == x.product.dtype
+            and cpp_ext.kernels.group_norm_phased_serves(x.product, norm.num_groups))
 
 
 def _writes_e4m3(x: torch.Tensor) -> bool:

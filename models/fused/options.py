@@ -51,6 +51,11 @@ class FusedOptions:
         convolutions only (an FP8 one runs as before). Off: the convolution of the upsampled map
         (docs/kernels.md; `benchmarks/latency.py --no-fold-upsampling` times it,
         `benchmarks/upsampled_conv.py` the convolutions alone).
+    :param interleave_in_norm: with `fold_upsampling`, the up block's second norm reads the folded
+        product where it holds each pixel of the upsampled map (`cpp_ext.kernels.group_norm_phased`,
+        where that norm runs three passes and the kernel serves) instead of a copy `interleave`
+        writes first; the norm's output is the same map. Elsewhere the copy, as without it. Off:
+        not yet measured on a GPU (`benchmarks/latency.py --interleave-in-norm` times it).
     :param fold_race: with `fold_upsampling`, a shape's up convolution is folded only where a race of
         both ways on that shape finds the fold faster (`upsampled_conv.fold_pays`, kept beside the
         convolutions' choices); off: wherever the fold serves. Off: not yet measured in the
@@ -76,6 +81,7 @@ class FusedOptions:
     residual_in_conv: bool = False
     cudnn_attention: bool = False
     fold_upsampling: bool = True
+    interleave_in_norm: bool = False
     fold_race: bool = False
 
 

@@ -134,7 +134,7 @@ def _e4m3_scale(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOption
     return None
 
 
-def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor, options: FusedOptions,
+def _norm_conv(conv: nn.Conv2d | Fp8Conv, x: torch.Tensor | upsampled_conv.Phased, options: FusedOptions,
                normed: Callable[[], torch.Tensor], quantized: Callable[[torch.Tensor], torch.Tensor | None],
                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """`_conv(conv, normed())` for a norm's output `normed()` of the map `x`: where the norm can
@@ -211,8 +211,13 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
                                                           norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
             h = _conv(conv_in, normed, options)
     elif (folded := _folded_weights(block, x, options)) is not None:
-        # an up block's first convolution on the norm's output before upsampling (`upsampled_conv`)
-        h = upsampled_conv.conv_of_upsampled(group_norm(norm_in, x), folded, options)
+        # an up block's first convolution on the norm's output before upsampling (`upsampled_conv`);
+        # its product's interleave left to the second norm, which reads it in place where it can
+        normed = group_norm(norm_in, x)
+        if options.interleave_in_norm and not isinstance(conv_out, Fp8Conv):
+            h = upsampled_conv.folded_product(normed, folded, options)
+        else:
+            h = upsampled_conv.conv_of_upsampled(normed, folded, options)
         x = plain(x) if identity_skip else resample(plain(x), up=True)
     elif (block.up or block.down) and not identity_skip:
         h = _conv(conv_in, resample(group_norm(norm_in, x), block.up, block.down), options)

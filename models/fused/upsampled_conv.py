@@ -12,6 +12,11 @@ Karlo super-res forward's products), and the upsampled input is never written. T
 weights are summed in float32 and rounded once to the weights' dtype, so the result equals the
 reference within that dtype's rounding, not bit for bit.
 
+The interleave need not be a copy of its own: `folded_product` returns the product as a `Phased`
+map, which the up block's second norm (its only reader) reads in place where its kernel serves
+(`models.fused.norms.group_norm`, `cpp_ext.kernels.group_norm_phased`); anything else takes
+`Phased.tensor()`, the interleaved copy.
+
 Where the map is small the folded product is no shorter than the plain one and the copy is extra
 (the decoder's 8×8 maps at its guided batch of two, docs/kernels.md); with
 `FusedOptions.fold_race` the fold runs only where a race of both ways on the shape (`fold_pays`)
@@ -19,6 +24,8 @@ finds it faster.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +41,24 @@ FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # the phases' order along the folded output channels
 _chosen: dict[tuple, bool] = {}  # fold_pays' race key → whether the fold runs
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
+
+
+class Phased(NamedTuple):
+    """The upsampled map [B, K, 2H, 2W] a folded convolution computed, still as its product
+    [B, 4K, H+1, W+1] (`interleave`'s input): phase (a, b)'s K channels at pixel (i + a, j + b)
+    are the map's pixel (2i + a, 2j + b)."""
+
+    product: torch.Tensor
+
+    def tensor(self) -> torch.Tensor:
+        """The map itself (`interleave`'s copy, channels-last)."""
+        return interleave(self.product)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The map's shape, [B, K, 2H, 2W]."""
+        b, k4, h1, w1 = self.product.shape
+        return torch.Size((b, k4 // 4, 2 * (h1 - 1), 2 * (w1 - 1)))
 
 
 def serves(conv: nn.Module, y: torch.Tensor) -> bool:
@@ -102,6 +127,12 @@ def conv_of_upsampled(y: torch.Tensor, folded: torch.Tensor, options: FusedOptio
     (`folded_weights`): the 2×2 product on CUTLASS's implicit GEMM or cuDNN, whichever the
     shape's race keeps (`options.cutlass_convs`; else cuDNN's), then `interleave`."""
     return interleave(_product(y, folded, options))
+
+
+def folded_product(y: torch.Tensor, folded: torch.Tensor, options: FusedOptions) -> Phased:
+    """`conv_of_upsampled(y, folded, options)` as a `Phased` map: the product without the
+    interleave, for a reader that takes each pixel where the product holds it."""
+    return Phased(_product(y, folded, options))
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, options: FusedOptions) -> torch.Tensor:
