@@ -21,6 +21,7 @@
 #include "group_norm_parts.cuh"
 
 bool group_norm_takes_three_passes(int64_t channels, int64_t groups, int64_t hw);
+bool group_norm_phased_serves(const at::Tensor& product, int64_t groups);
 
 namespace {
 
@@ -123,13 +124,21 @@ static bool per_sample_rows(const at::Tensor& t, const at::Tensor& x) {
 // chunk of each (sample, group), shifted by the group's first channel at pixel 0 (as
 // bias_residual_stats writes them, when it made x): the norm runs its last two passes only.
 // `coefficients_only`: group_norm_coefficients's form (no normalising pass).
+// `phased`: group_norm_phased's form (x its folded product; the arguments describe the map).
 static at::Tensor run_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                                  const c10::optional<at::Tensor>& add, double eps, bool silu,
                                  const c10::optional<at::Tensor>& add_bias, int64_t one_pass_mode, bool up, bool down,
-                                 const c10::optional<at::Tensor>& partial, bool coefficients_only) {
+                                 const c10::optional<at::Tensor>& partial, bool coefficients_only,
+                                 bool phased = false) {
   TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "group_norm: x must be a CUDA tensor [B, C, *spatial]");
-  TORCH_CHECK(x.size(1) % groups == 0, "group_norm: channels ", std::to_string(x.size(1)), " not divisible by ",
+  TORCH_CHECK(!phased || (group_norm_phased_serves(x, groups) && !up && !down && !partial && !coefficients_only),
+              "group_norm_phased: product must be an aligned channels_last half-precision CUDA tensor "
+              "[B, 4K, H + 1, W + 1] with K a multiple of 8 in groups the three-pass norm's wide statistics "
+              "serve (group_norm_phased_serves)");
+  // what the per-channel and per-sample arguments describe: x, or the map a phased product stands for
+  const at::Tensor map = phased ? x.narrow(1, 0, x.size(1) / 4) : x;
+  TORCH_CHECK(map.size(1) % groups == 0, "group_norm: channels ", std::to_string(map.size(1)), " not divisible by ",
               std::to_string(groups), " groups");
   const bool nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(nhwc || x.is_contiguous(), "group_norm: x must be contiguous or channels_last");
@@ -137,15 +146,15 @@ static at::Tensor run_group_norm(const at::Tensor& x, int64_t groups, const at::
   TORCH_CHECK(!down || (nhwc && x.size(2) % 2 == 0 && x.size(3) % 2 == 0),
               "group_norm: down (a fused 2x2 average pooling) needs channels_last x of even height and width");
   TORCH_CHECK(!(up && down), "group_norm: up or down, not both");
-  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, x); };
+  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, map); };
   TORCH_CHECK(per_channel(weight) && per_channel(bias), "group_norm: weight and bias must be [C] in x's dtype");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm: give both scale and shift, or neither");
   if (scale) {
-    TORCH_CHECK(per_sample_rows(*scale, x) && per_sample_rows(*shift, x) && scale->stride(0) == shift->stride(0),
+    TORCH_CHECK(per_sample_rows(*scale, map) && per_sample_rows(*shift, map) && scale->stride(0) == shift->stride(0),
                 "group_norm: scale and shift must be [B, C] in x's dtype, channels contiguous, one row stride");
   }
   if (add) {
-    TORCH_CHECK(per_sample_rows(*add, x), "group_norm: add must be [B, C] in x's dtype, channels contiguous");
+    TORCH_CHECK(per_sample_rows(*add, map), "group_norm: add must be [B, C] in x's dtype, channels contiguous");
   }
   if (add_bias) {
     TORCH_CHECK(per_channel(*add_bias), "group_norm: add_bias must be [C] in x's dtype");
@@ -169,11 +178,12 @@ static at::Tensor run_group_norm(const at::Tensor& x, int64_t groups, const at::
     call.eps = eps;
     call.silu = silu;
     call.nhwc = nhwc;
-    call.one_pass_mode = static_cast<int>(one_pass_mode);
+    call.one_pass_mode = phased ? 0 : static_cast<int>(one_pass_mode);
     call.up = up;
     call.down = down;
     call.given_partial = given;
     call.coefficients_only = coefficients_only;
+    call.phased = phased;
     return group_norm_typed<T>(call);
   };
   switch (x.scalar_type()) {
@@ -214,40 +224,8 @@ at::Tensor group_norm_phased(const at::Tensor& product, int64_t groups, const at
                              const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
                              const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
                              double eps, bool silu, const c10::optional<at::Tensor>& add_bias) {
-  TORCH_CHECK(group_norm_phased_serves(product, groups),
-              "group_norm_phased: product must be an aligned channels_last half-precision CUDA tensor "
-              "[B, 4K, H + 1, W + 1] with K a multiple of 8 in groups the three-pass norm's wide statistics "
-              "serve (group_norm_phased_serves)");
-  const int64_t k = product.size(1) / 4;
-  // the per-channel and per-sample arguments are checked against the map normalised, [B, K, 2H, 2W]
-  const auto map = product.narrow(1, 0, k);
-  const auto per_channel = [&](const at::Tensor& t) { return unclip_rt::is_channel_vector(t, map); };
-  TORCH_CHECK(per_channel(weight) && per_channel(bias) && (!add_bias || per_channel(*add_bias)),
-              "group_norm_phased: weight, bias and add_bias must be [K] in the product's dtype");
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm_phased: give both scale and shift, or neither");
-  if (scale) {
-    TORCH_CHECK(per_sample_rows(*scale, map) && per_sample_rows(*shift, map) && scale->stride(0) == shift->stride(0),
-                "group_norm_phased: scale and shift must be [B, K] in the product's dtype, channels contiguous, "
-                "one row stride");
-  }
-  TORCH_CHECK(!add || per_sample_rows(*add, map), "group_norm_phased: add must be [B, K] in the product's dtype");
-  const c10::cuda::CUDAGuard guard(product.device());
-  at::Tensor y;
-  unclip_rt::dispatch_half_like(product, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    GroupNormCall<T> call{product, groups, weight, bias};
-    call.scale = scale;
-    call.shift = shift;
-    call.add = add;
-    call.add_bias = add_bias;
-    call.eps = eps;
-    call.silu = silu;
-    call.nhwc = true;
-    call.one_pass_mode = 0;
-    call.phased = true;
-    y = group_norm_typed<T>(call);
-  });
-  return y;
+  return run_group_norm(product, groups, weight, bias, scale, shift, add, eps, silu, add_bias, 0, false, false,
+                        c10::nullopt, false, true);
 }
 
 // group_norm's statistics and coefficients passes without the normalising one: float32
