@@ -90,19 +90,14 @@ def _entry_of(name: str, kind: str) -> Entry | None:
     return next((entry for entry in _configs(kind) if describe(entry) == name), None)
 
 
-def _environment(device: torch.device) -> str:
+def environment(device: torch.device) -> str:
     """What a choice depends on besides its shape: the GPU, torch, cuDNN, the configurations built
-    and the race's settings (`conv_choices`' environment)."""
+    and the race's settings (`conv_choices`' environment; other races stored beside the
+    convolutions' take it too: `models.fused.upsampled_conv`)."""
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
                      f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"])
-
-
-def environment(device: torch.device) -> str:
-    """What a choice of a race on `device` depends on besides its shape (`_environment`): for other
-    races stored beside the convolutions' (`models.fused.upsampled_conv`)."""
-    return _environment(device)
 
 
 def _load_stored(environment: str) -> None:
@@ -131,8 +126,8 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
     fallback, not remembered), and stored."""
     if (kind, *key) in _best:
         return _best[(kind, *key)]
-    environment = _environment(operands[0].device)
-    _load_stored(environment)
+    env = environment(operands[0].device)
+    _load_stored(env)
     if (kind, *key) in _best:
         return _best[(kind, *key)]
     configs = [*others, *_configs(kind)]
@@ -143,7 +138,7 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
     if not times:
         raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
     _best[(kind, *key)] = best = min(times, key=times.__getitem__)
-    conv_choices.save(conv_choices.cache_path(), environment, {(kind, *key): describe(best)})
+    conv_choices.save(conv_choices.cache_path(), env, {(kind, *key): describe(best)})
     return best
 
 

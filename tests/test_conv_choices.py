@@ -81,7 +81,7 @@ def fake_build(monkeypatch, tmp_path):
     in a file of this test's, its own state fresh."""
     names = ["f16_128x128x64_c1x1", "f16_256x160x64_c1x1_persistent", "e4m3_128x128x128_c1x1"]
     monkeypatch.setattr(cpp_ext, "cutlass_conv", SimpleNamespace(configs=lambda: names, split_configs=lambda: []))
-    monkeypatch.setattr(implicit_conv, "_environment", lambda device: "fake-gpu")
+    monkeypatch.setattr(implicit_conv, "environment", lambda device: "fake-gpu")
     monkeypatch.setattr(implicit_conv, "_best", {})
     monkeypatch.setattr(implicit_conv, "_loaded", set())
     monkeypatch.setenv(conv_choices.ENV, str(tmp_path / "choices.json"))
@@ -152,6 +152,6 @@ def test_the_race_timing_is_part_of_the_stored_choices_environment(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
     monkeypatch.setattr(cpp_ext, "cutlass_conv", SimpleNamespace(configs=lambda: ["f16_a"], split_configs=lambda: []))
     monkeypatch.setattr(implicit_conv, "RACE_TIMING", "eager")
-    eager = implicit_conv._environment("cuda")
+    eager = implicit_conv.environment("cuda")
     monkeypatch.setattr(implicit_conv, "RACE_TIMING", "graph")
-    assert implicit_conv._environment("cuda") != eager and "race graph" in implicit_conv._environment("cuda")
+    assert implicit_conv.environment("cuda") != eager and "race graph" in implicit_conv.environment("cuda")

@@ -98,7 +98,7 @@ def fold_race(monkeypatch, tmp_path):
     monkeypatch.setattr(upsampled_conv, "_chosen", {})
     monkeypatch.setattr(upsampled_conv, "_loaded", set())
     monkeypatch.setenv(conv_choices.ENV, str(tmp_path / "choices.json"))
-    monkeypatch.setattr(implicit_conv, "_environment", lambda device: "fake-gpu")
+    monkeypatch.setattr(implicit_conv, "environment", lambda device: "fake-gpu")
     state = {"times": {"folded": 1.0, "plain": 2.0}, "races": 0}
 
     def fake_graph_times(ways, launch, operands):

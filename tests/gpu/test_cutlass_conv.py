@@ -295,7 +295,7 @@ def test_the_race_stores_its_choice_and_a_new_process_takes_it(monkeypatch, tmp_
     x = torch.randn(1, 320, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     first = implicit_conv.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1)
     (key, chosen), = implicit_conv._best.items()
-    environment = implicit_conv._environment(x.device)
+    environment = implicit_conv.environment(x.device)
     assert conv_choices.load(path, environment) == {key: implicit_conv.describe(chosen)}
     implicit_conv._best.clear()
     implicit_conv._loaded.clear()
