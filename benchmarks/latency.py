@@ -95,6 +95,9 @@ FP16_OPTION_ROWS = (
     ("--fold-race", "ours_fold_race", {"fold_race": True},
      "also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
      "faster (FusedOptions(fold_race=True))"),
+    ("--skip-on-side-stream", "ours_skip_on_side_stream", {"skip_on_side_stream": True},
+     "also ours with the residual blocks' 1×1 skip convolutions that go to a join run on a side "
+     "CUDA stream beside the blocks' norms and convolutions (FusedOptions(skip_on_side_stream=True))"),
     ("--cudnn-convs", "ours_cudnn", {"cutlass_convs": False},
      "also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
      "CUTLASS kernel buys where it is built"),

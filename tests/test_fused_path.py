@@ -338,3 +338,19 @@ def test_an_fp8_pipeline_runs_its_unets_on_the_fused_path(emulated, monkeypatch,
     cpp_ext.kernels = None  # the reference forward, restored by the fixture's monkeypatch
     want = pipe.generate("a red circle on a blue background", **kw).images
     assert psnr(got[0], want[0]) >= 80.0, psnr(got[0], want[0])
+
+
+@torch.no_grad()
+def test_skip_convolutions_stay_on_the_current_stream_off_the_gpu(emulated, monkeypatch):
+    """`FusedOptions(skip_on_side_stream=True)` forks only CUDA work: on the CPU the blocks run as
+    without it (no side stream asked for) and give the same output."""
+    from models.fused import unet_blocks
+
+    unet = _randomised(UNet(DECODER_LIKE), 3).to(memory_format=torch.channels_last)
+    x, t, kw = _unet_inputs(DECODER_LIKE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    forks = []
+    monkeypatch.setattr(unet_blocks, "Forked", lambda *a, **k: forks.append(a))
+    on = fused.unet_forward(unet, x, t, **kw, options=FusedOptions(skip_on_side_stream=True))
+    off = fused.unet_forward(unet, x, t, **kw)
+    assert not forks and torch.equal(on, off)

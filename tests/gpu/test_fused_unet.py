@@ -263,3 +263,70 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     print(shape, dtype, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= tol for e in errors.values()), errors
     assert torch.equal(fast, fast_kv)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_skip_convolutions_on_a_side_stream_give_the_same_output_eager_and_replayed(monkeypatch):
+    """`FusedOptions(skip_on_side_stream=True)`: the blocks whose skip convolution goes to the join
+    run it on a side stream (a decoder-like UNet: output blocks followed by attention, a level
+    changing the width), and the output has the same bits as on one stream — eagerly, and replayed
+    from a CUDA graph (the fork and the join captured as the graph's edges) with inputs written
+    after the capture, the side branch's memory reused across replays."""
+    cfg = UNetConfig(image_size=32, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2, 3),
+                     num_res_blocks=2, attention_ds=(2, 4), num_head_channels=32, use_scale_shift_norm=True,
+                     context_width=48)
+    torch.manual_seed(0)
+    net = UNet(cfg).cuda().eval()
+    for name, p in net.named_parameters():  # zero-initialised layers and biases would hide the joins
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+        elif p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.03)
+    net = net.half().to(memory_format=torch.channels_last)
+    b = 2
+
+    def inputs(seed: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(b, 3, 32, 32, device="cuda", generator=g).half().to(memory_format=torch.channels_last)
+        emb_add = torch.randn(b, cfg.time_embed_dim, device="cuda", generator=g).half() * 0.1
+        context = torch.randn(b, 9, cfg.context_width, device="cuda", generator=g).half()
+        return x, emb_add, context
+
+    bias = torch.zeros(b, 9, device="cuda")
+    bias[0, 5:] = float("-inf")  # padded context keys
+    t = torch.tensor([10, 900], device="cuda")
+    side = FusedOptions(skip_on_side_stream=True)
+    forks = []
+    real = unet_blocks.Forked
+
+    class Counted(real):
+        def __init__(self, *args, **kwargs):
+            forks.append(1)
+            super().__init__(*args, **kwargs)
+
+    def forward(x, emb_add, context, options):
+        return fused.unet_forward(net, x, t, emb_add, context, bias, options=options)
+
+    first, second = inputs(1), inputs(2)
+    one_stream = forward(*first, FusedOptions())
+    monkeypatch.setattr(unet_blocks, "Forked", Counted)
+    beside = forward(*first, side)
+    assert len(forks) >= 3  # the width changes and the output blocks before attention
+    assert torch.equal(beside, one_stream)
+
+    static = tuple(v.clone() for v in first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(*static, side)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward(*static, side)
+    for values in (second, first, second):
+        for s, v in zip(static, values, strict=True):
+            s.copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, forward(*values, FusedOptions()))
