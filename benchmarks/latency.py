@@ -98,6 +98,9 @@ FP16_OPTION_ROWS = (
     ("--skip-on-side-stream", "ours_skip_on_side_stream", {"skip_on_side_stream": True},
      "also ours with the residual blocks' 1×1 skip convolutions that go to a join run on a side "
      "CUDA stream beside the blocks' norms and convolutions (FusedOptions(skip_on_side_stream=True))"),
+    ("--keys-around-images", "ours_keys_around_images", {"keys_around_images": True},
+     "also ours with the decoder attention's context keys laid out around the QKV projection's image "
+     "rows once per loop (FusedOptions(keys_around_images=True)) instead of packed every step"),
     ("--cudnn-convs", "ours_cudnn", {"cutlass_convs": False},
      "also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
      "CUTLASS kernel buys where it is built"),

@@ -354,3 +354,51 @@ def test_skip_convolutions_stay_on_the_current_stream_off_the_gpu(emulated, monk
     on = fused.unet_forward(unet, x, t, **kw, options=FusedOptions(skip_on_side_stream=True))
     off = fused.unet_forward(unet, x, t, **kw)
     assert not forks and torch.equal(on, off)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Flash attention's variable-length op in torch: each sample's query run over its key run."""
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    for b in range(len(cu_q) - 1):
+        qs, ks, vs = (t[int(s[b]):int(s[b + 1])].transpose(0, 1) for t, s in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        assert ks.shape[1] <= max_k and qs.shape[1] <= max_q
+        out[int(cu_q[b]):int(cu_q[b + 1])] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_context_keys_laid_out_around_the_image_rows_give_the_reference_attention(emulated, monkeypatch, batch):
+    """`FusedOptions(keys_around_images=True)`: the decoder's attention blocks over context keys laid
+    out around the QKV projection's image rows (`models.fused.keys_around`; flash attention's
+    variable-length op emulated by per-run SDPA) give the reference UNet's output, with a mask that
+    keeps no prefix; the layouts are made once per context cache and again after it changes in place."""
+    from models.fused import keys_around, unet_blocks
+
+    monkeypatch.setattr(unet_blocks, "_flash_varlen_serves", lambda qkv, ch: True)
+    monkeypatch.setattr(keys_around, "varlen_attention", _varlen_reference)
+    made = []
+    real_init = keys_around.KeysAround.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_around.KeysAround, "__init__", counted)
+    unet = _randomised(UNet(DECODER_LIKE), 4).to(memory_format=torch.channels_last)
+    x, t, kw = _unet_inputs(DECODER_LIKE, batch)
+    bias = torch.zeros(batch, 9)
+    bias[0, [1, 4, 5, 8]] = float("-inf")  # kept tokens 0, 2, 3, 6, 7: not a prefix
+    kw["context_bias"] = bias
+    ref = unet(x, t, **kw)
+    kv = unet.context_kv(kw.pop("context"))
+    x = x.contiguous(memory_format=torch.channels_last)
+    options = FusedOptions(keys_around_images=True)
+    attention_blocks = sum(isinstance(m, unet_blocks.AttentionBlock) for m in unet.modules())
+    for _ in range(2):  # the second forward of the loop reuses the layouts
+        got = fused.unet_forward(unet, x, t, context_kv=kv, options=options, **kw)
+        assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    assert len(made) == attention_blocks > 0
+    kv.mul_(1.0)  # changed in place: the layouts are made again
+    assert _rel(fused.unet_forward(unet, x, t, context_kv=kv, options=options, **kw), ref) <= 1e-5
+    assert len(made) == 2 * attention_blocks

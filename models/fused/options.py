@@ -66,6 +66,12 @@ class FusedOptions:
         of its own), instead of after them on the block's stream: the decoder's small maps leave
         most SMs idle. The same kernels on the same operands: the same output. Off: not yet
         measured (`benchmarks/latency.py --skip-on-side-stream` times it).
+    :param keys_around_images: the attention blocks of a one- or two-sample forward with cached
+        context keys (the decoder's guided pair) read them from around the image rows of the QKV
+        projection's own buffer, laid out once per loop (`models.fused.keys_around`), instead of
+        `cpp_ext.kernels.pack_attention_kv` copying the image and context keys into a pack every
+        step. The same attention up to the order in which flash attention meets the keys. Off:
+        not yet measured (`benchmarks/latency.py --keys-around-images` times it).
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
         keys by cuDNN's attention op with per-sample key counts instead of flash attention's
         variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
@@ -90,6 +96,7 @@ class FusedOptions:
     interleave_in_norm: bool = False
     fold_race: bool = False
     skip_on_side_stream: bool = False
+    keys_around_images: bool = False
 
 
 DEFAULT = FusedOptions()

@@ -38,7 +38,7 @@ from torch import nn
 import cpp_ext
 from models import implicit_conv
 from models.fp8.layers import Fp8Conv
-from models.fused import upsampled_conv
+from models.fused import keys_around, upsampled_conv
 from models.fused.availability import layout
 from models.fused.norms import (
     NormInput,
@@ -309,6 +309,16 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
     x = plain(x)
     b, c, hgt, wid = x.shape
     h = h.view(b, c, -1)
+    if (options.keys_around_images and keys_around.serves(block, b, context_kv)
+            and _flash_varlen_serves(h, c // block.heads)):
+        # the context keys sit around the image rows in the projection's buffer: no pack
+        keep = context_bias.keep() if context_bias is not None else torch.ones(
+            b, context_kv.shape[3], dtype=torch.bool, device=h.device)
+        around = keys_around.keys_around(block, context_kv, context_bias.bias if context_bias is not None else None,
+                                         keep, hgt * wid, h.dtype)
+        torch.addmm(block.qkv.bias, h.transpose(1, 2).reshape(b * hgt * wid, c), block.qkv.weight[:, :, 0].t(),
+                    out=around.image_rows())
+        return _project_join(block, around.attend().view(b, hgt * wid, c), x, stats, options)
     qkv = _rows(block.qkv, h.transpose(1, 2))  # [B, HW, 3C]
     packed = None  # this block's cached context keys/values [B, 2, heads, N, ch], read in place
     if context_kv is not None and block.encoder_kv is not None:

@@ -265,6 +265,55 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     assert torch.equal(fast, fast_kv)
 
 
+DECODER_LIKE = UNetConfig(image_size=32, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2, 3),
+                          num_res_blocks=2, attention_ds=(2, 4), num_head_channels=32, use_scale_shift_norm=True,
+                          context_width=48)
+
+
+def _decoder_like_half() -> UNet:
+    """A decoder-like UNet (attention with a text context at two levels, widths changing) in fp16,
+    channels-last, every parameter drawn (zero-initialised layers and biases would hide a join)."""
+    torch.manual_seed(0)
+    net = UNet(DECODER_LIKE).cuda().eval()
+    for name, p in net.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+        elif p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.03)
+    return net.half().to(memory_format=torch.channels_last)
+
+
+def _decoder_like_inputs(seed: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """x, emb_add and context of `DECODER_LIKE` (9 context tokens), fp16 on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, device="cuda", generator=g).half().to(memory_format=torch.channels_last)
+    emb_add = torch.randn(batch, DECODER_LIKE.time_embed_dim, device="cuda", generator=g).half() * 0.1
+    context = torch.randn(batch, 9, DECODER_LIKE.context_width, device="cuda", generator=g).half()
+    return x, emb_add, context
+
+
+def _replayed_matches(forward, first: tuple[torch.Tensor, ...], others: list[tuple[torch.Tensor, ...]],
+                      eager) -> None:
+    """`forward(*inputs)` captured in a CUDA graph on copies of `first` (after a warm-up outside the
+    capture), then replayed with each of `others` written into them: each replay equals `eager(*inputs)`."""
+    static = tuple(v.clone() for v in first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward(*static)
+    for values in others:
+        for s, v in zip(static, values, strict=True):
+            s.copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = eager(*values)
+        assert torch.equal(out, expected), rel(out.float(), expected.float())
+
+
 @needs_kernel
 @torch.no_grad()
 def test_skip_convolutions_on_a_side_stream_give_the_same_output_eager_and_replayed(monkeypatch):
@@ -273,27 +322,8 @@ def test_skip_convolutions_on_a_side_stream_give_the_same_output_eager_and_repla
     changing the width), and the output has the same bits as on one stream — eagerly, and replayed
     from a CUDA graph (the fork and the join captured as the graph's edges) with inputs written
     after the capture, the side branch's memory reused across replays."""
-    cfg = UNetConfig(image_size=32, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2, 3),
-                     num_res_blocks=2, attention_ds=(2, 4), num_head_channels=32, use_scale_shift_norm=True,
-                     context_width=48)
-    torch.manual_seed(0)
-    net = UNet(cfg).cuda().eval()
-    for name, p in net.named_parameters():  # zero-initialised layers and biases would hide the joins
-        if name.endswith("bias"):
-            torch.nn.init.normal_(p, std=0.1)
-        elif p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.03)
-    net = net.half().to(memory_format=torch.channels_last)
-    b = 2
-
-    def inputs(seed: int) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        x = torch.randn(b, 3, 32, 32, device="cuda", generator=g).half().to(memory_format=torch.channels_last)
-        emb_add = torch.randn(b, cfg.time_embed_dim, device="cuda", generator=g).half() * 0.1
-        context = torch.randn(b, 9, cfg.context_width, device="cuda", generator=g).half()
-        return x, emb_add, context
-
-    bias = torch.zeros(b, 9, device="cuda")
+    net = _decoder_like_half()
+    bias = torch.zeros(2, 9, device="cuda")
     bias[0, 5:] = float("-inf")  # padded context keys
     t = torch.tensor([10, 900], device="cuda")
     side = FusedOptions(skip_on_side_stream=True)
@@ -305,28 +335,57 @@ def test_skip_convolutions_on_a_side_stream_give_the_same_output_eager_and_repla
             forks.append(1)
             super().__init__(*args, **kwargs)
 
-    def forward(x, emb_add, context, options):
-        return fused.unet_forward(net, x, t, emb_add, context, bias, options=options)
+    def forward(options):
+        return lambda x, emb_add, context: fused.unet_forward(net, x, t, emb_add, context, bias, options=options)
 
-    first, second = inputs(1), inputs(2)
-    one_stream = forward(*first, FusedOptions())
+    first, second = _decoder_like_inputs(1), _decoder_like_inputs(2)
+    one_stream = forward(FusedOptions())(*first)
     monkeypatch.setattr(unet_blocks, "Forked", Counted)
-    beside = forward(*first, side)
+    beside = forward(side)(*first)
     assert len(forks) >= 3  # the width changes and the output blocks before attention
     assert torch.equal(beside, one_stream)
+    _replayed_matches(forward(side), first, [second, first, second], forward(FusedOptions()))
 
-    static = tuple(v.clone() for v in first)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        forward(*static, side)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward(*static, side)
-    for values in (second, first, second):
-        for s, v in zip(static, values, strict=True):
-            s.copy_(v)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, forward(*values, FusedOptions()))
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.skipif(not unet_blocks.FLASH_VARLEN, reason="this torch's flash attention op takes no seqused_k")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_context_keys_around_the_image_rows_match_the_pack_eager_and_replayed(monkeypatch, batch):
+    """`FusedOptions(keys_around_images=True)`: a decoder-like UNet's attention over context keys
+    laid out around the QKV projection's image rows once per context cache (`models.fused.
+    keys_around`) matches the pack's way (≤ 2e-3: flash attention meets the keys in another order),
+    with a mask that keeps no prefix; replayed from a CUDA graph that makes the layouts at its first
+    forward and reuses them at the second (a loop's steps), with new inputs written after the
+    capture, each replay equals the eager forwards."""
+    from models.fused import keys_around
+
+    net = _decoder_like_half()
+    bias = torch.zeros(batch, 9, device="cuda")
+    bias[0, [1, 4, 5, 8]] = float("-inf")
+    t = torch.tensor([10, 900][:batch], device="cuda")
+    made = []
+    real_init = keys_around.KeysAround.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_around.KeysAround, "__init__", counted)
+
+    def loop(options):
+        def run(x, emb_add, context):  # two steps against one context cache, as a sampling loop
+            kv = net.context_kv(context)
+            h = fused.unet_forward(net, x, t, emb_add, None, bias, kv, options=options)
+            return fused.unet_forward(net, h[:, :3].contiguous(memory_format=torch.channels_last), t, emb_add,
+                                      None, bias, kv, options=options)
+        return run
+
+    first, second = _decoder_like_inputs(1, batch), _decoder_like_inputs(2, batch)
+    packed = loop(FusedOptions())(*first)
+    around = loop(FusedOptions(keys_around_images=True))(*first)
+    attention_blocks = sum(isinstance(m, AttentionBlock) for m in net.modules())
+    assert len(made) == attention_blocks > 0  # made at the first forward, reused at the second
+    assert rel(around.float(), packed.float()) <= 2e-3
+    _replayed_matches(loop(FusedOptions(keys_around_images=True)), first, [second, first],
+                      loop(FusedOptions(keys_around_images=True)))
