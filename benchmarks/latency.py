@@ -75,6 +75,12 @@ def stage_rows(cfg) -> dict[str, int]:
 # The extra fp16 rows of ours with one fusion or kernel choice changed: (flag, result key, the
 # FusedOptions fields it sets, the flag's help).
 FP16_OPTION_ROWS = (
+    ("--skip-on-side-stream", "ours_skip_on_side_stream", {"skip_on_side_stream": True},
+     "also ours with the residual blocks' 1×1 skip convolutions that go to a join run on a side "
+     "CUDA stream beside the blocks' norms and convolutions (FusedOptions(skip_on_side_stream=True))"),
+    ("--keys-around-images", "ours_keys_around_images", {"keys_around_images": True},
+     "also ours with the decoder attention's context keys laid out around the QKV projection's image "
+     "rows once per loop (FusedOptions(keys_around_images=True)) instead of packed every step"),
     ("--cudnn-attention", "ours_cudnn_attention", {"cudnn_attention": True},
      "also ours (fp16) with the decoder's attention on cuDNN's op over the packed keys with "
      "per-sample key counts (FusedOptions(cudnn_attention=True); a torch whose op takes "
@@ -95,12 +101,6 @@ FP16_OPTION_ROWS = (
     ("--fold-race", "ours_fold_race", {"fold_race": True},
      "also ours with the up blocks' convolutions folded only where a per-shape race finds the fold "
      "faster (FusedOptions(fold_race=True))"),
-    ("--skip-on-side-stream", "ours_skip_on_side_stream", {"skip_on_side_stream": True},
-     "also ours with the residual blocks' 1×1 skip convolutions that go to a join run on a side "
-     "CUDA stream beside the blocks' norms and convolutions (FusedOptions(skip_on_side_stream=True))"),
-    ("--keys-around-images", "ours_keys_around_images", {"keys_around_images": True},
-     "also ours with the decoder attention's context keys laid out around the QKV projection's image "
-     "rows once per loop (FusedOptions(keys_around_images=True)) instead of packed every step"),
     ("--cudnn-convs", "ours_cudnn", {"cutlass_convs": False},
      "also ours with every convolution on cuDNN (FusedOptions(cutlass_convs=False)): what the "
      "CUTLASS kernel buys where it is built"),
