@@ -75,12 +75,10 @@ def stage_rows(cfg) -> dict[str, int]:
 # The extra fp16 rows of ours with one fusion or kernel choice changed: (flag, result key, the
 # FusedOptions fields it sets, the flag's help).
 FP16_OPTION_ROWS = (
-    ("--skip-on-side-stream", "ours_skip_on_side_stream", {"skip_on_side_stream": True},
-     "also ours with the residual blocks' 1×1 skip convolutions that go to a join run on a side "
-     "CUDA stream beside the blocks' norms and convolutions (FusedOptions(skip_on_side_stream=True))"),
-    ("--keys-around-images", "ours_keys_around_images", {"keys_around_images": True},
-     "also ours with the decoder attention's context keys laid out around the QKV projection's image "
-     "rows once per loop (FusedOptions(keys_around_images=True)) instead of packed every step"),
+    ("--no-keys-around-images", "ours_no_keys_around_images", {"keys_around_images": False},
+     "also ours with the decoder attention's image and context keys packed every step "
+     "(FusedOptions(keys_around_images=False)) instead of the context keys laid out around the QKV "
+     "projection's image rows once per loop"),
     ("--cudnn-attention", "ours_cudnn_attention", {"cudnn_attention": True},
      "also ours (fp16) with the decoder's attention on cuDNN's op over the packed keys with "
      "per-sample key counts (FusedOptions(cudnn_attention=True); a torch whose op takes "

@@ -15,7 +15,6 @@ fusions off for tests and benchmarks.
   linear_plan.py   which kernel runs each of the prior step's few-row linear layers
   prior_step.py    the prior's cached denoising step
   upsampled_conv.py  a 3×3 convolution of a 2x-upsampled map, run on the map before upsampling
-  side_stream.py   work on a side CUDA stream beside the current one, joined back
   keys_around.py   a guided pair's context keys around its image rows: attention without a pack
   unet_blocks.py   the UNet's ResBlock and attention block, and their block protocol
   unet_forward.py  the UNet's forward

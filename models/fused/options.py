@@ -60,18 +60,13 @@ class FusedOptions:
         both ways on that shape finds the fold faster (`upsampled_conv.fold_pays`, kept beside the
         convolutions' choices); off: wherever the fold serves. Off: not yet measured in the
         pipeline (written after the fold measured slower at one shape, docs/kernels.md).
-    :param skip_on_side_stream: a residual block's 1×1 skip convolution whose result goes to the
-        residual join runs on a side CUDA stream from the moment its input exists, beside the
-        block's norms and 3×3 convolutions (`models.fused.side_stream`; in a CUDA graph, a branch
-        of its own), instead of after them on the block's stream: the decoder's small maps leave
-        most SMs idle. The same kernels on the same operands: the same output. Off: not yet
-        measured (`benchmarks/latency.py --skip-on-side-stream` times it).
     :param keys_around_images: the attention blocks of a one- or two-sample forward with cached
         context keys (the decoder's guided pair) read them from around the image rows of the QKV
         projection's own buffer, laid out once per loop (`models.fused.keys_around`), instead of
         `cpp_ext.kernels.pack_attention_kv` copying the image and context keys into a pack every
-        step. The same attention up to the order in which flash attention meets the keys. Off:
-        not yet measured (`benchmarks/latency.py --keys-around-images` times it).
+        step. The same attention up to the order in which flash attention meets the keys. On:
+        the pack's launch gone from every decoder step of one image (docs/kernels.md;
+        `benchmarks/latency.py --no-keys-around-images` times it off). Larger batches keep the pack.
     :param cudnn_attention: the attention blocks with a text context attend over the same packed
         keys by cuDNN's attention op with per-sample key counts instead of flash attention's
         variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
@@ -95,8 +90,7 @@ class FusedOptions:
     fold_upsampling: bool = True
     interleave_in_norm: bool = False
     fold_race: bool = False
-    skip_on_side_stream: bool = False
-    keys_around_images: bool = False
+    keys_around_images: bool = True
 
 
 DEFAULT = FusedOptions()

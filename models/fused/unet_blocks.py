@@ -20,9 +20,7 @@ run their own e4m3 products, bias-free where the protocol adds the bias later (`
 with `FusedOptions.norm_writes_e4m3` a norm whose output only such a 3×3 convolution reads writes
 it in e4m3 at the convolution's calibrated scale (`_norm_conv`). With
 `FusedOptions.residual_in_conv` a block with an identity skip adds it, and its last bias, in its
-last convolution's epilogue (CUTLASS) instead of the join pass. With
-`FusedOptions.skip_on_side_stream` a skip convolution whose result goes to the join runs on a
-side stream beside the block's norms and convolutions (`models.fused.side_stream`).
+last convolution's epilogue (CUTLASS) instead of the join pass.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from models.fused.norms import (
     plain,
 )
 from models.fused.options import DEFAULT, FusedOptions
-from models.fused.side_stream import Forked
 from models.layers import resample
 from models.unet import AttentionBlock, ContextBias, ResBlock
 
@@ -179,19 +176,6 @@ def _folded_weights(block: ResBlock, x: Activations, options: FusedOptions) -> t
     return folded
 
 
-def _skip_beside(block: ResBlock, x: torch.Tensor, options: FusedOptions, defer_bias: bool) -> Forked | None:
-    """The block's skip convolution of its input `x` started on a side stream (`side_stream.Forked`)
-    where `options.skip_on_side_stream` asks for it: a CUDA block with a skip convolution whose result
-    goes to the residual join, not accumulated into the last convolution's output for the next
-    output block (`DeferredBias`, one GEMM on the block's own path); else None."""
-    skip_conv = block.skip_connection
-    if not (options.skip_on_side_stream and x.is_cuda and not isinstance(skip_conv, nn.Identity)):
-        return None
-    if defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d) and not (block.up or block.down):
-        return None  # the deferred join's GEMM accumulates into the block's output
-    return Forked(functools.partial(_conv, skip_conv, options=options), x)
-
-
 def _rows(conv: nn.Conv1d | Fp8Conv, rows: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """A 1-wide 1-D convolution (an attention block's projection) applied to token rows [..., C]."""
     if isinstance(conv, Fp8Conv):
@@ -215,19 +199,16 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
     norm_out, conv_out = block.out_layers[0], block.out_layers[3]
     skip_conv = block.skip_connection
     identity_skip = isinstance(skip_conv, nn.Identity)
-    side = None  # the skip convolution, where it runs on a side stream beside the block (`_skip_beside`)
     if isinstance(x, SkipConcat):  # the norm's statistics pass writes the concatenation x
         e4m3_scale = _e4m3_scale(conv_in, x.h, options)
         done = None if e4m3_scale is None else group_norm_concat_e4m3(norm_in, x.h, x.skip, e4m3_scale,
                                                                       x.h_bias, x.h_bias2)
         if done is not None:
             q, x = done
-            side = _skip_beside(block, x, options, defer_bias)
             h = conv_in.product_of_quantized(q, with_bias=False)
         else:
             normed, x = cpp_ext.kernels.group_norm_concat(x.h, x.skip, norm_in.num_groups, norm_in.weight,
                                                           norm_in.bias, norm_in.eps, norm_in.silu, x.h_bias, x.h_bias2)
-            side = _skip_beside(block, x, options, defer_bias)
             h = _conv(conv_in, normed, options)
     elif (folded := _folded_weights(block, x, options)) is not None:
         # an up block's first convolution on the norm's output before upsampling (`upsampled_conv`);
@@ -245,7 +226,6 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         # an up or down block's norm writes its output resized and the join reads x resized: neither
         # resized copy is made
         resize = {"up": block.up, "down": block.down}
-        side = _skip_beside(block, plain(x), options, defer_bias)
         h, _ = _norm_conv(conv_in, plain(x), options, lambda: group_norm(norm_in, x, **resize),
                           lambda s: group_norm_e4m3(norm_in, x, s, **resize))
         x = plain(x)
@@ -264,8 +244,6 @@ def res_block(block: ResBlock, x: Activations, emb: torch.Tensor | EmbeddingProj
         return h
     if identity_skip:
         return bias_residual(h, x, conv_out.bias, stats=stats, options=options)
-    if side is not None:
-        return bias_residual(h, side.join(), conv_out.bias, skip_conv.bias, stats=stats, options=options)
     if (defer_bias and options.defer_bias and isinstance(skip_conv, nn.Conv2d)
             and layout(h) == layout(x) == "nhwc" and h.shape[2:] == x.shape[2:]):
         # channels-last maps are [pixels, channels] matrices: h += x · W_skipᵀ

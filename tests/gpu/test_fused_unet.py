@@ -316,39 +316,6 @@ def _replayed_matches(forward, first: tuple[torch.Tensor, ...], others: list[tup
 
 @needs_kernel
 @torch.no_grad()
-def test_skip_convolutions_on_a_side_stream_give_the_same_output_eager_and_replayed(monkeypatch):
-    """`FusedOptions(skip_on_side_stream=True)`: the blocks whose skip convolution goes to the join
-    run it on a side stream (a decoder-like UNet: output blocks followed by attention, a level
-    changing the width), and the output has the same bits as on one stream — eagerly, and replayed
-    from a CUDA graph (the fork and the join captured as the graph's edges) with inputs written
-    after the capture, the side branch's memory reused across replays."""
-    net = _decoder_like_half()
-    bias = torch.zeros(2, 9, device="cuda")
-    bias[0, 5:] = float("-inf")  # padded context keys
-    t = torch.tensor([10, 900], device="cuda")
-    side = FusedOptions(skip_on_side_stream=True)
-    forks = []
-    real = unet_blocks.Forked
-
-    class Counted(real):
-        def __init__(self, *args, **kwargs):
-            forks.append(1)
-            super().__init__(*args, **kwargs)
-
-    def forward(options):
-        return lambda x, emb_add, context: fused.unet_forward(net, x, t, emb_add, context, bias, options=options)
-
-    first, second = _decoder_like_inputs(1), _decoder_like_inputs(2)
-    one_stream = forward(FusedOptions())(*first)
-    monkeypatch.setattr(unet_blocks, "Forked", Counted)
-    beside = forward(side)(*first)
-    assert len(forks) >= 3  # the width changes and the output blocks before attention
-    assert torch.equal(beside, one_stream)
-    _replayed_matches(forward(side), first, [second, first, second], forward(FusedOptions()))
-
-
-@needs_kernel
-@torch.no_grad()
 @pytest.mark.skipif(not unet_blocks.FLASH_VARLEN, reason="this torch's flash attention op takes no seqused_k")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_context_keys_around_the_image_rows_match_the_pack_eager_and_replayed(monkeypatch, batch):
