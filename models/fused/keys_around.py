@@ -52,12 +52,14 @@ class KeysAround:
     rows, with the context rows written and the offsets of its runs.
 
     :param context_kv: the UNet's cached context keys/values [B, 2, all heads, N, ch].
-    :param keep: [B, N] bool, the context tokens kept (the rest are padding).
+    :param context_bias: [B, N], 0 for a kept context token, −inf for padding (None: all kept).
     """
 
-    def __init__(self, block: AttentionBlock, context_kv: torch.Tensor, keep: torch.Tensor, hw: int,
+    def __init__(self, block: AttentionBlock, context_kv: torch.Tensor, context_bias: torch.Tensor | None, hw: int,
                  dtype: torch.dtype) -> None:
         b, _, _, n, ch = context_kv.shape
+        keep = (context_bias == 0 if context_bias is not None
+                else torch.ones(b, n, dtype=torch.bool, device=context_kv.device))
         self.samples, self.n, self.hw = b, n, hw
         kv = context_kv[:, :, block.kv_heads].to(dtype)  # [B, 2, heads, N, ch]
         rows = b * (n + hw)
@@ -101,11 +103,12 @@ def serves(block: AttentionBlock, batch: int, context_kv: torch.Tensor | None) -
             and isinstance(block.qkv, nn.Conv1d) and context_kv.shape[0] == batch)
 
 
-def keys_around(block: AttentionBlock, context_kv: torch.Tensor, context_bias: torch.Tensor | None, keep: torch.Tensor,
-                hw: int, dtype: torch.dtype) -> KeysAround:
-    """The block's `KeysAround` for this context cache: made when the first forward of a loop meets
-    the cache (again where the cache has changed in place since, or comes with another bias), then
-    kept while the cache lives. `keep`: [B, N] the tokens `context_bias` keeps (all, without one)."""
+def keys_around(block: AttentionBlock, context_kv: torch.Tensor, context_bias: torch.Tensor | None, hw: int,
+                dtype: torch.dtype) -> KeysAround:
+    """The block's `KeysAround` for this context cache and its bias (`KeysAround`'s parameters):
+    made when the first forward of a loop meets the cache (again where the cache has changed in
+    place since, or comes with another bias), then kept while the cache lives; the steps after the
+    first launch nothing for it."""
     entry = _LAYOUTS.get(id(context_kv))
     bias_version = context_bias._version if context_bias is not None else 0
     if (entry is None or entry.cache() is not context_kv or entry.version != (context_kv._version, bias_version)
@@ -118,5 +121,5 @@ def keys_around(block: AttentionBlock, context_kv: torch.Tensor, context_bias: t
     layouts = entry.layouts
     layout = layouts.get(id(block))
     if layout is None or layout.hw != hw or layout.buffer.dtype != dtype:
-        layout = layouts[id(block)] = KeysAround(block, context_kv, keep, hw, dtype)
+        layout = layouts[id(block)] = KeysAround(block, context_kv, context_bias, hw, dtype)
     return layout

@@ -290,10 +290,8 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
     if (options.keys_around_images and keys_around.serves(block, b, context_kv)
             and _flash_varlen_serves(h, c // block.heads)):
         # the context keys sit around the image rows in the projection's buffer: no pack
-        keep = context_bias.keep() if context_bias is not None else torch.ones(
-            b, context_kv.shape[3], dtype=torch.bool, device=h.device)
         around = keys_around.keys_around(block, context_kv, context_bias.bias if context_bias is not None else None,
-                                         keep, hgt * wid, h.dtype)
+                                         hgt * wid, h.dtype)
         torch.addmm(block.qkv.bias, h.transpose(1, 2).reshape(b * hgt * wid, c), block.qkv.weight[:, :, 0].t(),
                     out=around.image_rows())
         return _project_join(block, around.attend().view(b, hgt * wid, c), x, stats, options)
