@@ -18,7 +18,11 @@ padding is masked), laid out as `cpp_ext.kernels.pack_attention_kv` lays them ou
   of q, k and v (the copies not timed: whether the pack's strides are what it needs);
 - "efficient mask": the memory-efficient kernel with the same mask;
 - "cudnn all keys" / "flash all keys": no mask (every key attended, the dropped ones too): the
-  bound a mask-free layout would give, not the same function (no error is given for them).
+  bound a mask-free layout would give, not the same function (no error is given for them);
+- "flash around" / "cudnn around" (one or two samples): the keys laid out around the image rows
+  (`models.fused.keys_around`, what the runtime runs for one image): each sample's kept context
+  keys beside its image keys, so each sample's keys are one run with nothing dropped inside;
+  flash's op, and cuDNN's with its offsets alone (no key counts).
 
 A backend that refuses the inputs is recorded with its error instead of a time. The per-step
 figure weights each level by its blocks (times the guided batch's steps: 25 per image).
@@ -43,7 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.timing import graph_ms  # noqa: E402
 from models.checkpoint import atomic_write  # noqa: E402
-from models.fused import unet_blocks  # noqa: E402
+from models.fused import keys_around, unet_blocks  # noqa: E402
 from models.fused.unet_blocks import _offsets  # noqa: E402
 
 HEAD = 64
@@ -100,6 +104,25 @@ def _sdpa(p: dict, backend: SDPBackend, mask: str, contiguous: bool = False) -> 
     return run
 
 
+def _around(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
+    """The same attention over the keys laid out around the image rows (`keys_around.KeysAround`,
+    one or two samples; the pack's kept tokens): [B, heads, HW, ch] out for comparison."""
+    b, hw, heads = p["rows"].shape[:3]
+    if b > 2:
+        raise TypeError("the keys around the image rows serve one or two samples")
+    context_kv = p["kv"][:, hw:].permute(0, 3, 2, 1, 4)  # [B, 2, heads, N, ch]
+    bias = torch.full((b, CONTEXT), float("-inf"), device="cuda")
+    for i in range(b):
+        bias[i, :KEPT[i % len(KEPT)]] = 0.0
+    around = keys_around.KeysAround(SimpleNamespace(heads=heads, kv_heads=slice(0, heads)), context_kv, bias, hw,
+                                    torch.float16)
+    around.image_rows().copy_(p["rows"].flatten(0, 1).flatten(1))
+
+    def run() -> torch.Tensor:
+        return around.attend(cudnn).view(b, hw, heads, HEAD).transpose(1, 2)
+    return run
+
+
 WAYS = {"flash varlen": lambda p: _varlen(p),
         "cudnn varlen": lambda p: _varlen(p, cudnn=True),
         "cudnn mask": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "broadcast"),
@@ -107,9 +130,11 @@ WAYS = {"flash varlen": lambda p: _varlen(p),
         "cudnn mask contiguous": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "broadcast", contiguous=True),
         "efficient mask": lambda p: _sdpa(p, SDPBackend.EFFICIENT_ATTENTION, "broadcast"),
         "cudnn all keys": lambda p: _sdpa(p, SDPBackend.CUDNN_ATTENTION, "none"),
-        "flash all keys": lambda p: _sdpa(p, SDPBackend.FLASH_ATTENTION, "none")}
+        "flash all keys": lambda p: _sdpa(p, SDPBackend.FLASH_ATTENTION, "none"),
+        "flash around": lambda p: _around(p),
+        "cudnn around": lambda p: _around(p, cudnn=True)}
 SAME_FUNCTION = {"flash varlen", "cudnn varlen", "cudnn mask", "cudnn mask full", "cudnn mask contiguous",
-                 "efficient mask"}
+                 "efficient mask", "flash around", "cudnn around"}
 
 
 def measure(batch: int) -> dict:
