@@ -84,3 +84,19 @@ def unbiased_fp8_calls(monkeypatch):
     monkeypatch.setattr(fp8_layers.Fp8Conv, "forward", spy_forward)
     monkeypatch.setattr(fp8_layers.Fp8Conv, "rows", spy_rows)
     return calls
+
+
+@pytest.fixture
+def keys_around_made(monkeypatch):
+    """A list that grows by one each time a `models.fused.keys_around.KeysAround` layout is made."""
+    from models.fused import keys_around
+
+    made = []
+    real_init = keys_around.KeysAround.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keys_around.KeysAround, "__init__", counted)
+    return made

@@ -353,7 +353,8 @@ def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
 
 @torch.no_grad()
 @pytest.mark.parametrize("batch", [1, 2])
-def test_context_keys_laid_out_around_the_image_rows_give_the_reference_attention(emulated, monkeypatch, batch):
+def test_context_keys_laid_out_around_the_image_rows_give_the_reference_attention(emulated, monkeypatch, batch,
+                                                                                   keys_around_made):
     """`FusedOptions(keys_around_images=True)`: the decoder's attention blocks over context keys laid
     out around the QKV projection's image rows (`models.fused.keys_around`; flash attention's
     variable-length op emulated by per-run SDPA) give the reference UNet's output, with a mask that
@@ -362,14 +363,7 @@ def test_context_keys_laid_out_around_the_image_rows_give_the_reference_attentio
 
     monkeypatch.setattr(unet_blocks, "_flash_varlen_serves", lambda qkv, ch: True)
     monkeypatch.setattr(keys_around, "varlen_attention", _varlen_reference)
-    made = []
-    real_init = keys_around.KeysAround.__init__
-
-    def counted(self, *args, **kwargs):
-        made.append(1)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(keys_around.KeysAround, "__init__", counted)
+    made = keys_around_made
     unet = _randomised(UNet(DECODER_LIKE), 4).to(memory_format=torch.channels_last)
     x, t, kw = _unet_inputs(DECODER_LIKE, batch)
     bias = torch.zeros(batch, 9)

@@ -318,27 +318,19 @@ def _replayed_matches(forward, first: tuple[torch.Tensor, ...], others: list[tup
 @torch.no_grad()
 @pytest.mark.skipif(not unet_blocks.FLASH_VARLEN, reason="this torch's flash attention op takes no seqused_k")
 @pytest.mark.parametrize("batch", [1, 2])
-def test_context_keys_around_the_image_rows_match_the_pack_eager_and_replayed(monkeypatch, batch):
+def test_context_keys_around_the_image_rows_match_the_pack_eager_and_replayed(keys_around_made, batch):
     """`FusedOptions(keys_around_images=True)`: a decoder-like UNet's attention over context keys
     laid out around the QKV projection's image rows once per context cache (`models.fused.
     keys_around`) is as close to the float32 forward as the pack's way (flash attention meets the
     keys in another order), with a mask that keeps no prefix; the layouts are made at a loop's first
     forward and reused at its second; replayed from a CUDA graph with new inputs written after the
     capture, each replay equals the eager forwards."""
-    from models.fused import keys_around
 
     net = _decoder_like_half()
     bias = torch.zeros(batch, 9, device="cuda")
     bias[0, [1, 4, 5, 8]] = float("-inf")
     t = torch.tensor([10, 900][:batch], device="cuda")
-    made = []
-    real_init = keys_around.KeysAround.__init__
-
-    def counted(self, *args, **kwargs):
-        made.append(1)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(keys_around.KeysAround, "__init__", counted)
+    made = keys_around_made
 
     def loop(options):
         def run(x, emb_add, context):  # two steps against one context cache, as a sampling loop
