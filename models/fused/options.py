@@ -55,11 +55,13 @@ class FusedOptions:
         product where it holds each pixel of the upsampled map (`cpp_ext.kernels.group_norm_phased`,
         where that norm runs three passes and the kernel serves) instead of a copy `interleave`
         writes first; the norm's output is the same map. Elsewhere the copy, as without it. Off:
-        not yet measured on a GPU (`benchmarks/latency.py --interleave-in-norm` times it).
+        measured no faster than the copy, within the run's spread (docs/kernels.md;
+        `benchmarks/latency.py --interleave-in-norm` times it).
     :param fold_race: with `fold_upsampling`, a shape's up convolution is folded only where a race of
         both ways on that shape finds the fold faster (`upsampled_conv.fold_pays`, kept beside the
-        convolutions' choices); off: wherever the fold serves. Off: not yet measured in the
-        pipeline (written after the fold measured slower at one shape, docs/kernels.md).
+        convolutions' choices); off: wherever the fold serves. Off: on Karlo's shapes it measured
+        within the run's spread of the fold everywhere (docs/kernels.md; `benchmarks/latency.py
+        --fold-race`); it is for models whose shapes the fold does not pay at.
     :param keys_around_images: the attention blocks of a one- or two-sample forward with cached
         context keys (the decoder's guided pair) read them from around the image rows of the QKV
         projection's own buffer, laid out once per loop (`models.fused.keys_around`), instead of
