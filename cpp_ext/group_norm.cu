@@ -178,7 +178,7 @@ static at::Tensor run_group_norm(const at::Tensor& x, int64_t groups, const at::
     call.eps = eps;
     call.silu = silu;
     call.nhwc = nhwc;
-    call.one_pass_mode = phased ? 0 : static_cast<int>(one_pass_mode);
+    call.one_pass_mode = static_cast<int>(one_pass_mode);
     call.up = up;
     call.down = down;
     call.given_partial = given;
@@ -203,13 +203,6 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
                         partial, false);
 }
 
-// group_norm (three passes) of the map an up block's folded convolution stands for, read from its
-// product before the interleave (models/fused/upsampled_conv.py): `product` [B, 4K, H + 1, W + 1]
-// channels-last half precision, whose phase (a, c) channels [(2a + c)K, +K) at pixel (i + a, j + c)
-// are the map's pixel (2i + a, 2j + c); the output is the norm of that map, [B, K, 2H, 2W]
-// channels-last. The statistics and normalising passes read each pixel where the product holds
-// it, so the interleave's copy is never written. K a multiple of 8 whose groups the wide
-// statistics geometry serves (wide_geometry_fits); scale/shift/add/add_bias as group_norm's.
 // Whether group_norm_phased takes `product` in `groups` groups and the map's norm would run three
 // passes in auto mode (group_norm_takes_three_passes; a small map's one-launch norm of the
 // interleaved copy is the faster way there): what its callers check first.
@@ -220,6 +213,13 @@ bool group_norm_phased_serves(const at::Tensor& product, int64_t groups) {
   return group_norm_takes_three_passes(product.size(1) / 4, groups, 4 * (product.size(2) - 1) * (product.size(3) - 1));
 }
 
+// group_norm (three passes) of the map an up block's folded convolution stands for, read from its
+// product before the interleave (models/fused/upsampled_conv.py): `product` [B, 4K, H + 1, W + 1]
+// channels-last half precision, whose phase (a, c) channels [(2a + c)K, +K) at pixel (i + a, j + c)
+// are the map's pixel (2i + a, 2j + c); the output is the norm of that map, [B, K, 2H, 2W]
+// channels-last. The statistics and normalising passes read each pixel where the product holds
+// it, so the interleave's copy is never written. K a multiple of 8 whose groups the wide
+// statistics geometry serves (wide_geometry_fits); scale/shift/add/add_bias as group_norm's.
 at::Tensor group_norm_phased(const at::Tensor& product, int64_t groups, const at::Tensor& weight,
                              const at::Tensor& bias, const c10::optional<at::Tensor>& scale,
                              const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& add,
