@@ -114,8 +114,8 @@ def _around(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
     bias = torch.full((b, CONTEXT), float("-inf"), device="cuda")
     for i in range(b):
         bias[i, :KEPT[i % len(KEPT)]] = 0.0
-    around = keys_around.KeysAround(SimpleNamespace(heads=heads, kv_heads=slice(0, heads)), context_kv, bias, hw,
-                                    torch.float16)
+    around = keys_around.KeysAround(SimpleNamespace(heads=heads, kv_heads=slice(0, heads)), context_kv,
+                                    keys_around.kept_tokens(bias, b, CONTEXT, bias.device), hw, torch.float16)
     around.image_rows().copy_(p["rows"].flatten(0, 1).flatten(1))
 
     def run() -> torch.Tensor:

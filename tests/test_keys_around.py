@@ -37,7 +37,8 @@ def test_each_sample_attends_over_its_image_keys_and_its_kept_context(layout):
     context_kv = torch.randn(batch, 2, heads + 1, n, ch, generator=g, dtype=torch.float64)
     block = SimpleNamespace(heads=heads, kv_heads=slice(1, heads + 1))
     bias = torch.where(keep, 0.0, float("-inf"))
-    around = keys_around.KeysAround(block, context_kv, bias, hw, torch.float64)
+    around = keys_around.KeysAround(block, context_kv, keys_around.kept_tokens(bias, batch, n, bias.device), hw,
+                                    torch.float64)
     rows = torch.randn(batch * hw, heads, 3, ch, generator=g, dtype=torch.float64)
     around.image_rows().copy_(rows.flatten(1))
     cu_k = around.cu_k.tolist()

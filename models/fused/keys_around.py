@@ -32,13 +32,35 @@ from torch import nn
 from models.unet import AttentionBlock
 
 
+class KeptTokens(NamedTuple):
+    """What a context mask says of each sample's tokens, the same for every attention block of a
+    forward: the kept tokens per sample [B] (int32), and each sample's token order with its kept
+    tokens where its layout wants them (sample 0's last, sample 1's first)."""
+
+    kept: torch.Tensor
+    orders: tuple[torch.Tensor, ...]
+
+
+def kept_tokens(context_bias: torch.Tensor | None, batch: int, n: int, device: torch.device) -> KeptTokens:
+    """`KeptTokens` of [B, N] `context_bias` (0 for a kept context token, −inf for padding; None:
+    all kept)."""
+    keep = context_bias == 0 if context_bias is not None else torch.ones(batch, n, dtype=torch.bool, device=device)
+    # sample 0's kept tokens last (ascending key: padding 0, kept 1), sample 1's first
+    orders = [torch.argsort(keep[0].to(torch.int8), stable=True)]
+    if batch == 2:
+        orders.append(torch.argsort((~keep[1]).to(torch.int8), stable=True))
+    return KeptTokens(keep.sum(1, dtype=torch.int32), tuple(orders))
+
+
 class _Entry(NamedTuple):
     """The layouts made for one context cache: the cache (weakly), its and its bias's versions when
-    made, the bias (weakly), and each attention block's `KeysAround` by the block's id."""
+    made, the bias (weakly), its `KeptTokens`, and each attention block's `KeysAround` by the
+    block's id."""
 
     cache: weakref.ref
     version: tuple[int, int]
     bias: weakref.ref | None
+    tokens: KeptTokens
     layouts: dict[int, KeysAround]
 
 
@@ -52,26 +74,21 @@ class KeysAround:
     rows, with the context rows written and the offsets of its runs.
 
     :param context_kv: the UNet's cached context keys/values [B, 2, all heads, N, ch].
-    :param context_bias: [B, N], 0 for a kept context token, −inf for padding (None: all kept).
+    :param tokens: the context mask's `KeptTokens` (`kept_tokens`).
     """
 
-    def __init__(self, block: AttentionBlock, context_kv: torch.Tensor, context_bias: torch.Tensor | None, hw: int,
+    def __init__(self, block: AttentionBlock, context_kv: torch.Tensor, tokens: KeptTokens, hw: int,
                  dtype: torch.dtype) -> None:
         b, _, _, n, ch = context_kv.shape
-        keep = (context_bias == 0 if context_bias is not None
-                else torch.ones(b, n, dtype=torch.bool, device=context_kv.device))
         self.samples, self.n, self.hw = b, n, hw
         kv = context_kv[:, :, block.kv_heads].to(dtype)  # [B, 2, heads, N, ch]
         rows = b * (n + hw)
         self.buffer = torch.empty(rows, block.heads, 3, ch, dtype=dtype, device=context_kv.device)
-        kept = keep.sum(1, dtype=torch.int32)
-        # sample 0's kept tokens last (ascending key: padding 0, kept 1), sample 1's first
-        order = torch.argsort(keep[0].to(torch.int8), stable=True)
-        self.buffer[:n, :, 1:] = kv[0][:, :, order].permute(2, 1, 0, 3)
+        kept = tokens.kept
+        self.buffer[:n, :, 1:] = kv[0][:, :, tokens.orders[0]].permute(2, 1, 0, 3)
         ends = [n - kept[0], torch.full_like(kept[0], n + hw)]
         if b == 2:
-            order = torch.argsort((~keep[1]).to(torch.int8), stable=True)
-            self.buffer[n + 2 * hw:, :, 1:] = kv[1][:, :, order].permute(2, 1, 0, 3)
+            self.buffer[n + 2 * hw:, :, 1:] = kv[1][:, :, tokens.orders[1]].permute(2, 1, 0, 3)
             ends.append(n + 2 * hw + kept[1])
         self.cu_k = torch.stack(ends).to(torch.int32)
         self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=context_kv.device) * hw
@@ -114,21 +131,24 @@ def serves(block: AttentionBlock, batch: int, context_kv: torch.Tensor | None) -
 
 def keys_around(block: AttentionBlock, context_kv: torch.Tensor, context_bias: torch.Tensor | None, hw: int,
                 dtype: torch.dtype) -> KeysAround:
-    """The block's `KeysAround` for this context cache and its bias (`KeysAround`'s parameters):
-    made when the first forward of a loop meets the cache (again where the cache has changed in
-    place since, or comes with another bias), then kept while the cache lives; the steps after the
-    first launch nothing for it."""
+    """The block's `KeysAround` for this context cache [B, 2, all heads, N, ch] and its bias (as
+    `kept_tokens` takes it): made when the first forward of a loop meets the cache (again where the
+    cache has changed in place since, or comes with another bias), then kept while the cache
+    lives; the steps after the first launch nothing for it, and the mask is read once for all
+    blocks."""
     entry = _LAYOUTS.get(id(context_kv))
     bias_version = context_bias._version if context_bias is not None else 0
     if (entry is None or entry.cache() is not context_kv or entry.version != (context_kv._version, bias_version)
             or (entry.bias() if entry.bias is not None else None) is not context_bias):
         if entry is None or entry.cache() is not context_kv:
             weakref.finalize(context_kv, _LAYOUTS.pop, id(context_kv), None)
+        b, _, _, n, _ = context_kv.shape
         entry = _Entry(weakref.ref(context_kv), (context_kv._version, bias_version),
-                       weakref.ref(context_bias) if context_bias is not None else None, {})
+                       weakref.ref(context_bias) if context_bias is not None else None,
+                       kept_tokens(context_bias, b, n, context_kv.device), {})
         _LAYOUTS[id(context_kv)] = entry
     layouts = entry.layouts
     layout = layouts.get(id(block))
     if layout is None or layout.hw != hw or layout.buffer.dtype != dtype:
-        layout = layouts[id(block)] = KeysAround(block, context_kv, context_bias, hw, dtype)
+        layout = layouts[id(block)] = KeysAround(block, context_kv, entry.tokens, hw, dtype)
     return layout
