@@ -22,7 +22,8 @@ padding is masked), laid out as `cpp_ext.kernels.pack_attention_kv` lays them ou
 - "flash around" / "cudnn around" (one or two samples): the keys laid out around the image rows
   (`models.fused.keys_around`, what the runtime runs for one image): each sample's kept context
   keys beside its image keys, so each sample's keys are one run with nothing dropped inside;
-  flash's op, and cuDNN's with its offsets alone (no key counts).
+  flash's op (what the runtime runs), and cuDNN's variable-length op with those offsets alone (no
+  key counts needed; not in the runtime: on torch 2.11 it failed under graph capture).
 
 A backend that refuses the inputs is recorded with its error instead of a time. The per-step
 figure weights each level by its blocks (times the guided batch's steps: 25 per image).
@@ -119,8 +120,14 @@ def _around(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
     around.image_rows().copy_(p["rows"].flatten(0, 1).flatten(1))
 
     def run() -> torch.Tensor:
-        return around.attend(cudnn).view(b, hw, heads, HEAD).transpose(1, 2)
+        return around.attend(_cudnn_varlen if cudnn else None).view(b, hw, heads, HEAD).transpose(1, 2)
     return run
+
+
+def _cudnn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  max_q: int, max_k: int) -> torch.Tensor:
+    """`keys_around.varlen_attention` on cuDNN's op, its offsets only (no per-sample key counts)."""
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, max_q, max_k, False)[0]
 
 
 WAYS = {"flash varlen": lambda p: _varlen(p),

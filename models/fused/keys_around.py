@@ -24,6 +24,7 @@ they keep the pack.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -98,14 +99,12 @@ class KeysAround:
         flat = self.buffer.view(self.buffer.shape[0], -1)
         return flat[self.n:self.n + self.samples * self.hw]
 
-    def attend(self, cudnn: bool = False) -> torch.Tensor:
-        """Flash attention's variable-length op over the runs, once the image rows hold this step's
-        projection: [B·HW, heads, ch], token-major. With `cudnn`, cuDNN's variable-length op over
-        the same runs: they hold no dropped token, so it needs no per-sample key counts."""
+    def attend(self, op: VarlenOp | None = None) -> torch.Tensor:
+        """Flash attention's variable-length op (or `op`, called the same way) over the runs, once
+        the image rows hold this step's projection: [B·HW, heads, ch], token-major."""
         q = self.image_rows().view(self.samples * self.hw, *self.buffer.shape[1:])[:, :, 0]
         k, v = self.buffer[:, :, 1], self.buffer[:, :, 2]
-        attend = cudnn_varlen_attention if cudnn else varlen_attention
-        return attend(q, k, v, self.cu_q, self.cu_k, self.hw, self.hw + self.n)
+        return (op or varlen_attention)(q, k, v, self.cu_q, self.cu_k, self.hw, self.hw + self.n)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
@@ -115,11 +114,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
 
 
-def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
-                           cu_k: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
-    """`varlen_attention` on cuDNN's op (its offsets only: no key counts, which torch 2.11's op
-    does not take). `benchmarks/attention_backends.py` times it against flash's."""
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, max_q, max_k, False)[0]
+# (q, k, v, cu_q, cu_k, max_q, max_k) → [total queries, heads, ch]: `varlen_attention`'s signature
+VarlenOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
 def serves(block: AttentionBlock, batch: int, context_kv: torch.Tensor | None) -> bool:

@@ -294,7 +294,7 @@ def attention_block(block: AttentionBlock, x: torch.Tensor | NormInput, context:
                                          hgt * wid, h.dtype)
         torch.addmm(block.qkv.bias, h.transpose(1, 2).reshape(b * hgt * wid, c), block.qkv.weight[:, :, 0].t(),
                     out=around.image_rows())
-        attended = around.attend(options.cudnn_attention and CUDNN_VARLEN).view(b, hgt * wid, c)
+        attended = around.attend().view(b, hgt * wid, c)
         return _project_join(block, attended, x, stats, options)
     qkv = _rows(block.qkv, h.transpose(1, 2))  # [B, HW, 3C]
     packed = None  # this block's cached context keys/values [B, 2, heads, N, ch], read in place

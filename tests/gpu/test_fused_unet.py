@@ -229,8 +229,9 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     its op with the key counts ("cudnn", where this torch has it) — against the reference
     block's SDPA with the additive mask, both against fp32 — with a mask that is not a prefix, a
     sample that keeps every context token and one that keeps none, given the context or the packed
-    context keys/values; and with the context but no mask (every token kept), against the
-    reference block without one."""
+    context keys/values (the same bits), and given the packed keys/values with the default options
+    (for one or two samples the keys around the image rows, `models.fused.keys_around`); and with
+    the context but no mask (every token kept), against the reference block without one."""
     if not FLASH_VARLEN:
         pytest.skip("this torch has no flash attention varlen form with seqused_k")
     b, c, hgt, wid = shape
@@ -252,17 +253,24 @@ def test_varlen_flash_attention_block_matches_sdpa(dtype, shape, way):
     packed = torch.stack(half.context_kv(context.to(dtype)), dim=1)
     if way == "cudnn" and not unet_blocks.CUDNN_VARLEN:
         pytest.skip("this torch's cuDNN attention op takes no per-sample key counts")
-    options = FusedOptions(cudnn_attention=way != "flash")
+    # the pack both ways (the cache given or made from the context: the same bits), and for one or
+    # two samples the cached keys around the image rows (the default there: another key order)
+    options = FusedOptions(cudnn_attention=way != "flash", keys_around_images=False)
     fast = attention_block(half, xh, context.to(dtype), VarlenContext(bias), options=options).double()
     fast_kv = attention_block(half, xh, None, VarlenContext(bias), packed, options=options).double()
+    around = attention_block(half, xh, None, VarlenContext(bias), packed,
+                             options=FusedOptions(cudnn_attention=way != "flash")).double()
     plain = half(xh, context.to(dtype), bias).double()
     unmasked = attention_block(half, xh, context.to(dtype), None, options=options).double()
     tol = 1e-2 if dtype == torch.float16 else 3e-2
-    errors = {"fused": rel(fast, ref), "fused_kv": rel(fast_kv, ref), "plain": rel(plain, ref),
-              "fused_vs_plain": rel(fast, plain), "no_mask": rel(unmasked, block(x, context, None).double())}
+    errors = {"fused": rel(fast, ref), "fused_kv": rel(fast_kv, ref), "around": rel(around, ref),
+              "plain": rel(plain, ref), "fused_vs_plain": rel(fast, plain),
+              "no_mask": rel(unmasked, block(x, context, None).double())}
     print(shape, dtype, {k: f"{v:.1e}" for k, v in errors.items()})
     assert all(e <= tol for e in errors.values()), errors
     assert torch.equal(fast, fast_kv)
+    if b > 2:  # the keys around the image rows serve one or two samples; more keep the pack
+        assert torch.equal(around, fast_kv)
 
 
 DECODER_LIKE = UNetConfig(image_size=32, in_channels=3, out_channels=6, model_channels=64, channel_mult=(1, 2, 3),
