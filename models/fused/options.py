@@ -69,14 +69,14 @@ class FusedOptions:
         step. The same attention up to the order in which flash attention meets the keys. On:
         the pack's launch gone from every decoder step of one image (docs/kernels.md;
         `benchmarks/latency.py --no-keys-around-images` times it off). Larger batches keep the pack.
-    :param cudnn_attention: the attention blocks with a text context attend over the same packed
-        keys by cuDNN's attention op with per-sample key counts instead of flash attention's
-        variable-length form, where this torch's op takes the counts (`seqused_k`; else flash's
-        runs); the keys around the image rows always take flash's (cuDNN's op over that layout
-        failed under graph capture on torch 2.11: docs/kernels.md). Off: not yet measured in the
-        pipeline (the GPU machine's torch has no such op); SDPA's cuDNN backend with the dropped tokens masked instead measured 1.6× slower than
-        flash's form (docs/kernels.md; `benchmarks/attention_backends.py` times the kernels alone,
-        `benchmarks/latency.py --cudnn-attention` the pipeline).
+    :param cudnn_attention: the attention blocks with a text context attend over the same packed keys by
+        cuDNN's attention op with per-sample key counts instead of flash attention's variable-length form,
+        where this torch's op takes the counts (`seqused_k`; else flash's runs); the keys around the image
+        rows always take flash's (cuDNN's op over that layout failed under graph capture on torch 2.11:
+        docs/kernels.md). Off: not yet measured in the pipeline (the GPU machine's torch has no such op);
+        SDPA's cuDNN backend with the dropped tokens masked instead measured 1.6× slower than flash's form
+        (docs/kernels.md; `benchmarks/attention_backends.py` times the kernels alone, `benchmarks/latency.py
+        --cudnn-attention` the pipeline).
     """
 
     join_stats: bool = True
