@@ -112,9 +112,7 @@ def _around(p: dict, cudnn: bool = False) -> Callable[[], torch.Tensor]:
     if b > 2:
         raise TypeError("the keys around the image rows serve one or two samples")
     context_kv = p["kv"][:, hw:].permute(0, 3, 2, 1, 4)  # [B, 2, heads, N, ch]
-    bias = torch.full((b, CONTEXT), float("-inf"), device="cuda")
-    for i in range(b):
-        bias[i, :KEPT[i % len(KEPT)]] = 0.0
+    bias = p["mask"][:, 0, 0, hw:]  # the context tokens' part of the problem's mask
     around = keys_around.KeysAround(SimpleNamespace(heads=heads, kv_heads=slice(0, heads)), context_kv,
                                     keys_around.kept_tokens(bias, b, CONTEXT, bias.device), hw, torch.float16)
     around.image_rows().copy_(p["rows"].flatten(0, 1).flatten(1))

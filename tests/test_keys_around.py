@@ -43,8 +43,7 @@ def test_each_sample_attends_over_its_image_keys_and_its_kept_context(layout):
     around.image_rows().copy_(rows.flatten(1))
     cu_k = around.cu_k.tolist()
     assert 0 <= cu_k[0] and cu_k[-1] <= around.buffer.shape[0] and cu_k == sorted(cu_k)
-    q = around.image_rows().view(batch * hw, heads, 3, ch)[:, :, 0]
-    got = _varlen_reference(q, around.buffer[:, :, 1], around.buffer[:, :, 2], around.cu_q, around.cu_k, hw, hw + n)
+    got = around.attend(_varlen_reference)
     for b in range(batch):
         mine = rows[b * hw:(b + 1) * hw]
         kept = context_kv[b, :, 1:, keep[b]]  # [2, heads, kept, ch]
