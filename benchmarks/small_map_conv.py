@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row["shape"], f"floor {row['weight_floor_us']} us", "cudnn", row["us"].get("cudnn"),
                   "cutlass", row["best_cutlass"], "small", row["best_small_map"], "gain", row["small_map_gain_us"],
                   "max diff", f"{max(row['difference'].values()):.2e}", flush=True)
-    if args.out is not None:
-        atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1)))
+            if args.out is not None:  # after every shape: a run stopped early keeps what it measured
+                atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1)))
     return 0
 
 
