@@ -10,9 +10,12 @@ shape times every configuration of its type (CUDA events, outside any CUDA-graph
 `RACE_TIMING` says how, `models.race_timing`: "graph", the default, each entry replayed from a
 CUDA graph over copies of its operands that do not fit the L2 cache together, as the UNets run
 and read their weights, or "eager", host launches on the one weight) and keeps the fastest. For fp16 cuDNN's
-convolution runs in that race too, so a shape where cuDNN is faster keeps it, and so does our own
+convolution runs in that race too, so a shape where cuDNN is faster keeps it, and so can our own
 kernel for small maps (`models.small_map_conv`: the K loop split over a cluster of blocks) where it
-takes the shape and `SMALL_MAP` is on. `conv2d_as_gemm`
+takes the shape and `SMALL_MAP` is on (off by default until measured on a GPU: docs/kernels.md).
+Before an fp16 entry is timed, its first output is checked against cuDNN's on the same operands
+(`AGREEMENT`): one that does not agree is left out with a warning, so a kernel that is wrong on
+a shape can never win that shape's race by being fast. `conv2d_as_gemm`
 is the convolution as one explicit product (neighbourhoods gathered, cuBLAS), a reference way
 for the decoder's small maps' benchmarks (`benchmarks/conv_split_k.py`); it lost to cuDNN and
 CUTLASS at every Karlo shape, so it is not in the race (docs/kernels.md). `PERSISTENT = False`
@@ -34,6 +37,7 @@ picks "cutlass".
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -49,7 +53,8 @@ _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) â
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-SMALL_MAP = True  # whether the small-map kernel's entries join the fp16 race where they fit (module docstring)
+SMALL_MAP = False  # whether the small-map kernel's entries join the fp16 race where they fit (module docstring)
+AGREEMENT = 1e-2  # the most an fp16 entry's output may differ from cuDNN's (relative to its largest value) to race
 RACE_TIMING = "graph"  # how the race times its entries: "graph" or "eager" (models.race_timing; module docstring)
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
 
@@ -144,12 +149,36 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
     timer = race_timing.graph_times if RACE_TIMING == "graph" else race_timing.eager_times
-    times = timer(configs, launch, operands)
+    accept = _agrees_with_cudnn(launch, operands, key) if others and others[0] == CUDNN else None
+    times = timer(configs, launch, operands, accept=accept)
     if not times:
         raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
     _best[(kind, *key)] = best = min(times, key=times.__getitem__)
     conv_choices.save(conv_choices.cache_path(), env, {(kind, *key): describe(best)})
     return best
+
+
+def _agrees_with_cudnn(launch: Callable[..., torch.Tensor], operands: tuple[torch.Tensor, ...],
+                       key: tuple) -> race_timing.Accept:
+    """The race's check of an entry's first output (`race_timing`'s `accept`): within `AGREEMENT` of
+    cuDNN's output on the same operands, relative to its largest magnitude. Every entry computes
+    the same convolution, so one that does not agree is wrong on this shape (a kernel's fault, not
+    rounding: fp16 entries agree to a few 1e-3); it is left out of the race with a warning, where
+    timing alone would keep a wrong kernel that happens to be fast."""
+    want = launch(CUDNN, *operands).float()
+    scale = float(want.abs().max()) or 1.0
+
+    def accept(entry: Entry, out: torch.Tensor) -> bool:
+        if entry == CUDNN:
+            return True
+        error = float((out.float() - want).abs().max()) / scale
+        if error <= AGREEMENT:  # a NaN is not
+            return True
+        warnings.warn(f"convolution race: {describe(entry)} differs from cuDNN by {error:.3g} of the output's "
+                      f"largest value on x {list(key[0])}, weight {list(key[1])}; left out of the race", stacklevel=2)
+        return False
+
+    return accept
 
 
 def _padding(padding: int | tuple[int, int]) -> tuple[int, int]:

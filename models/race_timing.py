@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 Launch = Callable[..., object]  # launch(entry, *operands): one convolution of the race's kind
+Accept = Callable[[Hashable, object], bool]  # accept(entry, output of its first launch): whether it may race
 
 
 def copies_for(operand_bytes: int, l2_bytes: int, least: int = 2, most: int = 32) -> int:
@@ -36,15 +37,16 @@ def copies_for(operand_bytes: int, l2_bytes: int, least: int = 2, most: int = 32
     return max(least, min(most, -(-2 * l2_bytes // operand_bytes)))
 
 
-def _runs(launch: Launch, entry: Hashable, operands: tuple[torch.Tensor, ...]) -> bool:
+def _runs(launch: Launch, entry: Hashable, operands: tuple[torch.Tensor, ...], accept: Accept | None = None
+          ) -> bool:
     """Whether `entry` takes these operands: its first launch (untimed: TMA descriptors, cuDNN's
     algorithm search) raises no RuntimeError (which a tile shape that cannot implement the shape
-    does)."""
+    does) and, where `accept` is given, its output passes `accept(entry, output)`."""
     try:
-        launch(entry, *operands)
+        out = launch(entry, *operands)
     except RuntimeError:
         return False
-    return True
+    return accept is None or accept(entry, out)
 
 
 def _elapsed_ms(work: Callable[[], object]) -> float:
@@ -58,22 +60,23 @@ def _elapsed_ms(work: Callable[[], object]) -> float:
 
 
 def eager_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[torch.Tensor, ...],
-                launches: int = 5) -> dict[Hashable, float]:
+                launches: int = 5, accept: Accept | None = None) -> dict[Hashable, float]:
     """Milliseconds of `launches` host launches of each entry on `operands` (CUDA events), after one
-    untimed launch; an entry that refuses the operands (`_runs`) is left out."""
+    untimed launch; an entry that refuses the operands or whose output `accept` refuses (`_runs`)
+    is left out."""
     times = {}
     for entry in entries:
-        if _runs(launch, entry, operands):
+        if _runs(launch, entry, operands, accept):
             times[entry] = _elapsed_ms(lambda entry=entry: [launch(entry, *operands) for _ in range(launches)])
     return times
 
 
 def graph_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[torch.Tensor, ...],
-                rounds: int = 3, l2_bytes: int | None = None) -> dict[Hashable, float]:
+                rounds: int = 3, l2_bytes: int | None = None, accept: Accept | None = None) -> dict[Hashable, float]:
     """Median milliseconds of one launch of each entry, replayed from a CUDA graph over distinct
     copies of `operands` (`copies_for`; `l2_bytes` defaults to the device's L2 cache), `rounds`
-    interleaved rounds; an entry that refuses the operands (`_runs`) or whose capture raises
-    RuntimeError is left out. Outside any capture only."""
+    interleaved rounds; an entry that refuses the operands or whose first output `accept` refuses
+    (`_runs`), or whose capture raises RuntimeError, is left out. Outside any capture only."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("graph_times captures graphs of its own: call it outside a CUDA-graph capture")
     device = operands[0].device
@@ -84,7 +87,7 @@ def graph_times(entries: Sequence[Hashable], launch: Launch, operands: tuple[tor
     pool = torch.cuda.graph_pool_handle()
     graphs = {}
     for entry in entries:
-        if not _runs(launch, entry, operands):  # eager first: no capture may meet a first call's work
+        if not _runs(launch, entry, operands, accept):  # eager first: no capture may meet a first call's work
             continue
         graph = torch.cuda.CUDAGraph()
         try:

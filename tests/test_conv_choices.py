@@ -127,8 +127,9 @@ def test_a_new_shape_is_timed_the_race_timing_way_and_its_fastest_stored(fake_bu
     calls = []
 
     def timer(name, times):
-        def timed(entries, launch, operands):
+        def timed(entries, launch, operands, accept=None):
             calls.append((name, list(entries), operands))
+            assert all(accept(entry, launch(entry, *operands)) for entry in entries)  # they all agree here
             return {entry: times[entry] for entry in entries}
         return timed
 
@@ -137,7 +138,8 @@ def test_a_new_shape_is_timed_the_race_timing_way_and_its_fastest_stored(fake_bu
     monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     operands = (torch.empty(2), torch.empty(3))
-    chosen = implicit_conv._fastest("f16", KEY[1:], lambda entry, *ops: None, operands, others=(implicit_conv.CUDNN,))
+    chosen = implicit_conv._fastest("f16", KEY[1:], lambda entry, *ops: torch.ones(4), operands,
+                                    others=(implicit_conv.CUDNN,))
     assert [(name, entries) for name, entries, _ in calls] == [(timing, [implicit_conv.CUDNN, 0, 1])]
     assert calls[0][2] is operands
     assert chosen == (1 if timing == "eager" else implicit_conv.CUDNN)
@@ -155,3 +157,21 @@ def test_the_race_timing_is_part_of_the_stored_choices_environment(monkeypatch):
     eager = implicit_conv.environment("cuda")
     monkeypatch.setattr(implicit_conv, "RACE_TIMING", "graph")
     assert implicit_conv.environment("cuda") != eager and "race graph" in implicit_conv.environment("cuda")
+
+
+@pytest.mark.parametrize("wrong", [torch.full((4,), 1.02), torch.tensor([1.0, 1.0, float("nan"), 1.0]), -torch.ones(4)])
+def test_an_entry_whose_output_does_not_agree_with_cudnns_is_left_out_of_the_race(fake_build, monkeypatch, wrong):
+    """The race checks each fp16 entry's first output against cuDNN's on the same operands: one
+    off by more than `AGREEMENT` of the output's largest value (or with a NaN) never races, however
+    fast, and a warning names it; one within it races."""
+    outputs = {implicit_conv.CUDNN: torch.ones(4), 0: torch.full((4,), 1.005), 1: wrong}
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", "eager")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launch = lambda entry, *ops: outputs[entry]  # noqa: E731
+    monkeypatch.setattr(implicit_conv.race_timing, "eager_times", lambda entries, launch, operands, accept=None: {
+        entry: {implicit_conv.CUDNN: 3.0, 0: 2.0, 1: 1.0}[entry] for entry in entries
+        if implicit_conv.race_timing._runs(launch, entry, operands, accept)})
+    with pytest.warns(UserWarning, match="f16_256x160x64_c1x1_persistent differs from cuDNN"):
+        chosen = implicit_conv._fastest("f16", KEY[1:], launch, (torch.empty(2),), others=(implicit_conv.CUDNN,))
+    assert chosen == 0  # entry 1 was fastest but wrong
+    assert conv_choices.load(fake_build, "fake-gpu")[KEY] == "f16_128x128x64_c1x1"
