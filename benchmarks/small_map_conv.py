@@ -4,7 +4,9 @@ race times them (`models.race_timing.graph_times`: replayed from CUDA graphs ove
 operands that together take twice the L2 cache, so the weights come from memory as in the
 decoder's step, three interleaved rounds, the median), with each kernel way's largest difference
 from a float32 convolution and the weights' memory floor (a device copy of the weights over the
-same copies, read and written: the floor is half its time).
+same copies, read and written: the floor is half its time). Besides the race's entries
+(`small_map_conv.ENTRIES`) it times the kernel at every block width, split count and stage count
+it takes (`SWEEP`), to see which ways the race should hold.
 
     python benchmarks/small_map_conv.py [--out FILE.json]
 """
@@ -36,6 +38,9 @@ SHAPES = [(2, 960, 1280, 8, 3, 1), (2, 1280, 1280, 8, 3, 1), (2, 2240, 1280, 8, 
           (8, 960, 1280, 8, 3, 1), (8, 1280, 1280, 8, 3, 1), (8, 2560, 1280, 8, 3, 1), (8, 960, 960, 8, 3, 1)]
 
 
+SWEEP = tuple(small_map_conv.SmallMap(f, s, st) for f in (128, 64) for s in (2, 4, 6, 8) for st in (3, 4, 6))
+
+
 def cutlass_entries() -> list:
     """The CUTLASS fp16 race's configurations (none where the extension is not built)."""
     return implicit_conv._configs("f16") if implicit_conv.cpp_ext.cutlass_conv is not None else []
@@ -48,7 +53,9 @@ def measure(batch: int, cin: int, cout: int, side: int, kernel: int, pad: int) -
     w = (torch.randn(cout, cin, kernel, kernel, device="cuda", generator=g) / (cin * kernel * kernel) ** 0.5)
     w = w.half().to(memory_format=cl)
     padding = (pad, pad)
-    small = small_map_conv.entries_for(tuple(x.shape), tuple(w.shape), padding)
+    race = small_map_conv.entries_for(tuple(x.shape), tuple(w.shape), padding)
+    steps = kernel * kernel * cin // small_map_conv.CHANNEL_STEP
+    small = (*race, *(e for e in SWEEP if race and e not in race and cout % e.features == 0 and e.splits <= steps))
 
     def launch(entry, x, w):
         if entry == implicit_conv.CUDNN:
@@ -66,15 +73,18 @@ def measure(batch: int, cin: int, cout: int, side: int, kernel: int, pad: int) -
                  "weight_floor_us": round(copy * 1e3 / 2, 2)}
     row["us"] = {implicit_conv.describe(e): round(ms * 1e3, 2) for e, ms in times.items()}
     row["difference"] = {}
-    for entry in (implicit_conv.CUDNN, *small):
+    for entry in (implicit_conv.CUDNN, *race):
         got = launch(entry, x, w).float()
         row["difference"][implicit_conv.describe(entry)] = float((got - want).abs().max() / want.abs().max())
     cutlass = {k: v for k, v in row["us"].items() if k != "cudnn" and not k.startswith("small_map_")}
-    own = {k: v for k, v in row["us"].items() if k.startswith("small_map_")}
+    own = {e.name: row["us"][e.name] for e in small if e.name in row["us"]}
+    entries = {e.name: row["us"][e.name] for e in race if e.name in row["us"]}
     row["best_cutlass"] = min(cutlass.items(), key=lambda kv: kv[1]) if cutlass else None
     row["best_small_map"] = min(own.items(), key=lambda kv: kv[1]) if own else None
-    others = [v for k, v in row["us"].items() if not k.startswith("small_map_")]
-    row["small_map_gain_us"] = round(min(others) - row["best_small_map"][1], 2) if own and others else None
+    row["best_small_map_entry"] = min(entries.items(), key=lambda kv: kv[1]) if entries else None
+    others = [v for k, v in row["us"].items() if k not in own]
+    row["small_map_gain_us"] = (round(min(others) - row["best_small_map_entry"][1], 2)
+                                if entries and others else None)  # what the race's entries win
     return row
 
 
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(*shape)
             results["shapes"].append(row)
             print(row["shape"], f"floor {row['weight_floor_us']} us", "cudnn", row["us"].get("cudnn"),
-                  "cutlass", row["best_cutlass"], "small", row["best_small_map"], "gain", row["small_map_gain_us"],
+                  "cutlass", row["best_cutlass"], "entries", row["best_small_map_entry"], "any way",
+                  row["best_small_map"], "gain", row["small_map_gain_us"],
                   "max diff", f"{max(row['difference'].values()):.2e}", flush=True)
             if args.out is not None:  # after every shape: a run stopped early keeps what it measured
                 atomic_write(args.out, lambda path: path.write_text(json.dumps(results, indent=1)))

@@ -63,7 +63,7 @@ at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, c
                                 int64_t stages);
 
 at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          int64_t pad_h, int64_t pad_w, int64_t block_features, int64_t splits);
+                          int64_t pad_h, int64_t pad_w, int64_t block_features, int64_t splits, int64_t stages);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
@@ -130,5 +130,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "conv2d (stride 1) of a small fp16 channels-last map, the K loop split over a cluster of blocks whose "
         "float32 parts meet in shared memory in a fixed order (Hopper+)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("pad_h") = 1, py::arg("pad_w") = 1,
-        py::arg("block_features") = 128, py::arg("splits") = 8);
+        py::arg("block_features") = 128, py::arg("splits") = 8, py::arg("stages") = 4);
 }

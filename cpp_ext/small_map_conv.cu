@@ -2,15 +2,14 @@
 // guided batch) as an implicit GEMM whose K loop is split over a thread-block cluster, the parts
 // added through distributed shared memory in a fixed order, in one launch.
 //
-// Why: at 8² a guided batch has 128 output pixels, so a 3×3 convolution of 1280 channels is a
-// product of 128 rows by 1280 features over K = 11 520: a dozen output tiles for 132 SMs, each
-// with a long K loop, while the weights (29.5 MB) take longer to read from memory than the
-// tensor cores take to use them. Splitting K gives every SM a share of the weights; what the
-// split ways tried before paid elsewhere (a gathered copy of the neighbourhoods, float32 parts
-// written to memory and added by a kernel of their own, parts meeting one after another:
-// docs/kernels.md). Here each block reads its rows' neighbourhoods straight from the map
-// (cp.async with zero fill where a tap reaches into the padding), keeps its float32 part in
-// shared memory, and the cluster's blocks add the parts of a slice of rows each, rank by rank.
+// Why: such a product has few output tiles and a long K loop, and its weights take longer to read
+// than the tensor cores take to use them, so one tile per SM leaves most SMs idle while the
+// weights trickle in. Splitting K gives every SM a share of the weights. The parts never touch
+// global memory and no copy of the neighbourhoods is made (what made earlier splits lose:
+// docs/kernels.md): each block reads its rows' neighbourhoods straight from the map (cp.async with
+// zero fill where a tap reaches into the padding), keeps its float32 part in shared memory, and
+// each block of the cluster adds every block's part over one slice of the tile's rows, rank 0
+// first (deterministic), then the bias, rounding once.
 //
 // Block (split s, feature tile n, row tile m): rows [128m, 128m + 128) of the product (output
 // pixels, NHWC order), features [BN·n, BN·n + BN), k-steps [s·per, (s + 1)·per) of 64 input
@@ -29,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "half_tensors.h"
 #include "pdl.cuh"
@@ -42,7 +42,6 @@ constexpr int kThreads = 256;              // 8 warps
 constexpr int kRows = 128;                 // output pixels per block
 constexpr int kStep = 64;                  // input channels per k-step (one tap)
 constexpr int kRowBytes = 2 * kStep + 16;  // a staged row, padded: ldmatrix's 8 rows hit distinct banks
-constexpr int kStages = 4;
 constexpr int kMostSplits = 8;  // a portable cluster
 
 struct Geometry {
@@ -55,7 +54,7 @@ struct Geometry {
   int64_t k;               // the weight's row: taps · cin
 };
 
-template <int BN>
+template <int BN, int kStages>
 constexpr int smem_bytes() {
   constexpr int ring = kStages * (kRows + BN) * kRowBytes;
   constexpr int parts = kRows * (BN + 4) * 4;
@@ -88,7 +87,7 @@ __device__ __forceinline__ void ldmatrix4(unsigned addr, uint32_t (&r)[4]) {
 
 #endif
 
-template <int BN>
+template <int BN, int kStages>
 __global__ void __launch_bounds__(kThreads)
     small_map_conv_kernel(const __half* __restrict__ x, const __half* __restrict__ weight,
                           const __half* __restrict__ bias, __half* __restrict__ out, Geometry g) {
@@ -247,11 +246,11 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <int BN>
+template <int BN, int kStages>
 void launch(const at::Tensor& x, const at::Tensor& weight, const __half* bias, at::Tensor& y, const Geometry& g,
             int splits, int row_tiles, cudaStream_t stream) {
-  const auto kernel = small_map_conv_kernel<BN>;
-  constexpr int smem = smem_bytes<BN>();
+  const auto kernel = small_map_conv_kernel<BN, kStages>;
+  constexpr int smem = smem_bytes<BN, kStages>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   cudaLaunchAttribute attributes[2];
   attributes[0].id = cudaLaunchAttributeClusterDimension;
@@ -279,9 +278,10 @@ void launch(const at::Tensor& x, const at::Tensor& weight, const __half* bias, a
 // F.conv2d(x, weight, bias, padding=(pad_h, pad_w)) (stride 1) for fp16 channels-last x [B, C, H, W]
 // and weight [K, C, kh, kw], channels-last out, float32 accumulation, rounded once: the product's
 // K loop split into `splits` (1 to 8) parts over a cluster of blocks, `block_features` (64 or 128)
-// output channels per block. C a multiple of 64, K of block_features. Hopper (sm_90) or newer.
+// output channels per block, operands staged through a ring of `stages` (3, 4 or 6) shared-memory
+// stages. C a multiple of 64, K of block_features. Hopper (sm_90) or newer.
 at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          int64_t pad_h, int64_t pad_w, int64_t block_features, int64_t splits) {
+                          int64_t pad_h, int64_t pad_w, int64_t block_features, int64_t splits, int64_t stages) {
   const char* op = "small_map_conv";
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.scalar_type() == at::kHalf &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast) && unclip_rt::aligned16(x),
@@ -294,6 +294,7 @@ at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c
   TORCH_CHECK(weight.size(1) == cin, op, ": weight has ", weight.size(1), " input channels, x ", cin);
   TORCH_CHECK(cin % kStep == 0, op, ": the input channels must be a multiple of 64, got ", cin);
   TORCH_CHECK(block_features == 64 || block_features == 128, op, ": block_features must be 64 or 128");
+  TORCH_CHECK(stages == 3 || stages == 4 || stages == 6, op, ": stages must be 3, 4 or 6");
   TORCH_CHECK(cout % block_features == 0, op, ": the output channels (", cout, ") must be a multiple of ",
               block_features);
   TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && pad_h < kh && pad_w < kw, op, ": padding must be in [0, kernel size)");
@@ -325,10 +326,19 @@ at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c
   const int row_tiles = static_cast<int>((rows + kRows - 1) / kRows);
   const __half* b = bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto by_stages = [&](auto bn) {
+    constexpr int BN = decltype(bn)::value;
+    const int s = static_cast<int>(splits);
+    switch (stages) {
+      case 3: launch<BN, 3>(x, weight, b, y, g, s, row_tiles, stream); break;
+      case 6: launch<BN, 6>(x, weight, b, y, g, s, row_tiles, stream); break;
+      default: launch<BN, 4>(x, weight, b, y, g, s, row_tiles, stream); break;
+    }
+  };
   if (block_features == 128) {
-    launch<128>(x, weight, b, y, g, static_cast<int>(splits), row_tiles, stream);
+    by_stages(std::integral_constant<int, 128>{});
   } else {
-    launch<64>(x, weight, b, y, g, static_cast<int>(splits), row_tiles, stream);
+    by_stages(std::integral_constant<int, 64>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

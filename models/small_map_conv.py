@@ -25,16 +25,19 @@ MOST_ROWS = 640  # output pixels (batch · height · width) up to which the race
 
 @dataclass(frozen=True)
 class SmallMap:
-    """One way to run the kernel: `features` output channels per block, the K loop in `splits` parts."""
+    """One way to run the kernel: `features` output channels per block (64 or 128), the K loop in
+    `splits` parts (1 to 8), operands through a ring of `stages` shared-memory stages (3, 4 or 6)."""
 
     features: int
     splits: int
+    stages: int = 4
 
     @property
     def name(self) -> str:
-        return f"small_map_{self.features}x{self.splits}"
+        return f"small_map_{self.features}x{self.splits}" + ("" if self.stages == 4 else f"_stages{self.stages}")
 
 
+# the race's entries; `benchmarks/small_map_conv.py` also times the other split and stage counts
 ENTRIES = (SmallMap(128, 4), SmallMap(128, 8), SmallMap(64, 4), SmallMap(64, 8))
 
 
@@ -75,4 +78,5 @@ def conv2d(entry: SmallMap, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
            padding: tuple[int, int]) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, padding=padding)` (stride 1) the `entry` way, for fp16
     channels-last `x` and `weight` (`entries_for` says which shapes); channels-last out."""
-    return cpp_ext.kernels.small_map_conv(x, weight, bias, padding[0], padding[1], entry.features, entry.splits)
+    return cpp_ext.kernels.small_map_conv(x, weight, bias, padding[0], padding[1], entry.features, entry.splits,
+                                          entry.stages)

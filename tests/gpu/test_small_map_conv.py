@@ -62,6 +62,17 @@ def test_every_entry_gives_the_convolution(batch, cin, cout, hw, kernel, padding
         assert rel(small_map_conv.conv2d(entries[0], x, mirrored, None, padding), reference(x, w, None, padding)) > 0.1
 
 
+def test_the_ring_of_stages_changes_no_bit():
+    """The stage count only changes how far ahead operands are requested: the same products in the
+    same order, so 3, 4 and 6 stages give the same bits (and bad counts are refused)."""
+    x, w, bias = operands(2, 2240, 1280, (8, 8), (3, 3))
+    for features, splits in ((128, 8), (64, 4), (64, 6)):
+        outs = [small_map_conv.conv2d(SmallMap(features, splits, stages), x, w, bias, (1, 1)) for stages in (3, 4, 6)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), (features, splits)
+    with pytest.raises(RuntimeError, match="stages must be 3, 4 or 6"):
+        cpp_ext.kernels.small_map_conv(x, w, None, 1, 1, 128, 8, 5)
+
+
 def test_repeats_and_graph_replays_give_the_same_bits():
     x, w, bias = operands(2, 1280, 1280, (8, 8), (3, 3))
     for entry in small_map_conv.entries_for(tuple(x.shape), tuple(w.shape), (1, 1)):
