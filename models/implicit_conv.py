@@ -159,13 +159,17 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
 
 
 def _agrees_with_cudnn(launch: Callable[..., torch.Tensor], operands: tuple[torch.Tensor, ...],
-                       key: tuple) -> race_timing.Accept:
+                       key: tuple) -> race_timing.Accept | None:
     """The race's check of an entry's first output (`race_timing`'s `accept`): within `AGREEMENT` of
     cuDNN's output on the same operands, relative to its largest magnitude. Every entry computes
     the same convolution, so one that does not agree is wrong on this shape (a kernel's fault, not
     rounding: fp16 entries agree to a few 1e-3); it is left out of the race with a warning, where
-    timing alone would keep a wrong kernel that happens to be fast."""
-    want = launch(CUDNN, *operands).float()
+    timing alone would keep a wrong kernel that happens to be fast. None (no check) where cuDNN
+    itself refuses the operands: the race then leaves cuDNN out as it would any entry."""
+    try:
+        want = launch(CUDNN, *operands).float()
+    except RuntimeError:
+        return None
     scale = float(want.abs().max()) or 1.0
 
     def accept(entry: Entry, out: torch.Tensor) -> bool:
