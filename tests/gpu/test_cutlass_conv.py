@@ -109,6 +109,36 @@ def test_cudnn_runs_in_the_fp16_race_and_the_winner_is_kept(monkeypatch, timing)
     assert rel(got, conv(x)) <= 2e-3
 
 
+@pytest.mark.parametrize("timing", ["eager", "graph"])
+def test_a_fast_wrong_entry_never_wins_the_race(monkeypatch, timing):
+    """An entry that returns at once with a wrong result (zeros) joins a real race beside cuDNN and
+    every fp16 configuration: the agreement check leaves it out with a warning, and the shape keeps
+    a correct kernel."""
+    from models import implicit_conv
+
+    monkeypatch.setattr(implicit_conv, "_best", {})
+    monkeypatch.setattr(implicit_conv, "RACE_TIMING", timing)
+    monkeypatch.setattr(implicit_conv.conv_choices, "save", lambda *a, **k: None)
+    monkeypatch.setattr(implicit_conv.conv_choices, "load", lambda *a, **k: {})
+    conv = nn.Conv2d(320, 320, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 320, 16, 16, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = conv.weight.detach()
+    wrong = -7  # not an entry any race holds
+
+    def launch(entry, x, w):
+        if entry == wrong:
+            return torch.zeros(2, 320, 16, 16, device="cuda", dtype=torch.float16)
+        if entry == implicit_conv.CUDNN:
+            return torch.nn.functional.conv2d(x, w, None, padding=1)
+        return cpp_ext.cutlass_conv.conv2d(x, w, None, 1, 1, *implicit_conv._split(entry))
+
+    monkeypatch.setattr(implicit_conv, "describe", lambda e: "wrong" if e == wrong else str(e))
+    with pytest.warns(UserWarning, match="wrong differs from cuDNN"):
+        chosen = implicit_conv._fastest("f16", (tuple(x.shape), tuple(w.shape), (1, 1)), launch, (x, w),
+                                        others=(implicit_conv.CUDNN, wrong))
+    assert chosen != wrong
+
+
 @pytest.mark.skipif(cpp_ext.kernels is None, reason="cpp_ext not built")
 def test_the_fused_unet_with_cutlass_convolutions_gives_the_cudnn_forward(monkeypatch):
     """The default model's super-res UNet, fp16 channels-last, on the fused path with its residual
