@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -252,25 +251,11 @@ void launch(const at::Tensor& x, const at::Tensor& weight, const __half* bias, a
   const auto kernel = small_map_conv_kernel<BN, kStages>;
   constexpr int smem = smem_bytes<BN, kStages>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = splits;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
-  static const bool overlap = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;  // pdl.cuh's switch
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(splits), static_cast<unsigned>(g.cout / BN),
-                        static_cast<unsigned>(row_tiles));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attributes;
-  config.numAttrs = overlap ? 2 : 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const __half*>(x.data_ptr()),
-                                    reinterpret_cast<const __half*>(weight.data_ptr()), bias,
-                                    reinterpret_cast<__half*>(y.data_ptr()), g));
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.cout / BN), static_cast<unsigned>(row_tiles));
+  unclip_rt::launch_overlapped_clusters(kernel, grid, dim3(kThreads), dim3(static_cast<unsigned>(splits), 1, 1), smem,
+                                        stream, reinterpret_cast<const __half*>(x.data_ptr()),
+                                        reinterpret_cast<const __half*>(weight.data_ptr()), bias,
+                                        reinterpret_cast<__half*>(y.data_ptr()), g);
 }
 
 }  // namespace
