@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
+from models.small_map_conv import rows_of  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
 CONTEXT_TOKENS = 81  # the decoder's context: 77 text tokens and 4 extra ones (models.text_proj)
@@ -55,8 +56,7 @@ def conv_shapes(config: str, stage: str, batch: int) -> list[dict]:
         net(x, t, torch.empty(batch, ucfg.time_embed_dim, dtype=torch.half), context)
     rows = []
     for (xs, ws, pad), n in seen.items():
-        oh, ow = xs[2] + 2 * pad[0] - ws[2] + 1, xs[3] + 2 * pad[1] - ws[3] + 1
-        pixels = xs[0] * oh * ow
+        pixels = rows_of(xs, ws, pad)
         rows.append({"x": list(xs), "weight": list(ws), "padding": list(pad), "count": n, "rows": pixels,
                      "weight_mb": ws[0] * ws[1] * ws[2] * ws[3] * 2 / 1e6,
                      "gflop": 2 * pixels * ws[0] * ws[1] * ws[2] * ws[3] / 1e9})

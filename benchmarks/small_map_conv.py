@@ -54,15 +54,11 @@ def measure(batch: int, cin: int, cout: int, side: int, kernel: int, pad: int) -
     w = w.half().to(memory_format=cl)
     padding = (pad, pad)
     race = small_map_conv.entries_for(tuple(x.shape), tuple(w.shape), padding)
-    steps = kernel * kernel * cin // small_map_conv.CHANNEL_STEP
-    small = (*race, *(e for e in SWEEP if race and e not in race and cout % e.features == 0 and e.splits <= steps))
+    swept = small_map_conv.entries_for(tuple(x.shape), tuple(w.shape), padding, SWEEP)
+    small = (*race, *(e for e in swept if e not in race))
 
     def launch(entry, x, w):
-        if entry == implicit_conv.CUDNN:
-            return F.conv2d(x, w, None, padding=padding)
-        if isinstance(entry, small_map_conv.SmallMap):
-            return small_map_conv.conv2d(entry, x, w, None, padding)
-        return implicit_conv.cpp_ext.cutlass_conv.conv2d(x, w, None, pad, pad, *implicit_conv._split(entry))
+        return implicit_conv.run_f16(entry, x, w, None, padding)
 
     entries = [implicit_conv.CUDNN, *cutlass_entries(), *small]
     times = race_timing.graph_times(entries, launch, (x, w))

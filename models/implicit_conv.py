@@ -210,19 +210,25 @@ def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return None if entry == CUDNN or isinstance(entry, SmallMap) else launch(entry, residual)
 
 
+def run_f16(entry: Entry, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: tuple[int, int],
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp16 convolution (stride 1) the `entry` way: cuDNN's, the small-map kernel's, or a
+    CUTLASS configuration's (the only ones that take a `residual`); `bias` fp16 or None."""
+    if entry == CUDNN:
+        return F.conv2d(x, weight, bias, padding=pad)
+    if isinstance(entry, SmallMap):
+        return small_map_conv.conv2d(entry, x, weight, bias, pad)
+    return cpp_ext.cutlass_conv.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
+
+
 def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 pad: tuple[int, int]) -> tuple[Entry, Callable[..., torch.Tensor]]:
     """The fp16 race's entry for this convolution (cuDNN's and the small-map kernel's among them),
     and the launch of an entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
     bias = None if bias is None else bias.to(torch.float16).contiguous()
-    kernel = cpp_ext.cutlass_conv
 
     def run(entry: Entry, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if entry == CUDNN:
-            return F.conv2d(x, weight, bias, padding=pad)
-        if isinstance(entry, SmallMap):
-            return small_map_conv.conv2d(entry, x, weight, bias, pad)
-        return kernel.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
+        return run_f16(entry, x, weight, bias, pad, residual)
 
     def launch(entry: Entry, residual: torch.Tensor | None = None) -> torch.Tensor:
         return run(entry, x, weight, residual)

@@ -53,11 +53,12 @@ def rows_of(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding: tu
     return batch * max(0, height + 2 * padding[0] - kh + 1) * max(0, width + 2 * padding[1] - kw + 1)
 
 
-def entries_for(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding: tuple[int, int]
-                ) -> tuple[SmallMap, ...]:
-    """The entries that take a convolution of these shapes (stride 1): at most `MOST_ROWS` output
-    pixels, input channels a multiple of `CHANNEL_STEP`, output channels of the block width, no
-    more parts than K-loop steps. Empty where the kernel is not built."""
+def entries_for(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding: tuple[int, int],
+                candidates: tuple[SmallMap, ...] = ENTRIES) -> tuple[SmallMap, ...]:
+    """The `candidates` (the race's entries by default) that take a convolution of these shapes
+    (stride 1): at most `MOST_ROWS` output pixels, input channels a multiple of `CHANNEL_STEP`,
+    output channels of the block width, no more parts than K-loop steps. Empty where the kernel is
+    not built."""
     if not built():
         return ()
     channels = x_shape[1]
@@ -66,7 +67,7 @@ def entries_for(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding
     if not 0 < rows <= MOST_ROWS or channels % CHANNEL_STEP or not (0 <= padding[0] < kh and 0 <= padding[1] < kw):
         return ()
     steps = kh * kw * channels // CHANNEL_STEP
-    return tuple(e for e in ENTRIES if features % e.features == 0 and e.splits <= steps)
+    return tuple(e for e in candidates if features % e.features == 0 and e.splits <= steps)
 
 
 def of_name(name: str) -> SmallMap | None:

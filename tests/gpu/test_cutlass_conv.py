@@ -128,9 +128,7 @@ def test_a_fast_wrong_entry_never_wins_the_race(monkeypatch, timing):
     def launch(entry, x, w):
         if entry == wrong:
             return torch.zeros(2, 320, 16, 16, device="cuda", dtype=torch.float16)
-        if entry == implicit_conv.CUDNN:
-            return torch.nn.functional.conv2d(x, w, None, padding=1)
-        return cpp_ext.cutlass_conv.conv2d(x, w, None, 1, 1, *implicit_conv._split(entry))
+        return implicit_conv.run_f16(entry, x, w, None, (1, 1))
 
     monkeypatch.setattr(implicit_conv, "describe", lambda e: "wrong" if e == wrong else str(e))
     with pytest.warns(UserWarning, match="wrong differs from cuDNN"):
