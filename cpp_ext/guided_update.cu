@@ -158,7 +158,7 @@ void guided_update(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(x.scalar_type() == at::kFloat && noise.scalar_type() == at::kFloat && x_new.scalar_type() == at::kFloat,
               "guided_update: x, noise and x_new must be float32");
   TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.numel() == kNumColumns, "guided_update: coefs must be one "
-              "float32 row of ", kNumColumns, " step-table columns");
+              "float32 row of ", std::to_string(kNumColumns), " step-table columns");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1, "guided_update: scale must be one float32");
   TORCH_CHECK(first_bad.scalar_type() == at::kInt && first_bad.numel() == 1, "guided_update: first_bad must be one int32");
   TORCH_CHECK(x.dim() >= 2 && x.size(0) > 0, "guided_update: x must be [batch, ...]");

@@ -276,12 +276,13 @@ at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c
               op, ": weight must be a 16-byte aligned fp16 [K, C, kh, kw] in channels-last memory on x's device");
   const int64_t batch = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK(weight.size(1) == cin, op, ": weight has ", weight.size(1), " input channels, x ", cin);
-  TORCH_CHECK(cin % kStep == 0, op, ": the input channels must be a multiple of 64, got ", cin);
+  TORCH_CHECK(weight.size(1) == cin, op, ": weight has ", std::to_string(weight.size(1)), " input channels, x ",
+              std::to_string(cin));
+  TORCH_CHECK(cin % kStep == 0, op, ": the input channels must be a multiple of 64, got ", std::to_string(cin));
   TORCH_CHECK(block_features == 64 || block_features == 128, op, ": block_features must be 64 or 128");
   TORCH_CHECK(stages == 3 || stages == 4 || stages == 6, op, ": stages must be 3, 4 or 6");
-  TORCH_CHECK(cout % block_features == 0, op, ": the output channels (", cout, ") must be a multiple of ",
-              block_features);
+  TORCH_CHECK(cout % block_features == 0, op, ": the output channels (", std::to_string(cout),
+              ") must be a multiple of ", std::to_string(block_features));
   TORCH_CHECK(pad_h >= 0 && pad_w >= 0 && pad_h < kh && pad_w < kw, op, ": padding must be in [0, kernel size)");
   const int64_t oh = h + 2 * pad_h - kh + 1, ow = w + 2 * pad_w - kw + 1;
   TORCH_CHECK(batch >= 1 && oh >= 1 && ow >= 1, op, ": empty output");
