@@ -30,7 +30,7 @@ def cuda_extensions() -> tuple[list, dict]:
         return cutlass_extensions(CUDAExtension), {"build_ext": BuildExtension}
     sources = ["bindings.cpp", "guided_update.cu", "group_norm.cu", "group_norm_stats.cu", "group_norm_normalize.cu",
                "group_norm_one_pass.cu", "residual.cu", "prior_step.cu", "attention_kv.cu", "layer_norm.cu",
-               "skinny_linear.cu", "skinny_staged.cu", "small_map_conv.cu"]
+               "skinny_linear.cu", "skinny_staged.cu"]
     ext = CUDAExtension("cpp_ext._C", [f"cpp_ext/{name}" for name in sources],
                         depends=["cpp_ext/elementwise.cuh", "cpp_ext/half_tensors.h", "cpp_ext/pdl.cuh",
                                  "cpp_ext/wide_stats.cuh", "cpp_ext/tensor_core.cuh",

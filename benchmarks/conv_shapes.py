@@ -1,7 +1,7 @@
 """The convolutions of one UNet forward, by shape: how many run, their output pixels (the product's
 rows), weight bytes and FLOPs, from the reference UNet run on torch's meta device (shapes only, no
 arithmetic, no GPU). It says which convolutions a kernel for some regime would take and what they
-weigh; e.g. the decoder step's small maps for `models.small_map_conv`:
+weigh; e.g. the decoder step's small maps (docs/kernels.md, the small-map kernel):
 
     python benchmarks/conv_shapes.py --stage decoder --batch 2 --most-rows 640
 
@@ -28,10 +28,16 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
-from models.small_map_conv import rows_of  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
 CONTEXT_TOKENS = 81  # the decoder's context: 77 text tokens and 4 extra ones (models.text_proj)
+
+
+def rows_of(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding: tuple[int, int]) -> int:
+    """The output pixels (batch · height · width) of a stride-1 convolution of these shapes."""
+    batch, _, height, width = x_shape
+    kh, kw = weight_shape[2:]
+    return batch * max(0, height + 2 * padding[0] - kh + 1) * max(0, width + 2 * padding[1] - kw + 1)
 
 
 def conv_shapes(config: str, stage: str, batch: int) -> list[dict]:

@@ -124,9 +124,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutlass-splits", type=int, nargs="+", default=[],
                    help="also ours (fp16) with the stream-K CUTLASS configurations in each shape's choice once per "
                         "split-K count given (models.implicit_conv.SPLITS; every shape raced afresh for that row)")
-    p.add_argument("--small-map", action="store_true",
-                   help="also ours (fp16) with the small-map kernel in the convolutions' race "
-                        "(models.implicit_conv.SMALL_MAP on; every shape raced afresh for that row): what it buys")
     p.add_argument("--eager-race", action="store_true",
                    help="also ours (fp16) with the convolutions' race timed by host launches on one set of operands "
                         "(models.implicit_conv.RACE_TIMING='eager', the default before the graph-timed race; every "
@@ -533,7 +530,6 @@ def table(results: dict) -> str:
                            ("ours_cutlass", "unclip-rt, CUTLASS convolutions"),
                            ("ours_cudnn", "unclip-rt, cuDNN convolutions"),
                            ("ours_splits", "unclip-rt, split-K in the race"),
-                           ("ours_small_map", "unclip-rt, small-map kernel raced"),
                            ("ours_eager_race", "unclip-rt, race timed eagerly"),
                            ("ours_eager_race_again", "unclip-rt, eager race again"),
                            ("ours_graph_race_again", "unclip-rt, graph race again"),
@@ -724,9 +720,6 @@ def main(argv: list[str] | None = None) -> int:
         save_partial(results, args.out)
     if args.cutlass_splits:
         results["ours_splits"] = bench_with_race(model, args, SPLITS=tuple(args.cutlass_splits))
-        save_partial(results, args.out)
-    if args.small_map:
-        results["ours_small_map"] = bench_with_race(model, args, SMALL_MAP=True)
         save_partial(results, args.out)
     if args.eager_race:
         results["ours_eager_race"] = bench_with_race(model, args, RACE_TIMING="eager")

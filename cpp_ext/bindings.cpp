@@ -62,9 +62,6 @@ at::Tensor skinny_linear_staged(const at::Tensor& x, const at::Tensor& weight, c
                                 int64_t activation, const c10::optional<at::Tensor>& out, int64_t block_features,
                                 int64_t stages);
 
-at::Tensor small_map_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          int64_t pad_h, int64_t pad_w, int64_t block_features, int64_t splits, int64_t stages);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "unclip-rt fused CUDA kernels";
   m.def("guided_update", &guided_update,
@@ -126,9 +123,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "skinny_linear with the weights staged through a ring of shared-memory stages (bulk copies; Hopper+)",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("activation") = 0,
         py::arg("out") = py::none(), py::arg("block_features") = 16, py::arg("stages") = 4);
-  m.def("small_map_conv", &small_map_conv,
-        "conv2d (stride 1) of a small fp16 channels-last map, the K loop split over a cluster of blocks whose "
-        "float32 parts meet in shared memory in a fixed order (Hopper+)",
-        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("pad_h") = 1, py::arg("pad_w") = 1,
-        py::arg("block_features") = 128, py::arg("splits") = 8, py::arg("stages") = 4);
 }

@@ -31,12 +31,11 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of `cluster` blocks (dim3(1, 1,
-// 1): no clusters), overlapping the kernel before it where the device supports it (compute
-// capability 9.0+) and UNCLIP_RT_NO_PDL is not set (read once).
+// kernel<<<grid, block, smem, stream>>>(args...), overlapping the kernel before it where the
+// device supports it (compute capability 9.0+) and UNCLIP_RT_NO_PDL is not set (read once).
 template <typename... Params, typename... Args>
-void launch_overlapped_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, dim3 cluster, size_t smem,
-                                cudaStream_t stream, Args&&... args) {
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
   constexpr int kDevices = 64;
   static std::atomic<int> majors[kDevices] = {};  // per device, 0 until read (threads may race: same value)
   int device = 0;
@@ -46,35 +45,18 @@ void launch_overlapped_clusters(void (*kernel)(Params...), dim3 grid, dim3 block
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     if (device < kDevices) majors[device].store(major, std::memory_order_relaxed);
   }
-  static const bool allowed = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;
-  cudaLaunchAttribute attributes[2];
-  unsigned count = 0;
-  if (major >= 9 && allowed) {
-    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster.x * cluster.y * cluster.z > 1) {
-    attributes[count].id = cudaLaunchAttributeClusterDimension;
-    attributes[count].val.clusterDim.x = cluster.x;
-    attributes[count].val.clusterDim.y = cluster.y;
-    attributes[count++].val.clusterDim.z = cluster.z;
-  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = attributes;
-  config.numAttrs = count;
+  config.attrs = attribute;
+  static const bool allowed = std::getenv("UNCLIP_RT_NO_PDL") == nullptr;
+  config.numAttrs = major >= 9 && allowed ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), overlapping the kernel before it as
-// `launch_overlapped_clusters` does.
-template <typename... Params, typename... Args>
-void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
-  launch_overlapped_clusters(kernel, grid, block, dim3(1, 1, 1), smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace unclip_rt

@@ -10,9 +10,7 @@ shape times every configuration of its type (CUDA events, outside any CUDA-graph
 `RACE_TIMING` says how, `models.race_timing`: "graph", the default, each entry replayed from a
 CUDA graph over copies of its operands that do not fit the L2 cache together, as the UNets run
 and read their weights, or "eager", host launches on the one weight) and keeps the fastest. For fp16 cuDNN's
-convolution runs in that race too, so a shape where cuDNN is faster keeps it, and so can our own
-kernel for small maps (`models.small_map_conv`: the K loop split over a cluster of blocks) where it
-takes the shape and `SMALL_MAP` is on (off by default until measured on a GPU: docs/kernels.md).
+convolution runs in that race too, so a shape where cuDNN is faster keeps it.
 Before an fp16 entry is timed, its first output is checked against cuDNN's on the same operands
 (`AGREEMENT`): one that does not agree is left out with a warning, so a kernel that is wrong on
 a shape can never win that shape's race by being fast. `conv2d_as_gemm`
@@ -44,16 +42,13 @@ import torch
 import torch.nn.functional as F
 
 import cpp_ext
-from models import conv_choices, race_timing, small_map_conv
-from models.small_map_conv import SmallMap
+from models import conv_choices, race_timing
 
-# a configuration's index (CUDNN: cuDNN's), (stream-K configuration, splits), or a small-map kernel's way
-Entry = int | tuple[int, int] | SmallMap
+Entry = int | tuple[int, int]  # a configuration's index (CUDNN: cuDNN's), or (stream-K configuration, splits)
 _best: dict[tuple, Entry] = {}  # (kind, shape of x, shape of weight, padding) → fastest entry
 PERSISTENT = True  # whether the persistent-kernel configurations join the choice (module docstring)
 SPLITS: tuple[int, ...] = ()  # split-K counts the stream-K configurations join the choice with (module docstring)
 CUDNN = -1  # the fp16 race's entry for torch's (cuDNN's) convolution
-SMALL_MAP = False  # whether the small-map kernel's entries join the fp16 race where they fit (module docstring)
 AGREEMENT = 1e-2  # the most an fp16 entry's output may differ from cuDNN's (relative to its largest value) to race
 RACE_TIMING = "graph"  # how the race times its entries: "graph" or "eager" (models.race_timing; module docstring)
 _loaded: set[str] = set()  # the environments whose stored choices this process has read
@@ -88,8 +83,6 @@ def describe(entry: Entry) -> str:
     """An entry by name: "cudnn", a configuration's name, or that name with "_split" and the count."""
     if entry == CUDNN:
         return "cudnn"
-    if isinstance(entry, SmallMap):
-        return entry.name
     names = cpp_ext.cutlass_conv.configs()
     return f"{names[entry[0]]}_split{entry[1]}" if isinstance(entry, tuple) else names[entry]
 
@@ -99,8 +92,6 @@ def _entry_of(name: str, kind: str) -> Entry | None:
     e.g. a configuration this build lacks, or a split count `SPLITS` leaves out)."""
     if name == "cudnn":
         return CUDNN if kind == "f16" else None
-    if name.startswith("small_map_"):
-        return small_map_conv.of_name(name) if kind == "f16" and SMALL_MAP else None
     return next((entry for entry in _configs(kind) if describe(entry) == name), None)
 
 
@@ -111,8 +102,7 @@ def environment(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     return "|".join([props.name, f"sm{props.major}{props.minor}", f"torch {torch.__version__}",
                      f"cudnn {torch.backends.cudnn.version()}", "cutlass " + ",".join(cpp_ext.cutlass_conv.configs()),
-                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}",
-                     f"small map {SMALL_MAP and small_map_conv.built()}"])
+                     f"persistent {PERSISTENT}", "splits " + ",".join(map(str, SPLITS)), f"race {RACE_TIMING}"])
 
 
 def _load_stored(environment: str) -> None:
@@ -207,24 +197,22 @@ def conv2d_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if not serves(x, weight) or not residual_fits(residual, x, weight, padding):
         return None
     entry, launch = _f16_choice(x, weight, bias, _padding(padding))
-    return None if entry == CUDNN or isinstance(entry, SmallMap) else launch(entry, residual)
+    return None if entry == CUDNN else launch(entry, residual)
 
 
 def run_f16(entry: Entry, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: tuple[int, int],
             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp16 convolution (stride 1) the `entry` way: cuDNN's, the small-map kernel's, or a
-    CUTLASS configuration's (the only ones that take a `residual`); `bias` fp16 or None."""
+    """The fp16 convolution (stride 1) the `entry` way: cuDNN's or a CUTLASS configuration's (the
+    only ones that take a `residual`); `bias` fp16 or None."""
     if entry == CUDNN:
         return F.conv2d(x, weight, bias, padding=pad)
-    if isinstance(entry, SmallMap):
-        return small_map_conv.conv2d(entry, x, weight, bias, pad)
     return cpp_ext.cutlass_conv.conv2d(x, weight, bias, *pad, *_split(entry), residual=residual)
 
 
 def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 pad: tuple[int, int]) -> tuple[Entry, Callable[..., torch.Tensor]]:
-    """The fp16 race's entry for this convolution (cuDNN's and the small-map kernel's among them),
-    and the launch of an entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
+    """The fp16 race's entry for this convolution (cuDNN's among them), and the launch of an
+    entry, `launch(entry, residual=None)` (a residual: CUTLASS entries only)."""
     bias = None if bias is None else bias.to(torch.float16).contiguous()
 
     def run(entry: Entry, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,8 +222,7 @@ def _f16_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return run(entry, x, weight, residual)
 
     key = (tuple(x.shape), tuple(weight.shape), pad)
-    small = small_map_conv.entries_for(key[0], key[1], pad) if SMALL_MAP else ()
-    return _fastest("f16", key, run, (x, weight), others=(CUDNN, *small)), launch
+    return _fastest("f16", key, run, (x, weight), others=(CUDNN,)), launch
 
 
 def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
