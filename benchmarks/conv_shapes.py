@@ -28,16 +28,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.checkpoint import atomic_write  # noqa: E402
 from models.configs import get_config  # noqa: E402
+from models.implicit_conv import output_shape  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
 CONTEXT_TOKENS = 81  # the decoder's context: 77 text tokens and 4 extra ones (models.text_proj)
-
-
-def rows_of(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], padding: tuple[int, int]) -> int:
-    """The output pixels (batch · height · width) of a stride-1 convolution of these shapes."""
-    batch, _, height, width = x_shape
-    kh, kw = weight_shape[2:]
-    return batch * max(0, height + 2 * padding[0] - kh + 1) * max(0, width + 2 * padding[1] - kw + 1)
 
 
 def conv_shapes(config: str, stage: str, batch: int) -> list[dict]:
@@ -62,7 +56,8 @@ def conv_shapes(config: str, stage: str, batch: int) -> list[dict]:
         net(x, t, torch.empty(batch, ucfg.time_embed_dim, dtype=torch.half), context)
     rows = []
     for (xs, ws, pad), n in seen.items():
-        pixels = rows_of(xs, ws, pad)
+        batch, _, height, width = output_shape(xs, ws, pad)
+        pixels = batch * height * width
         rows.append({"x": list(xs), "weight": list(ws), "padding": list(pad), "count": n, "rows": pixels,
                      "weight_mb": ws[0] * ws[1] * ws[2] * ws[3] * 2 / 1e6,
                      "gflop": 2 * pixels * ws[0] * ws[1] * ws[2] * ws[3] / 1e9})

@@ -139,7 +139,7 @@ def _fastest(kind: str, key: tuple, launch: Callable[..., torch.Tensor], operand
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
     timer = race_timing.graph_times if RACE_TIMING == "graph" else race_timing.eager_times
-    accept = _agrees_with_cudnn(launch, operands, key) if others and others[0] == CUDNN else None
+    accept = _agrees_with_cudnn(launch, operands, key) if CUDNN in others else None
     times = timer(configs, launch, operands, accept=accept)
     if not times:
         raise RuntimeError(f"no CUTLASS {kind} configuration implements {key}")
@@ -177,6 +177,15 @@ def _agrees_with_cudnn(launch: Callable[..., torch.Tensor], operands: tuple[torc
 
 def _padding(padding: int | tuple[int, int]) -> tuple[int, int]:
     return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
+def output_shape(x_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                 padding: int | tuple[int, int]) -> tuple[int, int, int, int]:
+    """(B, K, OH, OW): the output shape of a stride-1 convolution of x [B, C, H, W] by weight
+    [K, C, kh, kw] with this padding."""
+    ph, pw = _padding(padding)
+    return (x_shape[0], weight_shape[0], x_shape[2] + 2 * ph - weight_shape[2] + 1,
+            x_shape[3] + 2 * pw - weight_shape[3] + 1)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0) -> torch.Tensor:
@@ -273,8 +282,6 @@ def conv2d_e4m3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 def residual_fits(t: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int]) -> bool:
     """Whether `t` can be the kernel's residual (`conv2d_residual`, `conv2d_e4m3`): fp16,
     channels-last, 16-byte aligned, of the convolution's output shape (stride 1)."""
-    pad = _padding(padding)
-    out = (x.shape[0], weight.shape[0], x.shape[2] + 2 * pad[0] - weight.shape[2] + 1,
-           x.shape[3] + 2 * pad[1] - weight.shape[3] + 1)
+    out = output_shape(x.shape, weight.shape, padding)
     return (t.dtype == torch.float16 and t.device == x.device and tuple(t.shape) == out and t.data_ptr() % 16 == 0
             and t.is_contiguous(memory_format=torch.channels_last))
